@@ -1,0 +1,189 @@
+"""The inference engine: one ONNX Runtime session serves the base model and every adapter.
+
+The session runs the inference graph of :mod:`adapters.lora_graph`. An adapter is turned
+once into a :class:`PreparedAdapter` (checked against the base model, zero-padded to the
+slot rank, scale folded into B, copied to the device) so that switching adapters between
+requests costs no I/O and no conversion. Requests without an adapter feed zero matrices,
+which leaves the base model's outputs exactly unchanged.
+
+CPU and CUDA share this code path: ``device`` selects the execution provider and where
+the adapter tensors live; the tests run it on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
+from .lora import LoraAdapter
+from .lora_graph import LoraTarget, find_targets, fingerprint, lora_input_names, make_inference_graph
+from .onnx_compat import for_runtime
+
+__all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES"]
+
+log = logging.getLogger(__name__)
+
+DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+_OIP_DATATYPES = {
+    "tensor(float)": ("FP32", np.float32),
+    "tensor(double)": ("FP64", np.float64),
+    "tensor(float16)": ("FP16", np.float16),
+    "tensor(int64)": ("INT64", np.int64),
+    "tensor(int32)": ("INT32", np.int32),
+    "tensor(int16)": ("INT16", np.int16),
+    "tensor(int8)": ("INT8", np.int8),
+    "tensor(uint8)": ("UINT8", np.uint8),
+    "tensor(bool)": ("BOOL", np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the Open Inference Protocol describes it."""
+
+    name: str
+    datatype: str  # OIP name: FP32, INT64, ...
+    shape: tuple[int, ...]  # -1 for a dynamic dimension
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        for oip, dtype in _OIP_DATATYPES.values():
+            if oip == self.datatype:
+                return np.dtype(dtype)
+        raise ValueError(f"no numpy type for {self.datatype}")
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedAdapter:
+    """An adapter ready to serve: immutable, so a request that holds it sees one version."""
+
+    name: str
+    version: int
+    rank: int
+    nbytes: int
+    adapter: LoraAdapter = field(repr=False)
+    feeds: Mapping[str, ort.OrtValue] = field(repr=False)
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    if arg.type not in _OIP_DATATYPES:
+        raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which lorad cannot serve")
+    shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+    return TensorSpec(arg.name, _OIP_DATATYPES[arg.type][0], shape)
+
+
+class InferenceEngine:
+    """Owns the ORT session over the LoRA inference graph derived from one base model."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | Path,
+        *,
+        targets: Sequence[str],
+        rank: int,
+        device: str = "cpu",
+        intra_op_threads: int = 0,
+        allow_spinning: bool = True,
+    ) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"device {device!r} is not supported; allowed: {', '.join(DEVICES)}")
+        if rank <= 0:
+            raise ValueError(f"slot rank must be a positive integer, got {rank}")
+        base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        self.base_model = for_runtime(base)
+        self.targets: list[LoraTarget] = find_targets(base, targets)
+        self.fingerprint = fingerprint(base, self.targets)
+        self.rank = rank
+        self.requested_device = device
+        self.active_device = self._pick_device(device)
+        self._ort_device = "cuda" if self.active_device == "cuda" else "cpu"
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        if not allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        graph = make_inference_graph(base, self.targets, rank=rank)
+        providers = [DEVICES[self.active_device]] + (["CPUExecutionProvider"] if self.active_device != "cpu" else [])
+        try:
+            self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+        except Exception as e:  # ORT raises its own untyped errors for invalid graphs
+            raise AdapterStorageError(f"ONNX Runtime could not load the base model: {e}") from e
+
+        lora_names = {n for t in self.targets for n in lora_input_names(t.weight)}
+        self.inputs = [_spec(a) for a in self.session.get_inputs() if a.name not in lora_names]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+        self._by_weight = {t.weight: t for t in self.targets}
+        self._zero_feeds = self._device_feeds(
+            {n: np.zeros(self._slot_shape(t, n), np.float32) for t in self.targets for n in lora_input_names(t.weight)}
+        )
+
+    @staticmethod
+    def _pick_device(requested: str) -> str:
+        if DEVICES[requested] in ort.get_available_providers():
+            return requested
+        # No silent fallback: say it once; the daemon also exports requested vs active.
+        log.warning("device %r requested but %s is not available in this ONNX Runtime; serving on cpu", requested, DEVICES[requested])
+        return "cpu"
+
+    def _slot_shape(self, target: LoraTarget, name: str) -> tuple[int, int]:
+        return (target.in_features, self.rank) if name.endswith(".A") else (self.rank, target.out_features)
+
+    def _device_feeds(self, arrays: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        return {n: ort.OrtValue.ortvalue_from_numpy(a, self._ort_device, 0) for n, a in arrays.items()}
+
+    def check(self, adapter: LoraAdapter) -> None:
+        """Refuse an adapter that was made for another model or does not fit its slots."""
+        if adapter.base_fingerprint and adapter.base_fingerprint != self.fingerprint:
+            raise BaseModelMismatchError(
+                f"adapter was made for base model {adapter.base_fingerprint}, this daemon serves {self.fingerprint}"
+            )
+        if adapter.rank > self.rank:
+            raise InvalidAdapterError(f"adapter rank {adapter.rank} exceeds the slot rank {self.rank} of this model")
+        for weight, w in adapter.weights.items():
+            target = self._by_weight.get(weight)
+            if target is None:
+                allowed = ", ".join(sorted(self._by_weight))
+                raise InvalidAdapterError(f"adapter targets {weight!r}, which is not a LoRA target of this model; targets: {allowed}")
+            if w.A.shape[0] != target.in_features or w.B.shape[1] != target.out_features:
+                raise InvalidAdapterError(
+                    f"adapter matrices for {weight!r} have A {list(w.A.shape)} and B {list(w.B.shape)}; "
+                    f"this model needs A [{target.in_features}, r] and B [r, {target.out_features}]"
+                )
+
+    def prepare(self, adapter: LoraAdapter, *, name: str, version: int) -> PreparedAdapter:
+        """Check, pad to the slot rank, fold the scale into B and place on the device."""
+        self.check(adapter)
+        arrays: dict[str, np.ndarray] = {}
+        for weight, w in adapter.weights.items():
+            a_name, b_name = lora_input_names(weight)
+            target = self._by_weight[weight]
+            a = np.zeros((target.in_features, self.rank), np.float32)
+            b = np.zeros((self.rank, target.out_features), np.float32)
+            a[:, : adapter.rank] = w.A
+            b[: adapter.rank, :] = w.B * np.float32(adapter.scale)
+            arrays[a_name], arrays[b_name] = a, b
+        feeds = {**self._zero_feeds, **self._device_feeds(arrays)}
+        nbytes = sum(a.nbytes for a in arrays.values())
+        return PreparedAdapter(name, version, adapter.rank, nbytes, adapter, feeds)
+
+    def run(self, inputs: Mapping[str, np.ndarray], adapter: PreparedAdapter | None = None) -> dict[str, np.ndarray]:
+        """Run one request; ``inputs`` are already checked against :attr:`inputs`."""
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in (adapter.feeds if adapter is not None else self._zero_feeds).items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))

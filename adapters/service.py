@@ -1,0 +1,217 @@
+"""AdapterService: the one way adapters get into serving.
+
+The daemon's HTTP API, the trainer and the OTA installer all go through here, so every
+adapter is validated against the base model before it is stored, stored atomically
+before it is served, and swapped in without reloading the base model: the next request
+sees the new version, a running request keeps the one it started with.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .cache import AdapterCache, CacheEvent
+from .engine import InferenceEngine, PreparedAdapter
+from .errors import AdapterNotFoundError, InvalidAdapterError
+from .lora import LoraAdapter
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
+from .registry import AdapterRegistry
+
+__all__ = ["AdapterInfo", "InferResult", "AdapterService"]
+
+_ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    version: int
+    rank: int
+    bytes: int
+    cached: bool
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    adapter: str | None
+    version: int | None
+
+
+def _meta_int(meta: Mapping[str, object], key: str) -> int:
+    value = meta.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+class AdapterService:
+    """Validates, stores, caches and serves adapters of one base model."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        registry: AdapterRegistry,
+        *,
+        cache_budget_bytes: int,
+        model_name: str = "demo",
+        weight_names: Mapping[str, str] | None = None,
+        on_cache_event: Callable[[CacheEvent, str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.model_name = model_name
+        self._weight_names = dict(weight_names or {})
+        self.cache: AdapterCache[PreparedAdapter] = AdapterCache(
+            cache_budget_bytes, self._load_current, on_event=on_cache_event
+        )
+        # Changes (upload, install, rollback, delete) are rare; one lock keeps the
+        # registry's current version and the cache's entry moving together.
+        self._changes = threading.Lock()
+
+    # -- serving -------------------------------------------------------------------------
+
+    def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferResult:
+        if adapter is None:
+            return InferResult(self.engine.run(inputs, None), None, None)
+        with self.cache.lease(adapter) as prepared:
+            return InferResult(self.engine.run(inputs, prepared), prepared.name, prepared.version)
+
+    def _load_current(self, name: str) -> PreparedAdapter:
+        version = self.registry.current_version(name)
+        if version is None:
+            raise AdapterNotFoundError(name)
+        return self._load_version(name, version)
+
+    def _load_version(self, name: str, version: int) -> PreparedAdapter:
+        files = {f: self.registry.read_file(name, version, f) for f in _ADAPTER_FILES}
+        adapter = self.parse(files)
+        return self.engine.prepare(adapter, name=name, version=version)
+
+    # -- changes -------------------------------------------------------------------------
+
+    def parse(self, files: Mapping[str, bytes]) -> LoraAdapter:
+        """Parse PEFT files and check them against the served base model."""
+        adapter = load_peft(files, weight_names=self._weight_names)
+        self.engine.check(adapter)
+        return adapter
+
+    def upload(self, name: str, files: Mapping[str, bytes], *, meta: Mapping[str, object] | None = None) -> AdapterInfo:
+        """Store PEFT files as a new version of ``name`` and swap it in if cached.
+
+        An adapter without a recorded fingerprint (plain PEFT output) is accepted when its
+        shapes fit, and the fingerprint of the model it was checked against is recorded.
+        """
+        unknown = sorted(set(files) - set(_ADAPTER_FILES))
+        if unknown:
+            raise InvalidAdapterError(f"unexpected adapter files {unknown}; allowed: {', '.join(_ADAPTER_FILES)}")
+        adapter = self.parse(files)
+        record = {
+            "rank": adapter.rank,
+            "bytes": adapter.nbytes,
+            "base_fingerprint": self.engine.fingerprint,
+            "fingerprint_in_file": bool(adapter.base_fingerprint),
+            "source": "upload",
+            **(meta or {}),
+        }
+        return self._store(name, {f: files[f] for f in _ADAPTER_FILES}, adapter, record)
+
+    def install(self, name: str, adapter: LoraAdapter, *, meta: Mapping[str, object] | None = None) -> AdapterInfo:
+        """Store an adapter made in-process (trainer, OTA) and swap it in if cached."""
+        self.engine.check(adapter)
+        if not adapter.base_fingerprint:
+            raise InvalidAdapterError("an installed adapter must record the fingerprint of its base model")
+        record = {"rank": adapter.rank, "bytes": adapter.nbytes, "base_fingerprint": self.engine.fingerprint, **(meta or {})}
+        record.setdefault("source", "install")
+        return self._store(name, dump_peft(adapter), adapter, record)
+
+    def _store(self, name: str, files: Mapping[str, bytes], adapter: LoraAdapter, record: Mapping[str, object]) -> AdapterInfo:
+        with self._changes:
+            version = self.registry.put(name, files, meta=record)
+            if self.cache.contains(name):
+                self.cache.put(self.engine.prepare(adapter, name=name, version=version))
+        return self.info(name)
+
+    def rollback(self, name: str, version: int) -> AdapterInfo:
+        """Serve an earlier stored version of ``name`` again."""
+        with self._changes:
+            prepared = self._load_version(name, version)
+            self.registry.set_current(name, version)
+            if self.cache.contains(name):
+                self.cache.put(prepared)
+        return self.info(name)
+
+    def delete(self, name: str) -> None:
+        with self._changes:
+            self.registry.delete(name)
+            self.cache.discard(name)
+
+    # -- cache control -------------------------------------------------------------------
+
+    def load(self, name: str) -> AdapterInfo:
+        with self.cache.lease(name):
+            pass
+        return self.info(name)
+
+    def pin(self, name: str) -> AdapterInfo:
+        self.cache.pin(name)
+        return self.info(name)
+
+    def unpin(self, name: str) -> AdapterInfo:
+        self._require(name)
+        self.cache.unpin(name)
+        return self.info(name)
+
+    def evict(self, name: str) -> AdapterInfo:
+        self._require(name)
+        self.cache.evict(name)
+        return self.info(name)
+
+    # -- listing -------------------------------------------------------------------------
+
+    def _require(self, name: str) -> int:
+        version = self.registry.current_version(name)
+        if version is None:
+            raise AdapterNotFoundError(name)
+        return version
+
+    def info(self, name: str) -> AdapterInfo:
+        version = self._require(name)
+        stored = self.registry.get(name, version)
+        cached = {e.name: e for e in self.cache.entries()}.get(name)
+        return AdapterInfo(
+            name=name,
+            version=version,
+            rank=_meta_int(stored.meta, "rank"),
+            bytes=_meta_int(stored.meta, "bytes"),
+            cached=cached is not None and cached.version == version,
+            pinned=cached is not None and cached.pinned,
+        )
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        infos = []
+        for name in self.registry.names():
+            try:
+                infos.append(self.info(name))
+            except AdapterNotFoundError:
+                continue  # deleted while listing
+        return infos
+
+    def inspect(self, name: str) -> dict[str, object]:
+        info = self.info(name)
+        stored = self.registry.get(name, info.version)
+        adapter = self._load_version(name, info.version).adapter
+        return {
+            **info.__dict__,
+            "versions": self.registry.versions(name),
+            "alpha": adapter.alpha,
+            "use_rslora": adapter.use_rslora,
+            "scale": adapter.scale,
+            "targets": sorted(adapter.weights),
+            "base_fingerprint": self.engine.fingerprint,
+            "created": stored.created,
+            "meta": dict(stored.meta),
+        }

@@ -1,0 +1,130 @@
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.engine import InferenceEngine
+from adapters.errors import AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
+from adapters.peft_format import WEIGHTS_FILE, dump_peft
+from adapters.registry import AdapterRegistry
+from adapters.service import AdapterService
+from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
+
+X = np.random.default_rng(7).normal(size=(2, 3, 6)).astype(np.float32)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[AdapterService, dict[str, np.ndarray]]:
+    model, weights = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=4)
+    return AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20), weights
+
+
+def test_upload_serves_and_reports_name_and_version(setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, w = setup
+    adapter = random_adapter(service.engine.targets, service.engine.fingerprint, rank=2)
+    info = service.upload("alice", dump_peft(adapter))
+    assert (info.name, info.version, info.rank, info.cached, info.pinned) == ("alice", 1, 2, False, False)
+    result = service.infer({"x": X}, "alice")
+    assert (result.adapter, result.version) == ("alice", 1)
+    np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, adapter), rtol=1e-5, atol=1e-5)
+    assert service.info("alice").cached
+
+
+def test_new_version_is_visible_to_the_next_request_without_reloading_the_model(setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, w = setup
+    session = service.engine.session
+    v1 = random_adapter(service.engine.targets, service.engine.fingerprint, rank=2, seed=1)
+    v2 = random_adapter(service.engine.targets, service.engine.fingerprint, rank=3, seed=2)
+    service.upload("a", dump_peft(v1))
+    service.load("a")
+    with service.cache.lease("a") as held:
+        service.upload("a", dump_peft(v2))
+        assert held.version == 1  # a running request keeps its version
+    result = service.infer({"x": X}, "a")
+    assert result.version == 2
+    np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, v2), rtol=1e-5, atol=1e-5)
+    assert service.engine.session is session
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_model", "wrong_shape"])
+def test_bad_upload_is_refused_and_previous_version_keeps_serving(
+    setup: tuple[AdapterService, dict[str, np.ndarray]], damage: str
+) -> None:
+    service, w = setup
+    good = random_adapter(service.engine.targets, service.engine.fingerprint, rank=2)
+    service.upload("a", dump_peft(good))
+    if damage == "truncate":
+        files = dump_peft(good)
+        files[WEIGHTS_FILE] = files[WEIGHTS_FILE][:-40]
+        error: type[Exception] = InvalidAdapterError
+    elif damage == "other_model":
+        other, _ = tiny_model(seed=3)
+        other_engine = InferenceEngine(other, targets=["fc*"], rank=4)
+        files = dump_peft(random_adapter(other_engine.targets, other_engine.fingerprint, rank=2))
+        error = BaseModelMismatchError
+    else:
+        files = dump_peft(random_adapter([t.__class__(t.weight, t.in_features + 1, t.out_features, t.op) for t in service.engine.targets],
+                                         service.engine.fingerprint, rank=2))
+        error = InvalidAdapterError
+    with pytest.raises(error):
+        service.upload("a", files)
+    result = service.infer({"x": X}, "a")
+    assert result.version == 1 and service.registry.versions("a") == [1]
+    np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, good), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_adapter_is_not_found(setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, _ = setup
+    with pytest.raises(AdapterNotFoundError, match="adapter 'ghost' not found"):
+        service.infer({"x": X}, "ghost")
+    for action in (service.load, service.pin, service.unpin, service.evict, service.info):
+        with pytest.raises(AdapterNotFoundError):
+            action("ghost")
+
+
+def test_pin_evict_and_rollback(setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, w = setup
+    targets, fp = service.engine.targets, service.engine.fingerprint
+    v1, v2 = random_adapter(targets, fp, rank=2, seed=1), random_adapter(targets, fp, rank=2, seed=2)
+    service.upload("a", dump_peft(v1))
+    service.install("a", v2, meta={"source": "trainer"})
+    assert service.pin("a").pinned
+    with pytest.raises(ValueError, match="unpin"):
+        service.evict("a")
+    service.unpin("a")
+    assert not service.evict("a").cached
+    assert service.rollback("a", 1).version == 1
+    np.testing.assert_allclose(service.infer({"x": X}, "a").outputs["y"], tiny_reference(w, X, v1), rtol=1e-5, atol=1e-5)
+    assert service.inspect("a")["versions"] == [1, 2]
+
+
+def test_requests_see_exactly_one_version_while_versions_change(setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, w = setup
+    targets, fp = service.engine.targets, service.engine.fingerprint
+    versions = {v: random_adapter(targets, fp, rank=2, seed=v) for v in range(1, 9)}
+    service.upload("a", dump_peft(versions[1]))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        try:
+            while not stop.is_set():
+                result = service.infer({"x": X}, "a")
+                assert result.version is not None
+                np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, versions[result.version]), rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for v in range(2, 9):
+        service.upload("a", dump_peft(versions[v]))
+        service.evict("a") if v % 3 == 0 else service.load("a")
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors[0]
+    assert service.infer({"x": X}, "a").version == 8

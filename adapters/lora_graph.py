@@ -17,12 +17,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .lora import LoraWeights
 from .onnx_compat import for_runtime
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "fingerprint",
     "lora_input_names",
     "make_inference_graph",
+    "make_training_graph",
+    "per_example_name",
 ]
 
 _LINEAR_OPS = ("MatMul", "Gemm")
@@ -181,3 +184,148 @@ def make_inference_graph(
     _insert_lora_paths(graph, targets, a_b_for)
     onnx.checker.check_model(derived)
     return for_runtime(derived)
+
+
+# --- Training graph ----------------------------------------------------------------------
+#
+# The training graph is the base graph with every target's LoRA path in it and A, B as
+# initializers (ORT's artifact builder turns them into trainable parameters). For DP-SGD
+# with true per-example clipping, chosen LoRA tensors are broadcast to one copy per
+# example: ``Expand`` to ``[N, ...]`` with N read from the layer input's shape at run
+# time, then batched MatMul. The gradient of each copy is then that example's gradient,
+# and the trainer (trainer/artifacts.py) rewrites the reduction over the copies into
+# clip-and-noise.
+
+
+def per_example_name(name: str) -> str:
+    """Name of the ``[N, ...]`` per-example broadcast of LoRA tensor ``name`` (training graph)."""
+    return f"{name}.per_example"
+
+
+def make_training_graph(
+    model: onnx.ModelProto,
+    targets: Sequence[LoraTarget],
+    *,
+    init: Mapping[str, LoraWeights],
+    scale: float,
+    per_example: Collection[str] = (),
+) -> onnx.ModelProto:
+    """Derive the training graph: ``y = x·W + scale·(x·A)·B`` with A, B initializers.
+
+    ``init`` gives the initial A and B of every target (keyed by weight name); A and B are
+    named :func:`lora_input_names`. ``per_example`` names the LoRA tensors (A and/or B
+    names) that get a per-example broadcast :func:`per_example_name` feeding the
+    products; the first dimension of such a target's input must be the batch. ``scale``
+    is the LoRA scale (alpha/r); a Gemm target's ``alpha`` is applied on top of it.
+    """
+    if not targets:
+        raise ValueError("the training graph needs at least one LoRA target")
+    names = {n for t in targets for n in lora_input_names(t.weight)}
+    unknown = set(per_example) - names
+    if unknown:
+        raise ValueError(f"per-example tensors {sorted(unknown)} are not A/B of the targets")
+    derived = onnx.ModelProto()
+    derived.CopyFrom(model)
+    graph = derived.graph
+    existing = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    ranks = _input_ranks(model)
+    for t in targets:
+        if t.weight not in init:
+            raise ValueError(f"no initial LoRA weights for target {t.weight!r}")
+        w = init[t.weight]
+        if w.A.shape[0] != t.in_features or w.B.shape[1] != t.out_features:
+            raise ValueError(
+                f"initial LoRA weights of {t.weight!r} have A {w.A.shape}, B {w.B.shape}; "
+                f"the target needs A [{t.in_features}, r], B [r, {t.out_features}]"
+            )
+        for name, value in zip(lora_input_names(t.weight), (w.A, w.B)):
+            if name in existing:
+                raise ValueError(f"model already has a tensor named {name!r}")
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+
+    by_weight = {t.weight: t for t in targets}
+    for t in targets:
+        uses = len(_consumers(graph, t.weight))
+        if uses != 1 and set(lora_input_names(t.weight)) & set(per_example):
+            raise ValueError(
+                f"LoRA target {t.weight!r} is used by {uses} MatMul/Gemm nodes; per-example "
+                "training graphs support targets used exactly once"
+            )
+    new_nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        new_nodes.append(node)
+        if node.op_type not in _LINEAR_OPS or len(node.input) < 2 or node.input[1] not in by_weight:
+            continue
+        target = by_weight[node.input[1]]
+        new_nodes.extend(
+            _training_lora_path(graph, node, target, f"lora/{index}/{target.weight}",
+                                scale * target.gemm_alpha, per_example, ranks.get(node.input[0]))
+        )
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    onnx.checker.check_model(derived)
+    return for_runtime(derived)
+
+
+def _input_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _training_lora_path(
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    target: LoraTarget,
+    prefix: str,
+    coefficient: float,
+    per_example: Collection[str],
+    x_rank: int | None,
+) -> list[onnx.NodeProto]:
+    """Nodes computing ``out = base + coefficient·(x·A)·B`` after ``node`` (renamed to base)."""
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
+        out = f"{prefix}/{suffix}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(suffix: str, value: np.ndarray) -> str:
+        name = f"{prefix}/{suffix}"
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    out = node.output[0]
+    base_out = f"{prefix}/base"
+    node.output[0] = base_out
+    a_name, b_name = lora_input_names(target.weight)
+    x = node.input[0]
+    batched = [name for name in (a_name, b_name) if name in per_example]
+    # Batched MatMul pairs example n of x with copy n only when x is [N, M, in].
+    flatten = bool(batched) and x_rank != 3
+    if flatten:
+        x = add("Reshape", [x, const("flat_shape", np.array([0, -1, target.in_features], np.int64))], "x_flat")
+    if batched:
+        n = add("Shape", [x], "batch", start=0, end=1)
+    factors: list[str] = []
+    for name in (a_name, b_name):
+        if name not in batched:
+            factors.append(name)
+            continue
+        matrix = next(i for i in graph.initializer if i.name == name)
+        dims = const(f"{name}.dims", np.array(matrix.dims, np.int64))
+        shape = add("Concat", [n, dims], f"{name}.expand_shape", axis=0)
+        expanded = per_example_name(name)
+        nodes.append(helper.make_node("Expand", [name, shape], [expanded], name=expanded))
+        factors.append(expanded)
+    xa = add("MatMul", [x, factors[0]], "xA")
+    delta = add("MatMul", [xa, factors[1]], "xAB")
+    if flatten:
+        delta = add("Reshape", [delta, add("Shape", [base_out], "base_shape")], "xAB_unflat")
+    if coefficient != 1.0:
+        delta = add("Mul", [delta, const("scale", np.array(coefficient, np.float32))], "xAB_scaled")
+    nodes.append(helper.make_node("Add", [base_out, delta], [out], name=f"{prefix}/add"))
+    return nodes

@@ -1,0 +1,549 @@
+"""ONNX Runtime training artifacts for DP-LoRA, derived from the serving base graph.
+
+:func:`build_artifacts` takes the same base ONNX model the inference engine serves and
+writes the four files ORT's on-device training API needs (training model, eval model,
+optimizer model, checkpoint), with only the LoRA matrices trainable (A and B per target,
+or B only with A random and frozen). The base weights stay constants inside the graphs.
+The loss uses SUM reduction, so the gradient of the loss is the sum of the examples'
+gradients. Results are cached on disk under a key made of the base model's digest and
+the configuration.
+
+Private artifacts (``ArtifactConfig.private``) compute DP-SGD's update in the graph.
+:func:`adapters.lora_graph.make_training_graph` broadcasts every trainable LoRA matrix
+to one copy per example, so ORT's gradient builder yields, per parameter ``P``, the
+per-example gradients ``G_P`` (``[N, *P.shape]``) and a ``ReduceSum`` over axis 0 that
+sums them into ``P_grad``. We replace those ReduceSums by one subgraph that follows the
+algorithm's steps:
+
+1. clip: ``norm[n] = sqrt(Σ_P ‖G_P[n]‖²)`` over ALL LoRA parameters of example n, and
+   ``factor[n] = min(1, C / (norm[n] + 1e-6))``;
+2. accumulate: ``S_P = Σ_n factor[n]·G_P[n]`` (one GEMV over the flattened gradients);
+3. add noise: ``S_P + noise_P`` where ``noise_P`` is the parameter's slice of the graph
+   input :data:`NOISE_INPUT` (drawn on the host, N(0, σ²C²));
+4. scale: ``× grad_scale`` (e.g. 1/expected batch size under Poisson sampling),
+
+and the result is the ``P_grad`` that ORT's gradient accumulator and the stock optimizer
+consume. C, the noise and the scale are inputs, so one set of artifacts serves every
+(σ, C, q). Non-private artifacts are the plain ORT training graph (no per-example
+copies) with the same ``grad_scale`` input; they are the baseline the benchmark compares
+against.
+
+Every ORT-internal convention this relies on is checked while rewriting
+(:func:`_expect`), so an ORT version that builds gradients differently fails here with
+a message instead of training wrongly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from adapters.fsutil import atomic_replace_dir
+from adapters.lora import LoraWeights, lora_scale
+from adapters.lora_graph import (
+    LoraTarget,
+    find_targets,
+    fingerprint,
+    lora_input_names,
+    make_training_graph,
+    per_example_name,
+)
+from adapters.onnx_compat import for_runtime
+
+from ._ort_training import load as _load_ort_training
+
+__all__ = [
+    "CLIP_NORM_INPUT",
+    "NOISE_INPUT",
+    "GRAD_SCALE_INPUT",
+    "ArtifactConfig",
+    "TrainingArtifacts",
+    "OrtConventionError",
+    "build_artifacts",
+]
+
+CLIP_NORM_INPUT = "dp.clip_norm"
+NOISE_INPUT = "dp.noise"
+GRAD_SCALE_INPUT = "dp.grad_scale"
+
+# Bump when the generated graphs change meaning, so stale cache entries are not reused.
+_FORMAT = "lorad-training-artifacts-v1"
+_META = "lorad_artifacts.json"
+_CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
+
+Loss = Literal["cross_entropy", "mse"]
+Optimizer = Literal["adamw", "sgd"]
+_LABEL_INPUTS: dict[str, str] = {"cross_entropy": "labels", "mse": "target"}
+
+
+class OrtConventionError(RuntimeError):
+    """ONNX Runtime built the gradient graph differently from what lorad relies on."""
+
+
+@dataclass(frozen=True)
+class ArtifactConfig:
+    """What the training graphs are made of (not σ, C, q or the learning rate: those are
+    run-time inputs).
+
+    ``targets``: glob patterns over weight names (as the serving config). ``freeze_a``:
+    train B only, A stays its random initial value. ``private``: per-example clip +
+    noise graph; False builds the plain non-private graph. ``output``: the model output
+    the loss reads (default: the first). ``init_seed``: seed of A's random initial value
+    (B starts at zero, as PEFT does).
+    """
+
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    freeze_a: bool = False
+    private: bool = True
+    loss: Loss = "cross_entropy"
+    output: str | None = None
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = 0.0
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("ArtifactConfig.targets: give at least one glob pattern over weight names")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank <= 0:
+            raise ValueError(f"ArtifactConfig.rank must be a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"ArtifactConfig.alpha must be positive, got {self.alpha}")
+        if self.loss not in _LABEL_INPUTS:
+            raise ValueError(f"ArtifactConfig.loss must be one of {sorted(_LABEL_INPUTS)}, got {self.loss!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"ArtifactConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"ArtifactConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer == "sgd" and self.weight_decay:
+            raise ValueError("ArtifactConfig.weight_decay is only supported with optimizer 'adamw'")
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, use_rslora=self.use_rslora)
+
+
+@dataclass(frozen=True)
+class TrainingArtifacts:
+    """A generated (or cached) set of artifacts and what the driver needs to know of them.
+
+    ``trainable``: names and shapes of the trainable LoRA tensors, in the order of the
+    noise vector's slices. ``frozen``: LoRA tensors kept fixed (A in frozen-A mode).
+    ``data_inputs``: the model inputs plus the label input, fed per batch, with their
+    element types (numpy names) and shapes (None for a dynamic dimension; the first is
+    the batch).
+    """
+
+    directory: Path
+    config: ArtifactConfig
+    targets: tuple[LoraTarget, ...]
+    base_fingerprint: str
+    trainable: tuple[tuple[str, tuple[int, ...]], ...]
+    frozen: tuple[str, ...]
+    data_inputs: tuple[str, ...]
+    label_input: str
+    input_dtypes: tuple[str, ...]
+    input_shapes: tuple[tuple[int | None, ...], ...]
+
+    @property
+    def training_model(self) -> Path:
+        return self.directory / "training_model.onnx"
+
+    @property
+    def eval_model(self) -> Path:
+        return self.directory / "eval_model.onnx"
+
+    @property
+    def optimizer_model(self) -> Path:
+        return self.directory / "optimizer_model.onnx"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / "checkpoint"
+
+    @property
+    def noise_size(self) -> int:
+        """Length of the noise input: the number of trainable LoRA parameters."""
+        return sum(int(np.prod(shape)) for _, shape in self.trainable)
+
+
+def build_artifacts(model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path) -> TrainingArtifacts:
+    """Return the artifacts for ``model`` and ``config``, generating them if not cached.
+
+    Entries are keyed by a digest of the whole base model, the configuration, the ORT
+    version and lorad's artifact format; a new entry is written to a staging directory
+    and renamed into place, so a crash never leaves a half-written entry.
+    """
+    import onnxruntime
+
+    targets = find_targets(model, config.targets)
+    model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    key_src = json.dumps(
+        {
+            "format": _FORMAT,
+            "ort": onnxruntime.__version__,
+            "model": model_digest,
+            "config": dataclasses.asdict(config),
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    cache_dir = Path(cache_dir)
+    final = cache_dir / key
+    if (final / _META).is_file():
+        return _read_meta(final, config)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+    try:
+        meta = _generate(model, config, targets, staging)
+        (staging / _META).write_text(json.dumps(meta, sort_keys=True, indent=1))
+        try:
+            atomic_replace_dir(staging, final)
+        except OSError:
+            if not (final / _META).is_file():
+                raise
+            # Another process generated the same entry first; use that one.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _read_meta(final, config)
+
+
+def _initial_lora(targets: Sequence[LoraTarget], config: ArtifactConfig) -> dict[str, LoraWeights]:
+    # PEFT's default: A ~ kaiming-uniform (bound 1/sqrt(in)), B = 0, so training starts
+    # from the base model's outputs.
+    rng = np.random.default_rng(config.init_seed)
+    init = {}
+    for t in targets:
+        bound = 1.0 / np.sqrt(t.in_features)
+        a = rng.uniform(-bound, bound, size=(t.in_features, config.rank)).astype(np.float32)
+        init[t.weight] = LoraWeights(a, np.zeros((config.rank, t.out_features), np.float32))
+    return init
+
+
+def _generate(
+    model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
+) -> dict[str, Any]:
+    ort_training = _load_ort_training()
+    onnxblock, artifacts = ort_training.onnxblock, ort_training.artifacts
+    init = _initial_lora(targets, config)
+    trainable: list[tuple[str, tuple[int, ...]]] = []
+    frozen: list[str] = []
+    for t in targets:
+        a_name, b_name = lora_input_names(t.weight)
+        w = init[t.weight]
+        if config.freeze_a:
+            frozen.append(a_name)
+        else:
+            trainable.append((a_name, tuple(w.A.shape)))
+        trainable.append((b_name, tuple(w.B.shape)))
+    trainable_names = [name for name, _ in trainable]
+
+    graph = make_training_graph(
+        model, targets, init=init, scale=config.scale,
+        per_example=trainable_names if config.private else (),
+    )
+    outputs = [o.name for o in graph.graph.output]
+    output = config.output or outputs[0]
+    if output not in outputs:
+        raise ValueError(f"ArtifactConfig.output {output!r} is not a model output; outputs: {outputs}")
+    label_input = _LABEL_INPUTS[config.loss]
+    # Older exporters also list initializers as graph inputs; those are not data.
+    initializers = {i.name for i in graph.graph.initializer}
+    model_inputs = [i.name for i in graph.graph.input if i.name not in initializers]
+    reserved = {label_input, CLIP_NORM_INPUT, NOISE_INPUT, GRAD_SCALE_INPUT}
+    if reserved & set(model_inputs):
+        raise ValueError(f"the base model's inputs {model_inputs} collide with the trainer's {sorted(reserved)}")
+
+    loss: Any
+    if config.loss == "cross_entropy":
+        loss = onnxblock.loss.CrossEntropyLoss(reduction="sum")
+    else:
+        loss = onnxblock.loss.MSELoss(reduction="sum")
+    optimizer: Any
+    if config.optimizer == "adamw":
+        optimizer = onnxblock.optim.AdamW(weight_decay=config.weight_decay)
+    else:
+        optimizer = onnxblock.optim.SGD()
+
+    with _without_native_info_logs():
+        artifacts.generate_artifacts(
+            graph,
+            requires_grad=trainable_names,
+            frozen_params=frozen,
+            loss=loss,
+            optimizer=optimizer,
+            artifact_directory=os.fspath(directory),
+            loss_input_names=[output],
+        )
+
+    training = onnx.load(os.fspath(directory / "training_model.onnx"))
+    noise_size = sum(int(np.prod(shape)) for _, shape in trainable)
+    _add_scalar_inputs(training, {*trainable_names, *frozen}, private=config.private, noise_size=noise_size)
+    if config.private:
+        _clip_noise_scale(training, trainable)
+    else:
+        _scale_only(training, trainable)
+    _drop_dead_nodes(training.graph)
+    onnx.checker.check_model(training)
+    onnx.save(for_runtime(training), os.fspath(directory / "training_model.onnx"))
+    for name in ("eval_model.onnx", "optimizer_model.onnx"):
+        m = onnx.load(os.fspath(directory / name))
+        onnx.save(for_runtime(m), os.fspath(directory / name))
+
+    return {
+        "format": _FORMAT,
+        "config": dataclasses.asdict(config),
+        "targets": [dataclasses.asdict(t) for t in targets],
+        "base_fingerprint": fingerprint(model, targets),
+        "trainable": [[name, list(shape)] for name, shape in trainable],
+        "frozen": frozen,
+        "data_inputs": [*model_inputs, label_input],
+        "label_input": label_input,
+        **_describe_inputs(training, [*model_inputs, label_input]),
+    }
+
+
+def _describe_inputs(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, Any]:
+    infos = {i.name: i.type.tensor_type for i in model.graph.input}
+    dtypes, shapes = [], []
+    for name in names:
+        tensor_type = infos[name]
+        dtypes.append(np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name)
+        shapes.append([d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim])
+    return {"input_dtypes": dtypes, "input_shapes": shapes}
+
+
+@contextlib.contextmanager
+def _without_native_info_logs() -> Iterator[None]:
+    """ORT's gradient builder logs every graph transformer at INFO level straight to file
+    descriptor 2, whatever the configured severity. Capture that descriptor while it
+    runs and pass on every line that is not such an INFO line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True) if b" [I:onnxruntime:" not in line]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+
+
+def _read_meta(directory: Path, config: ArtifactConfig) -> TrainingArtifacts:
+    meta = json.loads((directory / _META).read_text())
+    if meta.get("format") != _FORMAT or meta.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+        raise RuntimeError(f"training artifact cache entry {directory} does not match its key; delete it")
+    return TrainingArtifacts(
+        directory=directory,
+        config=config,
+        targets=tuple(LoraTarget(**t) for t in meta["targets"]),
+        base_fingerprint=meta["base_fingerprint"],
+        trainable=tuple((name, tuple(shape)) for name, shape in meta["trainable"]),
+        frozen=tuple(meta["frozen"]),
+        data_inputs=tuple(meta["data_inputs"]),
+        label_input=meta["label_input"],
+        input_dtypes=tuple(meta["input_dtypes"]),
+        input_shapes=tuple(tuple(shape) for shape in meta["input_shapes"]),
+    )
+
+
+# --- Rewriting ORT's gradient graph -------------------------------------------------------
+
+# ORT 1.19 conventions relied on below (onnxruntime/training/onnxblock/_training_graph_utils.py
+# and the C++ GradientGraphBuilder):
+#   * the gradient of parameter P is the tensor named "P_grad";
+#   * it is consumed by an InPlaceAccumulatorV2 (domain com.microsoft) whose inputs are
+#     ["P_grad.accumulation.buffer", "P_grad", "lazy_reset_grad"];
+#   * accumulator nodes come after every gradient computation in the node list;
+#   * the gradient of an Expand output E is the tensor "E_grad", and Expand's gradient
+#     reduces it with ONE ReduceSum(E_grad, axes) -> "P_grad", keepdims=0, axes a
+#     constant initializer equal to [0] when only the leading (batch) axis was added.
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        import onnxruntime
+
+        raise OrtConventionError(
+            f"onnxruntime {onnxruntime.__version__} built the training graph differently from what "
+            f"lorad's DP-SGD rewrite relies on: {what}. The per-example clipping cannot be applied "
+            "safely; pin onnxruntime-training 1.19.x or update trainer/artifacts.py."
+        )
+
+
+def _add_scalar_inputs(model: onnx.ModelProto, params: set[str], *, private: bool, noise_size: int) -> None:
+    extra = [helper.make_tensor_value_info(GRAD_SCALE_INPUT, TensorProto.FLOAT, [])]
+    if private:
+        extra += [
+            helper.make_tensor_value_info(CLIP_NORM_INPUT, TensorProto.FLOAT, []),
+            helper.make_tensor_value_info(NOISE_INPUT, TensorProto.FLOAT, [noise_size]),
+        ]
+    # User inputs must precede the parameters and gradient buffers ORT appended.
+    names = [i.name for i in model.graph.input]
+    _expect("lazy_reset_grad" in names, "no graph input 'lazy_reset_grad'")
+    _expect(params <= set(names), f"LoRA parameters {sorted(params - set(names))[:3]} are not graph inputs")
+    first_param = min(k for k, n in enumerate(names) if n in params or n.endswith(".accumulation.buffer"))
+    for k, vi in enumerate(extra):
+        model.graph.input.insert(first_param + k, vi)
+
+
+def _accumulator_index(graph: onnx.GraphProto, name: str) -> int:
+    grad = f"{name}_grad"
+    found = [
+        k for k, n in enumerate(graph.node)
+        if n.op_type == "InPlaceAccumulatorV2" and len(n.input) >= 2 and n.input[1] == grad
+    ]
+    _expect(len(found) == 1, f"expected one InPlaceAccumulatorV2 consuming {grad!r}, found {len(found)}")
+    node = graph.node[found[0]]
+    _expect(node.domain == "com.microsoft", f"accumulator of {grad!r} is in domain {node.domain!r}")
+    _expect(
+        node.input[0] == f"{grad}.accumulation.buffer",
+        f"accumulator of {grad!r} reads buffer {node.input[0]!r}, expected {grad + '.accumulation.buffer'!r}",
+    )
+    return found[0]
+
+
+def _insert_before_accumulators(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    first = next((k for k, n in enumerate(graph.node) if n.op_type == "InPlaceAccumulatorV2"), None)
+    _expect(first is not None, "no InPlaceAccumulatorV2 node in the training graph")
+    assert first is not None
+    later = [n.name or n.op_type for n in graph.node[first:] if n.op_type != "InPlaceAccumulatorV2"]
+    _expect(not later, f"gradient nodes come after the first accumulator: {later[:5]}")
+    for k, node in enumerate(nodes):
+        graph.node.insert(first + k, node)
+
+
+def _scale_only(model: onnx.ModelProto, trainable: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Non-private graph: ``P_grad × grad_scale`` feeds the accumulator."""
+    graph = model.graph
+    nodes = []
+    for name, _ in trainable:
+        accumulator = graph.node[_accumulator_index(graph, name)]
+        scaled = f"dp/{name}/grad_scaled"
+        nodes.append(helper.make_node("Mul", [f"{name}_grad", GRAD_SCALE_INPUT], [scaled], name=scaled))
+        accumulator.input[1] = scaled
+    _insert_before_accumulators(graph, nodes)
+
+
+def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Replace the per-parameter ReduceSums over examples by clip, accumulate, noise, scale."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for out in node.output:
+            producers.setdefault(out, []).append(node)
+
+    reduce_sums = []
+    for name, shape in trainable:
+        grad = f"{name}_grad"
+        found = producers.get(grad, [])
+        _expect(len(found) == 1, f"expected one node producing {grad!r}, found {len(found)}")
+        node = found[0]
+        _expect(node.op_type == "ReduceSum", f"{grad!r} is produced by {node.op_type}, expected ReduceSum")
+        expected_in = f"{per_example_name(name)}_grad"
+        _expect(
+            len(node.input) == 2 and node.input[0] == expected_in,
+            f"the ReduceSum producing {grad!r} reads {list(node.input)}, expected [{expected_in!r}, axes]",
+        )
+        keepdims = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "keepdims"), 1)
+        _expect(keepdims == 0, f"the ReduceSum producing {grad!r} has keepdims={keepdims}, expected 0")
+        axes = inits.get(node.input[1])
+        _expect(
+            axes is not None and numpy_helper.to_array(axes).tolist() == [0],
+            f"the ReduceSum producing {grad!r} does not reduce exactly axis 0 with constant axes",
+        )
+        _expect(expected_in in producers, f"no node produces the per-example gradient {expected_in!r}")
+        reduce_sums.append(node)
+        _accumulator_index(graph, name)
+
+    for node in reduce_sums:
+        graph.node.remove(node)
+
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    # 1. clip: flat per-example L2 norm over every LoRA parameter of the example.
+    flats, squares = [], []
+    for name, shape in trainable:
+        numel = int(np.prod(shape))
+        # [0, numel]: "0" copies N, which also keeps an empty batch (N = 0) well defined.
+        flat = add(
+            "Reshape",
+            [f"{per_example_name(name)}_grad", const(f"dp/{name}/flat_shape", np.array([0, numel], np.int64))],
+            f"dp/{name}/per_example_grad_flat",
+        )
+        flats.append(flat)
+        squares.append(add("ReduceSumSquare", [flat], f"dp/{name}/per_example_sq_norm", axes=[1], keepdims=0))
+    total = add("Sum", squares, "dp/per_example_sq_norm")
+    norm = add("Sqrt", [total], "dp/per_example_norm")
+    denom = add("Add", [norm, const("dp/clip_epsilon", np.array(_CLIP_EPSILON, np.float32))], "dp/norm_eps")
+    ratio = add("Div", [CLIP_NORM_INPUT, denom], "dp/clip_ratio")
+    factor = add("Min", [ratio, const("dp/one", np.array(1.0, np.float32))], "dp/clip_factor")
+    row = add("Unsqueeze", [factor, const("dp/axis0", np.array([0], np.int64))], "dp/clip_factor_row")
+
+    offset = 0
+    for (name, shape), flat in zip(trainable, flats):
+        numel = int(np.prod(shape))
+        # 2. accumulate: Σ_n factor[n]·G[n] as one [1, N] × [N, numel] product.
+        clipped = add("MatMul", [row, flat], f"dp/{name}/clipped_sum")
+        # 3. add noise: this parameter's slice of the host-drawn noise vector.
+        noise = add(
+            "Slice",
+            [
+                NOISE_INPUT,
+                const(f"dp/{name}/noise_start", np.array([offset], np.int64)),
+                const(f"dp/{name}/noise_end", np.array([offset + numel], np.int64)),
+            ],
+            f"dp/{name}/noise",
+        )
+        noised = add("Add", [clipped, noise], f"dp/{name}/noised_sum")
+        # 4. scale.
+        scaled = add("Mul", [noised, GRAD_SCALE_INPUT], f"dp/{name}/scaled")
+        add("Reshape", [scaled, const(f"dp/{name}/shape", np.array(shape, np.int64))], f"{name}_grad")
+        offset += numel
+
+    _insert_before_accumulators(graph, nodes)
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing uses (e.g. what fed the replaced ReduceSums)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

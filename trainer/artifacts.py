@@ -18,8 +18,9 @@ algorithm's steps:
 1. clip: ``norm[n] = sqrt(Σ_P ‖G_P[n]‖²)`` over ALL LoRA parameters of example n, and
    ``factor[n] = min(1, C / (norm[n] + 1e-6))``;
 2. accumulate: ``S_P = Σ_n factor[n]·G_P[n]`` (one GEMV over the flattened gradients);
-3. add noise: ``S_P + noise_P`` where ``noise_P`` is the parameter's slice of the graph
-   input :data:`NOISE_INPUT` (drawn on the host, N(0, σ²C²));
+3. add noise: ``S_P + noise_P`` where ``noise_P`` is the parameter's slice of the float64
+   graph input :data:`NOISE_INPUT` (drawn on the host, N(0, σ²C²)); the sum is computed in
+   float64 and rounded to float32 once;
 4. scale: ``× grad_scale`` (e.g. 1/expected batch size under Poisson sampling),
 
 and the result is the ``P_grad`` that ORT's gradient accumulator and the stock optimizer
@@ -80,7 +81,7 @@ NOISE_INPUT = "dp.noise"
 GRAD_SCALE_INPUT = "dp.grad_scale"
 
 # Bump when the generated graphs change meaning, so stale cache entries are not reused.
-_FORMAT = "lorad-training-artifacts-v1"
+_FORMAT = "lorad-training-artifacts-v2"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
@@ -397,7 +398,7 @@ def _add_scalar_inputs(model: onnx.ModelProto, params: set[str], *, private: boo
     if private:
         extra += [
             helper.make_tensor_value_info(CLIP_NORM_INPUT, TensorProto.FLOAT, []),
-            helper.make_tensor_value_info(NOISE_INPUT, TensorProto.FLOAT, [noise_size]),
+            helper.make_tensor_value_info(NOISE_INPUT, TensorProto.DOUBLE, [noise_size]),
         ]
     # User inputs must precede the parameters and gradient buffers ORT appended.
     names = [i.name for i in model.graph.input]
@@ -525,9 +526,14 @@ def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tup
             ],
             f"dp/{name}/noise",
         )
-        noised = add("Add", [clipped, noise], f"dp/{name}/noised_sum")
+        # The sum is widened and the float64 noise added exactly, then rounded to float32
+        # once: a float32 addition would let the low bits of the sum show through where
+        # noise and sum nearly cancel (the floating-point attacks on DP noise).
+        wide = add("Cast", [clipped], f"dp/{name}/clipped_sum_f64", to=TensorProto.DOUBLE)
+        noised = add("Add", [wide, noise], f"dp/{name}/noised_sum_f64")
+        rounded = add("Cast", [noised], f"dp/{name}/noised_sum", to=TensorProto.FLOAT)
         # 4. scale.
-        scaled = add("Mul", [noised, GRAD_SCALE_INPUT], f"dp/{name}/scaled")
+        scaled = add("Mul", [rounded, GRAD_SCALE_INPUT], f"dp/{name}/scaled")
         add("Reshape", [scaled, const(f"dp/{name}/shape", np.array(shape, np.int64))], f"{name}_grad")
         offset += numel
 

@@ -50,7 +50,7 @@ _DEVICES = ("cpu", "cuda")  # ORT execution providers: CPU, CUDA (Jetson)
 class GaussianNoise(Protocol):
     """What the stepper needs of a noise source (trainer.noise.NoiseSource)."""
 
-    def gaussian(self, n: int, std: float) -> np.ndarray: ...
+    def gaussian64(self, n: int, std: float) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,9 @@ class DPStepper:
         assert self._dp is not None and self._noise is not None
         size = self._artifacts.noise_size
         if self._dp.noise_multiplier == 0.0:  # also with C = inf, where σ·C would be NaN
-            return np.zeros(size, np.float32)
-        noise = np.asarray(self._noise.gaussian(size, self._dp.noise_multiplier * self._dp.clip_norm), np.float32)
+            return np.zeros(size, np.float64)
+        # float64: the graph adds it to the widened clipped sum and rounds once.
+        noise = np.asarray(self._noise.gaussian64(size, self._dp.noise_multiplier * self._dp.clip_norm), np.float64)
         if noise.shape != (size,) or not np.all(np.isfinite(noise)):
             raise TrainingFailedError(
                 f"noise source returned shape {noise.shape} or non-finite values; expected ({size},), finite"

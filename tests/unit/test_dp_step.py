@@ -30,17 +30,17 @@ class _FixedNoise:
         self.vector = vector
         self.calls: list[tuple[int, float]] = []
 
-    def gaussian(self, n: int, std: float) -> np.ndarray:
+    def gaussian64(self, n: int, std: float) -> np.ndarray:
         self.calls.append((n, std))
-        return self.vector[:n] * std
+        return (self.vector[:n] * std).astype(np.float64)
 
 
 class _SeededNoise:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def gaussian(self, n: int, std: float) -> np.ndarray:
-        return (self.rng.standard_normal(n) * std).astype(np.float32)
+    def gaussian64(self, n: int, std: float) -> np.ndarray:
+        return self.rng.standard_normal(n) * std
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ class _Session:
     ) -> dict[str, np.ndarray]:
         feeds: dict[str, Any] = dict(batch)
         feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
-        feeds[NOISE_INPUT] = np.zeros(self.artifacts.noise_size, np.float32) if noise is None else noise
+        feeds[NOISE_INPUT] = np.zeros(self.artifacts.noise_size, np.float64) if noise is None else noise.astype(np.float64)
         feeds[GRAD_SCALE_INPUT] = np.array(scale, np.float32)
         self.module.lazy_reset_grad()
         self.module(*[feeds[n] for n in self.order])

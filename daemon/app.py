@@ -1,0 +1,272 @@
+"""Wiring and lifecycle of the daemon process.
+
+:meth:`Daemon.start` builds the parts from the config in dependency order and registers
+each part's cleanup right after its setup, so :meth:`Daemon.stop` tears them down in
+reverse order (collecting, not losing, errors) and is safe to call twice. The engine is
+ready and every socket bound before systemd hears READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from adapters.engine import InferenceEngine
+from adapters.errors import AdapterError
+from adapters.fsutil import atomic_write_bytes
+from adapters.peft_format import read_peft_dir
+from adapters.registry import AdapterRegistry
+from adapters.service import AdapterService
+from daemon import auth
+from daemon.config import ADDR_FILE, Config
+from daemon.demo import demo_adapter_dirs, demo_model_path
+from daemon.http_api import ApiSettings, make_app
+from daemon.metrics import DaemonMetrics
+from daemon.systemd import SystemdNotifier
+
+__all__ = ["Daemon", "BoundAddresses", "StartupError", "run"]
+
+_log = logging.getLogger(__name__)
+
+_SHUTDOWN_TIMEOUT_S = 10.0
+#: Present once the demo adapters were installed, so that deleting one is not undone at the next start.
+_DEMO_MARKER = "demo-adapters-installed"
+
+
+@dataclass(frozen=True)
+class BoundAddresses:
+    url: str | None
+    unix_socket: str | None
+
+    def describe(self) -> str:
+        return " and ".join(x for x in (self.url, f"unix:{self.unix_socket}" if self.unix_socket else None) if x)
+
+
+class Daemon:
+    """The lorad process: engine, registry, cache, service, HTTP sites, systemd."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self._metrics_registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
+        self._notifier = SystemdNotifier(environ)
+        self._stack = contextlib.AsyncExitStack()
+        self._ready = False
+        self.service: AdapterService | None = None
+        self.addresses: BoundAddresses | None = None
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> BoundAddresses:
+        """Set up everything; on failure, what was set up is torn down before raising."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> BoundAddresses:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        _make_state_dir(cfg.state_dir)
+        token = auth.ensure_token(cfg.server.token_file)
+        self._notifier.status("loading the base model")
+
+        executor = ThreadPoolExecutor(cfg.server.worker_threads, thread_name_prefix="lorad-worker")
+        self._stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+
+        model_path = cfg.model.path if cfg.model.path is not None else demo_model_path()
+        _log.info("loading model %r from %s (targets %s, slot rank %d, device %s)",
+                  cfg.model.name, model_path, ", ".join(cfg.model.targets), cfg.model.rank, cfg.model.device)
+        engine = await loop.run_in_executor(executor, _build_engine, cfg, model_path)
+        metrics = DaemonMetrics(self._metrics_registry)
+        metrics.set_backend(engine.requested_device, engine.active_device)
+
+        registry = AdapterRegistry(cfg.state_dir / "adapters")
+        service = AdapterService(
+            engine,
+            registry,
+            cache_budget_bytes=cfg.cache.budget_bytes,
+            model_name=cfg.model.name,
+            on_cache_event=metrics.on_cache_event,
+        )
+        metrics.watch_cache(lambda: service.cache.stats)
+        self.service = service
+        if cfg.model.path is None:
+            await loop.run_in_executor(executor, _install_demo_adapters, service, cfg.state_dir / _DEMO_MARKER)
+
+        app = make_app(ApiSettings(
+            service=service,
+            metrics=metrics,
+            token=token,
+            executor=executor,
+            max_request_bytes=cfg.server.max_request_bytes,
+            ready=self.is_ready,
+        ))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+
+        tcp = web.TCPSite(runner, cfg.server.host, cfg.server.port)
+        await tcp.start()
+        url = _url_of(runner.addresses[0])
+        unix_path = None
+        if cfg.server.unix_socket is not None:
+            unix_path = str(cfg.server.unix_socket)
+            await _start_unix_site(runner, cfg.server.unix_socket, cfg.server.unix_socket_mode)
+            self._stack.callback(_unlink, cfg.server.unix_socket)
+
+        self.addresses = BoundAddresses(url=url, unix_socket=unix_path)
+        addr_file = cfg.state_dir / ADDR_FILE
+        addr_doc = {"url": url, "unix_socket": unix_path, "pid": os.getpid(), "model": cfg.model.name}
+        atomic_write_bytes(addr_file, (json.dumps(addr_doc) + "\n").encode(), mode=0o644)
+        self._stack.callback(_unlink, addr_file)
+
+        self._ready = True
+        metrics.ready.set(1)
+        self._stack.callback(self._not_ready, metrics)
+        status = f"serving model {cfg.model.name!r} at {self.addresses.describe()} on {engine.active_device}"
+        if engine.active_device != engine.requested_device:
+            status += f" ({engine.requested_device} requested but not available)"
+        self._notifier.ready(status)
+        self._stack.callback(self._notifier.stopping)
+        self._notifier.start_watchdog(self.is_ready)
+        self._stack.push_async_callback(self._notifier.stop_watchdog)
+        _log.info("%s", status)
+        return self.addresses
+
+    def _not_ready(self, metrics: DaemonMetrics) -> None:
+        self._ready = False
+        metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        """Tear down in reverse order of setup; a second call does nothing."""
+        await self._stack.aclose()
+
+
+async def run(config: Config, *, announce: bool = True) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(config)
+    try:
+        addresses = await daemon.start()
+        if announce:
+            print(f"lorad: serving model {config.model.name!r} at {addresses.describe()}", flush=True)
+        await stop.wait()
+        _log.info("signal received: stopping")
+    finally:
+        await daemon.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot serve with this configuration; the message names the key."""
+
+
+def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
+    try:
+        return InferenceEngine(
+            model_path,
+            targets=cfg.model.targets,
+            rank=cfg.model.rank,
+            device=cfg.model.device,
+            intra_op_threads=cfg.model.intra_op_threads,
+        )
+    except ValueError as e:  # the graph surgery: targets that match nothing or no linear op
+        raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
+    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
+        raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e
+
+
+def _make_state_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _install_demo_adapters(service: AdapterService, marker: Path) -> None:
+    """Give a fresh state directory the demo adapters, once; never replace a stored version."""
+    if marker.exists():
+        return
+    for name, directory in demo_adapter_dirs().items():
+        if service.registry.current_version(name) is not None:
+            continue
+        try:
+            info = service.upload(name, read_peft_dir(directory), meta={"source": "demo"})
+        except (AdapterError, ValueError) as e:
+            _log.warning("demo adapter %r not installed: %s", name, e)
+            continue
+        _log.info("installed demo adapter %r as version %d", name, info.version)
+    atomic_write_bytes(marker, b"", mode=0o644)
+
+
+def _url_of(sockname: object) -> str:
+    if not isinstance(sockname, tuple):
+        raise RuntimeError(f"unexpected TCP socket address {sockname!r}")
+    host, port = str(sockname[0]), int(sockname[1])
+    # A wildcard bind is reachable on loopback, which is what local clients need.
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+async def _start_unix_site(runner: web.AppRunner, path: Path, mode: int) -> None:
+    _remove_stale_socket(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The socket file is created by bind(); a tight umask keeps it private until chmod.
+    old = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RuntimeError(f"server.unix_socket {str(path)!r} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left over from a crash
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"server.unix_socket {str(path)!r} is in use by another process")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

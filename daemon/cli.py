@@ -1,0 +1,110 @@
+"""``lorad``: the daemon's command line.
+
+``lorad serve`` runs the daemon; ``lorad check-config FILE`` validates a config file and
+prints the effective settings. Exit codes: 0 ok, 1 the daemon failed at run time,
+2 bad usage or configuration (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from adapters.errors import AdapterError
+from daemon.auth import AuthError
+from daemon.config import Config, ConfigError, load_config
+from daemon.systemd import setup_logging
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+_log = logging.getLogger("lorad")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorad",
+        description="Serve an ONNX base model with hot-swapped LoRA adapters (Open Inference Protocol over HTTP).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon until SIGTERM/SIGINT. Flags override the config file.")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="YAML config file (default: built-in defaults)")
+    serve.add_argument("--host", help="TCP address to bind (server.host, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port; 0 picks a free one, written to <state_dir>/lorad.addr (server.port, default 8080)")
+    serve.add_argument("--state-dir", type=Path, metavar="DIR", help="state directory (state_dir; default $STATE_DIRECTORY or the per-user state dir)")
+    serve.add_argument("--unix-socket", type=Path, metavar="PATH", help="also serve on this Unix socket (server.unix_socket)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log_level")
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--state-dir", type=Path, metavar="DIR", help="as for serve")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file named by ``args`` with the command-line flags applied on top."""
+    path = getattr(args, "config", None) or getattr(args, "file", None)
+    overrides: dict[str, object] = {
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.unix_socket": _str_or_none(getattr(args, "unix_socket", None)),
+        "state_dir": _str_or_none(getattr(args, "state_dir", None)),
+        "log_level": getattr(args, "log_level", None),
+    }
+    return load_config(path, overrides=overrides)
+
+
+def _str_or_none(p: Path | None) -> str | None:
+    return str(p.absolute()) if p is not None else None
+
+
+def _describe(config: Config) -> str:
+    def plain(v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    doc = plain(dataclasses.asdict(config))
+    assert isinstance(doc, dict)
+    doc["server"]["unix_socket_mode"] = f"{config.server.unix_socket_mode:04o}"
+    return json.dumps(doc, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"lorad: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check-config":
+        print(_describe(config))
+        return EXIT_OK
+
+    logging_to = setup_logging(config.log_level)
+    from daemon.app import run  # the runtime (ORT, aiohttp) is only needed to serve
+
+    try:
+        asyncio.run(run(config))
+    except (AuthError, AdapterError, OSError, RuntimeError) as e:
+        _log.error("cannot serve: %s", e)
+        if logging_to != "stderr":
+            print(f"lorad: cannot serve: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

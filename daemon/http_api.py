@@ -1,0 +1,386 @@
+"""The HTTP API: Open Inference Protocol (KServe v2 REST) plus the adapter-management extension.
+
+Handlers are thin: they check the model name and authentication, hand the blocking work
+(JSON tensor decoding, ORT, disk) to the worker thread pool and map errors to statuses.
+Every error answers ``{"error": "..."}`` as OIP does. ``/v2/openapi.json`` serves
+``daemon/openapi.yaml``, the one description of all routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import json
+import logging
+import socket
+import time
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any, Awaitable, Callable, Mapping
+
+import yaml
+from aiohttp import BodyPartReader, web
+
+from adapters.errors import (
+    AdapterNotFoundError,
+    AdapterStorageError,
+    CacheFullError,
+    InvalidAdapterError,
+)
+from adapters.service import AdapterService
+from daemon import auth, oip
+from daemon.metrics import CONTENT_TYPE, DaemonMetrics
+
+__all__ = ["ApiSettings", "make_app", "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION"]
+
+_log = logging.getLogger(__name__)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("lorad")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"  # running from a source tree that was never installed
+
+
+SERVER_NAME = "lorad"
+SERVER_VERSION = _package_version()
+#: Name of the adapter-management extension in the server metadata.
+EXTENSION = "lorad_adapters"
+#: The files an adapter upload may carry (Hugging Face PEFT layout).
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+_ACTIONS = ("load", "pin", "unpin", "evict", "rollback")
+_CHUNK = 1 << 16
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the handlers need besides the request; built once by :mod:`daemon.app`."""
+
+    service: AdapterService
+    metrics: DaemonMetrics
+    token: str
+    #: Runs ORT, JSON tensor decoding and disk I/O off the event loop.
+    executor: Executor
+    max_request_bytes: int
+    ready: Callable[[], bool]
+
+    @property
+    def model_version(self) -> str:
+        """The base model's version as OIP reports it: from its fingerprint, so another
+        base model is another version."""
+        return self.service.engine.fingerprint.split(":", 1)[-1][:12]
+
+
+_SETTINGS = web.AppKey("settings", ApiSettings)
+
+
+def make_app(settings: ApiSettings) -> web.Application:
+    """The aiohttp application with every route of the API."""
+    app = web.Application(middlewares=[_errors_and_metrics], client_max_size=settings.max_request_bytes)
+    app[_SETTINGS] = settings
+    h = _Handlers(settings)
+    m = "/v2/models/{model}"
+    a = m + "/adapters/{adapter}"
+    app.router.add_get("/v2/health/live", h.live)
+    app.router.add_get("/v2/health/ready", h.ready)
+    app.router.add_get("/v2", h.server_metadata)
+    app.router.add_get("/v2/openapi.json", h.openapi)
+    app.router.add_get(m, h.model_metadata)
+    app.router.add_get(m + "/ready", h.model_ready)
+    app.router.add_post(m + "/infer", h.infer)
+    app.router.add_get(m + "/adapters", h.list_adapters)
+    app.router.add_get(a, h.inspect)
+    app.router.add_put(a, _protected(h.upload))
+    app.router.add_delete(a, _protected(h.delete))
+    for action in _ACTIONS:
+        app.router.add_post(f"{a}/{action}", _protected(functools.partial(h.action, action)))
+    app.router.add_get("/metrics", h.metrics)
+    return app
+
+
+# ---------------------------------------------------------------- middleware
+
+
+def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, default=str).encode(), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _error_status(e: BaseException) -> tuple[int, str, Mapping[str, str] | None]:
+    if isinstance(e, _HttpError):
+        return e.status, str(e), e.headers
+    if isinstance(e, oip.OIPError):
+        return e.status, str(e), None
+    if isinstance(e, AdapterNotFoundError):
+        return 404, str(e), None
+    if isinstance(e, InvalidAdapterError):  # includes BaseModelMismatchError
+        return 422, str(e), None
+    if isinstance(e, CacheFullError):
+        return 503, str(e), None
+    if isinstance(e, ValueError):
+        return 400, str(e), None
+    if isinstance(e, AdapterStorageError):
+        _log.error("adapter storage failed: %s", e)
+        return 500, str(e), None
+    _log.exception("internal error", exc_info=e)
+    return 500, f"internal error: {type(e).__name__}", None
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    settings = request.app[_SETTINGS]
+    start = time.perf_counter()
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        if e.status == 404:
+            reason = f"no route {request.method} {request.path}; the API is described at /v2/openapi.json"
+        elif e.status == 405:
+            reason = f"method {request.method} is not allowed on {request.path}"
+        elif e.status == 413:
+            reason = f"request body exceeds the limit of {settings.max_request_bytes} bytes"
+        response = _json({"error": reason}, e.status, {k: v for k, v in e.headers.items() if k == "Allow"})
+    except Exception as e:  # every failure becomes one JSON error; unknown ones are logged
+        status, message, headers = _error_status(e)
+        response = _json({"error": message}, status, headers)
+    kind = request.get("adapter_kind", "none")
+    settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind).observe(time.perf_counter() - start)
+    if response.status >= 400:
+        settings.metrics.request_errors.labels(endpoint=endpoint, code=str(response.status)).inc()
+    return response
+
+
+def _protected(handler: _Handler) -> _Handler:
+    """Require the bearer token on TCP; the Unix socket's file mode already authenticated."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        if not _via_unix_socket(request):
+            token = request.app[_SETTINGS].token
+            if not auth.check_bearer(request.headers.get("Authorization"), token):
+                raise _HttpError(
+                    401,
+                    "this endpoint changes state and needs 'Authorization: Bearer <token>' "
+                    "with the token from the daemon's token file",
+                    {"WWW-Authenticate": 'Bearer realm="lorad"'},
+                )
+        return await handler(request)
+
+    return wrapper
+
+
+def _via_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+# ---------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    def __init__(self, settings: ApiSettings) -> None:
+        self.s = settings
+        self.service = settings.service
+        self._openapi: bytes | None = None
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.s.executor, fn, *args)
+
+    def _model(self, request: web.Request) -> None:
+        name = request.match_info["model"]
+        if name != self.service.model_name:
+            raise _HttpError(404, f"model {name!r} not found; this daemon serves model {self.service.model_name!r}")
+
+    # -- health and metadata
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok = self.s.ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [EXTENSION]})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        self._model(request)
+        engine = self.service.engine
+        return _json({
+            "name": self.service.model_name,
+            "versions": [self.s.model_version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [oip.tensor_metadata(t) for t in engine.inputs],
+            "outputs": [oip.tensor_metadata(t) for t in engine.outputs],
+        })
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._model(request)
+        ok = self.s.ready()
+        return _json({"name": self.service.model_name, "ready": ok}, 200 if ok else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            text = resources.files("daemon").joinpath("openapi.yaml").read_text(encoding="utf-8")
+            self._openapi = json.dumps(yaml.safe_load(text)).encode()
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # -- inference
+
+    async def infer(self, request: web.Request) -> web.Response:
+        self._model(request)
+        body = await _read_body(request, self.s.max_request_bytes)
+        req = await self._run(self._decode, body)
+        request["adapter_kind"] = "base" if req.adapter is None else "adapter"
+        payload = await self._run(self._infer, req)
+        return web.Response(body=payload, content_type="application/json")
+
+    def _decode(self, body: bytes) -> oip.InferRequest:
+        engine = self.service.engine
+        return oip.decode_infer_request(body, engine.inputs, engine.outputs)
+
+    def _infer(self, req: oip.InferRequest) -> bytes:
+        result = self.service.infer(req.inputs, req.adapter)
+        doc = oip.encode_infer_response(
+            model_name=self.service.model_name,
+            model_version=self.s.model_version,
+            request_id=req.id,
+            outputs=result.outputs,
+            wanted=req.outputs,
+            adapter=result.adapter,
+            adapter_version=result.version,
+        )
+        return json.dumps(doc).encode()
+
+    # -- adapters
+
+    async def list_adapters(self, request: web.Request) -> web.Response:
+        self._model(request)
+        infos = await self._run(self.service.list_adapters)
+        return _json([asdict(i) for i in infos])
+
+    async def inspect(self, request: web.Request) -> web.Response:
+        self._model(request)
+        return _json(await self._run(self.service.inspect, request.match_info["adapter"]))
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self._model(request)
+        name = request.match_info["adapter"]
+        files = await _read_upload(request, self.s.max_request_bytes)
+        info = await self._run(self.service.upload, name, files)
+        return _json(asdict(info), 201)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        self._model(request)
+        name = request.match_info["adapter"]
+        await self._run(self._delete, name)
+        return _json({"name": name, "deleted": True})
+
+    def _delete(self, name: str) -> None:
+        self.service.info(name)  # 404 for an unknown name rather than a silent success
+        self.service.delete(name)
+
+    async def action(self, action: str, request: web.Request) -> web.Response:
+        self._model(request)
+        name = request.match_info["adapter"]
+        if action == "rollback":
+            body = await _read_body(request, self.s.max_request_bytes)
+            version = _rollback_version(body)
+            info = await self._run(self.service.rollback, name, version)
+        else:
+            info = await self._run(getattr(self.service, action), name)
+        return _json(asdict(info))
+
+
+def _rollback_version(body: bytes) -> int:
+    try:
+        doc = json.loads(body or b"null")
+    except ValueError:
+        doc = None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _HttpError(400, 'rollback needs a JSON body {"version": N} with the version number (an integer >= 1)')
+    return version
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise oip.RequestTooLargeError(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await request.content.read(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise oip.RequestTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+
+
+async def _read_upload(request: web.Request, limit: int) -> dict[str, bytes]:
+    """The PEFT files of a multipart/form-data upload, size-limited while streaming in."""
+    if not request.content_type.startswith("multipart/"):
+        raise _HttpError(
+            415,
+            f"upload needs Content-Type multipart/form-data with the files {', '.join(PEFT_FILES)}; got {request.content_type!r}",
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise oip.RequestTooLargeError(f"upload of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as e:
+        raise _HttpError(400, f"malformed multipart body: {e}") from None
+    files: dict[str, bytes] = {}
+    total = 0
+    while True:
+        try:
+            part = await reader.next()
+        except (ValueError, AssertionError) as e:
+            raise _HttpError(400, f"malformed multipart body: {e}") from None
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise _HttpError(400, "nested multipart bodies are not accepted")
+        fname = (part.filename or part.name or "").rsplit("/", 1)[-1]
+        if fname not in PEFT_FILES:
+            raise _HttpError(400, f"unexpected upload file {fname!r}; allowed: {', '.join(PEFT_FILES)}")
+        if fname in files:
+            raise _HttpError(400, f"file {fname!r} is uploaded twice")
+        chunks: list[bytes] = []
+        while True:
+            chunk = await part.read_chunk(_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise oip.RequestTooLargeError(f"upload exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        files[fname] = b"".join(chunks)
+    missing = [f for f in PEFT_FILES if f not in files]
+    if missing:
+        raise _HttpError(400, f"upload is missing {', '.join(missing)}; an adapter upload carries {', '.join(PEFT_FILES)}")
+    return files

@@ -1,0 +1,299 @@
+"""Open Inference Protocol (KServe v2 REST) JSON tensors: pure encode/decode functions.
+
+No I/O here: bytes or parsed JSON in, numpy arrays or a JSON-ready dict out,
+:class:`OIPError` (an HTTP 400) naming exactly what was wrong otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+__all__ = [
+    "OIPError",
+    "RequestTooLargeError",
+    "TensorSpecLike",
+    "InferRequest",
+    "DATATYPES",
+    "datatype_of",
+    "decode_infer_request",
+    "encode_infer_response",
+    "tensor_metadata",
+]
+
+#: OIP datatype → numpy dtype (BYTES is not served: lorad models take numeric tensors).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_BY_DTYPE = {v: k for k, v in DATATYPES.items()}
+
+
+class OIPError(ValueError):
+    """The request is malformed; maps to HTTP 400 with the message as ``error``."""
+
+    status = 400
+
+
+class RequestTooLargeError(OIPError):
+    """The request body exceeds the configured limit; HTTP 413."""
+
+    status = 413
+
+
+class TensorSpecLike(Protocol):
+    """What the codec needs of an engine's input/output spec."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    #: Adapter name from ``parameters.adapter``; ``None`` = base model.
+    adapter: str | None
+    id: str | None
+    #: Requested output names, in order; ``None`` = all outputs.
+    outputs: tuple[str, ...] | None
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype of a numpy array (ValueError for dtypes OIP has no name for)."""
+    try:
+        return _BY_DTYPE[array.dtype]
+    except KeyError:
+        raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
+
+
+def tensor_metadata(spec: TensorSpecLike) -> dict[str, object]:
+    """A tensor's entry of the model metadata response."""
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def decode_infer_request(
+    body: bytes | Mapping[str, object],
+    inputs: Sequence[TensorSpecLike],
+    outputs: Sequence[TensorSpecLike],
+    *,
+    max_bytes: int | None = None,
+) -> InferRequest:
+    """Parse and check an infer request against the model's input and output specs."""
+    if isinstance(body, (bytes, bytearray)):
+        if max_bytes is not None and len(body) > max_bytes:
+            raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OIPError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise OIPError("request body is nested too deeply") from None
+    else:
+        doc = body
+    if not isinstance(doc, Mapping):
+        raise OIPError(f"request body must be a JSON object, got {_json_type(doc)}")
+    unknown = sorted(set(doc) - {"id", "inputs", "outputs", "parameters"})
+    if unknown:
+        raise OIPError(f"unknown request field {unknown[0]!r}; allowed: id, inputs, outputs, parameters")
+
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
+
+    adapter = _decode_parameters(doc.get("parameters"))
+    arrays = _decode_inputs(doc.get("inputs"), inputs)
+    wanted = _decode_outputs(doc.get("outputs"), outputs)
+    return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted)
+
+
+def encode_infer_response(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Mapping[str, np.ndarray],
+    wanted: Sequence[str] | None,
+    adapter: str | None,
+    adapter_version: int | None,
+) -> dict[str, object]:
+    """The JSON object of an infer response; ``wanted`` selects and orders outputs."""
+    names = list(wanted) if wanted is not None else list(outputs)
+    tensors = []
+    for name in names:
+        arr = np.asarray(outputs[name])
+        tensors.append({
+            "name": name,
+            "datatype": datatype_of(arr),
+            "shape": list(arr.shape),
+            "data": arr.ravel().tolist(),
+        })
+    return {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id if request_id is not None else uuid.uuid4().hex,
+        "parameters": {"adapter": adapter, "adapter_version": adapter_version},
+        "outputs": tensors,
+    }
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object"
+
+
+def _decode_parameters(params: object) -> str | None:
+    if params is None:
+        return None
+    if not isinstance(params, Mapping):
+        raise OIPError(f"'parameters' must be an object, got {_json_type(params)}")
+    adapter = params.get("adapter")
+    if adapter is None:
+        return None
+    if not isinstance(adapter, str) or not adapter:
+        raise OIPError(f"'parameters.adapter' must be an adapter name (a string) or null, got {_json_type(adapter)}")
+    return adapter
+
+
+def _decode_outputs(requested: object, specs: Sequence[TensorSpecLike]) -> tuple[str, ...] | None:
+    if requested is None:
+        return None
+    allowed = [s.name for s in specs]
+    if not isinstance(requested, list) or not requested:
+        raise OIPError(f"'outputs' must be a non-empty array of {{\"name\": ...}} objects, got {_json_type(requested)}")
+    names: list[str] = []
+    for i, item in enumerate(requested):
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str):
+            raise OIPError(f"outputs[{i}] must be an object with a string 'name'")
+        if name not in allowed:
+            raise OIPError(f"unknown output {name!r}; the model's outputs are: {', '.join(allowed)}")
+        if name in names:
+            raise OIPError(f"output {name!r} is requested twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _decode_inputs(tensors: object, specs: Sequence[TensorSpecLike]) -> dict[str, np.ndarray]:
+    by_name = {s.name: s for s in specs}
+    allowed = ", ".join(by_name)
+    if not isinstance(tensors, list) or not tensors:
+        raise OIPError(f"'inputs' must be a non-empty array of tensors; the model's inputs are: {allowed}")
+    arrays: dict[str, np.ndarray] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Mapping):
+            raise OIPError(f"inputs[{i}] must be an object with name, shape, datatype and data, got {_json_type(t)}")
+        name = t.get("name")
+        if not isinstance(name, str):
+            raise OIPError(f"inputs[{i}] has no string 'name'; the model's inputs are: {allowed}")
+        spec = by_name.get(name)
+        if spec is None:
+            raise OIPError(f"unknown input {name!r}; the model's inputs are: {allowed}")
+        if name in arrays:
+            raise OIPError(f"input {name!r} is given twice")
+        arrays[name] = _decode_tensor(t, spec)
+    missing = [n for n in by_name if n not in arrays]
+    if missing:
+        raise OIPError(f"missing input {missing[0]!r}; the model's inputs are: {allowed}")
+    return arrays
+
+
+def _decode_tensor(t: Mapping[str, object], spec: TensorSpecLike) -> np.ndarray:
+    name = spec.name
+    datatype = t.get("datatype")
+    if datatype != spec.datatype:
+        raise OIPError(f"input {name!r}: datatype {datatype!r} is not allowed; the model expects {spec.datatype!r}")
+    shape = _decode_shape(name, t.get("shape"), spec.shape)
+    data = t.get("data")
+    if data is None:
+        raise OIPError(f"input {name!r}: 'data' is missing")
+    dtype = DATATYPES.get(spec.datatype)
+    if dtype is None:
+        raise OIPError(f"input {name!r}: datatype {spec.datatype!r} cannot be sent as JSON")
+    flat = _flatten(name, data)
+    expected = math.prod(shape)
+    if len(flat) != expected:
+        raise OIPError(f"input {name!r}: data has {len(flat)} elements but shape {shape} needs {expected}")
+    return _to_array(name, flat, dtype, spec.datatype).reshape(shape)
+
+
+def _decode_shape(name: str, shape: object, spec_shape: Sequence[int]) -> list[int]:
+    want = "[" + ", ".join("N" if d < 0 else str(d) for d in spec_shape) + "]"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise OIPError(f"input {name!r}: 'shape' must be an array of non-negative integers like {want}")
+    if len(shape) != len(spec_shape) or any(s >= 0 and d != s for d, s in zip(shape, spec_shape)):
+        raise OIPError(f"input {name!r}: shape {shape} does not match the model's shape {want}")
+    return shape
+
+
+def _flatten(name: str, data: object) -> list[object]:
+    if not isinstance(data, list):
+        data = [data]
+    out: list[object] = []
+    # Iterative so a deeply nested body cannot exhaust the interpreter's recursion limit.
+    iters = [iter(data)]
+    while iters:
+        for item in iters[-1]:
+            if isinstance(item, list):
+                iters.append(iter(item))
+                break
+            out.append(item)
+        else:
+            iters.pop()
+    return out
+
+
+def _to_array(name: str, flat: list[object], dtype: np.dtype, datatype: str) -> np.ndarray:
+    if dtype.kind == "b":
+        if not all(isinstance(v, bool) for v in flat):
+            raise OIPError(f"input {name!r}: {datatype} data must be true/false values")
+        return np.array(flat, dtype=dtype)
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise OIPError(f"input {name!r}: {datatype} data must be numbers, found {v!r}")
+    if dtype.kind in "iu":
+        ints = [v for v in flat if isinstance(v, int)]
+        if len(ints) != len(flat):
+            bad = next(v for v in flat if not isinstance(v, int))
+            raise OIPError(f"input {name!r}: {datatype} data must be integers, found {bad!r}")
+        info = np.iinfo(dtype)
+        if ints and (min(ints) < info.min or max(ints) > info.max):
+            raise OIPError(f"input {name!r}: {datatype} data must lie in [{info.min}, {info.max}]")
+        return np.array(flat, dtype=dtype)
+    with np.errstate(over="ignore"):
+        arr = np.array(flat, dtype=dtype)
+    if not np.all(np.isfinite(arr)) and np.all(np.isfinite(np.array(flat, dtype=np.float64))):
+        raise OIPError(f"input {name!r}: a value does not fit in {datatype}")
+    return arr

@@ -1,0 +1,173 @@
+"""daemon.config: defaults, units, overrides, and errors that name key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import build_parser, config_from_args
+from daemon.config import (
+    ConfigError,
+    build_config,
+    default_state_dir,
+    load_config,
+    parse_byte_size,
+)
+from daemon.demo import DEMO_RANK, DEMO_TARGETS
+
+
+def _cfg(doc: object, **kw: object) -> object:
+    return build_config(doc, environ={}, base_dir=Path("/cfg"), **kw)  # type: ignore[arg-type]
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = build_config({"state_dir": str(tmp_path)}, environ={})
+    assert cfg.state_dir == tmp_path
+    assert (cfg.server.host, cfg.server.port, cfg.server.unix_socket) == ("127.0.0.1", 8080, None)
+    assert cfg.server.token_file == tmp_path / "api-token"
+    assert cfg.model.name == "demo" and cfg.model.path is None
+    assert cfg.model.targets == DEMO_TARGETS and cfg.model.rank == DEMO_RANK
+    assert cfg.model.device == "cpu"
+    assert cfg.cache.budget_bytes == 64 * 1024**2
+    assert cfg.log_level == "INFO"
+
+
+def test_state_dir_from_systemd_environment() -> None:
+    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/lorad:/var/lib/other"}) == Path("/var/lib/lorad")
+    cfg = build_config(None, environ={"STATE_DIRECTORY": "/var/lib/lorad"})
+    assert cfg.state_dir == Path("/var/lib/lorad")
+    assert cfg.server.token_file == Path("/var/lib/lorad/api-token")
+
+
+def test_state_dir_default_is_per_user_without_systemd() -> None:
+    assert "lorad" in str(default_state_dir({}))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(1024, 1024), ("64MiB", 64 * 1024**2), ("500kB", 500_000), ("1GB", 10**9), ("1.5 KiB", 1536), ("7", 7), ("12B", 12)],
+)
+def test_byte_sizes(text: object, expected: int) -> None:
+    assert parse_byte_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["64 parsecs", "-3MiB", "", True, 1.5, [1], -1])
+def test_bad_byte_size_names_key_and_allowed_forms(bad: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        _cfg({"cache": {"budget_bytes": bad}})
+    msg = str(e.value)
+    assert msg.startswith("cache.budget_bytes:") and repr(bad) in msg and "MiB" in msg
+    assert e.value.key == "cache.budget_bytes"
+
+
+def test_zero_budget_refused() -> None:
+    with pytest.raises(ConfigError, match=r"cache\.budget_bytes: got 0; expected a positive size"):
+        _cfg({"cache": {"budget_bytes": 0}})
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "fragment"),
+    [
+        ({"server": {"port": 70000}}, "server.port", "got 70000; expected an integer from 0 to 65535"),
+        ({"server": {"port": "80"}}, "server.port", "got str '80'"),
+        ({"server": {"host": ""}}, "server.host", "non-empty string"),
+        ({"server": {"unix_socket_mode": "0777"}}, "server.unix_socket_mode", '"0600"'),
+        ({"server": {"worker_threads": 0}}, "server.worker_threads", "from 1 to 256"),
+        ({"model": {"device": "tpu"}}, "model.device", "got 'tpu'; allowed: cpu, cuda"),
+        ({"model": {"rank": 0}}, "model.rank", "got 0"),
+        ({"model": {"targets": []}}, "model.targets", "non-empty list of strings"),
+        ({"model": {"name": "../etc"}}, "model.name", "got '../etc'"),
+        ({"model": {"path": "/nonexistent/model.onnx"}}, "model.path", "existing ONNX file"),
+        ({"log_level": "LOUD"}, "log_level", "allowed: DEBUG"),
+        ({"server": [1, 2]}, "server", "expected a mapping"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(doc: dict[str, object], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        _cfg(doc)
+    assert e.value.key == key
+    assert str(e.value).startswith(f"{key}: ")
+    assert fragment in str(e.value)
+
+
+def test_unknown_top_level_key_lists_allowed() -> None:
+    with pytest.raises(ConfigError) as e:
+        _cfg({"sever": {"port": 1}})
+    assert e.value.key == "sever"
+    for allowed in ("server", "model", "cache", "state_dir", "log_level"):
+        assert allowed in str(e.value)
+
+
+def test_unknown_section_key_lists_allowed() -> None:
+    with pytest.raises(ConfigError) as e:
+        _cfg({"server": {"prot": 1}})
+    msg = str(e.value)
+    assert e.value.key == "server.prot"
+    assert "unknown key in section 'server'" in msg
+    assert "host" in msg and "port" in msg and "max_request_bytes" in msg
+
+
+def test_socket_mode_spellings() -> None:
+    for spelling in ("0660", "660", 0o660, 660, "0o660"):
+        assert _cfg({"server": {"unix_socket_mode": spelling}}).server.unix_socket_mode == 0o660  # type: ignore[attr-defined]
+
+
+def test_relative_paths(tmp_path: Path) -> None:
+    cfg = build_config(
+        {"state_dir": "state", "server": {"unix_socket": "lorad.sock", "token_file": "secret/token"}},
+        environ={},
+        base_dir=tmp_path,
+    )
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.server.unix_socket == tmp_path / "state" / "lorad.sock"
+    assert cfg.server.token_file == tmp_path / "state" / "secret" / "token"
+
+
+def test_own_model_keeps_generic_targets(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    cfg = build_config({"model": {"path": str(model), "name": "mine"}}, environ={})
+    assert cfg.model.path == model and cfg.model.targets == ("*",) and cfg.model.rank == 8
+
+
+def test_file_and_flags_override(tmp_path: Path) -> None:
+    f = tmp_path / "lorad.yaml"
+    f.write_text("server:\n  host: 0.0.0.0\n  port: 9000\ncache:\n  budget_bytes: 16MiB\nlog_level: debug\n")
+    args = build_parser().parse_args(["serve", "--config", str(f), "--port", "0", "--state-dir", str(tmp_path / "s")])
+    cfg = config_from_args(args)
+    assert cfg.server.host == "0.0.0.0"  # from the file
+    assert cfg.server.port == 0  # the flag wins
+    assert cfg.state_dir == tmp_path / "s"
+    assert cfg.cache.budget_bytes == 16 * 1024**2
+    assert cfg.log_level == "DEBUG"
+
+
+def test_bad_flag_is_named_like_a_key(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--port", "99999", "--state-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"^server\.port: got 99999"):
+        config_from_args(args)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f, environ={})
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(f, environ={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    assert load_config(f, overrides={"state_dir": str(tmp_path)}, environ={}).server.port == 8080
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = build_config({"state_dir": str(tmp_path)}, environ={})
+    with pytest.raises(AttributeError):
+        cfg.server.port = 1  # type: ignore[misc]

@@ -1,0 +1,455 @@
+"""The device side of OTA: TUF refresh over the broker, choose, verify, stage, install,
+health-check, commit or roll back, and say why.
+
+python-tuf's ngclient does the metadata workflow (root rotation, timestamp, snapshot,
+targets, with thresholds, expiry, rollback and mix-and-match checks); its transport is
+:class:`BrokerFetcher`, which reads retained files from the broker. Target payloads do
+not go through ngclient's download (it writes in place and buffers the whole file):
+they are fetched chunk by chunk into a :class:`ota.installer.ChunkStage`, each chunk
+checked against the signed per-chunk digest as it arrives. Every refusal ends as an
+:class:`UpdateResult` with a reason code from :data:`ota.errors.REASONS`, kept in the
+device state and published in its status.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from securesystemslib.signer import SSlibKey
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Root, Targets
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from adapters.fsutil import atomic_write_bytes
+
+from .commands import CommandExecutor, CommandSink, command_topic
+from .errors import OtaError, TransportError, UpdateRejectedError
+from .files import NotOnBroker, RepoReader
+from .installer import AdapterSink, ChunkStage, Installed, OtaState
+from .repository import COMMAND_KEYS_FIELD, offer_topic
+from .status import DeviceStatus, StatusReporter
+from .target import ProbeSet, TargetSpec, reconstruct
+from .transport import Transport
+
+__all__ = ["ClientConfig", "UpdateResult", "BrokerFetcher", "OtaClient"]
+
+_log = logging.getLogger(__name__)
+_URL = "lorad:/"
+# ngclient's words when a file is not the version its parent role names ("Expected targets v3, got v2.")
+_NAMED_VERSION = re.compile(r"^Expected \S+ v\d+, got v\d+")
+#: Reasons that depend only on signed content: retrying the same version cannot help.
+_FINAL_REASONS = frozenset({"base_model_mismatch", "payload_invalid", "adapter_digest",
+                            "target_invalid", "install_failed", "health_check_failed"})
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Device identity, trust anchor and limits. Times in seconds, sizes in bytes."""
+
+    device_id: str
+    groups: tuple[str, ...]
+    state_dir: Path
+    trusted_root: bytes
+    base_fingerprint: str
+    clock_slack_s: float = 60.0
+    fetch_timeout_s: float = 10.0
+    max_payload_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id must not be empty")
+        if self.clock_slack_s < 0 or self.clock_slack_s > 3600:
+            raise ValueError(f"clock_slack_s must be 0..3600 s, got {self.clock_slack_s}")
+        if self.fetch_timeout_s <= 0 or self.max_payload_bytes <= 0:
+            raise ValueError("fetch_timeout_s and max_payload_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """Outcome of one adapter (or of the metadata refresh when ``adapter`` is None).
+
+    ``result``: installed | up_to_date | skipped | rejected | failed (channel) | recovered.
+    """
+
+    result: str
+    adapter: str | None = None
+    version: int | None = None
+    reason: str | None = None
+    message: str = ""
+    at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BrokerFetcher(FetcherInterface):
+    """ngclient transport: ``lorad:/<name>`` is repository file ``<name>`` on the broker."""
+
+    def __init__(self, reader: RepoReader, limits: UpdaterConfig) -> None:
+        self._reader = reader
+        self._limits = limits
+        #: repository file names in the order ngclient asked for them
+        self.requested: list[str] = []
+
+    def _limit(self, name: str) -> int:
+        role = name.rsplit("/", 1)[-1].removesuffix(".json").rsplit(".", 1)[-1]
+        return {"root": self._limits.root_max_length, "timestamp": self._limits.timestamp_max_length,
+                "snapshot": self._limits.snapshot_max_length}.get(role, self._limits.targets_max_length)
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(_URL):
+            raise tuf_exc.DownloadHTTPError(f"{url} is not a repository file", 404)
+        name = url[len(_URL):]
+        self.requested.append(name)
+        try:
+            data = self._reader.fetch(name, max_length=self._limit(name))
+        except NotOnBroker:
+            raise tuf_exc.DownloadHTTPError(f"{name} is not on the broker", 404) from None
+        return iter([data])
+
+
+def _classify(exc: BaseException) -> OtaError:
+    """The precise reason behind an exception out of ngclient."""
+    seen: BaseException | None = exc
+    while seen is not None:  # our own errors travel wrapped in DownloadError
+        if isinstance(seen, OtaError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
+        return UpdateRejectedError("too_large", msg)
+    if isinstance(exc, tuf_exc.DownloadError):
+        return TransportError(f"metadata download failed: {msg}")
+    if isinstance(exc, tuf_exc.UnsignedMetadataError):
+        return UpdateRejectedError("signature", msg)
+    if isinstance(exc, tuf_exc.ExpiredMetadataError):
+        return UpdateRejectedError("expired", msg)
+    if isinstance(exc, tuf_exc.BadVersionNumberError):
+        # A file that does not match the version its parent role names is mix-and-match;
+        # a version below the trusted one is a rollback.
+        if msg.startswith("Expected snapshot version") or _NAMED_VERSION.match(msg):
+            return UpdateRejectedError("mix_and_match", msg)
+        return UpdateRejectedError("rollback", msg)
+    if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
+        return UpdateRejectedError("mix_and_match", f"metadata does not match the length/hash its "
+                                   f"parent role signed: {msg}")
+    if isinstance(exc, tuf_exc.RepositoryError):
+        return UpdateRejectedError("metadata_invalid", msg)
+    raise exc
+
+
+class OtaClient:
+    """One device's updater. ``update()`` runs one cycle; ``start()`` reacts to offers."""
+
+    def __init__(self, config: ClientConfig, transport: Transport, sink: AdapterSink, *,
+                 clock: Callable[[], float] = time.time,
+                 epsilon: Callable[[], Mapping[str, float]] | None = None) -> None:
+        self.config = config
+        self._t = transport
+        self._sink = sink
+        self._clock = clock
+        self._epsilon = epsilon
+        self._dir = Path(config.state_dir)
+        self._meta_dir = self._dir / "metadata"
+        self._meta_dir.mkdir(parents=True, exist_ok=True)
+        self.state = OtaState(self._dir)
+        self.reader = RepoReader(transport, timeout_s=config.fetch_timeout_s,
+                                 max_file_bytes=config.max_payload_bytes)
+        self.status = StatusReporter(transport, config.device_id)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._offered = False
+        self._inbox: queue.Queue[bytes] = queue.Queue()
+        self.last_results: list[UpdateResult] = []
+        self.commands: CommandExecutor | None = None
+
+    def attach_commands(self, sink: CommandSink, *,
+                        train_now: Callable[[str | None], None] | None = None,
+                        max_age_s: float = 300.0) -> CommandExecutor:
+        """Obey fleet commands signed by a command key of the trusted root (from ``start``)."""
+        self.commands = CommandExecutor(
+            device_id=self.config.device_id, sink=sink, keys=self.command_keys,
+            last_seq=lambda: self.state.command_seq, save_seq=self.state.set_command_seq,
+            train_now=train_now, on_result=lambda r: self.publish_status(), clock=self._clock,
+            max_age_s=max_age_s)
+        return self.commands
+
+    # --- trust ----------------------------------------------------------------------
+
+    @property
+    def _trusted_root_path(self) -> Path:
+        return self._dir / "trusted_root.json"
+
+    def trusted_root(self) -> Root:
+        p = self._trusted_root_path
+        data = p.read_bytes() if p.exists() else self.config.trusted_root
+        root: Root = Metadata[Root].from_bytes(data).signed
+        return root
+
+    def command_keys(self) -> dict[str, SSlibKey]:
+        """Fleet command keys named by the trusted root (rotated with it)."""
+        raw = self.trusted_root().unrecognized_fields.get(COMMAND_KEYS_FIELD, {})
+        return {kid: SSlibKey.from_dict(kid, dict(d)) for kid, d in raw.items()}
+
+    def _refresh(self) -> Updater:
+        limits = UpdaterConfig()
+        fetcher = BrokerFetcher(self.reader, limits)
+        p = self._trusted_root_path
+        bootstrap = p.read_bytes() if p.exists() else self.config.trusted_root
+        try:
+            updater = Updater(str(self._meta_dir), _URL + "meta/", None, _URL + "targets/",
+                              fetcher, limits, bootstrap=bootstrap)
+        except (tuf_exc.RepositoryError, ValueError) as e:
+            raise UpdateRejectedError("metadata_invalid", f"trusted root is unusable: {e}") from e
+        # Expiry is judged against the device clock minus a bounded slack, and never against
+        # a time earlier than one already used: a clock reset cannot revive expired metadata.
+        # ngclient has no public way to set its reference time, so this sets the private
+        # attribute; pyproject pins tuf below 8 and the expiry tests in tests/ota fail
+        # loudly if a release changes it.
+        now = max(self._clock() - self.config.clock_slack_s, self.state.time_floor)
+        self.state.set_time_floor(now)
+        updater._trusted_set.reference_time = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        self.reader.index(fresh=True)
+        try:
+            updater.refresh()
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            raise _classify(e) from e
+        atomic_write_bytes(self._trusted_root_path, (self._meta_dir / "root.json").read_bytes())
+        return updater
+
+    # --- one cycle ------------------------------------------------------------------
+
+    def update(self) -> list[UpdateResult]:
+        """Refresh metadata and bring every adapter addressed to this device up to date."""
+        with self._lock:
+            results = self._update()
+            self.last_results = results
+            for r in results:
+                if r.result != "up_to_date":
+                    self.state.set_last_result(r.to_dict())
+            self.publish_status()
+            return results
+
+    def _result(self, result: str, spec: TargetSpec | None = None, err: OtaError | None = None,
+                message: str = "") -> UpdateResult:
+        reason = getattr(err, "reason", None)
+        return UpdateResult(result=result, adapter=spec.adapter if spec else None,
+                            version=spec.version if spec else None, reason=reason,
+                            message=message or (str(err) if err else ""), at=self._clock())
+
+    def _update(self) -> list[UpdateResult]:
+        try:
+            updater = self._refresh()
+        except UpdateRejectedError as e:
+            _log.warning("update refused: %s", e)
+            return [self._result("rejected", err=e)]
+        except TransportError as e:
+            return [self._result("failed", err=e)]
+        chosen, others = self._addressed(updater)
+        if not chosen:
+            if others:
+                err = UpdateRejectedError("not_addressed", f"{others} target(s) signed, none for "
+                                          f"device {self.config.device_id} or groups {list(self.config.groups)}")
+                return [self._result("skipped", err=err)]
+            return [self._result("up_to_date", message="no targets signed")]
+        return [self._apply(path, spec) for path, spec in sorted(chosen.items())]
+
+    def _addressed(self, updater: Updater) -> tuple[dict[str, TargetSpec], int]:
+        """Highest signed version per adapter addressed to us, and how many were not."""
+        listed: Targets = Metadata[Targets].from_bytes((self._meta_dir / "targets.json").read_bytes()).signed
+        best: dict[str, tuple[str, TargetSpec]] = {}
+        others = 0
+        for path in listed.targets:
+            tf = updater.get_targetinfo(path)  # the verified entry, not the file just read
+            if tf is None or "lorad" not in tf.custom:
+                continue
+            spec = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes.get("sha256", ""))
+            if not spec.audience.includes(self.config.device_id, self.config.groups):
+                others += 1
+                continue
+            if spec.adapter not in best or spec.version > best[spec.adapter][1].version:
+                best[spec.adapter] = (path, spec)
+        return {p: s for p, s in best.values()}, others
+
+    def _apply(self, path: str, spec: TargetSpec) -> UpdateResult:
+        name = spec.adapter
+        inst = self.state.installed(name)
+        if inst is not None and spec.version <= inst.fleet_version:
+            if spec.version < inst.fleet_version:
+                return self._result("skipped", spec, UpdateRejectedError(
+                    "older_version", f"{name} v{spec.version} offered, v{inst.fleet_version} installed"))
+            return self._result("up_to_date", spec)
+        if spec.version <= self.state.refused(name):
+            return self._result("skipped", spec, message=f"{name} v{spec.version} was refused before")
+        dirname, _, base = path.rpartition("/")
+        stage = ChunkStage(self._dir / "staging" / spec.sha256, spec)
+        try:
+            if spec.base_fingerprint != self.config.base_fingerprint:
+                raise UpdateRejectedError("base_model_mismatch", f"{name} v{spec.version} is for base "
+                                          f"model {spec.base_fingerprint}, this device serves "
+                                          f"{self.config.base_fingerprint}")
+            if spec.length > self.config.max_payload_bytes:
+                raise UpdateRejectedError("too_large", f"{name} v{spec.version} has {spec.length} "
+                                          f"bytes, at most {self.config.max_payload_bytes} allowed")
+            delta_base = None
+            if spec.encoding == "delta":
+                if inst is None or inst.fleet_version != spec.delta_from:
+                    raise UpdateRejectedError("delta_base_missing", f"{name} v{spec.version} is a delta "
+                                              f"against v{spec.delta_from}; installed: "
+                                              f"{inst.fleet_version if inst else 'none'}")
+                delta_base = self.state.canonical(name, spec.delta_from)
+            self.reader.fetch_chunks(f"targets/{dirname}/{spec.sha256}.{base}", stage.missing(),
+                                     stage.put, max_chunk=spec.chunk_size)
+            adapter, canonical, probes = reconstruct(
+                spec, stage.assemble(), base_fingerprint=self.config.base_fingerprint,
+                delta_base=delta_base)
+        except UpdateRejectedError as e:
+            _log.warning("%s v%d refused: %s", name, spec.version, e)
+            if e.reason in _FINAL_REASONS:
+                self.state.refuse(name, spec.version)
+            if e.reason not in ("chunk_digest", "chunk_length", "too_large"):
+                stage.discard()
+            return self._result("rejected", spec, e)
+        except TransportError as e:
+            return self._result("failed", spec, e)  # the stage keeps what arrived
+        return self._install(spec, adapter, canonical, probes, stage, inst)
+
+    def _install(self, spec: TargetSpec, adapter: Any, canonical: bytes, probes: ProbeSet | None,
+                 stage: ChunkStage, inst: Installed | None) -> UpdateResult:
+        name = spec.adapter
+        previous = inst.local_version if inst is not None else None
+        self.state.begin(name, spec.version, previous)
+        try:
+            info = self._sink.install(name, adapter, meta={
+                "ota_version": spec.version, "adapter_sha256": spec.adapter_sha256})
+        except Exception as e:  # the service's own errors: refused, storage, cache full
+            self.state.refuse(name, spec.version)
+            stage.discard()
+            return self._result("rejected", spec, UpdateRejectedError(
+                "install_failed", f"{name} v{spec.version}: {type(e).__name__}: {e}"))
+        problem = self._health_check(name, info.version, probes)
+        if problem is not None:
+            if previous is None:
+                self._sink.delete(name)  # it was not served before: it must not be now
+                back = "removed (no previous version)"
+            else:
+                self._sink.rollback(name, previous)
+                back = f"rolled back to local version {previous}"
+            self.state.refuse(name, spec.version)
+            stage.discard()
+            return self._result("rejected", spec, UpdateRejectedError(
+                "health_check_failed", f"{name} v{spec.version}: {problem}; {back}"))
+        self.state.commit(name, Installed(spec.version, info.version, spec.adapter_sha256), canonical)
+        stage.discard()
+        return self._result("installed", spec, message=f"{name} v{spec.version} serving as local "
+                            f"version {info.version}")
+
+    def _health_check(self, name: str, local_version: int, probes: ProbeSet | None) -> str | None:
+        """None if the swapped-in version answers its probe set as recorded, else why not."""
+        if probes is None:
+            return None
+        try:
+            res = self._sink.infer(probes.inputs, adapter=name)
+        except Exception as e:  # any failure to serve the probes fails the check
+            return f"probe inference failed: {type(e).__name__}: {e}"
+        if res.version != local_version:
+            return f"probes answered by version {res.version}, installed {local_version}"
+        bad = probes.mismatches(res.outputs)
+        if bad:
+            return f"probe outputs {bad} differ from the recorded ones"
+        return None
+
+    # --- restart recovery -----------------------------------------------------------
+
+    def recover(self) -> UpdateResult | None:
+        """Undo an install a crash interrupted (call once at start, before ``update``)."""
+        with self._lock:
+            pending = self.state.pending
+            if pending is None:
+                return None
+            name, previous = pending["adapter"], pending["previous_local"]
+            serving = {i.name: i.version for i in self._sink.list_adapters()}
+            if previous is None and name in serving:
+                self._sink.delete(name)
+            elif previous is not None and serving.get(name) != previous:
+                self._sink.rollback(name, previous)
+            self.state.clear_pending()
+            r = UpdateResult("recovered", name, pending["fleet_version"], None,
+                             f"install of {name} v{pending['fleet_version']} was interrupted; "
+                             f"serving local version {previous}", self._clock())
+            self.state.set_last_result(r.to_dict())
+            return r
+
+    # --- status and offers ----------------------------------------------------------
+
+    def device_status(self) -> DeviceStatus:
+        return DeviceStatus(
+            device_id=self.config.device_id, groups=self.config.groups,
+            adapters={n: {"version": i.local_version, "fleet_version": i.fleet_version}
+                      for n, i in self.state.all_installed().items()},
+            last_update=self.state.last_result,
+            epsilon=dict(self._epsilon()) if self._epsilon is not None else {},
+            last_command=self.commands.last_result if self.commands is not None else None,
+            at=self._clock())
+
+    def publish_status(self) -> None:
+        try:
+            self.status.publish(self.device_status())
+        except TransportError as e:
+            _log.warning("status not published: %s", e)  # the next cycle publishes again
+
+    def start(self) -> None:
+        """Announce ourselves, then run a cycle now and whenever an offer arrives."""
+        self.status.online()
+        topics = [offer_topic("all"), offer_topic("device", self.config.device_id),
+                  *(offer_topic("group", g) for g in self.config.groups)]
+        self._t.subscribe(topics, self._on_offer)
+        if self.commands is not None:
+            self._t.subscribe([command_topic(self.config.device_id)], self._on_command)
+        self._offered = True
+        self._wake.set()
+        self._worker = threading.Thread(target=self._run, name="lorad-ota", daemon=True)
+        self._worker.start()
+
+    # Messages arrive on the transport's delivery thread, which must not block (a publish
+    # from there would wait for an acknowledgement only that thread can read): hand over.
+    def _on_offer(self, topic: str, payload: bytes) -> None:
+        self._offered = True
+        self._wake.set()
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        self._inbox.put(payload)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(0.5):
+                continue
+            self._wake.clear()
+            while self.commands is not None and not self._inbox.empty():
+                try:
+                    self.commands.handle(self._inbox.get_nowait())
+                except Exception:  # keep the worker alive
+                    _log.exception("command handling failed")
+            if self._offered:
+                self._offered = False
+                try:
+                    self.update()
+                except Exception:  # keep the worker alive; the next offer retries
+                    _log.exception("OTA cycle failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None

@@ -1,0 +1,456 @@
+"""The fleet's TUF repository: root of trust, signed adapter targets, key rotation.
+
+State lives in one directory (metadata, payloads, the canonical bytes of every published
+adapter version for later deltas); private keys live in key directories, so the offline
+roles (root, targets) can be kept on removable media and named only when needed.
+:meth:`FleetRepository.push` publishes what devices need as retained chunked messages
+(:mod:`ota.files`) plus expiring offers to the audiences of new targets.
+
+Targets name their audience in ``custom["lorad"]`` (:class:`ota.target.TargetSpec`);
+a newer target for the same adapter and audience replaces the older one. Versions of an
+adapter only grow: rolling a group back publishes a *higher* version whose payload is an
+older adapter, so a device never has to accept a lower version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from securesystemslib.signer import CryptoSigner, Key, SSlibKey
+from tuf.api.metadata import (TOP_LEVEL_ROLE_NAMES, MetaFile, Metadata, Role, Root,
+                              Snapshot, TargetFile, Targets, Timestamp)
+from tuf.api.serialization.json import JSONSerializer
+
+from adapters.fsutil import atomic_write_bytes
+from adapters.lora import LoraAdapter
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .commands import Command, command_topic, key_id, sign_command
+from .files import FileEntry, RepoIndex, chunk_topic, publish_files
+from .keys import ed25519_private_key, find_signers, generate_key, save_key
+from .target import Audience, ProbeSet, TargetSpec, decode_adapter, encode_target
+from .transport import TOPIC_ROOT, Transport
+
+__all__ = ["COMMAND_KEYS_FIELD", "RepoSettings", "FleetRepository", "offer_topic", "meta_name"]
+
+#: Root's extra field naming the fleet command keys (signed by root, rotated with it).
+COMMAND_KEYS_FIELD = "x-lorad-command-keys"
+_DAY = 86400
+
+
+def offer_topic(audience_kind: str, name: str | None = None) -> str:
+    """``lorad/v1/all/offer``, ``lorad/v1/group/<g>/offer`` or ``lorad/v1/device/<d>/offer``."""
+    if audience_kind == "all":
+        return f"{TOPIC_ROOT}/all/offer"
+    if audience_kind not in ("group", "device") or not name:
+        raise ValueError(f"audience kind {audience_kind!r} needs a name")
+    return f"{TOPIC_ROOT}/{audience_kind}/{name}/offer"
+
+
+def meta_name(role: str, version: int | None = None) -> str:
+    """Repository file name of a metadata file (consistent snapshots: versioned names)."""
+    return f"meta/{role}.json" if version is None else f"meta/{version}.{role}.json"
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    """Thresholds, key counts and expiry periods (seconds) per role."""
+
+    thresholds: Mapping[str, int]
+    key_counts: Mapping[str, int]
+    expiry_s: Mapping[str, int]
+    offer_expiry_s: int = _DAY
+
+    @classmethod
+    def default(cls) -> RepoSettings:
+        return cls(thresholds={"root": 2, "targets": 1, "snapshot": 1, "timestamp": 1},
+                   key_counts={"root": 3, "targets": 2, "snapshot": 1, "timestamp": 1},
+                   expiry_s={"root": 365 * _DAY, "targets": 90 * _DAY, "snapshot": 7 * _DAY,
+                             "timestamp": _DAY})
+
+    def __post_init__(self) -> None:
+        for role in TOP_LEVEL_ROLE_NAMES:
+            t, n, e = self.thresholds.get(role, 0), self.key_counts.get(role, 0), self.expiry_s.get(role, 0)
+            if not 1 <= t <= n:
+                raise ValueError(f"role {role}: threshold {t} must be 1..{n} (its key count)")
+            if e <= 0:
+                raise ValueError(f"role {role}: expiry must be positive seconds, got {e}")
+        if self.offer_expiry_s <= 0:
+            raise ValueError("offer_expiry_s must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": dict(self.thresholds), "key_counts": dict(self.key_counts),
+                "expiry_s": dict(self.expiry_s), "offer_expiry_s": self.offer_expiry_s}
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+
+class FleetRepository:
+    """A TUF repository on disk, signing with the keys found in ``key_dirs``."""
+
+    def __init__(self, directory: Path, *, key_dirs: Iterable[Path] | None = None,
+                 clock: Any = _now) -> None:
+        self.dir = Path(directory)
+        self.key_dirs = [Path(d) for d in key_dirs] if key_dirs is not None else [self.dir / "keys"]
+        self._clock = clock
+        state = self.dir / "fleet.json"
+        if not state.exists():
+            raise FileNotFoundError(f"{self.dir} is not a fleet repository (run init first)")
+        self._state: dict[str, Any] = json.loads(state.read_bytes())
+
+    # --- creation -------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, directory: Path, *, settings: RepoSettings | None = None,
+             key_dir: Path | None = None, clock: Any = _now) -> FleetRepository:
+        """Create keys for every role and the first version of all metadata."""
+        settings = settings or RepoSettings.default()
+        directory = Path(directory)
+        if (directory / "fleet.json").exists():
+            raise FileExistsError(f"{directory} already holds a fleet repository")
+        key_dir = key_dir or directory / "keys"
+        for sub in ("metadata", "targets", "canonical"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        command = generate_key()
+        save_key(key_dir, "command", command)
+        root = Root(expires=clock() + datetime.timedelta(seconds=settings.expiry_s["root"]),
+                    consistent_snapshot=True)
+        root.unrecognized_fields[COMMAND_KEYS_FIELD] = {
+            command.public_key.keyid: command.public_key.to_dict()}
+        for role in TOP_LEVEL_ROLE_NAMES:
+            root.roles[role].threshold = settings.thresholds[role]
+            for _ in range(settings.key_counts[role]):
+                s = generate_key()
+                save_key(key_dir, role, s)
+                root.add_key(s.public_key, role)
+        atomic_write_bytes(directory / "fleet.json", json.dumps(
+            {"settings": settings.to_dict(), "command_seq": 0, "published": {}}).encode())
+        repo = cls(directory, key_dirs=[key_dir], clock=clock)
+        repo._write_signed(Metadata(root), "root")
+        targets = Targets(expires=repo._expiry("targets"))
+        repo._write_signed(Metadata(targets), "targets")
+        repo._snapshot_and_timestamp()
+        return repo
+
+    # --- reading --------------------------------------------------------------------
+
+    @property
+    def settings(self) -> RepoSettings:
+        s = self._state["settings"]
+        return RepoSettings(thresholds=s["thresholds"], key_counts=s["key_counts"],
+                            expiry_s=s["expiry_s"], offer_expiry_s=s["offer_expiry_s"])
+
+    def load(self, role: str) -> Metadata[Any]:
+        return Metadata.from_bytes((self.dir / "metadata" / f"{role}.json").read_bytes())
+
+    def root_bytes(self, version: int | None = None) -> bytes:
+        """The root a device starts from (its config's trusted root) or a given version."""
+        if version is None:
+            return (self.dir / "metadata" / "root.json").read_bytes()
+        return (self.dir / "metadata" / f"{version}.root.json").read_bytes()
+
+    def targets(self) -> dict[str, TargetSpec]:
+        """Current targets by path, as their signed spec."""
+        t: Targets = self.load("targets").signed
+        return {p: TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes["sha256"])
+                for p, tf in t.targets.items()}
+
+    def latest_version(self, adapter: str) -> int:
+        return int(self._state["published"].get(adapter, 0))
+
+    def command_keys(self) -> dict[str, Key]:
+        return self._command_keys(self.load("root").signed)
+
+    # --- signing --------------------------------------------------------------------
+
+    def _expiry(self, role: str) -> datetime.datetime:
+        return self._clock() + datetime.timedelta(seconds=int(self._state["settings"]["expiry_s"][role]))
+
+    def _signers(self, role: str, roots: Iterable[Root]) -> list[CryptoSigner]:
+        keyids: set[str] = set()
+        for r in roots:
+            keyids.update(r.roles[role].keyids)
+        found = find_signers(self.key_dirs, keyids)
+        return list(found.values())
+
+    def _sign(self, md: Metadata[Any], role: str, roots: Iterable[Root]) -> None:
+        roots = list(roots)
+        md.signatures.clear()
+        for s in self._signers(role, roots):
+            md.sign(s, append=True)
+        for r in roots:  # refuse to write metadata that no device would accept
+            r.verify_delegate(role, md.signed_bytes, md.signatures)
+
+    def _write_signed(self, md: Metadata[Any], role: str, *, extra_roots: Iterable[Root] = ()) -> None:
+        roots = [md.signed] if role == "root" else [self.load("root").signed]
+        self._sign(md, role, [*roots, *extra_roots])
+        data = md.to_bytes(JSONSerializer(compact=True))
+        mdir = self.dir / "metadata"
+        if role != "timestamp":
+            atomic_write_bytes(mdir / f"{md.signed.version}.{role}.json", data)
+        atomic_write_bytes(mdir / f"{role}.json", data)
+
+    def _bump(self, role: str) -> Metadata[Any]:
+        md = self.load(role)
+        md.signed.version += 1
+        md.signed.expires = self._expiry(role)
+        return md
+
+    def _snapshot_and_timestamp(self) -> None:
+        targets_bytes = (self.dir / "metadata" / "targets.json").read_bytes()
+        tversion = Metadata.from_bytes(targets_bytes).signed.version
+        snap_path = self.dir / "metadata" / "snapshot.json"
+        snap = self._bump("snapshot") if snap_path.exists() else Metadata(Snapshot(expires=self._expiry("snapshot")))
+        snap.signed.meta["targets.json"] = MetaFile(
+            version=tversion, length=len(targets_bytes),
+            hashes={"sha256": hashlib.sha256(targets_bytes).hexdigest()})
+        self._write_signed(snap, "snapshot")
+        self.refresh_timestamp()
+
+    def refresh_timestamp(self) -> None:
+        """New timestamp over the current snapshot (the online role re-signs periodically)."""
+        snap_bytes = (self.dir / "metadata" / "snapshot.json").read_bytes()
+        sversion = Metadata.from_bytes(snap_bytes).signed.version
+        ts_path = self.dir / "metadata" / "timestamp.json"
+        ts = self._bump("timestamp") if ts_path.exists() else Metadata(Timestamp(expires=self._expiry("timestamp")))
+        ts.signed.snapshot_meta = MetaFile(version=sversion, length=len(snap_bytes),
+                                           hashes={"sha256": hashlib.sha256(snap_bytes).hexdigest()})
+        self._write_signed(ts, "timestamp")
+
+    def _save_state(self) -> None:
+        atomic_write_bytes(self.dir / "fleet.json", json.dumps(self._state).encode())
+
+    # --- publishing adapters --------------------------------------------------------
+
+    def publish_adapter(self, name: str, adapter: LoraAdapter, *, audience: Audience,
+                        probes: ProbeSet | None = None, delta_from: int | None = None,
+                        dtype: str = "fp32", compression: str = "none",
+                        chunk_size: int = 8 * 1024) -> TargetSpec:
+        """Sign a new version of ``name`` for ``audience``; returns its spec."""
+        version = self.latest_version(name) + 1
+        base = None
+        if delta_from is not None:
+            base = decode_adapter(self._canonical(name, delta_from))
+        enc = encode_target(adapter, name=name, version=version, audience=audience, probes=probes,
+                            delta_base=base, delta_from=delta_from, dtype=dtype,
+                            compression=compression, chunk_size=chunk_size)
+        self._add_target(enc.spec, enc.payload)
+        atomic_write_bytes(self._canonical_path(name, version), enc.canonical)
+        self._state["published"][name] = version
+        self._save_state()
+        return enc.spec
+
+    def rollback(self, name: str, *, to_version: int, audience: Audience,
+                 probes: ProbeSet | None = None, chunk_size: int = 8 * 1024) -> TargetSpec:
+        """Publish a higher version of ``name`` whose adapter is that of ``to_version``."""
+        adapter = decode_adapter(self._canonical(name, to_version))
+        return self.publish_adapter(name, adapter, audience=audience, probes=probes,
+                                    chunk_size=chunk_size)
+
+    def _canonical_path(self, name: str, version: int) -> Path:
+        p = self.dir / "canonical" / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p / f"{version}.bin"
+
+    def _canonical(self, name: str, version: int) -> bytes:
+        p = self._canonical_path(name, version)
+        if not p.exists():
+            raise ValueError(f"version {version} of {name!r} was never published here")
+        return p.read_bytes()
+
+    def _add_target(self, spec: TargetSpec, payload: bytes) -> None:
+        path = f"adapters/{spec.adapter}/{spec.audience.label}/{spec.version}.lorad"
+        md = self._bump("targets")
+        t: Targets = md.signed
+        for old in [p for p in t.targets if p.startswith(f"adapters/{spec.adapter}/{spec.audience.label}/")]:
+            del t.targets[old]
+        t.targets[path] = TargetFile(length=len(payload), hashes={"sha256": spec.sha256},
+                                     path=path, unrecognized_fields={"custom": spec.to_custom()})
+        dirname, _, base = path.rpartition("/")
+        dest = self.dir / "targets" / dirname / f"{spec.sha256}.{base}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, payload)
+        self._write_signed(md, "targets")
+        self._snapshot_and_timestamp()
+
+    def set_expiry(self, role: str, seconds: int) -> None:
+        """Expiry period of ``role`` from now on; re-signs that role (and what depends on it)."""
+        if role not in TOP_LEVEL_ROLE_NAMES or seconds <= 0:
+            raise ValueError(f"role must be one of {sorted(TOP_LEVEL_ROLE_NAMES)} and seconds > 0")
+        self._state["settings"]["expiry_s"][role] = seconds
+        self._save_state()
+        if role == "root":
+            self._new_root(lambda r: None)
+        elif role == "targets":
+            self._write_signed(self._bump("targets"), "targets")
+            self._snapshot_and_timestamp()
+        elif role == "snapshot":
+            self._snapshot_and_timestamp()
+        else:
+            self.refresh_timestamp()
+
+    # --- keys -----------------------------------------------------------------------
+
+    @staticmethod
+    def _command_keys(root: Root) -> dict[str, Key]:
+        raw = root.unrecognized_fields.get(COMMAND_KEYS_FIELD, {})
+        return {kid: SSlibKey.from_dict(kid, dict(d)) for kid, d in raw.items()}
+
+    def _new_root(self, change: Any) -> None:
+        """Next root version, signed by the old root's threshold and by the new one's."""
+        old = self.load("root")
+        new = Metadata[Root].from_bytes(old.to_bytes())
+        change(new.signed)
+        new.signed.version += 1
+        new.signed.expires = self._expiry("root")
+        self._write_signed(new, "root", extra_roots=[old.signed])
+        # roles whose keys changed must be signed again by the new keys
+        self._write_signed(self._bump("targets"), "targets")
+        self._snapshot_and_timestamp()
+
+    def rotate_key(self, role: str, old_keyid: str, *, key_dir: Path | None = None) -> str:
+        """Replace key ``old_keyid`` of ``role`` by a new key; returns the new key id."""
+        if role not in TOP_LEVEL_ROLE_NAMES and role != "command":
+            raise ValueError(f"role must be one of {sorted(TOP_LEVEL_ROLE_NAMES)} or 'command'")
+        new = generate_key()
+        save_key(key_dir or self.key_dirs[0], role, new)
+        if key_dir is not None and key_dir not in self.key_dirs:
+            self.key_dirs.append(key_dir)
+
+        def change(root: Root) -> None:
+            if role == "command":
+                keys = root.unrecognized_fields[COMMAND_KEYS_FIELD]
+                if old_keyid not in keys:
+                    raise ValueError(f"{old_keyid} is not a command key")
+                del keys[old_keyid]
+                keys[new.public_key.keyid] = new.public_key.to_dict()
+                return
+            if old_keyid not in root.roles[role].keyids:
+                raise ValueError(f"{old_keyid} is not a key of role {role}")
+            root.revoke_key(old_keyid, role)
+            root.add_key(new.public_key, role)
+
+        self._new_root(change)
+        return str(new.public_key.keyid)
+
+    def revoke_key(self, role: str, keyid: str) -> None:
+        """Remove ``keyid`` from ``role`` (the role must keep at least its threshold of keys)."""
+        def change(root: Root) -> None:
+            r: Role = root.roles[role]
+            if keyid not in r.keyids:
+                raise ValueError(f"{keyid} is not a key of role {role}")
+            if len(r.keyids) - 1 < r.threshold:
+                raise ValueError(f"role {role} would keep {len(r.keyids) - 1} keys, below its "
+                                 f"threshold {r.threshold}; rotate instead")
+            root.revoke_key(keyid, role)
+        self._new_root(change)
+
+    def next_command_seq(self) -> int:
+        self._state["command_seq"] = int(self._state["command_seq"]) + 1
+        self._save_state()
+        return int(self._state["command_seq"])
+
+    def command_key(self) -> Ed25519PrivateKey:
+        """The private key of a command key the current root trusts."""
+        trusted = self.command_keys()
+        for d in self.key_dirs:
+            for p in sorted(d.glob("command.*.key")):
+                k = ed25519_private_key(p)
+                if key_id(k.public_key()) in trusted:
+                    return k
+        raise RuntimeError(f"no private key of a trusted command key in {self.key_dirs}")
+
+    def command(self, device: str, action: str, *, adapter: str | None = None,
+                version: int | None = None) -> bytes:
+        """A signed command for ``device`` with the next sequence number."""
+        cmd = Command.new(device, action, seq=self.next_command_seq(), adapter=adapter, version=version)
+        return sign_command(cmd, self.command_key())
+
+    def send_command(self, transport: Transport, device: str, action: str, *,
+                     adapter: str | None = None, version: int | None = None,
+                     expiry_s: int = 300) -> bytes:
+        """Sign and publish (retained until it goes stale, for devices briefly offline)."""
+        data = self.command(device, action, adapter=adapter, version=version)
+        transport.publish(command_topic(device), data, retain=True, expiry_s=expiry_s)
+        return data
+
+    # --- the broker -----------------------------------------------------------------
+
+    def repo_files(self) -> dict[str, bytes]:
+        """Everything a device may fetch, by repository file name."""
+        m = self.dir / "metadata"
+        files: dict[str, bytes] = {}
+        for p in m.glob("*.root.json"):
+            files[f"meta/{p.name}"] = p.read_bytes()
+        files[meta_name("timestamp")] = (m / "timestamp.json").read_bytes()
+        for role in ("snapshot", "targets"):
+            data = (m / f"{role}.json").read_bytes()
+            files[meta_name(role, Metadata.from_bytes(data).signed.version)] = data
+        t: Targets = self.load("targets").signed
+        for path, tf in t.targets.items():
+            dirname, _, base = path.rpartition("/")
+            name = f"{dirname}/{tf.hashes['sha256']}.{base}"
+            files[f"targets/{name}"] = (self.dir / "targets" / name).read_bytes()
+        return files
+
+    def push(self, transport: Transport, *, current: RepoIndex | None = None,
+             offer: bool = True) -> RepoIndex:
+        """Publish new files and the index; offers to the audiences of current targets.
+
+        ``current`` is the index now on the broker (files already there are not sent
+        again). Files no longer needed (older snapshots/targets than the previous ones,
+        replaced payloads) are dropped from the index and their retained chunks cleared.
+        """
+        files = self.repo_files()
+        old = dict(current.files) if current is not None else {}
+        keep_prev: set[str] = set()
+        for kind in (".snapshot.json", ".targets.json"):
+            # the previous version stays fetchable for devices in the middle of a refresh
+            older = [n for n in old if n.startswith("meta/") and n.endswith(kind)]
+            if older:
+                keep_prev.add(max(older, key=lambda n: int(n.split("/")[1].split(".")[0])))
+        new = {n: d for n, d in files.items() if n not in old or n == meta_name("timestamp")}
+        specs = self.targets()
+        sizes: dict[str, int] = {}
+        for n in new:
+            sizes[n] = 8 * 1024
+        for path, spec in specs.items():
+            dirname, _, base = path.rpartition("/")
+            n = f"targets/{dirname}/{spec.sha256}.{base}"
+            if n in new:
+                sizes[n] = spec.chunk_size
+        keep = {n: e for n, e in old.items() if n in files or n in keep_prev}
+        entries = publish_files(transport, new, index=keep, chunk_size=sizes)
+        for n, e in old.items():
+            if n not in entries:
+                self._clear(transport, n, e)
+        if offer:
+            self._offer(transport, specs)
+        return RepoIndex(entries)
+
+    @staticmethod
+    def _clear(transport: Transport, name: str, entry: FileEntry) -> None:
+        for i in range(entry.chunks):
+            transport.publish(chunk_topic(name, i), b"", retain=True)
+
+    def _offer(self, transport: Transport, specs: Mapping[str, TargetSpec]) -> None:
+        ts_version = self.load("timestamp").signed.version
+        by_topic: dict[str, list[dict[str, Any]]] = {}
+        for path, s in specs.items():
+            topics = ([offer_topic("all")] if s.audience.everyone else []) + \
+                     [offer_topic("group", g) for g in s.audience.groups] + \
+                     [offer_topic("device", d) for d in s.audience.devices]
+            for tp in topics:
+                by_topic.setdefault(tp, []).append({"adapter": s.adapter, "version": s.version, "target": path})
+        for tp, items in by_topic.items():
+            transport.publish(tp, json.dumps({"timestamp_version": ts_version, "targets": items}).encode(),
+                              retain=True, expiry_s=int(self._state["settings"]["offer_expiry_s"]))
+

@@ -1,0 +1,65 @@
+"""``loractl fleet ...`` (through ``ota.cli.main``) against the real broker and a device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.engine import InferenceEngine
+from adapters.registry import AdapterRegistry
+from adapters.service import AdapterService
+from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from ota.cli import main
+from ota.client import ClientConfig, OtaClient
+from ota.repository import FleetRepository
+
+
+def _broker(mqtt: Broker, user: str = "fleet") -> list[str]:
+    pw = mqtt.dir / f"{user}.password"
+    pw.write_text(mqtt.passwords[user])
+    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.dir / f"{user}.crt"),
+            "--key", str(mqtt.dir / f"{user}.key"), "--username", user, "--password-file", str(pw)]
+
+
+def test_fleet_cli_init_publish_rotate_and_status(mqtt: Broker, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    repo_dir = tmp_path / "fleet"
+    assert main(["fleet", "init", str(repo_dir), "--threshold", "targets=1"]) == 0
+    assert oct((repo_dir / "keys").stat().st_mode & 0o777) == "0o700"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (repo_dir / "keys").glob("*.key"))
+    assert main(["fleet", "init", str(repo_dir)]) == 1  # refuses to overwrite a root of trust
+    capsys.readouterr()
+
+    engine = InferenceEngine(demo_model_path(), targets=DEMO_TARGETS, rank=DEMO_RANK)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=8 << 20)
+    device = OtaClient(ClientConfig(device_id="dev1", groups=("east",), state_dir=tmp_path / "dev1",
+                                    trusted_root=(repo_dir / "metadata" / "1.root.json").read_bytes(),
+                                    base_fingerprint=engine.fingerprint), mqtt.connect("dev1"), service)
+
+    adapter_dir = demo_adapter_dirs()["invert"]
+    rc = main(["--json", "fleet", "publish", str(repo_dir), "--name", "invert", "--adapter", str(adapter_dir),
+               "--group", "east", "--base-model", str(demo_model_path()), "--targets", *DEMO_TARGETS,
+               "--rank", str(DEMO_RANK), *_broker(mqtt)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["version"] == 1 and out["pushed"] is True
+    [r] = device.update()
+    assert r.result == "installed", r
+
+    root = FleetRepository(repo_dir).load("root").signed
+    rc = main(["--json", "fleet", "rotate", str(repo_dir), "root", root.roles["root"].keyids[0], *_broker(mqtt)])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["root_version"] == 2
+    [r] = device.update()
+    assert r.result == "up_to_date" and device.trusted_root().version == 2
+
+    device.publish_status()
+    assert main(["--json", "fleet", "status", *_broker(mqtt)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["dev1"]["adapters"]["invert"]["fleet_version"] == 1
+
+    # a wrong broker password is a connection failure (exit 3), not a crash
+    bad = _broker(mqtt)
+    (tmp_path / "bad").write_text("nope")
+    bad[bad.index("--password-file") + 1] = str(tmp_path / "bad")
+    assert main(["fleet", "push", str(repo_dir), *bad]) == 3

@@ -1,0 +1,348 @@
+"""Device updates against the in-memory broker and a signing fleet: the happy paths and
+every attack of the issue that does not need a real broker. In each refusal nothing new is
+installed, the previous version keeps serving and the device reports the precise reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, MetaFile
+
+from ota.client import ClientConfig, OtaClient
+from ota.files import chunk_topic
+from ota.keys import find_signers
+from ota.repository import RepoSettings, meta_name
+from ota.simulator import FleetSim, SimBroker
+from ota.status import DeviceStatus, status_topic
+from ota.target import Audience
+
+EAST = Audience(groups=("east",))
+
+
+class Env:
+    def __init__(self, tmp: Path, kit: SimpleNamespace, settings: RepoSettings | None = None) -> None:
+        self.kit = kit
+        self.tmp = tmp
+        self.clock = kit.Clock()
+        self.broker = SimBroker(clock=self.clock.now)
+        self.fleet = FleetSim.create(tmp / "fleet", self.broker.connect(), settings=settings,
+                                     clock=self.clock.dt)
+        self.sink = kit.MemorySink()
+        self.device = self.new_device()
+
+    def new_device(self, device_id: str = "dev1", groups: tuple[str, ...] = ("east",),
+                   fingerprint: str | None = None, **kw: Any) -> OtaClient:
+        cfg = ClientConfig(device_id=device_id, groups=groups, state_dir=self.tmp / device_id,
+                           trusted_root=self.fleet.repo.root_bytes(1),
+                           base_fingerprint=fingerprint or self.kit.FINGERPRINT,
+                           fetch_timeout_s=kw.pop("fetch_timeout_s", 0.5), **kw)
+        return OtaClient(cfg, self.broker.connect(), self.sink, clock=self.clock.now)
+
+    def publish(self, seed: int, audience: Audience = EAST, **kw: Any) -> Any:
+        adapter = self.kit.make_adapter(seed, fingerprint=kw.pop("fingerprint", self.kit.FINGERPRINT))
+        kw.setdefault("probes", self.kit.probes_for(adapter))
+        spec = self.fleet.repo.publish_adapter("kws", adapter, audience=audience, **kw)
+        self.fleet.push()
+        return adapter, spec
+
+    def one(self, client: OtaClient | None = None) -> Any:
+        results = (client or self.device).update()
+        assert len(results) == 1, results
+        return results[0]
+
+    def payload_name(self, spec: Any) -> str:
+        return f"targets/adapters/kws/{spec.audience.label}/{spec.sha256}.{spec.version}.lorad"
+
+
+@pytest.fixture
+def env(tmp_path: Path, kit: SimpleNamespace) -> Env:
+    return Env(tmp_path, kit)
+
+
+def assert_refused(env: Env, r: Any, reason: str, serving: Any) -> None:
+    assert r.result in ("rejected", "skipped"), r
+    assert r.reason == reason, r
+    assert env.sink.serving("kws") is serving
+    status = DeviceStatus.decode(env.broker.retained(status_topic("dev1")) or b"{}")
+    assert status.last_update is not None and status.last_update["reason"] == reason
+
+
+def install_v1(env: Env) -> Any:
+    a1, _ = env.publish(1)
+    r = env.one()
+    assert r.result == "installed" and env.sink.serving("kws") is not None
+    return env.sink.serving("kws")
+
+
+# --- happy paths --------------------------------------------------------------------
+
+def test_full_install_health_check_commit_and_status(env: Env) -> None:
+    a1, spec = env.publish(1)
+    r = env.one()
+    assert (r.result, r.adapter, r.version) == ("installed", "kws", 1)
+    served = env.sink.serving("kws")
+    for k, w in a1.weights.items():
+        np.testing.assert_array_equal(served.weights[k].A, w.A)
+    assert env.sink.installs[-1][2]["adapter_sha256"] == spec.adapter_sha256
+    status = DeviceStatus.decode(env.broker.retained(status_topic("dev1")) or b"")
+    assert status.adapters == {"kws": {"version": 1, "fleet_version": 1}}
+    assert status.last_update is not None and status.last_update["result"] == "installed"
+    assert env.one().result == "up_to_date"
+    assert len(env.sink.installs) == 1
+
+
+@pytest.mark.parametrize("dtype,compression", [("fp32", "zlib"), ("fp16", "zstd"), ("fp16", "none")])
+def test_delta_update_reconstructs_exactly_what_was_signed(env: Env, dtype: str, compression: str) -> None:
+    install_v1(env)
+    a2 = env.kit.make_adapter(2)
+    spec = env.fleet.repo.publish_adapter("kws", a2, audience=EAST, delta_from=1, dtype=dtype,
+                                          compression=compression)
+    env.fleet.push()
+    assert spec.encoding == "delta"
+    r = env.one()
+    assert r.result == "installed", r
+    served = env.sink.serving("kws")
+    tol = 1e-2 if dtype == "fp16" else 1e-6
+    for k, w in a2.weights.items():
+        np.testing.assert_allclose(served.weights[k].A, w.A, atol=tol)
+
+
+def test_group_rollback_is_a_higher_version_with_the_older_adapter(env: Env) -> None:
+    v1 = install_v1(env)
+    env.publish(2)
+    assert env.one().result == "installed"
+    spec = env.fleet.repo.rollback("kws", to_version=1, audience=EAST, probes=env.kit.probes_for(v1))
+    env.fleet.push()
+    assert spec.version == 3
+    r = env.one()
+    assert (r.result, r.version) == ("installed", 3)
+    for k, w in v1.weights.items():
+        np.testing.assert_array_equal(env.sink.serving("kws").weights[k].B, w.B)
+
+
+def test_root_and_targets_key_rotation_is_followed(env: Env) -> None:
+    install_v1(env)
+    root = env.fleet.repo.load("root").signed
+    env.fleet.repo.rotate_key("root", root.roles["root"].keyids[0])
+    env.fleet.repo.rotate_key("targets", root.roles["targets"].keyids[0])
+    env.publish(2)
+    r = env.one()
+    assert (r.result, r.version) == ("installed", 2), r
+    assert env.device.trusted_root().version == 3
+
+
+def test_resume_after_restart_fetches_only_missing_chunks(env: Env) -> None:
+    install_v1(env)
+    _, spec = env.publish(3, chunk_size=256)
+    name = env.payload_name(spec)
+    n = len(spec.chunks)
+    assert n >= 4
+    held = {i: env.broker.retained(chunk_topic(name, i)) for i in range(n // 2, n)}
+    for i in held:  # the second half is not on the broker yet: the transfer stalls
+        env.fleet.transport.publish(chunk_topic(name, i), b"", retain=True)
+    r = env.one()
+    assert (r.result, r.reason) == ("failed", None) and "chunks still missing" in r.message
+    # the daemon restarts: a new client on the same state dir; the rest arrives
+    for i, data in held.items():
+        env.fleet.transport.publish(chunk_topic(name, i), data or b"", retain=True)
+    restarted = env.new_device()
+    r = env.one(restarted)
+    assert (r.result, r.version) == ("installed", 2), r
+    assert restarted.reader.fetch_count[name] == n - n // 2
+
+
+# --- refusals -----------------------------------------------------------------------
+
+def test_tampered_payload_chunk(env: Env) -> None:
+    v1 = install_v1(env)
+    _, spec = env.publish(2)
+    topic = chunk_topic(env.payload_name(spec), 0)
+    good = env.broker.retained(topic) or b""
+    env.fleet.transport.publish(topic, bytes([good[0] ^ 1]) + good[1:], retain=True)
+    assert_refused(env, env.one(), "chunk_digest", v1)
+    # the fleet republishes the chunk: the next cycle installs without refetching the rest
+    env.fleet.transport.publish(topic, good, retain=True)
+    assert env.one().result == "installed"
+
+
+def _forge(md_bytes: bytes, signer: CryptoSigner, *, bump: int = 1, pad: int = 0) -> bytes:
+    md = Metadata.from_bytes(md_bytes)
+    md.signed.version += bump
+    if pad:
+        md.signed.unrecognized_fields["x-pad"] = "x" * pad
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def test_wrong_key(env: Env) -> None:
+    v1 = install_v1(env)
+    ts = env.fleet.files()[meta_name("timestamp")]
+    env.fleet.serve({meta_name("timestamp"): _forge(ts, CryptoSigner.generate_ed25519())})
+    assert_refused(env, env.one(), "signature", v1)
+
+
+def test_too_few_signatures_for_the_root_threshold(env: Env) -> None:
+    v1 = install_v1(env)
+    repo = env.fleet.repo
+    root = repo.load("root")
+    assert root.signed.roles["root"].threshold == 2
+    one_key = find_signers(repo.key_dirs, root.signed.roles["root"].keyids[:1])
+    attacker_root = _forge(repo.root_bytes(), next(iter(one_key.values())))
+    env.fleet.serve({meta_name("root", 2): attacker_root})
+    r = env.one()
+    assert_refused(env, r, "signature", v1)
+    assert "1/2" in r.message
+
+
+def test_older_timestamp_is_a_rollback(env: Env) -> None:
+    v1 = install_v1(env)
+    old = env.fleet.files()
+    env.publish(2)
+    env.fleet.repo.refresh_timestamp()
+    env.fleet.push()
+    env.device.update()  # now trusts the newer timestamp (and installed v2)
+    serving = env.sink.serving("kws")
+    assert serving is not v1
+    env.fleet.serve({meta_name("timestamp"): old[meta_name("timestamp")]})
+    assert_refused(env, env.one(), "rollback", serving)
+
+
+def test_expired_metadata(env: Env) -> None:
+    v1 = install_v1(env)
+    env.publish(2)
+    env.clock.advance(2 * 86400)  # timestamp lives one day
+    assert_refused(env, env.one(), "expired", v1)
+
+
+def test_frozen_timestamp_is_refused_once_expired(env: Env) -> None:
+    """Freeze: the attacker keeps replaying the last timestamp so the device never sees v2."""
+    v1 = install_v1(env)
+    frozen = env.fleet.files()
+    env.publish(2)
+    env.fleet.serve({meta_name("timestamp"): frozen[meta_name("timestamp")]})
+    r = env.one()
+    assert r.result == "up_to_date" and env.sink.serving("kws") is v1  # bounded by expiry...
+    env.clock.advance(86400 + 120)
+    assert_refused(env, env.one(), "expired", v1)                      # ...then refused
+
+
+def test_device_clock_going_backwards_does_not_revive_expired_metadata(env: Env) -> None:
+    v1 = install_v1(env)
+    env.clock.advance(2 * 86400)
+    assert_refused(env, env.one(), "expired", v1)
+    env.clock.advance(-2 * 86400)  # the device clock is reset (no RTC battery, bad NTP)
+    assert_refused(env, env.one(), "expired", v1)
+    assert env.device.state.time_floor >= env.clock.now() + 2 * 86400 - 61
+
+
+def test_targets_from_another_snapshot_mix_and_match(env: Env) -> None:
+    v1 = install_v1(env)
+    old_targets = env.fleet.files()[meta_name("targets", 2)]
+    _, spec = env.publish(2)
+    tv = env.fleet.repo.load("targets").signed.version
+    env.fleet.serve({meta_name("targets", tv): old_targets})
+    assert_refused(env, env.one(), "mix_and_match", v1)
+
+
+def test_endless_data_metadata_and_payload(env: Env) -> None:
+    v1 = install_v1(env)
+    ts = env.fleet.files()[meta_name("timestamp")]
+    ts_signers = find_signers(env.fleet.repo.key_dirs, env.fleet.repo.load("root").signed.roles["timestamp"].keyids)
+    env.fleet.serve({meta_name("timestamp"): _forge(ts, next(iter(ts_signers.values())), pad=20000)})
+    assert_refused(env, env.one(), "too_large", v1)
+    env.fleet.repo.refresh_timestamp()
+    _, spec = env.publish(2)
+    topic = chunk_topic(env.payload_name(spec), len(spec.chunks) - 1)
+    last = env.broker.retained(topic) or b""
+    env.fleet.transport.publish(topic, last + b"\0" * 100, retain=True)
+    assert_refused(env, env.one(), "too_large", v1)
+
+
+def test_truncated_and_reordered_chunks(env: Env) -> None:
+    v1 = install_v1(env)
+    _, spec = env.publish(2, chunk_size=256)
+    name = env.payload_name(spec)
+    assert len(spec.chunks) >= 3
+    c0, c1 = env.broker.retained(chunk_topic(name, 0)) or b"", env.broker.retained(chunk_topic(name, 1)) or b""
+    env.fleet.transport.publish(chunk_topic(name, 0), c0[:-10], retain=True)
+    assert_refused(env, env.one(), "chunk_length", v1)
+    env.fleet.transport.publish(chunk_topic(name, 0), c1, retain=True)
+    env.fleet.transport.publish(chunk_topic(name, 1), c0, retain=True)
+    assert_refused(env, env.one(), "chunk_digest", v1)
+
+
+def test_adapter_for_another_base_model_is_not_even_downloaded(env: Env) -> None:
+    v1 = install_v1(env)
+    _, spec = env.publish(2, fingerprint="sha256:" + "cd" * 32)
+    assert_refused(env, env.one(), "base_model_mismatch", v1)
+    assert env.payload_name(spec) not in env.device.reader.fetch_count
+
+
+def test_device_outside_the_target_group(env: Env) -> None:
+    env.publish(1, Audience(groups=("west",)))
+    r = env.one()
+    assert (r.result, r.reason) == ("skipped", "not_addressed")
+    assert env.sink.serving("kws") is None and env.sink.installs == []
+
+
+def test_failed_health_check_rolls_back_and_is_not_retried(env: Env) -> None:
+    v1 = install_v1(env)
+    env.publish(2, probes=env.kit.probes_for(env.kit.make_adapter(99)))  # wrong expectations
+    r = env.one()
+    assert_refused(env, r, "health_check_failed", v1)
+    assert "rolled back to local version 1" in r.message
+    assert env.sink.current["kws"] == 1
+    assert env.one().result == "skipped" and len(env.sink.installs) == 2
+
+
+def test_revoked_targets_key_is_no_longer_accepted(env: Env) -> None:
+    v1 = install_v1(env)
+    repo = env.fleet.repo
+    old_kid = repo.load("root").signed.roles["targets"].keyids[0]
+    stolen = find_signers(repo.key_dirs, [old_kid])[old_kid]
+    repo.rotate_key("targets", old_kid)
+    env.fleet.push()
+    assert env.one().result == "up_to_date"
+    # the thief signs targets (and, holding the online keys, snapshot and timestamp)
+    files = env.fleet.files()
+    tv = repo.load("targets").signed.version
+    forged_targets = _forge(files[meta_name("targets", tv)], stolen)
+    snap = Metadata.from_bytes(files[meta_name("snapshot", repo.load("snapshot").signed.version)])
+    snap.signed.meta["targets.json"] = MetaFile(version=tv + 1, length=len(forged_targets),
+                                                hashes={"sha256": hashlib.sha256(forged_targets).hexdigest()})
+    snap.signed.version += 1
+    online = find_signers(repo.key_dirs, [*repo.load("root").signed.roles["snapshot"].keyids,
+                                          *repo.load("root").signed.roles["timestamp"].keyids])
+    rootmd = repo.load("root").signed
+    snap.sign(online[rootmd.roles["snapshot"].keyids[0]])
+    snap_bytes = snap.to_bytes()
+    ts = Metadata.from_bytes(files[meta_name("timestamp")])
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile(version=snap.signed.version, length=len(snap_bytes),
+                                       hashes={"sha256": hashlib.sha256(snap_bytes).hexdigest()})
+    ts.sign(online[rootmd.roles["timestamp"].keyids[0]])
+    env.fleet.serve({meta_name("targets", tv + 1): forged_targets,
+                     meta_name("snapshot", snap.signed.version): snap_bytes,
+                     meta_name("timestamp"): ts.to_bytes()})
+    assert_refused(env, env.one(), "signature", v1)
+
+
+def test_interrupted_install_is_rolled_back_on_restart(env: Env) -> None:
+    install_v1(env)
+    env.publish(2)
+    # simulate a kill right after the service installed v2, before the commit
+    env.device.state.begin("kws", 2, 1)
+    env.sink.install("kws", env.kit.make_adapter(2))
+    restarted = env.new_device()
+    r = restarted.recover()
+    assert r is not None and r.result == "recovered" and env.sink.current["kws"] == 1
+    assert env.one(restarted).result == "installed"
+    assert json.loads((env.tmp / "dev1" / "state.json").read_bytes())["pending"] is None

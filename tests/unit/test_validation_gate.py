@@ -1,0 +1,115 @@
+"""The validation gate: a worse adapter is kept aside, a better one is served."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.lora import LoraAdapter
+from adapters.peft_format import load_peft
+from adapters.service import AdapterService
+from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
+from trainer.example_store import Example
+from trainer.run import TrainingRun
+from trainer.validation import keep_rejected, validate_candidate
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> AdapterService:
+    return make_service(tmp_path)
+
+
+def _examples(x: np.ndarray, labels: np.ndarray) -> list[Example]:
+    return [Example(i, "alice", {"x": row}, np.asarray(int(lab)), 0.0) for i, (row, lab) in enumerate(zip(x, labels))]
+
+
+def _scrambled(service: AdapterService) -> LoraAdapter:
+    return teacher(service, seed=99, scale=1.0)
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_accepts_better_rejects_worse(service: AdapterService, metric: str) -> None:
+    good = teacher(service)
+    x = inputs(80, seed=3)
+    holdout = _examples(x, labelled_by(service, good, x))
+    better = validate_candidate(service, "alice", good, holdout, metric=metric, loss="cross_entropy",
+                                output=None, margin=0.0)
+    assert better.accepted and better.baseline == "base" and better.examples == 80
+    # Once the teacher is the served version, a scrambled candidate is compared with it.
+    service.install("alice", good)
+    worse = validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric,
+                               loss="cross_entropy", output=None, margin=0.0)
+    assert not worse.accepted and worse.baseline == "v1" and worse.baseline_version == 1
+    assert "by more than margin 0" in worse.reason
+    # A margin wide enough lets the worse one through.
+    gap = abs(worse.candidate_score - worse.baseline_score)
+    assert validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric, loss="cross_entropy",
+                              output=None, margin=gap + 1e-6).accepted
+
+
+def test_no_holdout_is_a_rejection(service: AdapterService) -> None:
+    gate = validate_candidate(service, "alice", teacher(service), [], metric="loss", loss="cross_entropy",
+                              output=None, margin=1.0)
+    assert not gate.accepted and gate.reason == "no held-out examples to validate on"
+
+
+def test_reason_never_carries_the_private_scores(service: AdapterService, tmp_path: Path) -> None:
+    x = inputs(20, seed=4)
+    holdout = _examples(x, labelled_by(service, None, x))
+    gate = validate_candidate(service, "alice", _scrambled(service), holdout, metric="loss",
+                              loss="cross_entropy", output=None, margin=0.0)
+    assert not gate.accepted
+    assert f"{gate.candidate_score:.2}"[:4] not in gate.reason
+    where = keep_rejected(tmp_path / "rejected" / "alice" / "3", _scrambled(service), gate, run_id=3)
+    files = sorted(p.name for p in where.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "reason.json"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in where.iterdir())
+    doc = json.loads((where / "reason.json").read_text())
+    assert doc["run_id"] == 3 and doc["accepted"] is False and doc["candidate_score"] == gate.candidate_score
+    restored = load_peft({p.name: p.read_bytes() for p in where.iterdir() if p.name != "reason.json"})
+    assert restored.rank == 4
+
+
+def test_training_run_keeps_a_worse_version_aside(tmp_path: Path, service: AdapterService) -> None:
+    env = make_env(tmp_path, service)
+    try:
+        good = teacher(service)
+        x = inputs(80, seed=5)
+        fill_store(env.store, "alice", x, labelled_by(service, good, x))
+        service.install("alice", good)  # the served version is the perfect one
+        # Few, very noisy steps with a large learning rate: worse than the teacher.
+        run = TrainingRun(env, "alice", run_config(validation_margin=0.0, noise_multiplier=5.0, steps=3,
+                                                   learning_rate=0.5))
+        run_id = run.begin()
+        result = run.execute()
+        assert result.status == "rejected" and result.version is None
+        assert service.registry.current_version("alice") == 1
+        kept = env.state_dir / "rejected" / "alice" / str(run_id)
+        assert (kept / "adapter_model.safetensors").is_file() and (kept / "reason.json").is_file()
+        # Rejected or not, the steps were charged.
+        (record,) = env.ledger.state("alice").runs
+        assert (record["status"], record["steps_charged"]) == ("completed", 3)
+    finally:
+        env.ledger.close()
+        env.store.close()
+
+
+def test_first_version_compares_with_the_base_model(tmp_path: Path, service: AdapterService) -> None:
+    env = make_env(tmp_path, service)
+    try:
+        x = inputs(60, seed=6)
+        fill_store(env.store, "alice", x, labelled_by(service, None, x))  # the base model is perfect
+        run = TrainingRun(env, "alice", run_config(validation_margin=0.0, noise_multiplier=5.0, steps=3,
+                                                   learning_rate=0.5))
+        run.begin()
+        result = run.execute()
+        assert result.status == "rejected" and "base" in result.reason
+        assert service.registry.current_version("alice") is None
+    finally:
+        env.ledger.close()
+        env.store.close()
+

@@ -1,0 +1,116 @@
+"""Stored examples into batches: one row per example, never more.
+
+An example holds each input WITHOUT its batch dimension (``normalize_example`` strips a
+leading 1 when a client sends ``[1, ...]``), so one stored example is exactly one row of
+a batch and per-example clipping bounds exactly one example's influence — the unit the
+privacy guarantee is stated in. An example that no longer fits the model (a different
+base model was deployed since it was stored) is skipped, not fatal: dropping it is the
+same as its gradient being zero, which the clipping bound already covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import BadTrainingDataError
+from .example_store import Example
+
+__all__ = ["TensorLayout", "normalize_example", "fits", "collate"]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """A batched tensor the model takes: name, numpy dtype, shape (first dim = batch;
+    None or -1 for a dynamic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def row_ok(self, value: np.ndarray) -> bool:
+        want = self.shape[1:]
+        return value.ndim == len(want) and all(d is None or d < 0 or d == g for g, d in zip(value.shape, want))
+
+
+def _row(value: npt.ArrayLike, layout: TensorLayout) -> np.ndarray | None:
+    array = np.asarray(value)
+    if array.ndim == len(layout.shape) and array.ndim and array.shape[0] == 1:
+        array = array[0]
+    if not layout.row_ok(array) or not np.can_cast(array.dtype, layout.dtype, "same_kind"):
+        return None
+    return array.astype(layout.dtype, copy=False)
+
+
+def fits(example: Example, layouts: Sequence[TensorLayout]) -> bool:
+    """Whether every input of ``layouts`` is present in ``example`` and fits one row."""
+    return all(
+        (value := example.inputs.get(t.name)) is not None and _row(value, t) is not None for t in layouts
+    )
+
+
+def normalize_example(
+    inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike,
+    *, inputs_layout: Sequence[TensorLayout], label_layout: TensorLayout,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Check one example against the model and return it as rows (no batch dimension).
+
+    Raises BadTrainingDataError naming the tensor, what was given and what is allowed.
+    """
+    wanted = {t.name for t in inputs_layout}
+    if set(inputs) != wanted:
+        raise BadTrainingDataError(f"an example needs exactly the inputs {sorted(wanted)}, got {sorted(inputs)}")
+    rows: dict[str, np.ndarray] = {}
+    for layout in (*inputs_layout, label_layout):
+        value = label if layout is label_layout else inputs[layout.name]
+        row = _row(value, layout)
+        if row is None:
+            given = np.asarray(value)
+            dims = ", ".join("*" if d is None or d < 0 else str(d) for d in layout.shape[1:])
+            raise BadTrainingDataError(
+                f"{'label' if layout is label_layout else 'input ' + repr(layout.name)} has shape "
+                f"{list(given.shape)} and dtype {given.dtype}; one example needs shape [{dims}] "
+                f"(or [1, {dims}]) of {layout.dtype}")
+        rows[layout.name] = row
+    label_row = rows.pop(label_layout.name)
+    return rows, label_row
+
+
+def collate(
+    examples: Sequence[Example], *, inputs_layout: Sequence[TensorLayout], label_layout: TensorLayout | None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Stack examples into a batch; returns (batch, number of examples skipped as unfit)."""
+    columns: dict[str, list[np.ndarray]] = {t.name: [] for t in inputs_layout}
+    if label_layout is not None:
+        columns[label_layout.name] = []
+    layouts = [*inputs_layout, *([label_layout] if label_layout is not None else [])]
+    skipped = 0
+    # Dynamic non-batch dimensions (a sequence length) must agree within one batch; rows
+    # shaped unlike the first accepted example are skipped rather than padded.
+    first: dict[str, tuple[int, ...]] = {}
+    for ex in examples:
+        rows = {}
+        for layout in layouts:
+            value = ex.label if layout is label_layout else ex.inputs.get(layout.name)
+            row = None if value is None else _row(value, layout)
+            if row is None or row.shape != first.get(layout.name, row.shape):
+                break
+            rows[layout.name] = row
+        else:
+            first = first or {name: row.shape for name, row in rows.items()}
+            for name, row in rows.items():
+                columns[name].append(row)
+            continue
+        skipped += 1
+    batch = {}
+    for layout in layouts:
+        rows_of = columns[layout.name]
+        if rows_of:
+            batch[layout.name] = np.stack(rows_of)
+        else:
+            empty = [0, *(1 if d is None or d < 0 else d for d in layout.shape[1:])]
+            batch[layout.name] = np.zeros(empty, dtype=layout.dtype)
+    return batch, skipped

@@ -1,0 +1,517 @@
+"""The ``trainer:`` section of the daemon's YAML: typed, frozen, validated once.
+
+:func:`parse_trainer_section` turns the section's mapping into a :class:`TrainerConfig`;
+every :class:`TrainerConfigError` names the dotted key (``trainer.adapters.alice.clip_norm``),
+the bad value and what is allowed. The daemon registers it as one more config section;
+this module imports nothing of the daemon (the arrows go daemon → trainer).
+
+Per adapter, :class:`AdapterTrainingConfig` holds what one DP-SGD run is made of. Numbers
+that depend on how many examples the adapter has (q from an expected batch size, steps
+from epochs, δ below 1/n, σ calibrated for a target ε) are resolved at run time by
+:meth:`AdapterTrainingConfig.plan`, which is a pure function of the config and n.
+
+An example configuration::
+
+    trainer:
+      policy: {min_new_examples: 100, time_window: "01:00-05:00", require_external_power: true}
+      defaults: {target_epsilon: 8, clip_norm: 1.0, batch_size: 32, epochs: 3}
+      adapters:
+        alice: {target_epsilon: 3, runs_per_budget: 4}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .noise import NoiseSource
+
+# The accountant and the noise sources are imported where used: importing dp_accounting
+# takes ~1.5 s, and loractl reads the daemon config (which includes this section).
+AccountantName = Literal["rdp", "pld"]
+ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "pld")  # == trainer.accountant.ACCOUNTANTS (tested)
+
+__all__ = [
+    "TrainerConfigError",
+    "StoreConfig",
+    "PolicyConfig",
+    "AdapterTrainingConfig",
+    "TrainerConfig",
+    "RunPlan",
+    "parse_trainer_section",
+    "make_noise_source",
+    "check_noise_source",
+    "default_delta",
+]
+
+ValidationMetric = Literal["loss", "accuracy"]
+NoiseKind = Literal["secure", "seeded"]
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+class TrainerConfigError(ValueError):
+    """The trainer configuration is invalid; ``key`` is the dotted path of the bad value."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Bounds of the local example store (oldest examples go first)."""
+
+    max_examples_per_adapter: int = 10_000
+    max_bytes: int = 256 * 1024**2
+    retention_days: float = 90.0
+    #: Largest single example accepted over HTTP (JSON body bytes).
+    max_example_bytes: int = 1024**2
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """When the background scheduler may start (and keep running) a training run."""
+
+    #: Examples added since the adapter's last completed run.
+    min_new_examples: int = 100
+    #: Serving requests per second above which the device is busy.
+    max_requests_per_s: float = 5.0
+    #: 1-minute load average divided by the CPU count above which the device is busy.
+    max_load_per_cpu: float = 0.7
+    #: Local time window ``(start, end)`` in minutes after midnight (may wrap midnight).
+    time_window: tuple[int, int] | None = None
+    require_external_power: bool = False
+    #: Hottest thermal zone (°C) above which training waits.
+    max_temperature_c: float | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run will do, everything the ledger records to recompute its ε."""
+
+    q: float
+    expected_batch_size: float
+    steps: int
+    sigma: float
+    clip_norm: float
+    delta: float
+    accountant: AccountantName
+    budget_epsilon: float
+    examples: int
+
+
+def default_delta(n: int) -> float:
+    """δ well below 1/n (the probability of a total leak of one example's data)."""
+    return min(1e-5, 1.0 / (10.0 * max(n, 1)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterTrainingConfig:
+    """One adapter's DP-SGD settings. ``None`` means "derive it at run time"."""
+
+    #: The adapter's privacy budget: ε of all its runs composed, at ``delta``.
+    target_epsilon: float = 8.0
+    #: None: :func:`default_delta` of the number of training examples.
+    delta: float | None = None
+    clip_norm: float = 1.0
+    #: σ; None: calibrated so that ``runs_per_budget`` runs like this one reach target_epsilon.
+    noise_multiplier: float | None = None
+    runs_per_budget: int = 1
+    accountant: AccountantName = "rdp"
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    freeze_a: bool = False
+    learning_rate: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    #: Model output the loss reads; None: the first output.
+    output: str | None = None
+    #: Exactly one of sampling_rate (q) and batch_size (expected q·n) is set.
+    sampling_rate: float | None = None
+    batch_size: float | None = 16.0
+    #: Exactly one of steps and epochs (steps = ceil(epochs / q)) is set.
+    steps: int | None = None
+    epochs: float | None = 3.0
+    validation_metric: ValidationMetric = "loss"
+    #: The new version is installed unless it is worse than the current one by more than this.
+    validation_margin: float = 0.0
+    holdout_fraction: float = 0.2
+    split_seed: int = 0
+    init_seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        _validate_adapter(self, "AdapterTrainingConfig")
+
+    def plan(self, n: int) -> RunPlan:
+        """Resolve q, steps, δ and σ for a run over ``n`` training examples."""
+        if n < 1:
+            raise ValueError("a training run needs at least one training example; add examples first")
+        if self.sampling_rate is not None:
+            q = self.sampling_rate
+        else:
+            assert self.batch_size is not None
+            q = min(1.0, self.batch_size / n)
+        steps = self.steps if self.steps is not None else max(1, math.ceil((self.epochs or 1.0) / q))
+        delta = self.delta if self.delta is not None else default_delta(n)
+        if delta >= 1.0 / n:
+            raise ValueError(
+                f"delta={delta:g} is not below 1/n = {1.0 / n:g} for n={n} training examples; "
+                "a δ that large allows leaking one example outright. Lower delta or leave it unset"
+            )
+        if self.noise_multiplier is not None:
+            sigma = self.noise_multiplier
+        else:
+            from .accountant import calibrate_sigma
+
+            sigma = calibrate_sigma(
+                target_epsilon=self.target_epsilon, delta=delta, q=q,
+                steps=steps * self.runs_per_budget, accountant=self.accountant,
+            )
+        return RunPlan(q=q, expected_batch_size=q * n, steps=steps, sigma=sigma, clip_norm=self.clip_norm,
+                       delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon, examples=n)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """The whole ``trainer:`` section."""
+
+    #: Whether the daemon collects examples and trains at all.
+    enabled: bool = True
+    #: Whether the scheduler starts runs by itself when the policy allows (manual runs always can).
+    schedule: bool = True
+    #: Test mode: permits predictable (seeded) noise and sampling. Never on a real device.
+    testing: bool = False
+    noise: NoiseKind = "secure"
+    noise_seed: int | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    #: ORT intra-op threads of the training session: 1 keeps training on the one
+    #: low-priority worker thread (pool threads would compete with serving).
+    intra_op_threads: int = 1
+    #: Nice value of the training thread (Linux applies it per thread) and step process.
+    niceness: int = 10
+    #: Run the DP-SGD steps in a child process: ORT's training call holds the GIL for a
+    #: whole step, which would stall serving threads of the daemon (trainer/stepper_process.py).
+    isolate: bool = True
+    #: Also put training in SCHED_IDLE (Linux): it runs only on CPU time serving does not want.
+    sched_idle: bool = True
+    check_interval_s: float = 60.0
+    store: StoreConfig = field(default_factory=StoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    defaults: AdapterTrainingConfig = field(default_factory=AdapterTrainingConfig)
+    #: Per-adapter overrides, already merged over ``defaults``.
+    adapters: Mapping[str, AdapterTrainingConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", MappingProxyType(dict(self.adapters)))
+        if self.noise == "seeded" and not self.testing:
+            raise TrainerConfigError(
+                "trainer.noise", "got 'seeded'; predictable noise voids the privacy guarantee and is "
+                "allowed only with trainer.testing: true; allowed in production: secure")
+        if self.noise_seed is not None and self.noise != "seeded":
+            raise TrainerConfigError("trainer.noise_seed", "is only allowed with trainer.noise: seeded")
+
+    def for_adapter(self, name: str) -> AdapterTrainingConfig:
+        return self.adapters.get(name, self.defaults)
+
+
+def make_noise_source(config: TrainerConfig) -> NoiseSource:
+    """SecureNoise, or SeededNoise when the (testing) config asks for it."""
+    from .noise import SecureNoise, SeededNoise
+
+    if config.noise == "seeded":
+        return SeededNoise(config.noise_seed or 0)
+    return SecureNoise()
+
+
+def check_noise_source(noise: NoiseSource, config: TrainerConfig) -> None:
+    """Refuse a predictable noise source outside test mode."""
+    if not getattr(noise, "secure", False) and not config.testing:
+        raise TrainerConfigError(
+            "trainer.testing", f"is false, but the noise source {noise!r} is predictable; "
+            "production training needs SecureNoise (set trainer.testing: true only in tests)")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_trainer_section(data: object, *, prefix: str = "trainer") -> TrainerConfig:
+    """Validate the ``trainer:`` mapping (None = all defaults) into a :class:`TrainerConfig`."""
+    r = _Reader(data, prefix)
+    d = TrainerConfig()
+    testing = r.boolean("testing", d.testing)
+    noise = r.choice("noise", d.noise, ("secure", "seeded"))
+    seed = r.integer("noise_seed", None, minimum=0)
+    if noise == "seeded" and not testing:
+        raise TrainerConfigError(r.key("noise"), "got 'seeded'; predictable noise voids the privacy guarantee and "
+                                 f"is allowed only with {r.key('testing')}: true; allowed in production: secure")
+    if seed is not None and noise != "seeded":
+        raise TrainerConfigError(r.key("noise_seed"), f"got {seed}; only allowed with {r.key('noise')}: seeded")
+    defaults = _parse_adapter(r.section("defaults"), AdapterTrainingConfig())
+    adapters_reader = r.section("adapters")
+    adapters = {}
+    for name in adapters_reader.names():
+        if not _ADAPTER_NAME.match(name):
+            raise TrainerConfigError(adapters_reader.key(name), f"{name!r} is not an adapter name; allowed: "
+                                     "letters, digits, '.', '_', '-' (1-64, not starting with a symbol)")
+        adapters[name] = _parse_adapter(adapters_reader.section(name), defaults)
+    config = TrainerConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        schedule=r.boolean("schedule", d.schedule),
+        testing=testing,
+        noise=noise,
+        noise_seed=seed,
+        device=r.choice("device", d.device, ("cpu", "cuda")),
+        intra_op_threads=r.integer("intra_op_threads", d.intra_op_threads, minimum=0, maximum=256) or 0,
+        niceness=r.integer("niceness", d.niceness, minimum=0, maximum=19) or 0,
+        isolate=r.boolean("isolate", d.isolate),
+        sched_idle=r.boolean("sched_idle", d.sched_idle),
+        check_interval_s=r.number("check_interval_s", d.check_interval_s, minimum=0.1),
+        store=_parse_store(r.section("store")),
+        policy=_parse_policy(r.section("policy")),
+        defaults=defaults,
+        adapters=adapters,
+    )
+    r.finish()
+    return config
+
+
+def _parse_store(r: _Reader) -> StoreConfig:
+    d = StoreConfig()
+    out = StoreConfig(
+        max_examples_per_adapter=r.integer("max_examples_per_adapter", d.max_examples_per_adapter, minimum=1) or 1,
+        max_bytes=r.byte_size("max_bytes", d.max_bytes),
+        retention_days=r.number("retention_days", d.retention_days, minimum=1e-3),
+        max_example_bytes=r.byte_size("max_example_bytes", d.max_example_bytes),
+    )
+    r.finish()
+    return out
+
+
+def _parse_policy(r: _Reader) -> PolicyConfig:
+    d = PolicyConfig()
+    window = r.raw("time_window")
+    out = PolicyConfig(
+        min_new_examples=r.integer("min_new_examples", d.min_new_examples, minimum=1) or 1,
+        max_requests_per_s=r.number("max_requests_per_s", d.max_requests_per_s, minimum=0.0),
+        max_load_per_cpu=r.number("max_load_per_cpu", d.max_load_per_cpu, minimum=0.0),
+        time_window=None if window is None else _time_window(window, r.key("time_window")),
+        require_external_power=r.boolean("require_external_power", d.require_external_power),
+        max_temperature_c=r.number("max_temperature_c", None, minimum=0.0, maximum=200.0),
+    )
+    r.finish()
+    return out
+
+
+def _time_window(value: object, key: str) -> tuple[int, int]:
+    allowed = 'expected "HH:MM-HH:MM" in local time, e.g. "01:00-05:00" (may wrap midnight)'
+    parts = value.split("-") if isinstance(value, str) else []
+    matches = [_TIME.match(p.strip()) for p in parts]
+    if len(parts) != 2 or not all(matches):
+        raise TrainerConfigError(key, f"got {value!r}; {allowed}")
+    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m)
+    if start == end:
+        raise TrainerConfigError(key, f"got {value!r}; the window is empty (start equals end); {allowed}")
+    return start, end
+
+
+def _parse_adapter(r: _Reader, base: AdapterTrainingConfig) -> AdapterTrainingConfig:
+    """Keys given here override ``base``; the result is validated as a whole."""
+    changes: dict[str, Any] = {}
+    floats = {"target_epsilon", "clip_norm", "alpha", "learning_rate", "weight_decay", "validation_margin",
+              "holdout_fraction", "delta", "noise_multiplier", "sampling_rate", "batch_size", "epochs"}
+    ints = {"runs_per_budget", "rank", "steps", "split_seed", "init_seed", "checkpoint_every"}
+    bools = {"use_rslora", "freeze_a"}
+    choices: dict[str, Sequence[str]] = {
+        "accountant": ACCOUNTANTS, "optimizer": ("adamw", "sgd"), "loss": ("cross_entropy", "mse"),
+        "validation_metric": ("loss", "accuracy"),
+    }
+    for f in fields(AdapterTrainingConfig):
+        if f.name in floats:
+            value: Any = r.number(f.name, None)
+        elif f.name in ints:
+            value = r.integer(f.name, None)
+        elif f.name in bools:
+            value = r.boolean(f.name, None)
+        elif f.name in choices:
+            value = r.choice(f.name, None, choices[f.name])
+        else:
+            value = r.string(f.name, None)
+        if value is not None:
+            changes[f.name] = value
+    # Giving one of a mutually exclusive pair replaces the other inherited one.
+    for a, b in (("sampling_rate", "batch_size"), ("steps", "epochs")):
+        if a in changes and b not in changes:
+            changes[b] = None
+        elif b in changes and a not in changes:
+            changes[a] = None
+    r.finish()
+    try:
+        return replace(base, **changes)
+    except TrainerConfigError as e:
+        # Name the key where the user wrote it, not the dataclass field.
+        raise TrainerConfigError(f"{r.prefix}.{e.key.rsplit('.', 1)[-1]}", e.detail) from None
+
+
+def _validate_adapter(c: AdapterTrainingConfig, prefix: str) -> None:
+    def fail(key: str, message: str) -> None:
+        raise TrainerConfigError(f"{prefix}.{key}", message)
+
+    def positive(key: str, value: float | None, *, upper: float = math.inf, closed: bool = False) -> None:
+        if value is None:
+            return
+        ok = math.isfinite(value) and 0 < value and (value <= upper if closed else value < upper)
+        if not ok:
+            bound = f" and {'<=' if closed else '<'} {upper:g}" if math.isfinite(upper) else ""
+            fail(key, f"got {value!r}; expected a number > 0{bound}")
+
+    positive("target_epsilon", c.target_epsilon)
+    positive("clip_norm", c.clip_norm)
+    positive("delta", c.delta, upper=1.0)
+    positive("noise_multiplier", c.noise_multiplier)
+    positive("alpha", c.alpha)
+    positive("learning_rate", c.learning_rate)
+    positive("sampling_rate", c.sampling_rate, upper=1.0, closed=True)
+    positive("batch_size", c.batch_size)
+    positive("epochs", c.epochs)
+    for key, value, lo in (("runs_per_budget", c.runs_per_budget, 1), ("rank", c.rank, 1),
+                           ("steps", c.steps, 1), ("checkpoint_every", c.checkpoint_every, 1),
+                           ("split_seed", c.split_seed, 0), ("init_seed", c.init_seed, 0)):
+        if value is not None and value < lo:
+            fail(key, f"got {value}; expected an integer >= {lo}")
+    if (c.sampling_rate is None) == (c.batch_size is None):
+        fail("sampling_rate", "give exactly one of sampling_rate (q, each example's probability to be in a "
+             "step's batch) and batch_size (the expected batch size q·n)")
+    if (c.steps is None) == (c.epochs is None):
+        fail("steps", "give exactly one of steps and epochs (steps = ceil(epochs / q))")
+    if c.accountant not in ACCOUNTANTS:
+        fail("accountant", f"got {c.accountant!r}; allowed: {', '.join(ACCOUNTANTS)}")
+    if not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
+        fail("weight_decay", f"got {c.weight_decay!r}; expected a number >= 0")
+    if c.weight_decay and c.optimizer != "adamw":
+        fail("weight_decay", f"got {c.weight_decay}; weight decay needs optimizer: adamw")
+    if not (math.isfinite(c.validation_margin) and c.validation_margin >= 0):
+        fail("validation_margin", f"got {c.validation_margin!r}; expected a number >= 0")
+    if not 0 < c.holdout_fraction < 1:
+        fail("holdout_fraction", f"got {c.holdout_fraction!r}; expected a number > 0 and < 1 (the validation "
+             "gate needs held-out examples)")
+    if c.validation_metric == "accuracy" and c.loss != "cross_entropy":
+        fail("validation_metric", "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
+    if c.output is not None and not c.output:
+        fail("output", "got an empty string; expected a model output name")
+
+
+class _Reader:
+    """Typed access to one mapping; :meth:`finish` rejects keys no getter asked for."""
+
+    def __init__(self, data: object, prefix: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise TrainerConfigError(prefix, f"got {_show(data)}; expected a mapping of keys to values")
+        self.data: Mapping[str, object] = data
+        self.prefix = prefix
+        self._known: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def names(self) -> list[str]:
+        self._known.update(self.data)
+        return list(self.data)
+
+    def raw(self, name: str) -> object:
+        self._known.add(name)
+        return self.data.get(name)
+
+    def section(self, name: str) -> _Reader:
+        return _Reader(self.raw(name), self.key(name))
+
+    def boolean(self, name: str, default: Any) -> Any:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected true or false")
+        return value
+
+    def integer(self, name: str, default: int | None, *, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or (
+                minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected an integer{_range(minimum, maximum)}")
+        return value
+
+    def number(self, name: str, default: Any, *, minimum: float | None = None, maximum: float | None = None) -> Any:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected a number{_range(minimum, maximum)}")
+        return float(value)
+
+    def string(self, name: str, default: str | None) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected a non-empty string")
+        return value
+
+    def choice(self, name: str, default: Any, allowed: Sequence[str]) -> Any:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; allowed: {', '.join(allowed)}")
+        return value
+
+    def byte_size(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        allowed = 'expected a positive number of bytes or a string like "64MiB", "500kB" (B, kB, MB, GB, KiB, MiB, GiB)'
+        if value is None:
+            return default
+        n: float = -1
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
+            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if not (math.isfinite(n) and n >= 1):
+            raise TrainerConfigError(self.key(name), f"got {_show(value)}; {allowed}")
+        return int(n)
+
+    def finish(self) -> None:
+        unknown = sorted(k for k in self.data if k not in self._known)
+        if unknown:
+            raise TrainerConfigError(self.key(unknown[0]),
+                                     f"unknown key; allowed keys: {', '.join(sorted(self._known))}")
+
+
+def _show(value: object) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _range(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum:g} to {maximum:g}"
+    if minimum is not None:
+        return f" >= {minimum:g}"
+    if maximum is not None:
+        return f" <= {maximum:g}"
+    return ""

@@ -1,0 +1,73 @@
+"""Prometheus metrics of the trainer, read from the service at scrape time.
+
+ε spent comes from the privacy ledger itself and run/step counts from the service's
+counters, so the metrics cannot drift from what was charged or done. Like every metrics
+holder in lorad, :func:`register_trainer_metrics` takes the registry to register on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .service import TrainerService
+
+__all__ = ["RESULTS", "register_trainer_metrics"]
+
+#: Every run result, so each series exists (at 0) from the first scrape.
+RESULTS = ("accepted", "rejected", "cancelled", "failed", "interrupted")
+
+_log = logging.getLogger(__name__)
+
+
+class _TrainerCollector(Collector):
+    def __init__(self, service: TrainerService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._service
+        runs = CounterMetricFamily("lorad_training_runs", "Training runs ended, by result.", labels=["result"])
+        with s.stats._lock:
+            counts, steps = dict(s.stats.runs), s.stats.steps
+        for result in RESULTS:
+            runs.add_metric([result], counts.get(result, 0))
+        yield runs
+        yield CounterMetricFamily("lorad_training_steps", "DP-SGD steps taken.", value=steps)
+        yield GaugeMetricFamily("lorad_training_available",
+                                "1 when this onnxruntime has the on-device training APIs.",
+                                value=1 if s.available else 0)
+        status = s.scheduler.status()
+        yield GaugeMetricFamily("lorad_training_active", "1 while a training run is in progress.",
+                                value=1 if status["current"] else 0)
+        spent = GaugeMetricFamily("lorad_privacy_epsilon_spent",
+                                  "Privacy loss ε charged to an adapter's data (all runs composed, at its δ).",
+                                  labels=["adapter"])
+        budget = GaugeMetricFamily("lorad_privacy_epsilon_budget", "An adapter's configured ε budget.",
+                                   labels=["adapter"])
+        stored = GaugeMetricFamily("lorad_training_examples_stored", "Examples in the local store.",
+                                   labels=["adapter"])
+        try:
+            for adapter in s.ledger.adapters():
+                spent.add_metric([adapter], s.ledger.state(adapter).epsilon_spent)
+            for adapter in s.known_adapters():
+                budget.add_metric([adapter], s.config.for_adapter(adapter).target_epsilon)
+                stored.add_metric([adapter], s.store.count(adapter))
+        except Exception as e:  # a scrape must not fail because the trainer is closing
+            _log.debug("trainer metrics incomplete: %s", e)
+        yield spent
+        yield budget
+        yield stored
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def register_trainer_metrics(registry: CollectorRegistry, service: TrainerService) -> None:
+    """Export ``lorad_privacy_epsilon_spent``, ``lorad_training_runs_total`` (by result),
+    ``lorad_training_steps_total``, ``lorad_training_examples_stored`` and friends."""
+    registry.register(_TrainerCollector(service))

@@ -1,0 +1,513 @@
+"""One training run of one adapter, end to end, resumable across restarts.
+
+:meth:`TrainingRun.begin` plans the run and charges the privacy ledger for ALL planned
+steps before the first step; :meth:`TrainingRun.execute` trains (Poisson sampling from
+the example store, DP-SGD steps in ORT, a checkpoint every ``checkpoint_every`` steps),
+closes the ledger record, exports the adapter and passes it through the validation gate
+(:mod:`trainer.validation`), which installs it through ``AdapterService.install`` or
+keeps it aside under ``<state_dir>/rejected/<adapter>/<run_id>/``.
+
+Restarts and the ledger
+-----------------------
+The ledger is the run journal. A run whose ledger record is still ``running`` is an
+interrupted run of this adapter, and the next :meth:`begin` resumes it instead of
+starting a new one:
+
+- it never calls ``begin_run`` again, so the resumed steps are not charged twice; the
+  full planned charge written before the first step covers them;
+- it trains with the q, σ and C of the ledger record (not today's config), so what is
+  trained is what was charged;
+- it continues from the last checkpoint (or from step 0 if none was written); the
+  steps done after that checkpoint before the crash left nothing behind (their state
+  was never persisted nor released), so the adapter that is finally exported is the
+  result of exactly ``planned_steps`` charged steps;
+- ``end_run`` lowers the charge only for a cancelled or failed run, to the larger of
+  the steps done in this chain and the progress already recorded (which is written only
+  after the checkpoint it describes), never below what produced anything released.
+
+A crash between ``begin_run`` and writing ``run.json`` leaves a charged run without
+local state: it resumes from step 0 with the ledger's numbers. A crash after
+``end_run(completed)`` but before the gate leaves a completed run whose final
+checkpoint is still there; :meth:`begin` finishes it (export, gate) without training.
+
+Pause and cancel are ``threading.Event`` s checked between steps (:class:`RunControl`);
+``interrupt`` (daemon shutdown) saves a checkpoint and leaves the run resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+import numpy as np
+
+from adapters.fsutil import atomic_write_bytes
+from adapters.lora import LoraAdapter
+from adapters.service import AdapterService
+
+from .accountant import RunCharge, epsilon
+from .artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
+from .batching import TensorLayout, collate
+from .config import AdapterTrainingConfig, RunPlan
+from .dp_step import DPSettings, DPStepper, GaussianNoise, StepResult
+from .errors import BadTrainingDataError, TrainingFailedError
+from .example_store import ExampleStore
+from .ledger import PrivacyLedger
+from .stepper_process import StepperProcess
+from .validation import GateResult, keep_rejected, validate_candidate
+
+__all__ = [
+    "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
+    "last_trained_example",
+]
+
+_log = logging.getLogger(__name__)
+
+RunStatus = Literal["accepted", "rejected", "cancelled", "failed", "interrupted"]
+Phase = Literal["starting", "training", "paused", "validating", "done"]
+_RUN_FILE = "run.json"
+_CHECKPOINT = "checkpoint"
+_EPSILON_EVERY_S = 10.0  # ε so far is recomputed at most this often (PLD takes ~1 s)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    adapter: str
+    run_id: int
+    phase: Phase
+    steps_done: int
+    planned_steps: int
+    #: ε of the adapter with this run's steps done so far (all earlier runs included).
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    adapter: str
+    run_id: int
+    status: RunStatus
+    steps_done: int
+    planned_steps: int
+    reason: str
+    #: The installed version (accepted runs).
+    version: int | None = None
+    epsilon_spent: float = 0.0
+
+
+class RunControl:
+    """Between-step controls: pause/resume, cancel (end the run), interrupt (shutdown)."""
+
+    def __init__(self) -> None:
+        self._running = threading.Event()
+        self._running.set()
+        self._cancel = threading.Event()
+        self._interrupt = threading.Event()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._running.set()
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    def wait_running(self, timeout: float) -> bool:
+        return self._running.wait(timeout)
+
+
+class _Stepper(Protocol):
+    """What a run needs of DPStepper (in process) or StepperProcess (isolated)."""
+
+    @property
+    def steps(self) -> int: ...
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> StepResult: ...
+
+    def save_checkpoint(self, path: Path) -> None: ...
+
+    def export_adapter(self, *, extra: Mapping[str, str] | None = None) -> LoraAdapter: ...
+
+
+@dataclass(frozen=True)
+class TrainerEnv:
+    """What every run shares: the serving side, the data, the ledger, the randomness."""
+
+    service: AdapterService
+    store: ExampleStore
+    ledger: PrivacyLedger
+    #: ``<daemon state dir>/trainer``: runs/, rejected/, artifacts/, adapters/.
+    state_dir: Path
+    noise: GaussianNoise
+    #: Fresh generator for Poisson sampling (secretly seeded in production).
+    rng: Callable[[], np.random.Generator]
+    device: Literal["cpu", "cuda"] = "cpu"
+    intra_op_threads: int = 1
+    #: Step in a child process (see trainer/stepper_process.py: ORT's training call holds
+    #: the GIL for a whole step, which would stall serving threads in this process).
+    isolate: bool = True
+    #: Nice value of that child process, and whether it runs in SCHED_IDLE.
+    niceness: int = 10
+    sched_idle: bool = False
+
+
+def last_trained_example(state_dir: Path, adapter: str) -> int | None:
+    """Highest example id the adapter's last completed run could sample (None: never)."""
+    try:
+        doc = json.loads((state_dir / "adapters" / f"{adapter}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = doc.get("last_example_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, int) else None
+
+
+class TrainingRun:
+    """Plan, charge, train, close, validate, install — for one adapter."""
+
+    def __init__(
+        self, env: TrainerEnv, adapter: str, config: AdapterTrainingConfig, *,
+        control: RunControl | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.env = env
+        self.adapter = adapter
+        self.config = config
+        self.control = control or RunControl()
+        self._on_progress = on_progress
+        self._on_step = on_step
+        self._dir = env.state_dir / "runs" / adapter
+        self.run_id: int | None = None
+        self.plan: RunPlan | None = None
+        self.resumed = False
+        self._finish_only = False
+        self._saved: dict[str, Any] = {}
+        self._recorded = 0  # progress recorded in the ledger for this run
+        self._stepper_obj: object = None
+        self._epsilon = 0.0
+        self._epsilon_at = -math.inf
+
+    # -- begin -----------------------------------------------------------------------------
+
+    def begin(self) -> int:
+        """Resume the adapter's interrupted run, or plan a new one and charge it first.
+
+        Raises PrivacyBudgetExceededError (nothing charged) or ValueError (bad plan).
+        """
+        ledger_runs = self.env.ledger.state(self.adapter).runs
+        saved = self._read_run_file()
+        running = [r for r in ledger_runs if r["status"] == "running"]
+        if running:
+            record = running[-1]
+            self.run_id = int(record["run_id"])
+            self._recorded = int(record["steps_done"])
+            self.resumed = True
+            _log.info("adapter %r: resuming interrupted training run %d", self.adapter, self.run_id)
+            if saved.get("run_id") == self.run_id:
+                self._saved = saved
+                self.plan = self._plan_from_ledger(record)
+            else:
+                # Charged, but crashed before its local state was written: start it at step 0
+                # (any other run's leftovers here must not be resumed by mistake).
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self.plan = self._plan_from_ledger(record)
+                self._write_run_file(self.plan, last_example=max(self._split()[0], default=None))
+            return self.run_id
+        done = next((r for r in ledger_runs if saved and r["run_id"] == saved.get("run_id")), None)
+        if done is not None and done["status"] == "completed" and (self._dir / _CHECKPOINT).is_file():
+            self.run_id, self._saved, self._finish_only = int(done["run_id"]), saved, True
+            self.plan = self._plan_from_ledger(done)
+            return self.run_id
+        shutil.rmtree(self._dir, ignore_errors=True)  # local state of an ended run
+
+        rank, slots = self.config.rank, self.env.service.engine.rank
+        if rank > slots:
+            raise ValueError(f"rank {rank} of adapter {self.adapter!r} exceeds the serving slot rank {slots}; "
+                             "lower the adapter's rank or raise model.rank")
+        train, _ = self._split()
+        plan = self.config.plan(len(train))
+        self.run_id = self.env.ledger.begin_run(
+            self.adapter, q=plan.q, sigma=plan.sigma, clip_norm=plan.clip_norm, planned_steps=plan.steps,
+            examples=plan.examples, accountant=plan.accountant, delta=plan.delta,
+            budget_epsilon=plan.budget_epsilon,
+        )
+        self.plan = plan
+        self._write_run_file(plan, last_example=max(train, default=None))
+        return self.run_id
+
+    def _plan_from_ledger(self, record: dict[str, Any]) -> RunPlan:
+        n = int(record["examples"])
+        ebs = self._saved.get("expected_batch_size")
+        return RunPlan(
+            q=float(record["q"]), expected_batch_size=float(ebs) if ebs else float(record["q"]) * max(n, 1),
+            steps=int(record["planned_steps"]), sigma=float(record["sigma"]),
+            clip_norm=float(record["clip_norm"]), delta=float(record["delta"]),
+            accountant=record["accountant"], budget_epsilon=float(record["budget_epsilon"]), examples=n,
+        )
+
+    def _split(self) -> tuple[list[int], list[int]]:
+        c = self.config
+        return self.env.store.split(self.adapter, c.holdout_fraction, c.split_seed)
+
+    def _artifact_config(self) -> ArtifactConfig:
+        saved = self._saved.get("artifact_config")
+        if isinstance(saved, dict):
+            return ArtifactConfig(**{**saved, "targets": tuple(saved["targets"])})
+        c = self.config
+        return ArtifactConfig(
+            # The serving targets exactly: the adapter's fingerprint must be the engine's.
+            targets=tuple(t.weight for t in self.env.service.engine.targets),
+            rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
+            loss=c.loss, output=c.output, optimizer=c.optimizer, weight_decay=c.weight_decay,
+            init_seed=c.init_seed,
+        )
+
+    def _read_run_file(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self._dir / _RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _write_run_file(self, plan: RunPlan, *, last_example: int | None) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        doc = {
+            "run_id": self.run_id, "plan": asdict(plan), "expected_batch_size": plan.expected_batch_size,
+            "learning_rate": self._saved.get("learning_rate", self.config.learning_rate),
+            "artifact_config": asdict(self._artifact_config()), "last_example_id": last_example,
+        }
+        self._saved = doc
+        atomic_write_bytes(self._dir / _RUN_FILE, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
+
+    # -- execute ---------------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        """Train (or finish) the begun run; returns how it ended. Never leaves the ledger
+        record of a cancelled or failed run open."""
+        if self.run_id is None or self.plan is None:
+            raise RuntimeError("call begin() before execute()")
+        run_id, plan = self.run_id, self.plan
+        try:
+            return self._execute(run_id, plan)
+        finally:
+            close = getattr(self._stepper_obj, "close", None)
+            if close is not None:
+                close()
+
+    def _execute(self, run_id: int, plan: RunPlan) -> RunResult:
+        stepper: _Stepper | None = None
+        steps = 0
+        try:
+            artifacts = self._artifacts()
+            stepper = self._stepper_obj = self._stepper(artifacts, plan)
+            steps = stepper.steps
+            if not self._finish_only:
+                outcome = self._train(stepper, artifacts, plan)
+                steps = stepper.steps
+                if outcome != "completed":
+                    return self._stop(outcome, steps)
+                stepper.save_checkpoint(self._dir / _CHECKPOINT)
+                self.env.ledger.end_run(run_id, steps_done=plan.steps, status="completed")
+        except Exception as e:
+            _log.error("adapter %r: training run %d failed: %s", self.adapter, run_id, e)
+            return self._stop("failed", stepper.steps if stepper is not None else steps, reason=str(e))
+        # Everything below is released only after the ledger holds the final charge.
+        try:
+            return self._release(stepper, plan)
+        except Exception as e:
+            # The charge stands (completed); the trained version is lost, not retried forever.
+            _log.error("adapter %r: run %d trained but could not be validated or installed: %s",
+                       self.adapter, run_id, e)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            return RunResult(self.adapter, run_id, "failed", plan.steps, plan.steps,
+                             f"validation or install failed: {e}", None, self._spent())
+
+    def _artifacts(self) -> TrainingArtifacts:
+        engine = self.env.service.engine
+        artifacts = build_artifacts(engine.base_model, self._artifact_config(), cache_dir=self.env.state_dir / "artifacts")
+        if artifacts.base_fingerprint != engine.fingerprint:
+            raise TrainingFailedError(
+                f"training artifacts are for base model {artifacts.base_fingerprint}, serving is "
+                f"{engine.fingerprint}; the base model changed during the run")
+        if artifacts.config.rank > engine.rank:
+            raise ValueError(f"rank {artifacts.config.rank} of adapter {self.adapter!r} exceeds the "
+                             f"serving slot rank {engine.rank}; lower rank or raise model.rank")
+        return artifacts
+
+    def _stepper(self, artifacts: TrainingArtifacts, plan: RunPlan) -> _Stepper:
+        checkpoint = self._dir / _CHECKPOINT
+        resume = checkpoint if checkpoint.is_file() else None
+        lr = float(self._saved.get("learning_rate", self.config.learning_rate))
+        dp = DPSettings(noise_multiplier=plan.sigma, clip_norm=plan.clip_norm,
+                        expected_batch_size=plan.expected_batch_size)
+        stepper: _Stepper
+        if self.env.isolate:
+            secure = getattr(self.env.noise, "secure", False)
+            stepper = StepperProcess(
+                artifacts, learning_rate=lr, dp=dp, noise_seed=None if secure else int(getattr(self.env.noise, "seed", 0)),
+                device=self.env.device, intra_op_threads=self.env.intra_op_threads, resume_from=resume,
+                niceness=self.env.niceness, idle_class=self.env.sched_idle,
+            )
+        else:
+            stepper = DPStepper(artifacts, learning_rate=lr, dp=dp, noise=self.env.noise, device=self.env.device,
+                                intra_op_threads=self.env.intra_op_threads, resume_from=resume)
+        if stepper.steps > plan.steps:
+            raise TrainingFailedError(f"checkpoint {checkpoint} is at step {stepper.steps}, beyond the "
+                                      f"run's {plan.steps} planned steps")
+        return stepper
+
+    def _train(self, stepper: _Stepper, artifacts: TrainingArtifacts, plan: RunPlan) -> RunStatus | Literal["completed"]:
+        assert self.run_id is not None
+        layouts = _training_layouts(artifacts)
+        train_ids, _ = self._split()
+        rng = self.env.rng()
+        skipped_total = 0
+        self._report(stepper.steps, "training", force_epsilon=True)
+        while stepper.steps < plan.steps:
+            if self.control.paused:
+                self._report(stepper.steps, "paused")
+                while not self.control.wait_running(0.5):
+                    pass
+                self._report(stepper.steps, "training")
+            if self.control.cancelled:
+                return "cancelled"
+            if self.control.interrupted:
+                self._checkpoint(stepper)
+                return "interrupted"
+            ids = self.env.store.sample_poisson(self.adapter, plan.q, rng, among=train_ids)
+            batch, skipped = collate(self.env.store.load(ids, skip_missing=True),
+                                     inputs_layout=layouts[:-1], label_layout=layouts[-1])
+            skipped_total += skipped
+            stepper.step(batch)
+            if self._on_step is not None:
+                self._on_step()
+            if stepper.steps % self.config.checkpoint_every == 0 and stepper.steps < plan.steps:
+                self._checkpoint(stepper)
+            self._report(stepper.steps, "training")
+        if skipped_total:
+            _log.warning("adapter %r: %d sampled examples did not fit the model and were left out",
+                         self.adapter, skipped_total)
+        return "completed"
+
+    def _checkpoint(self, stepper: _Stepper) -> None:
+        assert self.run_id is not None
+        stepper.save_checkpoint(self._dir / _CHECKPOINT)
+        # Progress is recorded only after the checkpoint it describes is on disk.
+        if stepper.steps > self._recorded:
+            self.env.ledger.record_progress(self.run_id, stepper.steps)
+            self._recorded = stepper.steps
+
+    def _stop(self, status: RunStatus, steps: int, *, reason: str = "") -> RunResult:
+        assert self.run_id is not None and self.plan is not None
+        if status == "interrupted":
+            return RunResult(self.adapter, self.run_id, status, steps, self.plan.steps,
+                             reason or "interrupted; resumes at the next start", None, self._spent())
+        ledger_status: Literal["cancelled", "failed"] = "cancelled" if status == "cancelled" else "failed"
+        try:
+            if self._ledger_record().get("status") == "running":
+                self.env.ledger.end_run(self.run_id, steps_done=max(steps, self._recorded),
+                                        status=ledger_status)
+        except Exception as e:  # the full planned charge stays: an over-count, never an under-count
+            _log.error("adapter %r: could not close ledger run %d: %s", self.adapter, self.run_id, e)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._report(steps, "done")
+        return RunResult(self.adapter, self.run_id, status, steps, self.plan.steps,
+                         reason or status, None, self._spent())
+
+    def _ledger_record(self) -> dict[str, Any]:
+        return next((r for r in self.env.ledger.state(self.adapter).runs if r["run_id"] == self.run_id), {})
+
+    def _release(self, stepper: _Stepper, plan: RunPlan) -> RunResult:
+        assert self.run_id is not None
+        run_id = self.run_id
+        self._report(plan.steps, "validating", force_epsilon=True)
+        spent = self._spent()
+        candidate = stepper.export_adapter(extra={"lorad_run_id": str(run_id)})
+        c = self.config
+        _, holdout_ids = self._split()
+        holdout = self.env.store.load(holdout_ids, skip_missing=True)
+        gate = validate_candidate(
+            self.env.service, self.adapter, candidate, holdout, metric=c.validation_metric,
+            loss=self._artifact_config().loss, output=c.output, margin=c.validation_margin,
+        )
+        version = None
+        if gate.accepted:
+            meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": plan.delta,
+                    "accountant": plan.accountant, "validated_against": gate.baseline}
+            version = self.env.service.install(self.adapter, candidate, meta=meta).version
+            _log.info("adapter %r: run %d installed as version %d (%s)", self.adapter, run_id, version, gate.reason)
+        else:
+            where = keep_rejected(self.env.state_dir / "rejected" / self.adapter / str(run_id), candidate, gate,
+                                  run_id=run_id)
+            _log.warning("adapter %r: run %d rejected by the validation gate: %s; kept aside in %s",
+                         self.adapter, run_id, gate.reason, where)
+        self._mark_trained()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._report(plan.steps, "done")
+        return RunResult(self.adapter, run_id, "accepted" if gate.accepted else "rejected", plan.steps,
+                         plan.steps, gate.reason, version, spent)
+
+    def _mark_trained(self) -> None:
+        last = self._saved.get("last_example_id")
+        doc = {"last_example_id": last if isinstance(last, int) else None, "last_run_id": self.run_id,
+               "updated_at": time.time()}
+        path = self.env.state_dir / "adapters" / f"{self.adapter}.json"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(path, (json.dumps(doc) + "\n").encode(), mode=0o600)
+
+    # -- progress --------------------------------------------------------------------------
+
+    def _spent(self) -> float:
+        return float(self.env.ledger.state(self.adapter).epsilon_spent)
+
+    def _report(self, steps: int, phase: Phase, *, force_epsilon: bool = False) -> None:
+        if self._on_progress is None or self.run_id is None or self.plan is None:
+            return
+        now = time.monotonic()
+        if force_epsilon or now - self._epsilon_at >= _EPSILON_EVERY_S or steps == self.plan.steps:
+            self._epsilon, self._epsilon_at = self._epsilon_so_far(steps), now
+        self._on_progress(RunProgress(self.adapter, self.run_id, phase, steps, self.plan.steps, self._epsilon))
+
+    def _epsilon_so_far(self, steps: int) -> float:
+        assert self.plan is not None
+        others = [RunCharge(q=r["q"], sigma=r["sigma"], steps=r["steps_charged"])
+                  for r in self.env.ledger.state(self.adapter).runs if r["run_id"] != self.run_id]
+        mine = [RunCharge(q=self.plan.q, sigma=self.plan.sigma, steps=steps)] if steps else []
+        return epsilon(runs=[*others, *mine], delta=self.plan.delta, accountant=self.plan.accountant)
+
+
+def _training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
+    """Model inputs then the label, as the training graph declares them."""
+    layouts = [
+        TensorLayout(name, np.dtype(dtype), tuple(shape))
+        for name, dtype, shape in zip(artifacts.data_inputs, artifacts.input_dtypes, artifacts.input_shapes)
+    ]
+    label = next(t for t in layouts if t.name == artifacts.label_input)
+    if layouts[-1] is not label:
+        raise BadTrainingDataError(f"training graph inputs {artifacts.data_inputs} do not end with the label")
+    return layouts
+

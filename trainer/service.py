@@ -1,0 +1,272 @@
+"""TrainerService: the facade the daemon calls (HTTP handlers, loractl, metrics, OTA status).
+
+It owns the example store, the privacy ledger and the scheduler, all under
+``<state_dir>/trainer/``, and is built once from the ``trainer:`` config section:
+``start()`` after the AdapterService is up, ``close()`` before it goes (close interrupts
+a run at its next step; the run resumes at the next start).
+
+When the installed onnxruntime has no training APIs (plain wheels on aarch64), the
+service says so once in the log and in :meth:`status` / the metrics, keeps collecting
+examples and answering privacy queries, and refuses to train with
+:class:`TrainingUnavailableError` — no silent fallback.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from adapters.service import AdapterService
+
+from ._ort_training import TrainingUnavailableError
+from ._ort_training import load as _load_ort_training
+from .batching import TensorLayout, normalize_example
+from .config import TrainerConfig, check_noise_source, make_noise_source
+from .errors import BadTrainingDataError
+from .example_store import ExampleStore
+from .ledger import PrivacyLedger
+from .noise import NoiseSource
+from .policy import Decision, SystemProbe, TrainingPolicy
+from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example
+from .scheduler import TrainingScheduler
+from .validation import engine_layouts
+
+__all__ = ["TrainerService", "TrainerStats", "TrainingUnavailableError", "EXAMPLES_FILE", "LEDGER_FILE"]
+
+_log = logging.getLogger(__name__)
+
+EXAMPLES_FILE = "examples.sqlite3"
+LEDGER_FILE = "privacy-ledger.json"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class TrainerStats:
+    """Counts the metrics read at scrape time (so they cannot drift from what happened)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.runs: collections.Counter[str] = collections.Counter()
+        self.steps = 0
+
+    def count_run(self, result: RunResult) -> None:
+        with self._lock:
+            self.runs[result.status] += 1
+
+    def count_step(self) -> None:
+        with self._lock:
+            self.steps += 1
+
+
+class TrainerService:
+    """Examples in, privacy state and trained adapters out."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        adapters: AdapterService,
+        state_dir: Path,
+        noise: NoiseSource | None = None,
+        request_rate: Callable[[], float] = lambda: 0.0,
+        proc_root: Path = Path("/proc"),
+        sys_root: Path = Path("/sys"),
+        rng: Callable[[], np.random.Generator] | None = None,
+    ) -> None:
+        self.config = config
+        self.adapters = adapters
+        self.dir = Path(state_dir) / "trainer"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        noise = noise if noise is not None else make_noise_source(config)
+        check_noise_source(noise, config)
+        self.stats = TrainerStats()
+        self._seen: set[str] = set()
+        self._closed = False
+        s = config.store
+        self.store = ExampleStore(self.dir / EXAMPLES_FILE, max_examples_per_adapter=s.max_examples_per_adapter,
+                                  max_bytes=s.max_bytes, retention_days=s.retention_days)
+        try:
+            self.ledger = PrivacyLedger(self.dir / LEDGER_FILE)
+        except BaseException:
+            self.store.close()
+            raise
+        self.unavailable_reason: str | None = None
+        try:
+            _load_ort_training()
+        except TrainingUnavailableError as e:
+            self.unavailable_reason = str(e)
+            _log.warning("on-device training is unavailable: %s; examples are still collected", e)
+        self.env = TrainerEnv(
+            service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise,
+            rng=rng or _rng_for(config), device=config.device, intra_op_threads=config.intra_op_threads,
+            isolate=config.isolate, niceness=config.niceness, sched_idle=config.sched_idle,
+        )
+        self.policy = TrainingPolicy(config.policy, probe=SystemProbe(proc_root=proc_root, sys_root=sys_root),
+                                     request_rate=request_rate)
+        self.scheduler = TrainingScheduler(
+            make_run=self._make_run, policy=self.policy, candidates=self._candidates,
+            adapter_ready=self._adapter_ready, interrupted=self._interrupted,
+            interval_s=config.check_interval_s, niceness=config.niceness, idle_class=config.sched_idle,
+            auto=config.schedule,
+            on_result=self.stats.count_run,
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable_reason is None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.available:
+            self.scheduler.start()
+
+    def close(self) -> None:
+        """Stop the scheduler (the run checkpoints), then the ledger and the store; twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.scheduler.stop()
+        finally:
+            self.ledger.close()
+            self.store.close()
+
+    # -- examples ----------------------------------------------------------------------------
+
+    def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike) -> int:
+        """Check one labelled example against the model and store it; returns its id."""
+        _check_adapter(adapter)
+        rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.engine.inputs),
+                                            label_layout=self._label_layout(adapter))
+        self._check_label(adapter, label_row)
+        example_id = self.store.add(adapter, rows, label_row)
+        self._seen.add(adapter)
+        return example_id
+
+    def examples_count(self, adapter: str) -> int:
+        _check_adapter(adapter)
+        return self.store.count(adapter)
+
+    def _label_layout(self, adapter: str) -> TensorLayout:
+        c = self.config.for_adapter(adapter)
+        if c.loss == "cross_entropy":
+            return TensorLayout("label", np.dtype(np.int64), (None,))
+        out = self._output_spec(adapter)
+        return TensorLayout("label", np.dtype(np.float32), tuple(None if d < 0 else d for d in out.shape))
+
+    def _output_spec(self, adapter: str) -> Any:
+        name = self.config.for_adapter(adapter).output
+        outputs = self.adapters.engine.outputs
+        return next((o for o in outputs if o.name == name), outputs[0])
+
+    def _check_label(self, adapter: str, label: np.ndarray) -> None:
+        if self.config.for_adapter(adapter).loss != "cross_entropy":
+            return
+        classes = self._output_spec(adapter).shape[-1]
+        if classes > 0 and not 0 <= int(label) < classes:
+            raise BadTrainingDataError(f"label {int(label)} is not a class of this model; allowed: 0..{classes - 1}")
+
+    # -- training ----------------------------------------------------------------------------
+
+    def trigger(self, adapter: str) -> int:
+        """Start a manual run (ledger charged before it returns); returns the run id."""
+        _check_adapter(adapter)
+        if not self.available:
+            raise TrainingUnavailableError(self.unavailable_reason or "training unavailable")
+        return self.scheduler.trigger(adapter)
+
+    def pause(self) -> None:
+        self.scheduler.pause()
+
+    def resume(self) -> None:
+        self.scheduler.resume()
+
+    def cancel(self, adapter: str) -> bool:
+        _check_adapter(adapter)
+        return self.scheduler.cancel(adapter)
+
+    def run_status(self, adapter: str) -> dict[str, Any]:
+        """The adapter's queued/running run with progress, else its last result."""
+        _check_adapter(adapter)
+        status = self.scheduler.adapter_status(adapter) or {"state": "idle", "adapter": adapter}
+        return {**status, "examples": self.store.count(adapter), "available": self.available}
+
+    def status(self) -> dict[str, Any]:
+        return {"available": self.available, "unavailable_reason": self.unavailable_reason,
+                **self.scheduler.status()}
+
+    # -- privacy -----------------------------------------------------------------------------
+
+    def privacy_state(self, adapter: str) -> dict[str, Any]:
+        """ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant, times),
+        enough to recompute ε independently. Also what the OTA status reports."""
+        _check_adapter(adapter)
+        state = self.ledger.state(adapter).to_dict()
+        target = self.config.for_adapter(adapter).target_epsilon
+        state["configured_budget_epsilon"] = target
+        state["neighbouring"] = "add-or-remove one example (Poisson sampling)"
+        state["noise"] = "secure" if getattr(self.env.noise, "secure", False) else "seeded (testing only)"
+        return state
+
+    def privacy_states(self) -> list[dict[str, Any]]:
+        return [self.privacy_state(a) for a in self.ledger.adapters()]
+
+    def known_adapters(self) -> list[str]:
+        """Adapters with a configuration, a served version, a ledger entry or new examples."""
+        names = set(self.config.adapters) | set(self.ledger.adapters()) | self._seen
+        names |= {i.name for i in self.adapters.list_adapters()}
+        return sorted(names)
+
+    # -- scheduler hooks ---------------------------------------------------------------------
+
+    def _make_run(self, adapter: str, control: RunControl, on_progress: Callable[[RunProgress], None],
+                  between_steps: Callable[[], None]) -> TrainingRun:
+        def on_step() -> None:
+            self.stats.count_step()
+            between_steps()
+
+        return TrainingRun(self.env, adapter, self.config.for_adapter(adapter), control=control,
+                           on_progress=on_progress, on_step=on_step)
+
+    def _candidates(self) -> list[str]:
+        # Retention is applied on the scheduler's clock, not only when examples arrive.
+        self.store.enforce_retention()
+        return [a for a in self.known_adapters() if self.store.count(a) > 0]
+
+    def _adapter_ready(self, adapter: str) -> Decision:
+        c = self.config.for_adapter(adapter)
+        new = self.store.count(adapter, since_id=last_trained_example(self.dir, adapter))
+        train, _ = self.store.split(adapter, c.holdout_fraction, c.split_seed)
+        spent = self.ledger.state(adapter).epsilon_spent
+        return self.policy.adapter(new_examples=new, train_examples=len(train),
+                                   budget_left=c.target_epsilon - spent)
+
+    def _interrupted(self) -> list[str]:
+        return [a for a in self.ledger.adapters()
+                if any(r["status"] == "running" for r in self.ledger.state(a).runs)]
+
+
+def _rng_for(config: TrainerConfig) -> Callable[[], np.random.Generator]:
+    if config.noise == "seeded":  # testing only (the config refuses it otherwise)
+        seed = config.noise_seed or 0
+        return lambda: np.random.default_rng(seed)
+    return _secret_rng
+
+
+def _secret_rng() -> np.random.Generator:
+    # The Poisson sample must stay secret (amplification by subsampling assumes it): seed
+    # from the kernel's CSPRNG; which examples were sampled is never written anywhere.
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+
+
+def _check_adapter(adapter: str) -> None:
+    if not (isinstance(adapter, str) and _ADAPTER_NAME.match(adapter)):
+        raise ValueError(f"adapter name must match {_ADAPTER_NAME.pattern}, got {adapter!r}")

@@ -1,0 +1,131 @@
+"""The validation gate: serve a newly trained version only if it is not worse.
+
+The candidate and the version served now (the base model for an adapter's first
+version) are scored on the adapter's held-out split through the serving engine itself,
+so what is measured is what would be served. The score is the mean per-example loss
+(lower is better) or the accuracy (higher is better); the candidate passes unless it is
+worse than the current version by more than ``margin``.
+
+The scores are computed from private examples without noise. They are a local decision
+only: they are written to the rejected version's ``reason.json`` on the device (mode
+0600) and never put into logs, metrics, adapter metadata or HTTP answers. The accept /
+reject outcome itself is observable (a new version is served or not) and is not covered
+by the DP accounting; it is one bit per run about the held-out split, which the
+training steps never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from adapters.engine import TensorSpec
+from adapters.fsutil import atomic_write_bytes
+from adapters.lora import LoraAdapter
+from adapters.peft_format import dump_peft
+from adapters.service import AdapterService
+
+from .batching import TensorLayout, collate, fits
+from .example_store import Example
+
+__all__ = ["GateResult", "validate_candidate", "keep_rejected", "engine_layouts"]
+
+_EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class GateResult:
+    accepted: bool
+    metric: str
+    #: "base" or "v<N>": what the candidate was compared with.
+    baseline: str
+    baseline_version: int | None
+    baseline_score: float
+    candidate_score: float
+    margin: float
+    examples: int
+
+    @property
+    def reason(self) -> str:
+        """Why, without the private scores (those stay in reason.json on the device)."""
+        direction = "lower" if self.metric == "accuracy" else "higher"
+        if self.accepted:
+            return f"held-out {self.metric} not worse than {self.baseline} beyond margin {self.margin:g}"
+        if self.examples == 0:
+            return "no held-out examples to validate on"
+        return f"held-out {self.metric} is {direction} than {self.baseline}'s by more than margin {self.margin:g}"
+
+
+def engine_layouts(specs: Sequence[TensorSpec]) -> list[TensorLayout]:
+    return [TensorLayout(s.name, s.numpy_dtype, tuple(None if d < 0 else d for d in s.shape)) for s in specs]
+
+
+def validate_candidate(
+    service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
+    *, metric: str, loss: str, output: str | None, margin: float,
+) -> GateResult:
+    engine = service.engine
+    layouts = engine_layouts(engine.inputs)
+    out_name = output or engine.outputs[0].name
+    version = service.registry.current_version(adapter_name)
+    prepared = engine.prepare(candidate, name=adapter_name, version=0)
+    base_scores: list[float] = []
+    cand_scores: list[float] = []
+    seen_version: int | None = None
+    # Examples that no longer fit the model are left out of both scores alike.
+    fitting = [ex for ex in holdout if fits(ex, layouts)]
+    for start in range(0, len(fitting), _EVAL_BATCH):
+        chunk = fitting[start : start + _EVAL_BATCH]
+        _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None)
+        # Rows of different dynamic shapes cannot share a batch: score them one by one.
+        for group in ([chunk] if not skipped else [[ex] for ex in chunk]):
+            inputs, _ = collate(group, inputs_layout=layouts, label_layout=None)
+            labels = [np.asarray(ex.label) for ex in group]
+            current = service.infer(inputs, adapter_name if version is not None else None)
+            seen_version = current.version
+            new = engine.run(inputs, prepared)
+            base_scores.extend(_per_example(current.outputs[out_name], labels, metric, loss))
+            cand_scores.extend(_per_example(new[out_name], labels, metric, loss))
+    n = len(cand_scores)
+    base = float(np.mean(base_scores)) if n else math.nan
+    cand = float(np.mean(cand_scores)) if n else math.nan
+    if n == 0:
+        accepted = False
+    elif metric == "accuracy":
+        accepted = cand >= base - margin
+    else:
+        accepted = cand <= base + margin
+    return GateResult(
+        accepted=accepted, metric=metric, baseline="base" if version is None else f"v{seen_version or version}",
+        baseline_version=seen_version if version is not None else None,
+        baseline_score=base, candidate_score=cand, margin=margin, examples=n,
+    )
+
+
+def _per_example(outputs: np.ndarray, labels: list[np.ndarray], metric: str, loss: str) -> list[float]:
+    out = np.asarray(outputs, dtype=np.float64)
+    if loss == "cross_entropy":
+        classes = np.array([int(np.asarray(lab).reshape(-1)[0]) for lab in labels])
+        if metric == "accuracy":
+            return (out.argmax(axis=-1) == classes).astype(np.float64).tolist()
+        shifted = out - out.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(shifted).sum(axis=-1))
+        picked = shifted[np.arange(len(classes)), np.clip(classes, 0, out.shape[-1] - 1)]
+        return (log_z - picked).tolist()
+    target = np.stack([np.asarray(lab, dtype=np.float64).reshape(out.shape[1:]) for lab in labels])
+    return ((out - target) ** 2).reshape(len(labels), -1).sum(axis=1).tolist()
+
+
+def keep_rejected(directory: Path, candidate: LoraAdapter, gate: GateResult, *, run_id: int) -> Path:
+    """Store a rejected version as PEFT files plus reason.json under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, data in dump_peft(candidate).items():
+        atomic_write_bytes(directory / name, data, mode=0o600)
+    doc = {"run_id": run_id, "reason": gate.reason, **asdict(gate)}
+    atomic_write_bytes(directory / "reason.json", (json.dumps(doc, indent=1, default=str) + "\n").encode(), mode=0o600)
+    return directory

@@ -151,12 +151,17 @@ class OtaClient:
 
     def __init__(self, config: ClientConfig, transport: Transport, sink: AdapterSink, *,
                  clock: Callable[[], float] = time.time,
-                 epsilon: Callable[[], Mapping[str, float]] | None = None) -> None:
+                 epsilon: Callable[[], Mapping[str, float]] | None = None,
+                 on_result: Callable[[UpdateResult], None] | None = None,
+                 on_command: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.config = config
         self._t = transport
         self._sink = sink
         self._clock = clock
         self._epsilon = epsilon
+        #: observers (metrics): every update result and every command result
+        self._result_observer = on_result
+        self._command_observer = on_command
         self._dir = Path(config.state_dir)
         self._meta_dir = self._dir / "metadata"
         self._meta_dir.mkdir(parents=True, exist_ok=True)
@@ -180,9 +185,14 @@ class OtaClient:
         self.commands = CommandExecutor(
             device_id=self.config.device_id, sink=sink, keys=self.command_keys,
             last_seq=lambda: self.state.command_seq, save_seq=self.state.set_command_seq,
-            train_now=train_now, on_result=lambda r: self.publish_status(), clock=self._clock,
+            train_now=train_now, on_result=self._command_done, clock=self._clock,
             max_age_s=max_age_s)
         return self.commands
+
+    def _command_done(self, result: Mapping[str, Any]) -> None:
+        if self._command_observer is not None:
+            self._command_observer(result)
+        self.publish_status()
 
     # --- trust ----------------------------------------------------------------------
 
@@ -237,6 +247,7 @@ class OtaClient:
             for r in results:
                 if r.result != "up_to_date":
                     self.state.set_last_result(r.to_dict())
+                self._observe(r)
             self.publish_status()
             return results
 
@@ -388,7 +399,12 @@ class OtaClient:
                              f"install of {name} v{pending['fleet_version']} was interrupted; "
                              f"serving local version {previous}", self._clock())
             self.state.set_last_result(r.to_dict())
+            self._observe(r)
             return r
+
+    def _observe(self, r: UpdateResult) -> None:
+        if self._result_observer is not None:
+            self._result_observer(r)
 
     # --- status and offers ----------------------------------------------------------
 

@@ -212,7 +212,15 @@ class RepoReader:
         if max_chunk > self._max_file:
             raise UpdateRejectedError("too_large", f"{name}: chunk size {max_chunk} exceeds {self._max_file}")
         inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._t.subscribe(list(topics), lambda t, p: inbox.put((t, p)))
+
+        def deliver(topic: str, payload: bytes) -> None:
+            inbox.put((topic, payload))
+            if payload:
+                # Forget the subscription as soon as the chunk is here, not once it is stored:
+                # a reconnect in between must not ask the broker for it again.
+                self._t.unsubscribe([topic])
+
+        self._t.subscribe(list(topics), deliver)
         missing = dict(topics)
         try:
             deadline = time.monotonic() + self._timeout
@@ -234,7 +242,6 @@ class RepoReader:
                     raise UpdateRejectedError("too_large", f"{name}: chunk {i} has {len(payload)} "
                                               f"bytes, at most {max_chunk} allowed")
                 accept(i, payload)
-                self._t.unsubscribe([topic])
                 deadline = time.monotonic() + self._timeout  # progress: the timeout is per chunk
         finally:
             if missing:

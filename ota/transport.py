@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -47,6 +48,13 @@ _TOPIC_RESERVE = 512
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT wildcard matching (``+`` one level, ``#`` the rest)."""
     return bool(mqtt.topic_matches_sub(topic_filter, topic))
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    # Every publish waits for its PUBACK and every fetch for its SUBACK: with Nagle's
+    # algorithm against delayed ACKs each such round trip costs up to 40 ms more.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Transport(abc.ABC):
@@ -141,6 +149,8 @@ class MqttTransport(Transport):
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
+        client.on_connect_fail = self._on_connect_fail
+        client.on_socket_open = _no_delay
         self._client = client
 
     # --- lifecycle -----------------------------------------------------------------
@@ -162,6 +172,38 @@ class MqttTransport(Transport):
         except TransportError:
             self.close()
             raise
+
+    def start(self) -> None:
+        """Connect in the background and keep trying (the daemon's way in).
+
+        paho's loop retries the first connection as it retries every later one, so a
+        broker that is down when the device starts is reached once it is up; until then
+        operations raise TransportError and :attr:`connected` is False.
+        """
+        cfg = self._config
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = cfg.max_packet_size
+        props.SessionExpiryInterval = 0
+        try:
+            self._client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s,
+                                       clean_start=True, properties=props)
+        except ValueError as e:
+            raise TransportError(f"cannot connect to mqtts://{cfg.host}:{cfg.port}: {e}") from e
+        self._client.loop_start()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once connected, False if not within ``timeout_s`` or the broker refused us."""
+        try:
+            self._wait_connected(time.monotonic() + timeout_s)
+        except TransportError:
+            return False
+        return True
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the transport is not connected (None when it is)."""
+        with self._lock:
+            return None if self._is_connected else self._connect_error
 
     def close(self) -> None:
         with self._lock:
@@ -312,6 +354,11 @@ class MqttTransport(Transport):
             # Restore the subscriptions the clean session dropped; the SUBACK is awaited by
             # whoever subscribed first, so here it is fire-and-forget.
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        with self._connected:
+            self._connect_error = f"cannot reach mqtts://{self._config.host}:{self._config.port}"
+            self._connected.notify_all()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason_code: ReasonCode, properties: Properties | None) -> None:

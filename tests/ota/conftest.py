@@ -1,219 +1,37 @@
-"""A real Mosquitto for the ota tests: mutual TLS with generated certificates, a password
-file, ACLs (a device reads only its own, its groups' and the repository's topics and
-writes only its own status) and a ``max_packet_size``. One broker per test session on a
-free loopback port; ``broker.restart()`` stops and starts it on the same port.
+"""A real Mosquitto for the ota tests (:mod:`benchmarks.mosquitto`: mutual TLS with
+generated certificates, a password file, ACLs and a ``max_packet_size``). One broker per
+test session on a free loopback port; ``broker.restart()`` stops and starts it on the
+same port.
 """
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from adapters.lora import LoraAdapter, LoraWeights
+from benchmarks.mosquitto import DEVICES, FLEET_USER, Broker, available, create_broker
 from ota.target import ProbeSet
-from ota.transport import MqttConfig, MqttTransport
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
-MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
 MAX_PACKET = 16 * 1024  # small on purpose: payloads must be chunked to pass
-#: device -> groups, as the ACL file grants them
-DEVICES = {"dev1": ("east",), "dev2": ("west",), "dev3": ("east", "lab")}
-FLEET_USER = "fleet"
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-
-
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_key: ec.EllipticCurvePrivateKey,
-          issuer: x509.Name | None, *, ca: bool = False, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                          content_commitment=False, key_encipherment=False,
-                                          data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Broker:
-    """A running Mosquitto and the credentials of every user it knows."""
-
-    dir: Path
-    port: int
-    ca: Path
-    passwords: dict[str, str]
-    max_packet: int = MAX_PACKET
-    devices: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEVICES))
-    proc: subprocess.Popen[bytes] | None = None
-    transports: list[MqttTransport] = field(default_factory=list)
-
-    def start(self) -> None:
-        log = open(self.dir / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.dir / "mosquitto.conf")],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto exited: " + (self.dir / "mosquitto.log").read_text()[-2000:])
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not open its port within 10 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # clean stop: retained messages are saved
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self, *, down_s: float = 0.0) -> None:
-        self.stop()
-        time.sleep(down_s)
-        self.start()
-
-    def config(self, user: str, *, client_id: str | None = None, timeout_s: float = 5.0,
-               will: tuple[str, bytes] | None = None, password: str | None = None) -> MqttConfig:
-        return MqttConfig(host="127.0.0.1", port=self.port,
-                          client_id=client_id or f"{user}-{uuid.uuid4().hex[:8]}",
-                          ca_file=self.ca, cert_file=self.dir / f"{user}.crt",
-                          key_file=self.dir / f"{user}.key", username=user,
-                          password=self.passwords[user] if password is None else password,
-                          timeout_s=timeout_s, will=will)
-
-    def connect(self, user: str, **kw: object) -> MqttTransport:
-        t = MqttTransport(self.config(user, **kw))  # type: ignore[arg-type]
-        t.connect()
-        self.transports.append(t)
-        return t
-
-    def clear_retained(self) -> None:
-        """Forget every retained message (a test starts from an empty repository)."""
-        self.stop()
-        for p in self.dir.glob("*.db"):
-            p.unlink()
-        self.start()
-
-
-def _acl(devices: dict[str, tuple[str, ...]]) -> str:
-    lines = [f"user {FLEET_USER}", "topic readwrite lorad/v1/#", ""]
-    for dev, groups in devices.items():
-        lines.append(f"user {dev}")
-        lines += [f"topic read lorad/v1/group/{g}/#" for g in groups]
-        lines.append("")
-    lines += [
-        "pattern read lorad/v1/repo/#",
-        "pattern read lorad/v1/all/#",
-        "pattern read lorad/v1/device/%u/cmd",
-        "pattern read lorad/v1/device/%u/offer",
-        "pattern readwrite lorad/v1/device/%u/status",
-        "pattern readwrite lorad/v1/device/%u/online",
-    ]
-    return "\n".join(lines) + "\n"
+__all__ = ["Broker", "DEVICES", "FLEET_USER", "MAX_PACKET"]
 
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    if not MOSQUITTO.exists() or not MOSQUITTO_PASSWD.exists():
+    if not available():
         pytest.fail("mosquitto is not installed (.ci/setup installs the Debian package)")
     d = tmp_path_factory.mktemp("mosquitto")
-    ca_key = _key()
-    ca = _cert("lorad-test-ca", ca_key, ca_key, None, ca=True)
-    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    srv_key = _key()
-    _write_key(d / "server.key", srv_key)
-    (d / "server.crt").write_bytes(
-        _cert("localhost", srv_key, ca_key, ca.subject, server=True).public_bytes(serialization.Encoding.PEM))
-    users = [FLEET_USER, *DEVICES]
-    passwords = {u: uuid.uuid4().hex for u in users}
-    for u in users:
-        k = _key()
-        _write_key(d / f"{u}.key", k)
-        (d / f"{u}.crt").write_bytes(_cert(u, k, ca_key, ca.subject).public_bytes(serialization.Encoding.PEM))
-    pw = d / "passwd"
-    pw.touch(mode=0o600)
-    for u in users:
-        subprocess.run([str(MOSQUITTO_PASSWD), "-b", str(pw), u, passwords[u]], check=True,
-                       capture_output=True, timeout=30)
-    (d / "acl").write_text(_acl(DEVICES))
-    port = _free_port()
-    (d / "mosquitto.conf").write_text(f"""\
-user {os.environ.get("USER") or "root"}
-per_listener_settings false
-allow_anonymous false
-password_file {pw}
-acl_file {d / "acl"}
-max_packet_size {MAX_PACKET}
-persistence true
-persistence_location {d}/
-autosave_interval 1
-log_dest file {d / "mosquitto.log"}
-log_type error
-log_type warning
-listener {port} 127.0.0.1
-cafile {d / "ca.crt"}
-certfile {d / "server.crt"}
-keyfile {d / "server.key"}
-require_certificate true
-tls_version tlsv1.2
-""")
-    b = Broker(dir=d, port=port, ca=d / "ca.crt", passwords=passwords)
-    b.start()
+    b = create_broker(d, max_packet=MAX_PACKET)
     try:
         yield b
     finally:
-        for t in b.transports:
-            t.close()
-        b.stop()
+        b.close()
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -33,9 +33,14 @@ from adapters.service import AdapterService
 from daemon import auth
 from daemon.config import ADDR_FILE, Config
 from daemon.demo import demo_adapter_dirs, demo_model_path
-from daemon.http_api import ApiSettings, make_app
+from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
+from daemon.ota_wiring import start_ota
 from daemon.systemd import SystemdNotifier
+from daemon.training_api import add_training_routes
+from trainer.metrics import register_trainer_metrics
+from trainer.policy import RateMeter
+from trainer.service import TrainerService
 
 __all__ = ["Daemon", "BoundAddresses", "StartupError", "run"]
 
@@ -113,6 +118,12 @@ class Daemon:
         self.service = service
         if cfg.model.path is None:
             await loop.run_in_executor(executor, _install_demo_adapters, service, cfg.state_dir / _DEMO_MARKER)
+        trainer = await self._start_trainer(service, metrics, executor) if cfg.trainer.enabled else None
+        await start_ota(
+            cfg, service, self._stack, executor, metrics,
+            epsilon=_epsilon_of(trainer) if trainer is not None else None,
+            train_now=trainer.trigger if trainer is not None else None,
+        )
 
         app = make_app(ApiSettings(
             service=service,
@@ -122,6 +133,8 @@ class Daemon:
             max_request_bytes=cfg.server.max_request_bytes,
             ready=self.is_ready,
         ))
+        if trainer is not None:
+            add_training_routes(app, trainer, protected, executor=executor)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
@@ -153,6 +166,16 @@ class Daemon:
         self._stack.push_async_callback(self._notifier.stop_watchdog)
         _log.info("%s", status)
         return self.addresses
+
+    async def _start_trainer(self, service: AdapterService, metrics: DaemonMetrics, executor: ThreadPoolExecutor) -> TrainerService:
+        cfg = self.config
+        trainer = await asyncio.get_running_loop().run_in_executor(executor, lambda: TrainerService(
+            cfg.trainer, adapters=service, state_dir=cfg.state_dir, request_rate=RateMeter(metrics.inference_requests),
+        ))
+        self._stack.callback(trainer.close)
+        register_trainer_metrics(self._metrics_registry, trainer)
+        trainer.start()
+        return trainer
 
     def _not_ready(self, metrics: DaemonMetrics) -> None:
         self._ready = False
@@ -199,6 +222,16 @@ def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
         raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
     except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
         raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e
+
+
+def _epsilon_of(trainer: TrainerService) -> Callable[[str], float | None]:
+    """ε spent per adapter for the OTA status; None for an adapter never trained here."""
+
+    def epsilon(adapter: str) -> float | None:
+        state = trainer.privacy_state(adapter)
+        return float(state["epsilon_spent"]) if state.get("runs") else None
+
+    return epsilon
 
 
 def _make_state_dir(path: Path) -> None:

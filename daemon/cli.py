@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from adapters.errors import AdapterError
 from daemon.auth import AuthError
@@ -67,16 +67,19 @@ def _str_or_none(p: Path | None) -> str | None:
 
 
 def _describe(config: Config) -> str:
+    # Walked by hand: dataclasses.asdict deep-copies, and read-only mappings do not copy.
     def plain(v: object) -> object:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, Path):
             return str(v)
-        if isinstance(v, tuple):
-            return list(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list, frozenset, set)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
         return v
 
-    doc = plain(dataclasses.asdict(config))
+    doc = plain(config)
     assert isinstance(doc, dict)
     doc["server"]["unix_socket_mode"] = f"{config.server.unix_socket_mode:04o}"
     return json.dumps(doc, indent=2)

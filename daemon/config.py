@@ -21,6 +21,9 @@ import platformdirs
 import yaml
 
 from daemon.demo import DEMO_RANK, DEMO_TARGETS
+from daemon.ota_config import OtaConfig, parse_ota
+from daemon.trainer_config import trainer_section
+from trainer.config import TrainerConfig
 
 __all__ = [
     "ConfigError",
@@ -265,6 +268,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     log_level: str = "INFO"
 
 
@@ -336,6 +341,8 @@ SECTIONS: dict[str, Callable[[SectionReader, ParseContext], Any]] = {
     "server": _parse_server,
     "model": _parse_model,
     "cache": _parse_cache,
+    "trainer": trainer_section,
+    "ota": parse_ota,
 }
 
 

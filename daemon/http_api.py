@@ -102,10 +102,10 @@ def make_app(settings: ApiSettings) -> web.Application:
     app.router.add_post(m + "/infer", h.infer)
     app.router.add_get(m + "/adapters", h.list_adapters)
     app.router.add_get(a, h.inspect)
-    app.router.add_put(a, _protected(h.upload))
-    app.router.add_delete(a, _protected(h.delete))
+    app.router.add_put(a, protected(h.upload))
+    app.router.add_delete(a, protected(h.delete))
     for action in _ACTIONS:
-        app.router.add_post(f"{a}/{action}", _protected(functools.partial(h.action, action)))
+        app.router.add_post(f"{a}/{action}", protected(functools.partial(h.action, action)))
     app.router.add_get("/metrics", h.metrics)
     return app
 
@@ -168,7 +168,7 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
     return response
 
 
-def _protected(handler: _Handler) -> _Handler:
+def protected(handler: _Handler) -> _Handler:
     """Require the bearer token on TCP; the Unix socket's file mode already authenticated."""
 
     @functools.wraps(handler)

@@ -112,6 +112,15 @@ class DaemonMetrics:
         if event == "swap":
             self.adapter_swaps.inc()
 
+    def inference_requests(self) -> float:
+        """Inference requests answered so far (the trainer's idle check reads its rate)."""
+        return sum(
+            sample.value
+            for metric in self.request_seconds.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_count") and sample.labels.get("endpoint", "").endswith("/infer")
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of the registry."""
         return bytes(generate_latest(self.registry))

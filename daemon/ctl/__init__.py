@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from . import adapters, serving
+from . import adapters, fleet, serving, training
 from .client import ApiError, ConnectError, UsageError
 from .context import Context, add_connection_arguments
 
@@ -28,6 +28,8 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     adapters.register,
     serving.register,
+    training.register,
+    fleet.register,
 ]
 
 

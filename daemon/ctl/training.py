@@ -1,0 +1,236 @@
+"""``loractl train``, ``loractl privacy`` and ``loractl examples ...``.
+
+``train ADAPTER`` starts a manual run and follows it with a progress bar (polling the
+daemon's progress endpoint); Ctrl-C stops following, not training. ``privacy`` prints
+what the ledger charged, with every run's q, σ, C and steps so that ε can be recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .client import UsageError, quoted
+from .context import Context, add_command
+from .output import table
+
+__all__ = ["register"]
+
+_DONE_STATES = ("finished", "idle")
+_RUN_COLUMNS = ("run_id", "status", "q", "sigma", "clip_norm", "steps_charged", "examples", "accountant",
+                "delta", "started_at", "ended_at")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "train", _train, help="train an adapter now (differentially private), with progress",
+                    description="Start a manual DP-SGD run of ADAPTER on the examples stored on the device and "
+                    "follow it until it ends (Ctrl-C stops following; the run goes on).")
+    p.add_argument("adapter")
+    p.add_argument("--detach", action="store_true", help="start the run and return at once")
+    p.add_argument("--cancel", action="store_true", help="cancel the adapter's queued or running run instead")
+    p.add_argument("--status", action="store_true", help="show the adapter's run progress or last result")
+    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="progress poll interval (default 0.5)")
+
+    p = add_command(sub, "privacy", _privacy, help="privacy spent per adapter (ε, δ, budget, every run)")
+    p.add_argument("adapter", nargs="?", help="one adapter (default: every adapter in the ledger)")
+
+    group = sub.add_parser("examples", help="local training examples (stay on the device)")
+    cmds = group.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
+    p = add_command(cmds, "add", _examples_add, help="store labelled examples for ADAPTER",
+                    description="One example from --input NAME=JSON (repeatable) and --label, or many from "
+                    '--file with one JSON object per line: {"inputs": {NAME: nested list, ...}, "label": L}.')
+    p.add_argument("adapter")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", action="append", metavar="NAME=JSON", help="one input tensor of the example")
+    src.add_argument("--file", type=Path, metavar="FILE", help="JSON lines, one example per line")
+    p.add_argument("--label", metavar="JSON", help="the label (with --input): a class number or a nested list")
+    p = add_command(cmds, "count", _examples_count, help="how many examples ADAPTER has")
+    p.add_argument("adapter")
+
+
+def _base(ctx: Context, adapter: str) -> str:
+    return f"/v2/models/{quoted(ctx.model)}/adapters/{quoted(adapter)}"
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train(args: argparse.Namespace, ctx: Context) -> int:
+    path = f"{_base(ctx, args.adapter)}/train"
+    if args.cancel:
+        ctx.emit(ctx.client.call("POST", path + "/cancel", auth=True), lambda d: f"cancelled training of {args.adapter}")
+        return 0
+    if args.status:
+        ctx.emit(ctx.client.call("GET", path), _render_status)
+        return 0
+    started = ctx.client.call("POST", path, auth=True)
+    run_id = started.get("run_id") if isinstance(started, dict) else None
+    if args.detach:
+        ctx.emit(started, lambda d: f"training run {run_id} of {args.adapter} started")
+        return 0
+    try:
+        final = _follow(ctx, path, run_id, args.poll, show_bar=not ctx.as_json)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; run {run_id} goes on (loractl train {args.adapter} --status)", file=sys.stderr)
+        return 1
+    ctx.emit(final, _render_status)
+    return 0 if final.get("status") == "accepted" else 1
+
+
+def _follow(ctx: Context, path: str, run_id: object, poll: float, *, show_bar: bool) -> dict[str, Any]:
+    bar: tqdm[Any] | None = None
+    try:
+        while True:
+            doc = ctx.client.call("GET", path)
+            status = doc if isinstance(doc, dict) else {}
+            same_run = status.get("run_id") == run_id
+            if same_run and status.get("state") in _DONE_STATES:
+                return status
+            planned, done = status.get("planned_steps"), status.get("steps_done") or 0
+            if show_bar and same_run and isinstance(planned, int):
+                if bar is None:
+                    bar = tqdm(total=planned, unit="step", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
+                bar.update(max(0, int(done) - bar.n))
+                eps = status.get("epsilon")
+                waiting = status.get("waiting_for") or []
+                bar.set_postfix_str(", ".join(
+                    [f"ε {eps:.3g}" if isinstance(eps, (int, float)) else "", str(status.get("phase", "")),
+                     *(["paused"] if status.get("paused") else []), *[str(w) for w in waiting]]).strip(", "))
+            time.sleep(poll)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _render_status(d: object) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    state = d.get("state")
+    if state in ("running", "queued"):
+        return (f"run {d.get('run_id')} of {d.get('adapter')}: {state}, {d.get('phase')}, "
+                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')}")
+    if state == "finished":
+        version = f", serving version {d['version']}" if d.get("version") else ""
+        return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {d.get('steps_done')}/"
+                f"{d.get('planned_steps')} steps{version}; {d.get('reason')}; ε spent {d.get('epsilon_spent')}")
+    return f"{d.get('adapter')}: no training run yet ({d.get('examples')} examples stored)"
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def _privacy(args: argparse.Namespace, ctx: Context) -> int:
+    if args.adapter:
+        data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/privacy")
+    else:
+        data = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}/privacy")
+    ctx.emit(data, _render_privacy)
+    return 0
+
+
+def _render_privacy(d: object) -> str:
+    states = d if isinstance(d, list) else [d]
+    if not states:
+        return "no adapter has been trained"
+    blocks = []
+    for s in states:
+        if not isinstance(s, dict):
+            continue
+        head = (f"{s.get('adapter')}: ε spent {_num(s.get('epsilon_spent'))} of {_num(s.get('budget_epsilon'))} "
+                f"(left {_num(s.get('budget_left'))}) at δ {_num(s.get('delta'))}, accountant {s.get('accountant')}")
+        runs = [[r.get(c) for c in _RUN_COLUMNS] for r in s.get("runs", []) if isinstance(r, dict)]
+        blocks.append(head + ("\n" + table(runs, [c.upper() for c in _RUN_COLUMNS]) if runs else "\nno runs"))
+    return "\n\n".join(blocks)
+
+
+def _num(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+# ---------------------------------------------------------------- examples
+
+
+def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
+    specs = _input_specs(ctx)
+    if args.file is not None:
+        if args.label is not None:
+            raise UsageError("--label goes with --input; in --file each line carries its own label")
+        examples = list(_read_lines(args.file))
+    else:
+        if args.label is None:
+            raise UsageError("--input needs --label")
+        named = {}
+        for item in args.input:
+            name, sep, text = item.partition("=")
+            if not sep:
+                raise UsageError(f"--input {item!r}: expected NAME=JSON")
+            named[name] = _json_arg(f"--input {name}", text)
+        examples = [{"inputs": named, "label": _json_arg("--label", args.label)}]
+    last: object = None
+    for i, ex in enumerate(examples):
+        body = {"inputs": _tensors(ex.get("inputs"), specs, f"example {i + 1}"), "label": ex.get("label")}
+        last = ctx.client.call("POST", f"{_base(ctx, args.adapter)}/examples", json_body=body, auth=True)
+    count = last.get("examples") if isinstance(last, dict) else None
+    ctx.emit({"adapter": args.adapter, "added": len(examples), "examples": count},
+             lambda d: f"added {len(examples)} example(s) to {args.adapter}; it now has {count}")
+    return 0
+
+
+def _examples_count(args: argparse.Namespace, ctx: Context) -> int:
+    data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/examples")
+    ctx.emit(data, lambda d: f"{args.adapter}: {d.get('examples') if isinstance(d, dict) else d} examples")
+    return 0
+
+
+def _input_specs(ctx: Context) -> dict[str, dict[str, Any]]:
+    meta = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}")
+    return {t["name"]: t for t in meta.get("inputs", [])} if isinstance(meta, dict) else {}
+
+
+def _json_arg(what: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{what}: not valid JSON: {e}") from e
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"--file {str(path)!r}: {e.strerror or e}") from e
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        doc = _json_arg(f"{path}:{n}", line)
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict) or "label" not in doc:
+            raise UsageError(f'{path}:{n}: expected {{"inputs": {{NAME: nested list}}, "label": L}}')
+        out.append(doc)
+    return out
+
+
+def _tensors(inputs: object, specs: dict[str, dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """OIP input tensors of one example (a batch dimension of 1 is added when missing)."""
+    if not isinstance(inputs, dict):
+        raise UsageError(f"{where}: inputs must map input names to nested lists")
+    tensors = []
+    for name, value in inputs.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise UsageError(f"{where}: the model has no input {name!r}; its inputs are: {', '.join(specs)}")
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise UsageError(f"{where}: input {name!r} is ragged")
+        shape = list(array.shape)
+        if len(shape) == len(spec["shape"]) - 1:
+            shape = [1, *shape]
+        tensors.append({"name": name, "datatype": spec["datatype"], "shape": shape, "data": array.ravel().tolist()})
+    return tensors

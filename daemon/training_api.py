@@ -1,0 +1,188 @@
+"""HTTP routes of the trainer and the serving-rate probe.
+
+Wiring (in :mod:`daemon.app` / :mod:`daemon.config`) is a few lines: register
+:func:`daemon.trainer_config.trainer_section` as the ``trainer`` config section, build a
+:class:`trainer.service.TrainerService`, call :func:`add_training_routes` on the app and
+:func:`trainer.metrics.register_trainer_metrics` on the metrics registry.
+
+Routes (``A`` = ``/v2/models/{model}/adapters/{adapter}``), as the rest of the API:
+JSON in and out, ``{"error": ...}`` on failure, state changes need the bearer token,
+blocking work runs on the worker pool.
+
+- ``POST A/examples`` (auth) one labelled example: ``{"inputs": [OIP tensors], "label": L}``;
+  body size-limited while it streams in. 201 ``{"id", "adapter", "examples"}``.
+- ``GET A/examples`` the adapter's example count.
+- ``POST A/train`` (auth) start a manual run; 202 ``{"run_id", ...}``. 409 when the privacy
+  budget would be exceeded or a run is already queued or running; 503 without training APIs.
+- ``GET A/train`` progress of the queued/running run, else the last result.
+- ``POST A/train/cancel`` (auth).
+- ``GET A/privacy`` ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant,
+  times): open, like the rest of the read-only API, so anyone can recompute ε.
+- ``GET /v2/models/{model}/privacy`` the same for every adapter in the ledger.
+- ``GET /v2/trainer``, ``POST /v2/trainer/pause`` (auth), ``POST /v2/trainer/resume`` (auth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import Executor
+from typing import Any, Awaitable, Callable, Mapping
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from daemon import oip
+from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
+from trainer.scheduler import TrainingConflictError
+from trainer.service import TrainerService, TrainingUnavailableError
+
+__all__ = ["add_training_routes", "TrainingHttpError"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CHUNK = 1 << 16
+
+
+class TrainingHttpError(oip.OIPError):
+    """An error answer with its status; the API's error middleware renders it as JSON."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def add_training_routes(
+    app: web.Application,
+    trainer: TrainerService,
+    require_auth: Callable[[Handler], Handler],
+    *,
+    executor: Executor | None = None,
+) -> None:
+    """Add the trainer's routes to the API app (see the module docstring)."""
+    h = _Handlers(trainer, executor)
+    m = "/v2/models/{model}"
+    a = m + "/adapters/{adapter}"
+    app.router.add_post(a + "/examples", require_auth(h.add_example))
+    app.router.add_get(a + "/examples", h.count_examples)
+    app.router.add_post(a + "/train", require_auth(h.train))
+    app.router.add_get(a + "/train", h.progress)
+    app.router.add_post(a + "/train/cancel", require_auth(h.cancel))
+    app.router.add_get(a + "/privacy", h.privacy)
+    app.router.add_get(m + "/privacy", h.privacy_all)
+    app.router.add_get("/v2/trainer", h.status)
+    app.router.add_post("/v2/trainer/pause", require_auth(h.pause))
+    app.router.add_post("/v2/trainer/resume", require_auth(h.resume))
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data, default=str).encode(), status=status, content_type="application/json")
+
+
+class _Handlers:
+    def __init__(self, trainer: TrainerService, executor: Executor | None) -> None:
+        self.trainer = trainer
+        self.executor = executor
+        self.limit = trainer.config.store.max_example_bytes
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except PrivacyBudgetExceededError as e:
+            raise TrainingHttpError(409, str(e)) from e
+        except TrainingConflictError as e:
+            raise TrainingHttpError(409, str(e)) from e
+        except TrainingUnavailableError as e:
+            raise TrainingHttpError(503, f"training is not available on this device: {e}") from e
+        except BadTrainingDataError as e:
+            raise TrainingHttpError(422, str(e)) from e
+        except TrainingFailedError as e:
+            raise TrainingHttpError(500, str(e)) from e
+
+    def _adapter(self, request: web.Request) -> str:
+        model = request.match_info["model"]
+        served = self.trainer.adapters.model_name
+        if model != served:
+            raise TrainingHttpError(404, f"model {model!r} not found; this daemon serves model {served!r}")
+        return request.match_info.get("adapter", "")
+
+    async def add_example(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        body = await _read_limited(request, self.limit)
+        inputs, label = await self._run(self._decode_example, body)
+        example_id = await self._run(self.trainer.add_example, adapter, inputs, label)
+        count = await self._run(self.trainer.examples_count, adapter)
+        return _json({"id": example_id, "adapter": adapter, "examples": count}, 201)
+
+    def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainingHttpError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label"} or "label" not in doc:
+            raise TrainingHttpError(
+                400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ...} '
+                "with nothing else; the label is a class number or a nested list of numbers")
+        engine = self.trainer.adapters.engine
+        request = oip.decode_infer_request({"inputs": doc["inputs"]}, engine.inputs, engine.outputs)
+        label = doc["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, float, list)):
+            raise TrainingHttpError(400, f"'label' must be a number or a nested list of numbers, got {label!r}")
+        array = np.asarray(label)
+        if array.dtype.kind not in "iuf":
+            raise TrainingHttpError(400, "'label' must be a number or a (non-ragged) nested list of numbers")
+        return request.inputs, array
+
+    async def count_examples(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        return _json({"adapter": adapter, "examples": await self._run(self.trainer.examples_count, adapter)})
+
+    async def train(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        run_id = await self._run(self.trainer.trigger, adapter)
+        status = await self._run(self.trainer.run_status, adapter)
+        return _json({**status, "run_id": run_id, "adapter": adapter}, 202)
+
+    async def progress(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        return _json(await self._run(self.trainer.run_status, adapter))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        cancelled = await self._run(self.trainer.cancel, adapter)
+        if not cancelled:
+            raise TrainingHttpError(409, f"adapter {adapter!r} has no queued or running training run to cancel")
+        return _json({"adapter": adapter, "cancelled": True})
+
+    async def privacy(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        return _json(await self._run(self.trainer.privacy_state, adapter))
+
+    async def privacy_all(self, request: web.Request) -> web.Response:
+        self._adapter(request)
+        return _json(await self._run(self.trainer.privacy_states))
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(await self._run(self.trainer.status))
+
+    async def pause(self, request: web.Request) -> web.Response:
+        await self._run(self.trainer.pause)
+        return _json(await self._run(self.trainer.status))
+
+    async def resume(self, request: web.Request) -> web.Response:
+        await self._run(self.trainer.resume)
+        return _json(await self._run(self.trainer.status))
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise oip.RequestTooLargeError(f"example of {request.content_length} bytes exceeds the limit of {limit} "
+                                       "bytes (trainer.store.max_example_bytes)")
+    chunks, total = [], 0
+    while chunk := await request.content.read(_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise oip.RequestTooLargeError(f"example exceeds the limit of {limit} bytes (trainer.store.max_example_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,220 @@
+"""The trainer's HTTP routes inside the daemon's app (real server on port 0) and loractl's
+train / privacy / examples commands against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from daemon import ctl, http_api
+from daemon.config import ConfigError, build_config
+from daemon.ctl import training as ctl_training
+from daemon.ctl.client import ApiError, Client
+from daemon.metrics import DaemonMetrics
+from daemon.trainer_config import trainer_section
+from daemon.training_api import add_training_routes
+from tests.unit.trainer_helpers import inputs, labelled_by, make_service, teacher
+from trainer.config import parse_trainer_section
+from trainer.metrics import register_trainer_metrics
+from trainer.service import TrainerService
+
+TOKEN = "t" * 32
+
+
+class _Server:
+    def __init__(self, app: web.Application) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            host, port = self.runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _loractl_with_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Until daemon/ctl/__init__.py lists the training group itself.
+    if ctl_training.register not in ctl.GROUPS:
+        monkeypatch.setattr(ctl, "GROUPS", [*ctl.GROUPS, ctl_training.register])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegistry]]:
+    service = make_service(tmp_path)
+    config = parse_trainer_section({
+        "testing": True, "noise": "seeded", "schedule": False, "isolate": False, "store": {"max_example_bytes": 20_000},
+        "defaults": {"rank": 4, "alpha": 8, "noise_multiplier": 1.0, "batch_size": 8, "steps": 10,
+                     "epochs": None, "target_epsilon": 100, "validation_margin": 100, "learning_rate": 0.01},
+        "adapters": {"tiny-budget": {"target_epsilon": 0.01}},
+    })
+    trainer = TrainerService(config, adapters=service, state_dir=tmp_path, proc_root=tmp_path, sys_root=tmp_path)
+    registry = CollectorRegistry()
+    metrics = DaemonMetrics(registry)
+    register_trainer_metrics(registry, trainer)
+    executor = ThreadPoolExecutor(2)
+    app = http_api.make_app(http_api.ApiSettings(service=service, metrics=metrics, token=TOKEN, executor=executor,
+                                                 max_request_bytes=1 << 20, ready=lambda: True))
+    add_training_routes(app, trainer, http_api.protected, executor=executor)
+    trainer.start()
+    server = _Server(app)
+    (tmp_path / "token").write_text(TOKEN)
+    try:
+        yield server.url, trainer, registry
+    finally:
+        server.close()
+        trainer.close()
+        executor.shutdown()
+
+
+def _client(url: str, token: bool = True) -> Client:
+    return Client(url=url, token=(lambda: TOKEN) if token else None, timeout=10)
+
+
+def _example(x: Any, label: int) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, *x.shape], "data": x.ravel().tolist()}],
+            "label": label}
+
+
+def _fill(url: str, trainer: TrainerService, adapter: str, n: int) -> None:
+    x = inputs(n, seed=4)
+    labels = labelled_by(trainer.adapters, teacher(trainer.adapters), x)
+    c = _client(url)
+    for row, label in zip(x, labels):
+        c.call("POST", f"/v2/models/demo/adapters/{adapter}/examples", json_body=_example(row, int(label)), auth=True)
+
+
+def test_examples_need_auth_and_are_checked(stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
+    url, trainer, _ = stack
+    path = "/v2/models/demo/adapters/alice/examples"
+    x = inputs(1, seed=1)[0]
+    with pytest.raises(ApiError) as e:
+        _client(url, token=False).call("POST", path, json_body=_example(x, 1), auth=True)
+    assert e.value.status == 401
+    doc = _client(url).call("POST", path, json_body=_example(x, 1), auth=True)
+    assert doc == {"id": 1, "adapter": "alice", "examples": 1}
+    for body, status, words in [
+        (_example(x, 9), 422, "not a class"),
+        ({**_example(x, 1), "extra": 1}, 400, "nothing else"),
+        ({"inputs": [], "label": 1}, 400, "inputs"),
+        ({**_example(x, 1), "label": "cat"}, 400, "label"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4, 32], "data": [0.0] * 256}], "label": 1},
+         422, "one example"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            _client(url).call("POST", path, json_body=body, auth=True)
+        assert e.value.status == status and words in e.value.message, e.value.message
+    with pytest.raises(ApiError) as e:
+        _client(url).call("POST", path, body=b"[" * 30_000, content_type="application/json", auth=True)
+    assert e.value.status == 413 and "max_example_bytes" in e.value.message
+    with pytest.raises(ApiError) as e:
+        _client(url).call("POST", "/v2/models/other/adapters/alice/examples", json_body=_example(x, 1), auth=True)
+    assert e.value.status == 404
+    assert _client(url).call("GET", path) == {"adapter": "alice", "examples": 1}
+
+
+def test_train_progress_privacy_and_metrics(stack: tuple[str, TrainerService, CollectorRegistry],
+                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url, trainer, registry = stack
+    _fill(url, trainer, "alice", 40)
+    common = ["--url", url, "--token-file", str(tmp_path / "token")]
+    assert ctl.main(["train", "alice", "--poll", "0.05", *common]) == 0
+    out = capsys.readouterr().out
+    assert "accepted" in out and "serving version 1" in out
+
+    assert ctl.main(["privacy", "alice", "--json", *common]) == 0
+    state = json.loads(capsys.readouterr().out)
+    (run,) = state["runs"]
+    assert {"q", "sigma", "clip_norm", "steps_charged", "examples", "accountant", "delta", "started_at",
+            "ended_at"} <= set(run)
+    assert run["sigma"] == 1.0 and run["steps_charged"] == 10 and state["epsilon_spent"] > 0
+    assert ctl.main(["privacy", *common]) == 0
+    assert "alice: ε spent" in capsys.readouterr().out
+
+    progress = _client(url).call("GET", "/v2/models/demo/adapters/alice/train")
+    assert progress["state"] == "finished" and progress["status"] == "accepted"
+
+    value = registry.get_sample_value
+    assert value("lorad_privacy_epsilon_spent", {"adapter": "alice"}) == pytest.approx(state["epsilon_spent"])
+    assert value("lorad_training_runs_total", {"result": "accepted"}) == 1
+    assert value("lorad_training_runs_total", {"result": "failed"}) == 0
+    assert value("lorad_training_steps_total") == 10
+    assert value("lorad_training_examples_stored", {"adapter": "alice"}) == 40
+    assert value("lorad_training_available") == 1
+
+
+def test_budget_refusal_and_cancel_conflicts(stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
+    url, trainer, _ = stack
+    _fill(url, trainer, "tiny-budget", 20)
+    with pytest.raises(ApiError) as e:
+        _client(url).call("POST", "/v2/models/demo/adapters/tiny-budget/train", auth=True)
+    assert e.value.status == 409 and "privacy budget" in e.value.message
+    with pytest.raises(ApiError) as e:
+        _client(url).call("POST", "/v2/models/demo/adapters/tiny-budget/train/cancel", auth=True)
+    assert e.value.status == 409
+    status = _client(url).call("POST", "/v2/trainer/pause", auth=True)
+    assert status["paused"] is True
+    assert _client(url).call("POST", "/v2/trainer/resume", auth=True)["paused"] is False
+
+
+def test_examples_add_command(stack: tuple[str, TrainerService, CollectorRegistry], tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    url, trainer, _ = stack
+    common = ["--url", url, "--token-file", str(tmp_path / "token")]
+    x = inputs(2, seed=3)
+    lines = [json.dumps({"inputs": {"x": row.tolist()}, "label": 1}) for row in x]
+    (tmp_path / "ex.jsonl").write_text("\n".join(lines) + "\n")
+    assert ctl.main(["examples", "add", "bob", "--file", str(tmp_path / "ex.jsonl"), *common]) == 0
+    assert ctl.main(["examples", "add", "bob", "--input", f"x={json.dumps(x[0].tolist())}", "--label", "2",
+                     *common]) == 0
+    assert "it now has 3" in capsys.readouterr().out
+    assert ctl.main(["examples", "count", "bob", *common]) == 0
+    assert "bob: 3 examples" in capsys.readouterr().out
+    assert ctl.main(["examples", "add", "bob", "--input", "x=[1]", *common]) == 2
+
+
+def test_config_section_and_request_counter(tmp_path: Path) -> None:
+    from daemon import config as daemon_config
+
+    sections = dict(daemon_config.SECTIONS)
+    try:
+        daemon_config.SECTIONS["trainer"] = trainer_section
+        with pytest.raises(ConfigError) as e:
+            build_config({"trainer": {"noise": "seeded"}}, base_dir=tmp_path, environ={})
+        assert e.value.key == "trainer.noise" and "secure" in str(e.value)
+        with pytest.raises(ConfigError) as e:
+            build_config({"trainer": {"nonsense": 1}}, base_dir=tmp_path, environ={})
+        assert e.value.key == "trainer.nonsense"
+    finally:
+        daemon_config.SECTIONS.clear()
+        daemon_config.SECTIONS.update(sections)
+    registry = CollectorRegistry()
+    metrics = DaemonMetrics(registry)
+    count = metrics.inference_requests
+    metrics.request_seconds.labels(endpoint="/v2/models/{model}/infer", adapter_kind="base").observe(0.01)
+    metrics.request_seconds.labels(endpoint="/v2/models/{model}/infer", adapter_kind="adapter").observe(0.01)
+    metrics.request_seconds.labels(endpoint="/metrics", adapter_kind="none").observe(0.01)
+    assert count() == 2.0

@@ -9,8 +9,6 @@ sum-reduced cross-entropy, per-example clipping and noise by Opacus' DPOptimizer
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,8 @@ import onnx
 import opacus  # type: ignore[import-not-found, unused-ignore]
 import torch  # type: ignore[import-not-found, unused-ignore]
 from onnx import numpy_helper
+
+from benchmarks.timing import median_seconds
 
 __all__ = ["step_ms"]
 
@@ -107,11 +107,4 @@ def step_ms(model: onnx.ModelProto, *, batch: int, rank: int, repeats: int) -> f
         loss_fn(net(x), y).backward()
         optimizer.step()
 
-    for _ in range(3):
-        step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+    return median_seconds(step, repeats) * 1e3

@@ -32,6 +32,7 @@ from adapters.peft_format import dump_peft
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
+from benchmarks.timing import median_seconds
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 
 RANK = 8
@@ -54,23 +55,12 @@ def _random_adapter(targets: list[LoraTarget], fingerprint: str, rank: int, seed
     )
 
 
-def _median_us(fn: Callable[[], object], n: int) -> float:
-    for _ in range(max(20, n // 20)):
-        fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
-
-
 def _interleaved_medians(fns: dict[str, Callable[[], object]], n: int, rounds: int) -> dict[str, float]:
     """Best median per function over several interleaved rounds, so drift hits all alike."""
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            best[k] = min(best[k], _median_us(fn, n))
+            best[k] = min(best[k], median_seconds(fn, n, warmup=max(20, n // 20)) * 1e6)
     return best
 
 

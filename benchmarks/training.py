@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from adapters.engine import InferenceEngine
 from adapters.lora_graph import per_example_name
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
+from benchmarks.timing import median_seconds
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from trainer.artifacts import (
     CLIP_NORM_INPUT,
@@ -74,15 +74,8 @@ def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
             "labels": rng.integers(0, CLASSES, n).astype(np.int64)}
 
 
-def _median_ms(fn: Callable[[], object], n: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+def _median_ms(fn: Callable[[], object], n: int) -> float:
+    return median_seconds(fn, n) * 1e3
 
 
 def _artifacts(model: onnx.ModelProto, cache: Path, *, private: bool) -> TrainingArtifacts:

@@ -31,7 +31,6 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from daemon import oip
 from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError

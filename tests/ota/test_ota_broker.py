@@ -12,6 +12,7 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from benchmarks.mosquitto import Broker
 from ota.client import ClientConfig, OtaClient
 from ota.files import chunk_topic
 from ota.simulator import FleetSim

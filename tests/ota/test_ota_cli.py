@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.mosquitto import Broker
 from adapters.engine import InferenceEngine
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from benchmarks.mosquitto import Broker
 from ota.client import ClientConfig, OtaClient
 from ota.commands import Command, command_topic, sign_command, verify_command
 from ota.errors import CommandRejectedError

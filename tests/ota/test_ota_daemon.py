@@ -13,6 +13,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from benchmarks.mosquitto import Broker
 from daemon.config import ConfigError, build_config
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
 from ota.cli import main as fleet_main

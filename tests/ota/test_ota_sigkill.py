@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from benchmarks.mosquitto import Broker
 from adapters.engine import InferenceEngine
 from adapters.lora import LoraAdapter, LoraWeights
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from benchmarks.mosquitto import Broker
 from ota.errors import TransportError, UpdateRejectedError
 from ota.files import INDEX_TOPIC, RepoReader, chunk_topic, publish_files
 from ota.transport import MqttTransport

@@ -144,7 +144,7 @@ def test_leases_prevent_eviction_and_tearing() -> None:
     store = Store({"a": 60, "b": 60, "c": 60})
     cache = AdapterCache(100, store.load)
     with cache.lease("a") as a:
-        with cache.lease("b") as b:
+        with cache.lease("b"):
             # both in use: over budget temporarily, nothing can be evicted
             assert cache.stats.bytes_used == 120
             assert names_of(cache) == ["a", "b"]

@@ -61,7 +61,7 @@ from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger
 from .stepper_process import StepperProcess
-from .validation import GateResult, keep_rejected, validate_candidate
+from .validation import keep_rejected, validate_candidate
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",

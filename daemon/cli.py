@@ -20,6 +20,7 @@ from adapters.errors import AdapterError
 from daemon.auth import AuthError
 from daemon.config import Config, ConfigError, load_config
 from daemon.systemd import setup_logging
+from trainer.errors import TrainerError
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(run(config))
-    except (AuthError, AdapterError, OSError, RuntimeError) as e:
+    except (AuthError, AdapterError, TrainerError, OSError, RuntimeError) as e:
         _log.error("cannot serve: %s", e)
         if logging_to != "stderr":
             print(f"lorad: cannot serve: {e}", file=sys.stderr)

@@ -404,6 +404,21 @@ def _apply_overrides(data: Mapping[str, object], overrides: Mapping[str, object]
     return doc
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a number, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-5``); privacy settings such
+    as δ are naturally written ``1e-5`` and would otherwise arrive as strings.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_config(
     path: Path | None,
     *,
@@ -419,7 +434,7 @@ def load_config(
         except OSError as e:
             raise ConfigError("", f"cannot read config file {str(path)!r}: {e.strerror or e}") from e
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_ConfigLoader)
         except yaml.YAMLError as e:
             raise ConfigError("", f"config file {str(path)!r} is not valid YAML: {e}") from e
         base_dir = path.absolute().parent

@@ -118,6 +118,8 @@ class _Handlers:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TrainingHttpError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
+            raise TrainingHttpError(400, "request body is nested too deeply") from None
         if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label"} or "label" not in doc:
             raise TrainingHttpError(
                 400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ...} '

@@ -15,9 +15,12 @@ from adapters.engine import InferenceEngine
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from daemon.http_api import ApiSettings, make_app
+from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
+from daemon.training_api import add_training_routes
 from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, logits_of, outputs_differ
+from trainer.config import parse_trainer_section
+from trainer.service import TrainerService
 
 DEMO_ADAPTERS = sorted(demo_adapter_dirs())
 
@@ -66,14 +69,20 @@ def test_openapi_document_is_served(daemon: RunningDaemon) -> None:
 
 
 def test_openapi_documents_every_route(tmp_path: Path) -> None:
-    """The shipped document and the router agree, route by route and method by method."""
+    """The shipped document and the router agree, route by route and method by method,
+    with every optional part wired in as the daemon does (the trainer's routes too)."""
     engine = InferenceEngine(demo_model_path(), targets=DEMO_TARGETS, rank=DEMO_RANK)
-    service = AdapterService(engine, AdapterRegistry(tmp_path), cache_budget_bytes=1 << 20)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20)
     app = make_app(ApiSettings(
         service=service, metrics=DaemonMetrics(CollectorRegistry()), token="x" * 20,
         executor=None,  # type: ignore[arg-type]  # no request is served here
         max_request_bytes=1024, ready=lambda: True,
     ))
+    trainer = TrainerService(parse_trainer_section({"enabled": True}), adapters=service, state_dir=tmp_path)
+    try:
+        add_training_routes(app, trainer, protected)
+    finally:
+        trainer.close()  # never started: only its routes are looked at
     routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes() if isinstance(r.resource, web.Resource) and r.method != "HEAD"}
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "daemon" / "openapi.yaml").read_text())
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}

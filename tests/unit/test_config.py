@@ -171,3 +171,11 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = build_config({"state_dir": str(tmp_path)}, environ={})
     with pytest.raises(AttributeError):
         cfg.server.port = 1  # type: ignore[misc]
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "lorad.yaml"
+    path.write_text(f"state_dir: {tmp_path}\ntrainer:\n  defaults:\n    delta: 1e-5\n    learning_rate: 2E-3\n")
+    config = load_config(path)
+    assert config.trainer.defaults.delta == 1e-5
+    assert config.trainer.defaults.learning_rate == 2e-3

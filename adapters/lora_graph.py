@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -129,35 +129,45 @@ def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _insert_lora_paths(
-    graph: onnx.GraphProto, targets: Sequence[LoraTarget], a_b_for: dict[str, tuple[str, str]]
+def _splice_after_linear_nodes(
+    graph: onnx.GraphProto,
+    targets: Sequence[LoraTarget],
+    lora_path: Callable[[onnx.NodeProto, LoraTarget, str], list[onnx.NodeProto]],
 ) -> None:
-    """Rewire every consumer of each target: its output becomes ``base + (x·A)·B``."""
+    """Insert ``lora_path(node, target, prefix)`` right after every linear node of a target.
+
+    Both derived graphs (inference and training) rewire the same nodes; only the path
+    they add differs.
+    """
     by_weight = {t.weight: t for t in targets}
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
         new_nodes.append(node)
-        if node.op_type not in _LINEAR_OPS or len(node.input) < 2 or node.input[1] not in by_weight:
-            continue
-        target = by_weight[node.input[1]]
-        a_name, b_name = a_b_for[target.weight]
-        prefix = f"lora/{index}/{target.weight}"
-        out = node.output[0]
-        base_out = f"{prefix}/base"
-        node.output[0] = base_out
-        x = node.input[0]
-        new_nodes.append(helper.make_node("MatMul", [x, a_name], [f"{prefix}/xA"], name=f"{prefix}/xA"))
-        delta = f"{prefix}/xAB"
-        new_nodes.append(helper.make_node("MatMul", [f"{prefix}/xA", b_name], [delta], name=delta))
-        if target.gemm_alpha != 1.0:
-            alpha_name = f"{prefix}/gemm_alpha"
-            graph.initializer.append(numpy_helper.from_array(np.array(target.gemm_alpha, np.float32), alpha_name))
-            scaled = f"{prefix}/xAB_alpha"
-            new_nodes.append(helper.make_node("Mul", [delta, alpha_name], [scaled], name=scaled))
-            delta = scaled
-        new_nodes.append(helper.make_node("Add", [base_out, delta], [out], name=f"{prefix}/add"))
+        if node.op_type in _LINEAR_OPS and len(node.input) > 1 and node.input[1] in by_weight:
+            target = by_weight[node.input[1]]
+            new_nodes.extend(lora_path(node, target, f"lora/{index}/{target.weight}"))
     del graph.node[:]
     graph.node.extend(new_nodes)
+
+
+def _inference_lora_path(graph: onnx.GraphProto, node: onnx.NodeProto, target: LoraTarget, prefix: str) -> list[onnx.NodeProto]:
+    """Nodes making ``node``'s output ``base + (x·A)·B``, A and B being session inputs."""
+    a_name, b_name = lora_input_names(target.weight)
+    out = node.output[0]
+    base_out = f"{prefix}/base"
+    node.output[0] = base_out
+    nodes = [
+        helper.make_node("MatMul", [node.input[0], a_name], [f"{prefix}/xA"], name=f"{prefix}/xA"),
+        helper.make_node("MatMul", [f"{prefix}/xA", b_name], [f"{prefix}/xAB"], name=f"{prefix}/xAB"),
+    ]
+    delta = f"{prefix}/xAB"
+    if target.gemm_alpha != 1.0:
+        alpha_name = f"{prefix}/gemm_alpha"
+        graph.initializer.append(numpy_helper.from_array(np.array(target.gemm_alpha, np.float32), alpha_name))
+        nodes.append(helper.make_node("Mul", [delta, alpha_name], [f"{prefix}/xAB_alpha"], name=f"{prefix}/xAB_alpha"))
+        delta = f"{prefix}/xAB_alpha"
+    nodes.append(helper.make_node("Add", [base_out, delta], [out], name=f"{prefix}/add"))
+    return nodes
 
 
 def make_inference_graph(
@@ -173,15 +183,14 @@ def make_inference_graph(
     derived = onnx.ModelProto()
     derived.CopyFrom(model)
     graph = derived.graph
-    a_b_for = {t.weight: lora_input_names(t.weight) for t in targets}
     existing = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     for t in targets:
-        a_name, b_name = a_b_for[t.weight]
+        a_name, b_name = lora_input_names(t.weight)
         if a_name in existing or b_name in existing:
             raise ValueError(f"model already has a tensor named {a_name!r} or {b_name!r}")
         graph.input.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [t.in_features, rank]))
         graph.input.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, t.out_features]))
-    _insert_lora_paths(graph, targets, a_b_for)
+    _splice_after_linear_nodes(graph, targets, lambda node, t, prefix: _inference_lora_path(graph, node, t, prefix))
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 
@@ -243,7 +252,6 @@ def make_training_graph(
                 raise ValueError(f"model already has a tensor named {name!r}")
             graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
 
-    by_weight = {t.weight: t for t in targets}
     for t in targets:
         uses = len(_consumers(graph, t.weight))
         if uses != 1 and set(lora_input_names(t.weight)) & set(per_example):
@@ -251,18 +259,13 @@ def make_training_graph(
                 f"LoRA target {t.weight!r} is used by {uses} MatMul/Gemm nodes; per-example "
                 "training graphs support targets used exactly once"
             )
-    new_nodes: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
-        new_nodes.append(node)
-        if node.op_type not in _LINEAR_OPS or len(node.input) < 2 or node.input[1] not in by_weight:
-            continue
-        target = by_weight[node.input[1]]
-        new_nodes.extend(
-            _training_lora_path(graph, node, target, f"lora/{index}/{target.weight}",
-                                scale * target.gemm_alpha, per_example, ranks.get(node.input[0]))
-        )
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _splice_after_linear_nodes(
+        graph,
+        targets,
+        lambda node, t, prefix: _training_lora_path(
+            graph, node, t, prefix, scale * t.gemm_alpha, per_example, ranks.get(node.input[0])
+        ),
+    )
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 

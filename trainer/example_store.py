@@ -145,6 +145,12 @@ class ExampleStore:
                              (adapter, -1 if since_id is None else since_id)).fetchone()
         return int(row[0])
 
+    def adapters(self) -> list[str]:
+        """Every adapter that has stored examples, sorted."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT DISTINCT adapter FROM examples ORDER BY adapter").fetchall()
+        return [str(r[0]) for r in rows]
+
     def ids(self, adapter: str) -> list[int]:
         _check_adapter(adapter)
         with self._transaction(write=False) as db:

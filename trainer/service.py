@@ -87,7 +87,6 @@ class TrainerService:
         noise = noise if noise is not None else make_noise_source(config)
         check_noise_source(noise, config)
         self.stats = TrainerStats()
-        self._seen: set[str] = set()
         self._closed = False
         s = config.store
         self.store = ExampleStore(self.dir / EXAMPLES_FILE, max_examples_per_adapter=s.max_examples_per_adapter,
@@ -148,7 +147,6 @@ class TrainerService:
                                             label_layout=self._label_layout(adapter))
         self._check_label(adapter, label_row)
         example_id = self.store.add(adapter, rows, label_row)
-        self._seen.add(adapter)
         return example_id
 
     def examples_count(self, adapter: str) -> int:
@@ -220,8 +218,8 @@ class TrainerService:
         return [self.privacy_state(a) for a in self.ledger.adapters()]
 
     def known_adapters(self) -> list[str]:
-        """Adapters with a configuration, a served version, a ledger entry or new examples."""
-        names = set(self.config.adapters) | set(self.ledger.adapters()) | self._seen
+        """Adapters with a configuration, a served version, a ledger entry or stored examples."""
+        names = set(self.config.adapters) | set(self.ledger.adapters()) | set(self.store.adapters())
         names |= {i.name for i in self.adapters.list_adapters()}
         return sorted(names)
 

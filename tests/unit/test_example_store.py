@@ -68,6 +68,9 @@ def test_count_since(tmp_path: Path) -> None:
         assert store.count("alice") == 5 and store.count("bob") == 1
         assert store.count("alice", since_id=ids[2]) == 2
         assert store.count("carol") == 0
+        assert store.adapters() == ["alice", "bob"]
+    with _store(tmp_path) as reopened:  # a restart still knows who has examples
+        assert reopened.adapters() == ["alice", "bob"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import TransportError
-from .files import RepoIndex, RepoReader, publish_files
+from .files import RepoIndex, publish_files
 from .repository import FleetRepository, RepoSettings
 from .transport import Handler, Transport, topic_matches
 
@@ -157,6 +157,3 @@ class FleetSim:
         entries = publish_files(self.transport, files, index=self.index.files,
                                 chunk_size={n: chunk_size for n in files})
         self.index = RepoIndex(entries)
-
-    def fetch_counts(self, reader: RepoReader) -> dict[str, int]:
-        return dict(reader.fetch_count)

@@ -71,6 +71,11 @@ class SystemdNotifier:
     def enabled(self) -> bool:
         return self._daemon is not None
 
+    @property
+    def watchdog_seconds(self) -> float | None:
+        """``WATCHDOG_USEC`` in seconds when the watchdog is meant for this process."""
+        return self._watchdog_s
+
     def notify(self, *lines: str) -> bool:
         if self._daemon is None:
             return False

@@ -243,6 +243,7 @@ class TrainingRun:
             self.plan = self._plan_from_ledger(done)
             return self.run_id
         shutil.rmtree(self._dir, ignore_errors=True)  # local state of an ended run
+        self._check_ledger_knows_trained_versions(ledger_runs)
 
         rank, slots = self.config.rank, self.env.service.engine.rank
         if rank > slots:
@@ -258,6 +259,25 @@ class TrainingRun:
         self.plan = plan
         self._write_run_file(plan, last_example=max(train, default=None))
         return self.run_id
+
+    def _check_ledger_knows_trained_versions(self, ledger_runs: list[dict[str, Any]]) -> None:
+        """Refuse to train on a ledger that lost runs whose results are still stored.
+
+        A deleted or replaced ledger would hand the data its whole budget again; every
+        version this trainer installed records its run id, so such a ledger shows.
+        """
+        registry = self.env.service.registry
+        known = {int(r["run_id"]) for r in ledger_runs}
+        for version in registry.versions(self.adapter):
+            meta = registry.get(self.adapter, version).meta
+            run_id = meta.get("run_id")
+            if meta.get("source") == "trainer" and isinstance(run_id, int) and run_id not in known:
+                raise BadTrainingDataError(
+                    f"adapter {self.adapter!r}: version {version} was trained here in run {run_id}, which the "
+                    f"privacy ledger does not record; the ledger was reset or replaced, so the privacy spent "
+                    f"on this adapter's data is unknown. Restore the ledger, or delete the adapter and its "
+                    f"examples to start over"
+                )
 
     def _plan_from_ledger(self, record: dict[str, Any]) -> RunPlan:
         n = int(record["examples"])

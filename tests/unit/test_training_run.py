@@ -14,7 +14,7 @@ import pytest
 from adapters.service import AdapterService
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
 from trainer.accountant import RunCharge, epsilon
-from trainer.errors import PrivacyBudgetExceededError
+from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError
 from trainer.run import RunControl, RunProgress, TrainerEnv, TrainingRun
 
 
@@ -87,6 +87,19 @@ def test_budget_refusal_trains_nothing(env: TrainerEnv) -> None:
     assert env.ledger.state("alice").runs == []
     with pytest.raises(RuntimeError, match="begin"):
         run.execute()
+
+
+def test_a_reset_ledger_is_refused_while_trained_versions_remain(env: TrainerEnv) -> None:
+    run = TrainingRun(env, "alice", run_config())
+    run.begin()
+    assert run.execute().version == 1
+    env.ledger.close()
+    (env.state_dir / "privacy-ledger.json").unlink()  # the budget must not come back
+    fresh = _reopen(env)
+    with pytest.raises(BadTrainingDataError, match="version 1 was trained here in run 1, which the privacy ledger"):
+        TrainingRun(fresh, "alice", run_config()).begin()
+    assert fresh.ledger.state("alice").runs == []
+    fresh.ledger.close()
 
 
 def test_calibrated_sigma_fits_the_budget(env: TrainerEnv) -> None:

@@ -64,6 +64,7 @@ def add_training_routes(
     a = m + "/adapters/{adapter}"
     app.router.add_post(a + "/examples", require_auth(h.add_example))
     app.router.add_get(a + "/examples", h.count_examples)
+    app.router.add_delete(a + "/examples", require_auth(h.delete_examples))
     app.router.add_post(a + "/train", require_auth(h.train))
     app.router.add_get(a + "/train", h.progress)
     app.router.add_post(a + "/train/cancel", require_auth(h.cancel))
@@ -137,6 +138,11 @@ class _Handlers:
     async def count_examples(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         return _json({"adapter": adapter, "examples": await self._run(self.trainer.examples_count, adapter)})
+
+    async def delete_examples(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        deleted = await self._run(self.trainer.delete_examples, adapter)
+        return _json({"adapter": adapter, "deleted": deleted, "examples": 0})
 
     async def train(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)

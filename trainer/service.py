@@ -36,7 +36,7 @@ from .ledger import PrivacyLedger
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
 from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example
-from .scheduler import TrainingScheduler
+from .scheduler import TrainingConflictError, TrainingScheduler
 from .validation import engine_layouts
 
 __all__ = ["TrainerService", "TrainerStats", "TrainingUnavailableError", "EXAMPLES_FILE", "LEDGER_FILE"]
@@ -152,6 +152,19 @@ class TrainerService:
     def examples_count(self, adapter: str) -> int:
         _check_adapter(adapter)
         return self.store.count(adapter)
+
+    def delete_examples(self, adapter: str) -> int:
+        """Remove every stored example of ``adapter``; returns how many.
+
+        The privacy already spent on them stays in the ledger: deleting data does not
+        undo what earlier runs learned from it.
+        """
+        _check_adapter(adapter)
+        status = self.scheduler.adapter_status(adapter) or {}
+        if status.get("state") in ("queued", "running"):
+            raise TrainingConflictError(
+                f"adapter {adapter!r} has a training run {status['state']}; cancel it before deleting its examples")
+        return self.store.delete_adapter(adapter)
 
     def _label_layout(self, adapter: str) -> TensorLayout:
         c = self.config.for_adapter(adapter)

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", metavar="JSON", help="the label (with --input): a class number or a nested list")
     p = add_command(cmds, "count", _examples_count, help="how many examples ADAPTER has")
     p.add_argument("adapter")
+    p = add_command(cmds, "delete", _examples_delete, help="delete every stored example of ADAPTER",
+                    description="The privacy already spent on them stays in the ledger.")
+    p.add_argument("adapter")
 
 
 def _base(ctx: Context, adapter: str) -> str:
@@ -186,6 +189,12 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
 def _examples_count(args: argparse.Namespace, ctx: Context) -> int:
     data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/examples")
     ctx.emit(data, lambda d: f"{args.adapter}: {d.get('examples') if isinstance(d, dict) else d} examples")
+    return 0
+
+
+def _examples_delete(args: argparse.Namespace, ctx: Context) -> int:
+    data = ctx.client.call("DELETE", f"{_base(ctx, args.adapter)}/examples", auth=True)
+    ctx.emit(data, lambda d: f"{args.adapter}: deleted {d.get('deleted') if isinstance(d, dict) else d} examples")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -194,6 +195,32 @@ def test_examples_add_command(stack: tuple[str, TrainerService, CollectorRegistr
     assert ctl.main(["examples", "count", "bob", *common]) == 0
     assert "bob: 3 examples" in capsys.readouterr().out
     assert ctl.main(["examples", "add", "bob", "--input", "x=[1]", *common]) == 2
+    assert ctl.main(["examples", "delete", "bob", *common]) == 0
+    assert "bob: deleted 3 examples" in capsys.readouterr().out
+    assert trainer.examples_count("bob") == 0
+
+
+def test_deleting_examples_needs_auth_and_waits_for_a_running_run(
+        stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
+    url, trainer, _ = stack
+    _fill(url, trainer, "alice", 30)
+    path = "/v2/models/demo/adapters/alice/examples"
+    with pytest.raises(ApiError) as e:
+        _client(url, token=False).call("DELETE", path, auth=True)
+    assert e.value.status == 401 and trainer.examples_count("alice") == 30
+    trainer.scheduler.pause()  # the run stays queued or running between steps
+    _client(url).call("POST", "/v2/models/demo/adapters/alice/train", auth=True)
+    with pytest.raises(ApiError) as e:
+        _client(url).call("DELETE", path, auth=True)
+    assert e.value.status == 409 and "cancel it" in e.value.message
+    _client(url).call("POST", "/v2/models/demo/adapters/alice/train/cancel", auth=True)
+    trainer.scheduler.resume()
+    deadline = time.monotonic() + 30
+    while (trainer.scheduler.adapter_status("alice") or {}).get("state") != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spent = trainer.privacy_state("alice")["epsilon_spent"]
+    assert _client(url).call("DELETE", path, auth=True) == {"adapter": "alice", "deleted": 30, "examples": 0}
+    assert trainer.privacy_state("alice")["epsilon_spent"] == spent  # deleting data does not refund ε
 
 
 def test_config_section_and_request_counter(tmp_path: Path) -> None:

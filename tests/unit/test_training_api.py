@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 
 from daemon import ctl, http_api
 from daemon.config import ConfigError, build_config
-from daemon.ctl import training as ctl_training
 from daemon.ctl.client import ApiError, Client
 from daemon.metrics import DaemonMetrics
 from daemon.trainer_config import trainer_section
@@ -54,13 +53,6 @@ class _Server:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-@pytest.fixture(autouse=True)
-def _loractl_with_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until daemon/ctl/__init__.py lists the training group itself.
-    if ctl_training.register not in ctl.GROUPS:
-        monkeypatch.setattr(ctl, "GROUPS", [*ctl.GROUPS, ctl_training.register])
 
 
 @pytest.fixture

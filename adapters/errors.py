@@ -30,11 +30,12 @@ class BaseModelMismatchError(InvalidAdapterError):
 class AdapterNotFoundError(AdapterError, LookupError):
     """No adapter (or no such version) of that name exists."""
 
-    def __init__(self, name: str, version: int | None = None) -> None:
+    def __init__(self, name: str, version: int | None = None, *, stored: list[int] | None = None) -> None:
         self.name = name
         self.version = version
         what = f"adapter {name!r}" if version is None else f"version {version} of adapter {name!r}"
-        super().__init__(f"{what} not found")
+        known = f"; stored versions: {stored}" if stored else ""
+        super().__init__(f"{what} not found{known}")
 
 
 class AdapterStorageError(AdapterError):

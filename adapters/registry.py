@@ -256,7 +256,7 @@ class AdapterRegistry:
                 _check_version(version)
                 vdir = self.root / name / str(version)
                 if not vdir.is_dir():
-                    raise AdapterNotFoundError(name, version)
+                    raise AdapterNotFoundError(name, version, stored=self._version_dirs(name))
             return self._read_record(name, version, vdir)
 
     def read_file(self, name: str, version: int | None, filename: str) -> bytes:

@@ -14,12 +14,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .cache import AdapterCache, CacheEvent
+from .cache import AdapterCache, CacheEntryInfo, CacheEvent
 from .engine import InferenceEngine, PreparedAdapter
 from .errors import AdapterNotFoundError, InvalidAdapterError
-from .lora import LoraAdapter
+from .lora import LoraAdapter, lora_scale
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
-from .registry import AdapterRegistry
+from .registry import AdapterRegistry, StoredAdapter
 
 __all__ = ["AdapterInfo", "InferResult", "AdapterService"]
 
@@ -109,14 +109,7 @@ class AdapterService:
         if unknown:
             raise InvalidAdapterError(f"unexpected adapter files {unknown}; allowed: {', '.join(_ADAPTER_FILES)}")
         adapter = self.parse(files)
-        record = {
-            "rank": adapter.rank,
-            "bytes": adapter.nbytes,
-            "base_fingerprint": self.engine.fingerprint,
-            "fingerprint_in_file": bool(adapter.base_fingerprint),
-            "source": "upload",
-            **(meta or {}),
-        }
+        record = {"fingerprint_in_file": bool(adapter.base_fingerprint), "source": "upload", **(meta or {})}
         return self._store(name, {f: files[f] for f in _ADAPTER_FILES}, adapter, record)
 
     def install(self, name: str, adapter: LoraAdapter, *, meta: Mapping[str, object] | None = None) -> AdapterInfo:
@@ -124,11 +117,19 @@ class AdapterService:
         self.engine.check(adapter)
         if not adapter.base_fingerprint:
             raise InvalidAdapterError("an installed adapter must record the fingerprint of its base model")
-        record = {"rank": adapter.rank, "bytes": adapter.nbytes, "base_fingerprint": self.engine.fingerprint, **(meta or {})}
-        record.setdefault("source", "install")
-        return self._store(name, dump_peft(adapter), adapter, record)
+        return self._store(name, dump_peft(adapter), adapter, {"source": "install", **(meta or {})})
 
-    def _store(self, name: str, files: Mapping[str, bytes], adapter: LoraAdapter, record: Mapping[str, object]) -> AdapterInfo:
+    def _store(self, name: str, files: Mapping[str, bytes], adapter: LoraAdapter, meta: Mapping[str, object]) -> AdapterInfo:
+        # What listing and inspecting report is recorded now, so they never re-read the files.
+        record = {
+            "rank": adapter.rank,
+            "bytes": adapter.nbytes,
+            "alpha": adapter.alpha,
+            "use_rslora": adapter.use_rslora,
+            "targets": sorted(adapter.weights),
+            "base_fingerprint": self.engine.fingerprint,
+            **meta,
+        }
         with self._changes:
             version = self.registry.put(name, files, meta=record)
             if self.cache.contains(name):
@@ -179,39 +180,46 @@ class AdapterService:
         return version
 
     def info(self, name: str) -> AdapterInfo:
-        version = self._require(name)
-        stored = self.registry.get(name, version)
-        cached = {e.name: e for e in self.cache.entries()}.get(name)
+        return self._info(self.registry.get(name), self._cache_entries())
+
+    def _cache_entries(self) -> dict[str, CacheEntryInfo]:
+        return {e.name: e for e in self.cache.entries()}
+
+    @staticmethod
+    def _info(stored: StoredAdapter, cache_entries: Mapping[str, CacheEntryInfo]) -> AdapterInfo:
+        cached = cache_entries.get(stored.name)
         return AdapterInfo(
-            name=name,
-            version=version,
+            name=stored.name,
+            version=stored.version,
             rank=_meta_int(stored.meta, "rank"),
             bytes=_meta_int(stored.meta, "bytes"),
-            cached=cached is not None and cached.version == version,
+            cached=cached is not None and cached.version == stored.version,
             pinned=cached is not None and cached.pinned,
         )
 
     def list_adapters(self) -> list[AdapterInfo]:
+        entries = self._cache_entries()
         infos = []
         for name in self.registry.names():
             try:
-                infos.append(self.info(name))
+                infos.append(self._info(self.registry.get(name), entries))
             except AdapterNotFoundError:
                 continue  # deleted while listing
         return infos
 
     def inspect(self, name: str) -> dict[str, object]:
-        info = self.info(name)
-        stored = self.registry.get(name, info.version)
-        adapter = self._load_version(name, info.version).adapter
+        stored = self.registry.get(name)
+        meta = stored.meta
+        alpha, use_rslora = meta.get("alpha"), bool(meta.get("use_rslora"))
+        info = self._info(stored, self._cache_entries())
         return {
             **info.__dict__,
             "versions": self.registry.versions(name),
-            "alpha": adapter.alpha,
-            "use_rslora": adapter.use_rslora,
-            "scale": adapter.scale,
-            "targets": sorted(adapter.weights),
+            "alpha": alpha,
+            "use_rslora": use_rslora,
+            "scale": lora_scale(float(alpha), info.rank, use_rslora=use_rslora) if isinstance(alpha, (int, float)) else None,
+            "targets": meta.get("targets"),
             "base_fingerprint": self.engine.fingerprint,
             "created": stored.created,
-            "meta": dict(stored.meta),
+            "meta": dict(meta),
         }

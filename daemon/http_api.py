@@ -29,11 +29,15 @@ from adapters.errors import (
     CacheFullError,
     InvalidAdapterError,
 )
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from adapters.service import AdapterService
 from daemon import auth, oip
 from daemon.metrics import CONTENT_TYPE, DaemonMetrics
 
-__all__ = ["ApiSettings", "make_app", "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION"]
+__all__ = [
+    "ApiSettings", "make_app", "protected", "HttpError", "json_response", "read_body",
+    "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -50,14 +54,16 @@ SERVER_VERSION = _package_version()
 #: Name of the adapter-management extension in the server metadata.
 EXTENSION = "lorad_adapters"
 #: The files an adapter upload may carry (Hugging Face PEFT layout).
-PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+PEFT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 _ACTIONS = ("load", "pin", "unpin", "evict", "rollback")
 _CHUNK = 1 << 16
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class _HttpError(Exception):
+class HttpError(Exception):
+    """An error answer with its HTTP status (and headers); rendered as ``{"error": ...}``."""
+
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -113,14 +119,16 @@ def make_app(settings: ApiSettings) -> web.Application:
 # ---------------------------------------------------------------- middleware
 
 
-def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(data, default=str).encode(), status=status, content_type="application/json", headers=headers
     )
 
 
 def _error_status(e: BaseException) -> tuple[int, str, Mapping[str, str] | None]:
-    if isinstance(e, _HttpError):
+    if isinstance(e, HttpError):
+        if e.status >= 500:
+            _log.error("%s", e)
         return e.status, str(e), e.headers
     if isinstance(e, oip.OIPError):
         return e.status, str(e), None
@@ -157,10 +165,10 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
             reason = f"method {request.method} is not allowed on {request.path}"
         elif e.status == 413:
             reason = f"request body exceeds the limit of {settings.max_request_bytes} bytes"
-        response = _json({"error": reason}, e.status, {k: v for k, v in e.headers.items() if k == "Allow"})
+        response = json_response({"error": reason}, e.status, {k: v for k, v in e.headers.items() if k == "Allow"})
     except Exception as e:  # every failure becomes one JSON error; unknown ones are logged
         status, message, headers = _error_status(e)
-        response = _json({"error": message}, status, headers)
+        response = json_response({"error": message}, status, headers)
     kind = request.get("adapter_kind", "none")
     settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind).observe(time.perf_counter() - start)
     if response.status >= 400:
@@ -176,7 +184,7 @@ def protected(handler: _Handler) -> _Handler:
         if not _via_unix_socket(request):
             token = request.app[_SETTINGS].token
             if not auth.check_bearer(request.headers.get("Authorization"), token):
-                raise _HttpError(
+                raise HttpError(
                     401,
                     "this endpoint changes state and needs 'Authorization: Bearer <token>' "
                     "with the token from the daemon's token file",
@@ -208,24 +216,24 @@ class _Handlers:
     def _model(self, request: web.Request) -> None:
         name = request.match_info["model"]
         if name != self.service.model_name:
-            raise _HttpError(404, f"model {name!r} not found; this daemon serves model {self.service.model_name!r}")
+            raise HttpError(404, f"model {name!r} not found; this daemon serves model {self.service.model_name!r}")
 
     # -- health and metadata
 
     async def live(self, request: web.Request) -> web.Response:
-        return _json({"live": True})
+        return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
         ok = self.s.ready()
-        return _json({"ready": ok}, 200 if ok else 503)
+        return json_response({"ready": ok}, 200 if ok else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [EXTENSION]})
+        return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [EXTENSION]})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._model(request)
         engine = self.service.engine
-        return _json({
+        return json_response({
             "name": self.service.model_name,
             "versions": [self.s.model_version],
             "platform": "onnxruntime_onnx",
@@ -236,7 +244,7 @@ class _Handlers:
     async def model_ready(self, request: web.Request) -> web.Response:
         self._model(request)
         ok = self.s.ready()
-        return _json({"name": self.service.model_name, "ready": ok}, 200 if ok else 503)
+        return json_response({"name": self.service.model_name, "ready": ok}, 200 if ok else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
@@ -251,7 +259,7 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         self._model(request)
-        body = await _read_body(request, self.s.max_request_bytes)
+        body = await read_body(request, self.s.max_request_bytes)
         req = await self._run(self._decode, body)
         request["adapter_kind"] = "base" if req.adapter is None else "adapter"
         payload = await self._run(self._infer, req)
@@ -279,24 +287,24 @@ class _Handlers:
     async def list_adapters(self, request: web.Request) -> web.Response:
         self._model(request)
         infos = await self._run(self.service.list_adapters)
-        return _json([asdict(i) for i in infos])
+        return json_response([asdict(i) for i in infos])
 
     async def inspect(self, request: web.Request) -> web.Response:
         self._model(request)
-        return _json(await self._run(self.service.inspect, request.match_info["adapter"]))
+        return json_response(await self._run(self.service.inspect, request.match_info["adapter"]))
 
     async def upload(self, request: web.Request) -> web.Response:
         self._model(request)
         name = request.match_info["adapter"]
         files = await _read_upload(request, self.s.max_request_bytes)
         info = await self._run(self.service.upload, name, files)
-        return _json(asdict(info), 201)
+        return json_response(asdict(info), 201)
 
     async def delete(self, request: web.Request) -> web.Response:
         self._model(request)
         name = request.match_info["adapter"]
         await self._run(self._delete, name)
-        return _json({"name": name, "deleted": True})
+        return json_response({"name": name, "deleted": True})
 
     def _delete(self, name: str) -> None:
         self.service.info(name)  # 404 for an unknown name rather than a silent success
@@ -306,12 +314,12 @@ class _Handlers:
         self._model(request)
         name = request.match_info["adapter"]
         if action == "rollback":
-            body = await _read_body(request, self.s.max_request_bytes)
+            body = await read_body(request, self.s.max_request_bytes)
             version = _rollback_version(body)
             info = await self._run(self.service.rollback, name, version)
         else:
             info = await self._run(getattr(self.service, action), name)
-        return _json(asdict(info))
+        return json_response(asdict(info))
 
 
 def _rollback_version(body: bytes) -> int:
@@ -321,30 +329,30 @@ def _rollback_version(body: bytes) -> int:
         doc = None
     version = doc.get("version") if isinstance(doc, dict) else None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _HttpError(400, 'rollback needs a JSON body {"version": N} with the version number (an integer >= 1)')
+        raise HttpError(400, 'rollback needs a JSON body {"version": N} with the version number (an integer >= 1)')
     return version
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, *, what: str = "request body",
+                    setting: str = "server.max_request_bytes") -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
-        raise oip.RequestTooLargeError(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+        raise oip.RequestTooLargeError(
+            f"{what} of {request.content_length} bytes exceeds the limit of {limit} bytes ({setting})")
     chunks: list[bytes] = []
     total = 0
-    while True:
-        chunk = await request.content.read(_CHUNK)
-        if not chunk:
-            return b"".join(chunks)
+    while chunk := await request.content.read(_CHUNK):
         total += len(chunk)
         if total > limit:
-            raise oip.RequestTooLargeError(f"request body exceeds the limit of {limit} bytes")
+            raise oip.RequestTooLargeError(f"{what} exceeds the limit of {limit} bytes ({setting})")
         chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _read_upload(request: web.Request, limit: int) -> dict[str, bytes]:
     """The PEFT files of a multipart/form-data upload, size-limited while streaming in."""
     if not request.content_type.startswith("multipart/"):
-        raise _HttpError(
+        raise HttpError(
             415,
             f"upload needs Content-Type multipart/form-data with the files {', '.join(PEFT_FILES)}; got {request.content_type!r}",
         )
@@ -353,23 +361,23 @@ async def _read_upload(request: web.Request, limit: int) -> dict[str, bytes]:
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as e:
-        raise _HttpError(400, f"malformed multipart body: {e}") from None
+        raise HttpError(400, f"malformed multipart body: {e}") from None
     files: dict[str, bytes] = {}
     total = 0
     while True:
         try:
             part = await reader.next()
         except (ValueError, AssertionError) as e:
-            raise _HttpError(400, f"malformed multipart body: {e}") from None
+            raise HttpError(400, f"malformed multipart body: {e}") from None
         if part is None:
             break
         if not isinstance(part, BodyPartReader):
-            raise _HttpError(400, "nested multipart bodies are not accepted")
+            raise HttpError(400, "nested multipart bodies are not accepted")
         fname = (part.filename or part.name or "").rsplit("/", 1)[-1]
         if fname not in PEFT_FILES:
-            raise _HttpError(400, f"unexpected upload file {fname!r}; allowed: {', '.join(PEFT_FILES)}")
+            raise HttpError(400, f"unexpected upload file {fname!r}; allowed: {', '.join(PEFT_FILES)}")
         if fname in files:
-            raise _HttpError(400, f"file {fname!r} is uploaded twice")
+            raise HttpError(400, f"file {fname!r} is uploaded twice")
         chunks: list[bytes] = []
         while True:
             chunk = await part.read_chunk(_CHUNK)
@@ -382,5 +390,5 @@ async def _read_upload(request: web.Request, limit: int) -> dict[str, bytes]:
         files[fname] = b"".join(chunks)
     missing = [f for f in PEFT_FILES if f not in files]
     if missing:
-        raise _HttpError(400, f"upload is missing {', '.join(missing)}; an adapter upload carries {', '.join(PEFT_FILES)}")
+        raise HttpError(400, f"upload is missing {', '.join(missing)}; an adapter upload carries {', '.join(PEFT_FILES)}")
     return files

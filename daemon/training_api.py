@@ -33,22 +33,14 @@ import numpy as np
 from aiohttp import web
 
 from daemon import oip
+from daemon.http_api import HttpError, json_response, read_body
 from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
 from trainer.scheduler import TrainingConflictError
 from trainer.service import TrainerService, TrainingUnavailableError
 
-__all__ = ["add_training_routes", "TrainingHttpError"]
+__all__ = ["add_training_routes"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_CHUNK = 1 << 16
-
-
-class TrainingHttpError(oip.OIPError):
-    """An error answer with its status; the API's error middleware renders it as JSON."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def add_training_routes(
@@ -75,10 +67,6 @@ def add_training_routes(
     app.router.add_post("/v2/trainer/resume", require_auth(h.resume))
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(data, default=str).encode(), status=status, content_type="application/json")
-
-
 class _Handlers:
     def __init__(self, trainer: TrainerService, executor: Executor | None) -> None:
         self.trainer = trainer
@@ -89,107 +77,93 @@ class _Handlers:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         except PrivacyBudgetExceededError as e:
-            raise TrainingHttpError(409, str(e)) from e
+            raise HttpError(409, str(e)) from e
         except TrainingConflictError as e:
-            raise TrainingHttpError(409, str(e)) from e
+            raise HttpError(409, str(e)) from e
         except TrainingUnavailableError as e:
-            raise TrainingHttpError(503, f"training is not available on this device: {e}") from e
+            raise HttpError(503, f"training is not available on this device: {e}") from e
         except BadTrainingDataError as e:
-            raise TrainingHttpError(422, str(e)) from e
+            raise HttpError(422, str(e)) from e
         except TrainingFailedError as e:
-            raise TrainingHttpError(500, str(e)) from e
+            raise HttpError(500, str(e)) from e
 
     def _adapter(self, request: web.Request) -> str:
         model = request.match_info["model"]
         served = self.trainer.adapters.model_name
         if model != served:
-            raise TrainingHttpError(404, f"model {model!r} not found; this daemon serves model {served!r}")
+            raise HttpError(404, f"model {model!r} not found; this daemon serves model {served!r}")
         return request.match_info.get("adapter", "")
 
     async def add_example(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        body = await _read_limited(request, self.limit)
+        body = await read_body(request, self.limit, what="example", setting="trainer.store.max_example_bytes")
         inputs, label = await self._run(self._decode_example, body)
         example_id = await self._run(self.trainer.add_example, adapter, inputs, label)
         count = await self._run(self.trainer.examples_count, adapter)
-        return _json({"id": example_id, "adapter": adapter, "examples": count}, 201)
+        return json_response({"id": example_id, "adapter": adapter, "examples": count}, 201)
 
     def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainingHttpError(400, f"request body is not valid JSON: {e}") from None
+            raise HttpError(400, f"request body is not valid JSON: {e}") from None
         except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
-            raise TrainingHttpError(400, "request body is nested too deeply") from None
+            raise HttpError(400, "request body is nested too deeply") from None
         if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label"} or "label" not in doc:
-            raise TrainingHttpError(
+            raise HttpError(
                 400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ...} '
                 "with nothing else; the label is a class number or a nested list of numbers")
         engine = self.trainer.adapters.engine
         request = oip.decode_infer_request({"inputs": doc["inputs"]}, engine.inputs, engine.outputs)
         label = doc["label"]
         if isinstance(label, bool) or not isinstance(label, (int, float, list)):
-            raise TrainingHttpError(400, f"'label' must be a number or a nested list of numbers, got {label!r}")
+            raise HttpError(400, f"'label' must be a number or a nested list of numbers, got {label!r}")
         array = np.asarray(label)
         if array.dtype.kind not in "iuf":
-            raise TrainingHttpError(400, "'label' must be a number or a (non-ragged) nested list of numbers")
+            raise HttpError(400, "'label' must be a number or a (non-ragged) nested list of numbers")
         return request.inputs, array
 
     async def count_examples(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        return _json({"adapter": adapter, "examples": await self._run(self.trainer.examples_count, adapter)})
+        return json_response({"adapter": adapter, "examples": await self._run(self.trainer.examples_count, adapter)})
 
     async def delete_examples(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         deleted = await self._run(self.trainer.delete_examples, adapter)
-        return _json({"adapter": adapter, "deleted": deleted, "examples": 0})
+        return json_response({"adapter": adapter, "deleted": deleted, "examples": 0})
 
     async def train(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         run_id = await self._run(self.trainer.trigger, adapter)
         status = await self._run(self.trainer.run_status, adapter)
-        return _json({**status, "run_id": run_id, "adapter": adapter}, 202)
+        return json_response({**status, "run_id": run_id, "adapter": adapter}, 202)
 
     async def progress(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        return _json(await self._run(self.trainer.run_status, adapter))
+        return json_response(await self._run(self.trainer.run_status, adapter))
 
     async def cancel(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         cancelled = await self._run(self.trainer.cancel, adapter)
         if not cancelled:
-            raise TrainingHttpError(409, f"adapter {adapter!r} has no queued or running training run to cancel")
-        return _json({"adapter": adapter, "cancelled": True})
+            raise HttpError(409, f"adapter {adapter!r} has no queued or running training run to cancel")
+        return json_response({"adapter": adapter, "cancelled": True})
 
     async def privacy(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        return _json(await self._run(self.trainer.privacy_state, adapter))
+        return json_response(await self._run(self.trainer.privacy_state, adapter))
 
     async def privacy_all(self, request: web.Request) -> web.Response:
         self._adapter(request)
-        return _json(await self._run(self.trainer.privacy_states))
+        return json_response(await self._run(self.trainer.privacy_states))
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(await self._run(self.trainer.status))
+        return json_response(await self._run(self.trainer.status))
 
     async def pause(self, request: web.Request) -> web.Response:
         await self._run(self.trainer.pause)
-        return _json(await self._run(self.trainer.status))
+        return json_response(await self._run(self.trainer.status))
 
     async def resume(self, request: web.Request) -> web.Response:
         await self._run(self.trainer.resume)
-        return _json(await self._run(self.trainer.status))
-
-
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise oip.RequestTooLargeError(f"example of {request.content_length} bytes exceeds the limit of {limit} "
-                                       "bytes (trainer.store.max_example_bytes)")
-    chunks, total = [], 0
-    while chunk := await request.content.read(_CHUNK):
-        total += len(chunk)
-        if total > limit:
-            raise oip.RequestTooLargeError(f"example exceeds the limit of {limit} bytes (trainer.store.max_example_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return json_response(await self._run(self.trainer.status))

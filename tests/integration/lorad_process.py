@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +25,7 @@ from onnx import numpy_helper
 
 from adapters.lora import LoraAdapter, LoraWeights
 from adapters.peft_format import dump_peft
+from daemon.ctl.client import multipart_body
 from daemon.demo import demo_model_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ class RunningDaemon:
                 return Response(e.code, dict(e.headers), e.read())
 
     def upload(self, name: str, files: Mapping[str, bytes], *, token: object = _DEFAULT) -> Response:
-        body, ctype = multipart(files)
+        body, ctype = multipart_body(files)
         return self.request("PUT", f"/v2/models/{MODEL}/adapters/{name}", body=body, content_type=ctype, token=token)
 
     def action(self, name: str, action: str, *, token: object = _DEFAULT) -> Response:
@@ -166,19 +166,6 @@ def run_lorad(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 
 def run_loractl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*loractl_command(), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def multipart(files: Mapping[str, bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    chunks = []
-    for name, data in files.items():
-        chunks.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode()
-        )
-        chunks += [data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
 # ---------------------------------------------------------------- the demo model in numpy

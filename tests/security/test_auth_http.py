@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from daemon.demo import demo_adapter_dirs
-from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, multipart, start_daemon
+from daemon.ctl.client import multipart_body
+from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, start_daemon
 
 BAD_TOKENS = {
     "none": None,
@@ -62,7 +63,7 @@ def _send(d: RunningDaemon, method: str, path: str, token: str | None, kind: str
 
 def test_state_changing_endpoints_need_the_token(daemon: RunningDaemon) -> None:
     name = sorted(demo_adapter_dirs())[0]
-    upload_body, upload_type = multipart(DemoMath().marker_adapter(digit_probe(), 0, 9.0))
+    upload_body, upload_type = multipart_body(DemoMath().marker_adapter(digit_probe(), 0, 9.0))
     base = f"/v2/models/{MODEL}/adapters"
     calls = [
         ("PUT", f"{base}/{name}", upload_body, upload_type),

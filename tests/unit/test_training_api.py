@@ -19,7 +19,6 @@ from daemon import ctl, http_api
 from daemon.config import ConfigError, build_config
 from daemon.ctl.client import ApiError, Client
 from daemon.metrics import DaemonMetrics
-from daemon.trainer_config import trainer_section
 from daemon.training_api import add_training_routes
 from tests.unit.trainer_helpers import inputs, labelled_by, make_service, teacher
 from trainer.config import parse_trainer_section
@@ -216,20 +215,12 @@ def test_deleting_examples_needs_auth_and_waits_for_a_running_run(
 
 
 def test_config_section_and_request_counter(tmp_path: Path) -> None:
-    from daemon import config as daemon_config
-
-    sections = dict(daemon_config.SECTIONS)
-    try:
-        daemon_config.SECTIONS["trainer"] = trainer_section
-        with pytest.raises(ConfigError) as e:
-            build_config({"trainer": {"noise": "seeded"}}, base_dir=tmp_path, environ={})
-        assert e.value.key == "trainer.noise" and "secure" in str(e.value)
-        with pytest.raises(ConfigError) as e:
-            build_config({"trainer": {"nonsense": 1}}, base_dir=tmp_path, environ={})
-        assert e.value.key == "trainer.nonsense"
-    finally:
-        daemon_config.SECTIONS.clear()
-        daemon_config.SECTIONS.update(sections)
+    with pytest.raises(ConfigError) as e:
+        build_config({"trainer": {"noise": "seeded"}}, base_dir=tmp_path, environ={})
+    assert e.value.key == "trainer.noise" and "secure" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config({"trainer": {"nonsense": 1}}, base_dir=tmp_path, environ={})
+    assert e.value.key == "trainer.nonsense"
     registry = CollectorRegistry()
     metrics = DaemonMetrics(registry)
     count = metrics.inference_requests

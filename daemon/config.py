@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import platformdirs
@@ -253,6 +254,9 @@ class ModelConfig:
     device: str = "cpu"
     #: ONNX Runtime intra-op threads; 0 = let ORT decide.
     intra_op_threads: int = 0
+    #: PEFT module name → ONNX weight name, for weights whose names do not follow the
+    #: module tree (default: module ``m`` is weight ``m.weight``).
+    weight_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -320,7 +324,18 @@ def _parse_model(r: SectionReader, ctx: ParseContext) -> ModelConfig:
         rank=r.integer("rank", DEMO_RANK if path is None else d.rank, minimum=1, maximum=1024),
         device=r.string("device", d.device, choices=_DEVICES),
         intra_op_threads=r.integer("intra_op_threads", d.intra_op_threads, minimum=0, maximum=1024),
+        weight_names=_string_mapping(r, "weight_names"),
     )
+
+
+def _string_mapping(r: SectionReader, name: str) -> Mapping[str, str]:
+    value = r.raw(name)
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                 for k, v in value.items()):
+        raise ConfigError(r.key(name), f"got {_show(value)}; expected a mapping of PEFT module names to ONNX weight names")
+    return MappingProxyType(dict(value))
 
 
 def _parse_cache(r: SectionReader, ctx: ParseContext) -> CacheConfig:

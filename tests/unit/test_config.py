@@ -179,3 +179,11 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.trainer.defaults.delta == 1e-5
     assert config.trainer.defaults.learning_rate == 2e-3
+
+
+def test_weight_names_map_peft_modules_to_onnx_weights(tmp_path: Path) -> None:
+    cfg = build_config({"state_dir": str(tmp_path), "model": {"weight_names": {"encoder.fc": "onnx::MatMul_7"}}}, environ={})
+    assert dict(cfg.model.weight_names) == {"encoder.fc": "onnx::MatMul_7"}
+    with pytest.raises(ConfigError) as e:
+        build_config({"state_dir": str(tmp_path), "model": {"weight_names": ["encoder.fc"]}}, environ={})
+    assert e.value.key == "model.weight_names" and "mapping of PEFT module names" in str(e.value)

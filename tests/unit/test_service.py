@@ -128,3 +128,17 @@ def test_requests_see_exactly_one_version_while_versions_change(setup: tuple[Ada
         t.join(timeout=30)
     assert not errors, errors[0]
     assert service.infer({"x": X}, "a").version == 8
+
+
+def test_weight_names_map_peft_module_names_to_onnx_weights(tmp_path: Path) -> None:
+    model, w = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=4)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20,
+                             weight_names={"encoder.first": "fc1.weight", "encoder.second": "fc2.weight"})
+    adapter = random_adapter(engine.targets, engine.fingerprint, rank=2)
+    renamed = type(adapter)(rank=2, alpha=adapter.alpha, base_fingerprint=adapter.base_fingerprint,
+                            weights={"encoder.first.weight": adapter.weights["fc1.weight"],
+                                     "encoder.second.weight": adapter.weights["fc2.weight"]})
+    service.upload("exported", dump_peft(renamed))  # PEFT modules encoder.first, encoder.second
+    np.testing.assert_allclose(service.infer({"x": X}, "exported").outputs["y"], tiny_reference(w, X, adapter),
+                               rtol=1e-5, atol=1e-5)

@@ -260,16 +260,19 @@ class _Handlers:
     async def infer(self, request: web.Request) -> web.Response:
         self._model(request)
         body = await read_body(request, self.s.max_request_bytes)
-        req = await self._run(self._decode, body)
-        request["adapter_kind"] = "base" if req.adapter is None else "adapter"
-        payload = await self._run(self._infer, req)
+        kind: list[str] = []  # filled by the worker once decoded, so errors after that are labelled
+        try:
+            payload = await self._run(self._infer, body, kind)
+        finally:
+            if kind:
+                request["adapter_kind"] = kind[0]
         return web.Response(body=payload, content_type="application/json")
 
-    def _decode(self, body: bytes) -> oip.InferRequest:
+    def _infer(self, body: bytes, kind: list[str]) -> bytes:
+        """Decode, run and encode in one trip to the worker pool (the hot path)."""
         engine = self.service.engine
-        return oip.decode_infer_request(body, engine.inputs, engine.outputs)
-
-    def _infer(self, req: oip.InferRequest) -> bytes:
+        req = oip.decode_infer_request(body, engine.inputs, engine.outputs)
+        kind.append("base" if req.adapter is None else "adapter")
         result = self.service.infer(req.inputs, req.adapter)
         doc = oip.encode_infer_response(
             model_name=self.service.model_name,
@@ -303,12 +306,8 @@ class _Handlers:
     async def delete(self, request: web.Request) -> web.Response:
         self._model(request)
         name = request.match_info["adapter"]
-        await self._run(self._delete, name)
+        await self._run(self.service.delete, name)  # AdapterNotFoundError: 404 naming it
         return json_response({"name": name, "deleted": True})
-
-    def _delete(self, name: str) -> None:
-        self.service.info(name)  # 404 for an unknown name rather than a silent success
-        self.service.delete(name)
 
     async def action(self, action: str, request: web.Request) -> web.Response:
         self._model(request)

@@ -96,13 +96,12 @@ def decode_infer_request(
     body: bytes | Mapping[str, object],
     inputs: Sequence[TensorSpecLike],
     outputs: Sequence[TensorSpecLike],
-    *,
-    max_bytes: int | None = None,
 ) -> InferRequest:
-    """Parse and check an infer request against the model's input and output specs."""
+    """Parse and check an infer request against the model's input and output specs.
+
+    The body's size is limited while it streams in (daemon.http_api.read_body).
+    """
     if isinstance(body, (bytes, bytearray)):
-        if max_bytes is not None and len(body) > max_bytes:
-            raise RequestTooLargeError(f"request body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

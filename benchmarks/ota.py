@@ -45,6 +45,7 @@ from adapters.engine import InferenceEngine
 from adapters.lora import LoraAdapter, LoraWeights
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
+from benchmarks.timing import median_seconds
 from benchmarks.mosquitto import Broker, create_broker
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from ota.client import ClientConfig, OtaClient
@@ -252,9 +253,7 @@ class _Bench:
         _, canonical, _ = reconstruct(spec, payload, base_fingerprint=self.engine.fingerprint)
         root = self.repo.load("root").signed
         signed = {role: self.repo.load(role) for role in ("timestamp", "snapshot", "targets")}
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        def verify() -> None:
             for role, md in signed.items():
                 root.verify_delegate(role, md.signed_bytes, md.signatures)
             for i, c in enumerate(chunks):
@@ -262,8 +261,8 @@ class _Bench:
             spec.verify_payload(payload)
             if hashlib.sha256(canonical).hexdigest() != spec.adapter_sha256:
                 raise RuntimeError("adapter digest differs")
-            times.append((time.perf_counter() - t0) * 1e3)
-        ms = statistics.median(times)
+
+        ms = median_seconds(verify, reps, warmup=1) * 1e3
         return {"verify_ms_per_mb": round(ms / (len(payload) / 1e6), 3), "verify_ms": round(ms, 3),
                 "verify_payload_bytes": len(payload),
                 "verify_covers": "ed25519 signatures of timestamp, snapshot, targets; sha256 of every "

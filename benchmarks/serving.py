@@ -32,7 +32,7 @@ from adapters.peft_format import dump_peft
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from benchmarks.timing import median_seconds
+from benchmarks.timing import best_medians
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 
 RANK = 8
@@ -55,13 +55,8 @@ def _random_adapter(targets: list[LoraTarget], fingerprint: str, rank: int, seed
     )
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], n: int, rounds: int) -> dict[str, float]:
-    """Best median per function over several interleaved rounds, so drift hits all alike."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            best[k] = min(best[k], median_seconds(fn, n, warmup=max(20, n // 20)) * 1e6)
-    return best
+def _interleaved_us(fns: dict[str, Callable[[], object]], n: int, rounds: int) -> dict[str, float]:
+    return {k: v * 1e6 for k, v in best_medians(fns, n, rounds=rounds, warmup=max(20, n // 20)).items()}
 
 
 def _merged_session(model: onnx.ModelProto, adapter: LoraAdapter, targets: list[LoraTarget]) -> ort.InferenceSession:
@@ -93,7 +88,7 @@ def measure(model: onnx.ModelProto, patterns: list[str], feeds: dict[str, np.nda
             service.load(name)
 
         # Overhead: the same base model without LoRA paths vs one session with an adapter active.
-        medians = _interleaved_medians(
+        medians = _interleaved_us(
             {
                 "base": lambda: base.run(None, feeds),
                 "lora": lambda: service.infer(feeds, "a0"),
@@ -108,7 +103,7 @@ def measure(model: onnx.ModelProto, patterns: list[str], feeds: dict[str, np.nda
             toggle[0] ^= 1
             service.infer(feeds, "a1" if toggle[0] else "a0")
 
-        medians.update(_interleaved_medians({"alternate": alternate, "same": lambda: service.infer(feeds, "a0")}, n, rounds))
+        medians.update(_interleaved_us({"alternate": alternate, "same": lambda: service.infer(feeds, "a0")}, n, rounds))
 
         # Cold load of a ~1 MB adapter from the registry on disk into the cache.
         per_rank = sum(4 * (t.in_features + t.out_features) for t in targets)

@@ -47,7 +47,7 @@ from adapters.engine import InferenceEngine
 from adapters.lora_graph import per_example_name
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
-from benchmarks.timing import median_seconds
+from benchmarks.timing import best_medians, median_seconds
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from trainer.artifacts import (
     CLIP_NORM_INPUT,
@@ -97,10 +97,8 @@ def measure_steps(model: onnx.ModelProto, cache: Path, *, quick: bool) -> dict[s
     for batch in BATCHES:
         plain, private = _steppers(model, cache, batch, threads=0)
         data = _batch(batch, seed=batch)
-        best = {"plain": float("inf"), "private": float("inf")}
-        for _ in range(rounds):  # interleaved, best median: drift hits both alike
-            best["plain"] = min(best["plain"], _median_ms(lambda: plain.step(data), n))
-            best["private"] = min(best["private"], _median_ms(lambda: private.step(data), n))
+        best = {k: v * 1e3 for k, v in best_medians(
+            {"plain": lambda: plain.step(data), "private": lambda: private.step(data)}, n, rounds=rounds).items()}
         out[str(batch)] = {
             "nondp_step_ms": round(best["plain"], 2),
             "dp_step_ms": round(best["private"], 2),

@@ -27,11 +27,11 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import dp_accounting
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
 
 __all__ = [
     "AccountantName",
@@ -160,6 +160,12 @@ def calibrate_sigma(
 def _epsilon_cached(
     runs: tuple[tuple[float, float, int], ...], delta: float, accountant: AccountantName
 ) -> float:
+    # Imported here: dp_accounting takes ~1.5 s to import, and the names above are read by
+    # the config parser that loractl runs.
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     acct: RdpAccountant | PLDAccountant
     if accountant == "rdp":
         acct = RdpAccountant(orders=list(RDP_ORDERS))

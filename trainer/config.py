@@ -27,13 +27,13 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
+# trainer.accountant imports dp_accounting (~1.5 s) only when ε is computed, and the noise
+# sources are imported where used: loractl reads the daemon config (which includes this section).
+from ._names import is_adapter_name
+from .accountant import ACCOUNTANTS, AccountantName
+
 if TYPE_CHECKING:
     from .noise import NoiseSource
-
-# The accountant and the noise sources are imported where used: importing dp_accounting
-# takes ~1.5 s, and loractl reads the daemon config (which includes this section).
-AccountantName = Literal["rdp", "pld"]
-ACCOUNTANTS: tuple[AccountantName, ...] = ("rdp", "pld")  # == trainer.accountant.ACCOUNTANTS (tested)
 
 __all__ = [
     "TrainerConfigError",
@@ -51,7 +51,6 @@ __all__ = [
 ValidationMetric = Literal["loss", "accuracy"]
 NoiseKind = Literal["secure", "seeded"]
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -263,7 +262,7 @@ def parse_trainer_section(data: object, *, prefix: str = "trainer") -> TrainerCo
     adapters_reader = r.section("adapters")
     adapters = {}
     for name in adapters_reader.names():
-        if not _ADAPTER_NAME.match(name):
+        if not is_adapter_name(name):
             raise TrainerConfigError(adapters_reader.key(name), f"{name!r} is not an adapter name; allowed: "
                                      "letters, digits, '.', '_', '-' (1-64, not starting with a symbol)")
         adapters[name] = _parse_adapter(adapters_reader.section(name), defaults)

@@ -168,10 +168,6 @@ class DPStepper:
         """Optimizer steps taken (including those before a resume)."""
         return self._steps
 
-    @property
-    def learning_rate(self) -> float:
-        return float(self._optimizer.get_learning_rate())
-
     def step(self, batch: Mapping[str, np.ndarray]) -> StepResult:
         """One DP-SGD (or plain) update from one Poisson-sampled batch (may be empty)."""
         feeds, n = self._check_batch(batch)

@@ -5,7 +5,10 @@ as raw bytes with their dtype and shape. The store is bounded: at most
 ``max_examples_per_adapter`` per adapter, ``max_bytes`` of array data in all, nothing
 older than ``retention_days``; when a bound is crossed the oldest examples go first.
 
-WAL mode lets the trainer read batches while the HTTP API adds examples. Sampling for
+WAL mode lets the trainer read batches while the HTTP API adds examples. Deleting is
+erasing: ``secure_delete`` overwrites freed content, and after every deletion a
+``TRUNCATE`` checkpoint moves the overwritten pages into the database and empties the
+write-ahead log, which still holds the examples as they were written. Sampling for
 DP-SGD is Poisson (every example independently with probability q), which is what the
 accountant assumes. The train/holdout split hashes each example id with a seed, so an
 example stays on its side of the split as examples come and go.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -29,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from trainer._names import check_adapter_name
 from trainer.errors import BadTrainingDataError, TrainingFailedError
 
 __all__ = ["Example", "ExampleStore"]
 
+_log = logging.getLogger(__name__)
+
 _SCHEMA_VERSION = 1
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INPUT_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
 # Numbers only: object/string arrays cannot be stored as raw bytes safely.
 _KINDS = "biuf"
@@ -104,7 +110,7 @@ class ExampleStore:
         label: npt.NDArray[np.generic] | int | float,
     ) -> int:
         """Store one example; returns its id. Retention is enforced afterwards."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         tensors = _encode_inputs(inputs)
         tensors.append(_encode(_LABEL, np.asarray(label), "label"))
         nbytes = sum(len(t[3]) for t in tensors)
@@ -121,25 +127,35 @@ class ExampleStore:
                 "INSERT INTO tensors (example_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
                 [(example_id, *t) for t in tensors],
             )
-            self._enforce(db, adapter)
+            deleted = self._enforce(db, adapter)
+        if deleted:
+            self._erase_deleted()
         return example_id
 
     def enforce_retention(self) -> int:
         """Apply the age and size bounds now (the scheduler calls this); returns deletions."""
         with self._transaction() as db:
-            return self._enforce(db, None)
+            deleted = self._enforce(db, None)
+        if deleted:
+            self._erase_deleted()
+        return deleted
 
     def delete_adapter(self, adapter: str) -> int:
         """Forget every example of ``adapter``; returns how many were deleted."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         with self._transaction() as db:
-            return db.execute("DELETE FROM examples WHERE adapter = ?", (adapter,)).rowcount
+            deleted = int(db.execute("DELETE FROM examples WHERE adapter = ?", (adapter,)).rowcount)
+        if not self._erase_deleted():
+            raise TrainingFailedError(
+                f"example store {self.path}: the examples of {adapter!r} are deleted but still in the "
+                f"write-ahead log (another connection is reading); delete again to erase them")
+        return deleted
 
     # --- reading ------------------------------------------------------------------------
 
     def count(self, adapter: str, since_id: int | None = None) -> int:
         """Examples of ``adapter`` (with id > ``since_id`` when given: the new ones)."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         with self._transaction(write=False) as db:
             row = db.execute("SELECT COUNT(*) FROM examples WHERE adapter = ? AND id > ?",
                              (adapter, -1 if since_id is None else since_id)).fetchone()
@@ -152,7 +168,7 @@ class ExampleStore:
         return [str(r[0]) for r in rows]
 
     def ids(self, adapter: str) -> list[int]:
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         with self._transaction(write=False) as db:
             rows = db.execute("SELECT id FROM examples WHERE adapter = ? ORDER BY id",
                               (adapter,)).fetchall()
@@ -241,6 +257,7 @@ class ExampleStore:
             raise TrainingFailedError(f"cannot open example store {self.path}: {e}") from e
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA secure_delete=ON")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -280,6 +297,23 @@ class ExampleStore:
                     db.execute("ROLLBACK")
                 raise TrainingFailedError(f"example store {self.path} failed: {e}") from e
 
+    def _erase_deleted(self) -> bool:
+        """Empty the write-ahead log into the database (whose freed pages secure_delete zeroed).
+
+        False if another connection's read kept part of the log (the next deletion retries).
+        """
+        with self._lock:
+            if self._db is None:
+                raise RuntimeError(f"example store {self.path} is closed")
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.DatabaseError as e:
+                raise TrainingFailedError(f"example store {self.path}: erasing deleted examples failed: {e}") from e
+        if busy:
+            _log.warning("example store %s: deleted examples are still in its write-ahead log (another "
+                         "connection is reading); the next deletion empties it", self.path)
+        return not busy
+
     def _enforce(self, db: sqlite3.Connection, adapter: str | None) -> int:
         deleted = db.execute("DELETE FROM examples WHERE created_at < ?",
                              (self._clock() - self.retention_days * 86400.0,)).rowcount
@@ -302,11 +336,6 @@ class ExampleStore:
                     break
             deleted += db.execute("DELETE FROM examples WHERE id <= ?", (cut,)).rowcount
         return deleted
-
-
-def _check_adapter(adapter: str) -> None:
-    if not (isinstance(adapter, str) and _ADAPTER_NAME.match(adapter)):
-        raise ValueError(f"adapter name must match {_ADAPTER_NAME.pattern}, got {adapter!r}")
 
 
 def _encode_inputs(inputs: Mapping[str, npt.NDArray[np.generic]]) -> list[tuple[str, str, str, bytes]]:

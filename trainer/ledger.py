@@ -29,7 +29,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapters.fsutil import atomic_write_bytes
+from trainer._names import check_adapter_name, is_adapter_name
 from trainer.accountant import ACCOUNTANTS, AccountantName, RunCharge, epsilon
 from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
 
@@ -47,7 +47,6 @@ END_STATUSES: tuple[RunStatus, ...] = ("completed", "failed", "cancelled")
 
 _FORMAT = "lorad-privacy-ledger"
 _VERSION = 1
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RUN_KEYS: dict[str, type | tuple[type, ...]] = {
     "run_id": int, "q": float, "sigma": float, "clip_norm": float, "planned_steps": int,
     "steps_done": int, "steps_charged": int, "examples": int, "accountant": str,
@@ -61,7 +60,8 @@ _ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {"accountant": str, "delta":
 class PrivacyState:
     """An adapter's privacy as of now. ``runs`` are JSON-ready copies of the run records.
 
-    The adapter's δ, budget and accountant are those of its latest run (None before any).
+    The adapter's budget and accountant are those of its latest run, its δ the smallest
+    any run asked for (None before any): δ never goes up, so ε spent never goes down.
     ``epsilon_spent`` composes the charged steps of every run at that δ.
     """
 
@@ -102,7 +102,7 @@ class PrivacyLedger:
         examples: int, accountant: AccountantName, delta: float, budget_epsilon: float,
     ) -> int:
         """Charge ``planned_steps`` durably, or refuse; returns the run id."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         charge = RunCharge(q=q, sigma=sigma, steps=planned_steps)
         if planned_steps < 1:
             raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
@@ -116,8 +116,11 @@ class PrivacyLedger:
             self._check_open()
             entry = self._doc["adapters"].get(adapter)
             previous = _charges(entry["runs"]) if entry else []
-            spent = epsilon(runs=previous, delta=delta, accountant=accountant)
-            after = epsilon(runs=[*previous, charge], delta=delta, accountant=accountant)
+            # δ only goes down: ε of the runs already charged at a larger δ would be smaller,
+            # so raising δ later would hand the data back budget it has spent.
+            at_delta = min(float(delta), entry["delta"]) if entry else float(delta)
+            spent = epsilon(runs=previous, delta=at_delta, accountant=accountant)
+            after = epsilon(runs=[*previous, charge], delta=at_delta, accountant=accountant)
             if after > budget_epsilon:
                 raise PrivacyBudgetExceededError(
                     adapter, spent_epsilon=spent, requested_epsilon=after,
@@ -127,7 +130,7 @@ class PrivacyLedger:
             run_id = doc["next_run_id"]
             doc["next_run_id"] = run_id + 1
             new_entry = doc["adapters"].setdefault(adapter, {"runs": []})
-            new_entry.update(accountant=accountant, delta=float(delta),
+            new_entry.update(accountant=accountant, delta=at_delta,
                              budget_epsilon=float(budget_epsilon))
             new_entry["runs"].append({
                 "run_id": run_id, "q": float(q), "sigma": float(sigma),
@@ -168,7 +171,7 @@ class PrivacyLedger:
 
     def state(self, adapter: str) -> PrivacyState:
         """ε spent, δ, budget and every run of ``adapter`` (an empty state if never trained)."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         with self._lock:
             self._check_open()
             entry = self._doc["adapters"].get(adapter)
@@ -277,11 +280,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
-def _check_adapter(adapter: str) -> None:
-    if not (isinstance(adapter, str) and _ADAPTER_NAME.match(adapter)):
-        raise ValueError(f"adapter name must match {_ADAPTER_NAME.pattern}, got {adapter!r}")
-
-
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0):
@@ -324,7 +322,7 @@ def _validate(doc: object) -> None:
     seen: set[int] = set()
     for name, entry in doc["adapters"].items():
         where = f"adapters[{name!r}]"
-        if not _ADAPTER_NAME.match(name):
+        if not is_adapter_name(name):
             raise _Invalid(f"{where}: not a valid adapter name")
         _expect(where, entry, dict)
         if set(entry) != set(_ADAPTER_KEYS):
@@ -334,6 +332,10 @@ def _validate(doc: object) -> None:
         _check_common(where, entry)
         for i, run in enumerate(entry["runs"]):
             _validate_run(f"{where}.runs[{i}]", run, doc["next_run_id"], seen)
+            if run["delta"] < entry["delta"]:
+                # ε of all runs is composed at the entry's δ; a larger one would under-count.
+                raise _Invalid(f"{where}.runs[{i}].delta {run['delta']!r} is below the adapter's "
+                               f"delta {entry['delta']!r}, which must be the smallest δ of its runs")
 
 
 def _check_common(where: str, rec: dict[str, Any]) -> None:

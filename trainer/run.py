@@ -244,11 +244,7 @@ class TrainingRun:
             return self.run_id
         shutil.rmtree(self._dir, ignore_errors=True)  # local state of an ended run
         self._check_ledger_knows_trained_versions(ledger_runs)
-
-        rank, slots = self.config.rank, self.env.service.engine.rank
-        if rank > slots:
-            raise ValueError(f"rank {rank} of adapter {self.adapter!r} exceeds the serving slot rank {slots}; "
-                             "lower the adapter's rank or raise model.rank")
+        self._check_rank(self.config.rank)
         train, _ = self._split()
         plan = self.config.plan(len(train))
         self.run_id = self.env.ledger.begin_run(
@@ -306,17 +302,38 @@ class TrainingRun:
             init_seed=c.init_seed,
         )
 
+    def _check_rank(self, rank: int) -> None:
+        slots = self.env.service.engine.rank
+        if rank > slots:
+            raise ValueError(f"rank {rank} of adapter {self.adapter!r} exceeds the serving slot rank {slots}; "
+                             "lower the adapter's rank or raise model.rank")
+
     def _read_run_file(self) -> dict[str, Any]:
+        """The run's local state; {} only if there is none.
+
+        An unreadable or corrupt file is an error, not "no state": begin() deletes the local
+        state of a run it does not recognise, and that may be a paid-for checkpoint.
+        """
+        path = self._dir / _RUN_FILE
         try:
-            doc = json.loads((self._dir / _RUN_FILE).read_text())
-        except (OSError, ValueError):
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
             return {}
-        return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError) as e:
+            raise BadTrainingDataError(
+                f"adapter {self.adapter!r}: cannot read the run state {path}: {e}; nothing was deleted. "
+                f"Repair or remove {self._dir} (removing it restarts an interrupted run at step 0)") from e
+        if not (isinstance(doc, dict) and isinstance(doc.get("run_id"), int)):
+            raise BadTrainingDataError(
+                f"adapter {self.adapter!r}: the run state {path} is corrupt (expected an object with an "
+                f"integer run_id); nothing was deleted. Repair or remove {self._dir} (removing it restarts "
+                f"an interrupted run at step 0)")
+        return doc
 
     def _write_run_file(self, plan: RunPlan, *, last_example: int | None) -> None:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {
-            "run_id": self.run_id, "plan": asdict(plan), "expected_batch_size": plan.expected_batch_size,
+            "run_id": self.run_id, "expected_batch_size": plan.expected_batch_size,
             "learning_rate": self._saved.get("learning_rate", self.config.learning_rate),
             "artifact_config": asdict(self._artifact_config()), "last_example_id": last_example,
         }
@@ -373,9 +390,7 @@ class TrainingRun:
             raise TrainingFailedError(
                 f"training artifacts are for base model {artifacts.base_fingerprint}, serving is "
                 f"{engine.fingerprint}; the base model changed during the run")
-        if artifacts.config.rank > engine.rank:
-            raise ValueError(f"rank {artifacts.config.rank} of adapter {self.adapter!r} exceeds the "
-                             f"serving slot rank {engine.rank}; lower rank or raise model.rank")
+        self._check_rank(artifacts.config.rank)
         return artifacts
 
     def _stepper(self, artifacts: TrainingArtifacts, plan: RunPlan) -> _Stepper:
@@ -476,7 +491,7 @@ class TrainingRun:
         )
         version = None
         if gate.accepted:
-            meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": plan.delta,
+            meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": self._delta(),
                     "accountant": plan.accountant, "validated_against": gate.baseline}
             version = self.env.service.install(self.adapter, candidate, meta=meta).version
             _log.info("adapter %r: run %d installed as version %d (%s)", self.adapter, run_id, version, gate.reason)
@@ -514,10 +529,16 @@ class TrainingRun:
 
     def _epsilon_so_far(self, steps: int) -> float:
         assert self.plan is not None
+        state = self.env.ledger.state(self.adapter)
         others = [RunCharge(q=r["q"], sigma=r["sigma"], steps=r["steps_charged"])
-                  for r in self.env.ledger.state(self.adapter).runs if r["run_id"] != self.run_id]
+                  for r in state.runs if r["run_id"] != self.run_id]
         mine = [RunCharge(q=self.plan.q, sigma=self.plan.sigma, steps=steps)] if steps else []
-        return epsilon(runs=[*others, *mine], delta=self.plan.delta, accountant=self.plan.accountant)
+        return epsilon(runs=[*others, *mine], delta=state.delta or self.plan.delta, accountant=self.plan.accountant)
+
+    def _delta(self) -> float:
+        """The δ the ledger composes this adapter's ε at (never above any run's δ)."""
+        assert self.plan is not None
+        return self.env.ledger.state(self.adapter).delta or self.plan.delta
 
 
 def _training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,6 +25,7 @@ import numpy.typing as npt
 
 from adapters.service import AdapterService
 
+from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
 from ._ort_training import load as _load_ort_training
 from .batching import TensorLayout, normalize_example
@@ -45,7 +45,6 @@ _log = logging.getLogger(__name__)
 
 EXAMPLES_FILE = "examples.sqlite3"
 LEDGER_FILE = "privacy-ledger.json"
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class TrainerStats:
@@ -142,7 +141,7 @@ class TrainerService:
 
     def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike) -> int:
         """Check one labelled example against the model and store it; returns its id."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.engine.inputs),
                                             label_layout=self._label_layout(adapter))
         self._check_label(adapter, label_row)
@@ -150,7 +149,7 @@ class TrainerService:
         return example_id
 
     def examples_count(self, adapter: str) -> int:
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         return self.store.count(adapter)
 
     def delete_examples(self, adapter: str) -> int:
@@ -159,7 +158,7 @@ class TrainerService:
         The privacy already spent on them stays in the ledger: deleting data does not
         undo what earlier runs learned from it.
         """
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         status = self.scheduler.adapter_status(adapter) or {}
         if status.get("state") in ("queued", "running"):
             raise TrainingConflictError(
@@ -189,7 +188,7 @@ class TrainerService:
 
     def trigger(self, adapter: str) -> int:
         """Start a manual run (ledger charged before it returns); returns the run id."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         if not self.available:
             raise TrainingUnavailableError(self.unavailable_reason or "training unavailable")
         return self.scheduler.trigger(adapter)
@@ -201,12 +200,12 @@ class TrainerService:
         self.scheduler.resume()
 
     def cancel(self, adapter: str) -> bool:
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         return self.scheduler.cancel(adapter)
 
     def run_status(self, adapter: str) -> dict[str, Any]:
         """The adapter's queued/running run with progress, else its last result."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         status = self.scheduler.adapter_status(adapter) or {"state": "idle", "adapter": adapter}
         return {**status, "examples": self.store.count(adapter), "available": self.available}
 
@@ -219,7 +218,7 @@ class TrainerService:
     def privacy_state(self, adapter: str) -> dict[str, Any]:
         """ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant, times),
         enough to recompute ε independently. Also what the OTA status reports."""
-        _check_adapter(adapter)
+        check_adapter_name(adapter)
         state = self.ledger.state(adapter).to_dict()
         target = self.config.for_adapter(adapter).target_epsilon
         state["configured_budget_epsilon"] = target
@@ -276,8 +275,3 @@ def _secret_rng() -> np.random.Generator:
     # The Poisson sample must stay secret (amplification by subsampling assumes it): seed
     # from the kernel's CSPRNG; which examples were sampled is never written anywhere.
     return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
-
-
-def _check_adapter(adapter: str) -> None:
-    if not (isinstance(adapter, str) and _ADAPTER_NAME.match(adapter)):
-        raise ValueError(f"adapter name must match {_ADAPTER_NAME.pattern}, got {adapter!r}")

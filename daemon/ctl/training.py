@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .client import UsageError, quoted
+from .client import ApiError, ConnectError, UsageError, quoted
 from .context import Context, add_command
 from .output import table
 
@@ -161,11 +161,12 @@ def _num(v: object) -> str:
 
 
 def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
-    specs = _input_specs(ctx)
+    """Every example is converted and checked before the first is sent, so a bad line
+    stores nothing; a refusal by the server says how many were stored before it."""
     if args.file is not None:
         if args.label is not None:
             raise UsageError("--label goes with --input; in --file each line carries its own label")
-        examples = list(_read_lines(args.file))
+        examples = _read_lines(args.file)
     else:
         if args.label is None:
             raise UsageError("--input needs --label")
@@ -175,14 +176,22 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
             if not sep:
                 raise UsageError(f"--input {item!r}: expected NAME=JSON")
             named[name] = _json_arg(f"--input {name}", text)
-        examples = [{"inputs": named, "label": _json_arg("--label", args.label)}]
+        examples = [("--input", {"inputs": named, "label": _json_arg("--label", args.label)})]
+    specs = _input_specs(ctx)
+    prefix = f"{args.file}: " if args.file is not None else ""
+    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"]})
+              for where, ex in examples]
     last: object = None
-    for i, ex in enumerate(examples):
-        body = {"inputs": _tensors(ex.get("inputs"), specs, f"example {i + 1}"), "label": ex.get("label")}
-        last = ctx.client.call("POST", f"{_base(ctx, args.adapter)}/examples", json_body=body, auth=True)
+    for added, (where, body) in enumerate(bodies):
+        try:
+            last = ctx.client.call("POST", f"{_base(ctx, args.adapter)}/examples", json_body=body, auth=True)
+        except ApiError as e:
+            raise ApiError(e.status, f"added {added} of {len(bodies)}; {where} refused: {e.message}") from e
+        except ConnectError as e:
+            raise ConnectError(f"added {added} of {len(bodies)}; {where} not sent: {e}") from e
     count = last.get("examples") if isinstance(last, dict) else None
-    ctx.emit({"adapter": args.adapter, "added": len(examples), "examples": count},
-             lambda d: f"added {len(examples)} example(s) to {args.adapter}; it now has {count}")
+    ctx.emit({"adapter": args.adapter, "added": len(bodies), "examples": count},
+             lambda d: f"added {len(bodies)} example(s) to {args.adapter}; it now has {count}")
     return 0
 
 
@@ -210,19 +219,22 @@ def _json_arg(what: str, text: str) -> Any:
         raise UsageError(f"{what}: not valid JSON: {e}") from e
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """("line N", example) for every non-blank line; UsageError names the first bad line."""
     try:
         lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UsageError(f"--file {str(path)!r}: {e.strerror or e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from e
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        doc = _json_arg(f"{path}:{n}", line)
+        doc = _json_arg(f"{path}: line {n}", line)
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict) or "label" not in doc:
-            raise UsageError(f'{path}:{n}: expected {{"inputs": {{NAME: nested list}}, "label": L}}')
-        out.append(doc)
+            raise UsageError(f'{path}: line {n}: expected {{"inputs": {{NAME: nested list}}, "label": L}}')
+        out.append((f"line {n}", doc))
+    if not out:
+        raise UsageError(f"--file {str(path)!r}: no examples in it")
     return out
 
 
@@ -235,11 +247,19 @@ def _tensors(inputs: object, specs: dict[str, dict[str, Any]], where: str) -> li
         spec = specs.get(name)
         if spec is None:
             raise UsageError(f"{where}: the model has no input {name!r}; its inputs are: {', '.join(specs)}")
-        array = np.asarray(value)
-        if array.dtype == object:
-            raise UsageError(f"{where}: input {name!r} is ragged")
+        try:
+            array = np.asarray(value)
+        except ValueError:  # numpy refuses ragged nested lists
+            array = np.asarray(None, dtype=object)
+        if array.dtype.kind not in "biuf":
+            raise UsageError(f"{where}: input {name!r} must be a nested list of numbers of one shape (not ragged)")
         shape = list(array.shape)
-        if len(shape) == len(spec["shape"]) - 1:
+        wanted = [int(d) for d in spec["shape"]]
+        if len(shape) == len(wanted) - 1:
             shape = [1, *shape]
+        if len(shape) != len(wanted) or any(w >= 0 and d != w for d, w in zip(shape[1:], wanted[1:])):
+            dims = ", ".join("*" if w < 0 else str(w) for w in wanted[1:])
+            raise UsageError(f"{where}: input {name!r} has shape {list(array.shape)}; the model takes "
+                             f"[{dims}] (or [1, {dims}]) per example")
         tensors.append({"name": name, "datatype": spec["datatype"], "shape": shape, "data": array.ravel().tolist()})
     return tensors

@@ -18,6 +18,7 @@ from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_enco
 from trainer.artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
 from trainer.dp_step import DPSettings, DPStepper
 from trainer.errors import BadTrainingDataError
+from trainer.noise import SeededNoise
 
 _CONFIG = ArtifactConfig(targets=tuple(REFERENCE_TARGETS), rank=4, alpha=8.0)
 _SEQ, _D, _CLASSES = 4, 32, 5
@@ -33,14 +34,6 @@ class _FixedNoise:
     def gaussian64(self, n: int, std: float) -> np.ndarray:
         self.calls.append((n, std))
         return (self.vector[:n] * std).astype(np.float64)
-
-
-class _SeededNoise:
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def gaussian64(self, n: int, std: float) -> np.ndarray:
-        return self.rng.standard_normal(n) * std
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,7 @@ def _assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 def test_no_clipping_and_no_noise_equals_non_private_training(model: onnx.ModelProto, cache: Path) -> None:
     private = DPStepper(
         _artifacts(model, cache), learning_rate=0.01,
-        dp=DPSettings(noise_multiplier=0.0, clip_norm=math.inf, expected_batch_size=4.0), noise=_SeededNoise(0),
+        dp=DPSettings(noise_multiplier=0.0, clip_norm=math.inf, expected_batch_size=4.0), noise=SeededNoise(0),
     )
     plain = DPStepper(
         _artifacts(model, cache, private=False), learning_rate=0.01, dp=None, noise=None, expected_batch_size=4.0
@@ -137,7 +130,7 @@ def test_frozen_a_keeps_a(model: onnx.ModelProto, cache: Path) -> None:
     artifacts = _artifacts(model, cache, freeze_a=True)
     stepper = DPStepper(
         artifacts, learning_rate=0.05,
-        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0), noise=_SeededNoise(3),
+        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0), noise=SeededNoise(3),
     )
     before = stepper.parameters()
     for k in range(3):
@@ -154,7 +147,7 @@ def test_checkpoint_resume_continues_identically(model: onnx.ModelProto, cache: 
     artifacts = _artifacts(model, cache)
     dp = DPSettings(noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
     batches = [_batch(4, seed=20 + k) for k in range(4)]
-    first = DPStepper(artifacts, learning_rate=0.01, dp=dp, noise=_SeededNoise(0))
+    first = DPStepper(artifacts, learning_rate=0.01, dp=dp, noise=SeededNoise(0))
     for batch in batches[:2]:
         first.step(batch)
     checkpoint = tmp_path / "ckpt"
@@ -162,7 +155,7 @@ def test_checkpoint_resume_continues_identically(model: onnx.ModelProto, cache: 
     for batch in batches[2:]:
         first.step(batch)
 
-    resumed = DPStepper(artifacts, learning_rate=0.01, dp=dp, noise=_SeededNoise(0), resume_from=checkpoint)
+    resumed = DPStepper(artifacts, learning_rate=0.01, dp=dp, noise=SeededNoise(0), resume_from=checkpoint)
     assert resumed.steps == 2
     for batch in batches[2:]:
         resumed.step(batch)
@@ -176,7 +169,7 @@ def test_exported_adapter_serves_what_was_trained(model: onnx.ModelProto, cache:
     artifacts = _artifacts(model, cache)
     stepper = DPStepper(
         artifacts, learning_rate=0.05,
-        dp=DPSettings(noise_multiplier=0.0, clip_norm=10.0, expected_batch_size=4.0), noise=_SeededNoise(0),
+        dp=DPSettings(noise_multiplier=0.0, clip_norm=10.0, expected_batch_size=4.0), noise=SeededNoise(0),
     )
     for k in range(3):
         stepper.step(_batch(4, seed=30 + k))
@@ -203,7 +196,7 @@ def test_exported_adapter_serves_what_was_trained(model: onnx.ModelProto, cache:
 def test_bad_batches_are_refused(model: onnx.ModelProto, cache: Path) -> None:
     stepper = DPStepper(
         _artifacts(model, cache), learning_rate=0.01,
-        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0), noise=_SeededNoise(0),
+        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4.0), noise=SeededNoise(0),
     )
     good = _batch(3, seed=0)
     with pytest.raises(BadTrainingDataError, match="inputs"):
@@ -229,5 +222,5 @@ def test_settings_and_modes_are_checked(model: onnx.ModelProto, cache: Path) -> 
     with pytest.raises(ValueError, match="non-private"):
         DPStepper(
             _artifacts(model, cache, private=False), learning_rate=0.01,
-            dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0), noise=_SeededNoise(0),
+            dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0), noise=SeededNoise(0),
         )

@@ -95,6 +95,9 @@ def test_bad_examples_are_refused(tmp_path: Path, inputs: dict, label: object, w
 def test_bad_adapter_name(tmp_path: Path) -> None:
     with _store(tmp_path) as store, pytest.raises(ValueError, match="adapter name"):
         store.add("../x", _inputs(0), 1)
+    # The registry's rule, matched in full ("$" alone would let a trailing newline through).
+    with _store(tmp_path) as store, pytest.raises(ValueError, match="adapter name"):
+        store.add("alice\n", _inputs(0), 1)
 
 
 def test_constructor_validation(tmp_path: Path) -> None:
@@ -148,6 +151,40 @@ def test_delete_adapter(tmp_path: Path) -> None:
         assert store.count("alice") == 0 and store.count("bob") == 1
         with sqlite3.connect(tmp_path / "examples.db") as raw:  # tensors went with them
             assert raw.execute("SELECT COUNT(*) FROM tensors").fetchone()[0] == 3
+
+
+_SECRET = b"lorad-secret-example:7f3a9c1e5b"
+
+
+def _secret_example() -> dict[str, np.ndarray]:
+    return {"input_ids": np.frombuffer(_SECRET * 3, dtype=np.uint8).copy()}
+
+
+def _on_disk(tmp_path: Path) -> bytes:
+    """The database file and its write-ahead log, as a forensic reader would see them."""
+    files = [tmp_path / "examples.db", tmp_path / "examples.db-wal"]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+def test_deleted_examples_are_erased_from_the_files(tmp_path: Path) -> None:
+    with _store(tmp_path) as store:
+        store.add("bob", _inputs(0), 0)
+        store.add("alice", _secret_example(), 1)
+        store.add("bob", _inputs(1), 1)
+        assert _SECRET in _on_disk(tmp_path)
+        assert store.delete_adapter("alice") == 1
+        assert _SECRET not in _on_disk(tmp_path)  # not in the log either, while still open
+        assert store.count("bob") == 2
+    assert _SECRET not in _on_disk(tmp_path)
+
+
+def test_examples_dropped_by_retention_are_erased(tmp_path: Path) -> None:
+    with _store(tmp_path, max_examples_per_adapter=1) as store:
+        store.add("alice", _secret_example(), 1)
+        assert _SECRET in _on_disk(tmp_path)
+        store.add("alice", _inputs(0), 0)  # pushes the secret one out
+        assert store.count("alice") == 1
+        assert _SECRET not in _on_disk(tmp_path)
 
 
 def test_poisson_sampling(tmp_path: Path) -> None:

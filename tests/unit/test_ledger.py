@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,37 @@ def test_runs_compose_across_restarts(path: Path) -> None:
     assert alice.budget_left == pytest.approx(10.0 - alice.epsilon_spent)
     assert [r["run_id"] for r in alice.runs] == [1, 3]
     assert bob.epsilon_spent == pytest.approx(_eps(10))  # never ended: charged in full
+
+
+def test_delta_only_goes_down_so_epsilon_spent_never_does(path: Path) -> None:
+    """Raising δ in the config later must not recompute the ε already spent at a larger δ
+    (a smaller number): the adapter keeps the smallest δ any of its runs asked for."""
+    def eps(delta: float, *steps: int) -> float:
+        return epsilon(runs=[RunCharge(q=0.05, sigma=1.0, steps=s) for s in steps], delta=delta,
+                       accountant="rdp")
+
+    strict = {**RUN, "delta": 1e-6}
+    with PrivacyLedger(path) as ledger:
+        ledger.end_run(ledger.begin_run("alice", planned_steps=200, **strict), steps_done=200,
+                       status="completed")
+        first = ledger.state("alice")
+        assert first.delta == 1e-6 and first.epsilon_spent == pytest.approx(eps(1e-6, 200))
+        # A budget the two runs fit at δ=1e-5 but not at 1e-6: refused, since ε is at 1e-6.
+        budget = (eps(1e-5, 200, 50) + eps(1e-6, 200, 50)) / 2
+        with pytest.raises(PrivacyBudgetExceededError) as exc:
+            ledger.begin_run("alice", planned_steps=50, **{**RUN, "budget_epsilon": budget})
+        assert exc.value.spent_epsilon == pytest.approx(first.epsilon_spent)
+        ledger.begin_run("alice", planned_steps=50, **RUN)  # asks for δ=1e-5
+        second = ledger.state("alice")
+    assert second.delta == 1e-6
+    assert second.epsilon_spent == pytest.approx(eps(1e-6, 200, 50))
+    assert second.epsilon_spent > first.epsilon_spent
+    assert [r["delta"] for r in second.runs] == [1e-6, 1e-5]  # each run's request is kept
+    assert json.loads(path.read_text())["adapters"]["alice"]["delta"] == 1e-6
+    with PrivacyLedger(path) as ledger:
+        assert ledger.state("alice").epsilon_spent == pytest.approx(second.epsilon_spent)
+        ledger.begin_run("alice", planned_steps=1, **{**RUN, "delta": 1e-7})
+        assert ledger.state("alice").delta == 1e-7
 
 
 def test_budget_refusal_names_everything_and_charges_nothing(path: Path) -> None:
@@ -212,6 +245,7 @@ _R = ("adapters", "alice", "runs", 0)
         ((*_R, "run_id"), 7, "run_id 7"),
         ((*_R, "examples"), True, "examples must be int"),
         ((*_R, "clip_norm"), _DELETE, "keys must be"),
+        ((*_R, "delta"), 1e-7, "below the adapter's delta"),
     ],
 )
 def test_corrupt_ledger_is_an_error(path: Path, keys: tuple[Any, ...], value: Any,
@@ -223,7 +257,16 @@ def test_corrupt_ledger_is_an_error(path: Path, keys: tuple[Any, ...], value: An
         PrivacyLedger(path)
     assert str(path) in str(exc.value) and words in str(exc.value)
     assert json.loads(path.read_text()) == doc  # never reset
-    PrivacyLedger(path.with_name("other.json")).close()  # and the lock was released
+    _assert_unlocked(path)
+
+
+def _assert_unlocked(path: Path) -> None:
+    """The failed open released the ledger's own lock (a held one makes flock fail here)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe", b"[]", b"null"])

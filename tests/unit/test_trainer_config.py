@@ -137,9 +137,3 @@ def test_plan_refuses_large_delta_and_no_data() -> None:
 def test_dataclass_is_validated_when_built() -> None:
     with pytest.raises(TrainerConfigError, match="clip_norm"):
         AdapterTrainingConfig(clip_norm=math.nan)
-
-
-def test_accountant_names_match_the_accountant() -> None:
-    from trainer import accountant, config
-
-    assert config.ACCOUNTANTS == accountant.ACCOUNTANTS

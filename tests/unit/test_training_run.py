@@ -208,6 +208,39 @@ def test_crash_after_checkpoint_resumes_from_it(env: TrainerEnv) -> None:
         env2.store.close()
 
 
+@pytest.mark.parametrize("content", [b"{", b"\xff\xfe", b"[]", b'{"run_id": "1"}'])
+def test_unreadable_run_state_is_an_error_and_keeps_the_checkpoint(env: TrainerEnv, content: bytes) -> None:
+    """A corrupt run.json must not read as "no local state": that deletes a paid checkpoint."""
+    steps = [0]
+
+    def on_step() -> None:
+        steps[0] += 1
+        if steps[0] == 7:  # checkpoint at 5
+            raise _Crash()
+
+    run = TrainingRun(env, "alice", run_config(), on_step=on_step)
+    run_id = run.begin()
+    with pytest.raises(_Crash):
+        run.execute()
+    run_dir = env.state_dir / "runs" / "alice"
+    saved = (run_dir / "run.json").read_bytes()
+    checkpoint = (run_dir / "checkpoint").read_bytes()
+    (run_dir / "run.json").write_bytes(content)
+    with pytest.raises(BadTrainingDataError, match="run state") as exc:
+        TrainingRun(env, "alice", run_config()).begin()
+    assert str(run_dir / "run.json") in str(exc.value)
+    assert (run_dir / "checkpoint").read_bytes() == checkpoint  # nothing deleted
+    assert (run_dir / "run.json").read_bytes() == content
+    assert [r["status"] for r in env.ledger.state("alice").runs] == ["running"]
+
+    (run_dir / "run.json").write_bytes(saved)  # repaired: resumes from the checkpoint
+    progress: list[RunProgress] = []
+    again = TrainingRun(env, "alice", run_config(), on_progress=progress.append)
+    assert again.begin() == run_id
+    assert again.execute().status == "accepted"
+    assert progress[0].steps_done == 5
+
+
 def test_crash_right_after_begin_resumes_the_same_charge(env: TrainerEnv) -> None:
     run_id = TrainingRun(env, "alice", run_config()).begin()
     (env.state_dir / "runs" / "alice" / "run.json").unlink()  # crashed before writing local state
@@ -235,6 +268,14 @@ def test_crash_between_end_run_and_install_finishes_without_training(env: Traine
         run.execute()
     assert _only_run(env)["status"] == "completed"
 
+    run_file = env.state_dir / "runs" / "alice" / "run.json"
+    saved = run_file.read_bytes()
+    run_file.write_bytes(b"{")
+    with pytest.raises(BadTrainingDataError, match="run state"):
+        TrainingRun(env, "alice", run_config()).begin()
+    assert (run_file.parent / "checkpoint").is_file()  # the final, paid-for checkpoint is kept
+    run_file.write_bytes(saved)
+
     steps = [0]
     finish = TrainingRun(env, "alice", run_config(), on_step=lambda: steps.__setitem__(0, steps[0] + 1))
     assert finish.begin() == run_id
@@ -256,16 +297,23 @@ def test_unfit_examples_are_skipped(env: TrainerEnv) -> None:
     assert run.execute().status == "accepted"
 
 
-def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path, env: TrainerEnv) -> None:
+def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path) -> None:
     """The stepper in a child process (the production path) gives the same adapter, step
     for step, as in process with the same seeded noise and sampling."""
+    # Not 0: the seed must reach the child, not coincide with a default there.
+    seed = 20240917
+    env = make_env(tmp_path / "in-process", make_service(tmp_path / "in-process"), seed=seed)
+    x = inputs(60, seed=1)
+    fill_store(env.store, "alice", x, labelled_by(env.service, teacher(env.service), x))
     in_process = TrainingRun(env, "alice", run_config(validation_margin=1e9))
     in_process.begin()
     assert in_process.execute().status == "accepted"
     expected = env.service.inspect("alice")
+    env.ledger.close()
+    env.store.close()
 
     other = make_service(tmp_path / "other")
-    isolated_env = make_env(tmp_path / "other", other, isolate=True)
+    isolated_env = make_env(tmp_path / "other", other, seed=seed, isolate=True)
     try:
         x = inputs(60, seed=1)
         fill_store(isolated_env.store, "alice", x, labelled_by(other, teacher(other), x))

@@ -138,7 +138,7 @@ def _load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | Non
                            np.zeros([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
                   for s in engine.inputs}
         outputs = engine.run(inputs, engine.prepare(adapter, name=args.name, version=0))
-        probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_atol)
+        probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_rtol)
     elif args.base_fingerprint:
         adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
                               base_fingerprint=args.base_fingerprint, use_rslora=adapter.use_rslora,
@@ -279,7 +279,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", nargs="+", default=["*"], help="LoRA target patterns of --base-model")
     p.add_argument("--rank", type=int, default=8, help="slot rank of --base-model's LoRA graph")
     p.add_argument("--base-fingerprint", help="base model fingerprint when --base-model is not given")
-    p.add_argument("--probe-atol", type=float, default=1e-4, help="health-check tolerance")
+    p.add_argument("--probe-atol", type=float, default=ProbeSet.atol, help="health-check absolute tolerance")
+    p.add_argument("--probe-rtol", type=float, default=ProbeSet.rtol, help="health-check relative tolerance")
     p.add_argument("--delta-from", type=int, help="send a delta against this published version")
     p.add_argument("--fp16", action="store_true", help="send tensors as fp16")
     p.add_argument("--compress", choices=("none", "zlib", "zstd"), default="zstd")

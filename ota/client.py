@@ -14,6 +14,7 @@ device state and published in its status.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import queue
 import re
@@ -28,6 +29,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters.fsutil import atomic_write_bytes
 
 from .commands import CommandExecutor, CommandSink, command_topic
@@ -52,7 +54,11 @@ _FINAL_REASONS = frozenset({"base_model_mismatch", "payload_invalid", "adapter_d
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Device identity, trust anchor and limits. Times in seconds, sizes in bytes."""
+    """Device identity, trust anchor and limits. Times in seconds, sizes in bytes.
+
+    ``max_raw_bytes`` bounds what a payload may decompress to (the signed ``raw_length``);
+    None means four times ``max_payload_bytes``.
+    """
 
     device_id: str
     groups: tuple[str, ...]
@@ -62,6 +68,7 @@ class ClientConfig:
     clock_slack_s: float = 60.0
     fetch_timeout_s: float = 10.0
     max_payload_bytes: int = 64 << 20
+    max_raw_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -70,6 +77,14 @@ class ClientConfig:
             raise ValueError(f"clock_slack_s must be 0..3600 s, got {self.clock_slack_s}")
         if self.fetch_timeout_s <= 0 or self.max_payload_bytes <= 0:
             raise ValueError("fetch_timeout_s and max_payload_bytes must be positive")
+        if self.max_raw_bytes is not None and self.max_raw_bytes <= 0:
+            raise ValueError(f"max_raw_bytes must be positive (or None for 4 x max_payload_bytes), "
+                             f"got {self.max_raw_bytes}")
+
+    @property
+    def raw_limit(self) -> int:
+        """Largest decompressed payload accepted, bytes."""
+        return self.max_raw_bytes if self.max_raw_bytes is not None else 4 * self.max_payload_bytes
 
 
 @dataclass(frozen=True)
@@ -242,7 +257,9 @@ class OtaClient:
     def update(self) -> list[UpdateResult]:
         """Refresh metadata and bring every adapter addressed to this device up to date."""
         with self._lock:
-            results = self._update()
+            # an install whose undo failed last cycle (the service erred) is undone first
+            undone = self._undo_pending()
+            results = ([undone] if undone is not None else []) + self._update()
             self.last_results = results
             for r in results:
                 if r.result != "up_to_date":
@@ -266,31 +283,42 @@ class OtaClient:
             return [self._result("rejected", err=e)]
         except TransportError as e:
             return [self._result("failed", err=e)]
-        chosen, others = self._addressed(updater)
-        if not chosen:
+        chosen, others, invalid = self._addressed(updater)
+        # a malformed target is refused on its own; the others are still applied
+        refused = {path: self._result("rejected", err=e, message=f"target {path}: {e}")
+                   for path, e in invalid.items()}
+        if not chosen and not refused:
             if others:
                 err = UpdateRejectedError("not_addressed", f"{others} target(s) signed, none for "
                                           f"device {self.config.device_id} or groups {list(self.config.groups)}")
                 return [self._result("skipped", err=err)]
             return [self._result("up_to_date", message="no targets signed")]
-        return [self._apply(path, spec) for path, spec in sorted(chosen.items())]
+        applied = {path: self._apply(path, spec) for path, spec in chosen.items()}
+        return [r for _, r in sorted({**refused, **applied}.items())]
 
-    def _addressed(self, updater: Updater) -> tuple[dict[str, TargetSpec], int]:
-        """Highest signed version per adapter addressed to us, and how many were not."""
+    def _addressed(self, updater: Updater) -> tuple[dict[str, TargetSpec], int, dict[str, UpdateRejectedError]]:
+        """Highest signed version per adapter addressed to us, how many were not, and the
+        targets whose signed description is malformed (by path)."""
         listed: Targets = Metadata[Targets].from_bytes((self._meta_dir / "targets.json").read_bytes()).signed
         best: dict[str, tuple[str, TargetSpec]] = {}
         others = 0
+        invalid: dict[str, UpdateRejectedError] = {}
         for path in listed.targets:
             tf = updater.get_targetinfo(path)  # the verified entry, not the file just read
-            if tf is None or "lorad" not in tf.custom:
+            if tf is None or not isinstance(tf.custom, Mapping) or "lorad" not in tf.custom:
                 continue
-            spec = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes.get("sha256", ""))
+            try:
+                spec = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes.get("sha256", ""))
+            except UpdateRejectedError as e:
+                _log.warning("signed target %s refused: %s", path, e)
+                invalid[path] = e
+                continue
             if not spec.audience.includes(self.config.device_id, self.config.groups):
                 others += 1
                 continue
             if spec.adapter not in best or spec.version > best[spec.adapter][1].version:
                 best[spec.adapter] = (path, spec)
-        return {p: s for p, s in best.values()}, others
+        return {p: s for p, s in best.values()}, others, invalid
 
     def _apply(self, path: str, spec: TargetSpec) -> UpdateResult:
         name = spec.adapter
@@ -311,7 +339,12 @@ class OtaClient:
                                           f"{self.config.base_fingerprint}")
             if spec.length > self.config.max_payload_bytes:
                 raise UpdateRejectedError("too_large", f"{name} v{spec.version} has {spec.length} "
-                                          f"bytes, at most {self.config.max_payload_bytes} allowed")
+                                          f"bytes, at most {self.config.max_payload_bytes} allowed "
+                                          f"(max_payload_bytes)")
+            if spec.raw_length > self.config.raw_limit:
+                raise UpdateRejectedError("too_large", f"{name} v{spec.version} decompresses to "
+                                          f"{spec.raw_length} bytes, at most {self.config.raw_limit} "
+                                          f"allowed (max_raw_bytes)")
             delta_base = None
             if spec.encoding == "delta":
                 if inst is None or inst.fleet_version != spec.delta_from:
@@ -319,6 +352,11 @@ class OtaClient:
                                               f"against v{spec.delta_from}; installed: "
                                               f"{inst.fleet_version if inst else 'none'}")
                 delta_base = self.state.canonical(name, spec.delta_from)
+                if delta_base is None or hashlib.sha256(delta_base).hexdigest() != inst.adapter_sha256:
+                    # a lost or damaged local copy: not the fleet's fault, a full version will do
+                    raise UpdateRejectedError("delta_base_missing", f"{name} v{spec.version} is a delta "
+                                              f"against v{spec.delta_from}, whose stored copy here is "
+                                              f"{'missing' if delta_base is None else 'damaged'}")
             self.reader.fetch_chunks(f"targets/{dirname}/{spec.sha256}.{base}", stage.missing(),
                                      stage.put, max_chunk=spec.chunk_size)
             adapter, canonical, probes = reconstruct(
@@ -333,29 +371,32 @@ class OtaClient:
             return self._result("rejected", spec, e)
         except TransportError as e:
             return self._result("failed", spec, e)  # the stage keeps what arrived
-        return self._install(spec, adapter, canonical, probes, stage, inst)
+        return self._install(spec, adapter, canonical, probes, stage)
 
     def _install(self, spec: TargetSpec, adapter: Any, canonical: bytes, probes: ProbeSet | None,
-                 stage: ChunkStage, inst: Installed | None) -> UpdateResult:
+                 stage: ChunkStage) -> UpdateResult:
         name = spec.adapter
-        previous = inst.local_version if inst is not None else None
+        # What the service serves now, whoever put it there (an upload, the trainer, an
+        # earlier OTA install): a failed install goes back to exactly that.
+        previous = self._serving_version(name)
         self.state.begin(name, spec.version, previous)
         try:
             info = self._sink.install(name, adapter, meta={
                 "ota_version": spec.version, "adapter_sha256": spec.adapter_sha256})
-        except Exception as e:  # the service's own errors: refused, storage, cache full
+        except InvalidAdapterError as e:  # the service refuses this adapter: final
             self.state.refuse(name, spec.version)
             stage.discard()
             return self._result("rejected", spec, UpdateRejectedError(
                 "install_failed", f"{name} v{spec.version}: {type(e).__name__}: {e}"))
+        except Exception as e:  # a local fault (storage, cache full, disk): retried next cycle
+            # the service may have stored the version before failing (cache full): undo that
+            self._restore(name, previous)
+            self.state.clear_pending()
+            return self._result("failed", spec, message=f"{name} v{spec.version} not installed, "
+                                f"retried next cycle: {type(e).__name__}: {e}")
         problem = self._health_check(name, info.version, probes)
         if problem is not None:
-            if previous is None:
-                self._sink.delete(name)  # it was not served before: it must not be now
-                back = "removed (no previous version)"
-            else:
-                self._sink.rollback(name, previous)
-                back = f"rolled back to local version {previous}"
+            back = self._restore(name, previous)
             self.state.refuse(name, spec.version)
             stage.discard()
             return self._result("rejected", spec, UpdateRejectedError(
@@ -364,6 +405,23 @@ class OtaClient:
         stage.discard()
         return self._result("installed", spec, message=f"{name} v{spec.version} serving as local "
                             f"version {info.version}")
+
+    def _serving_version(self, name: str) -> int | None:
+        try:
+            return self._sink.info(name).version
+        except AdapterNotFoundError:
+            return None
+
+    def _restore(self, name: str, previous: int | None) -> str:
+        """Serve ``previous`` (the local version before an install) again; says what it did."""
+        current = self._serving_version(name)
+        if previous is None:
+            if current is not None:
+                self._sink.delete(name)  # it was not served before: it must not be now
+            return "removed (no previous version)"
+        if current != previous:
+            self._sink.rollback(name, previous)
+        return f"rolled back to local version {previous}"
 
     def _health_check(self, name: str, local_version: int, probes: ProbeSet | None) -> str | None:
         """None if the swapped-in version answers its probe set as recorded, else why not."""
@@ -385,22 +443,22 @@ class OtaClient:
     def recover(self) -> UpdateResult | None:
         """Undo an install a crash interrupted (call once at start, before ``update``)."""
         with self._lock:
-            pending = self.state.pending
-            if pending is None:
-                return None
-            name, previous = pending["adapter"], pending["previous_local"]
-            serving = {i.name: i.version for i in self._sink.list_adapters()}
-            if previous is None and name in serving:
-                self._sink.delete(name)
-            elif previous is not None and serving.get(name) != previous:
-                self._sink.rollback(name, previous)
-            self.state.clear_pending()
-            r = UpdateResult("recovered", name, pending["fleet_version"], None,
-                             f"install of {name} v{pending['fleet_version']} was interrupted; "
-                             f"serving local version {previous}", self._clock())
-            self.state.set_last_result(r.to_dict())
-            self._observe(r)
+            r = self._undo_pending()
+            if r is not None:
+                self.state.set_last_result(r.to_dict())
+                self._observe(r)
             return r
+
+    def _undo_pending(self) -> UpdateResult | None:
+        pending = self.state.pending
+        if pending is None:
+            return None
+        name, previous = pending["adapter"], pending["previous_local"]
+        self._restore(name, previous)
+        self.state.clear_pending()
+        return UpdateResult("recovered", name, pending["fleet_version"], None,
+                            f"install of {name} v{pending['fleet_version']} was interrupted; "
+                            f"serving local version {previous}", self._clock())
 
     def _observe(self, r: UpdateResult) -> None:
         if self._result_observer is not None:

@@ -17,7 +17,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -56,7 +56,9 @@ class AdapterSink(Protocol):
     def rollback(self, name: str, version: int) -> InstalledInfo: ...
     def delete(self, name: str) -> None: ...
     def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferOutcome: ...
-    def list_adapters(self) -> Sequence[InstalledInfo]: ...
+    def info(self, name: str) -> InstalledInfo:
+        """The version served now; ``adapters.errors.AdapterNotFoundError`` if there is none."""
+        ...
 
 
 class ChunkStage:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,12 +33,15 @@ from adapters.lora import LoraAdapter
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .commands import Command, command_topic, key_id, sign_command
+from .errors import UpdateRejectedError
 from .files import FileEntry, RepoIndex, chunk_topic, publish_files
 from .keys import ed25519_private_key, find_signers, generate_key, save_key
 from .target import Audience, ProbeSet, TargetSpec, decode_adapter, encode_target
 from .transport import TOPIC_ROOT, Transport
 
 __all__ = ["COMMAND_KEYS_FIELD", "RepoSettings", "FleetRepository", "offer_topic", "meta_name"]
+
+_log = logging.getLogger(__name__)
 
 #: Root's extra field naming the fleet command keys (signed by root, rotated with it).
 COMMAND_KEYS_FIELD = "x-lorad-command-keys"
@@ -158,10 +162,16 @@ class FleetRepository:
         return (self.dir / "metadata" / f"{version}.root.json").read_bytes()
 
     def targets(self) -> dict[str, TargetSpec]:
-        """Current targets by path, as their signed spec."""
+        """Current targets by path, as their signed spec. A malformed one (metadata edited
+        by hand) is left out with a warning, so the others are still pushed and offered."""
         t: Targets = self.load("targets").signed
-        return {p: TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes["sha256"])
-                for p, tf in t.targets.items()}
+        specs: dict[str, TargetSpec] = {}
+        for p, tf in t.targets.items():
+            try:
+                specs[p] = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes.get("sha256", ""))
+            except UpdateRejectedError as e:
+                _log.warning("target %s left out: %s", p, e)
+        return specs
 
     def latest_version(self, adapter: str) -> int:
         return int(self._state["published"].get(adapter, 0))

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import pytest
 
+from adapters.errors import AdapterNotFoundError
 from adapters.lora import LoraAdapter, LoraWeights
 from benchmarks.mosquitto import DEVICES, FLEET_USER, Broker, available, create_broker
 from ota.target import ProbeSet
@@ -76,18 +77,21 @@ def probes_for(adapter: LoraAdapter) -> ProbeSet:
 
 
 class MemorySink:
-    """AdapterService stand-in: versioned adapters per name, install/rollback/infer."""
+    """AdapterService stand-in: versioned adapters per name, install/rollback/infer/delete.
+
+    ``fail_install``: an exception the next installs raise (as the service would).
+    """
 
     def __init__(self) -> None:
         self.versions: dict[str, list[LoraAdapter]] = {}
         self.current: dict[str, int] = {}
         self.installs: list[tuple[str, int, Mapping[str, object]]] = []
-        self.fail_install = False
+        self.fail_install: Exception | None = None
         self.corrupt_serving = False
 
     def install(self, name: str, adapter: LoraAdapter, *, meta: Mapping[str, object] = {}) -> Any:
-        if self.fail_install:
-            raise ValueError("simulated refusal")
+        if self.fail_install is not None:
+            raise self.fail_install
         self.versions.setdefault(name, []).append(adapter)
         self.current[name] = len(self.versions[name])
         self.installs.append((name, self.current[name], dict(meta)))
@@ -99,7 +103,14 @@ class MemorySink:
         return SimpleNamespace(name=name, version=version)
 
     def delete(self, name: str) -> None:
+        """Every stored version goes, as in the real service."""
         self.current.pop(name, None)
+        self.versions.pop(name, None)
+
+    def info(self, name: str) -> Any:
+        if name not in self.current:
+            raise AdapterNotFoundError(name)
+        return SimpleNamespace(name=name, version=self.current[name])
 
     def serving(self, name: str) -> LoraAdapter | None:
         v = self.current.get(name)
@@ -112,9 +123,6 @@ class MemorySink:
             out = {k: v + 1.0 for k, v in out.items()}
         return SimpleNamespace(outputs=out, adapter=adapter,
                                version=self.current.get(adapter) if adapter else None)
-
-    def list_adapters(self) -> list[Any]:
-        return [SimpleNamespace(name=n, version=v) for n, v in self.current.items()]
 
 
 class Clock:

@@ -15,6 +15,7 @@ from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_p
 from ota.cli import main
 from ota.client import ClientConfig, OtaClient
 from ota.repository import FleetRepository
+from ota.target import ProbeSet, reconstruct
 
 
 def _broker(mqtt: Broker, user: str = "fleet") -> list[str]:
@@ -64,3 +65,21 @@ def test_fleet_cli_init_publish_rotate_and_status(mqtt: Broker, tmp_path: Path,
     (tmp_path / "bad").write_text("nope")
     bad[bad.index("--password-file") + 1] = str(tmp_path / "bad")
     assert main(["fleet", "push", str(repo_dir), *bad]) == 3
+
+
+@pytest.mark.parametrize("flags,atol,rtol", [([], ProbeSet.atol, ProbeSet.rtol),
+                                             (["--probe-atol", "1e-6", "--probe-rtol", "0.25"], 1e-6, 0.25)])
+def test_publish_records_the_probe_tolerances_asked_for(tmp_path: Path, flags: list[str], atol: float,
+                                                        rtol: float, capsys: pytest.CaptureFixture[str]) -> None:
+    repo_dir = tmp_path / "fleet"
+    assert main(["fleet", "init", str(repo_dir)]) == 0
+    rc = main(["--json", "fleet", "publish", str(repo_dir), "--name", "invert", "--no-push",
+               "--adapter", str(demo_adapter_dirs()["invert"]), "--group", "east",
+               "--base-model", str(demo_model_path()), "--targets", *DEMO_TARGETS, "--rank", str(DEMO_RANK),
+               *flags])
+    assert rc == 0, capsys.readouterr().err
+    [(path, spec)] = FleetRepository(repo_dir).targets().items()
+    dirname, _, base = path.rpartition("/")
+    payload = (repo_dir / "targets" / dirname / f"{spec.sha256}.{base}").read_bytes()
+    _, _, probes = reconstruct(spec, payload, base_fingerprint=spec.base_fingerprint)
+    assert probes is not None and (probes.atol, probes.rtol) == (atol, rtol)

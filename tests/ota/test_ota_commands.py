@@ -15,7 +15,6 @@ from benchmarks.mosquitto import Broker
 from ota.client import ClientConfig, OtaClient
 from ota.commands import Command, command_topic, sign_command, verify_command
 from ota.errors import CommandRejectedError
-from ota.repository import FleetRepository
 from ota.simulator import FleetSim, SimBroker
 from ota.status import FleetView, will_for
 
@@ -133,4 +132,3 @@ def test_command_over_the_real_broker(mqtt: Broker, tmp_path: Path, kit: SimpleN
         assert got == []
     finally:
         client.close()
-    assert isinstance(fleet.repo, FleetRepository)

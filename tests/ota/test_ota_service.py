@@ -4,37 +4,25 @@ the only way in, the health check runs real inference, a failed check rolls back
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import pytest
 
 from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter, LoraWeights
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 from ota.client import ClientConfig, OtaClient
 from ota.simulator import FleetSim, SimBroker
-from ota.target import Audience, ProbeSet
+from ota.target import Audience
+from tests.ota.demo_kit import demo_adapter as _adapter
+from tests.ota.demo_kit import demo_logits
+from tests.ota.demo_kit import demo_probes as _probes
 
 
 @pytest.fixture(scope="module")
 def engine() -> InferenceEngine:
     return InferenceEngine(demo_model_path(), targets=DEMO_TARGETS, rank=DEMO_RANK)
-
-
-def _adapter(engine: InferenceEngine, seed: int) -> LoraAdapter:
-    rng = np.random.default_rng(seed)
-    return LoraAdapter(rank=4, alpha=8.0, base_fingerprint=engine.fingerprint, weights={
-        t.weight: LoraWeights(A=(0.3 * rng.standard_normal((t.in_features, 4))).astype(np.float32),
-                              B=(0.3 * rng.standard_normal((4, t.out_features))).astype(np.float32))
-        for t in engine.targets})
-
-
-def _probes(engine: InferenceEngine, adapter: LoraAdapter) -> ProbeSet:
-    """The fleet records what this version must answer (it holds the same base model)."""
-    x = np.random.default_rng(7).random((4, 64), dtype=np.float32)
-    out = engine.run({"pixels": x}, engine.prepare(adapter, name="probe", version=1))
-    return ProbeSet(inputs={"pixels": x}, outputs={"logits": out["logits"]}, atol=1e-4, rtol=1e-4)
 
 
 def test_install_health_check_and_rollback_through_the_adapter_service(
@@ -92,3 +80,26 @@ def test_first_install_that_fails_its_health_check_is_removed(tmp_path: Path, en
     [r] = client.update()
     assert r.reason == "health_check_failed"
     assert [i.name for i in service.list_adapters()] == []
+
+
+def test_hand_uploaded_adapter_survives_a_failed_ota_install(tmp_path: Path, engine: InferenceEngine) -> None:
+    """A user's version of a name OTA never installed: a failed OTA install of that name
+    goes back to it, and every stored version stays."""
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=8 << 20)
+    hand = _adapter(engine, 5)
+    info = service.install("digits", hand, meta={"source": "upload"})
+    broker = SimBroker()
+    fleet = FleetSim.create(tmp_path / "fleet", broker.connect())
+    client = OtaClient(ClientConfig(device_id="dev1", groups=(), state_dir=tmp_path / "ota",
+                                    trusted_root=fleet.repo.root_bytes(1),
+                                    base_fingerprint=engine.fingerprint), broker.connect(), service)
+    fleet.repo.publish_adapter("digits", _adapter(engine, 1), audience=Audience(devices=("dev1",)),
+                               probes=_probes(engine, _adapter(engine, 9)))
+    fleet.push()
+    [r] = client.update()
+    assert (r.result, r.reason) == ("rejected", "health_check_failed"), r
+    x = np.random.default_rng(3).random((2, 64), dtype=np.float32)
+    res = service.infer({"pixels": x}, adapter="digits")
+    assert res.version == info.version
+    np.testing.assert_allclose(res.outputs["logits"], demo_logits(engine, hand, x), atol=1e-5)
+    assert service.registry.get("digits", info.version).version == info.version  # still stored

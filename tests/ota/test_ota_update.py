@@ -13,12 +13,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, MetaFile
+from tuf.api.metadata import Metadata, MetaFile, TargetFile
 
+from adapters.errors import AdapterStorageError, CacheFullError, InvalidAdapterError
 from ota.client import ClientConfig, OtaClient
 from ota.files import chunk_topic
 from ota.keys import find_signers
+from ota.metrics import OtaMetrics
 from ota.repository import RepoSettings, meta_name
 from ota.simulator import FleetSim, SimBroker
 from ota.status import DeviceStatus, status_topic
@@ -39,12 +42,12 @@ class Env:
         self.device = self.new_device()
 
     def new_device(self, device_id: str = "dev1", groups: tuple[str, ...] = ("east",),
-                   fingerprint: str | None = None, **kw: Any) -> OtaClient:
+                   fingerprint: str | None = None, on_result: Any = None, **kw: Any) -> OtaClient:
         cfg = ClientConfig(device_id=device_id, groups=groups, state_dir=self.tmp / device_id,
                            trusted_root=self.fleet.repo.root_bytes(1),
                            base_fingerprint=fingerprint or self.kit.FINGERPRINT,
                            fetch_timeout_s=kw.pop("fetch_timeout_s", 0.5), **kw)
-        return OtaClient(cfg, self.broker.connect(), self.sink, clock=self.clock.now)
+        return OtaClient(cfg, self.broker.connect(), self.sink, clock=self.clock.now, on_result=on_result)
 
     def publish(self, seed: int, audience: Audience = EAST, **kw: Any) -> Any:
         adapter = self.kit.make_adapter(seed, fingerprint=kw.pop("fingerprint", self.kit.FINGERPRINT))
@@ -163,14 +166,21 @@ def test_resume_after_restart_fetches_only_missing_chunks(env: Env) -> None:
 
 def test_tampered_payload_chunk(env: Env) -> None:
     v1 = install_v1(env)
-    _, spec = env.publish(2)
-    topic = chunk_topic(env.payload_name(spec), 0)
+    _, spec = env.publish(2, chunk_size=256)
+    name = env.payload_name(spec)
+    n = len(spec.chunks)
+    tampered = n // 2  # chunks before it are verified and stored before it arrives
+    assert tampered >= 1
+    topic = chunk_topic(name, tampered)
     good = env.broker.retained(topic) or b""
     env.fleet.transport.publish(topic, bytes([good[0] ^ 1]) + good[1:], retain=True)
     assert_refused(env, env.one(), "chunk_digest", v1)
+    assert env.device.reader.fetch_count[name] == tampered + 1
     # the fleet republishes the chunk: the next cycle installs without refetching the rest
     env.fleet.transport.publish(topic, good, retain=True)
     assert env.one().result == "installed"
+    # every chunk arrived once, the tampered one twice: the stored ones were not fetched again
+    assert env.device.reader.fetch_count[name] == n + 1
 
 
 def _forge(md_bytes: bytes, signer: CryptoSigner, *, bump: int = 1, pad: int = 0) -> bytes:
@@ -346,3 +356,162 @@ def test_interrupted_install_is_rolled_back_on_restart(env: Env) -> None:
     assert r is not None and r.result == "recovered" and env.sink.current["kws"] == 1
     assert env.one(restarted).result == "installed"
     assert json.loads((env.tmp / "dev1" / "state.json").read_bytes())["pending"] is None
+
+
+# --- what the service served before an install ---------------------------------------
+
+def test_hand_uploaded_adapter_survives_a_failed_ota_health_check(env: Env) -> None:
+    """OTA never installed ``kws`` here, but a user did: a failed OTA install must go back
+    to the user's version, not delete the name (and with it every stored version)."""
+    hand = env.kit.make_adapter(50)
+    env.sink.install("kws", hand, meta={"source": "upload"})
+    env.publish(1, probes=env.kit.probes_for(env.kit.make_adapter(99)))  # wrong expectations
+    r = env.one()
+    assert_refused(env, r, "health_check_failed", hand)
+    assert "rolled back to local version 1" in r.message
+    assert env.sink.current["kws"] == 1 and env.sink.versions["kws"][0] is hand
+
+
+def test_failed_health_check_rolls_back_to_what_the_service_served_not_to_the_last_ota_version(
+        env: Env) -> None:
+    install_v1(env)
+    hand = env.kit.make_adapter(50)
+    env.sink.install("kws", hand, meta={"source": "upload"})  # local version 2, after OTA's 1
+    env.publish(2, probes=env.kit.probes_for(env.kit.make_adapter(99)))
+    r = env.one()
+    assert_refused(env, r, "health_check_failed", hand)
+    assert "rolled back to local version 2" in r.message and env.sink.current["kws"] == 2
+
+
+# --- a malformed signed target ---------------------------------------------------------
+
+def _sign_malformed_target(env: Env, path: str) -> None:
+    """The (trusted) fleet signs a target whose lorad description lacks most fields."""
+    repo = env.fleet.repo
+    md = repo._bump("targets")
+    md.signed.targets[path] = TargetFile(length=1, hashes={"sha256": "00" * 32}, path=path,
+                                         unrecognized_fields={"custom": {"lorad": {"adapter": "bad"}}})
+    dirname, _, base = path.rpartition("/")
+    (repo.dir / "targets" / dirname).mkdir(parents=True, exist_ok=True)
+    (repo.dir / "targets" / dirname / f"{'00' * 32}.{base}").write_bytes(b"x")
+    repo._write_signed(md, "targets")
+    repo._snapshot_and_timestamp()
+
+
+def test_a_malformed_target_is_refused_alone_and_the_others_install(env: Env) -> None:
+    registry = CollectorRegistry()
+    metrics = OtaMetrics(registry)
+    env.device = env.new_device(on_result=metrics.on_result)
+    a1 = env.kit.make_adapter(1)
+    env.fleet.repo.publish_adapter("kws", a1, audience=EAST, probes=env.kit.probes_for(a1))
+    bad = "adapters/zz-bad/all/1.lorad"  # sorts after kws: its result is the last one reported
+    _sign_malformed_target(env, bad)
+    env.fleet.push()  # the fleet side leaves the malformed target out of its offers, too
+    results = env.device.update()
+    by_reason = {r.reason: r for r in results}
+    assert [r.result for r in results] == ["installed", "rejected"], results
+    assert bad in by_reason["target_invalid"].message
+    assert env.sink.serving("kws") is not None
+    assert_refused(env, by_reason["target_invalid"], "target_invalid", env.sink.serving("kws"))
+    assert registry.get_sample_value("lorad_ota_updates_total",
+                                     {"result": "rejected", "reason": "target_invalid"}) == 1
+    # the next cycle: kws is up to date, the bad target is refused again, nothing raises
+    assert [(r.result, r.reason) for r in env.device.update()] == [("up_to_date", None),
+                                                                   ("rejected", "target_invalid")]
+
+
+# --- local faults are retried, bad data is not -------------------------------------------
+
+@pytest.mark.parametrize("fault", [AdapterStorageError("registry write failed"),
+                                   CacheFullError("cache is full of pinned adapters"),
+                                   OSError(28, "No space left on device")])
+def test_a_local_fault_during_install_is_retried_next_cycle(env: Env, fault: Exception) -> None:
+    v1 = install_v1(env)
+    _, spec = env.publish(2)
+    env.sink.fail_install = fault
+    r = env.one()
+    assert (r.result, r.reason) == ("failed", None), r
+    assert type(fault).__name__ in r.message
+    assert env.sink.serving("kws") is v1 and env.device.state.refused("kws") == 0
+    assert env.device.state.pending is None
+    fetched = env.device.reader.fetch_count[env.payload_name(spec)]
+    env.sink.fail_install = None
+    r = env.one()
+    assert (r.result, r.version) == ("installed", 2), r
+    assert env.device.reader.fetch_count[env.payload_name(spec)] == fetched  # the stage was kept
+
+
+def test_a_version_stored_before_a_local_fault_is_not_served(env: Env) -> None:
+    """The service may store the new version and then fail (cache full): undone."""
+    v1 = install_v1(env)
+    env.publish(2)
+    sink = env.sink
+    real_install = sink.install
+
+    def store_then_fail(name: str, adapter: Any, *, meta: Any = {}) -> Any:
+        real_install(name, adapter, meta=meta)
+        raise CacheFullError("stored, but the cache is full")
+    sink.install = store_then_fail  # type: ignore[method-assign]
+    r = env.one()
+    assert r.result == "failed" and env.sink.serving("kws") is v1 and env.sink.current["kws"] == 1
+
+
+def test_an_adapter_the_service_finds_invalid_is_refused_for_good(env: Env) -> None:
+    v1 = install_v1(env)
+    env.publish(2)
+    env.sink.fail_install = InvalidAdapterError("adapter rank 64 exceeds the slot rank 8")
+    assert_refused(env, env.one(), "install_failed", v1)
+    assert env.device.state.refused("kws") == 2
+    env.sink.fail_install = None
+    assert env.one().result == "skipped"
+
+
+def test_a_damaged_local_delta_base_is_not_blamed_on_the_fleet(env: Env) -> None:
+    v1 = install_v1(env)
+    base = env.tmp / "dev1" / "installed" / "kws" / "1.bin"
+    data = base.read_bytes()
+    base.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one weight bit flipped on disk
+    env.fleet.repo.publish_adapter("kws", env.kit.make_adapter(2), audience=EAST, delta_from=1)
+    env.fleet.push()
+    r = env.one()
+    assert_refused(env, r, "delta_base_missing", v1)
+    assert "damaged" in r.message and env.device.state.refused("kws") == 0
+    # a full version from the fleet then installs
+    a3 = env.kit.make_adapter(3)
+    env.fleet.repo.publish_adapter("kws", a3, audience=EAST, probes=env.kit.probes_for(a3))
+    env.fleet.push()
+    assert (env.one().result, env.sink.current["kws"]) == ("installed", 2)
+
+
+# --- limits --------------------------------------------------------------------------
+
+def test_decompressed_size_above_the_device_limit_is_refused_before_download(env: Env) -> None:
+    v1 = install_v1(env)
+    a2 = env.kit.make_adapter(2)
+    spec = env.fleet.repo.publish_adapter("kws", a2, audience=EAST, compression="zlib",
+                                          probes=env.kit.probes_for(a2))
+    env.fleet.push()
+    env.device = env.new_device(max_raw_bytes=spec.raw_length - 1)
+    r = env.one()
+    assert_refused(env, r, "too_large", v1)
+    assert "max_raw_bytes" in r.message and str(spec.raw_length) in r.message
+    assert env.payload_name(spec) not in env.device.reader.fetch_count
+
+
+def test_decompressed_size_limit_defaults_to_four_payload_limits(tmp_path: Path) -> None:
+    cfg = ClientConfig(device_id="d", groups=(), state_dir=tmp_path, trusted_root=b"",
+                       base_fingerprint="f", max_payload_bytes=1000)
+    assert cfg.raw_limit == 4000
+    with pytest.raises(ValueError, match="max_raw_bytes"):
+        ClientConfig(device_id="d", groups=(), state_dir=tmp_path, trusted_root=b"",
+                     base_fingerprint="f", max_raw_bytes=0)
+
+
+def test_interrupted_install_left_by_a_failed_undo_is_undone_by_the_next_cycle(env: Env) -> None:
+    install_v1(env)
+    env.publish(2)
+    env.device.state.begin("kws", 2, 1)  # a previous cycle could not undo its install
+    env.sink.install("kws", env.kit.make_adapter(2))
+    results = env.device.update()
+    assert [(r.result, r.version) for r in results] == [("recovered", 2), ("installed", 2)], results
+    assert env.sink.current["kws"] == 3  # v2 undone (back to 1), then installed and checked anew

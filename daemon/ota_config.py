@@ -67,6 +67,8 @@ class OtaLimits:
     max_packet_bytes: int = 1024**2
     #: Seconds without progress (a chunk) before a fetch is abandoned (resumed next cycle).
     fetch_timeout_s: float = 10.0
+    #: Largest adapter after decompression, bytes; None: 4 × max_adapter_bytes.
+    max_raw_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,12 @@ def _parse_limits(r: SectionReader) -> OtaLimits:
     if not 4096 <= max_packet <= 268_435_455:
         raise ConfigError(r.key("max_packet_bytes"),
                           f"got {max_packet}; expected a size from 4KiB to 256MiB (MQTT's limit)")
+    max_raw = r.byte_size("max_raw_bytes", 4 * max_adapter) if r.has("max_raw_bytes") else None
+    if max_raw is not None and max_raw < max_adapter:
+        raise ConfigError(r.key("max_raw_bytes"),
+                          f"got {max_raw}; expected at least limits.max_adapter_bytes ({max_adapter})")
     cfg = OtaLimits(max_adapter_bytes=max_adapter, max_packet_bytes=max_packet,
-                    fetch_timeout_s=r.number("fetch_timeout_s", d.fetch_timeout_s, minimum=0.5, maximum=600))
+                    fetch_timeout_s=r.number("fetch_timeout_s", d.fetch_timeout_s, minimum=0.5, maximum=600),
+                    max_raw_bytes=max_raw)
     r.finish()
     return cfg

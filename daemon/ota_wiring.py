@@ -126,7 +126,7 @@ def _build_transport(cfg: Config, base_fingerprint: str) -> tuple[MqttTransport,
     client_cfg = ClientConfig(
         device_id=ota.device_id, groups=ota.groups, state_dir=cfg.state_dir / "ota", trusted_root=root,
         base_fingerprint=base_fingerprint, clock_slack_s=ota.clock_slack_s, fetch_timeout_s=ota.limits.fetch_timeout_s,
-        max_payload_bytes=ota.limits.max_adapter_bytes)
+        max_payload_bytes=ota.limits.max_adapter_bytes, max_raw_bytes=ota.limits.max_raw_bytes)
     transport.start()
     return transport, client_cfg
 

@@ -123,4 +123,8 @@ def test_ota_config_errors_name_key_value_and_what_is_allowed(tmp_path: Path) ->
         build_config({"ota": {"limits": {"max_packet_bytes": 100}}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"^ota\.broker\.prot: unknown key"):
         build_config({"ota": {"broker": {"prot": 1}}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^ota\.limits\.max_raw_bytes: got 1024; expected at least"):
+        build_config({"ota": {"limits": {"max_raw_bytes": "1KiB"}}}, base_dir=tmp_path)
+    limits = build_config({"ota": {"limits": {"max_raw_bytes": "512MiB"}}}, base_dir=tmp_path).ota.limits
+    assert limits.max_raw_bytes == 512 * 1024**2
     assert build_config({}, base_dir=tmp_path).ota.enabled is False

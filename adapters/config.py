@@ -44,7 +44,7 @@ class ModelConfig(ConfigModel):
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads; 0: let ORT decide.")
     weight_names: Annotated[
         dict[NonEmptyStr, NonEmptyStr], Allowed("a mapping of PEFT module names to ONNX weight names"),
-    ] = Field(default_factory=dict, description="PEFT module name -> ONNX weight name, for weights whose names do not "
+    ] = Field(default_factory=dict, json_schema_extra={"default": {}}, description="PEFT module name -> ONNX weight name, for weights whose names do not "
                                                 "follow the module tree (default: module m is weight m.weight).")
 
 

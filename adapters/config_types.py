@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    GetJsonSchemaHandler,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -33,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
 
 from adapters.names import NAME_ALLOWED, NAME_RULE, is_name
 
@@ -102,7 +104,14 @@ class Allowed:
 
 
 class _SizeMarker:
-    """Field metadata: an integer number of bytes (messages speak of sizes)."""
+    """Field metadata: an integer number of bytes (messages speak of sizes).
+
+    In the JSON Schema a size is the integer (with the field's bounds) or a string with a unit.
+    """
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        as_int = handler(core_schema)
+        return {"anyOf": [as_int, {"type": "string", "pattern": _SIZE_PATTERN}]}
 
 
 class _PathMarker:
@@ -156,7 +165,6 @@ ByteSize = Annotated[
     int,
     BeforeValidator(_byte_size),
     _SizeMarker(),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": _SIZE_PATTERN}]}),
 ]
 
 
@@ -385,7 +393,8 @@ def _metadata(info: FieldInfo | None, ann: Any) -> list[Any]:
     meta = list(info.metadata) if info is not None else []
     while True:
         if typing.get_origin(ann) is Annotated:
-            meta.extend(ann.__metadata__)
+            for m in ann.__metadata__:
+                meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
             ann = typing.get_args(ann)[0]
         elif typing.get_origin(ann) in (Union, types.UnionType):
             args = [a for a in typing.get_args(ann) if a is not type(None)]

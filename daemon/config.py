@@ -98,7 +98,7 @@ class ServerConfig(ConfigModel):
                                                         "<state_dir>/lorad.addr (flag --port).")
     unix_socket: StatePath | None = Field(None, description="Unix socket served in addition to TCP (relative: in the "
                                                             "state directory); its file mode is the authentication.")
-    unix_socket_mode: SocketMode = Field(0o600, description='File mode of the Unix socket: "0600" (owner only) '
+    unix_socket_mode: SocketMode = Field(0o600, json_schema_extra={"default": "0600"}, description='File mode of the Unix socket: "0600" (owner only) '
                                                             'or "0660" (owner and group).')
     token_file: StatePath = Field(Path(TOKEN_FILE), description="Bearer token for state-changing endpoints, created "
                                                                 "if missing (relative: in the state directory).")
@@ -130,7 +130,7 @@ class Config(ConfigModel):
     log_level: LogLevel = Field("INFO", description="Log level (any case); flag --log-level.")
     server: ServerConfig = Field(default_factory=lambda: ServerConfig(), description="The HTTP API.")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(), description="The base model served.")
-    cache: CacheConfig = Field(default_factory=lambda: CacheConfig(), description="The in-memory adapter cache.")
+    cache: CacheConfig = Field(default_factory=lambda: CacheConfig(), description="Adapters kept in memory.")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(), description="On-device DP training.")
     ota: OtaConfig = Field(default_factory=lambda: OtaConfig(), description="Signed adapter updates from the fleet over MQTT.")
 
@@ -154,7 +154,26 @@ def config_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the whole config file, as ``lorad config-schema`` prints it."""
     schema = Config.model_json_schema()
     schema.pop("required", None)  # state_dir has a default from the environment
+    _fold_bounds(schema)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "lorad configuration", **schema}
+
+
+_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _fold_bounds(node: object) -> None:
+    # pydantic cannot turn the bounds of an optional size into JSON Schema words and
+    # leaves them as "gt"/"ge" keys (beside anyOf, or in its integer branch); fix them up.
+    if isinstance(node, dict):
+        stray = {k: node.pop(k) for k in list(node) if k in _BOUNDS and ("anyOf" in node or "type" in node)}
+        targets = [b for b in node.get("anyOf", []) if isinstance(b, dict) and b.get("type") == "integer"]
+        for target in targets if "anyOf" in node else [node]:
+            target.update({_BOUNDS[k]: v for k, v in stray.items()})
+        for value in node.values():
+            _fold_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _fold_bounds(value)
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

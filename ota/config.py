@@ -76,7 +76,7 @@ class OtaLimits(ConfigModel):
                                                            "the broker); chunks published by the fleet must fit in it.")
     fetch_timeout_s: float = Field(10.0, ge=0.5, le=600, description="Seconds without progress (a chunk) before a "
                                                                      "fetch is abandoned (resumed next cycle).")
-    max_raw_bytes: ByteSize | None = Field(None, gt=0, description="Largest adapter after decompression, bytes; "
+    max_raw_bytes: Annotated[ByteSize, Field(gt=0)] | None = Field(None, description="Largest adapter after decompression, bytes; "
                                                                    "null: 4 x max_adapter_bytes.")
 
     @model_validator(mode="after")

@@ -261,7 +261,7 @@ class TrainerConfig(ConfigModel):
     defaults: AdapterTrainingConfig = Field(default_factory=lambda: AdapterTrainingConfig(),
                                             description="DP-SGD settings of every adapter without its own entry.")
     adapters: Mapping[str, AdapterTrainingConfig] = Field(
-        default_factory=dict, description="Per-adapter settings (adapter name -> keys of defaults), merged over "
+        default_factory=dict, json_schema_extra={"default": {}}, description="Per-adapter settings (adapter name -> keys of defaults), merged over "
                                           "defaults; null: the defaults.")
 
     @model_validator(mode="before")

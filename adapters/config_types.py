@@ -56,6 +56,7 @@ __all__ = [
     "ConfigPath",
     "StatePath",
     "show",
+    "got",
 ]
 
 _UNITS = {
@@ -123,6 +124,11 @@ def show(value: object) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {value!r}"
 
 
+def got(value: object) -> str:
+    """A bad value as written (its repr), or "nothing" for null."""
+    return "nothing" if value is None else repr(value)
+
+
 # ---------------------------------------------------------------- value types
 
 
@@ -136,7 +142,7 @@ def parse_byte_size(value: object, *, key: str = "") -> int:
 
 def _byte_size(value: object) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"got {value!r}; expected {SIZE_ALLOWED}")
+        raise ValueError(f"got {got(value)}; expected {SIZE_ALLOWED}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"got {value}; a size must not be negative: expected {SIZE_ALLOWED}")
@@ -147,7 +153,7 @@ def _byte_size(value: object) -> int:
             n = float(m.group(1)) * _UNITS[m.group(2).lower()]
             if math.isfinite(n):
                 return int(n)
-    raise ValueError(f"got {value!r}; expected {SIZE_ALLOWED}")
+    raise ValueError(f"got {got(value)}; expected {SIZE_ALLOWED}")
 
 
 def format_byte_size(n: int) -> str:
@@ -170,7 +176,7 @@ ByteSize = Annotated[
 
 def _name(value: object) -> str:
     if not is_name(value):
-        raise ValueError(f"got {value!r}; allowed: {NAME_ALLOWED}")
+        raise ValueError(f"got {got(value)}; allowed: {NAME_ALLOWED}")
     assert isinstance(value, str)
     return value
 
@@ -336,11 +342,13 @@ def config_error(exc: ValidationError, model: type[BaseModel] | None, prefix: st
         return ConfigError(key, str(ctx.get("error", err["msg"])))
     ann, meta = _walk(model, loc)[1:] if model is not None else (annotation, _metadata(None, annotation))
     if kind == "literal_error":
-        return ConfigError(key, f"got {value!r}; allowed: {', '.join(str(a) for a in _literal_values(ann))}")
+        return ConfigError(key, f"got {got(value)}; allowed: {', '.join(str(a) for a in _literal_values(ann))}")
     allowed = describe_allowed(ann, meta)
     if kind == "missing":
         return ConfigError(key, f"got nothing; required: {allowed}")
     shown = repr(value) if kind in _RANGE_ERRORS or kind == "finite_number" else show(value)
+    if isinstance(value, int) and any(isinstance(m, _SizeMarker) for m in meta) and format_byte_size(value) != str(value):
+        shown = f"{value} ({format_byte_size(value)})"
     return ConfigError(key, f"got {shown}; expected {allowed}")
 
 

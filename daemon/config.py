@@ -31,6 +31,7 @@ from adapters.config_types import (
     ConfigModel,
     ConfigPath,
     NonEmptyStr,
+    got,
     StatePath,
     parse_byte_size,
     show,
@@ -73,7 +74,7 @@ def _socket_mode(raw: object) -> int:
     elif isinstance(raw, str) and re.fullmatch(r"(0o?)?[0-7]{3}", raw):
         mode = int(raw.removeprefix("0o"), 8)
     if mode not in _SOCKET_MODES:
-        raise ValueError(f"got {raw!r}; {_SOCKET_MODE_ALLOWED}")
+        raise ValueError(f"got {got(raw)}; {_SOCKET_MODE_ALLOWED}")
     return mode
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
-from adapters.config_types import ByteSize, ConfigError, ConfigModel, FieldProblem, NonEmptyStr
+from adapters.config_types import ByteSize, ConfigError, ConfigModel, FieldProblem, NonEmptyStr, got
 from adapters.names import NAME_ALLOWED, is_name
 
 # trainer.accountant imports dp_accounting (~1.5 s) only when ε is computed, and the noise
@@ -69,16 +69,16 @@ def _time_window(value: object) -> object:
         if isinstance(value, (tuple, list)) and len(value) == 2 and all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 24 * 60 for v in value):
             if value[0] == value[1]:
-                raise ValueError(f"got {value!r}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
+                raise ValueError(f"got {got(value)}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
             return tuple(value)
-        raise ValueError(f"got {value!r}; {_WINDOW_ALLOWED}")
+        raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
     parts = value.split("-")
     matches = [_TIME.match(p.strip()) for p in parts]
     if len(parts) != 2 or not all(matches):
-        raise ValueError(f"got {value!r}; {_WINDOW_ALLOWED}")
+        raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
     start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m)
     if start == end:
-        raise ValueError(f"got {value!r}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
+        raise ValueError(f"got {got(value)}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
     return start, end
 
 

@@ -343,7 +343,7 @@ def config_error(exc: ValidationError, model: type[BaseModel] | None, prefix: st
     ann, meta = _walk(model, loc)[1:] if model is not None else (annotation, _metadata(None, annotation))
     if kind == "literal_error":
         return ConfigError(key, f"got {got(value)}; allowed: {', '.join(str(a) for a in _literal_values(ann))}")
-    allowed = describe_allowed(ann, meta)
+    allowed = _allowed_text(ann, meta)
     if kind == "missing":
         return ConfigError(key, f"got nothing; required: {allowed}")
     shown = repr(value) if kind in _RANGE_ERRORS or kind == "finite_number" else show(value)
@@ -418,7 +418,7 @@ def _literal_values(ann: Any) -> tuple[Any, ...]:
     return typing.get_args(ann) if typing.get_origin(ann) is Literal else ()
 
 
-def describe_allowed(ann: Any, meta: list[Any]) -> str:
+def _allowed_text(ann: Any, meta: list[Any]) -> str:
     """What a field of type ``ann`` with constraints ``meta`` accepts, in words."""
     for m in meta:
         if isinstance(m, Allowed):

@@ -14,6 +14,7 @@ Rules that involve several fields raise :class:`FieldProblem` from a validator; 
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import re
 import types
@@ -352,6 +353,7 @@ def config_error(exc: ValidationError, model: type[BaseModel] | None, prefix: st
     return ConfigError(key, f"got {shown}; expected {allowed}")
 
 
+_MAPPINGS = (dict, collections.abc.Mapping)
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
                  "too_short", "too_long", "string_too_short", "string_too_long"}
 
@@ -369,18 +371,12 @@ def _walk(model: type[BaseModel] | None, loc: list[str]) -> tuple[type[BaseModel
             if info is None:
                 return container, None, []
             ann, meta = info.annotation, _metadata(info, info.annotation)
-        elif typing.get_origin(ann) in (dict, Mapping, typing.Mapping, _abc_mapping()):
+        elif typing.get_origin(ann) in _MAPPINGS:
             ann = typing.get_args(ann)[1]
             meta = _metadata(None, ann)
         else:
             break
     return container, ann, meta
-
-
-def _abc_mapping() -> Any:
-    import collections.abc
-
-    return collections.abc.Mapping
 
 
 def _unwrap(ann: Any) -> Any:
@@ -445,7 +441,7 @@ def _allowed_text(ann: Any, meta: list[Any]) -> str:
         return "one of: " + ", ".join(str(a) for a in typing.get_args(base))
     if isinstance(base, type) and issubclass(base, BaseModel):
         return "a mapping of keys to values"
-    if typing.get_origin(base) in (dict, Mapping, _abc_mapping()):
+    if typing.get_origin(base) in _MAPPINGS:
         return "a mapping of keys to values"
     if typing.get_origin(base) in (tuple, list):
         return "a list"

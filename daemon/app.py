@@ -112,7 +112,6 @@ class Daemon:
             registry,
             cache_budget_bytes=cfg.cache.budget_bytes,
             model_name=cfg.model.name,
-            weight_names=cfg.model.weight_names,
             on_cache_event=metrics.on_cache_event,
         )
         metrics.watch_cache(lambda: service.cache.stats)
@@ -216,10 +215,11 @@ def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
             model_path,
             targets=cfg.model.targets,
             rank=cfg.model.rank,
+            weight_names=cfg.model.weight_names,
             device=cfg.model.device,
             intra_op_threads=cfg.model.intra_op_threads,
         )
-    except ValueError as e:  # the graph surgery: targets that match nothing or no linear op
+    except ValueError as e:  # the graph surgery: targets or weight_names that match nothing
         raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
     except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
         raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e

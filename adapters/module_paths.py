@@ -191,7 +191,7 @@ class ModulePaths:
                             return _param_module(other, "bias")
             return None
 
-        claims: dict[str, tuple[str | None, str | None, str]] = {}
+        claims: dict[str, tuple[str | None, str | None, str]] = {}  # weight -> (module, source, note)
         for weight, nodes in uses.items():
             claims[weight] = _recover(weight, [n for n, _ in nodes], bias_module)
 
@@ -202,13 +202,13 @@ class ModulePaths:
                 f"model.weight_names names {unknown}, which are not MatMul/Gemm weights of the model; "
                 f"LoRA-able weights: {', '.join(sorted(uses)[:20]) or '(none)'}"
             )
-        for weight, module in by_override.items():
-            claims[weight] = (module, "override", "")
+        for weight, given in by_override.items():
+            claims[weight] = (given, "override", "")
 
         owners: dict[str, list[str]] = defaultdict(list)
-        for weight, (module, _, _) in claims.items():
-            if module is not None:
-                owners[module].append(weight)
+        for weight, (claimed, _, _) in claims.items():
+            if claimed is not None:
+                owners[claimed].append(weight)
 
         weights = []
         for weight, nodes in uses.items():

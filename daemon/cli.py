@@ -1,7 +1,8 @@
 """``lorad``: the daemon's command line.
 
 ``lorad serve`` runs the daemon; ``lorad check-config FILE`` validates a config file and
-prints the effective settings. Exit codes: 0 ok, 1 the daemon failed at run time,
+prints the effective settings; ``lorad inspect-model MODEL.onnx`` lists the weights LoRA
+can target, with the module paths PEFT adapters name them by. Exit codes: 0 ok, 1 the daemon failed at run time,
 2 bad usage or configuration (the message names the key).
 """
 
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--state-dir", type=Path, metavar="DIR", help="as for serve")
+
+    inspect = sub.add_parser("inspect-model", help="list the MatMul/Gemm weights LoRA can target and their module paths")
+    inspect.add_argument("model", type=Path, metavar="MODEL.onnx")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     return parser
 
 
@@ -88,6 +93,8 @@ def _describe(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect-model":
+        return _inspect_model(args.model, as_json=args.json)
     try:
         config = config_from_args(args)
     except ConfigError as e:
@@ -107,6 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if logging_to != "stderr":
             print(f"lorad: cannot serve: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _inspect_model(path: Path, *, as_json: bool) -> int:
+    from daemon.inspect_model import inspect_model, render, to_json
+
+    try:
+        report = inspect_model(path)
+    except ValueError as e:
+        print(f"lorad: inspect-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(to_json(report) if as_json else render(report))
     return EXIT_OK
 
 

@@ -180,8 +180,14 @@ def make_training_graph(
     init: Mapping[str, LoraWeights],
     scale: float,
     per_example: Collection[str] = (),
+    batch_input: str | None = None,
 ) -> onnx.ModelProto:
     """Derive the training graph: ``y = x·W + scale·(x·A)·B`` with A, B initializers.
+
+    ``batch_input`` names a graph input whose first dimension is the batch N. With it, a
+    per-example target's input ``x`` is viewed as ``[N, -1, in]`` whatever its rank, so
+    targets behind a ``view(-1, in)`` (transformers' ``Conv1D``: ``x`` is ``[N·T, in]``)
+    still get one copy per example rather than per row; rows must be example-major.
 
     ``init`` gives the initial A and B of every target (keyed by weight name); A and B are
     named :func:`lora_input_names`. ``per_example`` names the LoRA tensors (A and/or B
@@ -225,7 +231,7 @@ def make_training_graph(
         graph,
         targets,
         lambda node, t, prefix: _training_lora_path(
-            graph, node, t, prefix, scale * t.gemm_alpha, per_example, ranks.get(node.input[0])
+            graph, node, t, prefix, scale * t.gemm_alpha, per_example, ranks.get(node.input[0]), batch_input
         ),
     )
     onnx.checker.check_model(derived)
@@ -249,6 +255,7 @@ def _training_lora_path(
     coefficient: float,
     per_example: Collection[str],
     x_rank: int | None,
+    batch_input: str | None = None,
 ) -> list[onnx.NodeProto]:
     """Nodes computing ``out = base + coefficient·(x·A)·B`` after ``node`` (renamed to base)."""
     nodes: list[onnx.NodeProto] = []
@@ -270,10 +277,14 @@ def _training_lora_path(
     x = node.input[0]
     batched = [name for name in (a_name, b_name) if name in per_example]
     # Batched MatMul pairs example n of x with copy n only when x is [N, M, in].
-    flatten = bool(batched) and x_rank != 3
-    if flatten:
+    flatten = bool(batched) and (x_rank != 3 or batch_input is not None)
+    if flatten and batch_input is not None:
+        n = add("Shape", [batch_input], "batch", start=0, end=1)
+        rows = const("rows_shape", np.array([-1, target.in_features], np.int64))
+        x = add("Reshape", [x, add("Concat", [n, rows], "flat_shape", axis=0)], "x_flat")
+    elif flatten:
         x = add("Reshape", [x, const("flat_shape", np.array([0, -1, target.in_features], np.int64))], "x_flat")
-    if batched:
+    if batched and batch_input is None:
         n = add("Shape", [x], "batch", start=0, end=1)
     factors: list[str] = []
     for name in (a_name, b_name):

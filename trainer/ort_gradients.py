@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -91,7 +92,7 @@ def prepare_for_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _gelu_nodes(graph: onnx.GraphProto, node: onnx.NodeProto, fresh: "_Fresh") -> list[onnx.NodeProto]:
+def _gelu_nodes(graph: onnx.GraphProto, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
     approximate = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "approximate"), b"none")
     approximate = approximate.decode() if isinstance(approximate, bytes) else str(approximate)
     x, y = node.input[0], node.output[0]
@@ -122,26 +123,22 @@ def _gelu_nodes(graph: onnx.GraphProto, node: onnx.NodeProto, fresh: "_Fresh") -
     return nodes
 
 
-_OP_IN_MESSAGE = re.compile(r"(?:gradient builder for|GradientBuilder for|op_type[:=]\s*)\W*([A-Za-z][A-Za-z0-9_]*)")
+_NOT_REGISTERED = re.compile(r"has not been registered: (?P<op>[A-Za-z0-9_]+) for node (?P<node>.+?)\.?$", re.M)
+_RAW_PREFIX = re.compile(r"^.*?(?:was false\.|: FAIL : )\s*", re.S)
 
 
 def gradient_error(model: onnx.ModelProto, error: BaseException) -> str:
-    """A message for ORT failing to build the gradient of ``model``: op, nodes, what works."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    m = _OP_IN_MESSAGE.search(str(error))
-    where = ""
+    """A message for ORT failing to build the gradient of ``model``: op, node, what works."""
+    raw = str(error).strip()
+    m = _NOT_REGISTERED.search(raw)
     if m:
-        op = m.group(1)
-        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
-        where = f"op {op} (nodes: {', '.join(nodes[:5]) or 'none'}{', ...' if len(nodes) > 5 else ''}): "
+        what = f"op {m.group('op')} (node {m.group('node')!r}) has no gradient in ONNX Runtime's training builder"
+    else:  # not one lorad knows: keep ORT's sentence, without its C++ source location
+        what = _RAW_PREFIX.sub("", raw, count=1) or type(error).__name__
     return (
-        f"ONNX Runtime cannot build the training gradient of this model: {where}{text}. "
-        f"lorad trains graphs whose ops between the LoRA targets and the output have ORT gradients "
-        f"(MatMul, Gemm, Add, Mul, Div, Softmax, Erf, Tanh, Reshape, Transpose, Gather, ...); "
-        f"it rewrites {', '.join(REWRITTEN_OPS)} itself"
+        f"cannot build the training graph: {what}. lorad trains models whose ops between the LoRA "
+        "targets and the loss have ORT gradients (MatMul, Gemm, Add, Sub, Mul, Div, Softmax, Erf, Tanh, "
+        "Relu, Sigmoid, Reshape, Transpose, Gather, ReduceMean, LayerNormalization, ...) and rewrites "
+        f"{', '.join(REWRITTEN_OPS)} itself; train a model without this op, or keep the op out of the "
+        "path from the targets to the output"
     )
-
-
-class _Fresh:  # the type of ``fresh`` above, for the annotation only
-    def __call__(self, base: str) -> str:  # pragma: no cover - typing aid
-        raise NotImplementedError

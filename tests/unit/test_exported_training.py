@@ -56,3 +56,20 @@ def test_private_gradient_on_exported_graph_equals_batch_of_one_reference(tmp_pa
     clip_norm = float(np.median(norms))  # some examples clipped, some not
     want, _ = _reference_clipped_sum(session, batch, clip_norm)
     _assert_close(session.gradient(batch, clip_norm=clip_norm), want)
+
+
+def test_op_without_ort_gradient_is_named_not_a_raw_assertion(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "fc.weight")
+    nodes = [helper.make_node("MatMul", ["x", "fc.weight"], ["h"], name="/fc/MatMul"),
+             helper.make_node("Atan", ["h"], ["y"], name="/act/Atan")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    with pytest.raises(ValueError) as e:
+        build_artifacts(model, ArtifactConfig(targets=("fc",), rank=1, alpha=1.0, loss="mse"), cache_dir=tmp_path)
+    message = str(e.value)
+    assert "op Atan (node '/act/Atan') has no gradient" in message and "LayerNormalization" in message
+    assert "onnxruntime_src" not in message and ".cc:" not in message

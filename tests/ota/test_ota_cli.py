@@ -83,3 +83,39 @@ def test_publish_records_the_probe_tolerances_asked_for(tmp_path: Path, flags: l
     payload = (repo_dir / "targets" / dirname / f"{spec.sha256}.{base}").read_bytes()
     _, _, probes = reconstruct(spec, payload, base_fingerprint=spec.base_fingerprint)
     assert probes is not None and (probes.atol, probes.rtol) == (atol, rtol)
+
+
+EXPORTED = Path(__file__).resolve().parents[1] / "data" / "exported"
+
+
+def test_publish_with_the_device_config_uses_its_model_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from daemon.ctl import main as loractl
+    from daemon.ctl.fleet import model_section
+
+    config = tmp_path / "lorad.yaml"
+    # an exported model with anonymous weights; the device's other sections name device files
+    config.write_text(f"model: {{name: enc, path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [q_proj, v_proj, up]}}\n"
+                      "ota: {enabled: true, device_id: d1, trusted_root: /nonexistent/root.json}\n")
+    repo_dir = tmp_path / "fleet"
+    assert loractl(["fleet", "init", str(repo_dir)]) == 0
+    rc = loractl(["--json", "fleet", "publish", str(repo_dir), "--name", "kws", "--no-push", "--group", "east",
+                  "--adapter", str(EXPORTED / "peft_encoder_qvu"), "--config", str(config)])
+    assert rc == 0, capsys.readouterr().err
+    section = model_section(config)
+    device = InferenceEngine(section.path, targets=section.targets, rank=section.rank)
+    [(_, spec)] = FleetRepository(repo_dir).targets().items()
+    assert spec.base_fingerprint == device.fingerprint
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.yaml"
+    for text, exit_code, message in [
+        ("model: {rank: 0}\n", 2, "model.rank: got 0"),
+        (f"model: {{path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [c_attn]}}\n", 2, "'c_attn' matches no"),
+        (f"model: {{path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [q_proj]}}\n", 1, "'layers.0.attn.v_proj'"),
+        ("model: [\n", 2, "not valid YAML"),
+    ]:
+        bad.write_text(text)
+        rc = loractl(["fleet", "publish", str(repo_dir), "--name", "kws", "--no-push", "--group", "east",
+                      "--adapter", str(EXPORTED / "peft_encoder_qvu"), "--config", str(bad)])
+        err = capsys.readouterr().err
+        assert rc == exit_code and message in err and "Traceback" not in err, (text, rc, err)

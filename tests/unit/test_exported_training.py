@@ -73,3 +73,37 @@ def test_op_without_ort_gradient_is_named_not_a_raw_assertion(tmp_path: Path) ->
     message = str(e.value)
     assert "op Atan (node '/act/Atan') has no gradient" in message and "LayerNormalization" in message
     assert "onnxruntime_src" not in message and ".cc:" not in message
+
+
+def test_trained_version_of_an_exported_model_survives_a_restart(tmp_path: Path) -> None:
+    """The trainer's output on a graph with anonymous weights uses PEFT names and reads back."""
+    from adapters.engine import InferenceEngine
+    from adapters.peft_format import WEIGHTS_FILE
+    from adapters.registry import AdapterRegistry
+    from adapters.service import AdapterService
+    from safetensors.numpy import load as load_safetensors
+    from tests.unit.trainer_helpers import make_env, run_config
+    from trainer.run import TrainingRun
+
+    def service() -> AdapterService:
+        engine = InferenceEngine(DATA / "encoder_dynamo_17.onnx", targets=["q_proj", "v_proj"], rank=4)
+        return AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 24)
+
+    first = service()
+    env = make_env(tmp_path, first)
+    batch = _batch(onnx.load(str(DATA / "encoder_dynamo_17.onnx")), 40, seed=3, classes=4)
+    for i in range(40):
+        env.store.add("alice", {k: batch[k][i] for k in ("input_ids", "attention_mask")}, batch["labels"][i])
+    run = TrainingRun(env, "alice", run_config(steps=6, validation_margin=100.0))
+    run.begin()
+    result = run.execute()
+    env.ledger.close()
+    env.store.close()
+    assert (result.status, result.version) == ("accepted", 1)
+    stored = load_safetensors(first.registry.read_file("alice", 1, WEIGHTS_FILE))
+    assert "base_model.model.layers.0.attn.q_proj.lora_A.weight" in stored  # not val_5
+    probe = {k: batch[k][:3] for k in ("input_ids", "attention_mask")}
+    before = first.infer(probe, "alice").outputs["logits"]
+    after = service().infer(probe, "alice")  # a restart: the files are read back
+    assert after.version == 1
+    np.testing.assert_allclose(after.outputs["logits"], before, atol=1e-6)

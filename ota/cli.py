@@ -181,11 +181,17 @@ def _load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | Non
                               base_fingerprint=engine.fingerprint, use_rslora=adapter.use_rslora,
                               extra=adapter.extra)
         rng = np.random.default_rng(0)
+        # Integer inputs are ones: a valid token id, and an attention mask that keeps every
+        # position (an all-zero mask divides by zero in mean pooling).
         inputs = {s.name: (rng.random([2 if d < 0 else d for d in s.shape]).astype(s.numpy_dtype)
                            if s.datatype.startswith("FP") else
-                           np.zeros([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
+                           np.ones([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
                   for s in engine.inputs}
         outputs = engine.run(inputs, engine.prepare(adapter, name=args.name, version=0))
+        bad = sorted(name for name, value in outputs.items() if not np.all(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"the health-check probe gives non-finite outputs {bad} on this model with the adapter; "
+                             "the devices could never pass it")
         probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_rtol)
     else:
         adapter = load_peft(files)

@@ -246,16 +246,17 @@ class ModelConfig:
     name: str = "demo"
     #: ``None`` = the embedded demo model shipped in ``daemon/demo/``.
     path: Path | None = None
-    #: Glob patterns over ONNX weight (initializer) names that get a LoRA slot
-    #: (default for the demo model: its builder's targets).
+    #: Which MatMul/Gemm weights get a LoRA slot: PEFT-style module names (``q_proj``),
+    #: globs over module paths or ONNX weight names (adapters.module_paths; default for
+    #: the demo model: its builder's targets).
     targets: tuple[str, ...] = ("*",)
     #: Slot rank: adapters of smaller rank are zero-padded to it.
     rank: int = 8
     device: str = "cpu"
     #: ONNX Runtime intra-op threads; 0 = let ORT decide.
     intra_op_threads: int = 0
-    #: PEFT module name → ONNX weight name, for weights whose names do not follow the
-    #: module tree (default: module ``m`` is weight ``m.weight``).
+    #: PEFT module name → ONNX weight name, an override for exports whose module paths
+    #: lorad cannot recover from the graph (``lorad inspect-model`` shows which).
     weight_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 

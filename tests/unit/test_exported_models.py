@@ -156,3 +156,19 @@ def test_export_of_an_uploaded_adapter_has_identical_tensors(tmp_path: Path) -> 
     assert original.keys() == back.keys()
     for key in original:
         assert original[key].tobytes() == back[key].tobytes()
+
+
+def test_peft_names_of_a_wrapper_model_match_by_dotted_suffix(tmp_path: Path) -> None:
+    """An adapter trained on BertModel (``encoder.layer.0...``) fits the export of
+    BertForSequenceClassification (``bert.encoder.layer.0...``) when the match is unique."""
+    from safetensors.numpy import save as save_safetensors
+
+    files = read_peft_dir(DATA / "peft_bert")
+    tensors = {k.replace("base_model.model.bert.", "base_model.model."): v
+               for k, v in load_safetensors(files[WEIGHTS_FILE]).items() if ".classifier." not in k}
+    service = _service(tmp_path, "bert_optimum_17", ["query", "value"])
+    adapter = service.parse({WEIGHTS_FILE: save_safetensors(tensors), CONFIG_FILE: files[CONFIG_FILE]})
+    paths = service.engine.module_paths
+    assert sorted(paths.module_of(w) for w in adapter.weights) == sorted(
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value"))
+    assert paths.weight_of("dense") is None  # ambiguous: several modules end in .dense

@@ -35,8 +35,9 @@ class ModelConfig(ConfigModel):
         None, description="The base ONNX file (relative: from the config file's directory); "
                           "null: the embedded demo model.")
     targets: StrTuple = Field(
-        ("*",), description="Glob patterns over ONNX weight (initializer) names that get a LoRA slot; each must "
-                            "match a MatMul/Gemm weight (default for the demo model: its builder's targets).")
+        ("*",), description="Which MatMul/Gemm weights get a LoRA slot: PEFT-style module names (q_proj matches "
+                            "every module path ending in .q_proj), globs over module paths, or ONNX weight names; "
+                            "each must match a weight (default for the demo model: its builder's targets).")
     rank: int = Field(8, ge=1, le=1024, description="Slot rank: adapters of smaller rank are zero-padded to it "
                                                     "(default for the demo model: its adapters' rank).")
     device: Device = Field("cpu", description="Execution provider: cpu, or cuda (falls back to cpu, said in "
@@ -44,8 +45,8 @@ class ModelConfig(ConfigModel):
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads; 0: let ORT decide.")
     weight_names: Annotated[
         dict[NonEmptyStr, NonEmptyStr], Allowed("a mapping of PEFT module names to ONNX weight names"),
-    ] = Field(default_factory=dict, json_schema_extra={"default": {}}, description="PEFT module name -> ONNX weight name, for weights whose names do not "
-                                                "follow the module tree (default: module m is weight m.weight).")
+    ] = Field(default_factory=dict, json_schema_extra={"default": {}}, description="PEFT module name -> ONNX weight name, an override for exports whose "
+                                                "module paths lorad cannot recover (lorad inspect-model shows them).")
 
 
 class CacheConfig(ConfigModel):

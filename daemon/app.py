@@ -112,7 +112,6 @@ class Daemon:
             registry,
             cache_budget_bytes=cfg.cache.budget_bytes,
             model_name=cfg.model.name,
-            weight_names=cfg.model.weight_names,
             on_cache_event=metrics.on_cache_event,
         )
         metrics.watch_cache(lambda: service.cache.stats)

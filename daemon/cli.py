@@ -3,8 +3,10 @@
 ``lorad serve`` runs the daemon; ``lorad check-config FILE`` checks a config file as
 ``serve`` would at start (the model opened, its targets matched, OTA's files read) and
 prints the effective settings (JSON; YAML with ``--print``, itself a valid config file);
-``lorad config-schema`` prints the JSON Schema of the file. Exit codes: 0 ok, 1 the daemon
-failed at run time, 2 bad usage or configuration (the message names the key).
+``lorad config-schema`` prints the JSON Schema of the file; ``lorad inspect-model
+MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapters name
+them by. Exit codes: 0 ok, 1 the daemon failed at run time, 2 bad usage or configuration
+(the message names the key).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the effective configuration as YAML (a valid config file itself)")
     sub.add_parser("config-schema", help="print the JSON Schema of the config file",
                    description="Print the JSON Schema (draft 2020-12) of the config file, for editors and CI.")
+
+    inspect = sub.add_parser("inspect-model", help="list the MatMul/Gemm weights LoRA can target and their module paths")
+    inspect.add_argument("model", type=Path, metavar="MODEL.onnx")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     return parser
 
 
@@ -86,6 +92,8 @@ def effective_config(config: Config) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect-model":
+        return _inspect_model(args.model, as_json=args.json)
     if args.command == "config-schema":
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
@@ -117,6 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if logging_to != "stderr":
             print(f"lorad: cannot serve: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _inspect_model(path: Path, *, as_json: bool) -> int:
+    from daemon.inspect_model import inspect_model, render, to_json
+
+    try:
+        report = inspect_model(path)
+    except ValueError as e:
+        print(f"lorad: inspect-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(to_json(report) if as_json else render(report))
     return EXIT_OK
 
 

@@ -49,10 +49,11 @@ def open_engine(cfg: Config) -> InferenceEngine:
             path,
             targets=cfg.model.targets,
             rank=cfg.model.rank,
+            weight_names=cfg.model.weight_names,
             device=cfg.model.device,
             intra_op_threads=cfg.model.intra_op_threads,
         )
-    except ValueError as e:  # the graph surgery: targets that match nothing or no linear op
+    except ValueError as e:  # the graph surgery: targets or weight_names that match nothing
         raise StartupError("model.targets", f"{list(cfg.model.targets)} do not fit model {str(path)!r}: {e}") from e
     except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
         raise StartupError("model.path", f"{str(path)!r} cannot be served: {type(e).__name__}: {e}") from e

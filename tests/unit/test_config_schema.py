@@ -92,7 +92,7 @@ def test_check_config_opens_the_model_and_matches_targets(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.startswith("lorad: invalid configuration: model.targets:")
     assert "'encoder.*.q_proj'" in err and "matches no MatMul/Gemm weight" in err
-    assert "weights that can be targets:" in err and "fc1" in err
+    assert "modules that can be targets:" in err and "fc1" in err
     f.write_text("model:\n  path: broken.onnx\n")
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     assert main(["check-config", str(f), "--state-dir", str(tmp_path)]) == 2

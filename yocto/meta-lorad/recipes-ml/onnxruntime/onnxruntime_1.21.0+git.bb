@@ -79,7 +79,7 @@ PACKAGECONFIG[cuda] = ",,cuda-toolkit cudnn"
 # orttraining/training_api stays in the source tree and --enable_training_apis still
 # builds it. Not needed for DP training: lorad's portable backend runs on the plain
 # build.
-PACKAGECONFIG[training] = ""
+PACKAGECONFIG[training] = ",,"
 inherit ${@bb.utils.contains('PACKAGECONFIG', 'cuda', 'cuda', '', d)}
 
 ORT_CUDA_HOME = "${RECIPE_SYSROOT}/usr/local/cuda-${CUDA_VERSION}"

@@ -9,9 +9,10 @@ LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=0f7e3b1308cb5c00b372a6e78835732d"
 
 # Which source: the upstream commit whose cmake/deps.txt is files/deps.txt (the only
-# ONNX Runtime source tree that could be read while this recipe was written; its
-# onnxruntime/__init__.py says 1.21.0, i.e. main after the 1.20 branch point, not a
-# release tag). Moving to a release (PyPI has 1.32 now) is: SRCREV and branch of the
+# ONNX Runtime source tree that could be read while this recipe was written). It is
+# a main commit, not a release tag; PV is an estimate: its deps.txt (abseil 20240722,
+# onnx 1.16.1, xnnpack 2024.09.04) dates it after the 1.20 branch point, and the
+# stored onnxruntime/__init__.py of that period says 1.21.0. Moving to a release (PyPI has 1.32 now) is: SRCREV and branch of the
 # tag, PV in the file name, the tag's cmake/deps.txt over files/deps.txt, then
 # scripts/ort_deps_inc.py; do_configure stops if the copy and the tree disagree.
 SRC_URI = "git://github.com/microsoft/onnxruntime.git;protocol=https;branch=main \

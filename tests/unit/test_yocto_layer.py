@@ -5,7 +5,9 @@ functions) so a typo that bitbake would reject fails here; the lorad recipe's Py
 runtime dependencies are compared with pyproject.toml in both directions, and the
 versions the layer builds must satisfy pyproject's specifiers; the unit file is
 checked by `systemd-analyze verify` (when it runs here) and against `lorad serve`;
-the default config is loaded by the daemon's own parser.
+the default config is loaded by the daemon's own parser. The ONNX Runtime recipe must
+build without network: every third-party source its CMake would download is a SRC_URI
+entry laid out as ONNX Runtime's dependency mirror, and no task body downloads anything.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ LORAD_DIR = LAYER / "recipes-lorad" / "lorad"
 LORAD_RECIPE = LORAD_DIR / "lorad_git.bb"
 UNIT = LORAD_DIR / "files" / "lorad.service"
 DEFAULT_CONFIG = LORAD_DIR / "files" / "lorad.yaml"
-ORT_RECIPE = LAYER / "recipes-ml" / "onnxruntime" / "onnxruntime_1.19.2.bb"
+ORT_DIR = LAYER / "recipes-ml" / "onnxruntime"
+ORT_RECIPE, = ORT_DIR.glob("onnxruntime_*.bb")
+ORT_DEPS_INC = ORT_DIR / "onnxruntime-deps.inc"
+ORT_DEPS_TXT = ORT_DIR / "files" / "deps.txt"
+ORT_DEPS_SCRIPT = LAYER / "scripts" / "ort_deps_inc.py"
 
 RECIPES = sorted(LAYER.glob("recipes-*/*/*.bb"))
 INCLUDES = sorted(LAYER.glob("recipes-*/*/*.inc"))
@@ -54,6 +60,14 @@ FROM_OTHER_LAYERS = {
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA1 = _COMMIT
+#: Commands that download: none may appear in a recipe's task bodies or values. The
+#: fetcher (SRC_URI) is the one way in, so that BB_NO_NETWORK / mirrors / checksums apply.
+_DOWNLOADS = re.compile(
+    r"\b(git\s+(clone|fetch|pull|submodule|ls-remote)|curl|wget|pip3?\s+(download|install)"
+    r"|npm\s+(install|ci)|cargo\s+fetch|FetchContent_Populate|file\s*\(\s*DOWNLOAD)\b",
+    re.IGNORECASE,
+)
 
 
 # ---------------------------------------------------------------- a BitBake reader
@@ -202,7 +216,7 @@ def test_layer_conf_declares_the_layer() -> None:
 
 def test_the_layer_has_the_expected_recipes() -> None:
     names = {p.name for p in RECIPES}
-    assert {"lorad_git.bb", "onnxruntime_1.19.2.bb", "python3-safetensors_0.4.5.bb"} <= names
+    assert {"lorad_git.bb", ORT_RECIPE.name, "python3-safetensors_0.4.5.bb"} <= names
     assert {p.stem.split("_")[0] for p in RECIPES} >= {"python3-tuf", "python3-securesystemslib", "python3-dp-accounting", "python3-onnx"}
 
 
@@ -287,6 +301,10 @@ def test_versions_built_here_satisfy_pyproject() -> None:
     checked = 0
     for req in _pyproject_requirements():
         pkg = _package_for(req)
+        if canonicalize_name(req.name) == "onnxruntime-training-cpu":
+            # PyPI's training wheel (x86_64 development venvs only) is not what the
+            # layer builds: devices get plain onnxruntime, the `onnxruntime` line.
+            continue
         if pkg in versions:
             # Markers are ignored: the device build serves every platform the
             # pyproject lines cover between them.
@@ -299,19 +317,110 @@ def test_versions_built_here_satisfy_pyproject() -> None:
 # ---------------------------------------------------------------- onnxruntime
 
 
-def test_onnxruntime_is_built_with_the_training_apis() -> None:
+def test_onnxruntime_is_plain_with_training_apis_and_cuda_as_options() -> None:
     r = parse_bitbake(ORT_RECIPE)
     args = r.value("ORT_BUILD_ARGS").split()
-    for flag in ("--enable_training_apis", "--build_wheel", "--parallel", "--skip_tests"):
+    for flag in ("--build_wheel", "--parallel", "--skip_tests", "--skip_submodule_sync", "${ORT_TRAINING_ARGS}", "${ORT_CUDA_ARGS}"):
         assert flag in args, f"ORT_BUILD_ARGS lacks {flag}"
+    assert "--enable_training_apis" not in args, "the default build must be plain ONNX Runtime"
     assert args[args.index("--config") + 1] == "Release"
-    assert "${ORT_BUILD_ARGS} --update" in ORT_RECIPE.read_text() and "${ORT_BUILD_ARGS} --build" in ORT_RECIPE.read_text()
-    assert r.flags("PACKAGECONFIG")["cuda"].split(",")[2].split() == ["cuda-toolkit", "cudnn"]
+    text = ORT_RECIPE.read_text()
+    assert "${ORT_BUILD_ARGS} --update" in text and "${ORT_BUILD_ARGS} --build" in text
+    flags = r.flags("PACKAGECONFIG")
+    assert {"cuda", "training"} <= set(flags)
+    assert flags["cuda"].split(",")[2].split() == ["cuda-toolkit", "cudnn"]
+    assert r.value("ORT_TRAINING_ARGS") == "${@bb.utils.contains('PACKAGECONFIG', 'training', '--enable_training_apis', '', d)}"
+    assert r.value("PACKAGECONFIG") == "", "training and cuda are opt-in"
     for flag in ("--use_cuda", "--cuda_home", "--cudnn_home"):
         assert flag in r.value("ORT_CUDA_ARGS")
-    assert {"do_configure", "do_compile", "do_install"} <= set(r.functions)
-    assert r.flags("do_configure") == {"network": "1"}
+    assert {"do_configure", "do_compile", "do_install", "do_ort_deps_mirror"} <= set(r.functions)
     assert "python3-${BPN}" in r.value("PACKAGES").split()
+
+
+def _deps_txt() -> dict[str, tuple[str, str]]:
+    deps = {}
+    for line in ORT_DEPS_TXT.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, url, sha1 = line.split(";")
+            assert name not in deps, f"deps.txt lists {name} twice"
+            deps[name] = (url, sha1.lower())
+    return deps
+
+
+def _uri_params(uri: str) -> tuple[str, dict[str, str]]:
+    url, *params = uri.split(";")
+    return url, dict(p.split("=", 1) for p in params)
+
+
+def test_every_onnxruntime_dependency_is_a_checked_src_uri_entry_in_the_mirror() -> None:
+    deps = _deps_txt()
+    inc = parse_bitbake(ORT_DEPS_INC)
+    mirrored = inc.value("ORT_DEPS").split()
+    skipped = inc.value("ORT_DEPS_NOT_MIRRORED").split()
+    assert not set(mirrored) & set(skipped)
+    assert set(mirrored) | set(skipped) == set(deps), (
+        f"deps.txt entries neither fetched nor declared unused: {sorted(set(deps) - set(mirrored) - set(skipped))}; "
+        f"names deps.txt does not have: {sorted((set(mirrored) | set(skipped)) - set(deps))}"
+    )
+    # What a Linux CPU/CUDA build needs is never among the skipped ones, and the build
+    # host's protoc (x86_64 or aarch64 build machines) is there for the cross build.
+    needed = {"abseil_cpp", "protobuf", "onnx", "eigen", "re2", "flatbuffers", "json", "microsoft_gsl", "date",
+              "safeint", "mp11", "pybind11", "pytorch_cpuinfo", "utf8_range", "protoc_linux_x64", "protoc_linux_aarch64"}
+    assert needed <= set(mirrored), f"skipped but needed: {sorted(needed - set(mirrored))}"
+    assert not any(s.startswith("protoc_linux_") and s != "protoc_linux_x86" for s in skipped)
+
+    entries = {}
+    for uri in inc.value("SRC_URI").split():
+        url, params = _uri_params(uri)
+        entries[params["name"]] = (url, params)
+    sums = inc.flags("SRC_URI")
+    files = inc.flags("ORT_DEP_FILE")
+    paths = inc.flags("ORT_DEP_MIRROR_PATH")
+    assert set(entries) == set(mirrored) == set(files) == set(paths)
+    assert set(sums) == {f"{n}.sha1sum" for n in mirrored}
+    for name in mirrored:
+        url, sha1 = deps[name]
+        got_url, params = entries[name]
+        assert got_url == url, f"{name}: SRC_URI has {got_url}, deps.txt {url}"
+        assert _SHA1.match(sums[f"{name}.sha1sum"]) and sums[f"{name}.sha1sum"] == sha1, f"{name}: sha1sum differs from deps.txt"
+        assert params["unpack"] == "0" and params["subdir"] == "ort-deps", f"{name}: must be copied as-is for FetchContent"
+        assert params["downloadfilename"] == files[name] and files[name].startswith(f"onnxruntime-dep-{name}-")
+        # onnxruntime_external_deps.cmake looks for <mirror>/<URL without https://>.
+        assert url.startswith("https://") and paths[name] == url.removeprefix("https://")
+    assert len(set(files.values())) == len(files), "two dependencies share a download name in DL_DIR"
+
+    r = parse_bitbake(ORT_RECIPE)
+    assert "file://deps.txt" in r.value("SRC_URI").split()
+    assert _COMMIT.match(r.value("SRCREV"))
+    assert "onnxruntime-deps.inc" in r.requires
+    defines = r.value("ORT_BUILD_ARGS").split()
+    for define in ("onnxruntime_CMAKE_DEPS_MIRROR_DIR=${ORT_DEPS_MIRROR}", "FETCHCONTENT_TRY_FIND_PACKAGE_MODE=NEVER",
+                   "FETCHCONTENT_UPDATES_DISCONNECTED=ON"):
+        assert define in defines, f"ORT_BUILD_ARGS lacks {define}"
+    assert "addtask ort_deps_mirror after do_unpack before do_configure" in ORT_RECIPE.read_text()
+    # The .inc is what the script makes from deps.txt (no hand edits drift from it).
+    done = subprocess.run([sys.executable, str(ORT_DEPS_SCRIPT), "--check"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("body", [
+    "git clone https://github.com/x/y", "curl -L -o a.zip https://x", "wget https://x", "pip download onnx",
+    "${PYTHON} -m pip install x", "cmake -P x.cmake  # file( DOWNLOAD https://x a)", "git submodule update --init",
+])
+def test_the_download_check_catches(body: str) -> None:
+    assert _DOWNLOADS.search(body)
+
+
+@pytest.mark.parametrize("path", RECIPES + INCLUDES, ids=lambda p: p.name)
+def test_no_task_downloads(path: Path) -> None:
+    r = parse_bitbake(path)
+    for a in r.assignments:
+        if a.flag == "network":
+            assert a.value == "0", f"{path.name}:{a.line}: {a.name}[network] = {a.value!r}: only do_fetch may use the network"
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.lstrip().startswith("#"):
+            assert not _DOWNLOADS.search(line), f"{path.name}:{number} downloads outside the fetcher: {line.strip()}"
+    assert "--skip_submodule_sync" in parse_bitbake(ORT_RECIPE).value("ORT_BUILD_ARGS").split()
 
 
 # ---------------------------------------------------------------- the unit file

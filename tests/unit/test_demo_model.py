@@ -165,7 +165,9 @@ def test_shipped_artifacts_are_small() -> None:
     assert sum(f.stat().st_size for f in files) < 5 * 1024**2
 
 
+# Minutes of numpy training on a loaded machine: a correctness test, not a timing one.
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_rebuild_reproduces_what_ships(
     tmp_path: Path, model: onnx.ModelProto, metadata: dict[str, str],
     demo_adapters: dict[str, LoraAdapter], split: build.DigitsSplit,

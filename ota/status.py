@@ -37,8 +37,9 @@ def will_for(device_id: str) -> tuple[str, bytes]:
 @dataclass(frozen=True)
 class DeviceStatus:
     device_id: str
-    #: adapter name -> {"version": local registry version, "fleet_version": OTA version}
-    adapters: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: adapter name -> {"version": local registry version, "fleet_version": OTA version,
+    #: "privacy_epsilon": ε of its signed privacy record, "previous_local": served before OTA}
+    adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: {"adapter", "version", "result", "reason", "message", "at"} of the last update
     last_update: Mapping[str, Any] | None = None
     #: adapter name -> ε spent (from the trainer's privacy ledger)
@@ -93,6 +94,8 @@ class FleetView:
         self._lock = threading.Condition()
         self.status: dict[str, DeviceStatus] = {}
         self.online: dict[str, bool] = {}
+        #: messages seen so far (wait for it to change to wait for news)
+        self.changes = 0
         self._on_change = on_change
         transport.subscribe([status_topic("+"), online_topic("+")], self._on_message)
 
@@ -110,6 +113,7 @@ class FleetView:
                     return  # a device sent garbage about itself: nothing to show
                 self.status[device] = st
                 changed = (st, None)
+            self.changes += 1
             self._lock.notify_all()
         if self._on_change is not None:
             self._on_change(device, *changed)

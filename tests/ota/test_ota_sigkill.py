@@ -55,8 +55,8 @@ def test_sigkill_at_every_write_of_an_install(mqtt: Broker, tmp_path: Path) -> N
     cfg = tmp_path / "device.json"
     cfg.write_text(json.dumps({"state": str(state), "root": str(tmp_path / "fleet" / "metadata" / "1.root.json"),
                                "mqtt": {"port": mqtt.port, "client_id": f"dev1-{uuid.uuid4().hex[:6]}",
-                                        "ca": str(mqtt.ca), "cert": str(mqtt.dir / "dev1.crt"),
-                                        "key": str(mqtt.dir / "dev1.key"), "password": mqtt.passwords["dev1"]}}))
+                                        "ca": str(mqtt.ca), "cert": str(mqtt.cert("dev1")),
+                                        "key": str(mqtt.key("dev1")), "password": mqtt.passwords["dev1"]}}))
     rc, out = _run(cfg, 0)
     assert out is not None and out["results"][0]["result"] == "installed"
     v1 = out["after"]

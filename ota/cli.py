@@ -42,10 +42,10 @@ from .files import RepoIndex, RepoReader
 from .repository import FleetRepository, RepoSettings
 from .status import DeviceStatus, FleetView
 from .target import Audience, ProbeSet
-from .transport import MqttConfig, MqttTransport, barrier
+from .transport import MqttConfig, MqttTransport, Transport, barrier
 from .undo import DirUndo
 
-__all__ = ["register", "main", "EXIT_CODES", "CliError"]
+__all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "fleet_view", "table"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_HALTED = 0, 1, 2, 3, 4
 EXIT_CODES: Mapping[int, str] = {
@@ -132,16 +132,21 @@ def _repo(args: argparse.Namespace) -> FleetRepository:
     return FleetRepository(args.repo, key_dirs=key_dirs)
 
 
-class _Session:
-    """The broker connection of one signing command and the index found there."""
+class FleetSession:
+    """A fleet tool's broker connection and the repository index found there (read
+    before anything is signed; None when the broker holds none yet)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.transport = _connect(args)
+    def __init__(self, transport: Transport, *, timeout_s: float = 10.0) -> None:
+        self.transport = transport
         try:
-            self.index: RepoIndex | None = RepoReader(self.transport, timeout_s=args.timeout).index_if_any()
+            self.index: RepoIndex | None = RepoReader(transport, timeout_s=timeout_s).index_if_any()
         except BaseException:
-            self.transport.close()
+            transport.close()
             raise
+
+    @classmethod
+    def connect(cls, args: argparse.Namespace) -> FleetSession:
+        return cls(_connect(args), timeout_s=args.timeout)
 
     def push(self, repo: FleetRepository) -> dict[str, Any]:
         index = repo.push(self.transport, current=self.index)
@@ -159,7 +164,7 @@ def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[
     chunk = getattr(args, "chunk_size", None)
     if chunk is not None and chunk < 256:
         raise ValueError(f"--chunk-size {chunk}: at least 256 bytes")
-    session = None if args.no_push else _Session(args)
+    session = None if args.no_push else FleetSession.connect(args)
     try:
         if chunk is not None and session is not None and chunk > session.transport.max_payload:
             raise ValueError(f"--chunk-size {chunk} exceeds what the broker carries per message "
@@ -352,7 +357,7 @@ def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
     return _signing(args, change)
 
 
-def fleet_view(transport: MqttTransport, timeout_s: float,
+def fleet_view(transport: Transport, timeout_s: float,
                on_change: Callable[[str, DeviceStatus | None, bool | None], None] | None = None) -> FleetView:
     """Every device's retained status, complete (the broker's answer awaited)."""
     view = FleetView(transport, on_change=on_change)

@@ -530,7 +530,7 @@ class OtaClient:
             last_update=self.state.last_result,
             epsilon=dict(self._epsilon()) if self._epsilon is not None else {},
             last_command=self.commands.last_result if self.commands is not None else None,
-            at=self._clock())
+            at=self._clock(), refused=self.state.all_refused())
 
     def publish_status(self) -> None:
         try:

@@ -156,6 +156,9 @@ class OtaState:
     def all_installed(self) -> dict[str, Installed]:
         return {n: Installed.from_dict(d) for n, d in self._data["adapters"].items()}
 
+    def all_refused(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._data["refused"].items()}
+
     def refused(self, name: str) -> int:
         """Highest fleet version of ``name`` refused for good (0 if none)."""
         return int(self._data["refused"].get(name, 0))

@@ -1,8 +1,9 @@
 """Privacy provenance of an adapter: its DP record, signed into the target, and the
 device's policy on it. Pure: parsing and checking, no I/O but :func:`read_privacy_record`.
 
-The record travels in the signed target metadata (``custom["lorad"]["privacy"]``), so a
-device checks it with the same trust as the payload. Where the fleet tool reads it from
+The record travels in the signed target metadata (``custom["lorad"]["privacy"]``, real
+numbers as decimal strings since canonical JSON has no floats), so a device checks it
+with the same trust as the payload. Where the fleet tool reads it from
 (``lorad_privacy.json`` next to the PEFT files, format ``lorad-privacy/1``)::
 
     {"format": "lorad-privacy/1", "epsilon": 2.9, "delta": 1e-5, "accountant": "rdp",
@@ -31,6 +32,11 @@ _UNITS = ("example", "user")
 
 def _num(d: Mapping[str, Any], key: str) -> float:
     v = d[key]
+    if isinstance(v, str):  # the signed form: canonical JSON has no floats
+        try:
+            v = float(v)
+        except ValueError:
+            raise TypeError(f"{key} must be a finite number, got {d[key]!r}") from None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise TypeError(f"{key} must be a finite number, got {v!r}")
     return float(v)
@@ -68,7 +74,13 @@ class PrivacyRecord:
             raise ValueError("invalid privacy record: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
+        """The file form (numbers as JSON numbers)."""
         return {"format": PRIVACY_FORMAT, **asdict(self)}
+
+    def to_signed(self) -> dict[str, Any]:
+        """The form signed into target metadata: TUF's canonical JSON has no floats, so
+        real numbers are decimal strings (``repr``, exact round trip)."""
+        return {k: repr(v) if isinstance(v, float) else v for k, v in self.to_dict().items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyRecord:

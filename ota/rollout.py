@@ -155,6 +155,8 @@ def observe(status: Mapping[str, Any] | None, adapter: str, version: int) -> Dev
     last = status.get("last_update") or {}
     if last.get("adapter") == adapter and last.get("version") == version and last.get("result") == "rejected":
         return DeviceObs("failed", None, last.get("reason"))
+    if int((status.get("refused") or {}).get(adapter, 0)) >= version:
+        return DeviceObs("failed", None, "refused")
     return DeviceObs("pending")
 
 
@@ -268,6 +270,5 @@ def summary(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs]
                            "rolled_back": len(state.rolled_back), "devices": len(plan.population)}
     if obs is not None:
         out.update(counts(plan, state, obs))
-    return out
     out["stage_devices"] = [len(select(plan, i)) for i in range(len(plan.stages))]
     return out

@@ -77,7 +77,7 @@ class RolloutStore:
 class RolloutDriver:
     """Runs decisions against the broker: one session, the fleet's live status view."""
 
-    def __init__(self, repo: FleetRepository, store: RolloutStore, session: Any, view: FleetView, *,
+    def __init__(self, repo: FleetRepository, store: RolloutStore, session: cli.FleetSession, view: FleetView, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.repo = repo
         self.store = store
@@ -154,7 +154,7 @@ def _fraction(text: str) -> float:
 
 
 def _session_view(args: argparse.Namespace) -> tuple[Any, FleetView]:
-    session = cli._Session(args)
+    session = cli.FleetSession.connect(args)
     try:
         return session, cli.fleet_view(session.transport, args.timeout)
     except BaseException:
@@ -162,7 +162,7 @@ def _session_view(args: argparse.Namespace) -> tuple[Any, FleetView]:
         raise
 
 
-def create_rollout(repo: FleetRepository, store: RolloutStore, session: Any, view: FleetView, *,
+def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.FleetSession, view: FleetView, *,
                    adapter_name: str, adapter: Any, stages: tuple[Any, ...], probes: Any = None,
                    privacy: Any = None, success_threshold: float = 1.0, abort_threshold: float = 0.2,
                    min_wait_s: float = 0.0, only: Any = None, chunk_size: int = 8 * 1024,

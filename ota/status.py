@@ -48,13 +48,16 @@ class DeviceStatus:
     #: {"result", "action", "adapter", "seq", "reason", "message", "at"} of the last command
     last_command: Mapping[str, Any] | None = None
     at: float = 0.0
+    #: adapter name -> highest fleet version refused for good (health check, install)
+    refused: Mapping[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps({"device_id": self.device_id, "groups": list(self.groups),
                            "adapters": {k: dict(v) for k, v in self.adapters.items()},
                            "last_update": None if self.last_update is None else dict(self.last_update),
                            "last_command": None if self.last_command is None else dict(self.last_command),
-                           "epsilon": dict(self.epsilon), "at": self.at}, sort_keys=True).encode()
+                           "epsilon": dict(self.epsilon), "at": self.at, "refused": dict(self.refused)},
+                          sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> DeviceStatus:
@@ -64,7 +67,7 @@ class DeviceStatus:
         return cls(device_id=str(d["device_id"]), adapters=d.get("adapters", {}),
                    last_update=d.get("last_update"), epsilon=d.get("epsilon", {}),
                    groups=tuple(d.get("groups", ())), last_command=d.get("last_command"),
-                   at=float(d.get("at", 0.0)))
+                   at=float(d.get("at", 0.0)), refused=d.get("refused", {}))
 
 
 class StatusReporter:

@@ -188,7 +188,7 @@ class TargetSpec:
             "raw_length": self.raw_length, "adapter_sha256": self.adapter_sha256,
             "encoding": self.encoding, "delta_from": self.delta_from, "dtype": self.dtype,
             "compression": self.compression, "extra": dict(self.extra),
-            "privacy": None if self.privacy is None else self.privacy.to_dict(),
+            "privacy": None if self.privacy is None else self.privacy.to_signed(),
         }}
 
     @classmethod

@@ -22,6 +22,12 @@ password is read from ``broker.password_file`` when the daemon starts), so
       limits: {max_adapter_bytes: 64MiB, max_packet_bytes: 1MiB, fetch_timeout_s: 10}
       clock_slack_s: 60
       status_interval_s: 60
+      install_window: ["Mon-Fri 01:00-05:00", "Sat,Sun 00:00-24:00"]   # device local time
+      policy:
+        max_epsilon: 8.0               # refuse adapters whose signed DP record says more
+        require_privacy_record: false  # refuse adapters without one
+        install_when_idle: true        # defer installs while the load per CPU is above 0.5
+        install_on_external_power: true
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # daemon.config imports this module to register the section
     from daemon.config import ParseContext, SectionReader
 
-__all__ = ["OtaBrokerConfig", "OtaLimits", "OtaConfig", "parse_ota"]
+__all__ = ["OtaBrokerConfig", "OtaLimits", "OtaPolicy", "OtaConfig", "parse_ota"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME_ALLOWED = "letters, digits, '.', '_', '-' (1-64, not starting with a symbol)"
@@ -72,6 +78,21 @@ class OtaLimits:
 
 
 @dataclass(frozen=True)
+class OtaPolicy:
+    """What the device accepts and when it installs."""
+
+    #: Largest ε (of the adapter's signed privacy record) accepted; None: any.
+    max_epsilon: float | None = None
+    #: Refuse adapters that carry no privacy record.
+    require_privacy_record: bool = False
+    #: Defer installs while the device is busy (load per CPU above ``idle_max_load_per_cpu``).
+    install_when_idle: bool = False
+    idle_max_load_per_cpu: float = 0.5
+    #: Defer installs while on battery.
+    install_on_external_power: bool = False
+
+
+@dataclass(frozen=True)
 class OtaConfig:
     enabled: bool = False
     device_id: str = ""
@@ -86,6 +107,9 @@ class OtaConfig:
     status_interval_s: float = 60.0
     #: Oldest fleet command still obeyed, seconds since it was signed.
     command_max_age_s: float = 300.0
+    #: When installs may happen, device local time ("[DAYS ]HH:MM-HH:MM" ranges); empty: any time.
+    install_window: tuple[str, ...] = ()
+    policy: OtaPolicy = field(default_factory=OtaPolicy)
 
 
 def parse_ota(r: SectionReader, ctx: ParseContext) -> OtaConfig:
@@ -100,6 +124,14 @@ def parse_ota(r: SectionReader, ctx: ParseContext) -> OtaConfig:
             if not _NAME_RE.match(n):
                 raise ConfigError(r.key(key), f"got {n!r}; allowed: {_NAME_ALLOWED}")
     root = r.path("trusted_root", None, base=ctx.config_dir)
+    window = () if r.raw("install_window") == [] else r.string_list("install_window", d.install_window)
+    if window:
+        from ota.window import InstallWindow
+        try:
+            InstallWindow.parse(window)
+        except ValueError as e:
+            raise ConfigError(r.key("install_window"), f"{e}") from None
+    policy = _parse_policy(r.section("policy"))
     broker = _parse_broker(r.section("broker"), ctx)
     limits = _parse_limits(r.section("limits"))
     cfg = OtaConfig(
@@ -112,6 +144,8 @@ def parse_ota(r: SectionReader, ctx: ParseContext) -> OtaConfig:
         clock_slack_s=r.number("clock_slack_s", d.clock_slack_s, minimum=0, maximum=3600),
         status_interval_s=r.number("status_interval_s", d.status_interval_s, minimum=1, maximum=86400),
         command_max_age_s=r.number("command_max_age_s", d.command_max_age_s, minimum=1, maximum=86400),
+        install_window=window,
+        policy=policy,
     )
     if enabled:
         if not device_id:
@@ -127,6 +161,19 @@ def parse_ota(r: SectionReader, ctx: ParseContext) -> OtaConfig:
                 raise ConfigError(r.key(key), f"got {str(path)!r}; expected an existing, readable file")
         if broker.password_file is not None and broker.username is None:
             raise ConfigError(r.key("broker.username"), "got nothing; required with broker.password_file")
+    return cfg
+
+
+def _parse_policy(r: SectionReader) -> OtaPolicy:
+    d = OtaPolicy()
+    cfg = OtaPolicy(
+        max_epsilon=r.number("max_epsilon", 0.0, minimum=0, maximum=1e6) if r.has("max_epsilon") else None,
+        require_privacy_record=r.boolean("require_privacy_record", d.require_privacy_record),
+        install_when_idle=r.boolean("install_when_idle", d.install_when_idle),
+        idle_max_load_per_cpu=r.number("idle_max_load_per_cpu", d.idle_max_load_per_cpu, minimum=0, maximum=1000),
+        install_on_external_power=r.boolean("install_on_external_power", d.install_on_external_power),
+    )
+    r.finish()
     return cfg
 
 

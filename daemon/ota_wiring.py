@@ -29,14 +29,17 @@ from tuf.api.metadata import Metadata, Root
 from adapters.service import AdapterService
 from daemon.config import Config
 from daemon.metrics import DaemonMetrics
-from daemon.ota_config import OtaConfig
+from daemon.ota_config import OtaConfig, OtaPolicy
 from ota.client import ClientConfig, OtaClient
 from ota.errors import TransportError
 from ota.metrics import OtaMetrics
+from ota.privacy import PrivacyPolicy
 from ota.status import will_for
 from ota.transport import MqttConfig, MqttTransport
+from ota.window import InstallWindow
+from trainer.policy import SystemProbe
 
-__all__ = ["OtaRuntime", "start_ota"]
+__all__ = ["OtaRuntime", "start_ota", "install_gate"]
 
 _log = logging.getLogger(__name__)
 #: How long the start waits for the first connection before serving without it.
@@ -80,7 +83,8 @@ async def start_ota(
     ota_metrics = OtaMetrics(metrics.registry)
     client = OtaClient(client_cfg, transport, service,
                        epsilon=None if epsilon is None else _epsilon_of(service, epsilon),
-                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command)
+                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command,
+                       install_gate=install_gate(ota.policy, SystemProbe()))
     ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received)
     stack.callback(_say_offline, client, transport)
     recovered = await loop.run_in_executor(executor, client.recover)
@@ -126,9 +130,28 @@ def _build_transport(cfg: Config, base_fingerprint: str) -> tuple[MqttTransport,
     client_cfg = ClientConfig(
         device_id=ota.device_id, groups=ota.groups, state_dir=cfg.state_dir / "ota", trusted_root=root,
         base_fingerprint=base_fingerprint, clock_slack_s=ota.clock_slack_s, fetch_timeout_s=ota.limits.fetch_timeout_s,
-        max_payload_bytes=ota.limits.max_adapter_bytes, max_raw_bytes=ota.limits.max_raw_bytes)
+        max_payload_bytes=ota.limits.max_adapter_bytes, max_raw_bytes=ota.limits.max_raw_bytes,
+        privacy=PrivacyPolicy(max_epsilon=ota.policy.max_epsilon, require_record=ota.policy.require_privacy_record),
+        install_window=InstallWindow.parse(ota.install_window) if ota.install_window else None)
     transport.start()
     return transport, client_cfg
+
+
+def install_gate(policy: OtaPolicy, probe: SystemProbe) -> Callable[[], str | None] | None:
+    """Why an install must wait now (busy, on battery), from the trainer's probes; None
+    when the policy asks for neither. (ota does not import trainer: it gets this.)"""
+    if not policy.install_when_idle and not policy.install_on_external_power:
+        return None
+
+    def why() -> str | None:
+        if policy.install_on_external_power and not probe.on_external_power():
+            return "on battery (ota.policy.install_on_external_power)"
+        load = probe.load_per_cpu() if policy.install_when_idle else None
+        if load is not None and load > policy.idle_max_load_per_cpu:
+            return (f"busy: load {load:.2f} per CPU above {policy.idle_max_load_per_cpu:g} "
+                    f"(ota.policy.install_when_idle)")
+        return None
+    return why
 
 
 def _epsilon_of(service: AdapterService, epsilon: Callable[[str], float | None]) -> Callable[[], Mapping[str, float]]:

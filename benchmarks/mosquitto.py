@@ -7,6 +7,8 @@ Used by ``benchmarks/ota.py`` and by the ``broker`` fixture of ``tests/ota/conft
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 import socket
 import subprocess
@@ -139,8 +141,11 @@ def create_broker(d: Path, *, max_packet: int, devices: Mapping[str, tuple[str, 
             "--days", "2", "--quiet"]
     for dev, groups in devices.items():
         argv += ["--device", f"{dev}={','.join(groups)}" if groups else dev]
-    if main(argv) != 0:
-        raise RuntimeError(f"loractl fleet broker init {d} failed")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"loractl fleet broker init {d} failed: {out.getvalue()[-2000:]}")
     layout = load_broker(d)
     b = Broker(dir=d, port=port, ca=layout.ca, max_packet=max_packet, layout=layout,
                passwords={u: layout.password(u) for u in (layout.fleet_user, *layout.devices)},

@@ -78,6 +78,15 @@ class BrokerLayout:
     port: int
     devices: Mapping[str, tuple[str, ...]]
     fleet_user: str = FLEET_USER
+    #: names in the server certificate; the first is what clients connect to
+    server_names: tuple[str, ...] = ()
+
+    @property
+    def connect_host(self) -> str:
+        """Where clients reach the broker (the listen address, unless it is a wildcard)."""
+        if self.host in ("0.0.0.0", "::") and self.server_names:
+            return self.server_names[0]
+        return self.host
 
     @property
     def conf(self) -> Path:
@@ -102,7 +111,7 @@ class BrokerLayout:
     def fleet_args(self) -> list[str]:
         """The ``--broker ... --password-file`` arguments of ``loractl fleet``."""
         u = self.fleet_user
-        return ["--broker", f"{self.host}:{self.port}", "--ca", str(self.ca), "--cert", str(self.cert(u)),
+        return ["--broker", f"{self.connect_host}:{self.port}", "--ca", str(self.ca), "--cert", str(self.cert(u)),
                 "--key", str(self.key(u)), "--username", u, "--password-file", str(self.password_file(u))]
 
 
@@ -190,8 +199,10 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
         raise ValueError(f"max packet size must be 4096..268435455 bytes, got {max_packet}")
     if days < 1:
         raise ValueError(f"certificate validity must be at least 1 day, got {days}")
-    layout = BrokerLayout(dir=directory, host=host, port=port,
-                          devices={d: tuple(g) for d, g in devices.items()}, fleet_user=fleet_user)
+    names = list(dict.fromkeys([*server_names, "localhost", "127.0.0.1",
+                                *([host] if host not in ("0.0.0.0", "::") else [])]))
+    layout = BrokerLayout(dir=directory, host=host, port=port, devices={d: tuple(g) for d, g in devices.items()},
+                          fleet_user=fleet_user, server_names=tuple(names))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "clients").mkdir(mode=0o700, exist_ok=True)
     ca_key = _key()
@@ -200,7 +211,6 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
     atomic_write_bytes(directory / "ca.key", _key_pem(ca_key), mode=0o600)
     atomic_write_bytes(layout.ca, ca_pem)
     srv_key = _key()
-    names = list(dict.fromkeys([*server_names, "localhost", "127.0.0.1", *([host] if host != "0.0.0.0" else [])]))
     atomic_write_bytes(directory / "server.key", _key_pem(srv_key), mode=0o600)
     atomic_write_bytes(directory / "server.crt",
                        _cert(names[0], srv_key, ca_key, ca_name, days=days, server_names=names))
@@ -218,7 +228,7 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
     run_as = pwd.getpwuid(os.getuid()).pw_name
     atomic_write_bytes(layout.conf, _conf(layout, max_packet=max_packet, run_as=run_as).encode())
     atomic_write_bytes(directory / "broker.json", json.dumps(
-        {"host": host, "port": port, "fleet_user": fleet_user,
+        {"host": host, "port": port, "fleet_user": fleet_user, "server_names": names,
          "devices": {d: list(g) for d, g in sorted(layout.devices.items())}}, indent=1).encode())
     return layout
 
@@ -231,7 +241,8 @@ def load_broker(directory: Path) -> BrokerLayout:
     d = json.loads(p.read_bytes())
     return BrokerLayout(dir=Path(directory), host=str(d["host"]), port=int(d["port"]),
                         devices={k: tuple(v) for k, v in d["devices"].items()},
-                        fleet_user=str(d.get("fleet_user", FLEET_USER)))
+                        fleet_user=str(d.get("fleet_user", FLEET_USER)),
+                        server_names=tuple(d.get("server_names", ())))
 
 
 def device_ota_section(layout: BrokerLayout, device: str, *, trusted_root: str = "/etc/lorad/fleet-root.json",
@@ -240,6 +251,6 @@ def device_ota_section(layout: BrokerLayout, device: str, *, trusted_root: str =
     return {"ota": {
         "enabled": True, "device_id": device, "groups": list(layout.devices[device]),
         "trusted_root": trusted_root,
-        "broker": {"host": layout.host, "port": layout.port, "ca_file": f"{etc}/ca.crt",
+        "broker": {"host": layout.connect_host, "port": layout.port, "ca_file": f"{etc}/ca.crt",
                    "cert_file": f"{etc}/{device}.crt", "key_file": f"{etc}/{device}.key",
                    "username": device, "password_file": f"{etc}/{device}.password"}}}

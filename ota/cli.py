@@ -169,7 +169,7 @@ def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[
         if chunk is not None and session is not None and chunk > session.transport.max_payload:
             raise ValueError(f"--chunk-size {chunk} exceeds what the broker carries per message "
                              f"({session.transport.max_payload} bytes of payload)")
-        undo = DirUndo([repo.dir, *key_dirs, *repo.key_dirs])
+        undo = DirUndo([repo.dir, *key_dirs, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
         try:
             out = change(repo)
         except BaseException:

@@ -187,7 +187,7 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.Flee
                                f"{','.join(s.label for s in stages)}")
     state, [first] = decide(plan, state, {}, now)
     assert isinstance(first, Deploy)
-    undo = DirUndo([repo.dir, *repo.key_dirs])
+    undo = DirUndo([repo.dir, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
     try:
         spec = repo.publish_adapter(adapter_name, adapter, audience=Audience(devices=first.devices),
                                     probes=probes, dtype=dtype, compression=compression,

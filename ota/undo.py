@@ -22,8 +22,11 @@ _SMALL = 1 << 20  # files larger than this are remembered by name only (never re
 class DirUndo:
     """Snapshot of ``roots`` (directories that may not exist yet) taken at construction."""
 
-    def __init__(self, roots: Iterable[Path]) -> None:
+    def __init__(self, roots: Iterable[Path], *, write_once: Iterable[Path] = ()) -> None:
+        """``write_once``: directories whose files are never rewritten (payloads, canonical
+        copies): remembered by name only, whatever their size."""
         self._roots = [Path(r) for r in roots]
+        once = tuple(str(Path(p)) + "/" for p in write_once)
         self._files: dict[Path, bytes | None] = {}
         self._modes: dict[Path, int] = {}
         self._dirs: set[Path] = set()
@@ -38,7 +41,8 @@ class DirUndo:
                     p = d / n
                     st = p.stat()
                     self._modes[p] = st.st_mode & 0o777
-                    self._files[p] = p.read_bytes() if st.st_size <= _SMALL else None
+                    small = st.st_size <= _SMALL and not str(p).startswith(once)
+                    self._files[p] = p.read_bytes() if small else None
 
     def restore(self) -> None:
         """Undo every change made since the snapshot."""

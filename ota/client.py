@@ -342,9 +342,10 @@ class OtaClient:
         name = candidates[0][1].adapter
         inst = self.state.installed(name)
         for path, spec in candidates:
-            if spec.encoding == "delta" and inst is not None and inst.fleet_version == spec.delta_from \
-                    and self.state.canonical(name, spec.delta_from) is not None:
-                return path, spec
+            if spec.encoding == "delta" and inst is not None and inst.fleet_version == spec.delta_from:
+                base = self.state.canonical(name, spec.delta_from)
+                if base is not None and hashlib.sha256(base).hexdigest() == inst.adapter_sha256:
+                    return path, spec
         full = [c for c in candidates if c[1].encoding == "full"]
         return min(full or candidates)
 

@@ -64,6 +64,9 @@ def test_every_failure_is_an_exit_code_and_leaves_the_repository_byte_identical(
                                             *ok], 1, "never published"),
         "delta from a version never published": (_publish(repo, "--delta-from", "4", *ok), 1, "--delta-from 4"),
         "unknown rollout": (["fleet", "rollout", "status", str(repo), "nope"], 1, "no rollout 'nope'"),
+        "rollout stages that shrink": (["fleet", "rollout", "create", str(repo), "r1", "--name", "invert",
+                                        "--adapter", str(demo_adapter_dirs()["invert"]),
+                                        "--base-fingerprint", "sha256:" + "0" * 64, "--stages", "50%,10%", *ok], 2, "percentages must grow"),
     }
     before = _tree(repo)
     for what, (argv, code, message) in cases.items():

@@ -35,13 +35,13 @@ from adapters.fsutil import atomic_write_bytes
 from .commands import CommandExecutor, CommandSink, command_topic
 from .errors import OtaError, TransportError, UpdateRejectedError
 from .files import NotOnBroker, RepoReader
-from .privacy import PrivacyPolicy
-from .window import InstallWindow
 from .installer import AdapterSink, ChunkStage, Installed, OtaState
+from .privacy import PrivacyPolicy
 from .repository import COMMAND_KEYS_FIELD, offer_topic
 from .status import DeviceStatus, StatusReporter
 from .target import ProbeSet, TargetSpec, reconstruct
 from .transport import Transport
+from .window import InstallWindow
 
 __all__ = ["ClientConfig", "UpdateResult", "BrokerFetcher", "OtaClient"]
 

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .commands import Command, command_topic, key_id, sign_command
 from .errors import UpdateRejectedError
 from .files import FileEntry, RepoIndex, chunk_topic, publish_files
-from .privacy import PrivacyRecord
 from .keys import ed25519_private_key, find_signers, generate_key, save_key
+from .privacy import PrivacyRecord
 from .target import Audience, ProbeSet, TargetSpec, decode_adapter, encode_target
 from .transport import TOPIC_ROOT, Transport
 

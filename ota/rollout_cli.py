@@ -17,17 +17,19 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from adapters.fsutil import atomic_write_bytes
+from adapters.lora import LoraAdapter
 
 from . import cli
-from .repository import FleetRepository
-from .rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, decide, observe,
-                      parse_stages, select, summary)
 from .errors import TransportError
+from .privacy import PrivacyRecord
+from .repository import FleetRepository
+from .rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, Stage, decide, observe,
+                      parse_stages, select, summary)
 from .status import FleetView
-from .target import Audience
+from .target import Audience, ProbeSet
 from .undo import DirUndo
 
 __all__ = ["register_rollout", "RolloutStore", "RolloutDriver", "create_rollout"]
@@ -86,8 +88,7 @@ class RolloutDriver:
         self.clock = clock
 
     def observations(self, plan: RolloutPlan) -> dict[str, DeviceObs]:
-        with self.view._lock:
-            st = {d: json.loads(s.encode()) for d, s in self.view.status.items()}
+        st = {d: json.loads(s.encode()) for d, s in self.view.snapshot().items()}
         return {d: observe(st.get(d), plan.adapter, plan.version) for d in plan.population}
 
     def step(self) -> tuple[RolloutPlan, RolloutState, dict[str, DeviceObs]]:
@@ -163,17 +164,17 @@ def _session_view(args: argparse.Namespace) -> tuple[Any, FleetView]:
 
 
 def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.FleetSession, view: FleetView, *,
-                   adapter_name: str, adapter: Any, stages: tuple[Any, ...], probes: Any = None,
-                   privacy: Any = None, success_threshold: float = 1.0, abort_threshold: float = 0.2,
-                   min_wait_s: float = 0.0, only: Any = None, chunk_size: int = 8 * 1024,
+                   adapter_name: str, adapter: LoraAdapter, stages: tuple[Stage, ...],
+                   probes: ProbeSet | None = None, privacy: PrivacyRecord | None = None,
+                   success_threshold: float = 1.0, abort_threshold: float = 0.2,
+                   min_wait_s: float = 0.0, only: Sequence[str] | None = None, chunk_size: int = 8 * 1024,
                    dtype: str = "fp32", compression: str = "zstd") -> dict[str, Any]:
     """Plan the rollout over the devices reporting a status, sign its first stage, push it.
 
     The repository is put back as it was if anything fails before the push."""
     if store.exists():
         raise FileExistsError(f"rollout {store.name!r} already exists (fleet rollout status {store.name})")
-    with view._lock:
-        population = {d: tuple(s.groups) for d, s in view.status.items()}
+    population = {d: tuple(s.groups) for d, s in view.snapshot().items()}
     if only:
         unknown = sorted(set(only) - set(population))
         if unknown:

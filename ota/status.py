@@ -121,6 +121,11 @@ class FleetView:
         if self._on_change is not None:
             self._on_change(device, *changed)
 
+    def snapshot(self) -> dict[str, DeviceStatus]:
+        """Every device's last status, as of now."""
+        with self._lock:
+            return dict(self.status)
+
     def wait_for(self, predicate: Callable[[FleetView], bool], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         with self._lock:

@@ -16,8 +16,9 @@ status into healthy / failed / pending) and says what to do next:
   :class:`RollBack` withdraws the target and sends every device that installed the
   version a signed command back to what it served before.
 
-The caller (``ota.rollout_cli``) persists the new state *before* acting on the
-decisions; every decision is idempotent, so a crash of the fleet tool resumes.
+The caller (``ota.rollout_cli``) persists the new state, with its decisions marked
+pending, *before* acting on them, and clears them (:func:`acted`) after; every decision is
+idempotent, so a crash of the fleet tool anywhere in between resumes by acting again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 __all__ = ["Stage", "RolloutPlan", "RolloutState", "DeviceObs", "Deploy", "RollBack", "Decision",
-           "parse_stages", "select", "observe", "decide", "counts", "summary", "STATUSES"]
+           "parse_stages", "select", "observe", "decide", "acted", "counts", "summary", "STATUSES"]
 
 #: running: stages advance; paused: no new stage (rollbacks still happen when aborted);
 #: aborted: halted at the abort threshold or by the operator; done: every stage healthy.
@@ -175,6 +176,9 @@ class RolloutState:
     reason: str = ""
     #: (time, message) of every transition
     history: tuple[tuple[float, str], ...] = ()
+    #: decisions written with this state but not yet confirmed done (:func:`acted`): a
+    #: crash between writing the state and acting leaves them here, to be acted on again
+    pending: tuple[Decision, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -184,6 +188,7 @@ class RolloutState:
         d = asdict(self)
         d["history"] = [list(h) for h in self.history]
         d["rolled_back"] = dict(self.rolled_back)
+        d["pending"] = [_decision_dict(x) for x in self.pending]
         return d
 
     @classmethod
@@ -192,7 +197,8 @@ class RolloutState:
                    stage_started_at=float(d["stage_started_at"]),
                    rolled_back={str(k): None if v is None else int(v) for k, v in d["rolled_back"].items()},
                    withdrawn=bool(d["withdrawn"]), reason=str(d.get("reason", "")),
-                   history=tuple((float(t), str(m)) for t, m in d.get("history", ())))
+                   history=tuple((float(t), str(m)) for t, m in d.get("history", ())),
+                   pending=tuple(_decision_from(x) for x in d.get("pending", ())))
 
     def log(self, now: float, message: str, **changes: Any) -> RolloutState:
         return replace(self, history=(*self.history, (now, message)), **changes)
@@ -215,6 +221,24 @@ class RollBack:
 Decision = Deploy | RollBack
 
 
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    if isinstance(d, Deploy):
+        return {"deploy": d.stage, "devices": list(d.devices)}
+    return {"rollback": dict(d.devices), "withdraw": d.withdraw}
+
+
+def _decision_from(d: Mapping[str, Any]) -> Decision:
+    if "deploy" in d:
+        return Deploy(int(d["deploy"]), tuple(str(x) for x in d["devices"]))
+    return RollBack({str(k): None if v is None else int(v) for k, v in d["rollback"].items()},
+                    bool(d["withdraw"]))
+
+
+def acted(state: RolloutState) -> RolloutState:
+    """The state once its pending decisions have been carried out."""
+    return replace(state, pending=())
+
+
 def counts(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs]) -> dict[str, int]:
     targeted = select(plan, state.stage)
     c = {"targeted": len(targeted), "healthy": 0, "failed": 0, "pending": 0}
@@ -225,7 +249,16 @@ def counts(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs])
 
 def decide(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs],
            now: float) -> tuple[RolloutState, list[Decision]]:
-    """The next state and what to do to get there (persist the state first, then act)."""
+    """The next state and what to do to get there: persist the state, act, then persist
+    :func:`acted` of it. Decisions still pending (a crash came in between) come first."""
+    if state.pending:
+        return state, list(state.pending)
+    new, decisions = _decide(plan, state, obs, now)
+    return (replace(new, pending=tuple(decisions)) if decisions else new), decisions
+
+
+def _decide(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs],
+            now: float) -> tuple[RolloutState, list[Decision]]:
     if state.status == "aborted":
         return _rollback(plan, state, obs)
     if state.status in ("done", "paused"):
@@ -247,7 +280,7 @@ def decide(plan: RolloutPlan, state: RolloutState, obs: Mapping[str, DeviceObs],
             return state.log(now, f"done: {c['healthy']} of {c['targeted']} devices healthy", status="done"), []
         nxt = state.log(now, f"stage {state.stage + 1} healthy ({c['healthy']}/{c['targeted']})",
                         stage=state.stage + 1)
-        return decide(plan, nxt, obs, now)
+        return _decide(plan, nxt, obs, now)
     return state, []
 
 

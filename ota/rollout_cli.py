@@ -26,7 +26,7 @@ from . import cli
 from .errors import TransportError
 from .privacy import PrivacyRecord
 from .repository import FleetRepository
-from .rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, Stage, decide, observe,
+from .rollout import (Deploy, DeviceObs, acted, RollBack, RolloutPlan, RolloutState, Stage, decide, observe,
                       parse_stages, select, summary)
 from .status import FleetView
 from .target import Audience, ProbeSet
@@ -101,6 +101,11 @@ class RolloutDriver:
                 self.store.save(plan, new)
         for d in decisions:
             self._act(plan, d)
+        if decisions:
+            with self.store.locked():
+                plan, latest = self.store.load()
+                new = acted(latest)  # an operator's pause meanwhile is kept
+                self.store.save(plan, new)
         return plan, new, obs
 
     def _act(self, plan: RolloutPlan, d: Deploy | RollBack) -> None:
@@ -201,9 +206,11 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.Flee
         raise
     try:
         session.push(repo)
-    except TransportError as e:
+    except TransportError as e:  # the first stage stays pending: `run` deploys it again
         raise cli.CliError(cli.EXIT_BROKER, f"rollout created and signed, but sending failed: {e}; "
                                             f"`loractl fleet rollout run {store.name}` sends it") from e
+    state = acted(state)
+    store.save(plan, state)
     return summary(plan, state)
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from ota.errors import UpdateRejectedError
 from ota.privacy import PrivacyPolicy, PrivacyRecord
-from ota.rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, decide, parse_stages,
-                         select)
+from ota.rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, acted, decide,
+                         parse_stages, select)
 from ota.window import InstallWindow
 
 POP = {f"d{i:02d}": ("canary",) if i < 3 else ("main",) for i in range(20)}
@@ -41,16 +41,23 @@ def test_stages_advance_on_healthy_installs_and_halt_at_the_abort_threshold() ->
     p = _plan(min_wait_s=5.0)
     st, [d] = decide(p, RolloutState(), {}, now=0.0)
     assert isinstance(d, Deploy) and d.devices == select(p, 0) and st.deployed == 0
+    # a crash before the deploy was confirmed: the same decision again, from the saved state
+    saved = RolloutState.from_dict(st.to_dict())
+    assert saved == st and decide(p, saved, {}, now=0.5) == (st, [d])
+    st = acted(st)
     healthy = {dev: DeviceObs("healthy", 1) for dev in select(p, 0)}
     assert decide(p, st, healthy, now=1.0) == (st, [])  # healthy, but the soak time is not over
     st, [d] = decide(p, st, healthy, now=6.0)
     assert isinstance(d, Deploy) and st.stage == 1 and len(d.devices) == 10
+    st = acted(st)
     # stage 2: 3 of 10 failed >= 25 %: halt, withdraw, send back those that installed
     obs = dict(healthy)
     new = [x for x in select(p, 1) if x not in healthy]
     obs.update({x: DeviceObs("failed", reason="health_check_failed") for x in new[:3]})
     obs.update({x: DeviceObs("healthy", None) for x in new[3:5]})
     st, [rb] = decide(p, st, obs, now=7.0)
+    assert RolloutState.from_dict(st.to_dict()) == st  # a pending rollback survives a crash
+    st = acted(st)
     assert st.status == "aborted" and "3 of 10" in st.reason
     assert isinstance(rb, RollBack) and rb.withdraw
     assert rb.devices == {**{x: 1 for x in healthy}, **{x: None for x in new[3:5]}}
@@ -58,6 +65,7 @@ def test_stages_advance_on_healthy_installs_and_halt_at_the_abort_threshold() ->
     obs[new[5]] = DeviceObs("healthy", 2)
     st, [rb] = decide(p, st, obs, now=8.0)
     assert isinstance(rb, RollBack) and rb.devices == {new[5]: 2} and not rb.withdraw
+    st = acted(st)
     assert decide(p, st, obs, now=9.0) == (st, [])
     # and the state survives a round trip through its file format
     assert RolloutState.from_dict(st.to_dict()) == st and RolloutPlan.from_dict(p.to_dict()) == p
@@ -66,6 +74,7 @@ def test_stages_advance_on_healthy_installs_and_halt_at_the_abort_threshold() ->
 def test_last_stage_healthy_is_done_and_pause_stops_everything() -> None:
     p = _plan(stages=parse_stages("100%"), success_threshold=0.9)
     st, _ = decide(p, RolloutState(), {}, now=0.0)
+    st = acted(st)
     obs = {d: DeviceObs("healthy") for d in list(POP)[:18]}
     assert decide(p, st, obs, now=1.0)[0].status == "done"
     paused = RolloutState(status="paused", deployed=0)

@@ -20,7 +20,7 @@ from ota.client import ClientConfig, OtaClient
 from ota.privacy import PrivacyPolicy, PrivacyRecord
 from ota.repository import FleetRepository
 from ota.rollout import RolloutPlan, parse_stages, select
-from ota.rollout_cli import RolloutDriver, RolloutStore, create_rollout
+from ota.rollout_cli import RolloutStore, create_rollout
 from ota.status import FleetView, will_for
 from ota.target import Audience
 from ota.window import InstallWindow
@@ -81,11 +81,14 @@ def test_three_stage_rollout_progresses_halts_at_the_abort_threshold_and_rolls_b
     out = create_rollout(repo, store, session, view, adapter_name="shelf", adapter=a2, stages=stages,
                          probes=kit.probes_for(a2), abort_threshold=0.3)
     assert out["version"] == 2 and out["stage_devices"] == [2, 6, 12]
-    result = RolloutDriver(repo, store, session, view).run(max_s=40, settle_s=5)
+    # the operator's command drives it: exit 4, halted and rolled back
+    rc = main(["fleet", "rollout", "run", str(repo.dir), "spring", "--settle", "5", "--max-time", "120",
+               *fleet_broker.fleet_args()])
+    err = capsys.readouterr().err
     plan, state = store.load()
     history = " | ".join(m for _, m in state.history)
-    assert result["status"] == "aborted" and state.stage == 2, (history, result, {
-        n: (s.adapters, s.last_update) for n, s in view.status.items()})
+    assert (rc, state.status, state.stage) == (4, "aborted", 2), (err, history)
+    assert "halted: abort threshold reached" in err
     assert "stage 1 healthy (2/2)" in history and "stage 2 healthy (6/6)" in history, history
     assert "4 of 12 devices failed" in state.reason and all(n in state.reason for n in failing)
     installed = [n for n in NAMES if n not in failing]

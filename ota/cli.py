@@ -349,7 +349,6 @@ def _keys_table(d: dict[str, Any]) -> str:
 
 
 def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
-    args.no_push = False
 
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.refresh_timestamp()
@@ -527,7 +526,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def leaf(name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help: str, *,
              repo: bool = True, broker: bool = False, fmt: Formatter = _kv,
-             parent: Any = fs) -> argparse.ArgumentParser:
+             parent: Any = fs, signs: bool = True) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
         if repo:
             p.add_argument("repo", type=Path, metavar="REPO_DIR", help="fleet repository directory")
@@ -535,8 +534,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="directory with private keys (offline media; repeatable)")
         if broker:
             _broker_args(p)
-            if repo:
+            if repo and signs:
                 p.add_argument("--no-push", action="store_true", help="sign only; publish later")
+            p.set_defaults(no_push=False)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
         p.set_defaults(handler=_wrap(fn, fmt))
         return p
@@ -569,9 +569,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("seconds", type=int)
 
     leaf("keys", _keys, "show roles, key ids, thresholds and expiry", fmt=_keys_table)
-    leaf("push", _push_cmd, "re-sign the timestamp and publish what devices need", broker=True)
+    leaf("push", _push_cmd, "re-sign the timestamp and publish what devices need", broker=True, signs=False)
 
-    p = leaf("command", _command, "send a signed command to a device", broker=True)
+    p = leaf("command", _command, "send a signed command to a device", broker=True, signs=False)
     p.add_argument("device_id")
     p.add_argument("action", choices=("load", "pin", "unpin", "evict", "train-now", "rollback", "remove"))
     p.add_argument("--adapter")

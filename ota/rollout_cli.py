@@ -301,7 +301,7 @@ def register_rollout(fs: Any, leaf: Callable[..., argparse.ArgumentParser],
         return p
 
     p = named(leaf("create", _create, "sign an adapter for a rollout's first stage and push it",
-                   broker=True, parent=rs, fmt=_summary_table))
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
     cli._adapter_args(p)
     p.add_argument("--stages", required=True, help="cumulative stages: 5%%,25%%,100%% or group names (canary,east,100%%)")
     p.add_argument("--success-threshold", type=_fraction, default=1.0,
@@ -312,13 +312,13 @@ def register_rollout(fs: Any, leaf: Callable[..., argparse.ArgumentParser],
     p.add_argument("--only-device", action="append", help="restrict the population (repeatable)")
 
     p = named(leaf("run", _run, "drive a rollout: advance stages, halt and roll back at the abort threshold",
-                   broker=True, parent=rs, fmt=_summary_table))
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
     p.add_argument("--max-time", type=float, default=3600.0, metavar="SECONDS", help="stop driving after this long")
     p.add_argument("--settle", type=float, default=2.0, metavar="SECONDS",
                    help="after a halt, how long to watch for late installs to send back")
 
     p = named(leaf("status", _status, "a rollout's stage, counts and history (live counts with --broker)",
-                   broker=True, parent=rs, fmt=_summary_table))
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
     for name, to, allowed in (("pause", "paused", ("running",)), ("resume", "running", ("paused",)),
                               ("abort", "aborted", ("running", "paused"))):
         named(leaf(name, _set_status(to, allowed, name), f"{name} a rollout", parent=rs, fmt=_summary_table))

@@ -349,7 +349,6 @@ def _keys_table(d: dict[str, Any]) -> str:
 
 
 def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
-
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.refresh_timestamp()
         return {"timestamp_version": repo.load("timestamp").signed.version}

@@ -407,7 +407,7 @@ def _status_rows(devices: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     for dev, d in sorted(devices.items()):
         last = d.get("last_update") or {}
-        lu = f"{last.get('result')} {last.get('adapter') or ''} {last.get('reason') or ''}".split()
+        lu = [str(last[k]) for k in ("result", "adapter", "reason") if last.get(k)]
         names = sorted(set(d.get("adapters", {})) | set(d.get("epsilon", {}))) or [None]
         for n in names:
             a = d.get("adapters", {}).get(n, {}) if n else {}

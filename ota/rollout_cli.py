@@ -178,7 +178,7 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.Flee
 
     The repository is put back as it was if anything fails before the push."""
     if store.exists():
-        raise FileExistsError(f"rollout {store.name!r} already exists (fleet rollout status {store.name})")
+        raise FileExistsError(f"rollout {store.name!r} already exists (fleet rollout status {repo.dir} {store.name})")
     population = {d: tuple(s.groups) for d, s in view.snapshot().items()}
     if only:
         unknown = sorted(set(only) - set(population))
@@ -208,7 +208,7 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.Flee
         session.push(repo)
     except TransportError as e:  # the first stage stays pending: `run` deploys it again
         raise cli.CliError(cli.EXIT_BROKER, f"rollout created and signed, but sending failed: {e}; "
-                                            f"`loractl fleet rollout run {store.name}` sends it") from e
+                                            f"`loractl fleet rollout run {repo.dir} {store.name}` sends it") from e
     state = acted(state)
     store.save(plan, state)
     return summary(plan, state)
@@ -219,7 +219,7 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
     store = RolloutStore(args.repo, args.rollout)
     stages = parse_stages(args.stages)
     if store.exists():
-        raise FileExistsError(f"rollout {args.rollout!r} already exists (fleet rollout status {args.rollout})")
+        raise FileExistsError(f"rollout {args.rollout!r} already exists (fleet rollout status {args.repo} {args.rollout})")
     adapter, probes = cli._load_adapter(args)
     privacy = read_privacy_record(args.adapter, args.privacy_record)
     session, view = _session_view(args)
@@ -277,7 +277,7 @@ def _set_status(to: str, allowed: tuple[str, ...], why: str) -> Callable[[argpar
             store.save(plan, state)
         out = summary(plan, state)
         if to == "aborted":
-            out["next"] = f"loractl fleet rollout run {args.rollout} rolls the installed devices back"
+            out["next"] = f"loractl fleet rollout run {args.repo} {args.rollout} rolls the installed devices back"
         return out
     return fn
 

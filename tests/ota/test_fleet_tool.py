@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,34 @@ def test_acls_confine_a_device_to_its_own_topics(mqtt: Broker) -> None:
     fleet.subscribe(["lorad/v1/device/dev1/status"], lambda t, p: seen.append(p))
     barrier(fleet, 10.0)
     assert b"forged" not in seen
+
+
+def test_a_send_that_fails_half_way_is_published_by_the_next_push(
+        mqtt: Broker, tmp_path: Path, kit: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker goes away after the index was read: the signed version stays in the
+    repository (its counter too), and `fleet push` sends it; no version number is reused."""
+    from ota.cli import FleetSession
+    from ota.client import ClientConfig, OtaClient
+    from ota.errors import TransportError
+    from ota.target import Audience
+    k: Any = kit
+    repo = FleetRepository.init(tmp_path / "fleet")
+    session = FleetSession(mqtt.connect("fleet", timeout_s=1.0))
+    mqtt.stop()
+    try:
+        a = k.make_adapter(8)
+        repo.publish_adapter("shelf", a, audience=Audience(groups=("east",)), probes=k.probes_for(a))
+        with pytest.raises(TransportError):
+            session.push(repo)
+    finally:
+        mqtt.start()
+    session.close()
+    assert repo.latest_version("shelf") == 1
+    assert main(["fleet", "push", str(repo.dir), *mqtt.fleet_args()]) == 0, capsys.readouterr().err
+    device = OtaClient(ClientConfig(device_id="dev1", groups=("east",), state_dir=tmp_path / "dev1",
+                                    trusted_root=repo.root_bytes(1), base_fingerprint=k.FINGERPRINT),
+                       mqtt.connect("dev1"), k.MemorySink())
+    [r] = device.update()
+    assert (r.result, r.adapter, r.version) == ("installed", "shelf", 1), r
+    b = k.make_adapter(9)
+    assert repo.publish_adapter("shelf", b, audience=Audience(groups=("east",))).version == 2

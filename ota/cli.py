@@ -4,7 +4,8 @@ commands, rollouts, broker set-up).
 :func:`register` has the signature of a ``loractl`` command group (``daemon.ctl.GROUPS``);
 its handlers take ``(args, ctx)`` and ignore the daemon connection. ``python -m ota.cli``
 runs the same commands without the daemon's CLI. Every command prints a table, or one
-JSON object with ``--json``.
+JSON object with ``--json``. What the commands share (exit codes, broker and adapter
+arguments, the broker session) is in :mod:`ota.cli_support`.
 
 Nothing is signed before everything needed to send it is known good: the adapter is
 read and checked, then the broker is reached and its index read, then the repository
@@ -28,39 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from adapters.errors import AdapterError
-from adapters.lora import LoraAdapter
 
+from .cli_support import (EXIT_BROKER, EXIT_CODES, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CliError, FleetSession,
+                          ModelLoader, ModelSection, add_adapter_args, add_broker_args, connect_broker, fleet_view,
+                          load_adapter, open_repo, table)
 from .errors import OtaError, TransportError
-from .files import RepoIndex, RepoReader
 from .repository import FleetRepository, RepoSettings
 from .status import DeviceStatus, FleetView
-from .target import Audience, ProbeSet
-from .transport import MqttConfig, MqttTransport, Transport, barrier
+from .target import Audience
 from .undo import DirUndo
 
-__all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "fleet_view", "table"]
+__all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "ModelSection", "fleet_view", "table"]
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_HALTED = 0, 1, 2, 3, 4
-EXIT_CODES: Mapping[int, str] = {
-    EXIT_OK: "done", EXIT_REFUSED: "refused (verification, keys, repository, unknown device/adapter/key)",
-    EXIT_USAGE: "bad or missing arguments or input files", EXIT_BROKER: "broker unreachable, refused or failed",
-    EXIT_HALTED: "rollout halted at its abort threshold"}
 _ROLES = ("root", "targets", "snapshot", "timestamp")
-
-
-class CliError(Exception):
-    """A failure with its exit code and the message the operator sees."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _role_map(items: Sequence[str] | None, what: str) -> dict[str, int]:
@@ -71,18 +56,6 @@ def _role_map(items: Sequence[str] | None, what: str) -> dict[str, int]:
             raise ValueError(f"{what} {item!r}: expected ROLE=N with ROLE one of {_ROLES}")
         out[role] = int(value)
     return out
-
-
-def _broker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("broker (mutual TLS)")
-    g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker address")
-    g.add_argument("--ca", type=Path, help="CA certificate file")
-    g.add_argument("--cert", type=Path, help="client certificate file")
-    g.add_argument("--key", type=Path, help="client private key file")
-    g.add_argument("--username", help="broker user name")
-    g.add_argument("--password-file", type=Path, help="file holding the broker password")
-    g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for the broker's answers (default 10)")
 
 
 def _audience_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -96,71 +69,10 @@ def _audience(args: argparse.Namespace) -> Audience:
     return Audience(devices=tuple(args.device or ()), groups=tuple(args.group or ()), everyone=args.all)
 
 
-def _mqtt_config(args: argparse.Namespace) -> MqttConfig:
-    """Check every broker argument (before anything is signed)."""
-    missing = [f"--{n.replace('_', '-')}" for n in ("broker", "ca", "cert", "key") if not getattr(args, n)]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} missing: --broker, --ca, --cert and --key are needed "
-                         f"to reach the broker (or --no-push to sign only)")
-    host, _, port = args.broker.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--broker {args.broker!r}: expected HOST:PORT")
-    for flag in ("ca", "cert", "key", "password_file"):
-        f = getattr(args, flag)
-        if f is not None and not Path(f).is_file():
-            raise ValueError(f"--{flag.replace('_', '-')} {f}: no such file")
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout}")
-    password = args.password_file.read_text().strip() if args.password_file else None
-    if password is not None and args.username is None:
-        raise ValueError("--password-file needs --username")
-    return MqttConfig(host=host, port=int(port), client_id=f"loractl-fleet-{uuid.uuid4().hex[:8]}",
-                      ca_file=args.ca, cert_file=args.cert, key_file=args.key,
-                      username=args.username, password=password, timeout_s=args.timeout)
-
-
-def _connect(args: argparse.Namespace) -> MqttTransport:
-    t = MqttTransport(_mqtt_config(args))
-    t.connect()
-    return t
-
-
-def _repo(args: argparse.Namespace) -> FleetRepository:
-    key_dirs = [*args.key_dir] if args.key_dir else None
-    if key_dirs is not None:
-        key_dirs.append(args.repo / "keys")
-    return FleetRepository(args.repo, key_dirs=key_dirs)
-
-
-class FleetSession:
-    """A fleet tool's broker connection and the repository index found there (read
-    before anything is signed; None when the broker holds none yet)."""
-
-    def __init__(self, transport: Transport, *, timeout_s: float = 10.0) -> None:
-        self.transport = transport
-        try:
-            self.index: RepoIndex | None = RepoReader(transport, timeout_s=timeout_s).index_if_any()
-        except BaseException:
-            transport.close()
-            raise
-
-    @classmethod
-    def connect(cls, args: argparse.Namespace) -> FleetSession:
-        return cls(_connect(args), timeout_s=args.timeout)
-
-    def push(self, repo: FleetRepository) -> dict[str, Any]:
-        index = repo.push(self.transport, current=self.index)
-        self.index = index
-        return {"pushed": True, "files": len(index.files)}
-
-    def close(self) -> None:
-        self.transport.close()
-
-
 def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[str, Any]],
              *, key_dirs: Sequence[Path] = ()) -> dict[str, Any]:
     """Reach the broker, apply ``change`` to the repository, send; undo it if it fails."""
-    repo = _repo(args)
+    repo = open_repo(args)
     chunk = getattr(args, "chunk_size", None)
     if chunk is not None and chunk < 256:
         raise ValueError(f"--chunk-size {chunk}: at least 256 bytes")
@@ -189,27 +101,6 @@ def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[
 
 # --- output ---------------------------------------------------------------------------
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) for x in v) or "-"
-    if isinstance(v, Mapping):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
-    return str(v)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns, a header line and a rule (what every list command prints)."""
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
 
 def _kv(data: Mapping[str, Any]) -> str:
     return table(("field", "value"), [(k, v) for k, v in data.items()])
@@ -236,44 +127,9 @@ def _init(args: argparse.Namespace) -> dict[str, Any]:
     return {"repository": str(repo.dir), "trusted_root": str(repo.dir / "metadata" / "1.root.json")}
 
 
-def _load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None]:
-    from adapters.peft_format import load_peft, read_peft_dir
-    try:
-        adapter = load_peft(read_peft_dir(args.adapter))
-    except (AdapterError, OSError, ValueError) as e:
-        raise ValueError(f"--adapter {args.adapter}: not a PEFT adapter directory "
-                         f"(adapter_config.json + adapter_model.safetensors): {e}") from e
-    probes = None
-    if args.base_model is not None:
-        from adapters.engine import InferenceEngine
-        try:
-            engine = InferenceEngine(args.base_model, targets=args.targets, rank=args.rank)
-            engine.check(adapter)
-        except (AdapterError, OSError) as e:
-            raise ValueError(f"--base-model {args.base_model}: {e}") from e
-        adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
-                              base_fingerprint=engine.fingerprint, use_rslora=adapter.use_rslora,
-                              extra=adapter.extra)
-        rng = np.random.default_rng(0)
-        inputs = {s.name: (rng.random([2 if d < 0 else d for d in s.shape]).astype(s.numpy_dtype)
-                           if s.datatype.startswith("FP") else
-                           np.zeros([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
-                  for s in engine.inputs}
-        outputs = engine.run(inputs, engine.prepare(adapter, name=args.name, version=0))
-        probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_rtol)
-    elif args.base_fingerprint:
-        adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
-                              base_fingerprint=args.base_fingerprint, use_rslora=adapter.use_rslora,
-                              extra=adapter.extra)
-    if not adapter.base_fingerprint:
-        raise ValueError("the adapter records no base model: give --base-model (also records "
-                         "the health-check probes) or --base-fingerprint")
-    return adapter, probes
-
-
 def _publish(args: argparse.Namespace) -> dict[str, Any]:
     from .privacy import read_privacy_record
-    adapter, probes = _load_adapter(args)
+    adapter, probes = load_adapter(args)
     privacy = read_privacy_record(args.adapter, args.privacy_record)
     audience = _audience(args)
 
@@ -302,7 +158,7 @@ def _rollback(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rotate(args: argparse.Namespace) -> dict[str, Any]:
-    kid = _repo(args).resolve_keyid(args.role, args.keyid)
+    kid = open_repo(args).resolve_keyid(args.role, args.keyid)
     extra = [args.key_dir[0]] if args.key_dir else []
 
     def change(repo: FleetRepository) -> dict[str, Any]:
@@ -313,7 +169,7 @@ def _rotate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _revoke(args: argparse.Namespace) -> dict[str, Any]:
-    kid = _repo(args).resolve_keyid(args.role, args.keyid)
+    kid = open_repo(args).resolve_keyid(args.role, args.keyid)
 
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.revoke_key(args.role, kid)
@@ -332,7 +188,7 @@ def _expiry(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _keys(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
+    repo = open_repo(args)
     root = repo.load("root").signed
     roles: dict[str, Any] = {}
     for role in _ROLES:
@@ -355,22 +211,14 @@ def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
     return _signing(args, change)
 
 
-def fleet_view(transport: Transport, timeout_s: float,
-               on_change: Callable[[str, DeviceStatus | None, bool | None], None] | None = None) -> FleetView:
-    """Every device's retained status, complete (the broker's answer awaited)."""
-    view = FleetView(transport, on_change=on_change)
-    barrier(transport, timeout_s)
-    return view
-
-
 def _command(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
+    repo = open_repo(args)
     action = args.action.replace("-", "_")
     if action != "train_now" and not args.adapter:
         raise ValueError(f"{args.action} needs --adapter")
     if action == "rollback" and (args.version is None or args.version < 1):
         raise ValueError("rollback needs --version N (the device's local version to serve, >= 1)")
-    t = _connect(args)
+    t = connect_broker(args)
     try:
         view = fleet_view(t, args.timeout)
         st = view.status.get(args.device_id)
@@ -423,7 +271,7 @@ def _status_table(d: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> dict[str, Any]:
-    t = _connect(args)
+    t = connect_broker(args)
     try:
         def show(device: str, st: DeviceStatus | None, online: bool | None) -> None:
             if args.watch:
@@ -500,27 +348,16 @@ def _run(fn: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Name
         return 130, "interrupted"
 
 
-def _adapter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", required=True, help="adapter name on the devices")
-    p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
-    p.add_argument("--base-model", type=Path, help="base ONNX model: records fingerprint and health probes")
-    p.add_argument("--targets", nargs="+", default=["*"], help="LoRA target patterns of --base-model")
-    p.add_argument("--rank", type=int, default=8, help="slot rank of --base-model's LoRA graph")
-    p.add_argument("--base-fingerprint", help="base model fingerprint when --base-model is not given")
-    p.add_argument("--probe-atol", type=float, default=ProbeSet.atol, help="health-check absolute tolerance")
-    p.add_argument("--probe-rtol", type=float, default=ProbeSet.rtol, help="health-check relative tolerance")
-    p.add_argument("--privacy-record", type=Path,
-                   help="DP privacy record (default: lorad_privacy.json in --adapter, if present)")
-    p.add_argument("--fp16", action="store_true", help="send tensors as fp16")
-    p.add_argument("--compress", choices=("none", "zlib", "zstd"), default="zstd")
-    p.add_argument("--chunk-size", type=int, default=8 * 1024, help="bytes per MQTT message")
+def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | None = None) -> None:
+    """Add ``fleet`` and its subcommands to loractl's (or any) subparsers.
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``fleet`` and its subcommands to loractl's (or any) subparsers."""
+    ``model_loader`` reads a device config's model section for ``publish --config`` (and
+    ``rollout create --config``).
+    """
     fleet = sub.add_parser("fleet", help="fleet OTA: root of trust, publish, keys, commands, status, rollouts",
                            description="Operate the fleet's signed adapter updates over MQTT. Exit codes: " +
                            "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    fleet.set_defaults(model_loader=model_loader)
     fs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
 
     def leaf(name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help: str, *,
@@ -532,7 +369,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--key-dir", type=Path, action="append",
                            help="directory with private keys (offline media; repeatable)")
         if broker:
-            _broker_args(p)
+            add_broker_args(p)
             if repo and signs:
                 p.add_argument("--no-push", action="store_true", help="sign only; publish later")
             p.set_defaults(no_push=False)
@@ -546,7 +383,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expiry", action="append", metavar="ROLE=SECONDS", help="expiry period per role")
 
     p = leaf("publish", _publish, "sign and publish an adapter version", broker=True)
-    _adapter_args(p)
+    add_adapter_args(p)
     _audience_args(p)
     p.add_argument("--delta-from", type=int, help="send a delta against this published version")
     p.add_argument("--delta-only", action="store_true",
@@ -598,7 +435,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="omit the per-device ota: sections")
 
     from .rollout_cli import register_rollout
-    register_rollout(fs, leaf, _broker_args)
+    register_rollout(fs, leaf, add_broker_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from adapters.fsutil import atomic_write_bytes
 from adapters.lora import LoraAdapter
 
-from . import cli
+from . import cli_support
 from .errors import TransportError
 from .privacy import PrivacyRecord
 from .repository import FleetRepository
@@ -79,7 +79,7 @@ class RolloutStore:
 class RolloutDriver:
     """Runs decisions against the broker: one session, the fleet's live status view."""
 
-    def __init__(self, repo: FleetRepository, store: RolloutStore, session: cli.FleetSession, view: FleetView, *,
+    def __init__(self, repo: FleetRepository, store: RolloutStore, session: cli_support.FleetSession, view: FleetView, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.repo = repo
         self.store = store
@@ -160,15 +160,15 @@ def _fraction(text: str) -> float:
 
 
 def _session_view(args: argparse.Namespace) -> tuple[Any, FleetView]:
-    session = cli.FleetSession.connect(args)
+    session = cli_support.FleetSession.connect(args)
     try:
-        return session, cli.fleet_view(session.transport, args.timeout)
+        return session, cli_support.fleet_view(session.transport, args.timeout)
     except BaseException:
         session.close()
         raise
 
 
-def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.FleetSession, view: FleetView, *,
+def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli_support.FleetSession, view: FleetView, *,
                    adapter_name: str, adapter: LoraAdapter, stages: tuple[Stage, ...],
                    probes: ProbeSet | None = None, privacy: PrivacyRecord | None = None,
                    success_threshold: float = 1.0, abort_threshold: float = 0.2,
@@ -207,7 +207,7 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli.Flee
     try:
         session.push(repo)
     except TransportError as e:  # the first stage stays pending: `run` deploys it again
-        raise cli.CliError(cli.EXIT_BROKER, f"rollout created and signed, but sending failed: {e}; "
+        raise cli_support.CliError(cli_support.EXIT_BROKER, f"rollout created and signed, but sending failed: {e}; "
                                             f"`loractl fleet rollout run {repo.dir} {store.name}` sends it") from e
     state = acted(state)
     store.save(plan, state)
@@ -220,11 +220,11 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
     stages = parse_stages(args.stages)
     if store.exists():
         raise FileExistsError(f"rollout {args.rollout!r} already exists (fleet rollout status {args.repo} {args.rollout})")
-    adapter, probes = cli._load_adapter(args)
+    adapter, probes = cli_support.load_adapter(args)
     privacy = read_privacy_record(args.adapter, args.privacy_record)
     session, view = _session_view(args)
     try:
-        return create_rollout(cli._repo(args), store, session, view, adapter_name=args.name, adapter=adapter,
+        return create_rollout(cli_support.open_repo(args), store, session, view, adapter_name=args.name, adapter=adapter,
                               stages=stages, probes=probes, privacy=privacy,
                               success_threshold=args.success_threshold, abort_threshold=args.abort_threshold,
                               min_wait_s=args.min_wait, only=args.only_device, chunk_size=args.chunk_size,
@@ -238,11 +238,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     store.load()
     session, view = _session_view(args)
     try:
-        out = RolloutDriver(cli._repo(args), store, session, view).run(max_s=args.max_time, settle_s=args.settle)
+        out = RolloutDriver(cli_support.open_repo(args), store, session, view).run(max_s=args.max_time, settle_s=args.settle)
     finally:
         session.close()
     if out["status"] == "aborted":
-        raise cli.CliError(cli.EXIT_HALTED, f"rollout {args.rollout} halted: {out['reason']}; "
+        raise cli_support.CliError(cli_support.EXIT_HALTED, f"rollout {args.rollout} halted: {out['reason']}; "
                                             f"{out['rolled_back']} devices sent back")
     return out
 
@@ -254,7 +254,7 @@ def _status(args: argparse.Namespace) -> dict[str, Any]:
     if args.broker:
         session, view = _session_view(args)
         try:
-            obs = RolloutDriver(cli._repo(args), store, session, view).observations(plan)
+            obs = RolloutDriver(cli_support.open_repo(args), store, session, view).observations(plan)
         finally:
             session.close()
     out = summary(plan, state, obs)
@@ -284,7 +284,7 @@ def _set_status(to: str, allowed: tuple[str, ...], why: str) -> Callable[[argpar
 
 def _summary_table(d: dict[str, Any]) -> str:
     rows = [(k, v) for k, v in d.items() if k != "history"]
-    text = cli.table(("field", "value"), rows)
+    text = cli_support.table(("field", "value"), rows)
     if d.get("history"):
         text += "\n\nhistory:\n" + "\n".join(f"  {h}" for h in d["history"])
     return text
@@ -302,7 +302,7 @@ def register_rollout(fs: Any, leaf: Callable[..., argparse.ArgumentParser],
 
     p = named(leaf("create", _create, "sign an adapter for a rollout's first stage and push it",
                    broker=True, parent=rs, fmt=_summary_table, signs=False))
-    cli._adapter_args(p)
+    cli_support.add_adapter_args(p)
     p.add_argument("--stages", required=True, help="cumulative stages: 5%%,25%%,100%% or group names (canary,east,100%%)")
     p.add_argument("--success-threshold", type=_fraction, default=1.0,
                    help="share of a stage's devices that must report a healthy install to go on (default 100%%)")

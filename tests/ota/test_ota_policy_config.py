@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError, build_config
-from daemon.ota_config import OtaPolicy
+from ota.config import OtaPolicy
 from daemon.ota_wiring import install_gate
 from trainer.policy import SystemProbe
 
@@ -47,3 +47,17 @@ def test_install_gate_uses_the_trainers_probes(tmp_path: Path) -> None:
     assert "load 4.50 per CPU" in (gate() or "")
     (proc / "loadavg").write_text("0.1 0.1 0.1 1/100 1\n")
     assert gate() is None
+
+
+def test_client_config_carries_the_policy_and_the_window(tmp_path: Path) -> None:
+    from ota.config import OtaConfig
+    from ota.privacy import PrivacyPolicy
+    from ota.window import InstallWindow
+
+    ota = OtaConfig.load({"device_id": "d1", "install_window": ["Sat,Sun 00:00-24:00"], "policy": {"max_epsilon": 2.5,
+                                                                                 "require_privacy_record": True}})
+    cfg = ota.client_config(state_dir=tmp_path, trusted_root=b"{}", base_fingerprint="sha256:" + "0" * 64)
+    assert cfg.privacy == PrivacyPolicy(max_epsilon=2.5, require_record=True)
+    assert cfg.install_window == InstallWindow.parse(["Sat,Sun 00:00-24:00"])
+    plain = OtaConfig(device_id="d1").client_config(state_dir=tmp_path, trusted_root=b"{}", base_fingerprint="sha256:" + "0" * 64)
+    assert plain.privacy == PrivacyPolicy() and plain.install_window is None

@@ -19,7 +19,14 @@ REFERENCE_TARGETS).
   adapter, a new version trained in frozen-A mode (A unchanged, B differs) sent as a
   delta against the installed version in fp16 with zstd, with its health-check probe set;
 - ``resume_refetch_ratio``: the connection is cut when half of a transfer's chunks are
-  stored; bytes received after the reconnect / payload bytes.
+  stored; bytes received after the reconnect / payload bytes;
+- ``bytes_on_wire_per_device``: what one device's socket carried for that rank-8 delta
+  (the full payload is signed too, as the fallback, but only the delta is fetched);
+- ``rollout_100_devices_s``: ``create_rollout`` and ``RolloutDriver`` (what ``loractl
+  fleet rollout create/run`` run) taking 100 simulated devices (their own TLS connection
+  and OtaClient each, an in-memory adapter sink) on one broker through stages
+  5%,25%,100% with a minimum wait per stage; the goal is at most twice the sum of the
+  stages' minimum waits (the tool, not the gates, is never the limit).
 
     .venv/bin/python -m benchmarks.ota [--quick]
 """
@@ -324,6 +331,81 @@ class _Bench:
                 "resume_chunks": len(spec.chunks), "resume_chunk_bytes": spec.chunk_size}
 
 
+class _CountingSink:
+    """The adapter service as a simulated device needs it: versions per name, no model."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+
+    def install(self, name: str, adapter: LoraAdapter, *, meta: Any = None) -> Any:
+        self.count[name] = self.count.get(name, 0) + 1
+        self.current[name] = self.count[name]
+        return dataclasses.make_dataclass("Info", ["name", "version"])(name, self.current[name])
+
+    def rollback(self, name: str, version: int) -> Any:
+        self.current[name] = version
+        return self.info(name)
+
+    def delete(self, name: str) -> None:
+        self.current.pop(name, None)
+
+    def info(self, name: str) -> Any:
+        from adapters.errors import AdapterNotFoundError
+        if name not in self.current:
+            raise AdapterNotFoundError(name)
+        return dataclasses.make_dataclass("Info", ["name", "version"])(name, self.current[name])
+
+    def infer(self, inputs: Any, adapter: str | None = None) -> Any:
+        raise RuntimeError("no model on a simulated device")
+
+
+def rollout_bench(tmp: Path, *, devices: int, min_wait_s: float) -> dict[str, Any]:
+    from ota.cli import FleetSession, fleet_view
+    from ota.rollout import parse_stages
+    from ota.rollout_cli import RolloutDriver, RolloutStore, create_rollout
+
+    names = [f"sim{i:03d}" for i in range(devices)]
+    broker = create_broker(tmp / "rollout-broker", max_packet=MAX_PACKET, devices={n: ("shop",) for n in names})
+    clients: list[OtaClient] = []
+    try:
+        repo = FleetRepository.init(tmp / "rollout-fleet")
+        fingerprint = "sha256:" + "5" * 64
+        for n in names:
+            c = OtaClient(ClientConfig(device_id=n, groups=("shop",), state_dir=tmp / "sim" / n,
+                                       trusted_root=repo.root_bytes(1), base_fingerprint=fingerprint),
+                          broker.connect(n, will=will_for(n)), _CountingSink())
+            c.start()
+            clients.append(c)
+        session = FleetSession(broker.connect("fleet"))
+        view = fleet_view(session.transport, 30.0)
+        if not view.wait_for(lambda v: len(v.status) >= devices, _WAIT_S):
+            raise RuntimeError(f"only {len(view.status)} of {devices} simulated devices reported")
+        rng = np.random.default_rng(7)
+        adapter = LoraAdapter(rank=WIRE_RANK, alpha=16.0, base_fingerprint=fingerprint, weights={
+            f"layer{i}.q": LoraWeights(A=rng.standard_normal((64, WIRE_RANK)).astype(np.float32),
+                                       B=rng.standard_normal((WIRE_RANK, 64)).astype(np.float32))
+            for i in range(4)})
+        stages = parse_stages("5%,25%,100%")
+        t0 = time.perf_counter()
+        store = RolloutStore(repo.dir, "bench")
+        create_rollout(repo, store, session, view, adapter_name="shelf", adapter=adapter, stages=stages,
+                       min_wait_s=min_wait_s)
+        result = RolloutDriver(repo, store, session, view).run(max_s=600)
+        took = time.perf_counter() - t0
+        if result["status"] != "done" or result["healthy"] != devices:
+            raise RuntimeError(f"rollout did not complete: {result}")
+        waits = min_wait_s * len(stages)
+        session.close()
+        return {"rollout_100_devices_s": round(took, 3), "rollout_devices": devices,
+                "rollout_stages": "5%,25%,100%", "rollout_min_wait_s_per_stage": min_wait_s,
+                "rollout_sum_min_waits_s": waits, "rollout_vs_min_waits": round(took / waits, 3)}
+    finally:
+        for c in clients:
+            c.close()
+        broker.close()
+
+
 def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lorad-ota-bench-") as d:
         tmp = Path(d)
@@ -341,8 +423,10 @@ def run(quick: bool) -> dict[str, Any]:
                 bench.close()
         finally:
             broker.close()
+        out["bytes_on_wire_per_device"] = out["bytes_on_wire"]
+        out.update(rollout_bench(tmp, devices=100, min_wait_s=2.0))
     goals = {"ota_e2e_ms": 1000, "verify_ms_per_mb": 5, "wire_ratio_vs_base_model": 0.01,
-             "resume_refetch_ratio": 0.55}
+             "resume_refetch_ratio": 0.55, "rollout_vs_min_waits": 2.0}
     out["goals_met"] = {k: out[k] <= v for k, v in goals.items()}
     out["setup"] = {"broker": f"mosquitto, mutual TLS, max_packet_size {MAX_PACKET}",
                     "chunk_bytes": CHUNK, "resume_chunk_bytes": RESUME_CHUNK,

@@ -29,12 +29,13 @@ from daemon.config import Config
 from daemon.metrics import DaemonMetrics
 from daemon.preflight import ota_transport, read_ota_material
 from ota.client import OtaClient
-from ota.config import ClientConfig, OtaConfig
+from ota.config import ClientConfig, OtaConfig, OtaPolicy
 from ota.errors import TransportError
 from ota.metrics import OtaMetrics
 from ota.transport import MqttTransport
+from trainer.policy import SystemProbe
 
-__all__ = ["OtaRuntime", "start_ota"]
+__all__ = ["OtaRuntime", "start_ota", "install_gate"]
 
 _log = logging.getLogger(__name__)
 #: How long the start waits for the first connection before serving without it.
@@ -78,7 +79,8 @@ async def start_ota(
     ota_metrics = OtaMetrics(metrics.registry)
     client = OtaClient(client_cfg, transport, service,
                        epsilon=None if epsilon is None else _epsilon_of(service, epsilon),
-                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command)
+                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command,
+                       install_gate=install_gate(ota.policy, SystemProbe()))
     ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received)
     stack.callback(_say_offline, client, transport)
     recovered = await loop.run_in_executor(executor, client.recover)
@@ -105,6 +107,23 @@ def _build_transport(cfg: Config, base_fingerprint: str) -> tuple[MqttTransport,
                                    base_fingerprint=base_fingerprint)
     transport.start()
     return transport, client_cfg
+
+
+def install_gate(policy: OtaPolicy, probe: SystemProbe) -> Callable[[], str | None] | None:
+    """Why an install must wait now (busy, on battery), from the trainer's probes; None
+    when the policy asks for neither. (ota does not import trainer: it gets this.)"""
+    if not policy.install_when_idle and not policy.install_on_external_power:
+        return None
+
+    def why() -> str | None:
+        if policy.install_on_external_power and not probe.on_external_power():
+            return "on battery (ota.policy.install_on_external_power)"
+        load = probe.load_per_cpu() if policy.install_when_idle else None
+        if load is not None and load > policy.idle_max_load_per_cpu:
+            return (f"busy: load {load:.2f} per CPU above {policy.idle_max_load_per_cpu:g} "
+                    f"(ota.policy.install_when_idle)")
+        return None
+    return why
 
 
 def _epsilon_of(service: AdapterService, epsilon: Callable[[str], float | None]) -> Callable[[], Mapping[str, float]]:

@@ -1,11 +1,27 @@
-"""``loractl fleet ...``: the fleet operator's tools (root of trust, publish, keys, status).
+"""``loractl fleet ...``: the fleet operator's tools (root of trust, publish, keys, status,
+commands, rollouts, broker set-up).
 
 :func:`register` has the signature of a ``loractl`` command group (``daemon.ctl.GROUPS``);
 its handlers take ``(args, ctx)`` and ignore the daemon connection. ``python -m ota.cli``
-runs the same commands without the daemon's CLI.
+runs the same commands without the daemon's CLI. Every command prints a table, or one
+JSON object with ``--json``. What the commands share (exit codes, broker and adapter
+arguments, the broker session) is in :mod:`ota.cli_support`.
 
-Exit codes as loractl: 0 ok, 1 refused (verification, key or repository error), 2 usage,
-3 cannot reach the broker.
+Nothing is signed before everything needed to send it is known good: the adapter is
+read and checked, then the broker is reached and its index read, then the repository
+is changed; a failure before the send puts the repository back byte for byte
+(:class:`ota.undo.DirUndo`). A send that fails half-way leaves the signed metadata in
+the repository and says so; the next ``fleet push`` sends it.
+
+Exit codes (:data:`EXIT_CODES`):
+
+====  ==========================================================================
+0     done
+1     refused: verification, keys, repository state, unknown device/adapter/key
+2     usage: bad or missing arguments, a file that is not what it should be
+3     broker: cannot connect, not authorized, no answer in time, send failed
+4     rollout halted: the abort threshold was reached and the rollout rolled back
+====  ==========================================================================
 """
 
 from __future__ import annotations
@@ -13,43 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from adapters.errors import AdapterError
-from adapters.lora import LoraAdapter
 
+from .cli_support import (EXIT_BROKER, EXIT_CODES, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CliError, FleetSession,
+                          ModelLoader, ModelSection, add_adapter_args, add_broker_args, connect_broker, fleet_view,
+                          load_adapter, open_repo, table)
 from .errors import OtaError, TransportError
-from .files import RepoIndex, RepoReader
 from .repository import FleetRepository, RepoSettings
-from .status import FleetView
-from .target import Audience, ProbeSet
-from .transport import MqttConfig, MqttTransport
+from .status import DeviceStatus, FleetView
+from .target import Audience
+from .undo import DirUndo
 
-__all__ = ["register", "main", "ModelSection"]
+__all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "ModelSection", "fleet_view", "table"]
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 _ROLES = ("root", "targets", "snapshot", "timestamp")
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    """What ``publish`` needs of a device's ``model:`` section (``--config lorad.yaml``)."""
-
-    path: Path
-    targets: tuple[str, ...]
-    rank: int
-    weight_names: Mapping[str, str] = field(default_factory=dict)
-
-
-#: Reads the model section of a device config file; the daemon's CLI provides it (ota/
-#: does not import the daemon). It raises ValueError naming the key that is wrong.
-ModelLoader = Callable[[Path], ModelSection]
 
 
 def _role_map(items: Sequence[str] | None, what: str) -> dict[str, int]:
@@ -62,18 +58,8 @@ def _role_map(items: Sequence[str] | None, what: str) -> dict[str, int]:
     return out
 
 
-def _broker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("broker (mutual TLS)")
-    g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker address")
-    g.add_argument("--ca", type=Path, help="CA certificate file")
-    g.add_argument("--cert", type=Path, help="client certificate file")
-    g.add_argument("--key", type=Path, help="client private key file")
-    g.add_argument("--username", help="broker user name")
-    g.add_argument("--password-file", type=Path, help="file holding the broker password")
-
-
-def _audience_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
+def _audience_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--all", action="store_true", help="every device")
     g.add_argument("--group", action="append", help="a device group (repeatable)")
     g.add_argument("--device", action="append", help="a device id (repeatable)")
@@ -83,48 +69,51 @@ def _audience(args: argparse.Namespace) -> Audience:
     return Audience(devices=tuple(args.device or ()), groups=tuple(args.group or ()), everyone=args.all)
 
 
-def _connect(args: argparse.Namespace) -> MqttTransport:
-    if not args.broker or not args.ca or not args.cert or not args.key:
-        raise ValueError("--broker, --ca, --cert and --key are needed to reach the broker")
-    host, _, port = args.broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--broker {args.broker!r}: expected HOST:PORT")
-    password = args.password_file.read_text().strip() if args.password_file else None
-    t = MqttTransport(MqttConfig(host=host, port=int(port), client_id=f"loractl-fleet-{uuid.uuid4().hex[:8]}",
-                                 ca_file=args.ca, cert_file=args.cert, key_file=args.key,
-                                 username=args.username, password=password))
-    t.connect()
-    return t
-
-
-def _repo(args: argparse.Namespace) -> FleetRepository:
-    key_dirs = [*args.key_dir] if args.key_dir else None
-    if key_dirs is not None:
-        key_dirs.append(args.repo / "keys")
-    return FleetRepository(args.repo, key_dirs=key_dirs)
-
-
-def _push(args: argparse.Namespace, repo: FleetRepository) -> dict[str, Any]:
-    if args.no_push:
-        return {"pushed": False}
-    t = _connect(args)
+def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[str, Any]],
+             *, key_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+    """Reach the broker, apply ``change`` to the repository, send; undo it if it fails."""
+    repo = open_repo(args)
+    chunk = getattr(args, "chunk_size", None)
+    if chunk is not None and chunk < 256:
+        raise ValueError(f"--chunk-size {chunk}: at least 256 bytes")
+    session = None if args.no_push else FleetSession.connect(args)
     try:
+        if chunk is not None and session is not None and chunk > session.transport.max_payload:
+            raise ValueError(f"--chunk-size {chunk} exceeds what the broker carries per message "
+                             f"({session.transport.max_payload} bytes of payload)")
+        undo = DirUndo([repo.dir, *key_dirs, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
         try:
-            current: RepoIndex | None = RepoReader(t, timeout_s=2.0).index()
-        except TransportError:
-            current = None  # an empty broker: everything is new
-        index = repo.push(t, current=current)
+            out = change(repo)
+        except BaseException:
+            undo.restore()
+            raise
+        if session is None:
+            return {**out, "pushed": False}
+        try:
+            return {**out, **session.push(repo)}
+        except TransportError as e:
+            raise CliError(EXIT_BROKER, f"signed, but sending failed: {e}. The repository keeps what "
+                                        f"was signed; `loractl fleet push` sends it") from e
     finally:
-        t.close()
-    return {"pushed": True, "files": len(index.files)}
+        if session is not None:
+            session.close()
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any]) -> None:
+# --- output ---------------------------------------------------------------------------
+
+
+def _kv(data: Mapping[str, Any]) -> str:
+    return table(("field", "value"), [(k, v) for k, v in data.items()])
+
+
+Formatter = Callable[[dict[str, Any]], str]
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Formatter) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, sort_keys=True))
     else:
-        for k, v in data.items():
-            print(f"{k}: {v}")
+        print(fmt(data))
 
 
 # --- commands ----------------------------------------------------------------------
@@ -138,191 +127,254 @@ def _init(args: argparse.Namespace) -> dict[str, Any]:
     return {"repository": str(repo.dir), "trusted_root": str(repo.dir / "metadata" / "1.root.json")}
 
 
-def _model_section(args: argparse.Namespace) -> ModelSection | None:
-    if args.config is not None:
-        if args.base_model is not None or args.targets is not None or args.rank is not None:
-            raise ValueError("--config gives the model, its targets and rank: drop --base-model, --targets and --rank")
-        loader: ModelLoader | None = args.model_loader
-        if loader is None:
-            raise ValueError("--config needs loractl (python -m ota.cli cannot read lorad.yaml): use --base-model")
-        return loader(args.config)
-    if args.base_model is None:
-        return None
-    return ModelSection(path=args.base_model, targets=tuple(args.targets or ("*",)), rank=args.rank or 8)
-
-
-def _engine(section: ModelSection) -> Any:
-    from adapters.engine import InferenceEngine
-
-    if not section.path.is_file():
-        raise ValueError(f"base model {str(section.path)!r} does not exist")
-    try:
-        return InferenceEngine(section.path, targets=section.targets, rank=section.rank,
-                               weight_names=section.weight_names)
-    except ValueError as e:  # targets or weight_names that do not fit the graph
-        raise ValueError(f"model targets {list(section.targets)} do not fit {str(section.path)!r}: {e}") from e
-    except AdapterError:
-        raise
-    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
-        raise ValueError(f"base model {str(section.path)!r} cannot be loaded: {type(e).__name__}: {e}") from e
-
-
-def _load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None]:
-    from adapters.peft_format import load_peft, read_peft_dir
-    section = _model_section(args)
-    files = read_peft_dir(args.adapter)
-    probes = None
-    if section is not None:
-        # The device's mapping: PEFT module names are matched as the device will match them.
-        engine = _engine(section)
-        adapter = load_peft(files, weight_of=engine.module_paths.weight_of)
-        engine.check(adapter)
-        adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
-                              base_fingerprint=engine.fingerprint, use_rslora=adapter.use_rslora,
-                              extra=adapter.extra)
-        rng = np.random.default_rng(0)
-        # Integer inputs are ones: a valid token id, and an attention mask that keeps every
-        # position (an all-zero mask divides by zero in mean pooling).
-        inputs = {s.name: (rng.random([2 if d < 0 else d for d in s.shape]).astype(s.numpy_dtype)
-                           if s.datatype.startswith("FP") else
-                           np.ones([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
-                  for s in engine.inputs}
-        outputs = engine.run(inputs, engine.prepare(adapter, name=args.name, version=0))
-        bad = sorted(name for name, value in outputs.items() if not np.all(np.isfinite(value)))
-        if bad:
-            raise ValueError(f"the health-check probe gives non-finite outputs {bad} on this model with the adapter; "
-                             "the devices could never pass it")
-        probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_rtol)
-    else:
-        adapter = load_peft(files)
-        if args.base_fingerprint:
-            adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
-                                  base_fingerprint=args.base_fingerprint, use_rslora=adapter.use_rslora,
-                                  extra=adapter.extra)
-    if not adapter.base_fingerprint:
-        raise ValueError("the adapter records no base model: give --config (the device's lorad.yaml), "
-                         "--base-model (also records the health-check probes) or --base-fingerprint")
-    return adapter, probes
-
-
 def _publish(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    adapter, probes = _load_adapter(args)
-    spec = repo.publish_adapter(args.name, adapter, audience=_audience(args), probes=probes,
-                                delta_from=args.delta_from, dtype="fp16" if args.fp16 else "fp32",
-                                compression=args.compress, chunk_size=args.chunk_size)
-    return {"adapter": spec.adapter, "version": spec.version, "bytes": spec.length,
-            "encoding": spec.encoding, "audience": spec.audience.label, **_push(args, repo)}
+    from .privacy import read_privacy_record
+    adapter, probes = load_adapter(args)
+    privacy = read_privacy_record(args.adapter, args.privacy_record)
+    audience = _audience(args)
+
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        if args.delta_from is not None and not 1 <= args.delta_from <= repo.latest_version(args.name):
+            raise LookupError(f"--delta-from {args.delta_from}: {args.name!r} has versions "
+                              f"1..{repo.latest_version(args.name)} here")
+        spec = repo.publish_adapter(args.name, adapter, audience=audience, probes=probes,
+                                    delta_from=args.delta_from, dtype="fp16" if args.fp16 else "fp32",
+                                    compression=args.compress, chunk_size=args.chunk_size,
+                                    privacy=privacy, full_fallback=not args.delta_only)
+        return {"adapter": spec.adapter, "version": spec.version, "bytes": spec.length,
+                "encoding": spec.encoding, "audience": spec.audience.label,
+                "epsilon": None if privacy is None else privacy.epsilon}
+    return _signing(args, change)
 
 
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    spec = repo.rollback(args.name, to_version=args.to, audience=_audience(args))
-    return {"adapter": spec.adapter, "version": spec.version, "content_of": args.to, **_push(args, repo)}
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        if args.name not in repo.published:
+            raise LookupError(f"adapter {args.name!r} was never published here; published: "
+                              f"{sorted(repo.published) or 'none'}")
+        spec = repo.rollback(args.name, to_version=args.to, audience=_audience(args))
+        return {"adapter": spec.adapter, "version": spec.version, "content_of": args.to}
+    return _signing(args, change)
 
 
 def _rotate(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    new = repo.rotate_key(args.role, args.keyid, key_dir=args.key_dir[0] if args.key_dir else None)
-    return {"role": args.role, "revoked": args.keyid, "new_keyid": new,
-            "root_version": repo.load("root").signed.version, **_push(args, repo)}
+    kid = open_repo(args).resolve_keyid(args.role, args.keyid)
+    extra = [args.key_dir[0]] if args.key_dir else []
+
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        new = repo.rotate_key(args.role, kid, key_dir=args.key_dir[0] if args.key_dir else None)
+        return {"role": args.role, "revoked": kid, "new_keyid": new,
+                "root_version": repo.load("root").signed.version}
+    return _signing(args, change, key_dirs=extra)
 
 
 def _revoke(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    repo.revoke_key(args.role, args.keyid)
-    return {"role": args.role, "revoked": args.keyid, "root_version": repo.load("root").signed.version,
-            **_push(args, repo)}
+    kid = open_repo(args).resolve_keyid(args.role, args.keyid)
+
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        repo.revoke_key(args.role, kid)
+        return {"role": args.role, "revoked": kid, "root_version": repo.load("root").signed.version}
+    return _signing(args, change)
 
 
 def _expiry(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    repo.set_expiry(args.role, args.seconds)
-    return {"role": args.role, "expires": str(repo.load(args.role).signed.expires), **_push(args, repo)}
+    if args.seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {args.seconds}")
+
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        repo.set_expiry(args.role, args.seconds)
+        return {"role": args.role, "expires": str(repo.load(args.role).signed.expires)}
+    return _signing(args, change)
 
 
 def _keys(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
+    repo = open_repo(args)
     root = repo.load("root").signed
-    out: dict[str, Any] = {"root_version": root.version}
+    roles: dict[str, Any] = {}
     for role in _ROLES:
         r = root.roles[role]
-        out[role] = {"threshold": r.threshold, "keyids": sorted(r.keyids),
-                     "expires": str(repo.load(role).signed.expires)}
-    out["command"] = sorted(repo.command_keys())
-    return out
+        roles[role] = {"threshold": r.threshold, "keyids": sorted(r.keyids),
+                       "expires": str(repo.load(role).signed.expires)}
+    roles["command"] = {"threshold": 1, "keyids": sorted(repo.command_keys()), "expires": None}
+    return {"root_version": root.version, "roles": roles}
+
+
+def _keys_table(d: dict[str, Any]) -> str:
+    rows = [(role, r["threshold"], kid[:8], r["expires"]) for role, r in d["roles"].items() for kid in r["keyids"]]
+    return f"root version {d['root_version']}\n" + table(("role", "threshold", "key id", "expires"), rows)
 
 
 def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    repo.refresh_timestamp()
-    return _push(args, repo)
+    def change(repo: FleetRepository) -> dict[str, Any]:
+        repo.refresh_timestamp()
+        return {"timestamp_version": repo.load("timestamp").signed.version}
+    return _signing(args, change)
 
 
 def _command(args: argparse.Namespace) -> dict[str, Any]:
-    repo = _repo(args)
-    t = _connect(args)
+    repo = open_repo(args)
+    action = args.action.replace("-", "_")
+    if action != "train_now" and not args.adapter:
+        raise ValueError(f"{args.action} needs --adapter")
+    if action == "rollback" and (args.version is None or args.version < 1):
+        raise ValueError("rollback needs --version N (the device's local version to serve, >= 1)")
+    t = connect_broker(args)
     try:
-        raw = repo.send_command(t, args.device_id, args.action.replace("-", "_"),
-                                adapter=args.adapter, version=args.version)
+        view = fleet_view(t, args.timeout)
+        st = view.status.get(args.device_id)
+        if st is None and args.device_id not in view.online:
+            raise LookupError(f"unknown device {args.device_id!r}: no status on the broker; known: "
+                              f"{', '.join(sorted(view.status)) or 'none'}")
+        if args.adapter and st is not None:
+            known = set(st.adapters) | set(st.epsilon) | set(repo.published)
+            if args.adapter not in known:
+                raise LookupError(f"unknown adapter {args.adapter!r} for {args.device_id}: it serves "
+                                  f"{sorted(st.adapters) or 'none'}, the repository published "
+                                  f"{sorted(repo.published) or 'none'}")
+        raw = repo.send_command(t, args.device_id, action, adapter=args.adapter, version=args.version)
+        cmd = json.loads(raw)["command"]
+        out: dict[str, Any] = {"device": args.device_id, "action": cmd["action"], "adapter": cmd["adapter"],
+                               "seq": cmd["seq"], "result": "sent"}
+        if args.wait:
+            def answered(v: FleetView) -> bool:
+                s = v.status.get(args.device_id)
+                return s is not None and (s.last_command or {}).get("seq") == cmd["seq"]
+            if not view.wait_for(answered, args.timeout):
+                raise CliError(EXIT_BROKER, f"sent, but {args.device_id} did not answer within {args.timeout} s")
+            res = view.status[args.device_id].last_command or {}
+            out.update(result=res.get("result"), message=res.get("message"))
+            if res.get("result") != "done":
+                raise CliError(EXIT_REFUSED, f"{args.device_id}: {res.get('result')} {res.get('reason') or ''}"
+                                             f" {res.get('message') or ''}".strip())
+        return out
     finally:
         t.close()
-    return {"sent": json.loads(raw)["command"]}
+
+
+def _status_rows(devices: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for dev, d in sorted(devices.items()):
+        last = d.get("last_update") or {}
+        lu = [str(last[k]) for k in ("result", "adapter", "reason") if last.get(k)]
+        names = sorted(set(d.get("adapters", {})) | set(d.get("epsilon", {}))) or [None]
+        for n in names:
+            a = d.get("adapters", {}).get(n, {}) if n else {}
+            eps = a.get("privacy_epsilon", d.get("epsilon", {}).get(n)) if n else None
+            rows.append((dev, d.get("online"), n, a.get("fleet_version"), a.get("version"), eps,
+                         " ".join(lu) or None))
+    return rows
+
+
+def _status_table(d: dict[str, Any]) -> str:
+    return table(("device", "online", "adapter", "fleet v", "local v", "epsilon", "last update"),
+                 _status_rows(d["devices"]))
 
 
 def _status(args: argparse.Namespace) -> dict[str, Any]:
-    t = _connect(args)
+    t = connect_broker(args)
     try:
-        def show(device: str, st: Any, online: bool | None) -> None:
+        def show(device: str, st: DeviceStatus | None, online: bool | None) -> None:
             if args.watch:
                 line = {"device": device, "online": online} if st is None else json.loads(st.encode())
                 print(json.dumps(line, sort_keys=True), flush=True)
-        view = FleetView(t, on_change=show)
-        time.sleep(args.watch if args.watch else 1.0)
-        return {d: {"online": view.online.get(d), **json.loads(s.encode())} for d, s in view.status.items()}
+        view = fleet_view(t, args.timeout, on_change=show)
+        if args.watch:
+            view.wait_for(lambda v: False, args.watch)
+        devices = {d: {"online": view.online.get(d), **json.loads(s.encode())} for d, s in view.status.items()}
+        for d, on in view.online.items():
+            devices.setdefault(d, {"online": on, "device_id": d, "adapters": {}, "epsilon": {}})
+        return {"devices": devices}
     finally:
         t.close()
 
 
-def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace, Any], int]:
+def _broker_init(args: argparse.Namespace) -> dict[str, Any]:
+    from .broker_setup import device_ota_section, init_broker
+    devices: dict[str, tuple[str, ...]] = {}
+    for spec in args.device or ():
+        name, _, groups = spec.partition("=")
+        devices[name] = tuple(g for g in groups.split(",") if g)
+    if args.devices:
+        if args.devices < 1:
+            raise ValueError(f"--devices must be >= 1, got {args.devices}")
+        width = max(3, len(str(args.devices)))
+        for i in range(1, args.devices + 1):
+            devices.setdefault(f"{args.prefix}{i:0{width}d}", tuple(args.groups or ()))
+    layout = init_broker(args.dir, devices, host=args.host, port=args.port,
+                         server_names=args.server_name or (), max_packet=args.max_packet, days=args.days)
+    out = {"directory": str(layout.dir), "run": f"mosquitto -c {layout.conf}",
+           "fleet_args": layout.fleet_args(), "devices": {d: list(g) for d, g in layout.devices.items()}}
+    if not args.quiet:
+        out["ota_config"] = {d: device_ota_section(layout, d) for d in layout.devices}
+    return out
+
+
+def _broker_table(d: dict[str, Any]) -> str:
+    import yaml
+    lines = [f"broker configuration in {d['directory']}", f"run it:  {d['run']}",
+             "fleet tool arguments:  " + " ".join(d["fleet_args"]), "",
+             table(("device", "groups"), [(k, v) for k, v in d["devices"].items()])]
+    for dev, section in d.get("ota_config", {}).items():
+        lines += ["", f"# {dev}: /etc/lorad/lorad.yaml (copy ca.crt and clients/{dev}.* to /etc/lorad/mqtt/)",
+                  yaml.safe_dump(section, sort_keys=False).rstrip()]
+    return "\n".join(lines)
+
+
+def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]], fmt: Formatter) -> Callable[[argparse.Namespace, Any], int]:
     def handler(args: argparse.Namespace, ctx: Any = None) -> int:
-        try:
-            _emit(args, fn(args))
-            return EXIT_OK
-        except TransportError as e:
-            print(f"loractl fleet: cannot reach the broker: {e}", file=sys.stderr)
-            return EXIT_CONNECT
-        except (OtaError, AdapterError, PermissionError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-            print(f"loractl fleet: {e}", file=sys.stderr)
-            return EXIT_REFUSED
-        except ValueError as e:
-            print(f"loractl fleet: {e}", file=sys.stderr)
-            return EXIT_USAGE
+        code, msg = _run(fn, args, fmt)
+        if msg:
+            print(f"loractl fleet: {msg}", file=sys.stderr)
+        return code
     return handler
+
+
+def _run(fn: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
+         fmt: Formatter) -> tuple[int, str | None]:
+    try:
+        _emit(args, fn(args), fmt)
+        return EXIT_OK, None
+    except CliError as e:
+        return e.code, str(e)
+    except TransportError as e:
+        return EXIT_BROKER, f"broker: {e}"
+    except (OtaError, PermissionError, FileNotFoundError, FileExistsError, LookupError, RuntimeError) as e:
+        return EXIT_REFUSED, str(e)
+    except (ValueError, AdapterError) as e:
+        return EXIT_USAGE, str(e)
+    except OSError as e:
+        return EXIT_REFUSED, f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:
+        return 130, "interrupted"
 
 
 def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | None = None) -> None:
     """Add ``fleet`` and its subcommands to loractl's (or any) subparsers.
 
-    ``model_loader`` reads a device config's model section for ``publish --config``.
+    ``model_loader`` reads a device config's model section for ``publish --config`` (and
+    ``rollout create --config``).
     """
-    fleet = sub.add_parser("fleet", help="fleet OTA: root of trust, publish, keys, commands, status",
-                           description="Operate the fleet's signed adapter updates over MQTT.")
+    fleet = sub.add_parser("fleet", help="fleet OTA: root of trust, publish, keys, commands, status, rollouts",
+                           description="Operate the fleet's signed adapter updates over MQTT. Exit codes: " +
+                           "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    fleet.set_defaults(model_loader=model_loader)
     fs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
 
     def leaf(name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help: str, *,
-             repo: bool = True, broker: bool = False) -> argparse.ArgumentParser:
-        p = fs.add_parser(name, help=help, description=help)
+             repo: bool = True, broker: bool = False, fmt: Formatter = _kv,
+             parent: Any = fs, signs: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
         if repo:
             p.add_argument("repo", type=Path, metavar="REPO_DIR", help="fleet repository directory")
             p.add_argument("--key-dir", type=Path, action="append",
                            help="directory with private keys (offline media; repeatable)")
         if broker:
-            _broker_args(p)
-            if repo:
+            add_broker_args(p)
+            if repo and signs:
                 p.add_argument("--no-push", action="store_true", help="sign only; publish later")
+            p.set_defaults(no_push=False)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
-        p.set_defaults(handler=_wrap(fn))
+        p.set_defaults(handler=_wrap(fn, fmt))
         return p
 
     p = leaf("init", _init, "create the root of trust: keys and first metadata")
@@ -331,23 +383,11 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
     p.add_argument("--expiry", action="append", metavar="ROLE=SECONDS", help="expiry period per role")
 
     p = leaf("publish", _publish, "sign and publish an adapter version", broker=True)
-    p.add_argument("--name", required=True, help="adapter name on the devices")
-    p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
+    add_adapter_args(p)
     _audience_args(p)
-    p.add_argument("--config", type=Path, metavar="LORAD_YAML",
-                   help="the devices' lorad.yaml: its model section (path, targets, rank, weight_names) gives "
-                        "the base model, the PEFT name mapping and the fingerprint")
-    p.add_argument("--base-model", type=Path, help="base ONNX model: records fingerprint and health probes")
-    p.add_argument("--targets", nargs="+", help="LoRA target patterns of --base-model (default: all)")
-    p.add_argument("--rank", type=int, help="slot rank of --base-model's LoRA graph (default 8)")
-    p.set_defaults(model_loader=model_loader)
-    p.add_argument("--base-fingerprint", help="base model fingerprint when --base-model is not given")
-    p.add_argument("--probe-atol", type=float, default=ProbeSet.atol, help="health-check absolute tolerance")
-    p.add_argument("--probe-rtol", type=float, default=ProbeSet.rtol, help="health-check relative tolerance")
     p.add_argument("--delta-from", type=int, help="send a delta against this published version")
-    p.add_argument("--fp16", action="store_true", help="send tensors as fp16")
-    p.add_argument("--compress", choices=("none", "zlib", "zstd"), default="zstd")
-    p.add_argument("--chunk-size", type=int, default=8 * 1024, help="bytes per MQTT message")
+    p.add_argument("--delta-only", action="store_true",
+                   help="with --delta-from: do not also sign the full payload for devices lacking the base")
 
     p = leaf("rollback", _rollback, "roll an audience back: a higher version with an older adapter", broker=True)
     p.add_argument("--name", required=True)
@@ -358,23 +398,44 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
                            ("revoke", _revoke, "remove a key (the role keeps its threshold)")):
         p = leaf(name, fn, what, broker=True)
         p.add_argument("role", choices=(*_ROLES, "command") if name == "rotate" else _ROLES)
-        p.add_argument("keyid")
+        p.add_argument("keyid", help="key id or any unique prefix of it (key file names show 8 characters)")
 
     p = leaf("expiry", _expiry, "set a role's expiry period and re-sign it", broker=True)
     p.add_argument("role", choices=_ROLES)
     p.add_argument("seconds", type=int)
 
-    leaf("keys", _keys, "show roles, key ids, thresholds and expiry")
-    leaf("push", _push_cmd, "re-sign the timestamp and publish what devices need", broker=True)
+    leaf("keys", _keys, "show roles, key ids, thresholds and expiry", fmt=_keys_table)
+    leaf("push", _push_cmd, "re-sign the timestamp and publish what devices need", broker=True, signs=False)
 
-    p = leaf("command", _command, "send a signed command to a device", broker=True)
+    p = leaf("command", _command, "send a signed command to a device", broker=True, signs=False)
     p.add_argument("device_id")
-    p.add_argument("action", choices=("load", "pin", "unpin", "evict", "train-now", "rollback"))
+    p.add_argument("action", choices=("load", "pin", "unpin", "evict", "train-now", "rollback", "remove"))
     p.add_argument("--adapter")
     p.add_argument("--version", type=int, help="for rollback: the device's local version to serve")
+    p.add_argument("--wait", action="store_true", help="wait for the device's answer (exit 1 if it refuses)")
 
-    p = leaf("status", _status, "show (or --watch) every device's retained status", repo=False, broker=True)
+    p = leaf("status", _status, "show (or --watch) every device's retained status", repo=False, broker=True,
+             fmt=_status_table)
     p.add_argument("--watch", type=float, metavar="SECONDS", help="print changes live for this long")
+
+    broker = fs.add_parser("broker", help="set up the fleet's Mosquitto", description="set up the fleet's Mosquitto")
+    bs = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
+    p = leaf("init", _broker_init, "write CA, certificates, passwords, ACLs and mosquitto.conf for a fleet",
+             repo=False, fmt=_broker_table, parent=bs)
+    p.add_argument("dir", type=Path, metavar="DIR", help="directory to create (mosquitto -c DIR/mosquitto.conf)")
+    p.add_argument("--devices", type=int, help="this many devices, named PREFIX001...")
+    p.add_argument("--prefix", default="dev", help="name prefix for --devices (default dev)")
+    p.add_argument("--groups", type=lambda s: [g for g in s.split(",") if g], help="groups of the --devices ones")
+    p.add_argument("--device", action="append", metavar="NAME[=G1,G2]", help="a device and its groups (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address the broker listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--server-name", action="append", help="DNS name or IP in the server certificate (repeatable)")
+    p.add_argument("--max-packet", type=int, default=1 << 20, help="broker's max_packet_size, bytes")
+    p.add_argument("--days", type=int, default=365, help="certificate validity")
+    p.add_argument("--quiet", action="store_true", help="omit the per-device ota: sections")
+
+    from .rollout_cli import register_rollout
+    register_rollout(fs, leaf, add_broker_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,8 @@ _FINAL_REASONS = frozenset({"base_model_mismatch", "payload_invalid", "adapter_d
 class UpdateResult:
     """Outcome of one adapter (or of the metadata refresh when ``adapter`` is None).
 
-    ``result``: installed | up_to_date | skipped | rejected | failed (channel) | recovered.
+    ``result``: installed | up_to_date | skipped | deferred (verified, waits for the
+    install window or policy) | rejected | failed (channel) | recovered.
     """
 
     result: str
@@ -134,8 +135,14 @@ class OtaClient:
                  clock: Callable[[], float] = time.time,
                  epsilon: Callable[[], Mapping[str, float]] | None = None,
                  on_result: Callable[[UpdateResult], None] | None = None,
-                 on_command: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+                 on_command: Callable[[Mapping[str, Any]], None] | None = None,
+                 install_gate: Callable[[], str | None] | None = None) -> None:
+        """``install_gate``: why an install must wait now (e.g. "on battery"), or None;
+        the daemon builds it from the trainer's policy probes."""
         self.config = config
+        self._gate = install_gate
+        #: when a deferred install is retried (clock seconds), None if nothing waits
+        self.retry_at: float | None = None
         self._t = transport
         self._sink = sink
         self._clock = clock
@@ -223,6 +230,7 @@ class OtaClient:
     def update(self) -> list[UpdateResult]:
         """Refresh metadata and bring every adapter addressed to this device up to date."""
         with self._lock:
+            self.retry_at = None
             # an install whose undo failed last cycle (the service erred) is undone first
             undone = self._undo_pending()
             results = ([undone] if undone is not None else []) + self._update()
@@ -266,7 +274,7 @@ class OtaClient:
         """Highest signed version per adapter addressed to us, how many were not, and the
         targets whose signed description is malformed (by path)."""
         listed: Targets = Metadata[Targets].from_bytes((self._meta_dir / "targets.json").read_bytes()).signed
-        best: dict[str, tuple[str, TargetSpec]] = {}
+        best: dict[str, list[tuple[str, TargetSpec]]] = {}
         others = 0
         invalid: dict[str, UpdateRejectedError] = {}
         for path in listed.targets:
@@ -282,9 +290,24 @@ class OtaClient:
             if not spec.audience.includes(self.config.device_id, self.config.groups):
                 others += 1
                 continue
-            if spec.adapter not in best or spec.version > best[spec.adapter][1].version:
-                best[spec.adapter] = (path, spec)
-        return {p: s for p, s in best.values()}, others, invalid
+            cur = best.get(spec.adapter)
+            if cur is None or spec.version > cur[0][1].version:
+                best[spec.adapter] = [(path, spec)]
+            elif spec.version == cur[0][1].version:
+                cur.append((path, spec))
+        return dict(self._pick(c) for c in best.values()), others, invalid
+
+    def _pick(self, candidates: list[tuple[str, TargetSpec]]) -> tuple[str, TargetSpec]:
+        """Of the payloads signed for one version, the delta if its base is here, else the full one."""
+        name = candidates[0][1].adapter
+        inst = self.state.installed(name)
+        for path, spec in candidates:
+            if spec.encoding == "delta" and inst is not None and inst.fleet_version == spec.delta_from:
+                base = self.state.canonical(name, spec.delta_from)
+                if base is not None and hashlib.sha256(base).hexdigest() == inst.adapter_sha256:
+                    return path, spec
+        full = [c for c in candidates if c[1].encoding == "full"]
+        return min(full or candidates)
 
     def _apply(self, path: str, spec: TargetSpec) -> UpdateResult:
         name = spec.adapter
@@ -311,6 +334,7 @@ class OtaClient:
                 raise UpdateRejectedError("too_large", f"{name} v{spec.version} decompresses to "
                                           f"{spec.raw_length} bytes, at most {self.config.raw_limit} "
                                           f"allowed (max_raw_bytes)")
+            self.config.privacy.check(name, spec.version, spec.privacy)
             delta_base = None
             if spec.encoding == "delta":
                 if inst is None or inst.fleet_version != spec.delta_from:
@@ -337,7 +361,30 @@ class OtaClient:
             return self._result("rejected", spec, e)
         except TransportError as e:
             return self._result("failed", spec, e)  # the stage keeps what arrived
+        deferred = self._deferral()
+        if deferred is not None:
+            until, why = deferred
+            # the verified chunks stay staged: the install later fetches nothing again
+            self.retry_at = until if self.retry_at is None else min(self.retry_at, until)
+            when = datetime.datetime.fromtimestamp(until).astimezone().isoformat(timespec="minutes")
+            return self._result("deferred", spec, message=f"{name} v{spec.version} downloaded and "
+                                f"verified; deferred until {when} ({why})")
         return self._install(spec, adapter, canonical, probes, stage)
+
+    def _deferral(self) -> tuple[float, str] | None:
+        """(when to try again, why) if an install must wait now, else None."""
+        now = self._clock()
+        w = self.config.install_window
+        if w is not None:
+            local = datetime.datetime.fromtimestamp(now).astimezone()
+            opens = w.next_open(local)
+            if opens > local:
+                return opens.timestamp(), "outside ota.install_window"
+        if self._gate is not None:
+            why = self._gate()
+            if why:
+                return now + 60.0, why
+        return None
 
     def _install(self, spec: TargetSpec, adapter: Any, canonical: bytes, probes: ProbeSet | None,
                  stage: ChunkStage) -> UpdateResult:
@@ -367,7 +414,9 @@ class OtaClient:
             stage.discard()
             return self._result("rejected", spec, UpdateRejectedError(
                 "health_check_failed", f"{name} v{spec.version}: {problem}; {back}"))
-        self.state.commit(name, Installed(spec.version, info.version, spec.adapter_sha256), canonical)
+        self.state.commit(name, Installed(spec.version, info.version, spec.adapter_sha256,
+                                          None if spec.privacy is None else spec.privacy.epsilon, previous),
+                          canonical)
         stage.discard()
         return self._result("installed", spec, message=f"{name} v{spec.version} serving as local "
                             f"version {info.version}")
@@ -435,12 +484,14 @@ class OtaClient:
     def device_status(self) -> DeviceStatus:
         return DeviceStatus(
             device_id=self.config.device_id, groups=self.config.groups,
-            adapters={n: {"version": i.local_version, "fleet_version": i.fleet_version}
+            adapters={n: {"version": i.local_version, "fleet_version": i.fleet_version,
+                          **({} if i.epsilon is None else {"privacy_epsilon": i.epsilon}),
+                          **({} if i.previous_local is None else {"previous_local": i.previous_local})}
                       for n, i in self.state.all_installed().items()},
             last_update=self.state.last_result,
             epsilon=dict(self._epsilon()) if self._epsilon is not None else {},
             last_command=self.commands.last_result if self.commands is not None else None,
-            at=self._clock())
+            at=self._clock(), refused=self.state.all_refused())
 
     def publish_status(self) -> None:
         try:
@@ -474,7 +525,9 @@ class OtaClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._wake.wait(0.5):
-                continue
+                if self.retry_at is None or self._clock() < self.retry_at:
+                    continue
+                self._offered = True  # a deferred install's window opened
             self._wake.clear()
             while self.commands is not None and not self._inbox.empty():
                 try:

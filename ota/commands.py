@@ -1,4 +1,4 @@
-"""Fleet → device commands (load, pin, unpin, evict, train-now, rollback), signed and fresh.
+"""Fleet → device commands (load, pin, unpin, evict, train-now, rollback, remove), signed and fresh.
 
 A command is canonical JSON signed with an Ed25519 fleet command key (``cryptography``);
 the keys a device trusts are named by its trusted TUF root (:data:`ota.repository.
@@ -30,7 +30,7 @@ __all__ = ["ACTIONS", "Command", "command_topic", "sign_command", "verify_comman
            "CommandSink", "CommandExecutor"]
 
 _log = logging.getLogger(__name__)
-ACTIONS = ("load", "pin", "unpin", "evict", "train_now", "rollback")
+ACTIONS = ("load", "pin", "unpin", "evict", "train_now", "rollback", "remove")
 _MAX_COMMAND_BYTES = 8 * 1024
 
 
@@ -118,6 +118,7 @@ class CommandSink(Protocol):
     def pin(self, name: str) -> object: ...
     def unpin(self, name: str) -> object: ...
     def evict(self, name: str) -> object: ...
+    def delete(self, name: str) -> None: ...
     def rollback(self, name: str, version: int) -> object: ...
 
 
@@ -181,6 +182,8 @@ class CommandExecutor:
             self._sink.unpin(name)
         elif cmd.action == "evict":
             self._sink.evict(name)
+        elif cmd.action == "remove":  # a rollout's undo where no version was served before
+            self._sink.delete(name)
         elif cmd.action == "rollback":
             assert cmd.version is not None  # checked by Command
             self._sink.rollback(name, cmd.version)

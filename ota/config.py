@@ -25,6 +25,12 @@ run time: the root's bytes, the base model's fingerprint, the password). An exam
       limits: {max_adapter_bytes: 64MiB, max_packet_bytes: 1MiB, fetch_timeout_s: 10}
       clock_slack_s: 60
       status_interval_s: 60
+      install_window: ["Mon-Fri 01:00-05:00", "Sat,Sun 00:00-24:00"]   # device local time
+      policy:
+        max_epsilon: 8.0               # refuse adapters whose signed DP record says more
+        require_privacy_record: false  # refuse adapters without one
+        install_when_idle: true        # defer installs while the load per CPU is above 0.5
+        install_on_external_power: true
 """
 
 from __future__ import annotations
@@ -33,12 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 
-from adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, FieldProblem, NameList, NonEmptyStr
+from adapters.config_types import (Allowed, ByteSize, ConfigModel, ConfigPath, FieldProblem, NameList, NonEmptyStr,
+                                   got)
 from adapters.names import NAME_ALLOWED, NAME_RULE, is_name
 
-__all__ = ["OtaBrokerConfig", "OtaLimits", "OtaConfig", "ClientConfig", "MqttConfig"]
+from .privacy import PrivacyPolicy
+from .window import InstallWindow, TimeRange
+
+__all__ = ["OtaBrokerConfig", "OtaLimits", "OtaPolicy", "OtaConfig", "ClientConfig", "MqttConfig"]
 
 #: MQTT's largest packet: the remaining length is at most 268,435,455 bytes.
 _MQTT_MAX_PACKET = 268_435_455
@@ -87,6 +97,50 @@ class OtaLimits(ConfigModel):
         return self
 
 
+_RANGE_ALLOWED = ('"[DAYS ]HH:MM-HH:MM" in device local time, e.g. "Mon-Fri 01:00-05:00" or "22:00-06:00" '
+                  '(DAYS like Mon-Fri or Sat,Sun; a range may wrap midnight)')
+_WINDOW_ALLOWED = f'expected a list of ranges {_RANGE_ALLOWED}; [] for any time'
+
+
+def _install_window(value: object) -> tuple[str, ...]:
+    """Each range must parse as :class:`ota.window.TimeRange` (checked here, not at start)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
+    for item in value:
+        try:
+            TimeRange.parse(item)
+        except ValueError as e:  # "install window 'x': why"; say why only if it adds to the form
+            why = str(e).split(": ", 1)[-1]
+            why = "" if why.startswith("expected") else f" ({why})"
+            raise ValueError(f"got {got(item)}{why}; expected a range {_RANGE_ALLOWED}") from None
+    return tuple(value)
+
+
+#: ``ota.install_window``: validated range strings (:meth:`InstallWindow.parse` reads them).
+WindowSpecs = Annotated[
+    tuple[str, ...], BeforeValidator(_install_window),
+    WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}}),
+]
+
+
+class OtaPolicy(ConfigModel):
+    """What the device accepts (privacy records) and when it installs (idle, on mains power)."""
+
+    config_key = "ota.policy"
+
+    max_epsilon: float | None = Field(
+        None, ge=0, le=1e6, description="Largest ε (of the adapter's signed privacy record) the device installs; "
+                                        "adapters over it are refused. null: any ε.")
+    require_privacy_record: bool = Field(False, description="Refuse adapters whose signed metadata carries no "
+                                                            "privacy record.")
+    install_when_idle: bool = Field(False, description="Defer installs while the device is busy (1-minute load "
+                                                       "per CPU above idle_max_load_per_cpu); the update waits, "
+                                                       "verified.")
+    idle_max_load_per_cpu: float = Field(0.5, ge=0, le=1000, description="With install_when_idle: load average "
+                                                                         "per CPU above which the device is busy.")
+    install_on_external_power: bool = Field(False, description="Defer installs while the device runs on battery.")
+
+
 class OtaConfig(ConfigModel):
     """The whole ``ota:`` section: how a device reaches the fleet."""
 
@@ -108,6 +162,12 @@ class OtaConfig(ConfigModel):
                                                                        "(adapters, versions, ε; also after reconnects).")
     command_max_age_s: float = Field(300.0, ge=1, le=86400, description="Oldest fleet command still obeyed, "
                                                                         "seconds since it was signed.")
+    install_window: WindowSpecs = Field(
+        (), description='When installs may happen, device local time: a list of "[DAYS ]HH:MM-HH:MM" ranges '
+                        '(e.g. "Mon-Fri 01:00-05:00"; may wrap midnight). Outside it updates are downloaded and '
+                        'verified, then installed when it opens. []: any time.')
+    policy: OtaPolicy = Field(default_factory=lambda: OtaPolicy(), description="Which adapters the device accepts "
+                                                                               "and when it installs them.")
 
     @model_validator(mode="after")
     def _complete_when_enabled(self) -> OtaConfig:
@@ -142,7 +202,10 @@ class OtaConfig(ConfigModel):
             device_id=self.device_id, groups=self.groups, state_dir=state_dir, trusted_root=trusted_root,
             base_fingerprint=base_fingerprint, clock_slack_s=self.clock_slack_s,
             fetch_timeout_s=self.limits.fetch_timeout_s, max_payload_bytes=self.limits.max_adapter_bytes,
-            max_raw_bytes=self.limits.max_raw_bytes)
+            max_raw_bytes=self.limits.max_raw_bytes,
+            privacy=PrivacyPolicy(max_epsilon=self.policy.max_epsilon,
+                                  require_record=self.policy.require_privacy_record),
+            install_window=InstallWindow.parse(self.install_window) if self.install_window else None)
 
     def mqtt_config(self, *, password: str | None, will: tuple[str, bytes] | None) -> MqttConfig:
         """The transport's settings: the broker section plus the password (read at start) and the Last Will."""
@@ -175,6 +238,10 @@ class ClientConfig:
     fetch_timeout_s: float = 10.0
     max_payload_bytes: int = 64 << 20
     max_raw_bytes: int | None = None
+    #: which privacy records the device accepts (``ota.policy``)
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    #: when installs may happen (None: any time); outside it updates wait, verified
+    install_window: InstallWindow | None = None
 
     def __post_init__(self) -> None:
         if not self.device_id:

@@ -39,6 +39,8 @@ REASONS: dict[str, str] = {
     "base_model_mismatch": "the adapter was made for another base model",
     "delta_base_missing": "a delta names a base version that is not installed here",
     "older_version": "the offered adapter version is not newer than the installed one",
+    "privacy_budget": "the adapter's signed privacy record exceeds the device's max_epsilon",
+    "privacy_record_missing": "the adapter carries no privacy record and the device requires one",
     "not_addressed": "no signed target is addressed to this device or its groups",
     # install
     "install_failed": "the adapter service refused the adapter",

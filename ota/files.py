@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from .errors import TransportError, UpdateRejectedError
-from .transport import TOPIC_ROOT, Transport
+from .transport import TOPIC_ROOT, Transport, barrier
 
 __all__ = [
     "INDEX_TOPIC",
@@ -156,6 +156,20 @@ class RepoReader:
                 if left <= 0:
                     raise TransportError(f"no repository index on the broker within {self._timeout} s")
                 self._cv.wait(left)
+            return self._index
+
+    def index_if_any(self) -> RepoIndex | None:
+        """The index on the broker, or None when the broker holds none (the fleet tool's
+        first push). Waits for the broker's answer (:func:`ota.transport.barrier`)."""
+        with self._cv:
+            subscribe, self._subscribed = not self._subscribed, True
+        if subscribe:
+            self._t.subscribe([INDEX_TOPIC], self._on_index)
+        barrier(self._t, self._timeout)
+        with self._cv:
+            if self._index_error is not None:
+                err, self._index_error = self._index_error, None
+                raise err
             return self._index
 
     def close(self) -> None:

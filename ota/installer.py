@@ -107,6 +107,15 @@ class Installed:
     fleet_version: int
     local_version: int
     adapter_sha256: str
+    #: ε of the signed privacy record the version came with (None: no record)
+    epsilon: float | None = None
+    #: local version served right before this install (a rollout's undo; None: nothing)
+    previous_local: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Installed:
+        return cls(d["fleet_version"], d["local_version"], d["adapter_sha256"], d.get("epsilon"),
+                   d.get("previous_local"))
 
 
 class OtaState:
@@ -142,11 +151,13 @@ class OtaState:
 
     def installed(self, name: str) -> Installed | None:
         d = self._data["adapters"].get(name)
-        return None if d is None else Installed(d["fleet_version"], d["local_version"], d["adapter_sha256"])
+        return None if d is None else Installed.from_dict(d)
 
     def all_installed(self) -> dict[str, Installed]:
-        return {n: Installed(d["fleet_version"], d["local_version"], d["adapter_sha256"])
-                for n, d in self._data["adapters"].items()}
+        return {n: Installed.from_dict(d) for n, d in self._data["adapters"].items()}
+
+    def all_refused(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._data["refused"].items()}
 
     def refused(self, name: str) -> int:
         """Highest fleet version of ``name`` refused for good (0 if none)."""
@@ -188,7 +199,9 @@ class OtaState:
         old = self.installed(name)
         self._data["adapters"][name] = {"fleet_version": installed.fleet_version,
                                         "local_version": installed.local_version,
-                                        "adapter_sha256": installed.adapter_sha256}
+                                        "adapter_sha256": installed.adapter_sha256,
+                                        "epsilon": installed.epsilon,
+                                        "previous_local": installed.previous_local}
         self._data["pending"] = None
         self._save()
         if old is not None and old.fleet_version != installed.fleet_version:

@@ -14,6 +14,7 @@ older adapter, so a device never has to accept a lower version.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -36,6 +37,7 @@ from .commands import Command, command_topic, key_id, sign_command
 from .errors import UpdateRejectedError
 from .files import FileEntry, RepoIndex, chunk_topic, publish_files
 from .keys import ed25519_private_key, find_signers, generate_key, save_key
+from .privacy import PrivacyRecord
 from .target import Audience, ProbeSet, TargetSpec, decode_adapter, encode_target
 from .transport import TOPIC_ROOT, Transport
 
@@ -179,6 +181,30 @@ class FleetRepository:
     def command_keys(self) -> dict[str, Key]:
         return self._command_keys(self.load("root").signed)
 
+    def resolve_keyid(self, role: str, prefix: str) -> str:
+        """The full id of ``role``'s key starting with ``prefix`` (as key file names show it)."""
+        root: Root = self.load("root").signed
+        if role == "command":
+            ids = sorted(self._command_keys(root))
+        elif role in TOP_LEVEL_ROLE_NAMES:
+            ids = sorted(root.roles[role].keyids)
+        else:
+            raise ValueError(f"role must be one of {sorted(TOP_LEVEL_ROLE_NAMES)} or 'command'")
+        p = prefix.strip().lower()
+        hits = [k for k in ids if p and k.startswith(p)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise LookupError(f"no key of role {role} starts with {prefix!r}; its keys: "
+                              f"{', '.join(k[:8] for k in ids)}")
+        raise LookupError(f"key id prefix {prefix!r} is ambiguous for role {role}: "
+                          f"{', '.join(hits)}; give more characters")
+
+    @property
+    def published(self) -> dict[str, int]:
+        """Adapter name -> latest version signed here."""
+        return {str(k): int(v) for k, v in self._state["published"].items()}
+
     # --- signing --------------------------------------------------------------------
 
     def _expiry(self, role: str) -> datetime.datetime:
@@ -243,19 +269,33 @@ class FleetRepository:
     def publish_adapter(self, name: str, adapter: LoraAdapter, *, audience: Audience,
                         probes: ProbeSet | None = None, delta_from: int | None = None,
                         dtype: str = "fp32", compression: str = "none",
-                        chunk_size: int = 8 * 1024) -> TargetSpec:
-        """Sign a new version of ``name`` for ``audience``; returns its spec."""
+                        chunk_size: int = 8 * 1024, privacy: PrivacyRecord | None = None,
+                        full_fallback: bool = True, label: str | None = None) -> TargetSpec:
+        """Sign a new version of ``name`` for ``audience``; returns its spec.
+
+        A delta (``delta_from``) is signed together with the full payload of the same
+        version (unless ``full_fallback`` is False), so a device lacking the delta's base
+        takes the full one. ``label`` replaces the audience's label in the target path
+        (a rollout keeps one target whose audience grows stage by stage).
+        """
         version = self.latest_version(name) + 1
         base = None
         if delta_from is not None:
             base = decode_adapter(self._canonical(name, delta_from))
         enc = encode_target(adapter, name=name, version=version, audience=audience, probes=probes,
                             delta_base=base, delta_from=delta_from, dtype=dtype,
-                            compression=compression, chunk_size=chunk_size)
-        self._add_target(enc.spec, enc.payload)
-        atomic_write_bytes(self._canonical_path(name, version), enc.canonical)
+                            compression=compression, chunk_size=chunk_size, privacy=privacy)
+        full = None
+        if base is not None and full_fallback:
+            full = encode_target(adapter, name=name, version=version, audience=audience, probes=probes,
+                                 dtype=dtype, compression=compression, chunk_size=chunk_size, privacy=privacy)
+        # The counter is on disk before anything is signed: a crash after signing can
+        # skip a version number, never sign two different adapters under one.
         self._state["published"][name] = version
         self._save_state()
+        atomic_write_bytes(self._canonical_path(name, version), enc.canonical)
+        self._add_target(enc.spec, enc.payload, label=label,
+                         also=None if full is None else (full.spec, full.payload))
         return enc.spec
 
     def rollback(self, name: str, *, to_version: int, audience: Audience,
@@ -276,18 +316,43 @@ class FleetRepository:
             raise ValueError(f"version {version} of {name!r} was never published here")
         return p.read_bytes()
 
-    def _add_target(self, spec: TargetSpec, payload: bytes) -> None:
-        path = f"adapters/{spec.adapter}/{spec.audience.label}/{spec.version}.lorad"
+    def _add_target(self, spec: TargetSpec, payload: bytes, *, label: str | None = None,
+                    also: tuple[TargetSpec, bytes] | None = None) -> None:
+        prefix = f"adapters/{spec.adapter}/{label or spec.audience.label}/"
         md = self._bump("targets")
         t: Targets = md.signed
-        for old in [p for p in t.targets if p.startswith(f"adapters/{spec.adapter}/{spec.audience.label}/")]:
+        for old in [p for p in t.targets if p.startswith(prefix)]:
             del t.targets[old]
-        t.targets[path] = TargetFile(length=len(payload), hashes={"sha256": spec.sha256},
-                                     path=path, unrecognized_fields={"custom": spec.to_custom()})
-        dirname, _, base = path.rpartition("/")
-        dest = self.dir / "targets" / dirname / f"{spec.sha256}.{base}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, payload)
+        entries = [(f"{prefix}{spec.version}.lorad", spec, payload)]
+        if also is not None:
+            entries.append((f"{prefix}{spec.version}.full.lorad", *also))
+        for path, sp, data in entries:
+            t.targets[path] = TargetFile(length=len(data), hashes={"sha256": sp.sha256},
+                                         path=path, unrecognized_fields={"custom": sp.to_custom()})
+            dirname, _, base = path.rpartition("/")
+            dest = self.dir / "targets" / dirname / f"{sp.sha256}.{base}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest, data)
+        self._write_signed(md, "targets")
+        self._snapshot_and_timestamp()
+
+    def retarget(self, prefix_label: str, adapter: str, audience: Audience | None) -> None:
+        """Give the targets under ``adapters/<adapter>/<prefix_label>/`` a new audience
+        (None: withdraw them); re-signs targets, snapshot and timestamp."""
+        prefix = f"adapters/{adapter}/{prefix_label}/"
+        md = self._bump("targets")
+        t: Targets = md.signed
+        paths = [p for p in t.targets if p.startswith(prefix)]
+        if not paths:
+            raise LookupError(f"no signed target under {prefix}")
+        for p in paths:
+            if audience is None:
+                del t.targets[p]
+                continue
+            tf = t.targets[p]
+            spec = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes["sha256"])
+            spec = dataclasses.replace(spec, audience=audience)
+            tf.unrecognized_fields["custom"] = spec.to_custom()
         self._write_signed(md, "targets")
         self._snapshot_and_timestamp()
 

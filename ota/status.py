@@ -37,8 +37,9 @@ def will_for(device_id: str) -> tuple[str, bytes]:
 @dataclass(frozen=True)
 class DeviceStatus:
     device_id: str
-    #: adapter name -> {"version": local registry version, "fleet_version": OTA version}
-    adapters: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: adapter name -> {"version": local registry version, "fleet_version": OTA version,
+    #: "privacy_epsilon": ε of its signed privacy record, "previous_local": served before OTA}
+    adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: {"adapter", "version", "result", "reason", "message", "at"} of the last update
     last_update: Mapping[str, Any] | None = None
     #: adapter name -> ε spent (from the trainer's privacy ledger)
@@ -47,13 +48,16 @@ class DeviceStatus:
     #: {"result", "action", "adapter", "seq", "reason", "message", "at"} of the last command
     last_command: Mapping[str, Any] | None = None
     at: float = 0.0
+    #: adapter name -> highest fleet version refused for good (health check, install)
+    refused: Mapping[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps({"device_id": self.device_id, "groups": list(self.groups),
                            "adapters": {k: dict(v) for k, v in self.adapters.items()},
                            "last_update": None if self.last_update is None else dict(self.last_update),
                            "last_command": None if self.last_command is None else dict(self.last_command),
-                           "epsilon": dict(self.epsilon), "at": self.at}, sort_keys=True).encode()
+                           "epsilon": dict(self.epsilon), "at": self.at, "refused": dict(self.refused)},
+                          sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> DeviceStatus:
@@ -63,7 +67,7 @@ class DeviceStatus:
         return cls(device_id=str(d["device_id"]), adapters=d.get("adapters", {}),
                    last_update=d.get("last_update"), epsilon=d.get("epsilon", {}),
                    groups=tuple(d.get("groups", ())), last_command=d.get("last_command"),
-                   at=float(d.get("at", 0.0)))
+                   at=float(d.get("at", 0.0)), refused=d.get("refused", {}))
 
 
 class StatusReporter:
@@ -93,6 +97,8 @@ class FleetView:
         self._lock = threading.Condition()
         self.status: dict[str, DeviceStatus] = {}
         self.online: dict[str, bool] = {}
+        #: messages seen so far (wait for it to change to wait for news)
+        self.changes = 0
         self._on_change = on_change
         transport.subscribe([status_topic("+"), online_topic("+")], self._on_message)
 
@@ -110,9 +116,15 @@ class FleetView:
                     return  # a device sent garbage about itself: nothing to show
                 self.status[device] = st
                 changed = (st, None)
+            self.changes += 1
             self._lock.notify_all()
         if self._on_change is not None:
             self._on_change(device, *changed)
+
+    def snapshot(self) -> dict[str, DeviceStatus]:
+        """Every device's last status, as of now."""
+        with self._lock:
+            return dict(self.status)
 
     def wait_for(self, predicate: Callable[[FleetView], bool], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

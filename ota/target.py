@@ -32,6 +32,7 @@ from adapters.lora import LoraAdapter, LoraWeights
 from adapters.names import NAME_RULE, is_name
 
 from .errors import UpdateRejectedError
+from .privacy import PrivacyRecord
 
 __all__ = [
     "Audience",
@@ -146,6 +147,8 @@ class TargetSpec:
     dtype: str = "fp32"
     compression: str = "none"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: the DP record the adapter was published with (signed with the rest)
+    privacy: PrivacyRecord | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -185,6 +188,7 @@ class TargetSpec:
             "raw_length": self.raw_length, "adapter_sha256": self.adapter_sha256,
             "encoding": self.encoding, "delta_from": self.delta_from, "dtype": self.dtype,
             "compression": self.compression, "extra": dict(self.extra),
+            "privacy": None if self.privacy is None else self.privacy.to_signed(),
         }}
 
     @classmethod
@@ -201,7 +205,8 @@ class TargetSpec:
                 encoding=str(d["encoding"]),
                 delta_from=None if d.get("delta_from") is None else _int(d["delta_from"]),
                 dtype=str(d["dtype"]), compression=str(d["compression"]),
-                extra=dict(d.get("extra", {})))
+                extra=dict(d.get("extra", {})),
+                privacy=None if d.get("privacy") is None else PrivacyRecord.from_dict(d["privacy"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _reject("target_invalid", f"signed target description is malformed: {e!r}") from e
 
@@ -405,7 +410,8 @@ def encode_target(adapter: LoraAdapter, *, name: str, version: int, audience: Au
                   probes: ProbeSet | None = None, delta_base: LoraAdapter | None = None,
                   delta_from: int | None = None, dtype: str = "fp32",
                   compression: str = "none", chunk_size: int = 32 * 1024,
-                  extra: Mapping[str, Any] | None = None) -> EncodedTarget:
+                  extra: Mapping[str, Any] | None = None,
+                  privacy: PrivacyRecord | None = None) -> EncodedTarget:
     """Fleet side: build the payload and the spec a target records for ``adapter``.
 
     With ``delta_base`` the payload holds per-tensor differences against that adapter,
@@ -445,7 +451,8 @@ def encode_target(adapter: LoraAdapter, *, name: str, version: int, audience: Au
         audience=audience, length=len(payload), sha256=_sha256(payload), chunk_size=chunk_size,
         chunks=tuple(chunk_digests(payload, chunk_size)), raw_length=len(raw),
         adapter_sha256=_sha256(canonical), encoding="delta" if delta_base is not None else "full",
-        delta_from=delta_from, dtype=dtype, compression=compression, extra=dict(extra or {}))
+        delta_from=delta_from, dtype=dtype, compression=compression, extra=dict(extra or {}),
+        privacy=privacy)
     return EncodedTarget(payload=payload, spec=spec, canonical=canonical)
 
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from typing import Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -27,7 +28,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from .config import MqttConfig
 from .errors import TransportError
 
-__all__ = ["TOPIC_ROOT", "Handler", "Transport", "MqttConfig", "MqttTransport", "topic_matches"]
+__all__ = ["TOPIC_ROOT", "Handler", "Transport", "MqttConfig", "MqttTransport", "topic_matches", "barrier"]
 
 #: Every topic lorad uses lives under this prefix (versioned so the layout can change).
 TOPIC_ROOT = "lorad/v1"
@@ -47,6 +48,26 @@ _TOPIC_RESERVE = 512
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT wildcard matching (``+`` one level, ``#`` the rest)."""
     return bool(mqtt.topic_matches_sub(topic_filter, topic))
+
+
+def barrier(transport: Transport, timeout_s: float) -> None:
+    """Return once the broker has delivered everything queued for us before this call.
+
+    A broker sends the retained messages of a subscription right after its SUBACK, ahead
+    of anything published later; so a message we publish to a topic of our own and get
+    back marks the end of them (an answer, not a guess from a quiet interval). Raises
+    TransportError if the marker does not come back within ``timeout_s``.
+    """
+    topic = f"{TOPIC_ROOT}/fleet/sync/{uuid.uuid4().hex}"
+    seen = threading.Event()
+    transport.subscribe([topic], lambda t, p: seen.set())
+    try:
+        transport.publish(topic, b"sync")
+        if not seen.wait(timeout_s):
+            raise TransportError(f"the broker did not answer within {timeout_s} s "
+                                 f"(slow or overloaded; try a larger --timeout)")
+    finally:
+        transport.unsubscribe([topic])
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:

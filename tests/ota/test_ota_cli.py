@@ -19,11 +19,8 @@ from ota.repository import FleetRepository
 from ota.target import ProbeSet, reconstruct
 
 
-def _broker(mqtt: Broker, user: str = "fleet") -> list[str]:
-    pw = mqtt.dir / f"{user}.password"
-    pw.write_text(mqtt.passwords[user])
-    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.dir / f"{user}.crt"),
-            "--key", str(mqtt.dir / f"{user}.key"), "--username", user, "--password-file", str(pw)]
+def _broker(mqtt: Broker) -> list[str]:
+    return mqtt.fleet_args()
 
 
 def test_fleet_cli_init_publish_rotate_and_status(mqtt: Broker, tmp_path: Path,
@@ -59,7 +56,7 @@ def test_fleet_cli_init_publish_rotate_and_status(mqtt: Broker, tmp_path: Path,
     device.publish_status()
     assert main(["--json", "fleet", "status", *_broker(mqtt)]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["dev1"]["adapters"]["invert"]["fleet_version"] == 1
+    assert status["devices"]["dev1"]["adapters"]["invert"]["fleet_version"] == 1
 
     # a wrong broker password is a connection failure (exit 3), not a crash
     bad = _broker(mqtt)

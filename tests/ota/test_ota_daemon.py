@@ -34,15 +34,15 @@ def _wait(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
 def _ota_section(mqtt: Broker, root: Path) -> dict[str, Any]:
     return {"enabled": True, "device_id": "dev1", "groups": ["east"], "trusted_root": str(root),
             "broker": {"host": "127.0.0.1", "port": mqtt.port, "ca_file": str(mqtt.ca),
-                       "cert_file": str(mqtt.dir / "dev1.crt"), "key_file": str(mqtt.dir / "dev1.key"),
+                       "cert_file": str(mqtt.cert("dev1")), "key_file": str(mqtt.key("dev1")),
                        "username": "dev1", "password_file": str(mqtt.password_file("dev1")),
                        "timeout_s": 5},
             "status_interval_s": 1}
 
 
 def _fleet_args(mqtt: Broker) -> list[str]:
-    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.dir / "fleet.crt"),
-            "--key", str(mqtt.dir / "fleet.key"), "--username", "fleet",
+    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.cert("fleet")),
+            "--key", str(mqtt.key("fleet")), "--username", "fleet",
             "--password-file", str(mqtt.password_file("fleet"))]
 
 

@@ -1,89 +1,132 @@
-"""The device is SIGKILLed at every write of an install, then restarted: after recovery it
-serves exactly the previous version (or the new one, once committed), never a mixture, and
-the restarted update completes. Real broker, real AdapterService, real processes."""
+"""A real ``lorad serve`` is SIGKILLed at every write of an OTA install (a delta against the
+installed version), then started again: every answer it gives is the previous version's
+or the new one's, never a mixture, and after the restart the new version serves.
+
+The kill comes from outside the daemon (``killpoint/sitecustomize.py`` on PYTHONPATH
+counts renames under the state directory); each run starts from a copy of the state the
+daemon left after installing the first version and stopping cleanly."""
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import signal
-import subprocess
-import sys
-import uuid
+import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
-from benchmarks.mosquitto import Broker
 from adapters.engine import InferenceEngine
+from benchmarks.mosquitto import Broker
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
-from ota.simulator import FleetSim
+from ota.cli import FleetSession
+from ota.repository import FleetRepository
+from ota.status import FleetView
 from ota.target import Audience
-from tests.ota.demo_kit import demo_adapter as _adapter
-from tests.ota.demo_kit import demo_logits
-from tests.ota.demo_kit import demo_probes as _probes
-from tests.ota.device_proc import X
+from tests.integration.lorad_process import RunningDaemon, digit_probe, logits_of, start_daemon
+from tests.ota.demo_kit import demo_adapter, demo_logits, demo_probes
 
-HERE = Path(__file__).parent
+KILLPOINT = Path(__file__).parent / "killpoint"
 
 
-def _serves(out: dict[str, Any], want: np.ndarray) -> bool:
-    """Whether a device's reported logits (rounded to 4 places) are those of ``want``."""
-    return out["logits"] is not None and np.allclose(out["logits"], want, atol=2e-4)
+def _fleet_version(view: FleetView) -> int | None:
+    st = view.status.get("dev1")
+    return None if st is None else (st.adapters.get("digits") or {}).get("fleet_version")
 
 
-def _run(cfg: Path, kill_at: int) -> tuple[int, dict[str, Any] | None]:
-    p = subprocess.run([sys.executable, str(HERE / "device_proc.py"), str(cfg), str(kill_at)],
-                       capture_output=True, text=True, timeout=60, cwd=HERE.parents[1])
-    if p.returncode == -signal.SIGKILL:
-        return p.returncode, None
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p.returncode, json.loads(p.stdout.strip().splitlines()[-1])
+def _start(state: Path, cfg: Path, kill_at: int) -> RunningDaemon | None:
+    """lorad serve with the kill point armed; None if it was killed before it served."""
+    env = {"PYTHONPATH": os.pathsep.join([str(KILLPOINT), os.environ.get("PYTHONPATH", "")]),
+           "LORAD_KILL_AT_RENAME": str(kill_at),
+           "LORAD_KILL_UNDER": os.pathsep.join([str(state / "ota"), str(state / "adapters")])}
+    try:
+        return start_daemon(state, "--config", str(cfg), env=env)
+    except RuntimeError as e:
+        if f"exited with {-signal.SIGKILL}" in str(e):
+            return None
+        raise
+
+
+def _answers(d: RunningDaemon) -> np.ndarray | None:
+    r = d.infer(digit_probe(), adapter="digits")
+    return logits_of(r) if r.status == 200 else None
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_write_of_an_install(mqtt: Broker, tmp_path: Path) -> None:
+@pytest.mark.timeout(1800)
+def test_lorad_serve_sigkilled_at_every_write_of_an_install(mqtt: Broker, tmp_path: Path) -> None:
     engine = InferenceEngine(demo_model_path(), targets=DEMO_TARGETS, rank=DEMO_RANK)
-    fleet = FleetSim.create(tmp_path / "fleet", mqtt.connect("fleet"))
+    repo = FleetRepository.init(tmp_path / "fleet")
+    fleet = FleetSession(mqtt.connect("fleet"))
+    view = FleetView(mqtt.connect("fleet"))
+    a1, a2 = demo_adapter(engine, 1), demo_adapter(engine, 2)
+    v1 = demo_logits(engine, a1, digit_probe())
+    v2 = demo_logits(engine, a2, digit_probe())
     east = Audience(groups=("east",))
-    a1, a2 = _adapter(engine, 1), _adapter(engine, 2)
-    fleet.repo.publish_adapter("digits", a1, audience=east, probes=_probes(engine, a1))
-    fleet.push()
-    state = tmp_path / "device"
-    cfg = tmp_path / "device.json"
-    cfg.write_text(json.dumps({"state": str(state), "root": str(tmp_path / "fleet" / "metadata" / "1.root.json"),
-                               "mqtt": {"port": mqtt.port, "client_id": f"dev1-{uuid.uuid4().hex[:6]}",
-                                        "ca": str(mqtt.ca), "cert": str(mqtt.dir / "dev1.crt"),
-                                        "key": str(mqtt.dir / "dev1.key"), "password": mqtt.passwords["dev1"]}}))
-    rc, out = _run(cfg, 0)
-    assert out is not None and out["results"][0]["result"] == "installed"
-    v1 = out["after"]
-    v1_logits, v2_logits = demo_logits(engine, a1, X), demo_logits(engine, a2, X)
-    assert _serves(v1, v1_logits) and not _serves(v1, v2_logits)
+    repo.publish_adapter("digits", a1, audience=east, probes=demo_probes(engine, a1))
+    fleet.push(repo)
+    cfg = tmp_path / "lorad.yaml"
+    cfg.write_text(yaml.safe_dump({"ota": {
+        "enabled": True, "device_id": "dev1", "groups": ["east"], "trusted_root": str(repo.dir / "metadata/1.root.json"),
+        "broker": {"host": "127.0.0.1", "port": mqtt.port, "ca_file": str(mqtt.ca), "cert_file": str(mqtt.cert("dev1")),
+                   "key_file": str(mqtt.key("dev1")), "username": "dev1",
+                   "password_file": str(mqtt.password_file("dev1")), "timeout_s": 5},
+        "status_interval_s": 1}}))
+    state = tmp_path / "state"
+    d = _start(state, cfg, 0)
+    assert d is not None
+    try:
+        assert view.wait_for(lambda v: _fleet_version(v) == 1, 60), d.logs()
+        got = _answers(d)
+        assert got is not None and np.allclose(got, v1, atol=1e-4)
+    finally:
+        assert d.stop() == 0, d.logs()
     baseline = tmp_path / "baseline"
     shutil.copytree(state, baseline, symlinks=True)
 
-    fleet.repo.publish_adapter("digits", a2, audience=east, delta_from=1, probes=_probes(engine, a2),
-                               chunk_size=4096)
-    fleet.push()
+    repo.publish_adapter("digits", a2, audience=east, delta_from=1, probes=demo_probes(engine, a2), chunk_size=4096)
+    fleet.push(repo)
     kills = 0
-    for n in range(1, 200):
+    for n in range(1, 100):
         shutil.rmtree(state)
         shutil.copytree(baseline, state, symlinks=True)
-        rc, out = _run(cfg, n)
-        if out is not None:  # fewer than n renames: every write point has been covered
-            assert out["results"][0]["result"] == "installed"
-            break
+        (state / "lorad.addr").unlink(missing_ok=True)
+        view = _fresh_view(mqtt)
+        d = _start(state, cfg, n)
+        if d is not None:
+            # it serves: wait until the install completed or the kill point was hit
+            deadline = time.monotonic() + 60
+            while d.proc.poll() is None and _fleet_version(view) != 2 and time.monotonic() < deadline:
+                view.wait_for(lambda v: _fleet_version(v) == 2, 0.5)
+            if d.proc.poll() is None:
+                assert _fleet_version(view) == 2, d.logs()  # fewer than n writes: all covered
+                d.stop()
+                break
+            assert d.proc.returncode == -signal.SIGKILL, d.logs()
         kills += 1
-        rc, out = _run(cfg, 0)  # restart
-        assert out is not None
-        # right after recovery: v1 exactly, or v2 if the kill came after the commit
-        assert out["before"] == v1 or _serves(out["before"], v2_logits), (n, out)
-        if out["before"] == v1:
-            assert out["results"][0]["result"] in ("installed",), (n, out)
-        assert out["after"]["logits"] != v1["logits"], (n, out)  # v2 serves after the restart
-        assert _serves(out["after"], v2_logits), (n, out)
-    print(f"SIGKILLed at {kills} write points")
+        view = _fresh_view(mqtt)
+        # restart: every answer is v1's or v2's, and v2 serves once the update completes
+        d = _start(state, cfg, 0)
+        assert d is not None
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                got = _answers(d)
+                assert got is None or np.allclose(got, v1, atol=1e-4) or np.allclose(got, v2, atol=1e-4), (n, got)
+                if got is not None and np.allclose(got, v2, atol=1e-4) and _fleet_version(view) == 2:
+                    break
+                assert time.monotonic() < deadline, (n, d.logs())
+                view.wait_for(lambda v: _fleet_version(v) == 2, 0.2)
+        finally:
+            assert d.stop() == 0, d.logs()
+    print(f"SIGKILLed lorad serve at {kills} write points")
     assert kills >= 5, f"only {kills} write points"
+
+
+def _fresh_view(mqtt: Broker) -> FleetView:
+    """A view that knows only what the next run reports (the retained status is cleared)."""
+    t = mqtt.connect("fleet")
+    t.publish("lorad/v1/device/dev1/status", b"", retain=True)
+    return FleetView(t)

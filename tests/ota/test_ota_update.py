@@ -471,7 +471,8 @@ def test_a_damaged_local_delta_base_is_not_blamed_on_the_fleet(env: Env) -> None
     base = env.tmp / "dev1" / "installed" / "kws" / "1.bin"
     data = base.read_bytes()
     base.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one weight bit flipped on disk
-    env.fleet.repo.publish_adapter("kws", env.kit.make_adapter(2), audience=EAST, delta_from=1)
+    env.fleet.repo.publish_adapter("kws", env.kit.make_adapter(2), audience=EAST, delta_from=1,
+                                   full_fallback=False)
     env.fleet.push()
     r = env.one()
     assert_refused(env, r, "delta_base_missing", v1)
@@ -481,6 +482,22 @@ def test_a_damaged_local_delta_base_is_not_blamed_on_the_fleet(env: Env) -> None
     env.fleet.repo.publish_adapter("kws", a3, audience=EAST, probes=env.kit.probes_for(a3))
     env.fleet.push()
     assert (env.one().result, env.sink.current["kws"]) == ("installed", 2)
+
+
+def test_a_device_without_the_delta_base_takes_the_full_payload_signed_with_it(env: Env) -> None:
+    install_v1(env)
+    fresh = env.new_device("dev3", groups=("east",))
+    a2 = env.kit.make_adapter(2)
+    spec = env.fleet.repo.publish_adapter("kws", a2, audience=EAST, delta_from=1, probes=env.kit.probes_for(a2))
+    env.fleet.push()
+    assert spec.encoding == "delta" and sorted(p.rsplit("/", 1)[1] for p in env.fleet.repo.targets()) == \
+        ["2.full.lorad", "2.lorad"]
+    assert env.one().result == "installed"  # dev1 holds v1: the delta
+    assert [n for n in env.device.reader.fetch_count if n.startswith("targets/")][-1].endswith(".2.lorad")
+    [r] = fresh.update()  # dev3 has nothing: the full payload of the same version
+    assert (r.result, r.version) == ("installed", 2), r
+    assert [n for n in fresh.reader.fetch_count if n.startswith("targets/")] == \
+        [n for n in fresh.reader.fetch_count if n.endswith(".2.full.lorad")]
 
 
 # --- limits --------------------------------------------------------------------------

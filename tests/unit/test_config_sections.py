@@ -43,6 +43,7 @@ SECTIONS = [
     ("ota", "device_id"),
     ("ota.broker", "keepalive_s"),
     ("ota.limits", "max_raw_bytes"),
+    ("ota.policy", "max_epsilon"),
 ]
 
 
@@ -73,6 +74,9 @@ def test_unknown_key_is_named_with_the_allowed_keys(section: str, known: str) ->
         ("ota.broker.port", "8883", "got str '8883'; expected an integer from 1 to 65535"),
         ("ota.limits.fetch_timeout_s", "10s", "got str '10s'; expected a number from 0.5 to 600"),
         ("ota.trusted_root", 5, "got int 5; expected a path"),
+        ("ota.install_window", "01:00-05:00", 'got \'01:00-05:00\'; expected a list of ranges "[DAYS ]HH:MM-HH:MM"'),
+        ("ota.policy.require_privacy_record", "yes", "got str 'yes'; expected true or false"),
+        ("ota.policy.max_epsilon", "8", "got str '8'; expected a number from 0 to 1000000"),
     ],
 )
 def test_wrong_type(key: str, value: object, fragment: str) -> None:
@@ -97,6 +101,11 @@ def test_wrong_type(key: str, value: object, fragment: str) -> None:
         ("ota.broker.keepalive_s", 1, "got 1; expected an integer from 5 to 3600"),
         ("ota.limits.max_adapter_bytes", "1000B", "got 1000 (1kB); expected a size of at least 1KiB"),
         ("ota.limits.max_packet_bytes", "1GiB", "got 1073741824 (1GiB); expected a size from 4KiB to 256MiB"),
+        ("ota.install_window", ["Mon-Fri 01:00-05:00", "Fri 25:00-26:00"],
+         'got \'Fri 25:00-26:00\' (hours 00..24, minutes 00..59); expected a range "[DAYS ]HH:MM-HH:MM"'),
+        ("ota.install_window", ["Someday 01:00-02:00"], "(day 'someday': expected names from Mon, Tue"),
+        ("ota.policy.max_epsilon", -1, "got -1; expected a number from 0 to 1000000"),
+        ("ota.policy.idle_max_load_per_cpu", -0.5, "got -0.5; expected a number from 0 to 1000"),
     ],
 )
 def test_out_of_range(key: str, value: object, fragment: str) -> None:

@@ -1,0 +1,324 @@
+"""``loractl fleet rollout ...``: the thin MQTT driver around :mod:`ota.rollout`.
+
+State lives in the fleet repository (``rollouts/<name>.json``: plan and state, replaced
+atomically under an exclusive lock, so ``pause`` from another shell is never lost). The
+driver loop: read every device's status, :func:`ota.rollout.decide`, write the new
+state, then act (re-sign the rollout's target for a stage's devices and push it; or
+withdraw it and send signed rollback commands). Because the state is written before the
+actions and every action is idempotent, ``rollout run`` after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from adapters.fsutil import atomic_write_bytes
+from adapters.lora import LoraAdapter
+
+from . import cli_support
+from .errors import TransportError
+from .privacy import PrivacyRecord
+from .repository import FleetRepository
+from .rollout import (Deploy, DeviceObs, acted, RollBack, RolloutPlan, RolloutState, Stage, decide, observe,
+                      parse_stages, select, summary)
+from .status import FleetView
+from .target import Audience, ProbeSet
+from .undo import DirUndo
+
+__all__ = ["register_rollout", "RolloutStore", "RolloutDriver", "create_rollout"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+
+
+class RolloutStore:
+    """``<repo>/rollouts/<name>.json`` with an exclusive lock around read-modify-write."""
+
+    def __init__(self, repo_dir: Path, name: str) -> None:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"rollout name {name!r} must match {_NAME_RE.pattern}")
+        self.dir = Path(repo_dir) / "rollouts"
+        self.path = self.dir / f"{name}.json"
+        self.name = name
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> tuple[RolloutPlan, RolloutState]:
+        if not self.exists():
+            known = sorted(p.stem for p in self.dir.glob("*.json")) if self.dir.is_dir() else []
+            raise LookupError(f"no rollout {self.name!r} in this repository; known: {', '.join(known) or 'none'}")
+        try:
+            d = json.loads(self.path.read_bytes())
+            return RolloutPlan.from_dict(d["plan"]), RolloutState.from_dict(d["state"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"rollout state {self.path} is unreadable: {e!r}") from e
+
+    def save(self, plan: RolloutPlan, state: RolloutState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, json.dumps({"plan": plan.to_dict(), "state": state.to_dict()},
+                                                 indent=1, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / f".{self.name}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RolloutDriver:
+    """Runs decisions against the broker: one session, the fleet's live status view."""
+
+    def __init__(self, repo: FleetRepository, store: RolloutStore, session: cli_support.FleetSession, view: FleetView, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.repo = repo
+        self.store = store
+        self.session = session
+        self.view = view
+        self.clock = clock
+
+    def observations(self, plan: RolloutPlan) -> dict[str, DeviceObs]:
+        st = {d: json.loads(s.encode()) for d, s in self.view.snapshot().items()}
+        return {d: observe(st.get(d), plan.adapter, plan.version) for d in plan.population}
+
+    def step(self) -> tuple[RolloutPlan, RolloutState, dict[str, DeviceObs]]:
+        """Decide once and act; returns the plan, the state now and what devices report."""
+        with self.store.locked():
+            plan, state = self.store.load()
+            obs = self.observations(plan)
+            new, decisions = decide(plan, state, obs, self.clock())
+            if new != state:
+                self.store.save(plan, new)
+        for d in decisions:
+            self._act(plan, d)
+        if decisions:
+            with self.store.locked():
+                plan, latest = self.store.load()
+                new = acted(latest)  # an operator's pause meanwhile is kept
+                self.store.save(plan, new)
+        return plan, new, obs
+
+    def _act(self, plan: RolloutPlan, d: Deploy | RollBack) -> None:
+        if isinstance(d, Deploy):
+            self.repo.retarget(plan.label, plan.adapter, Audience(devices=d.devices))
+            self.session.push(self.repo)
+            return
+        if d.withdraw:
+            with contextlib.suppress(LookupError):  # withdrawn before a crash: nothing to do
+                self.repo.retarget(plan.label, plan.adapter, None)
+            self.session.push(self.repo)
+        for dev, version in d.devices.items():
+            if version is None:
+                self.repo.send_command(self.session.transport, dev, "remove", adapter=plan.adapter)
+            else:
+                self.repo.send_command(self.session.transport, dev, "rollback", adapter=plan.adapter,
+                                       version=version)
+
+    def run(self, *, max_s: float, settle_s: float = 2.0) -> dict[str, Any]:
+        """Drive until done, aborted (and rolled back), paused, or ``max_s`` passed."""
+        deadline = time.monotonic() + max_s
+        settle_until: float | None = None
+        while True:
+            seen = self.view.changes
+            plan, state, obs = self.step()
+            if state.status in ("done", "paused"):
+                break
+            targeted = select(plan, state.stage)
+            if state.status == "aborted":
+                # devices that were installing when the target was withdrawn may still
+                # finish: keep sending them back until none is pending or settle_s passed
+                settle_until = settle_until or time.monotonic() + settle_s
+                if all(obs[d].state != "pending" for d in targeted) or time.monotonic() >= settle_until:
+                    break
+            if time.monotonic() >= deadline:
+                break
+            wait = 1.0
+            if state.status == "running":
+                wait = min(wait, max(0.01, state.stage_started_at + plan.min_wait_s - self.clock()))
+            self.view.wait_for(lambda v: v.changes != seen, min(wait, max(0.0, deadline - time.monotonic())))
+        return summary(plan, state, obs)
+
+
+# --- commands ------------------------------------------------------------------------
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction in (0, 1] or a percentage like 90%")
+    return v
+
+
+def _session_view(args: argparse.Namespace) -> tuple[Any, FleetView]:
+    session = cli_support.FleetSession.connect(args)
+    try:
+        return session, cli_support.fleet_view(session.transport, args.timeout)
+    except BaseException:
+        session.close()
+        raise
+
+
+def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli_support.FleetSession, view: FleetView, *,
+                   adapter_name: str, adapter: LoraAdapter, stages: tuple[Stage, ...],
+                   probes: ProbeSet | None = None, privacy: PrivacyRecord | None = None,
+                   success_threshold: float = 1.0, abort_threshold: float = 0.2,
+                   min_wait_s: float = 0.0, only: Sequence[str] | None = None, chunk_size: int = 8 * 1024,
+                   dtype: str = "fp32", compression: str = "zstd") -> dict[str, Any]:
+    """Plan the rollout over the devices reporting a status, sign its first stage, push it.
+
+    The repository is put back as it was if anything fails before the push."""
+    if store.exists():
+        raise FileExistsError(f"rollout {store.name!r} already exists (fleet rollout status {repo.dir} {store.name})")
+    population = {d: tuple(s.groups) for d, s in view.snapshot().items()}
+    if only:
+        unknown = sorted(set(only) - set(population))
+        if unknown:
+            raise LookupError(f"unknown devices {unknown}: no status on the broker")
+        population = {d: g for d, g in population.items() if d in only}
+    plan = RolloutPlan(name=store.name, adapter=adapter_name, version=repo.latest_version(adapter_name) + 1,
+                       stages=stages, population=population, success_threshold=success_threshold,
+                       abort_threshold=abort_threshold, min_wait_s=min_wait_s, label=f"r-{store.name}")
+    now = time.time()
+    state = RolloutState().log(now, f"created: {len(population)} devices, stages "
+                               f"{','.join(s.label for s in stages)}")
+    state, [first] = decide(plan, state, {}, now)
+    assert isinstance(first, Deploy)
+    undo = DirUndo([repo.dir, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
+    try:
+        spec = repo.publish_adapter(adapter_name, adapter, audience=Audience(devices=first.devices),
+                                    probes=probes, dtype=dtype, compression=compression,
+                                    chunk_size=chunk_size, privacy=privacy, label=plan.label)
+        if spec.version != plan.version:
+            raise RuntimeError(f"signed version {spec.version}, planned {plan.version}")
+        store.save(plan, state)
+    except BaseException:
+        undo.restore()
+        raise
+    try:
+        session.push(repo)
+    except TransportError as e:  # the first stage stays pending: `run` deploys it again
+        raise cli_support.CliError(cli_support.EXIT_BROKER, f"rollout created and signed, but sending failed: {e}; "
+                                            f"`loractl fleet rollout run {repo.dir} {store.name}` sends it") from e
+    state = acted(state)
+    store.save(plan, state)
+    return summary(plan, state)
+
+
+def _create(args: argparse.Namespace) -> dict[str, Any]:
+    from .privacy import read_privacy_record
+    store = RolloutStore(args.repo, args.rollout)
+    stages = parse_stages(args.stages)
+    if store.exists():
+        raise FileExistsError(f"rollout {args.rollout!r} already exists (fleet rollout status {args.repo} {args.rollout})")
+    adapter, probes = cli_support.load_adapter(args)
+    privacy = read_privacy_record(args.adapter, args.privacy_record)
+    session, view = _session_view(args)
+    try:
+        return create_rollout(cli_support.open_repo(args), store, session, view, adapter_name=args.name, adapter=adapter,
+                              stages=stages, probes=probes, privacy=privacy,
+                              success_threshold=args.success_threshold, abort_threshold=args.abort_threshold,
+                              min_wait_s=args.min_wait, only=args.only_device, chunk_size=args.chunk_size,
+                              dtype="fp16" if args.fp16 else "fp32", compression=args.compress)
+    finally:
+        session.close()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    store = RolloutStore(args.repo, args.rollout)
+    store.load()
+    session, view = _session_view(args)
+    try:
+        out = RolloutDriver(cli_support.open_repo(args), store, session, view).run(max_s=args.max_time, settle_s=args.settle)
+    finally:
+        session.close()
+    if out["status"] == "aborted":
+        raise cli_support.CliError(cli_support.EXIT_HALTED, f"rollout {args.rollout} halted: {out['reason']}; "
+                                            f"{out['rolled_back']} devices sent back")
+    return out
+
+
+def _status(args: argparse.Namespace) -> dict[str, Any]:
+    store = RolloutStore(args.repo, args.rollout)
+    plan, state = store.load()
+    obs: Mapping[str, DeviceObs] | None = None
+    if args.broker:
+        session, view = _session_view(args)
+        try:
+            obs = RolloutDriver(cli_support.open_repo(args), store, session, view).observations(plan)
+        finally:
+            session.close()
+    out = summary(plan, state, obs)
+    out["history"] = [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} {m}" for t, m in state.history]
+    return out
+
+
+def _set_status(to: str, allowed: tuple[str, ...], why: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    def fn(args: argparse.Namespace) -> dict[str, Any]:
+        store = RolloutStore(args.repo, args.rollout)
+        with store.locked():
+            plan, state = store.load()
+            if state.status not in allowed:
+                raise RuntimeError(f"rollout {args.rollout} is {state.status}; {why} needs it "
+                                   f"{' or '.join(allowed)}")
+            extra = {"reason": "aborted by the operator"} if to == "aborted" else {}
+            state = state.log(time.time(), f"{why} by the operator", status=to, **extra)
+            if to == "running":  # a resumed stage waits its minimum time again
+                state = state.log(time.time(), "resumed", stage_started_at=time.time())
+            store.save(plan, state)
+        out = summary(plan, state)
+        if to == "aborted":
+            out["next"] = f"loractl fleet rollout run {args.repo} {args.rollout} rolls the installed devices back"
+        return out
+    return fn
+
+
+def _summary_table(d: dict[str, Any]) -> str:
+    rows = [(k, v) for k, v in d.items() if k != "history"]
+    text = cli_support.table(("field", "value"), rows)
+    if d.get("history"):
+        text += "\n\nhistory:\n" + "\n".join(f"  {h}" for h in d["history"])
+    return text
+
+
+def register_rollout(fs: Any, leaf: Callable[..., argparse.ArgumentParser],
+                     broker_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    rp = fs.add_parser("rollout", help="staged, health-gated rollouts",
+                       description="staged, health-gated rollouts (state in REPO_DIR/rollouts/)")
+    rs = rp.add_subparsers(dest="rollout_command", required=True, metavar="ROLLOUT_COMMAND")
+
+    def named(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("rollout", metavar="NAME", help="rollout name")
+        return p
+
+    p = named(leaf("create", _create, "sign an adapter for a rollout's first stage and push it",
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
+    cli_support.add_adapter_args(p)
+    p.add_argument("--stages", required=True, help="cumulative stages: 5%%,25%%,100%% or group names (canary,east,100%%)")
+    p.add_argument("--success-threshold", type=_fraction, default=1.0,
+                   help="share of a stage's devices that must report a healthy install to go on (default 100%%)")
+    p.add_argument("--abort-threshold", type=_fraction, default=0.2,
+                   help="share of targeted devices failing that halts and rolls back (default 20%%)")
+    p.add_argument("--min-wait", type=float, default=0.0, metavar="SECONDS", help="soak time per stage")
+    p.add_argument("--only-device", action="append", help="restrict the population (repeatable)")
+
+    p = named(leaf("run", _run, "drive a rollout: advance stages, halt and roll back at the abort threshold",
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
+    p.add_argument("--max-time", type=float, default=3600.0, metavar="SECONDS", help="stop driving after this long")
+    p.add_argument("--settle", type=float, default=2.0, metavar="SECONDS",
+                   help="after a halt, how long to watch for late installs to send back")
+
+    p = named(leaf("status", _status, "a rollout's stage, counts and history (live counts with --broker)",
+                   broker=True, parent=rs, fmt=_summary_table, signs=False))
+    for name, to, allowed in (("pause", "paused", ("running",)), ("resume", "running", ("paused",)),
+                              ("abort", "aborted", ("running", "paused"))):
+        named(leaf(name, _set_status(to, allowed, name), f"{name} a rollout", parent=rs, fmt=_summary_table))

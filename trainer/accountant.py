@@ -40,6 +40,7 @@ __all__ = [
     "RunCharge",
     "epsilon",
     "calibrate_sigma",
+    "load_library",
 ]
 
 AccountantName = Literal["rdp", "pld"]
@@ -154,6 +155,16 @@ def calibrate_sigma(
         f"σ calibration did not reach tolerance={tolerance} (ε is not continuous enough in σ "
         f"for accountant={accountant!r}); use a larger tolerance"
     )
+
+
+def load_library() -> None:
+    """Import dp_accounting now rather than at the first ε computation.
+
+    Its import starts helper threads (scipy's BLAS pool); done on a serving thread when
+    the first run is charged, they would be created at that thread's priority, in the
+    middle of serving. A trainer calls this once when it is built.
+    """
+    import dp_accounting  # noqa: F401
 
 
 @functools.lru_cache(maxsize=4096)

@@ -28,6 +28,7 @@ from adapters.service import AdapterService
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
 from ._ort_training import load as _load_ort_training
+from .accountant import load_library as load_accounting_library
 from .batching import TensorLayout, normalize_example
 from .config import TrainerConfig, check_noise_source, make_noise_source
 from .errors import BadTrainingDataError
@@ -95,6 +96,7 @@ class TrainerService:
         except BaseException:
             self.store.close()
             raise
+        load_accounting_library()
         self.unavailable_reason: str | None = None
         try:
             _load_ort_training()

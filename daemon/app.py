@@ -30,6 +30,7 @@ from adapters.fsutil import atomic_write_bytes
 from adapters.peft_format import read_peft_dir
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
+from adapters.text_input import TextFrontEnd
 from daemon import auth
 from daemon.config import ADDR_FILE, Config
 from daemon.demo import demo_adapter_dirs, demo_model_path
@@ -114,6 +115,7 @@ class Daemon:
             model_name=cfg.model.name,
             weight_names=cfg.model.weight_names,
             on_cache_event=metrics.on_cache_event,
+            text=_text_front_end(cfg, engine),
         )
         metrics.watch_cache(lambda: service.cache.stats)
         self.service = service
@@ -223,6 +225,15 @@ def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
         raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
     except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
         raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e
+
+
+def _text_front_end(cfg: Config, engine: InferenceEngine) -> TextFrontEnd | None:
+    """The tokenizing step of a model that declares one (model.tokenizer etc. override)."""
+    try:
+        return TextFrontEnd.from_model(engine.base_model, tokenizer=cfg.model.tokenizer,
+                                       labels=cfg.model.labels, max_tokens=cfg.model.max_text_tokens)
+    except ValueError as e:
+        raise StartupError(f"model {cfg.model.name!r}: text input: {e}") from e
 
 
 def _epsilon_of(trainer: TrainerService) -> Callable[[str], float | None]:

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--state-dir", type=Path, metavar="DIR", help="as for serve")
+
+    imp = sub.add_parser(
+        "import-model", help="build a LoRA-ready ONNX model from a Hugging Face checkpoint (no torch needed)",
+        description="Write SRC_DIR (config.json, model.safetensors, tokenizer.json) as an ONNX encoder with mean "
+                    "pooling and normalised sentence embeddings; weights keep their Hugging Face module names.")
+    imp.add_argument("family", choices=["bert"], help="architecture family of the checkpoint")
+    imp.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
+    imp.add_argument("out", type=Path, metavar="OUT.onnx")
     return parser
 
 
@@ -88,6 +96,8 @@ def _describe(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-model":
+        return _import_model(args.src, args.out)
     try:
         config = config_from_args(args)
     except ConfigError as e:
@@ -107,6 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if logging_to != "stderr":
             print(f"lorad: cannot serve: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _import_model(src: Path, out: Path) -> int:
+    from adapters.bert_builder import import_bert_dir
+    from adapters.fsutil import atomic_write_bytes
+
+    try:
+        model = import_bert_dir(src)
+        atomic_write_bytes(out, model.SerializeToString())
+    except (ValueError, OSError) as e:
+        print(f"lorad: import-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    weights = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight"))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {weights} LoRA-able linear weights named by module path)")
     return EXIT_OK
 
 

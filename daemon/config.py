@@ -257,6 +257,12 @@ class ModelConfig:
     #: PEFT module name → ONNX weight name, for weights whose names do not follow the
     #: module tree (default: module ``m`` is weight ``m.weight``).
     weight_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: Text models (adapters.text_input): ``tokenizer.json`` to use instead of the one the
+    #: model declares; label names of the head's classes; the most tokens one text may have.
+    #: ``None`` = what the model's metadata declares.
+    tokenizer: Path | None = None
+    labels: tuple[str, ...] | None = None
+    max_text_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,17 @@ def _parse_model(r: SectionReader, ctx: ParseContext) -> ModelConfig:
         device=r.string("device", d.device, choices=_DEVICES),
         intra_op_threads=r.integer("intra_op_threads", d.intra_op_threads, minimum=0, maximum=1024),
         weight_names=_string_mapping(r, "weight_names"),
+        tokenizer=_existing_file(r, "tokenizer", ctx, "a tokenizer.json file of the Hugging Face tokenizers library"),
+        labels=r.string_list("labels", ()) or None,
+        max_text_tokens=r.integer("max_text_tokens", 0, minimum=3, maximum=1_000_000) or None,
     )
+
+
+def _existing_file(r: SectionReader, name: str, ctx: ParseContext, what: str) -> Path | None:
+    path = r.path(name, None, base=ctx.config_dir)
+    if path is not None and not path.is_file():
+        raise ConfigError(r.key(name), f"got {str(path)!r}; expected an existing file: {what}")
+    return path
 
 
 def _string_mapping(r: SectionReader, name: str) -> Mapping[str, str]:

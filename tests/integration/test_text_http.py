@@ -98,3 +98,22 @@ def test_invalid_utf8_body_and_numeric_datatype_are_400s(intents: RunningDaemon)
     r = intents.request("POST", INFER, json_body={"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
     assert r.status == 400 and "the model expects 'BYTES'" in r.json()["error"]
     assert intents.proc.poll() is None
+
+
+def test_a_users_peft_adapter_learns_their_words(intents: RunningDaemon) -> None:
+    # examples/intents/adapters/alice was trained with PEFT in torch by train_user_peft.py.
+    body, ctype = multipart_body(read_peft_dir(EXAMPLE / "adapters" / "alice"))
+    up = intents.request("PUT", "/v2/models/intents/adapters/alice", body=body, content_type=ctype)
+    assert up.status in (200, 201), up.body
+    rows = [json.loads(line) for line in (EXAMPLE / "data" / "users" / "alice" / "test.jsonl").read_text().splitlines()]
+    texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]
+
+    def accuracy(adapter: str | None) -> float:
+        got = _output(_infer(intents, texts, adapter=adapter, outputs=("label",)), "label")["data"]
+        return float(np.mean([g == t for g, t in zip(got, truth)]))
+
+    base, alice = accuracy(None), accuracy("alice")
+    assert alice >= 0.9 and alice > base + 0.3, (base, alice)
+    # Alice's "den" is her living room; the base head has no idea which room that is.
+    assert _output(_infer(intents, ["turn on the den lights"], adapter="alice", outputs=("label",)), "label")["data"] == \
+        ["living_room/light_on"]

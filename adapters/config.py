@@ -19,10 +19,13 @@ __all__ = ["ModelConfig", "CacheConfig", "Device"]
 Device = Literal["cpu", "cuda"]
 
 
-def _existing_file(path: Path | None) -> Path | None:
-    if path is not None and not path.is_file():
-        raise ValueError(f"got {str(path)!r}; expected an existing ONNX file")
-    return path
+def _existing(what: str) -> AfterValidator:
+    def check(path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"got {str(path)!r}; expected an existing {what}")
+        return path
+
+    return AfterValidator(check)
 
 
 class ModelConfig(ConfigModel):
@@ -31,7 +34,7 @@ class ModelConfig(ConfigModel):
     config_key = "model"
 
     name: Name = Field("demo", description="Name of the base model, reported by the API and in /metrics.")
-    path: Annotated[ConfigPath | None, AfterValidator(_existing_file)] = Field(
+    path: Annotated[ConfigPath | None, _existing("ONNX file")] = Field(
         None, description="The base ONNX file (relative: from the config file's directory); "
                           "null: the embedded demo model.")
     targets: StrTuple = Field(
@@ -47,6 +50,18 @@ class ModelConfig(ConfigModel):
         dict[NonEmptyStr, NonEmptyStr], Allowed("a mapping of PEFT module names to ONNX weight names"),
     ] = Field(default_factory=dict, json_schema_extra={"default": {}}, description="PEFT module name -> ONNX weight name, an override for exports whose "
                                                 "module paths lorad cannot recover (lorad inspect-model shows them).")
+    # Text models (adapters.text_input): a model built by `lorad import-model` declares its
+    # tokenizer, label names and token limit in its metadata; these keys override them.
+    tokenizer: Annotated[ConfigPath | None, _existing("file: a tokenizer.json file of the Hugging Face tokenizers library")] = Field(
+        None, description="tokenizer.json (Hugging Face tokenizers) for a text model's BYTES input 'text', instead "
+                          "of the one the model declares (relative: from the config file's directory); null: the "
+                          "model's own.")
+    labels: StrTuple | None = Field(
+        None, description="Names of the classification head's classes, in order, returned as output 'label'; "
+                          "their number must be the model's class count; null: the names the model declares.")
+    max_text_tokens: Annotated[int, Field(ge=3, le=1_000_000)] | None = Field(
+        None, description="Most tokens one text may have, special tokens included; longer texts get a 400 (never "
+                          "cut); null: what the model declares, else 512.")
 
 
 class CacheConfig(ConfigModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .errors import AdapterNotFoundError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, StoredAdapter
+from .text_input import TextFrontEnd
 
 __all__ = ["AdapterInfo", "InferResult", "AdapterService"]
 
@@ -59,8 +60,11 @@ class AdapterService:
         cache_budget_bytes: int,
         model_name: str = "demo",
         on_cache_event: Callable[[CacheEvent, str], None] | None = None,
+        text: TextFrontEnd | None = None,
     ) -> None:
         self.engine = engine
+        #: For a model that declares a tokenizer: strings in, token tensors to the engine.
+        self.text = text
         self.registry = registry
         self.model_name = model_name
         self.cache: AdapterCache[PreparedAdapter] = AdapterCache(
@@ -72,11 +76,26 @@ class AdapterService:
 
     # -- serving -------------------------------------------------------------------------
 
+    @property
+    def inputs(self) -> Sequence[Any]:
+        """What a request sends: the engine's tensors, or the text front end's ``text``."""
+        return self.text.inputs if self.text is not None else self.engine.inputs
+
+    @property
+    def outputs(self) -> Sequence[Any]:
+        return self.text.outputs(self.engine.outputs) if self.text is not None else self.engine.outputs
+
     def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferResult:
+        if self.text is not None:
+            inputs = self.text.encode(inputs)
         if adapter is None:
-            return InferResult(self.engine.run(inputs, None), None, None)
-        with self.cache.lease(adapter) as prepared:
-            return InferResult(self.engine.run(inputs, prepared), prepared.name, prepared.version)
+            result = InferResult(self.engine.run(inputs, None), None, None)
+        else:
+            with self.cache.lease(adapter) as prepared:
+                result = InferResult(self.engine.run(inputs, prepared), prepared.name, prepared.version)
+        if self.text is not None:
+            return InferResult(self.text.decode(result.outputs), result.adapter, result.version)
+        return result
 
     def _load_current(self, name: str) -> PreparedAdapter:
         version = self.registry.current_version(name)

@@ -35,7 +35,7 @@ from daemon.demo import demo_adapter_dirs
 from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
 from daemon.ota_wiring import start_ota
-from daemon.preflight import StartupError, model_file, open_engine
+from daemon.preflight import StartupError, model_file, open_engine, text_front_end
 from daemon.systemd import SystemdNotifier
 from daemon.training_api import add_training_routes
 from trainer.metrics import register_trainer_metrics
@@ -113,6 +113,7 @@ class Daemon:
             cache_budget_bytes=cfg.cache.budget_bytes,
             model_name=cfg.model.name,
             on_cache_event=metrics.on_cache_event,
+            text=text_front_end(cfg, engine),
         )
         metrics.watch_cache(lambda: service.cache.stats)
         self.service = service

@@ -1,12 +1,13 @@
 """``lorad``: the daemon's command line.
 
 ``lorad serve`` runs the daemon; ``lorad check-config FILE`` checks a config file as
-``serve`` would at start (the model opened, its targets matched, OTA's files read) and
-prints the effective settings (JSON; YAML with ``--print``, itself a valid config file);
-``lorad config-schema`` prints the JSON Schema of the file; ``lorad inspect-model
-MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapters name
-them by. Exit codes: 0 ok, 1 the daemon failed at run time, 2 bad usage or configuration
-(the message names the key).
+``serve`` would at start (the model opened, its targets matched, a text model's tokenizer
+loaded, OTA's files read) and prints the effective settings (JSON; YAML with ``--print``,
+itself a valid config file); ``lorad config-schema`` prints the JSON Schema of the file;
+``lorad inspect-model MODEL.onnx`` lists the weights LoRA can target, with the module paths
+PEFT adapters name them by; ``lorad import-model bert SRC OUT`` writes a Hugging Face
+BERT-family checkpoint as a LoRA-ready ONNX text model. Exit codes: 0 ok, 1 the daemon
+failed at run time, 2 bad usage or configuration (the message names the key).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check-config", help="check a config file as serve would at start and print the effective settings",
-        description="Validate FILE, open the model and match model.targets against it, read OTA's files; "
+        description="Validate FILE, open the model and match model.targets against it, load a text model's "
+                    "tokenizer, read OTA's files; "
                     "print the effective settings (JSON, or YAML with --print). Exit 2 naming the key if "
                     "serve would refuse to start.")
     check.add_argument("file", type=Path, metavar="FILE")
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect-model", help="list the MatMul/Gemm weights LoRA can target and their module paths")
     inspect.add_argument("model", type=Path, metavar="MODEL.onnx")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    imp = sub.add_parser(
+        "import-model", help="build a LoRA-ready ONNX model from a Hugging Face checkpoint (no torch needed)",
+        description="Write SRC_DIR (config.json, model.safetensors, tokenizer.json) as an ONNX encoder with mean "
+                    "pooling and normalised sentence embeddings; weights keep their Hugging Face module names.")
+    imp.add_argument("family", choices=["bert"], help="architecture family of the checkpoint")
+    imp.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
+    imp.add_argument("out", type=Path, metavar="OUT.onnx")
     return parser
 
 
@@ -94,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect-model":
         return _inspect_model(args.model, as_json=args.json)
+    if args.command == "import-model":
+        return _import_model(args.src, args.out)
     if args.command == "config-schema":
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
@@ -137,6 +148,21 @@ def _inspect_model(path: Path, *, as_json: bool) -> int:
         print(f"lorad: inspect-model: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(to_json(report) if as_json else render(report))
+    return EXIT_OK
+
+
+def _import_model(src: Path, out: Path) -> int:
+    from adapters.bert_builder import import_bert_dir
+    from adapters.fsutil import atomic_write_bytes
+
+    try:
+        model = import_bert_dir(src)
+        atomic_write_bytes(out, model.SerializeToString())
+    except (ValueError, OSError) as e:
+        print(f"lorad: import-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    weights = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight"))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {weights} LoRA-able linear weights named by module path)")
     return EXIT_OK
 
 

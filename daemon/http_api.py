@@ -235,13 +235,15 @@ class _Handlers:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._model(request)
-        engine = self.service.engine
+        service = self.service
+        labels = {"parameters": {"labels": list(service.text.labels)}} if service.text and service.text.labels else {}
         return json_response({
-            "name": self.service.model_name,
+            "name": service.model_name,
             "versions": [self.s.model_version],
             "platform": "onnxruntime_onnx",
-            "inputs": [oip.tensor_metadata(t) for t in engine.inputs],
-            "outputs": [oip.tensor_metadata(t) for t in engine.outputs],
+            "inputs": [oip.tensor_metadata(t) for t in service.inputs],
+            "outputs": [oip.tensor_metadata(t) for t in service.outputs],
+            **labels,
         })
 
     async def model_ready(self, request: web.Request) -> web.Response:
@@ -273,8 +275,7 @@ class _Handlers:
 
     def _infer(self, body: bytes, kind: list[str]) -> bytes:
         """Decode, run and encode in one trip to the worker pool (the hot path)."""
-        engine = self.service.engine
-        req = oip.decode_infer_request(body, engine.inputs, engine.outputs)
+        req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs)
         kind.append("base" if req.adapter is None else "adapter")
         result = self.service.infer(req.inputs, req.adapter)
         doc = oip.encode_infer_response(

@@ -26,8 +26,10 @@ __all__ = [
     "tensor_metadata",
 ]
 
-#: OIP datatype → numpy dtype (BYTES is not served: lorad models take numeric tensors).
+#: OIP datatype → numpy dtype. BYTES (text for models that declare a tokenizer) travels
+#: as JSON strings and becomes a numpy object array of ``bytes``.
 DATATYPES: dict[str, np.dtype] = {
+    "BYTES": np.dtype(object),
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
     "UINT16": np.dtype(np.uint16),
@@ -104,7 +106,9 @@ def decode_infer_request(
     if isinstance(body, (bytes, bytearray)):
         try:
             doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise OIPError(f"request body is not valid UTF-8 ({e.reason} at byte {e.start}); JSON text must be UTF-8") from None
+        except json.JSONDecodeError as e:
             raise OIPError(f"request body is not valid JSON: {e}") from None
         except RecursionError:
             raise OIPError("request body is nested too deeply") from None
@@ -141,11 +145,12 @@ def encode_infer_response(
     tensors = []
     for name in names:
         arr = np.asarray(outputs[name])
+        datatype = datatype_of(arr)
         tensors.append({
             "name": name,
-            "datatype": datatype_of(arr),
+            "datatype": datatype,
             "shape": list(arr.shape),
-            "data": arr.ravel().tolist(),
+            "data": _bytes_to_json(arr) if datatype == "BYTES" else arr.ravel().tolist(),
         })
     return {
         "model_name": model_name,
@@ -245,6 +250,8 @@ def _decode_tensor(t: Mapping[str, object], spec: TensorSpecLike) -> np.ndarray:
     expected = math.prod(shape)
     if len(flat) != expected:
         raise OIPError(f"input {name!r}: data has {len(flat)} elements but shape {shape} needs {expected}")
+    if spec.datatype == "BYTES":
+        return _to_bytes_array(name, flat).reshape(shape)
     return _to_array(name, flat, dtype, spec.datatype).reshape(shape)
 
 
@@ -272,6 +279,21 @@ def _flatten(name: str, data: object) -> list[object]:
         else:
             iters.pop()
     return out
+
+
+def _to_bytes_array(name: str, flat: list[object]) -> np.ndarray:
+    out = np.empty(len(flat), dtype=object)
+    for i, v in enumerate(flat):
+        if not isinstance(v, str):
+            raise OIPError(f"input {name!r}: BYTES data must be strings, found {v!r} at index {i}")
+        # surrogatepass keeps an escaped lone surrogate ("\\ud800") as the bytes it stands
+        # for, so the consumer (the text front end) reports it as invalid UTF-8 by position.
+        out[i] = v.encode("utf-8", "surrogatepass")
+    return out
+
+
+def _bytes_to_json(arr: np.ndarray) -> list[str]:
+    return [bytes(v).decode("utf-8", "replace") for v in arr.ravel()]
 
 
 def _to_array(name: str, flat: list[object], dtype: np.dtype, datatype: str) -> np.ndarray:

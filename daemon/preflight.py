@@ -17,6 +17,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Root
 
 from adapters.engine import InferenceEngine
+from adapters.text_input import TextFrontEnd, TextSetupError
 from daemon.config import Config
 from daemon.demo import demo_model_path
 from ota.config import OtaConfig
@@ -24,7 +25,7 @@ from ota.errors import TransportError
 from ota.status import will_for
 from ota.transport import MqttTransport
 
-__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "read_ota_material", "check_startable"]
+__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "read_ota_material", "check_startable"]
 
 
 class StartupError(RuntimeError):
@@ -57,6 +58,16 @@ def open_engine(cfg: Config) -> InferenceEngine:
         raise StartupError("model.targets", f"{list(cfg.model.targets)} do not fit model {str(path)!r}: {e}") from e
     except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
         raise StartupError("model.path", f"{str(path)!r} cannot be served: {type(e).__name__}: {e}") from e
+
+
+def text_front_end(cfg: Config, engine: InferenceEngine) -> TextFrontEnd | None:
+    """The tokenizing step of a text model (``model.tokenizer`` etc. override what it declares); None otherwise."""
+    m = cfg.model
+    try:
+        return TextFrontEnd.from_model(engine.base_model, tokenizer=m.tokenizer, labels=m.labels,
+                                       max_tokens=m.max_text_tokens)
+    except TextSetupError as e:
+        raise StartupError(e.key, f"{e.detail} (the text input of model {str(model_file(cfg))!r})") from e
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def ota_transport(ota: OtaConfig, material: OtaMaterial) -> MqttTransport:
 
 
 def check_startable(cfg: Config) -> None:
-    """Everything :func:`open_engine` and the OTA start would refuse, without serving."""
-    open_engine(cfg)
+    """Everything :func:`open_engine`, :func:`text_front_end` and the OTA start would refuse, without serving."""
+    text_front_end(cfg, open_engine(cfg))
     if cfg.ota.enabled:
         ota_transport(cfg.ota, read_ota_material(cfg.ota)).close()

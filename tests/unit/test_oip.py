@@ -203,3 +203,42 @@ def test_datatype_of() -> None:
     assert datatype_of(np.zeros(1, np.int64)) == "INT64"
     with pytest.raises(ValueError, match="no Open Inference Protocol datatype"):
         datatype_of(np.zeros(1, np.complex64))
+
+
+TEXT = [Spec("text", "BYTES", (-1,))]
+
+
+def _text(data: object, shape: list[int] | None = None) -> dict[str, object]:
+    n = len(data) if isinstance(data, list) else 1
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape or [n], "data": data}]}
+
+
+def test_bytes_input_decodes_strings_to_utf8_bytes() -> None:
+    r = decode_infer_request(json.dumps(_text(["turn on the lamp", "Grüße"])).encode(), TEXT, OUTPUTS)
+    column = r.inputs["text"]
+    assert column.dtype == object and column.shape == (2,)
+    assert list(column) == [b"turn on the lamp", "Grüße".encode()]
+
+
+def test_bytes_input_refuses_non_strings_and_keeps_lone_surrogates_for_the_consumer() -> None:
+    with pytest.raises(OIPError, match=r"input 'text': BYTES data must be strings, found 3 at index 1"):
+        decode_infer_request(json.dumps(_text(["a", 3])).encode(), TEXT, OUTPUTS)
+    with pytest.raises(OIPError, match=r"data has 2 elements but shape \[3\] needs 3"):
+        decode_infer_request(json.dumps(_text(["a", "b"], [3])).encode(), TEXT, OUTPUTS)
+    # "\ud800" is valid JSON but not UTF-8 text: passed on as its bytes, for the tokenizer step to name
+    r = decode_infer_request(b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["\\ud800"]}]}', TEXT, OUTPUTS)
+    with pytest.raises(UnicodeDecodeError):
+        bytes(r.inputs["text"][0]).decode("utf-8")
+
+
+def test_body_that_is_not_utf8_is_named() -> None:
+    with pytest.raises(OIPError, match=r"request body is not valid UTF-8 \(invalid start byte at byte 1\)"):
+        decode_infer_request(b'"\xff"', TEXT, OUTPUTS)
+
+
+def test_bytes_output_encodes_as_strings() -> None:
+    labels = np.array([b"kitchen/light_on", "büro".encode()], dtype=object)
+    doc = encode_infer_response(model_name="m", model_version="1", request_id="r", outputs={"label": labels},
+                                wanted=None, adapter=None, adapter_version=None)
+    out = json.loads(json.dumps(doc))["outputs"][0]
+    assert out == {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["kitchen/light_on", "büro"]}

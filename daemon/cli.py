@@ -1,7 +1,9 @@
 """``lorad``: the daemon's command line.
 
-``lorad serve`` runs the daemon; ``lorad check-config FILE`` validates a config file and
-prints the effective settings. Exit codes: 0 ok, 1 the daemon failed at run time,
+``lorad serve`` runs the daemon (SIGHUP reloads the config and the adapters);
+``lorad check-config FILE`` validates a config file and prints the effective settings;
+``lorad install-service`` installs the systemd unit, user, directories and default
+config outside Yocto; ``lorad --version``. Exit codes: 0 ok, 1 the daemon failed at run time,
 2 bad usage or configuration (the message names the key).
 """
 
@@ -20,6 +22,7 @@ from adapters.errors import AdapterError
 from daemon.auth import AuthError
 from daemon.config import Config, ConfigError, load_config
 from daemon.systemd import setup_logging
+from daemon.version import lorad_version, ort_version
 from trainer.errors import TrainerError
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorad",
         description="Serve an ONNX base model with hot-swapped LoRA adapters (Open Inference Protocol over HTTP).",
     )
+    parser.add_argument("--version", action="version", version=f"lorad {lorad_version()} (onnxruntime {ort_version()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon until SIGTERM/SIGINT. Flags override the config file.")
@@ -47,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--state-dir", type=Path, metavar="DIR", help="as for serve")
+
+    inst = sub.add_parser(
+        "install-service", help="install the systemd unit, service user, directories and default config",
+        description="Install lorad as a systemd service (Raspberry Pi OS, JetPack, Debian): the unit in "
+                    "/etc/systemd/system, the user (systemd-sysusers), /etc/lorad/lorad.yaml (kept if present) "
+                    "and /var/lib/lorad. Prints every step.")
+    inst.add_argument("--user", default="lorad", metavar="NAME", help="service user and group (default lorad)")
+    inst.add_argument("--prefix", type=Path, default=Path(sys.prefix), metavar="DIR",
+                      help="where lorad is installed: ExecStart is DIR/bin/lorad (default: this installation, %(default)s)")
+    inst.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                      help="install into this root directory instead of / (an image, a test)")
+    inst.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     return parser
 
 
@@ -88,6 +104,18 @@ def _describe(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "install-service":
+        from daemon.install_service import InstallPlan, install_service
+
+        try:
+            return install_service(InstallPlan(user=args.user, prefix=args.prefix.absolute(), root=args.root.absolute(),
+                                               dry_run=args.dry_run))
+        except ValueError as e:
+            print(f"lorad: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:
+            print(f"lorad: install-service failed: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
     try:
         config = config_from_args(args)
     except ConfigError as e:
@@ -101,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from daemon.app import run  # the runtime (ORT, aiohttp) is only needed to serve
 
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, reload_config=lambda: config_from_args(args)))
     except (AuthError, AdapterError, TrainerError, OSError, RuntimeError) as e:
         _log.error("cannot serve: %s", e)
         if logging_to != "stderr":

@@ -33,6 +33,8 @@ __all__ = [
     "ServerConfig",
     "ModelConfig",
     "CacheConfig",
+    "PowerConfig",
+    "MetricsConfig",
     "Config",
     "SECTIONS",
     "default_state_dir",
@@ -267,6 +269,28 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class PowerConfig:
+    """Power and energy (daemon/power): which source, how often it is sampled."""
+
+    #: ``auto`` (the first present), ``none``, or one of :data:`daemon.power.detect.SOURCES`.
+    source: str = "auto"
+    #: Seconds between samples; energy is integrated over them.
+    sample_interval_s: float = 1.0
+    #: Root of the sysfs tree the sources read (tests pass a fixture tree).
+    sys_root: Path = Path("/sys")
+    #: Exported as ``lorad_power_limit_watts`` for the "power above limit" alert.
+    limit_watts: float | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What ``/metrics`` exports beyond the fixed families."""
+
+    #: Adapters that get their own ``adapter`` label (the rest are ``_other``).
+    top_adapters: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -274,6 +298,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "INFO"
 
 
@@ -342,6 +368,23 @@ def _parse_cache(r: SectionReader, ctx: ParseContext) -> CacheConfig:
     return CacheConfig(budget_bytes=_positive_size(r, "budget_bytes", CacheConfig().budget_bytes))
 
 
+def _parse_power(r: SectionReader, ctx: ParseContext) -> PowerConfig:
+    from daemon.power.detect import SOURCES
+
+    d = PowerConfig()
+    limit = r.number("limit_watts", 0.0, minimum=0.0) if r.raw("limit_watts") is not None else None
+    return PowerConfig(
+        source=r.string("source", d.source, choices=("auto", "none") + SOURCES),
+        sample_interval_s=r.number("sample_interval_s", d.sample_interval_s, minimum=0.05, maximum=3600.0),
+        sys_root=r.path("sys_root", d.sys_root, base=ctx.config_dir) or d.sys_root,
+        limit_watts=limit,
+    )
+
+
+def _parse_metrics(r: SectionReader, ctx: ParseContext) -> MetricsConfig:
+    return MetricsConfig(top_adapters=r.integer("top_adapters", MetricsConfig().top_adapters, minimum=0, maximum=1000))
+
+
 def _positive_size(r: SectionReader, name: str, default: int) -> int:
     n = r.byte_size(name, default)
     if n <= 0:
@@ -358,6 +401,8 @@ SECTIONS: dict[str, Callable[[SectionReader, ParseContext], Any]] = {
     "cache": _parse_cache,
     "trainer": trainer_section,
     "ota": parse_ota,
+    "power": _parse_power,
+    "metrics": _parse_metrics,
 }
 
 

@@ -30,7 +30,7 @@ from adapters.service import AdapterService
 from daemon.config import Config
 from daemon.metrics import DaemonMetrics
 from daemon.ota_config import OtaConfig
-from ota.client import ClientConfig, OtaClient
+from ota.client import ClientConfig, OtaClient, UpdateResult
 from ota.errors import TransportError
 from ota.metrics import OtaMetrics
 from ota.status import will_for
@@ -78,9 +78,18 @@ async def start_ota(
         executor, _build_transport, cfg, service.engine.fingerprint)
     stack.callback(transport.close)
     ota_metrics = OtaMetrics(metrics.registry)
+    where = f"mqtts://{ota.broker.host}:{ota.broker.port}"
+
+    def on_result(r: UpdateResult) -> None:
+        ota_metrics.on_result(r)
+        if r.result == "installed":
+            # Extra fields become journald fields (LORAD_ADAPTER=...) under systemd.
+            _log.info("OTA: installed adapter %r version %s from %s", r.adapter, r.version, where,
+                      extra={"LORAD_ADAPTER": r.adapter, "LORAD_VERSION": r.version, "LORAD_SOURCE": where})
+
     client = OtaClient(client_cfg, transport, service,
                        epsilon=None if epsilon is None else _epsilon_of(service, epsilon),
-                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command)
+                       on_result=on_result, on_command=ota_metrics.on_command)
     ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received)
     stack.callback(_say_offline, client, transport)
     recovered = await loop.run_in_executor(executor, client.recover)
@@ -93,7 +102,6 @@ async def start_ota(
     connected = await loop.run_in_executor(executor, supervisor.first_start)
     supervisor.start()
     stack.callback(supervisor.stop)
-    where = f"mqtts://{ota.broker.host}:{ota.broker.port}"
     if connected:
         _log.info("OTA: device %r (groups %s) connected to %s", ota.device_id, list(ota.groups), where)
     return OtaRuntime(client=client, transport=transport, metrics=ota_metrics)

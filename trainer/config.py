@@ -92,6 +92,11 @@ class PolicyConfig:
     require_external_power: bool = False
     #: Hottest thermal zone (°C) above which training waits.
     max_temperature_c: float | None = None
+    #: The device's draw (W, from the daemon's power source) above which training waits;
+    #: None, or no power source, means no limit.
+    max_power_watts: float | None = None
+    #: Battery charge (%) below which training waits; devices without a battery pass.
+    min_battery_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,8 @@ def _parse_policy(r: _Reader) -> PolicyConfig:
         time_window=None if window is None else _time_window(window, r.key("time_window")),
         require_external_power=r.boolean("require_external_power", d.require_external_power),
         max_temperature_c=r.number("max_temperature_c", None, minimum=0.0, maximum=200.0),
+        max_power_watts=r.number("max_power_watts", None, minimum=0.0),
+        min_battery_percent=r.number("min_battery_percent", None, minimum=0.0, maximum=100.0),
     )
     r.finish()
     return out

@@ -68,4 +68,7 @@ def test_every_name_has_the_prefix_and_registries_are_independent() -> None:
     a.adapter_swaps.inc()
     assert _samples(b)[("lorad_adapter_swaps_total", ())] == 0
     for fam in text_string_to_metric_families(a.render().decode()):
-        assert fam.name.startswith("lorad_"), fam.name
+        # process_* and python_* are prometheus_client's standard collectors, named as
+        # every exporter names them (dashboards expect those names)
+        assert fam.name.startswith(("lorad_", "process_", "python_")), fam.name
+        assert not fam.name.endswith("_created"), fam.name

@@ -91,7 +91,8 @@ def install_service(plan: InstallPlan, *, say: Callable[[str], None] = print) ->
     prefix = "would " if plan.dry_run else ""
 
     unit = render_unit(user=plan.user, exec_path=exec_path, systemd=version)
-    kind = "Type=notify-reload" if "Type=notify-reload" in unit else "Type=notify with ExecReload (systemd < 253)"
+    reload_type = re.search(r"^Type=notify-reload$", unit, re.M) is not None
+    kind = "Type=notify-reload" if reload_type else "Type=notify with ExecReload (systemd < 253)"
     say(f"{prefix}write {unit_path} ({kind}, ExecStart={exec_path}, User={plan.user})")
     if act:
         _write(unit_path, unit, 0o644)

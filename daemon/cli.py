@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "/etc/systemd/system, the user (systemd-sysusers), /etc/lorad/lorad.yaml (kept if present) "
                     "and /var/lib/lorad. Prints every step.")
     inst.add_argument("--user", default="lorad", metavar="NAME", help="service user and group (default lorad)")
-    inst.add_argument("--prefix", type=Path, default=Path(sys.prefix), metavar="DIR",
-                      help="where lorad is installed: ExecStart is DIR/bin/lorad (default: this installation, %(default)s)")
+    inst.add_argument("--prefix", type=Path, metavar="DIR",
+                      help="where lorad is installed: ExecStart is DIR/bin/lorad (default: this installation's prefix)")
     inst.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
                       help="install into this root directory instead of / (an image, a test)")
     inst.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
@@ -105,10 +105,11 @@ def _describe(config: Config) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "install-service":
-        from daemon.install_service import InstallPlan, install_service
+        from daemon.install_service import InstallPlan, default_prefix, install_service
 
+        prefix = args.prefix.absolute() if args.prefix is not None else default_prefix()
         try:
-            return install_service(InstallPlan(user=args.user, prefix=args.prefix.absolute(), root=args.root.absolute(),
+            return install_service(InstallPlan(user=args.user, prefix=prefix, root=args.root.absolute(),
                                                dry_run=args.dry_run))
         except ValueError as e:
             print(f"lorad: {e}", file=sys.stderr)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["InstallPlan", "install_service", "render_unit", "systemd_version", "NOTIFY_RELOAD_SINCE"]
+__all__ = ["InstallPlan", "default_prefix", "install_service", "render_unit", "systemd_version", "NOTIFY_RELOAD_SINCE"]
 
 #: systemd learnt Type=notify-reload in version 253.
 NOTIFY_RELOAD_SINCE = 253
@@ -32,11 +33,21 @@ _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 class InstallPlan:
     user: str = "lorad"
     #: Installation prefix of lorad: ExecStart is ``<prefix>/bin/lorad``.
-    prefix: Path = Path(sys.prefix)
+    prefix: Path = field(default_factory=lambda: default_prefix())
     root: Path = Path("/")
     dry_run: bool = False
     #: systemd's version on the target; None: ask ``systemctl --version``.
     systemd: int | None = None
+
+
+def default_prefix() -> Path:
+    """The prefix of the ``lorad`` script of this installation: the virtualenv's, else the
+    one on PATH (pip installs scripts in /usr/local/bin for a system Python)."""
+    beside = Path(sys.executable).parent / "lorad"  # not resolved: a venv's python is a symlink
+    if beside.is_file():
+        return beside.parent.parent
+    found = shutil.which("lorad")
+    return Path(found).parent.parent if found else Path(sys.prefix)
 
 
 def systemd_version(run: Callable[[list[str]], str] | None = None) -> int | None:

@@ -164,13 +164,13 @@ class _AdapterLabels:
 class DaemonMetrics:
     """Every metric the daemon itself exports."""
 
-    def __init__(self, registry: CollectorRegistry, *, top_adapters: int = 10, standard_collectors: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry, *, top_adapters: int = 10) -> None:
         prometheus_client.disable_created_metrics()
         self.registry = registry
-        if standard_collectors:
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-            GCCollector(registry=registry)
+        # The standard process_* and python_* families, as every Python exporter has them.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self._adapter_label = _AdapterLabels(top_adapters)
         self._busy_lock = threading.Lock()
         self._busy_s: dict[str, float] = {"base": 0.0, "adapter": 0.0}

@@ -238,3 +238,27 @@ def test_rapl_energy_through_the_sampler_is_monotonic_across_a_wrap(tmp_path: Pa
     assert t.watts["package-0"] == pytest.approx(1.0)
     assert t.total_watts == pytest.approx(2.0)  # psys: 4 J over 2 s
     assert t.phase_joules["idle"] == pytest.approx(4.0)
+
+
+def test_a_jetson_rail_that_disappears_from_the_tree(tmp_path: Path) -> None:
+    root = _tree(tmp_path, "orin-nano-jp5")
+    hwmon = root / "bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
+    clock = Clock()
+    s = PowerSampler(Ina3221Hwmon(root), interval_s=1.0, clock=clock)
+    s.sample()
+    clock.t += 2
+    s.sample()
+    soc = 5.064 * 0.336
+    assert s.totals().rail_joules["VDD_SOC"] == pytest.approx(2 * soc)
+    (hwmon / "curr3_input").unlink()  # the channel's current can no longer be read
+    clock.t += 2
+    s.sample()
+    t = s.totals()
+    assert "VDD_SOC" not in t.watts and t.rail_joules["VDD_SOC"] == pytest.approx(2 * soc)
+    assert t.rail_joules["VDD_IN"] == pytest.approx(4 * 5.064 * 1.216)
+    (hwmon / "curr3_input").write_text("336\n")
+    clock.t += 2
+    s.sample()  # back: the gap is not integrated
+    clock.t += 1
+    s.sample()
+    assert s.totals().rail_joules["VDD_SOC"] == pytest.approx(3 * soc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from typing import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from adapters.engine import DEVICES, InferenceEngine
+from adapters.engine import DEVICES
 from adapters.errors import AdapterError
 from adapters.fsutil import atomic_write_bytes
 from adapters.peft_format import read_peft_dir
@@ -33,11 +32,12 @@ from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from daemon import auth
 from daemon.config import ADDR_FILE, Config
-from daemon.demo import demo_adapter_dirs, demo_model_path
+from daemon.demo import demo_adapter_dirs
 from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
 from daemon.ota_wiring import start_ota
 from daemon.power import NoSource, PowerSampler, detect_source
+from daemon.preflight import StartupError, model_file, open_engine
 from daemon.systemd import SystemdNotifier
 from daemon.training_api import add_training_routes
 from daemon.version import lorad_version
@@ -104,10 +104,10 @@ class Daemon:
         executor = ThreadPoolExecutor(cfg.server.worker_threads, thread_name_prefix="lorad-worker")
         self._stack.callback(executor.shutdown, wait=True, cancel_futures=True)
 
-        model_path = cfg.model.path if cfg.model.path is not None else demo_model_path()
+        model_path = model_file(cfg)
         _log.info("loading model %r from %s (targets %s, slot rank %d, device %s)",
                   cfg.model.name, model_path, ", ".join(cfg.model.targets), cfg.model.rank, cfg.model.device)
-        engine = await loop.run_in_executor(executor, _build_engine, cfg, model_path)
+        engine = await loop.run_in_executor(executor, open_engine, cfg)
         metrics = DaemonMetrics(self._metrics_registry, top_adapters=cfg.metrics.top_adapters)
         metrics.set_backend(engine.requested_device, engine.active_device)
         metrics.set_build_info(version=lorad_version(), ort_version=_ort_version(), backend=engine.active_device,
@@ -241,8 +241,8 @@ class Daemon:
             status = "reload failed: invalid configuration (the running one stays)"
         else:
             logging.getLogger().setLevel(new.log_level)
-            pending = [f.name for f in dataclasses.fields(new)
-                       if f.name != "log_level" and getattr(new, f.name) != getattr(self.config, f.name)]
+            pending = [name for name in type(new).model_fields
+                       if name != "log_level" and getattr(new, name) != getattr(self.config, name)]
             if pending:
                 _log.warning("reload: changes to %s take effect at the next restart", ", ".join(pending))
             refreshed = (await asyncio.get_running_loop().run_in_executor(None, _refresh_adapters, self.service)
@@ -302,25 +302,6 @@ def _refresh_adapters(service: AdapterService) -> list[str]:
             except (AdapterError, ValueError) as e:
                 _log.warning("reload: adapter %r could not be pinned again: %s", entry.name, e)
     return changed
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot serve with this configuration; the message names the key."""
-
-
-def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
-    try:
-        return InferenceEngine(
-            model_path,
-            targets=cfg.model.targets,
-            rank=cfg.model.rank,
-            device=cfg.model.device,
-            intra_op_threads=cfg.model.intra_op_threads,
-        )
-    except ValueError as e:  # the graph surgery: targets that match nothing or no linear op
-        raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
-    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
-        raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e
 
 
 def _ort_version() -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
+from daemon.power.config import SourceName
 from daemon.power.ina3221_hwmon import Ina3221Hwmon
 from daemon.power.ina3221_iio import Ina3221Iio
 from daemon.power.rapl import Rapl
@@ -15,7 +16,7 @@ from daemon.power.vcgencmd import Runner, VcgencmdPmic, run_command
 __all__ = ["NoSource", "SOURCES", "detect_source"]
 
 #: Names accepted by ``power.source`` (besides ``auto`` and ``none``).
-SOURCES = ("jetson-ina3221-hwmon", "jetson-ina3221-iio", "rpi5-pmic", "rapl")
+SOURCES: tuple[str, ...] = get_args(SourceName)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ def test_zero_budget_refused() -> None:
         ({"power": {"sample_interval_s": 0}}, "power.sample_interval_s", "from 0.05 to 3600"),
         ({"power": {"limit_watts": -1}}, "power.limit_watts", "got -1"),
         ({"metrics": {"top_adapters": 5000}}, "metrics.top_adapters", "from 0 to 1000"),
-        ({"trainer": {"policy": {"min_battery_percent": 120}}}, "trainer.policy.min_battery_percent", "got int 120"),
+        ({"trainer": {"policy": {"min_battery_percent": 120}}}, "trainer.policy.min_battery_percent",
+         "got 120; expected a number from 0 to 100"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(doc: dict[str, object], key: str, fragment: str) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from adapters.engine import DEVICES
 from adapters.errors import AdapterError
 from adapters.fsutil import atomic_write_bytes
 from adapters.peft_format import read_peft_dir
@@ -35,9 +36,11 @@ from daemon.demo import demo_adapter_dirs
 from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
 from daemon.ota_wiring import start_ota
+from daemon.power import NoSource, PowerSampler, detect_source
 from daemon.preflight import StartupError, model_file, open_engine, text_front_end
 from daemon.systemd import SystemdNotifier
 from daemon.training_api import add_training_routes
+from daemon.version import lorad_version
 from trainer.metrics import register_trainer_metrics
 from trainer.policy import RateMeter
 from trainer.service import TrainerService
@@ -77,6 +80,8 @@ class Daemon:
         self._ready = False
         self.service: AdapterService | None = None
         self.addresses: BoundAddresses | None = None
+        self._trainer: TrainerService | None = None
+        self._metrics: DaemonMetrics | None = None
 
     def is_ready(self) -> bool:
         return self._ready
@@ -103,8 +108,12 @@ class Daemon:
         _log.info("loading model %r from %s (targets %s, slot rank %d, device %s)",
                   cfg.model.name, model_path, ", ".join(cfg.model.targets), cfg.model.rank, cfg.model.device)
         engine = await loop.run_in_executor(executor, open_engine, cfg)
-        metrics = DaemonMetrics(self._metrics_registry)
+        metrics = DaemonMetrics(self._metrics_registry, top_adapters=cfg.metrics.top_adapters)
         metrics.set_backend(engine.requested_device, engine.active_device)
+        metrics.set_build_info(version=lorad_version(), ort_version=_ort_version(), backend=engine.active_device,
+                               provider=DEVICES[engine.active_device])
+        self._metrics = metrics
+        power = self._start_power(metrics)
 
         registry = AdapterRegistry(cfg.state_dir / "adapters")
         service = AdapterService(
@@ -119,7 +128,8 @@ class Daemon:
         self.service = service
         if cfg.model.path is None:
             await loop.run_in_executor(executor, _install_demo_adapters, service, cfg.state_dir / _DEMO_MARKER)
-        trainer = await self._start_trainer(service, metrics, executor) if cfg.trainer.enabled else None
+        trainer = await self._start_trainer(service, metrics, executor, power) if cfg.trainer.enabled else None
+        self._trainer = trainer
         await start_ota(
             cfg, service, self._stack, executor, metrics,
             epsilon=_epsilon_of(trainer) if trainer is not None else None,
@@ -166,12 +176,38 @@ class Daemon:
         self._notifier.start_watchdog(self.is_ready)
         self._stack.push_async_callback(self._notifier.stop_watchdog)
         _log.info("%s", status)
+        _log.info("state directory %s; API token file %s; listening at %s", cfg.state_dir, cfg.server.token_file,
+                  self.addresses.describe())
         return self.addresses
 
-    async def _start_trainer(self, service: AdapterService, metrics: DaemonMetrics, executor: ThreadPoolExecutor) -> TrainerService:
+    def _start_power(self, metrics: DaemonMetrics) -> PowerSampler | None:
+        """Sample the device's power source, or say once (log and metrics) why there is none."""
+        cfg = self.config.power
+        found = detect_source(cfg.source, sys_root=cfg.sys_root)
+        if isinstance(found, NoSource):
+            _log.info("power: no power source (%s); no power or energy series", found.reason)
+            metrics.watch_power(found)
+            return None
+        sampler = PowerSampler(found, interval_s=cfg.sample_interval_s, training_active=self._training_active,
+                               inference_busy_s=metrics.inference_busy_seconds)
+        sampler.start()
+        self._stack.callback(sampler.close)
+        metrics.watch_power(sampler, limit_watts=cfg.limit_watts)
+        _log.info("power: sampling %s every %g s", found.name, cfg.sample_interval_s)
+        return sampler
+
+    def _training_active(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.scheduler.status()["current"] is not None
+
+    async def _start_trainer(self, service: AdapterService, metrics: DaemonMetrics, executor: ThreadPoolExecutor,
+                             power: PowerSampler | None) -> TrainerService:
         cfg = self.config
         trainer = await asyncio.get_running_loop().run_in_executor(executor, lambda: TrainerService(
             cfg.trainer, adapters=service, state_dir=cfg.state_dir, request_rate=RateMeter(metrics.inference_requests),
+            power_watts=power.total_watts if power is not None else lambda: None,
+            energy_joules=power.training_joules if power is not None else None,
+            sys_root=cfg.power.sys_root,
         ))
         self._stack.callback(trainer.close)
         register_trainer_metrics(self._metrics_registry, trainer)
@@ -186,24 +222,92 @@ class Daemon:
         """Tear down in reverse order of setup; a second call does nothing."""
         await self._stack.aclose()
 
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """SIGHUP: re-read the config and the adapters while requests keep being served.
 
-async def run(config: Config, *, announce: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        systemd hears ``RELOADING=1`` (with ``MONOTONIC_USEC``) first and ``READY=1`` when
+        done, also when the new config is invalid: then the running config stays and the
+        log names the bad key. Applied at once: ``log_level``, and adapters whose stored
+        version changed on disk (dropped from the cache, so the next request loads the
+        new version; requests holding the old one finish with it). Other changed
+        sections are named in the log as taking effect at the next restart.
+        """
+        self._notifier.reloading()
+        ok = False
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, load)
+        except ValueError as e:  # ConfigError: the message names the key
+            _log.error("reload: the new configuration is invalid, keeping the running one: %s", e)
+            status = "reload failed: invalid configuration (the running one stays)"
+        else:
+            logging.getLogger().setLevel(new.log_level)
+            pending = [name for name in type(new).model_fields
+                       if name != "log_level" and getattr(new, name) != getattr(self.config, name)]
+            if pending:
+                _log.warning("reload: changes to %s take effect at the next restart", ", ".join(pending))
+            refreshed = (await asyncio.get_running_loop().run_in_executor(None, _refresh_adapters, self.service)
+                         if self.service is not None else [])
+            _log.info("reload: log level %s; adapters refreshed from disk: %s", new.log_level,
+                      ", ".join(refreshed) if refreshed else "none changed")
+            ok = True
+            status = f"serving model {self.config.model.name!r} at {self.addresses.describe() if self.addresses else '?'} (reloaded)"
+        if self._metrics is not None:
+            self._metrics.reloads.labels(result="ok" if ok else "failed").inc()
+        self._notifier.ready(status)
+        return ok
+
+
+async def run(config: Config, *, announce: bool = True, reload_config: Callable[[], Config] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads (``reload_config``)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hup = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     daemon = Daemon(config)
     try:
         addresses = await daemon.start()
         if announce:
             print(f"lorad: serving model {config.model.name!r} at {addresses.describe()}", flush=True)
-        await stop.wait()
+        while not stop.is_set():
+            stopping = asyncio.ensure_future(stop.wait())
+            hupped = asyncio.ensure_future(hup.wait())
+            await asyncio.wait({stopping, hupped}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            hupped.cancel()
+            if hup.is_set() and not stop.is_set():
+                hup.clear()
+                await daemon.reload(reload_config or (lambda: config))
         _log.info("signal received: stopping")
     finally:
         await daemon.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def _refresh_adapters(service: AdapterService) -> list[str]:
+    """Drop cached adapters whose stored version is no longer the current one (changed
+    or deleted by another process); pinned ones are pinned again at the new version."""
+    changed = []
+    for entry in service.cache.entries():
+        current = service.registry.current_version(entry.name)
+        if current == entry.version:
+            continue
+        service.cache.discard(entry.name)
+        changed.append(entry.name)
+        if entry.pinned and current is not None:
+            try:
+                service.pin(entry.name)
+            except (AdapterError, ValueError) as e:
+                _log.warning("reload: adapter %r could not be pinned again: %s", entry.name, e)
+    return changed
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def _epsilon_of(trainer: TrainerService) -> Callable[[str], float | None]:

@@ -1,13 +1,15 @@
 """``lorad``: the daemon's command line.
 
-``lorad serve`` runs the daemon; ``lorad check-config FILE`` checks a config file as
-``serve`` would at start (the model opened, its targets matched, a text model's tokenizer
-loaded, OTA's files read) and prints the effective settings (JSON; YAML with ``--print``,
-itself a valid config file); ``lorad config-schema`` prints the JSON Schema of the file;
-``lorad inspect-model MODEL.onnx`` lists the weights LoRA can target, with the module paths
-PEFT adapters name them by; ``lorad import-model bert SRC OUT`` writes a Hugging Face
-BERT-family checkpoint as a LoRA-ready ONNX text model. Exit codes: 0 ok, 1 the daemon
-failed at run time, 2 bad usage or configuration (the message names the key).
+``lorad serve`` runs the daemon (SIGHUP reloads the config and the adapters);
+``lorad check-config FILE`` checks a config file as ``serve`` would at start (the model
+opened, its targets matched, a text model's tokenizer loaded, OTA's files read) and prints
+the effective settings (JSON; YAML with ``--print``, itself a valid config file);
+``lorad config-schema`` prints the JSON Schema of the file; ``lorad inspect-model
+MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapters name
+them by; ``lorad import-model bert SRC OUT`` writes a Hugging Face BERT-family checkpoint
+as a LoRA-ready ONNX text model; ``lorad install-service`` installs the systemd unit,
+user, directories and default config outside Yocto; ``lorad --version``. Exit codes: 0 ok,
+1 the daemon failed at run time, 2 bad usage or configuration (the message names the key).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from adapters.errors import AdapterError
 from daemon.auth import AuthError
 from daemon.config import Config, ConfigError, config_schema, load_config
 from daemon.systemd import setup_logging
+from daemon.version import lorad_version, ort_version
 from trainer.errors import TrainerError
 
 __all__ = ["main", "build_parser", "config_from_args", "effective_config"]
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorad",
         description="Serve an ONNX base model with hot-swapped LoRA adapters (Open Inference Protocol over HTTP).",
     )
+    parser.add_argument("--version", action="version", version=f"lorad {lorad_version()} (onnxruntime {ort_version()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon until SIGTERM/SIGINT. Flags override the config file.")
@@ -73,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("family", choices=["bert"], help="architecture family of the checkpoint")
     imp.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
     imp.add_argument("out", type=Path, metavar="OUT.onnx")
+    inst = sub.add_parser(
+        "install-service", help="install the systemd unit, service user, directories and default config",
+        description="Install lorad as a systemd service (Raspberry Pi OS, JetPack, Debian): the unit in "
+                    "/etc/systemd/system, the user (systemd-sysusers), /etc/lorad/lorad.yaml (kept if present) "
+                    "and /var/lib/lorad. Prints every step.")
+    inst.add_argument("--user", default="lorad", metavar="NAME", help="service user and group (default lorad)")
+    inst.add_argument("--prefix", type=Path, metavar="DIR",
+                      help="where lorad is installed: ExecStart is DIR/bin/lorad (default: this installation's prefix)")
+    inst.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                      help="install into this root directory instead of / (an image, a test)")
+    inst.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     return parser
 
 
@@ -105,6 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect_model(args.model, as_json=args.json)
     if args.command == "import-model":
         return _import_model(args.src, args.out)
+    if args.command == "install-service":
+        from daemon.install_service import InstallPlan, default_prefix, install_service
+
+        prefix = args.prefix.absolute() if args.prefix is not None else default_prefix()
+        try:
+            return install_service(InstallPlan(user=args.user, prefix=prefix, root=args.root.absolute(),
+                                               dry_run=args.dry_run))
+        except ValueError as e:
+            print(f"lorad: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:
+            print(f"lorad: install-service failed: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
     if args.command == "config-schema":
         print(json.dumps(config_schema(), indent=2))
         return EXIT_OK
@@ -130,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from daemon.app import run  # the runtime (ORT, aiohttp) is only needed to serve
 
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, reload_config=lambda: config_from_args(args)))
     except (AuthError, AdapterError, TrainerError, OSError, RuntimeError) as e:
         _log.error("cannot serve: %s", e)
         if logging_to != "stderr":

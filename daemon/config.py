@@ -2,8 +2,9 @@
 
 Each package owns the section of its part, a frozen pydantic model with defaults, units
 and descriptions: ``model:`` and ``cache:`` in :mod:`adapters.config`, ``trainer:`` in
-:mod:`trainer.config`, ``ota:`` in :mod:`ota.config`. This module owns only what the
-process itself needs (``server:``, ``log_level``, ``state_dir``) and composes the
+:mod:`trainer.config`, ``ota:`` in :mod:`ota.config`, ``power:`` in :mod:`daemon.power.config`.
+This module owns only what the process itself needs (``server:``, ``metrics:``,
+``log_level``, ``state_dir``) and composes the
 sections into :class:`Config`. A new section is one model in its package and one field
 here; a new key is one field of its section's model (``/work/coord/CONFIG_HOWTO.md``).
 
@@ -38,6 +39,7 @@ from adapters.config_types import (
     validate_value,
 )
 from daemon.demo import DEMO_RANK, DEMO_TARGETS
+from daemon.power.config import PowerConfig
 from ota.config import OtaConfig
 from trainer.config import TrainerConfig
 
@@ -46,6 +48,8 @@ __all__ = [
     "ServerConfig",
     "ModelConfig",
     "CacheConfig",
+    "PowerConfig",
+    "MetricsConfig",
     "Config",
     "default_state_dir",
     "parse_byte_size",
@@ -121,6 +125,16 @@ class ServerConfig(ConfigModel):
         return f"{mode:04o}"
 
 
+class MetricsConfig(ConfigModel):
+    """What ``/metrics`` exports beyond the fixed families."""
+
+    config_key = "metrics"
+
+    top_adapters: int = Field(10, ge=0, le=1000, description="Adapters (the busiest) that get their own adapter "
+                                                             "label on the per-adapter request series; the rest "
+                                                             "are counted as _other.")
+
+
 class Config(ConfigModel):
     """The whole file: the process settings and the sections of the parts."""
 
@@ -134,6 +148,8 @@ class Config(ConfigModel):
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig(), description="Adapters kept in memory.")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(), description="On-device DP training.")
     ota: OtaConfig = Field(default_factory=lambda: OtaConfig(), description="Signed adapter updates from the fleet over MQTT.")
+    power: PowerConfig = Field(default_factory=lambda: PowerConfig(), description="Power and energy sampling.")
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig(), description="What /metrics exports.")
 
     @model_validator(mode="before")
     @classmethod

@@ -173,7 +173,11 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
         status, message, headers = _error_status(e)
         response = json_response({"error": message}, status, headers)
     kind = request.get("adapter_kind", "none")
-    settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind).observe(time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind).observe(seconds)
+    if kind != "none":  # an inference request that got as far as naming its adapter
+        settings.metrics.observe_inference(adapter=request.get("adapter"), kind=kind, seconds=seconds,
+                                           ok=response.status < 400)
     if response.status >= 400:
         settings.metrics.request_errors.labels(endpoint=endpoint, code=str(response.status)).inc()
     return response
@@ -265,18 +269,18 @@ class _Handlers:
     async def infer(self, request: web.Request) -> web.Response:
         self._model(request)
         body = await read_body(request, self.s.max_request_bytes)
-        kind: list[str] = []  # filled by the worker once decoded, so errors after that are labelled
+        kind: list[tuple[str, str | None]] = []  # filled by the worker once decoded, so errors after that are labelled
         try:
             payload = await self._run(self._infer, body, kind)
         finally:
             if kind:
-                request["adapter_kind"] = kind[0]
+                request["adapter_kind"], request["adapter"] = kind[0]
         return web.Response(body=payload, content_type="application/json")
 
-    def _infer(self, body: bytes, kind: list[str]) -> bytes:
+    def _infer(self, body: bytes, kind: list[tuple[str, str | None]]) -> bytes:
         """Decode, run and encode in one trip to the worker pool (the hot path)."""
         req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs)
-        kind.append("base" if req.adapter is None else "adapter")
+        kind.append(("base" if req.adapter is None else "adapter", req.adapter))
         result = self.service.infer(req.inputs, req.adapter)
         doc = oip.encode_infer_response(
             model_name=self.service.model_name,

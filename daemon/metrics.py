@@ -1,19 +1,45 @@
 """The daemon's Prometheus metrics, on a registry passed in (tests make their own).
 
 Cache figures are read from the cache itself when scraped (it keeps the counts), so they
-cannot drift from what the cache did; request figures are observed by the HTTP layer.
+cannot drift from what the cache did; request figures are observed by the HTTP layer;
+power and energy are read from the power sampler at each scrape.
+
+Per-adapter series have bounded cardinality: the first ``top_adapters`` adapters to get
+traffic after start keep their own ``adapter`` label for the life of the process (a
+label never moves, so counters stay monotonic); every other adapter is counted under
+``_other`` and the base model under ``_base`` (adapter names start with a letter or
+digit, so neither can be an adapter's name). Every README-listed family is in
+``/metrics``; ``*_created`` series are turned off (one global switch of
+prometheus_client, set here once for the process).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Iterable, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
-__all__ = ["CacheStatsLike", "DaemonMetrics", "CONTENT_TYPE", "LATENCY_BUCKETS"]
+from daemon.power import PHASES, NoSource, PowerSampler
+
+__all__ = ["CacheStatsLike", "DaemonMetrics", "CONTENT_TYPE", "LATENCY_BUCKETS", "BASE_LABEL", "OTHER_LABEL"]
+
+#: ``adapter`` label of requests to the base model, and of adapters beyond the top N.
+BASE_LABEL, OTHER_LABEL = "_base", "_other"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -63,11 +89,118 @@ class _CacheCollector(Collector):
         return []
 
 
+class _PowerCollector(Collector):
+    def __init__(self, power: PowerSampler | NoSource, limit_watts: float | None) -> None:
+        self._power = power
+        self._limit = limit_watts
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("lorad_power_source_info",
+                                 "The power source read (value 1); source=\"none\" and the reason when there is none.",
+                                 labels=["source", "reason"])
+        if isinstance(self._power, NoSource):
+            info.add_metric(["none", self._power.reason], 1)
+            yield info
+            return
+        info.add_metric([self._power.source.name, ""], 1)
+        yield info
+        t = self._power.totals()
+        watts = GaugeMetricFamily("lorad_power_watts", "Power of each rail at the last sample, watts.", labels=["rail"])
+        for rail, w in sorted(t.watts.items()):
+            watts.add_metric([rail], w)
+        yield watts
+        if t.total_watts is not None:
+            yield GaugeMetricFamily("lorad_power_draw_watts",
+                                    "The device's draw at the last sample (input rail or sum of rails), watts.",
+                                    value=t.total_watts)
+        energy = CounterMetricFamily("lorad_energy_joules",
+                                     "Energy integrated by the sampler: by rail (label rail), and the device's total "
+                                     "attributed to a phase (label phase: idle, inference, training).")
+        for rail, j in sorted(t.rail_joules.items()):
+            energy.samples.append(Sample("lorad_energy_joules_total", {"rail": rail}, j))
+        for phase in PHASES:
+            energy.samples.append(Sample("lorad_energy_joules_total", {"phase": phase}, t.phase_joules[phase]))
+        yield energy
+        per_kind = CounterMetricFamily("lorad_inference_energy_joules",
+                                       "Energy attributed to inference, by adapter kind (base, adapter).",
+                                       labels=["adapter_kind"])
+        for kind in ("base", "adapter"):
+            per_kind.add_metric([kind], t.inference_joules.get(kind, 0.0))
+        yield per_kind
+        yield CounterMetricFamily("lorad_power_sample_errors", "Samples at which the power source could not be read.",
+                                  value=t.errors)
+        if self._limit is not None:
+            yield GaugeMetricFamily("lorad_power_limit_watts", "The configured power.limit_watts (alerting threshold).",
+                                    value=self._limit)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _AdapterLabels:
+    """Hands out at most ``top_n`` adapter labels, for good; the rest share ``_other``."""
+
+    def __init__(self, top_n: int) -> None:
+        if top_n < 0:
+            raise ValueError(f"top_adapters must be >= 0, got {top_n}")
+        self._top_n = top_n
+        self._own: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter: str | None, *, may_take_a_label: bool) -> str:
+        """``may_take_a_label`` only for a request that was answered: a name that does not
+        exist must not take one of the labels."""
+        if adapter is None:
+            return BASE_LABEL
+        with self._lock:
+            if adapter in self._own:
+                return adapter
+            if may_take_a_label and len(self._own) < self._top_n:
+                self._own.add(adapter)
+                return adapter
+        return OTHER_LABEL
+
+
 class DaemonMetrics:
     """Every metric the daemon itself exports."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, top_adapters: int = 10) -> None:
+        prometheus_client.disable_created_metrics()
         self.registry = registry
+        # The standard process_* and python_* families, as every Python exporter has them.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self._adapter_label = _AdapterLabels(top_adapters)
+        self._busy_lock = threading.Lock()
+        self._busy_s: dict[str, float] = {"base": 0.0, "adapter": 0.0}
+        self.build_info = Gauge(
+            "lorad_build_info",
+            "lorad's version, the onnxruntime version, the device requested (backend) and the execution provider serving (value 1).",
+            ["version", "ort_version", "backend", "provider"],
+            registry=registry,
+        )
+        self.adapter_requests = Counter(
+            "lorad_adapter_requests",
+            "Inference requests by adapter (top N by traffic; _other for the rest, _base for the base model) and outcome (ok, error).",
+            ["adapter", "outcome"],
+            registry=registry,
+        )
+        self.adapter_seconds = Histogram(
+            "lorad_adapter_request_duration_seconds",
+            "Time to answer an inference request, by adapter (top N; _other, _base).",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "lorad_config_reloads",
+            "SIGHUP reloads by result (ok: applied, failed: the new config was invalid and the old one stays).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("ok", "failed"):
+            self.reloads.labels(result=result)
         self.request_seconds = Histogram(
             "lorad_request_duration_seconds",
             "Time to answer an HTTP request, by endpoint and adapter kind (base, adapter, none).",
@@ -98,6 +231,27 @@ class DaemonMetrics:
             registry=registry,
         )
         self.ready = Gauge("lorad_ready", "1 when the daemon serves requests.", registry=registry)
+
+    def set_build_info(self, *, version: str, ort_version: str, backend: str, provider: str) -> None:
+        self.build_info.labels(version=version, ort_version=ort_version, backend=backend, provider=provider).set(1)
+
+    def watch_power(self, power: PowerSampler | NoSource, *, limit_watts: float | None = None) -> None:
+        """Export the sampler's power and energy (or why there is no power source)."""
+        self.registry.register(_PowerCollector(power, limit_watts))
+
+    def observe_inference(self, *, adapter: str | None, kind: str | None, seconds: float, ok: bool) -> None:
+        """One inference request answered: per-adapter series and the busy time energy is split by."""
+        label = self._adapter_label(adapter, may_take_a_label=ok)
+        self.adapter_requests.labels(adapter=label, outcome="ok" if ok else "error").inc()
+        self.adapter_seconds.labels(adapter=label).observe(seconds)
+        if kind in self._busy_s:
+            with self._busy_lock:
+                self._busy_s[kind] += seconds
+
+    def inference_busy_seconds(self) -> dict[str, float]:
+        """Seconds spent answering inference requests so far, by adapter kind (monotonic)."""
+        with self._busy_lock:
+            return dict(self._busy_s)
 
     def watch_cache(self, stats: Callable[[], CacheStatsLike]) -> None:
         """Export the cache's counts and bytes, read from ``stats()`` at each scrape."""

@@ -28,7 +28,7 @@ from adapters.service import AdapterService
 from daemon.config import Config
 from daemon.metrics import DaemonMetrics
 from daemon.preflight import ota_transport, read_ota_material
-from ota.client import OtaClient
+from ota.client import OtaClient, UpdateResult
 from ota.config import ClientConfig, OtaConfig, OtaPolicy
 from ota.errors import TransportError
 from ota.metrics import OtaMetrics
@@ -77,9 +77,18 @@ async def start_ota(
         executor, _build_transport, cfg, service.engine.fingerprint)
     stack.callback(transport.close)
     ota_metrics = OtaMetrics(metrics.registry)
+    where = f"mqtts://{ota.broker.host}:{ota.broker.port}"
+
+    def on_result(r: UpdateResult) -> None:
+        ota_metrics.on_result(r)
+        if r.result == "installed":
+            # Extra fields become journald fields (LORAD_ADAPTER=...) under systemd.
+            _log.info("OTA: installed adapter %r version %s from %s", r.adapter, r.version, where,
+                      extra={"LORAD_ADAPTER": r.adapter, "LORAD_VERSION": r.version, "LORAD_SOURCE": where})
+
     client = OtaClient(client_cfg, transport, service,
                        epsilon=None if epsilon is None else _epsilon_of(service, epsilon),
-                       on_result=ota_metrics.on_result, on_command=ota_metrics.on_command,
+                       on_result=on_result, on_command=ota_metrics.on_command,
                        install_gate=install_gate(ota.policy, SystemProbe()))
     ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received)
     stack.callback(_say_offline, client, transport)
@@ -93,7 +102,6 @@ async def start_ota(
     connected = await loop.run_in_executor(executor, supervisor.first_start)
     supervisor.start()
     stack.callback(supervisor.stop)
-    where = f"mqtts://{ota.broker.host}:{ota.broker.port}"
     if connected:
         _log.info("OTA: device %r (groups %s) connected to %s", ota.device_id, list(ota.groups), where)
     return OtaRuntime(client=client, transport=transport, metrics=ota_metrics)

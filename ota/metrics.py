@@ -15,7 +15,11 @@ from prometheus_client.registry import Collector
 
 from .client import UpdateResult
 
-__all__ = ["OtaMetrics"]
+__all__ = ["OtaMetrics", "UPDATE_RESULTS", "COMMAND_RESULTS"]
+
+#: Results of :class:`ota.client.UpdateResult` and of fleet commands.
+UPDATE_RESULTS = ("installed", "up_to_date", "skipped", "rejected", "failed", "recovered")
+COMMAND_RESULTS = ("done", "failed", "rejected")
 
 
 class _LiveCollector(Collector):
@@ -44,9 +48,15 @@ class OtaMetrics:
             "lorad_ota_updates", "OTA update outcomes by result (installed, up_to_date, skipped, "
             "rejected, failed, recovered) and reason code (empty when there is none).",
             ["result", "reason"], registry=registry)
+        # Every result exists at 0 from the first scrape (before any broker answered), so
+        # increase() and alerts see the first failure.
+        for result in UPDATE_RESULTS:
+            self.updates.labels(result=result, reason="")
         self.commands = Counter(
             "lorad_ota_commands", "Fleet commands by result (done, failed, rejected) and reason code.",
             ["result", "reason"], registry=registry)
+        for result in COMMAND_RESULTS:
+            self.commands.labels(result=result, reason="")
         self.last_update = Gauge(
             "lorad_ota_last_update_timestamp_seconds",
             "Unix time of the last OTA update cycle that reached a result.", registry=registry)

@@ -116,6 +116,12 @@ class PolicyConfig(ConfigModel):
     require_external_power: bool = Field(False, description="Train only on mains power (not on battery).")
     max_temperature_c: float | None = Field(None, ge=0.0, le=200.0, description="Hottest thermal zone (°C) above "
                                                                                 "which training waits; null: no limit.")
+    max_power_watts: float | None = Field(
+        None, ge=0.0, description="The device's draw (W, from the daemon's power source) above which training "
+                                  "waits; null, or no power source, means no limit.")
+    min_battery_percent: float | None = Field(
+        None, ge=0.0, le=100.0, description="Battery charge (%) below which training waits; devices without a "
+                                            "battery pass; null: no limit.")
 
     @field_serializer("time_window")
     def _window_text(self, window: tuple[int, int] | None) -> str | None:

@@ -53,6 +53,8 @@ _RUN_KEYS: dict[str, type | tuple[type, ...]] = {
     "delta": float, "budget_epsilon": float, "started_at": str, "ended_at": (str, type(None)),
     "status": str,
 }
+#: Keys a run record may carry: energy is known only on a device with a power source.
+_OPTIONAL_RUN_KEYS: dict[str, type | tuple[type, ...]] = {"energy_joules": float}
 _ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {"accountant": str, "delta": float, "budget_epsilon": float, "runs": list}
 
 
@@ -152,11 +154,13 @@ class PrivacyLedger:
             run["steps_done"] = steps_done
             self._persist(doc, "record_progress")
 
-    def end_run(self, run_id: int, *, steps_done: int, status: RunStatus) -> None:
+    def end_run(self, run_id: int, *, steps_done: int, status: RunStatus, energy_joules: float | None = None) -> None:
         """Close a run; its charge becomes the ``steps_done`` really trained.
 
         Works for a run begun before a restart too (it stays "running", charged in full,
         until then); ``steps_done`` may not go below the progress already recorded.
+        ``energy_joules`` (what the run cost, from the daemon's power source) is kept in
+        the record next to the charge when known.
         """
         if status not in END_STATUSES:
             raise ValueError(f"status must be one of {list(END_STATUSES)}, got {status!r}")
@@ -167,6 +171,10 @@ class PrivacyLedger:
             _check_steps_done(run, steps_done)
             run.update(steps_done=steps_done, steps_charged=steps_done, status=status,
                        ended_at=_now())
+            if energy_joules is not None:
+                if not (math.isfinite(energy_joules) and energy_joules >= 0):
+                    raise ValueError(f"energy_joules must be a finite number >= 0, got {energy_joules!r}")
+                run["energy_joules"] = float(energy_joules)
             self._persist(doc, "end_run")
 
     def state(self, adapter: str) -> PrivacyState:
@@ -351,8 +359,12 @@ def _check_common(where: str, rec: dict[str, Any]) -> None:
 def _validate_run(where: str, run: object, next_run_id: int, seen: set[int]) -> None:
     _expect(where, run, dict)
     assert isinstance(run, dict)
-    if set(run) != set(_RUN_KEYS):
-        raise _Invalid(f"{where} keys must be {sorted(_RUN_KEYS)}, got {sorted(run)}")
+    if set(run) - set(_OPTIONAL_RUN_KEYS) != set(_RUN_KEYS):
+        raise _Invalid(f"{where} keys must be {sorted(_RUN_KEYS)} (and optionally {sorted(_OPTIONAL_RUN_KEYS)}), "
+                       f"got {sorted(run)}")
+    for key, kind in _OPTIONAL_RUN_KEYS.items():
+        if key in run:
+            _expect(f"{where}.{key}", run[key], kind)
     for key, kind in _RUN_KEYS.items():
         _expect(f"{where}.{key}", run[key], kind)
     _check_common(where, run)

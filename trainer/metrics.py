@@ -51,16 +51,35 @@ class _TrainerCollector(Collector):
                                    labels=["adapter"])
         stored = GaugeMetricFamily("lorad_training_examples_stored", "Examples in the local store.",
                                    labels=["adapter"])
+        delta = GaugeMetricFamily("lorad_privacy_delta", "The δ at which an adapter's ε is accounted.",
+                                  labels=["adapter"])
+        remaining = GaugeMetricFamily("lorad_privacy_epsilon_remaining",
+                                      "ε an adapter may still spend (its budget minus ε spent, at least 0).",
+                                      labels=["adapter"])
+        energy = CounterMetricFamily("lorad_training_energy_joules",
+                                     "Energy of an adapter's ended training runs (runs on a device with a power source).",
+                                     labels=["adapter"])
         try:
+            spent_by: dict[str, float] = {}
             for adapter in s.ledger.adapters():
-                spent.add_metric([adapter], s.ledger.state(adapter).epsilon_spent)
+                state = s.ledger.state(adapter)
+                spent_by[adapter] = state.epsilon_spent
+                spent.add_metric([adapter], state.epsilon_spent)
+                if state.delta is not None:
+                    delta.add_metric([adapter], state.delta)
+                energy.add_metric([adapter], sum(float(r.get("energy_joules", 0.0)) for r in state.runs))
             for adapter in s.known_adapters():
-                budget.add_metric([adapter], s.config.for_adapter(adapter).target_epsilon)
+                target = s.config.for_adapter(adapter).target_epsilon
+                budget.add_metric([adapter], target)
+                remaining.add_metric([adapter], max(0.0, target - spent_by.get(adapter, 0.0)))
                 stored.add_metric([adapter], s.store.count(adapter))
         except Exception as e:  # a scrape must not fail because the trainer is closing
             _log.debug("trainer metrics incomplete: %s", e)
         yield spent
         yield budget
+        yield remaining
+        yield delta
+        yield energy
         yield stored
 
     def describe(self) -> Iterable[Metric]:

@@ -8,7 +8,12 @@ pass fixture trees (as prometheus client_python's process collector does):
 - power: ``<sys>/class/power_supply/*/{type,online}`` — on external power when a
   non-battery supply is online, or when the device has no battery at all (a Jetson or a
   Pi on its wall adapter reports no supply, or only a ``Mains`` one);
+- battery: the lowest ``<sys>/class/power_supply/*/capacity`` (percent) of the batteries;
 - heat: the hottest ``<sys>/class/thermal/thermal_zone*/temp`` (millidegrees Celsius);
+- draw: the device's power in watts from an injected ``power_watts()`` callable (the
+  daemon passes its power sampler's reading; the trainer does not read sensors itself).
+  It bounds the whole draw, training included: a run waits between steps while the
+  device draws more than the limit;
 - an optional local time window.
 
 Every check returns a :class:`Decision` with the reasons it says no, which the scheduler
@@ -68,6 +73,18 @@ class SystemProbe:
         # No battery at all: the device can only be running on external power.
         return not has_battery
 
+    def battery_percent(self) -> float | None:
+        """The lowest charge of the device's batteries; None without a battery."""
+        levels = []
+        for supply in sorted((self.sys_root / "class" / "power_supply").glob("*")):
+            if _read(supply / "type") != "Battery":
+                continue
+            try:
+                levels.append(float(_read(supply / "capacity") or ""))
+            except ValueError:
+                continue
+        return min(levels) if levels else None
+
     def max_temperature_c(self) -> float | None:
         temps = []
         for zone in (self.sys_root / "class" / "thermal").glob("thermal_zone*"):
@@ -117,11 +134,13 @@ class TrainingPolicy:
         *,
         probe: SystemProbe,
         request_rate: Callable[[], float] = lambda: 0.0,
+        power_watts: Callable[[], float | None] = lambda: None,
         now: Callable[[], datetime.datetime] = datetime.datetime.now,
     ) -> None:
         self.config = config
         self._probe = probe
         self._request_rate = request_rate
+        self._power_watts = power_watts
         self._now = now
 
     def device(self) -> Decision:
@@ -143,6 +162,14 @@ class TrainingPolicy:
             temp = self._probe.max_temperature_c()
             if temp is not None and temp > c.max_temperature_c:
                 reasons.append(f"temperature {temp:.1f} °C (limit {c.max_temperature_c:g} °C)")
+        if c.max_power_watts is not None:
+            watts = self._power_watts()
+            if watts is not None and watts > c.max_power_watts:
+                reasons.append(f"drawing {watts:.1f} W (limit {c.max_power_watts:g} W)")
+        if c.min_battery_percent is not None:
+            level = self._probe.battery_percent()
+            if level is not None and level < c.min_battery_percent:
+                reasons.append(f"battery at {level:g} % (needs {c.min_battery_percent:g} %)")
         return Decision.of(reasons)
 
     def adapter(self, *, new_examples: int, train_examples: int, budget_left: float | None) -> Decision:

@@ -173,6 +173,9 @@ class TrainerEnv:
     #: Nice value of that child process, and whether it runs in SCHED_IDLE.
     niceness: int = 10
     sched_idle: bool = False
+    #: Cumulative joules the daemon attributes to training (its power sampler); a run's
+    #: energy is the difference over the run. None: no power source, no figure.
+    energy_joules: Callable[[], float] | None = None
 
 
 def last_trained_example(state_dir: Path, adapter: str) -> int | None:
@@ -207,6 +210,7 @@ class TrainingRun:
         self._finish_only = False
         self._saved: dict[str, Any] = {}
         self._recorded = 0  # progress recorded in the ledger for this run
+        self._energy_start: float | None = None
         self._stepper_obj: object = None
         self._epsilon = 0.0
         self._epsilon_at = -math.inf
@@ -358,6 +362,7 @@ class TrainingRun:
     def _execute(self, run_id: int, plan: RunPlan) -> RunResult:
         stepper: _Stepper | None = None
         steps = 0
+        self._energy_start = self.env.energy_joules() if self.env.energy_joules is not None else None
         try:
             artifacts = self._artifacts()
             stepper = self._stepper_obj = self._stepper(artifacts, plan)
@@ -368,7 +373,8 @@ class TrainingRun:
                 if outcome != "completed":
                     return self._stop(outcome, steps)
                 stepper.save_checkpoint(self._dir / _CHECKPOINT)
-                self.env.ledger.end_run(run_id, steps_done=plan.steps, status="completed")
+                self.env.ledger.end_run(run_id, steps_done=plan.steps, status="completed",
+                                        energy_joules=self._energy_used())
         except Exception as e:
             _log.error("adapter %r: training run %d failed: %s", self.adapter, run_id, e)
             return self._stop("failed", stepper.steps if stepper is not None else steps, reason=str(e))
@@ -456,6 +462,14 @@ class TrainingRun:
             self.env.ledger.record_progress(self.run_id, stepper.steps)
             self._recorded = stepper.steps
 
+    def _energy_used(self) -> float | None:
+        """Joules attributed to training since this process started executing the run
+        (a run resumed after a restart counts from the resume)."""
+        start = self._energy_start
+        if start is None or self.env.energy_joules is None:
+            return None
+        return max(0.0, self.env.energy_joules() - start)
+
     def _stop(self, status: RunStatus, steps: int, *, reason: str = "") -> RunResult:
         assert self.run_id is not None and self.plan is not None
         if status == "interrupted":
@@ -465,7 +479,7 @@ class TrainingRun:
         try:
             if self._ledger_record().get("status") == "running":
                 self.env.ledger.end_run(self.run_id, steps_done=max(steps, self._recorded),
-                                        status=ledger_status)
+                                        status=ledger_status, energy_joules=self._energy_used())
         except Exception as e:  # the full planned charge stays: an over-count, never an under-count
             _log.error("adapter %r: could not close ledger run %d: %s", self.adapter, self.run_id, e)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -494,7 +508,10 @@ class TrainingRun:
             meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": self._delta(),
                     "accountant": plan.accountant, "validated_against": gate.baseline}
             version = self.env.service.install(self.adapter, candidate, meta=meta).version
-            _log.info("adapter %r: run %d installed as version %d (%s)", self.adapter, run_id, version, gate.reason)
+            # The extra fields become journald fields (LORAD_ADAPTER=...) under systemd.
+            _log.info("adapter %r: run %d installed as version %d (%s; ε spent %.4g)", self.adapter, run_id, version,
+                      gate.reason, spent, extra={"LORAD_ADAPTER": self.adapter, "LORAD_VERSION": version,
+                                                 "LORAD_EPSILON": spent, "LORAD_RUN_ID": run_id})
         else:
             where = keep_rejected(self.env.state_dir / "rejected" / self.adapter / str(run_id), candidate, gate,
                                   run_id=run_id, module_of=self.env.service.engine.module_paths.module_of)

@@ -76,6 +76,8 @@ class TrainerService:
         state_dir: Path,
         noise: NoiseSource | None = None,
         request_rate: Callable[[], float] = lambda: 0.0,
+        power_watts: Callable[[], float | None] = lambda: None,
+        energy_joules: Callable[[], float] | None = None,
         proc_root: Path = Path("/proc"),
         sys_root: Path = Path("/sys"),
         rng: Callable[[], np.random.Generator] | None = None,
@@ -107,9 +109,10 @@ class TrainerService:
             service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise,
             rng=rng or _rng_for(config), device=config.device, intra_op_threads=config.intra_op_threads,
             isolate=config.isolate, niceness=config.niceness, sched_idle=config.sched_idle,
+            energy_joules=energy_joules,
         )
         self.policy = TrainingPolicy(config.policy, probe=SystemProbe(proc_root=proc_root, sys_root=sys_root),
-                                     request_rate=request_rate)
+                                     request_rate=request_rate, power_watts=power_watts)
         self.scheduler = TrainingScheduler(
             make_run=self._make_run, policy=self.policy, candidates=self._candidates,
             adapter_ready=self._adapter_ready, interrupted=self._interrupted,
@@ -226,6 +229,9 @@ class TrainerService:
         state["configured_budget_epsilon"] = target
         state["neighbouring"] = "add-or-remove one example (Poisson sampling)"
         state["noise"] = "secure" if getattr(self.env.noise, "secure", False) else "seeded (testing only)"
+        # What the personalisation cost, next to its ε: runs ended on a device with a power source.
+        measured = [float(r["energy_joules"]) for r in state["runs"] if "energy_joules" in r]
+        state["energy_joules"] = sum(measured) if measured else None
         return state
 
     def privacy_states(self) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ import sys
 from typing import Callable, Sequence
 
 from . import adapters, fleet, serving, training
+from daemon.version import lorad_version
+
 from .client import ApiError, ConnectError, UsageError
 from .context import Context, add_connection_arguments
 
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Control a running lorad daemon: adapters, inference, health.",
         epilog="exit codes: 0 ok, 1 the server refused (its error is printed), 2 usage error, 3 cannot connect",
     )
+    parser.add_argument("--version", action="version", version=f"loractl {lorad_version()}")
     add_connection_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in GROUPS:

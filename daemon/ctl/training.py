@@ -24,7 +24,7 @@ from .output import table
 __all__ = ["register"]
 
 _DONE_STATES = ("finished", "idle")
-_RUN_COLUMNS = ("run_id", "status", "q", "sigma", "clip_norm", "steps_charged", "examples", "accountant",
+_RUN_COLUMNS = ("run_id", "status", "q", "sigma", "clip_norm", "steps_charged", "examples", "energy_joules", "accountant",
                 "delta", "started_at", "ended_at")
 
 
@@ -148,6 +148,8 @@ def _render_privacy(d: object) -> str:
             continue
         head = (f"{s.get('adapter')}: ε spent {_num(s.get('epsilon_spent'))} of {_num(s.get('budget_epsilon'))} "
                 f"(left {_num(s.get('budget_left'))}) at δ {_num(s.get('delta'))}, accountant {s.get('accountant')}")
+        if s.get("energy_joules") is not None:
+            head += f", energy {_num(s.get('energy_joules'))} J"
         runs = [[r.get(c) for c in _RUN_COLUMNS] for r in s.get("runs", []) if isinstance(r, dict)]
         blocks.append(head + ("\n" + table(runs, [c.upper() for c in _RUN_COLUMNS]) if runs else "\nno runs"))
     return "\n\n".join(blocks)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,7 +80,10 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lorad-train")
     config = root / "lorad.yaml"
-    config.write_text(yaml.safe_dump({"trainer": TRAINER}))
+    # A Jetson's power sensor (fixture tree: VDD_IN steady at 5.064 V × 1.216 A), so runs record their energy.
+    shutil.copytree(Path(__file__).parents[1] / "unit/power_fixtures/orin-nano-jp5/sys", root / "sys")
+    config.write_text(yaml.safe_dump({"trainer": TRAINER, "power": {"sys_root": str(root / "sys"),
+                                                                    "sample_interval_s": 0.05}}))
     state = root / "state"
     lab = Lab(state, config, start_daemon(state, "--config", str(config)))
     yield lab
@@ -182,6 +186,10 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     started = datetime.datetime.fromisoformat(run["started_at"])
     ended = datetime.datetime.fromisoformat(run["ended_at"])
     assert started <= ended <= datetime.datetime.now(datetime.timezone.utc)
+    # What the personalisation cost, next to its ε: the training phase's energy over the run.
+    watts = 5.064 * 1.216
+    assert 0 < run["energy_joules"] <= watts * ((ended - started).total_seconds() + 1.0)
+    assert state["energy_joules"] == run["energy_joules"]
     # Anyone can recompute ε from the record alone.
     recomputed = epsilon(runs=[RunCharge(q=run["q"], sigma=run["sigma"], steps=run["steps_charged"])],
                          delta=run["delta"], accountant=run["accountant"])

@@ -85,6 +85,7 @@ def test_lorad_serve_installs_fleet_update_serves_it_and_reports(mqtt: Broker, t
         assert _metric(metrics, "lorad_ota_connected ") == 1
         assert _metric(metrics, 'lorad_ota_updates_total{reason="",result="installed"}') == 1
         assert (_metric(metrics, "lorad_ota_fetched_bytes_total ") or 0) > 0
+        assert f"OTA: installed adapter 'ota-invert' version 1 from mqtts://127.0.0.1:{mqtt.port}" in daemon.logs()
     finally:
         code = daemon.stop()
     assert code == 0, daemon.logs()
@@ -104,6 +105,8 @@ def test_lorad_serve_without_broker_keeps_serving_and_says_so(mqtt: Broker, tmp_
             assert daemon.infer(digit_probe()).status == 200
             metrics = daemon.request("GET", "/metrics").body.decode()
             assert _metric(metrics, "lorad_ota_connected ") == 0
+            for result in ("installed", "failed", "rejected"):  # there at 0 before any broker answered
+                assert _metric(metrics, f'lorad_ota_updates_total{{reason="",result="{result}"}}') == 0
             assert daemon.logs().count("not connected to the fleet broker") == 1
         finally:
             assert daemon.stop() == 0, daemon.logs()

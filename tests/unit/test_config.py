@@ -61,6 +61,17 @@ def test_bad_byte_size_names_key_and_allowed_forms(bad: object) -> None:
     assert e.value.key == "cache.budget_bytes"
 
 
+def test_power_and_metrics_sections() -> None:
+    c = build_config({"power": {"source": "rapl", "sample_interval_s": 0.5, "sys_root": "fixture", "limit_watts": 12},
+                      "metrics": {"top_adapters": 3}, "trainer": {"policy": {"max_power_watts": 10}}},
+                     environ={}, base_dir=Path("/cfg"))
+    assert (c.power.source, c.power.sample_interval_s, c.power.sys_root, c.power.limit_watts) == \
+        ("rapl", 0.5, Path("/cfg/fixture"), 12.0)
+    assert c.metrics.top_adapters == 3 and c.trainer.policy.max_power_watts == 10.0
+    d = build_config({"power": {"limit_watts": None}}, environ={}, base_dir=Path("/cfg"))
+    assert (d.power.source, d.power.sys_root, d.power.limit_watts, d.metrics.top_adapters) == ("auto", Path("/sys"), None, 10)
+
+
 def test_zero_budget_refused() -> None:
     with pytest.raises(ConfigError, match=r"cache\.budget_bytes: got 0; expected a positive size"):
         _cfg({"cache": {"budget_bytes": 0}})
@@ -84,6 +95,12 @@ def test_zero_budget_refused() -> None:
         ({"model": {"labels": [1, 2]}}, "model.labels", "non-empty list of strings"),
         ({"log_level": "LOUD"}, "log_level", "allowed: DEBUG"),
         ({"server": [1, 2]}, "server", "expected a mapping"),
+        ({"power": {"source": "solar"}}, "power.source", "allowed: auto, none, jetson-ina3221-hwmon"),
+        ({"power": {"sample_interval_s": 0}}, "power.sample_interval_s", "from 0.05 to 3600"),
+        ({"power": {"limit_watts": -1}}, "power.limit_watts", "got -1"),
+        ({"metrics": {"top_adapters": 5000}}, "metrics.top_adapters", "from 0 to 1000"),
+        ({"trainer": {"policy": {"min_battery_percent": 120}}}, "trainer.policy.min_battery_percent",
+         "got 120; expected a number from 0 to 100"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(doc: dict[str, object], key: str, fragment: str) -> None:

@@ -44,6 +44,8 @@ SECTIONS = [
     ("ota.broker", "keepalive_s"),
     ("ota.limits", "max_raw_bytes"),
     ("ota.policy", "max_epsilon"),
+    ("power", "sample_interval_s"),
+    ("metrics", "top_adapters"),
 ]
 
 
@@ -77,6 +79,13 @@ def test_unknown_key_is_named_with_the_allowed_keys(section: str, known: str) ->
         ("ota.install_window", "01:00-05:00", 'got \'01:00-05:00\'; expected a list of ranges "[DAYS ]HH:MM-HH:MM"'),
         ("ota.policy.require_privacy_record", "yes", "got str 'yes'; expected true or false"),
         ("ota.policy.max_epsilon", "8", "got str '8'; expected a number from 0 to 1000000"),
+        ("power.source", 1, "got 1; allowed: auto, none, jetson-ina3221-hwmon, jetson-ina3221-iio, rpi5-pmic, rapl"),
+        ("power.sample_interval_s", "1s", "got str '1s'; expected a number from 0.05 to 3600"),
+        ("power.sys_root", 5, "got int 5; expected a path"),
+        ("power.limit_watts", True, "got bool True; expected a number >= 0"),
+        ("metrics.top_adapters", 2.5, "got float 2.5; expected an integer from 0 to 1000"),
+        ("trainer.policy.max_power_watts", "10W", "got str '10W'; expected a number >= 0"),
+        ("trainer.policy.min_battery_percent", "50%", "got str '50%'; expected a number from 0 to 100"),
     ],
 )
 def test_wrong_type(key: str, value: object, fragment: str) -> None:
@@ -106,6 +115,11 @@ def test_wrong_type(key: str, value: object, fragment: str) -> None:
         ("ota.install_window", ["Someday 01:00-02:00"], "(day 'someday': expected names from Mon, Tue"),
         ("ota.policy.max_epsilon", -1, "got -1; expected a number from 0 to 1000000"),
         ("ota.policy.idle_max_load_per_cpu", -0.5, "got -0.5; expected a number from 0 to 1000"),
+        ("power.sample_interval_s", 0.01, "got 0.01; expected a number from 0.05 to 3600"),
+        ("power.limit_watts", -1, "got -1; expected a number >= 0"),
+        ("metrics.top_adapters", -1, "got -1; expected an integer from 0 to 1000"),
+        ("trainer.policy.max_power_watts", -0.5, "got -0.5; expected a number >= 0"),
+        ("trainer.policy.min_battery_percent", 101, "got 101; expected a number from 0 to 100"),
     ],
 )
 def test_out_of_range(key: str, value: object, fragment: str) -> None:
@@ -118,7 +132,8 @@ def test_out_of_range(key: str, value: object, fragment: str) -> None:
     "key",
     ["log_level", "server.port", "model.rank", "cache.budget_bytes", "trainer.enabled", "trainer.store.max_bytes",
      "trainer.policy.min_new_examples", "trainer.defaults.clip_norm", "trainer.adapters.alice.rank",
-     "ota.groups", "ota.broker.host", "ota.limits.max_adapter_bytes"],
+     "ota.groups", "ota.broker.host", "ota.limits.max_adapter_bytes", "power.source", "power.sample_interval_s",
+     "power.sys_root", "metrics.top_adapters"],
 )
 def test_null_where_a_value_is_required(key: str) -> None:
     e = _error(_nest(key, None))
@@ -129,8 +144,12 @@ def test_null_where_a_value_is_required(key: str) -> None:
 
 def test_null_where_null_means_derive_it() -> None:
     cfg = _cfg({"ota": {"limits": {"max_raw_bytes": None}}, "model": {"path": None},
-                "trainer": {"defaults": {"delta": None}, "policy": {"time_window": None}}, "server": None})
+                "trainer": {"defaults": {"delta": None}, "policy": {"time_window": None, "max_power_watts": None,
+                                                                   "min_battery_percent": None}},
+                "server": None, "power": {"limit_watts": None}})
     assert cfg.ota.limits.max_raw_bytes is None and cfg.trainer.defaults.delta is None
+    assert cfg.power.limit_watts is None and cfg.trainer.policy.max_power_watts is None
+    assert cfg.trainer.policy.min_battery_percent is None
     assert cfg.server.port == 8080  # a null section is its defaults
 
 

@@ -275,3 +275,21 @@ def test_garbage_ledger_is_an_error(path: Path, content: bytes) -> None:
     with pytest.raises(BadTrainingDataError, match="privacy ledger"):
         PrivacyLedger(path)
     assert path.read_bytes() == content
+
+
+def test_a_runs_energy_is_kept_in_its_record_and_checked_when_loaded(path: Path) -> None:
+    with PrivacyLedger(path) as ledger:
+        measured = ledger.begin_run("alice", planned_steps=10, **RUN)
+        ledger.end_run(measured, steps_done=10, status="completed", energy_joules=123.5)
+        unmeasured = ledger.begin_run("alice", planned_steps=10, **RUN)
+        with pytest.raises(ValueError, match="energy_joules"):
+            ledger.end_run(unmeasured, steps_done=10, status="completed", energy_joules=-1.0)
+        ledger.end_run(unmeasured, steps_done=10, status="completed")  # no power source: no key
+    with PrivacyLedger(path) as ledger:  # loads and validates
+        first, second = ledger.state("alice").runs
+    assert first["energy_joules"] == 123.5 and "energy_joules" not in second
+    doc = json.loads(path.read_text())
+    doc["adapters"]["alice"]["runs"][0]["energy_joules"] = "lots"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BadTrainingDataError, match="energy_joules"):
+        PrivacyLedger(path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import DaemonMetrics
+from daemon.power import NoSource
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,33 @@ def test_every_name_has_the_prefix_and_registries_are_independent() -> None:
     a.adapter_swaps.inc()
     assert _samples(b)[("lorad_adapter_swaps_total", ())] == 0
     for fam in text_string_to_metric_families(a.render().decode()):
-        assert fam.name.startswith("lorad_"), fam.name
+        # process_* and python_* are prometheus_client's standard collectors, named as
+        # every exporter names them (dashboards expect those names)
+        assert fam.name.startswith(("lorad_", "process_", "python_")), fam.name
+        assert not fam.name.endswith("_created"), fam.name
+
+
+def test_adapter_labels_are_bounded_and_never_move() -> None:
+    m = DaemonMetrics(CollectorRegistry(), top_adapters=2)
+    for adapter in ("a", "ghost", "b", "c", "a", None):
+        m.observe_inference(adapter=adapter, kind="base" if adapter is None else "adapter", seconds=0.001,
+                            ok=adapter != "ghost")
+    m.observe_inference(adapter="b", kind="adapter", seconds=0.001, ok=False)
+    s = _samples(m)
+    got = {(dict(k[1])["adapter"], dict(k[1])["outcome"]): v for k, v in s.items() if k[0] == "lorad_adapter_requests_total"}
+    assert got == {("a", "ok"): 2, ("_other", "error"): 1, ("b", "ok"): 1, ("_other", "ok"): 1, ("_base", "ok"): 1,
+                   ("b", "error"): 1}
+    assert m.inference_busy_seconds() == pytest.approx({"base": 0.001, "adapter": 0.006})
+    with pytest.raises(ValueError, match="top_adapters"):
+        DaemonMetrics(CollectorRegistry(), top_adapters=-1)
+
+
+def test_build_info_and_no_power_source() -> None:
+    m = DaemonMetrics(CollectorRegistry())
+    m.set_build_info(version="1.2.3", ort_version="1.19.2", backend="cpu", provider="CPUExecutionProvider")
+    m.watch_power(NoSource("no INA3221 hwmon device; no vcgencmd"))
+    s = _samples(m)
+    assert s[("lorad_build_info", (("backend", "cpu"), ("ort_version", "1.19.2"), ("provider", "CPUExecutionProvider"),
+                                   ("version", "1.2.3")))] == 1
+    assert s[("lorad_power_source_info", (("reason", "no INA3221 hwmon device; no vcgencmd"), ("source", "none")))] == 1
+    assert not any(k[0].startswith(("lorad_power_watts", "lorad_energy")) for k in s)

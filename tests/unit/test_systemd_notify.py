@@ -11,8 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -152,3 +155,110 @@ def test_daemon_notifies_ready_after_binding_and_stopping_on_sigterm(
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_journal_records_carry_structured_fields() -> None:
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    sent: list[tuple[str, dict[str, object]]] = []
+    try:
+        where = setup_logging("INFO", environ={"INVOCATION_ID": "abc"},
+                              journal_sender=lambda MESSAGE, **fields: sent.append((MESSAGE, fields)))
+        assert where == "journal"  # systemd-python's JournalHandler, with a sender that records
+        logging.getLogger("daemon.ota_wiring").info(
+            "OTA: installed adapter %r version %s from %s", "alice", 3, "mqtts://broker:8883",
+            extra={"LORAD_ADAPTER": "alice", "LORAD_VERSION": 3, "LORAD_SOURCE": "mqtts://broker:8883"})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    message, fields = sent[-1]
+    assert message == "daemon.ota_wiring: OTA: installed adapter 'alice' version 3 from mqtts://broker:8883"
+    assert (fields["LORAD_ADAPTER"], fields["LORAD_VERSION"], fields["LORAD_SOURCE"]) == ("alice", 3, "mqtts://broker:8883")
+    assert fields["SYSLOG_IDENTIFIER"] == "lorad" and fields["PRIORITY"] == "6"
+
+
+def _until(sock: socket.socket, pred: Callable[[str], bool], timeout: float = 60) -> list[str]:
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not (out and pred(out[-1])):
+        assert time.monotonic() < deadline, out
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        out.append(_recv(sock))
+    return out
+
+
+def test_sighup_reloads_with_reloading_monotonic_usec_and_ready_without_dropping_requests(
+    notify_socket: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    sock, path = notify_socket
+    cfg = tmp_path / "lorad.yaml"
+    cfg.write_text("log_level: INFO\n")
+    state = tmp_path / "state"
+    log = tmp_path / "lorad.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(cfg), "--port", "0", "--state-dir", str(state)],
+            env={**os.environ, "NOTIFY_SOCKET": path}, cwd=Path(__file__).resolve().parents[2],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    results: list[int] = []
+    stop = threading.Event()
+    try:
+        _until(sock, lambda m: "READY=1" in m)
+        url = json.loads((state / "lorad.addr").read_text())["url"]
+        body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}],
+                           "parameters": {"adapter": "mirror"}}).encode()
+
+        def load() -> None:
+            while not stop.is_set():
+                req = urllib.request.Request(f"{url}/v2/models/demo/infer", data=body,
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        results.append(r.status)
+                except urllib.error.HTTPError as e:
+                    results.append(e.code)
+                except OSError:
+                    results.append(-1)
+
+        client = threading.Thread(target=load)
+        client.start()
+        while not results:
+            time.sleep(0.01)
+
+        cfg.write_text("log_level: DEBUG\ncache: {budget_bytes: 32MiB}\n")
+        before_us = time.monotonic_ns() // 1000  # CLOCK_MONOTONIC is one clock for every process
+        served_before = len(results)
+        proc.send_signal(signal.SIGHUP)
+        reloading = _until(sock, lambda m: "RELOADING=1" in m)[-1]
+        after_us = time.monotonic_ns() // 1000
+        fields = dict(line.split("=", 1) for line in reloading.split("\n"))
+        assert before_us <= int(fields["MONOTONIC_USEC"]) <= after_us
+        ready = _until(sock, lambda m: "READY=1" in m)[-1]
+        assert "(reloaded)" in ready
+
+        cfg.write_text("cache: {budget_bytes: lots}\n")  # invalid: the running config stays
+        proc.send_signal(signal.SIGHUP)
+        _until(sock, lambda m: "RELOADING=1" in m)
+        assert "reload failed" in _until(sock, lambda m: "READY=1" in m)[-1]
+        while len(results) < served_before + 20:
+            time.sleep(0.01)
+        stop.set()
+        client.join(timeout=60)
+        assert set(results) == {200}, f"{len(results)} requests, not all answered 200: {set(results)}"
+
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        assert 'lorad_config_reloads_total{result="ok"} 1.0' in metrics
+        assert 'lorad_config_reloads_total{result="failed"} 1.0' in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        text = log.read_text()
+        assert "reload: changes to cache take effect at the next restart" in text
+        assert "DEBUG" in text  # the new log level applied at once
+        assert "reload: the new configuration is invalid, keeping the running one: cache.budget_bytes" in text
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

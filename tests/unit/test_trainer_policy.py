@@ -124,3 +124,32 @@ def test_rate_meter() -> None:
     assert meter() == pytest.approx(5.0)
     now[0] = 20.0
     assert meter() == pytest.approx(1.0)
+
+
+def test_power_draw_limit_uses_the_injected_probe(tmp_path: Path) -> None:
+    probe = _probe(tmp_path)
+    draw: list[float | None] = [12.5]
+
+    def policy(**config: object) -> TrainingPolicy:
+        return TrainingPolicy(PolicyConfig(**config), probe=probe, power_watts=lambda: draw[0])  # type: ignore[arg-type]
+
+    decision = policy(max_power_watts=10.0).device()
+    assert not decision.allowed and decision.reasons == ("drawing 12.5 W (limit 10 W)",)
+    assert policy(max_power_watts=15.0).device().allowed
+    assert policy().device().allowed  # no limit configured
+    draw[0] = None  # no power source: no figure, no block
+    assert policy(max_power_watts=10.0).device().allowed
+
+
+def test_battery_level(tmp_path: Path) -> None:
+    probe = _probe(tmp_path)
+    assert probe.battery_percent() is None
+    assert _policy(probe, min_battery_percent=50.0).device().allowed  # no battery: nothing to wait for
+    _write(tmp_path / "sys", "class/power_supply/BAT0/type", "Battery")
+    _write(tmp_path / "sys", "class/power_supply/BAT0/capacity", "35")
+    _write(tmp_path / "sys", "class/power_supply/AC/type", "Mains")
+    _write(tmp_path / "sys", "class/power_supply/AC/capacity", "0")  # not a battery: ignored
+    assert probe.battery_percent() == 35.0
+    decision = _policy(probe, min_battery_percent=50.0).device()
+    assert not decision.allowed and decision.reasons == ("battery at 35 % (needs 50 %)",)
+    assert _policy(probe, min_battery_percent=30.0).device().allowed

@@ -1,0 +1,106 @@
+"""lorad install-service into a temporary root: the unit, the user (real systemd-sysusers),
+the directories and the default config; the unit passes systemd-analyze verify and security."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.install_service import NOTIFY_RELOAD_SINCE, InstallPlan, install_service, render_unit, systemd_version
+
+REPO = Path(__file__).resolve().parents[2]
+YOCTO = REPO / "yocto/meta-lorad/recipes-lorad/lorad/files"
+#: `systemd-analyze security` rates today's unit 1.7; this is the ceiling the tests hold.
+MAX_EXPOSURE = 2.0
+
+
+def _lorad() -> list[str]:
+    exe = Path(sys.executable).parent / "lorad"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemon.cli"]
+
+
+def test_the_packaged_unit_and_config_are_meta_lorads() -> None:
+    for name in ("lorad.service", "lorad.yaml"):
+        assert (REPO / "daemon/service" / name).read_bytes() == (YOCTO / name).read_bytes(), name
+
+
+def test_install_into_a_temporary_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    done = subprocess.run([*_lorad(), "install-service", "--root", str(root), "--user", "lorad-t", "--prefix", sys.prefix],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    unit = root / "etc/systemd/system/lorad.service"
+    for what in (str(unit), "systemd-sysusers", str(root / "etc/lorad/lorad.yaml"), str(root / "var/lib/lorad")):
+        assert what in out, what
+    text = unit.read_text()
+    assert f"ExecStart={sys.prefix}/bin/lorad serve --config /etc/lorad/lorad.yaml" in text
+    assert re.search(r"^User=lorad-t$", text, re.M) and re.search(r"^Group=lorad-t$", text, re.M)
+    passwd = (root / "etc/passwd").read_text()
+    entry = next(line for line in passwd.splitlines() if line.startswith("lorad-t:"))
+    assert entry.endswith(":/var/lib/lorad:/usr/sbin/nologin")
+    assert re.search(r"^video:[^:]*:\d+:.*lorad-t", (root / "etc/group").read_text(), re.M)
+    uid, gid = int(entry.split(":")[2]), int(entry.split(":")[3])
+    st = (root / "var/lib/lorad").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, gid, 0o750)
+    assert (root / "etc/lorad/lorad.yaml").read_bytes() == (YOCTO / "lorad.yaml").read_bytes()
+
+    # again: an edited config is kept, the user is not created twice
+    (root / "etc/lorad/lorad.yaml").write_text("log_level: DEBUG\n")
+    again = subprocess.run([*_lorad(), "install-service", "--root", str(root), "--user", "lorad-t", "--prefix", sys.prefix],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "keep the existing" in again.stdout
+    assert (root / "etc/lorad/lorad.yaml").read_text() == "log_level: DEBUG\n"
+    assert (root / "etc/passwd").read_text().count("lorad-t:") == 1
+
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                              capture_output=True, text=True, timeout=60, check=False)
+    m = re.search(r"Overall exposure level for lorad\.service: (\d+\.\d+)", security.stdout)
+    assert m is not None, security.stdout + security.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, security.stdout
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    lines: list[str] = []
+    assert install_service(InstallPlan(root=tmp_path, dry_run=True, systemd=252), say=lines.append) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert all(line.startswith(("would ", "warning:")) for line in lines), lines
+    assert any("Type=notify with ExecReload" in line for line in lines)
+
+
+def test_notify_reload_where_systemd_is_new_enough() -> None:
+    new = render_unit(user="lorad", exec_path=Path("/opt/lorad/bin/lorad"), systemd=NOTIFY_RELOAD_SINCE)
+    old = render_unit(user="lorad", exec_path=Path("/opt/lorad/bin/lorad"), systemd=NOTIFY_RELOAD_SINCE - 1)
+    assert "Type=notify-reload\n" in new and "ExecReload=" not in new
+    assert "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n" in old
+    assert systemd_version(lambda argv: "systemd 255 (255.4-1ubuntu8)\n+PAM +AUDIT\n") == 255
+    assert systemd_version() == int(subprocess.run(["systemctl", "--version"], capture_output=True, text=True,
+                                                   check=True).stdout.split()[1])
+
+
+@pytest.mark.parametrize("user, prefix, message", [
+    ("Root!", sys.prefix, "not a valid system user name"),
+    ("lorad", "/nonexistent", "there is no /nonexistent/bin/lorad"),
+])
+def test_bad_arguments_are_named(tmp_path: Path, user: str, prefix: str, message: str) -> None:
+    done = subprocess.run([*_lorad(), "install-service", "--root", str(tmp_path), "--user", user, "--prefix", prefix],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_flags() -> None:
+    from daemon.version import lorad_version
+
+    for cmd in (_lorad(), [str(Path(sys.executable).parent / "loractl")]):
+        done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and lorad_version() in done.stdout, done.stdout + done.stderr

@@ -60,11 +60,15 @@ class AdapterService:
         model_name: str = "demo",
         weight_names: Mapping[str, str] | None = None,
         on_cache_event: Callable[[CacheEvent, str], None] | None = None,
+        load_hook: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``load_hook(name, version)`` runs when a cache miss has chosen the version it
+        loads, before it reads the files (tests use it to interleave loads and changes)."""
         self.engine = engine
         self.registry = registry
         self.model_name = model_name
         self._weight_names = dict(weight_names or {})
+        self._load_hook = load_hook
         self.cache: AdapterCache[PreparedAdapter] = AdapterCache(
             cache_budget_bytes, self._load_current, on_event=on_cache_event
         )
@@ -84,6 +88,8 @@ class AdapterService:
         version = self.registry.current_version(name)
         if version is None:
             raise AdapterNotFoundError(name)
+        if self._load_hook is not None:
+            self._load_hook(name, version)
         return self._load_version(name, version)
 
     def _load_version(self, name: str, version: int) -> PreparedAdapter:
@@ -132,8 +138,8 @@ class AdapterService:
         }
         with self._changes:
             version = self.registry.put(name, files, meta=record)
-            if self.cache.contains(name):
-                self.cache.put(self.engine.prepare(adapter, name=name, version=version))
+            # Cached or not: a cache miss may be loading the previous version right now.
+            self.cache.swap_if_cached(self.engine.prepare(adapter, name=name, version=version))
         return self.info(name)
 
     def rollback(self, name: str, version: int) -> AdapterInfo:
@@ -141,8 +147,7 @@ class AdapterService:
         with self._changes:
             prepared = self._load_version(name, version)
             self.registry.set_current(name, version)
-            if self.cache.contains(name):
-                self.cache.put(prepared)
+            self.cache.swap_if_cached(prepared)
         return self.info(name)
 
     def delete(self, name: str) -> None:

@@ -13,6 +13,7 @@ the adapter tensors live; the tests run it on CPU.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,11 +27,16 @@ from .lora import LoraAdapter
 from .lora_graph import LoraTarget, find_targets, fingerprint, lora_input_names, make_inference_graph
 from .onnx_compat import for_runtime
 
-__all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES"]
+__all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_LORA_MAGNITUDE"]
 
 log = logging.getLogger(__name__)
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+#: Largest |entry| of A and of scale·B that an adapter may have. Trained LoRA matrices stay
+#: far below 1 (PEFT starts B at 0); entries this large only come from a broken or hostile
+#: file (e.g. lora_alpha 1e38) and would turn every answer into NaN or infinity.
+MAX_LORA_MAGNITUDE = 1e4
 
 _OIP_DATATYPES = {
     "tensor(float)": ("FP32", np.float32),
@@ -149,7 +155,17 @@ class InferenceEngine:
             )
         if adapter.rank > self.rank:
             raise InvalidAdapterError(f"adapter rank {adapter.rank} exceeds the slot rank {self.rank} of this model")
+        scale = adapter.scale
+        if not (math.isfinite(scale) and scale > 0):
+            raise InvalidAdapterError(f"adapter scale {scale!r} (lora_alpha {adapter.alpha!r}) must be a finite number > 0")
         for weight, w in adapter.weights.items():
+            for what, m in (("A", w.A), ("scale·B", w.B * np.float64(scale))):
+                peak = float(np.max(np.abs(m), initial=0.0))
+                if not peak <= MAX_LORA_MAGNITUDE:  # also refuses NaN
+                    raise InvalidAdapterError(
+                        f"adapter matrix {what} of {weight!r} has an entry of magnitude {peak:.3g}; allowed at most"
+                        f" {MAX_LORA_MAGNITUDE:g} (check lora_alpha {adapter.alpha!r} and the saved matrices)"
+                    )
             target = self._by_weight.get(weight)
             if target is None:
                 allowed = ", ".join(sorted(self._by_weight))

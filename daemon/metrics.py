@@ -81,6 +81,12 @@ class DaemonMetrics:
             ["endpoint", "code"],
             registry=registry,
         )
+        self.model_output_errors = Counter(
+            "lorad_model_output_errors",
+            "Inferences whose outputs held NaN or infinity (answered 500, never sent as JSON), by adapter kind.",
+            ["adapter_kind"],
+            registry=registry,
+        )
         self.adapter_swaps = Counter(
             "lorad_adapter_swaps",
             "Adapter versions hot-swapped into serving (uploads, installs, rollbacks).",

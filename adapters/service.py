@@ -9,19 +9,21 @@ sees the new version, a running request keeps the one it started with.
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .cache import AdapterCache, CacheEntryInfo, CacheEvent
+from .composition import AdapterWeight, compose
 from .engine import InferenceEngine, PreparedAdapter
 from .errors import AdapterNotFoundError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, StoredAdapter
 
-__all__ = ["AdapterInfo", "InferResult", "AdapterService"]
+__all__ = ["AdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService"]
 
 _ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 
@@ -37,10 +39,34 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One adapter of a composition as it answered: name, version and weight."""
+
+    name: str
+    version: int
+    weight: float
+
+
+@dataclass(frozen=True)
 class InferResult:
     outputs: dict[str, np.ndarray]
     adapter: str | None
     version: int | None
+    #: The adapters of a per-request composition (empty for one adapter or none).
+    composition: tuple[AdapterUse, ...] = ()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What one request runs with, held for the request (see :meth:`AdapterService.serving`)."""
+
+    prepared: PreparedAdapter | None
+    adapter: str | None
+    version: int | None
+    composition: tuple[AdapterUse, ...] = ()
+
+    def result(self, outputs: dict[str, np.ndarray]) -> InferResult:
+        return InferResult(outputs, self.adapter, self.version, self.composition)
 
 
 def _meta_int(meta: Mapping[str, object], key: str) -> int:
@@ -78,11 +104,37 @@ class AdapterService:
 
     # -- serving -------------------------------------------------------------------------
 
-    def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferResult:
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], adapter: str | Sequence[AdapterWeight] | None = None
+    ) -> InferResult:
+        """Run one request with the base model, one adapter or a weighted composition."""
+        with self.serving(adapter) as serving:
+            return serving.result(self.engine.run(inputs, serving.prepared))
+
+    @contextmanager
+    def serving(self, adapter: str | Sequence[AdapterWeight] | None) -> Iterator[Serving]:
+        """Lease what a request runs with for as long as the block lasts.
+
+        ``None`` is the base model; a name is that adapter's current version; a sequence
+        of :class:`AdapterWeight` is their exact weighted sum (:mod:`adapters.composition`),
+        each part leased at its current version, so a hot swap never tears a composition.
+        """
         if adapter is None:
-            return InferResult(self.engine.run(inputs, None), None, None)
-        with self.cache.lease(adapter) as prepared:
-            return InferResult(self.engine.run(inputs, prepared), prepared.name, prepared.version)
+            yield Serving(None, None, None)
+            return
+        if isinstance(adapter, str):
+            with self.cache.lease(adapter) as prepared:
+                yield Serving(prepared, prepared.name, prepared.version)
+            return
+        names = [t.name for t in adapter]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a composition names each adapter once, got {names}")
+        with ExitStack() as stack:
+            parts = [stack.enter_context(self.cache.lease(t.name)) for t in adapter]
+            composite = compose([(p.adapter, t.weight) for p, t in zip(parts, adapter)], slot_rank=self.engine.rank)
+            prepared = self.engine.prepare(composite, name="+".join(names), version=0)
+            uses = tuple(AdapterUse(p.name, p.version, t.weight) for p, t in zip(parts, adapter))
+            yield Serving(prepared, None, None, uses)
 
     def _load_current(self, name: str) -> PreparedAdapter:
         version = self.registry.current_version(name)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import platformdirs
 import yaml
 
+from daemon.batching import BatchingSettings
 from daemon.demo import DEMO_RANK, DEMO_TARGETS
 from daemon.ota_config import OtaConfig, parse_ota
 from daemon.trainer_config import trainer_section
@@ -237,6 +238,11 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024**2
     #: Threads that run inference and adapter I/O off the event loop.
     worker_threads: int = 4
+    #: Rows (first dimension) one infer request may carry, and rows one batched call runs.
+    #: Bounds a request's memory: larger bodies are refused with 413 before decoding.
+    max_batch_rows: int = 1024
+    #: Gathering concurrent infer requests into one call (``server.batching``).
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,20 @@ def _parse_server(r: SectionReader, ctx: ParseContext) -> ServerConfig:
         token_file=r.path("token_file", None, base=ctx.state_dir) or ctx.state_dir / TOKEN_FILE,
         max_request_bytes=_positive_size(r, "max_request_bytes", d.max_request_bytes),
         worker_threads=r.integer("worker_threads", d.worker_threads, minimum=1, maximum=256),
+        max_batch_rows=r.integer("max_batch_rows", d.max_batch_rows, minimum=1, maximum=1 << 20),
+        batching=_parse_batching(r.section("batching")),
     )
+
+
+def _parse_batching(r: SectionReader) -> BatchingSettings:
+    d = BatchingSettings()
+    settings = BatchingSettings(
+        enabled=r.boolean("enabled", d.enabled),
+        max_wait_us=r.integer("max_wait_us", d.max_wait_us, minimum=0, maximum=1_000_000),
+        slots=r.integer("slots", d.slots, minimum=1, maximum=4096),
+    )
+    r.finish()
+    return settings
 
 
 def _socket_mode(r: SectionReader) -> int:

@@ -63,6 +63,22 @@ class _CacheCollector(Collector):
         return []
 
 
+class _BatcherCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        calls, requests = self._counts()
+        yield CounterMetricFamily("lorad_inference_calls", "ONNX Runtime calls made by the micro-batcher.", value=calls)
+        yield CounterMetricFamily(
+            "lorad_batched_requests", "Infer requests answered by the micro-batcher (requests/calls = mean batch).",
+            value=requests,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class DaemonMetrics:
     """Every metric the daemon itself exports."""
 
@@ -108,6 +124,10 @@ class DaemonMetrics:
     def watch_cache(self, stats: Callable[[], CacheStatsLike]) -> None:
         """Export the cache's counts and bytes, read from ``stats()`` at each scrape."""
         self.registry.register(_CacheCollector(stats))
+
+    def watch_batcher(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export the micro-batcher's (calls, requests), read at each scrape."""
+        self.registry.register(_BatcherCollector(counts))
 
     def set_backend(self, requested: str, active: str) -> None:
         self.backend.labels(requested=requested, active=active).set(1)

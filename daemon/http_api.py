@@ -37,6 +37,7 @@ from adapters.composition import AdapterWeight
 from adapters.service import AdapterService, InferResult, Serving
 from daemon import auth, oip
 from daemon.batching import MicroBatcher
+from daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
 from daemon.metrics import CONTENT_TYPE, DaemonMetrics
 
 __all__ = [
@@ -296,6 +297,8 @@ class _Handlers:
         finally:
             if kind:
                 request["adapter_kind"] = kind[0]
+            if len(body) >= LARGE_BODY_BYTES:
+                await self._run(trim_after_large_request, len(body))
         return web.Response(body=payload, content_type="application/json")
 
     def _decode(self, body: bytes, kind: list[str]) -> tuple[oip.InferRequest, str | list[AdapterWeight] | None]:

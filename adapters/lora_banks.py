@@ -30,7 +30,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import AdapterStorageError
-from .lora_graph import LoraTarget, lora_input_names
+from .lora_graph import LoraTarget
 from .onnx_compat import for_runtime
 
 __all__ = ["SLOT_INPUT", "bank_input_names", "make_banked_inference_graph", "AdapterBanks", "PreparedLike"]
@@ -123,7 +123,7 @@ class PreparedLike(Protocol):
     """What the banks read of an :class:`adapters.engine.PreparedAdapter`."""
 
     @property
-    def feeds(self) -> Mapping[str, ort.OrtValue]: ...
+    def matrices(self) -> Mapping[str, tuple[np.ndarray, np.ndarray]]: ...
 
 
 class _Slot:
@@ -167,13 +167,10 @@ class AdapterBanks:
         except Exception as e:  # ORT raises its own untyped errors for invalid graphs
             raise AdapterStorageError(f"ONNX Runtime could not load the banked graph: {e}") from e
         self._banks: dict[str, np.ndarray] = {}
-        self._sources: list[tuple[str, str, str]] = []  # bank input, prepared feed name, A or B
         for t in self._targets:
             a_bank, b_bank = bank_input_names(t.weight)
-            a_feed, b_feed = lora_input_names(t.weight)
             self._banks[a_bank] = np.zeros((slots + 1, t.in_features, rank), np.float32)
             self._banks[b_bank] = np.zeros((slots + 1, rank, t.out_features), np.float32)
-            self._sources += [(a_bank, a_feed, "A"), (b_bank, b_feed, "B")]
         self.slot_bytes = sum(b[0].nbytes for b in self._banks.values())
         self._lock = threading.Lock()
         self._table: OrderedDict[int, _Slot] = OrderedDict((i, _Slot()) for i in range(1, slots + 1))
@@ -205,8 +202,14 @@ class AdapterBanks:
             self._table.move_to_end(free)
             # Written under the lock: no batch uses this slot (refs was 0), and no other
             # thread can place into it meanwhile.
-            for bank, feed, _ in self._sources:
-                self._banks[bank][free] = prepared.feeds[feed].numpy()
+            for t in self._targets:
+                a_bank, b_bank = bank_input_names(t.weight)
+                pair = prepared.matrices.get(t.weight)
+                if pair is None:  # the adapter leaves this target alone
+                    self._banks[a_bank][free] = 0
+                    self._banks[b_bank][free] = 0
+                else:
+                    self._banks[a_bank][free], self._banks[b_bank][free] = pair
             return free
 
     def release(self, slot: int) -> None:

@@ -26,27 +26,11 @@ import numpy as np
 
 from adapters.engine import InferenceEngine, PreparedAdapter
 from adapters.lora_banks import AdapterBanks
+from daemon.config import BatchingConfig
 
-__all__ = ["BatchingSettings", "MicroBatcher", "make_batcher"]
+__all__ = ["MicroBatcher", "make_batcher"]
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    """``server.batching``: gathering concurrent requests into one call."""
-
-    enabled: bool = True
-    #: Longest a request waits for others to join its batch, microseconds.
-    max_wait_us: int = 500
-    #: Adapter slots in the banks (besides the zero slot); also bounded by the cache budget.
-    slots: int = 32
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_wait_us <= 1_000_000:
-            raise ValueError(f"max_wait_us must be in [0, 1000000] microseconds, got {self.max_wait_us}")
-        if not 1 <= self.slots <= 4096:
-            raise ValueError(f"slots must be in [1, 4096], got {self.slots}")
 
 
 @dataclass(eq=False)
@@ -232,7 +216,7 @@ class MicroBatcher:
 
 
 def make_batcher(
-    engine: InferenceEngine, settings: BatchingSettings, *, max_rows: int, cache_budget_bytes: int,
+    engine: InferenceEngine, settings: BatchingConfig, *, max_rows: int, cache_budget_bytes: int,
     intra_op_threads: int = 0,
 ) -> MicroBatcher:
     """Banks for ``engine``'s targets and a batcher over them.

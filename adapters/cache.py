@@ -133,6 +133,26 @@ class AdapterCache(Generic[T]):
                 load.stale = True  # what that load returns is older than ``item``
         self._emit(events)
 
+    def swap_if_cached(self, item: T) -> bool:
+        """A new version of ``item.name`` became current: hot swap it in if that name is
+        cached (False when not), and mark a load of that name in flight stale either way.
+
+        The load in flight may have read the previous version; once stale, its result is
+        dropped and the lease that started it loads again, so no request after the change
+        gets the old version from the cache.
+        """
+        events: list[tuple[CacheEvent, str]] = []
+        with self._lock:
+            load = self._loading.get(item.name)
+            if load is not None:
+                load.stale = True
+            if item.name not in self._index:
+                return False
+            events.append(("swap", item.name))
+            self._admit(item, pin=False, lease=False, events=events)
+        self._emit(events)
+        return True
+
     # -- control -------------------------------------------------------------------------
 
     def pin(self, name: str) -> None:

@@ -1,6 +1,6 @@
 """The inference engine: one ONNX Runtime session serves the base model and every adapter.
 
-The session runs the inference graph of :mod:`adapters.lora_graph`. An adapter is turned
+The session runs the fused inference graph of :mod:`adapters.lora_fused`. An adapter is turned
 once into a :class:`PreparedAdapter` (checked against the base model, zero-padded to the
 slot rank, scale folded into B, copied to the device) so that switching adapters between
 requests costs no I/O and no conversion. Requests without an adapter feed zero matrices,
@@ -13,6 +13,7 @@ the adapter tensors live; the tests run it on CPU.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,15 +24,21 @@ import onnxruntime as ort
 
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
 from .lora import LoraAdapter
-from .lora_graph import LoraTarget, find_targets, fingerprint, lora_input_names, make_inference_graph
+from .lora_fused import make_fused_inference_graph
+from .lora_graph import LoraTarget, find_targets, fingerprint
 from .module_paths import ModulePaths
 from .onnx_compat import for_runtime
 
-__all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES"]
+__all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_LORA_MAGNITUDE"]
 
 log = logging.getLogger(__name__)
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+#: Largest |entry| of A and of scale·B that an adapter may have. Trained LoRA matrices stay
+#: far below 1 (PEFT starts B at 0); entries this large only come from a broken or hostile
+#: file (e.g. lora_alpha 1e38) and would turn every answer into NaN or infinity.
+MAX_LORA_MAGNITUDE = 1e4
 
 _OIP_DATATYPES = {
     "tensor(float)": ("FP32", np.float32),
@@ -72,6 +79,9 @@ class PreparedAdapter:
     nbytes: int
     adapter: LoraAdapter = field(repr=False)
     feeds: Mapping[str, ort.OrtValue] = field(repr=False)
+    #: Per target weight: (A [in, slot rank], scale·B [slot rank, out]), zero-padded; what
+    #: the banks of mixed batches copy into a slot.
+    matrices: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -115,21 +125,21 @@ class InferenceEngine:
         options.intra_op_num_threads = intra_op_threads
         if not allow_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graph = make_inference_graph(base, self.targets, rank=rank)
+        # The fused form (shared A products, adds folded into bias adds and Gemms): the
+        # same arithmetic as lora_graph.make_inference_graph with fewer kernels.
+        graph, self._layout = make_fused_inference_graph(base, self.targets, rank=rank)
         providers = [DEVICES[self.active_device]] + (["CPUExecutionProvider"] if self.active_device != "cpu" else [])
         try:
             self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
         except Exception as e:  # ORT raises its own untyped errors for invalid graphs
             raise AdapterStorageError(f"ONNX Runtime could not load the base model: {e}") from e
 
-        lora_names = {n for t in self.targets for n in lora_input_names(t.weight)}
+        lora_names = set(self._layout.input_names)
         self.inputs = [_spec(a) for a in self.session.get_inputs() if a.name not in lora_names]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
         self._by_weight = {t.weight: t for t in self.targets}
-        self._zero_feeds = self._device_feeds(
-            {n: np.zeros(self._slot_shape(t, n), np.float32) for t in self.targets for n in lora_input_names(t.weight)}
-        )
+        self._zero_feeds = self._device_feeds(self._layout.feeds({}))
 
     @staticmethod
     def _pick_device(requested: str) -> str:
@@ -138,9 +148,6 @@ class InferenceEngine:
         # No silent fallback: say it once; the daemon also exports requested vs active.
         log.warning("device %r requested but %s is not available in this ONNX Runtime; serving on cpu", requested, DEVICES[requested])
         return "cpu"
-
-    def _slot_shape(self, target: LoraTarget, name: str) -> tuple[int, int]:
-        return (target.in_features, self.rank) if name.endswith(".A") else (self.rank, target.out_features)
 
     def _device_feeds(self, arrays: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
         return {n: ort.OrtValue.ortvalue_from_numpy(a, self._ort_device, 0) for n, a in arrays.items()}
@@ -153,7 +160,17 @@ class InferenceEngine:
             )
         if adapter.rank > self.rank:
             raise InvalidAdapterError(f"adapter rank {adapter.rank} exceeds the slot rank {self.rank} of this model")
+        scale = adapter.scale
+        if not (math.isfinite(scale) and scale > 0):
+            raise InvalidAdapterError(f"adapter scale {scale!r} (lora_alpha {adapter.alpha!r}) must be a finite number > 0")
         for weight, w in adapter.weights.items():
+            for what, m in (("A", w.A), ("scale·B", w.B * np.float64(scale))):
+                peak = float(np.max(np.abs(m), initial=0.0))
+                if not peak <= MAX_LORA_MAGNITUDE:  # also refuses NaN
+                    raise InvalidAdapterError(
+                        f"adapter matrix {what} of {weight!r} has an entry of magnitude {peak:.3g}; allowed at most"
+                        f" {MAX_LORA_MAGNITUDE:g} (check lora_alpha {adapter.alpha!r} and the saved matrices)"
+                    )
             target = self._by_weight.get(weight)
             module = self.module_paths.module_of(weight)
             if target is None:
@@ -171,18 +188,19 @@ class InferenceEngine:
     def prepare(self, adapter: LoraAdapter, *, name: str, version: int) -> PreparedAdapter:
         """Check, pad to the slot rank, fold the scale into B and place on the device."""
         self.check(adapter)
-        arrays: dict[str, np.ndarray] = {}
+        matrices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for weight, w in adapter.weights.items():
-            a_name, b_name = lora_input_names(weight)
             target = self._by_weight[weight]
             a = np.zeros((target.in_features, self.rank), np.float32)
             b = np.zeros((self.rank, target.out_features), np.float32)
             a[:, : adapter.rank] = w.A
             b[: adapter.rank, :] = w.B * np.float32(adapter.scale)
-            arrays[a_name], arrays[b_name] = a, b
-        feeds = {**self._zero_feeds, **self._device_feeds(arrays)}
-        nbytes = sum(a.nbytes for a in arrays.values())
-        return PreparedAdapter(name, version, adapter.rank, nbytes, adapter, feeds)
+            matrices[weight] = (a, b)
+        arrays = self._layout.feeds(matrices)
+        feeds = self._device_feeds(arrays)
+        # Bytes held: the per-target matrices plus the grouped inputs built from them.
+        held = {id(m): m.nbytes for pair in matrices.values() for m in pair} | {id(a): a.nbytes for a in arrays.values()}
+        return PreparedAdapter(name, version, adapter.rank, sum(held.values()), adapter, feeds, matrices)
 
     def run(self, inputs: Mapping[str, np.ndarray], adapter: PreparedAdapter | None = None) -> dict[str, np.ndarray]:
         """Run one request; ``inputs`` are already checked against :attr:`inputs`."""

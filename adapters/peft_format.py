@@ -60,6 +60,10 @@ def _parse_config(raw: bytes) -> dict[str, Any]:
         config = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise InvalidAdapterError(f"{CONFIG_FILE} is nested too deeply to be an adapter config") from None
+    except ValueError as e:  # an integer literal beyond Python's digit limit
+        raise InvalidAdapterError(f"{CONFIG_FILE} holds a number lorad cannot read: {e}") from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
@@ -69,8 +73,8 @@ def _parse_config(raw: bytes) -> dict[str, Any]:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise InvalidAdapterError(f"{CONFIG_FILE}: 'r' must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InvalidAdapterError(f"{CONFIG_FILE}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapterError(f"{CONFIG_FILE}: 'lora_alpha' must be a finite number > 0, got {alpha!r}")
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             raise InvalidAdapterError(f"{CONFIG_FILE}: {key!r} must be true or false, got {config[key]!r}")
@@ -91,6 +95,10 @@ def _header_metadata(raw: bytes) -> dict[str, str]:
         header = json.loads(raw[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidAdapterError(f"{WEIGHTS_FILE} has a corrupt header: {e}") from e
+    except RecursionError:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} has a header nested too deeply to be a safetensors header") from None
+    except ValueError as e:  # an integer literal beyond Python's digit limit
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} has a corrupt header: {e}") from None
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
@@ -162,9 +170,11 @@ def load_peft(
                 f"{WEIGHTS_FILE}: modules {modules_of[weight]!r} and {module!r} both name the model's weight {weight!r}"
             )
         modules_of[weight] = module
-        weights[weight] = LoraWeights(
-            A=np.ascontiguousarray(a_t.T, dtype=np.float32), B=np.ascontiguousarray(b_t.T, dtype=np.float32)
-        )
+        with np.errstate(over="ignore"):
+            a, b = np.ascontiguousarray(a_t.T, dtype=np.float32), np.ascontiguousarray(b_t.T, dtype=np.float32)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise InvalidAdapterError(f"{WEIGHTS_FILE}: module {module!r} has values beyond float32's range")
+        weights[weight] = LoraWeights(A=a, B=b)
     if not weights:
         raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no LoRA tensors")
     extra = {k: v for k, v in metadata.items() if k != FINGERPRINT_KEY}

@@ -9,12 +9,14 @@ sees the new version, a running request keeps the one it started with.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .cache import AdapterCache, CacheEntryInfo, CacheEvent
+from .composition import AdapterWeight, compose
 from .engine import InferenceEngine, PreparedAdapter
 from .errors import AdapterNotFoundError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
@@ -22,7 +24,7 @@ from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, StoredAdapter
 from .text_input import TextFrontEnd
 
-__all__ = ["AdapterInfo", "InferResult", "AdapterService"]
+__all__ = ["AdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService"]
 
 _ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 
@@ -38,10 +40,34 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One adapter of a composition as it answered: name, version and weight."""
+
+    name: str
+    version: int
+    weight: float
+
+
+@dataclass(frozen=True)
 class InferResult:
     outputs: dict[str, np.ndarray]
     adapter: str | None
     version: int | None
+    #: The adapters of a per-request composition (empty for one adapter or none).
+    composition: tuple[AdapterUse, ...] = ()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What one request runs with, held for the request (see :meth:`AdapterService.serving`)."""
+
+    prepared: PreparedAdapter | None
+    adapter: str | None
+    version: int | None
+    composition: tuple[AdapterUse, ...] = ()
+
+    def result(self, outputs: dict[str, np.ndarray]) -> InferResult:
+        return InferResult(outputs, self.adapter, self.version, self.composition)
 
 
 def _meta_int(meta: Mapping[str, object], key: str) -> int:
@@ -61,12 +87,16 @@ class AdapterService:
         model_name: str = "demo",
         on_cache_event: Callable[[CacheEvent, str], None] | None = None,
         text: TextFrontEnd | None = None,
+        load_hook: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``load_hook(name, version)`` runs when a cache miss has chosen the version it
+        loads, before it reads the files (tests use it to interleave loads and changes)."""
         self.engine = engine
         #: For a model that declares a tokenizer: strings in, token tensors to the engine.
         self.text = text
         self.registry = registry
         self.model_name = model_name
+        self._load_hook = load_hook
         self.cache: AdapterCache[PreparedAdapter] = AdapterCache(
             cache_budget_bytes, self._load_current, on_event=on_cache_event
         )
@@ -85,22 +115,49 @@ class AdapterService:
     def outputs(self) -> Sequence[Any]:
         return self.text.outputs(self.engine.outputs) if self.text is not None else self.engine.outputs
 
-    def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferResult:
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], adapter: str | Sequence[AdapterWeight] | None = None
+    ) -> InferResult:
+        """Run one request with the base model, one adapter or a weighted composition."""
         if self.text is not None:
             inputs = self.text.encode(inputs)
-        if adapter is None:
-            result = InferResult(self.engine.run(inputs, None), None, None)
-        else:
-            with self.cache.lease(adapter) as prepared:
-                result = InferResult(self.engine.run(inputs, prepared), prepared.name, prepared.version)
+        with self.serving(adapter) as serving:
+            result = serving.result(self.engine.run(inputs, serving.prepared))
         if self.text is not None:
-            return InferResult(self.text.decode(result.outputs), result.adapter, result.version)
+            return replace(result, outputs=self.text.decode(result.outputs))
         return result
+
+    @contextmanager
+    def serving(self, adapter: str | Sequence[AdapterWeight] | None) -> Iterator[Serving]:
+        """Lease what a request runs with for as long as the block lasts.
+
+        ``None`` is the base model; a name is that adapter's current version; a sequence
+        of :class:`AdapterWeight` is their exact weighted sum (:mod:`adapters.composition`),
+        each part leased at its current version, so a hot swap never tears a composition.
+        """
+        if adapter is None:
+            yield Serving(None, None, None)
+            return
+        if isinstance(adapter, str):
+            with self.cache.lease(adapter) as prepared:
+                yield Serving(prepared, prepared.name, prepared.version)
+            return
+        names = [t.name for t in adapter]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a composition names each adapter once, got {names}")
+        with ExitStack() as stack:
+            parts = [stack.enter_context(self.cache.lease(t.name)) for t in adapter]
+            composite = compose([(p.adapter, t.weight) for p, t in zip(parts, adapter)], slot_rank=self.engine.rank)
+            prepared = self.engine.prepare(composite, name="+".join(names), version=0)
+            uses = tuple(AdapterUse(p.name, p.version, t.weight) for p, t in zip(parts, adapter))
+            yield Serving(prepared, None, None, uses)
 
     def _load_current(self, name: str) -> PreparedAdapter:
         version = self.registry.current_version(name)
         if version is None:
             raise AdapterNotFoundError(name)
+        if self._load_hook is not None:
+            self._load_hook(name, version)
         return self._load_version(name, version)
 
     def _load_version(self, name: str, version: int) -> PreparedAdapter:
@@ -157,8 +214,8 @@ class AdapterService:
         }
         with self._changes:
             version = self.registry.put(name, files, meta=record)
-            if self.cache.contains(name):
-                self.cache.put(self.engine.prepare(adapter, name=name, version=version))
+            # Cached or not: a cache miss may be loading the previous version right now.
+            self.cache.swap_if_cached(self.engine.prepare(adapter, name=name, version=version))
         return self.info(name)
 
     def rollback(self, name: str, version: int) -> AdapterInfo:
@@ -166,8 +223,7 @@ class AdapterService:
         with self._changes:
             prepared = self._load_version(name, version)
             self.registry.set_current(name, version)
-            if self.cache.contains(name):
-                self.cache.put(prepared)
+            self.cache.swap_if_cached(prepared)
         return self.info(name)
 
     def export(self, name: str, version: int | None = None) -> tuple[int, dict[str, bytes]]:

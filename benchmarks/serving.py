@@ -1,4 +1,5 @@
-"""Serving benchmark: LoRA overhead, hot swap, cold load, merge-and-reload, concurrency.
+"""Serving benchmark: LoRA overhead, hot swap, cold load, merge-and-reload, concurrency,
+mixed-adapter batching (:mod:`benchmarks.concurrency`) and memory under large requests.
 
 Measured in one run on the embedded demo model and on the reference encoder
 (:mod:`benchmarks.reference_encoder`, LoRA rank 8 on all 12 linear layers). The last line
@@ -31,12 +32,18 @@ from adapters.lora_graph import LoraTarget
 from adapters.peft_format import dump_peft
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
+from benchmarks.concurrency import measure_large_requests, measure_mixed
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from benchmarks.timing import best_medians
 from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 
 RANK = 8
 COLD_ADAPTER_BYTES = 1 << 20
+
+#: More models to measure in the same run: name → (build the ONNX model, LoRA target
+#: patterns, make the batch-1 feeds from a numpy generator). MiniLM (branch issue-8b)
+#: registers itself here at seq 128.
+EXTRA_MODELS: dict[str, tuple[Callable[[], onnx.ModelProto], list[str], Callable[[np.random.Generator], dict[str, np.ndarray]]]] = {}
 
 
 def _random_adapter(targets: list[LoraTarget], fingerprint: str, rank: int, seed: int) -> LoraAdapter:
@@ -146,6 +153,9 @@ def measure(model: onnx.ModelProto, patterns: list[str], feeds: dict[str, np.nda
         for t in threads:
             t.join()
 
+    mixed = measure_mixed(
+        engine, feeds, lambda seed: _random_adapter(targets, fp, RANK, seed=seed), seconds=2.0 if quick else 8.0
+    )
     swap_us = max(0.0, medians["alternate"] - medians["same"])
     merge_ms = statistics.median(merges) * 1e3
     return {
@@ -158,6 +168,7 @@ def measure(model: onnx.ModelProto, patterns: list[str], feeds: dict[str, np.nda
         "merge_reload_ms": round(merge_ms, 2),
         "merge_vs_swap_ratio": round(merge_ms * 1e3 / max(swap_us, 1.0), 1),
         "p99_ms_concurrent": round(float(np.percentile(latencies, 99)) * 1e3, 3),
+        **mixed,
     }
 
 
@@ -174,10 +185,16 @@ def main() -> None:
             build_reference_encoder(), REFERENCE_TARGETS, {"x": rng.normal(size=(1, 16, 384)).astype(np.float32)}, quick=args.quick
         ),
     }
+    for name, (model, patterns, feeds) in EXTRA_MODELS.items():  # e.g. MiniLM at seq 128 (issue 8b)
+        results[name] = measure(model(), patterns, feeds(rng), quick=args.quick)
+    memory = measure_large_requests(rounds=2 if args.quick else 5)
+    print("large requests (demo daemon): " + ", ".join(f"{k}={v}" for k, v in memory.items()))
     for name, figures in results.items():
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     summary = {
         **results["reference_encoder"],
+        "peak_rss_mb_large_requests": memory["peak_rss_mb_large_requests"],
+        "large_requests": memory,
         "models": results,
         "machine": {"cpu": platform.processor() or platform.machine(), "ort": ort.__version__, "quick": args.quick},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from adapters.peft_format import read_peft_dir
 from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from daemon import auth
+from daemon.batching import make_batcher
 from daemon.config import ADDR_FILE, Config
 from daemon.demo import demo_adapter_dirs
 from daemon.http_api import ApiSettings, make_app, protected
@@ -136,6 +138,13 @@ class Daemon:
             train_now=trainer.trigger if trainer is not None else None,
         )
 
+        batcher = None
+        if cfg.server.batching.enabled:
+            batcher = await loop.run_in_executor(executor, functools.partial(
+                make_batcher, engine, cfg.server.batching, max_rows=cfg.server.max_batch_rows,
+                cache_budget_bytes=cfg.cache.budget_bytes, intra_op_threads=cfg.model.intra_op_threads))
+            self._stack.callback(batcher.close)
+            metrics.watch_batcher(batcher.counts)
         app = make_app(ApiSettings(
             service=service,
             metrics=metrics,
@@ -143,6 +152,8 @@ class Daemon:
             executor=executor,
             max_request_bytes=cfg.server.max_request_bytes,
             ready=self.is_ready,
+            max_batch_rows=cfg.server.max_batch_rows,
+            batcher=batcher,
         ))
         if trainer is not None:
             add_training_routes(app, trainer, protected, executor=executor)

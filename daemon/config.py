@@ -46,6 +46,7 @@ from trainer.config import TrainerConfig
 __all__ = [
     "ConfigError",
     "ServerConfig",
+    "BatchingConfig",
     "ModelConfig",
     "CacheConfig",
     "PowerConfig",
@@ -93,6 +94,21 @@ LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], B
                      WithJsonSchema({"enum": [*_LOG_LEVELS, *(x.lower() for x in _LOG_LEVELS)]})]
 
 
+class BatchingConfig(ConfigModel):
+    """Gathering concurrent infer requests, whatever their adapters, into one call (daemon.batching)."""
+
+    config_key = "server.batching"
+
+    enabled: bool = Field(True, description="Gather concurrent infer requests into one ONNX Runtime call over "
+                                            "banked adapters; false: one call per request.")
+    max_wait_us: int = Field(500, ge=0, le=1_000_000, description="Longest a request waits for others to join "
+                                                                  "its batch, microseconds (a lone request "
+                                                                  "does not wait).")
+    slots: int = Field(32, ge=1, le=4096, description="Adapter slots in the banks (besides the zero slot of the "
+                                                      "base model); fewer when they would not fit "
+                                                      "cache.budget_bytes.")
+
+
 class ServerConfig(ConfigModel):
     """Where and how the HTTP API listens."""
 
@@ -111,6 +127,11 @@ class ServerConfig(ConfigModel):
                                                                         "adapter upload), bytes.")
     worker_threads: int = Field(4, ge=1, le=256, description="Threads that run inference and adapter I/O off the "
                                                              "event loop.")
+    max_batch_rows: int = Field(1024, ge=1, le=1 << 20, description="Rows (first dimension) one infer request may "
+                                                                    "carry, and rows one batched call runs; larger "
+                                                                    "requests are refused with 413 before decoding.")
+    batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(),
+                                     description="Micro-batching of concurrent infer requests.")
 
     @model_validator(mode="before")
     @classmethod

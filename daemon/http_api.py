@@ -14,16 +14,19 @@ import io
 import importlib.metadata
 import json
 import logging
+import math
 import socket
 import tarfile
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import yaml
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from adapters.errors import (
     AdapterNotFoundError,
@@ -32,13 +35,16 @@ from adapters.errors import (
     InvalidAdapterError,
 )
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from adapters.service import AdapterService
+from adapters.composition import AdapterWeight
+from adapters.service import AdapterService, InferResult, Serving
 from daemon import auth, oip
+from daemon.batching import MicroBatcher
+from daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
 from daemon.metrics import CONTENT_TYPE, DaemonMetrics
 
 __all__ = [
     "ApiSettings", "make_app", "protected", "HttpError", "json_response", "read_body",
-    "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION",
+    "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION", "infer_body_limit", "JSON_BYTES_PER_NUMBER",
 ]
 
 _log = logging.getLogger(__name__)
@@ -83,6 +89,10 @@ class ApiSettings:
     executor: Executor
     max_request_bytes: int
     ready: Callable[[], bool]
+    #: Rows (first dimension) one infer request may carry; bounds its memory.
+    max_batch_rows: int = 1024
+    #: Gathers concurrent infer requests into one call; None = one call per request.
+    batcher: MicroBatcher | None = None
 
     @property
     def model_version(self) -> str:
@@ -128,7 +138,12 @@ def json_response(data: object, status: int = 200, headers: Mapping[str, str] | 
     )
 
 
-def _error_status(e: BaseException) -> tuple[int, str, Mapping[str, str] | None]:
+def _error_status(e: BaseException, *, trusted: bool) -> tuple[int, str, Mapping[str, str] | None]:
+    """Status, message and headers of an error answer.
+
+    Storage errors name files on disk; only a caller that authenticated (token or the
+    Unix socket) sees them, everyone else is told to read the daemon log.
+    """
     if isinstance(e, HttpError):
         if e.status >= 500:
             _log.error("%s", e)
@@ -143,9 +158,12 @@ def _error_status(e: BaseException) -> tuple[int, str, Mapping[str, str] | None]
         return 503, str(e), None
     if isinstance(e, ValueError):
         return 400, str(e), None
+    if isinstance(e, oip.NonFiniteOutputError):
+        _log.error("%s", e)
+        return e.status, str(e), None
     if isinstance(e, AdapterStorageError):
         _log.error("adapter storage failed: %s", e)
-        return 500, str(e), None
+        return 500, str(e) if trusted else "adapter storage failed; the daemon log has the details", None
     _log.exception("internal error", exc_info=e)
     return 500, f"internal error: {type(e).__name__}", None
 
@@ -170,7 +188,7 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
             reason = f"request body exceeds the limit of {settings.max_request_bytes} bytes"
         response = json_response({"error": reason}, e.status, {k: v for k, v in e.headers.items() if k == "Allow"})
     except Exception as e:  # every failure becomes one JSON error; unknown ones are logged
-        status, message, headers = _error_status(e)
+        status, message, headers = _error_status(e, trusted=_authenticated(request))
         response = json_response({"error": message}, status, headers)
     kind = request.get("adapter_kind", "none")
     seconds = time.perf_counter() - start
@@ -202,6 +220,13 @@ def protected(handler: _Handler) -> _Handler:
     return wrapper
 
 
+def _authenticated(request: web.Request) -> bool:
+    """The caller came over the Unix socket or sent the right bearer token."""
+    if _via_unix_socket(request):
+        return True
+    return auth.check_bearer(request.headers.get("Authorization"), request.app[_SETTINGS].token)
+
+
 def _via_unix_socket(request: web.Request) -> bool:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -216,6 +241,8 @@ class _Handlers:
         self.s = settings
         self.service = settings.service
         self._openapi: bytes | None = None
+        self._infer_limit = infer_body_limit(settings.service.engine.inputs, settings.max_batch_rows,
+                                             settings.max_request_bytes)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.s.executor, fn, *args)
@@ -268,30 +295,84 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         self._model(request)
-        body = await read_body(request, self.s.max_request_bytes)
-        kind: list[tuple[str, str | None]] = []  # filled by the worker once decoded, so errors after that are labelled
+        limit, setting = self._infer_limit
+        body = await read_body(request, limit, what="infer request", setting=setting)
+        # (adapter kind, adapter name), filled by the worker once decoded, so errors after that are labelled
+        kind: list[tuple[str, str | None]] = []
         try:
-            payload = await self._run(self._infer, body, kind)
+            # Texts are tokenized to each request's own length, and the batcher joins only
+            # tensors of one shape: a text model answers each request on its own.
+            if self.s.batcher is None or self.service.text is not None:
+                payload = await self._run(self._infer, body, kind)
+            else:
+                payload = await self._infer_batched(body, kind)
         finally:
             if kind:
                 request["adapter_kind"], request["adapter"] = kind[0]
+            if len(body) >= LARGE_BODY_BYTES:
+                await self._run(trim_after_large_request, len(body))
         return web.Response(body=payload, content_type="application/json")
 
+    def _decode(
+        self, body: bytes, kind: list[tuple[str, str | None]]
+    ) -> tuple[oip.InferRequest, str | list[AdapterWeight] | None]:
+        req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs, max_rows=self.s.max_batch_rows)
+        if req.composition:
+            kind.append(("adapter", "+".join(n for n, _ in req.composition)))
+            return req, [AdapterWeight(n, w) for n, w in req.composition]
+        kind.append(("base" if req.adapter is None else "adapter", req.adapter))
+        return req, req.adapter
     def _infer(self, body: bytes, kind: list[tuple[str, str | None]]) -> bytes:
         """Decode, run and encode in one trip to the worker pool (the hot path)."""
-        req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs)
-        kind.append(("base" if req.adapter is None else "adapter", req.adapter))
-        result = self.service.infer(req.inputs, req.adapter)
-        doc = oip.encode_infer_response(
-            model_name=self.service.model_name,
-            model_version=self.s.model_version,
-            request_id=req.id,
-            outputs=result.outputs,
-            wanted=req.outputs,
-            adapter=result.adapter,
-            adapter_version=result.version,
-        )
-        return json.dumps(doc).encode()
+        req, adapter = self._decode(body, kind)
+        return self._encode(req, self.service.infer(req.inputs, adapter), kind)
+
+    async def _infer_batched(self, body: bytes, kind: list[tuple[str, str | None]]) -> bytes:
+        """Decode and lease in a worker, run in the batcher's next batch, encode in a worker.
+
+        The worker does not wait for the batch, so more requests than worker threads can
+        share one call; the lease is held until the batch has run.
+        """
+        batcher = self.s.batcher
+        assert batcher is not None
+        batcher.expect()
+        req, serving, future = await self._run(self._submit, body, kind)
+        outputs = await asyncio.wrap_future(future)
+        return await self._run(self._encode, req, serving.result(outputs), kind)
+
+    def _submit(self, body: bytes, kind: list[tuple[str, str | None]]) -> tuple[oip.InferRequest, Serving, Future[dict[str, Any]]]:
+        """Decode, lease and queue; the lease ends when the batch is done (in whichever
+        thread finishes it), so a client that hangs up cannot end it early."""
+        batcher = self.s.batcher
+        assert batcher is not None
+        held = ExitStack()
+        try:
+            req, adapter = self._decode(body, kind)
+            serving = held.enter_context(self.service.serving(adapter))
+            future = batcher.submit(req.inputs, serving.prepared)
+        except BaseException:
+            held.close()
+            batcher.unexpect()
+            raise
+        future.add_done_callback(lambda _: held.close())
+        return req, serving, future
+
+    def _encode(self, req: oip.InferRequest, result: InferResult, kind: list[tuple[str, str | None]]) -> bytes:
+        try:
+            doc = oip.encode_infer_response(
+                model_name=self.service.model_name,
+                model_version=self.s.model_version,
+                request_id=req.id,
+                outputs=result.outputs,
+                wanted=req.outputs,
+                adapter=result.adapter,
+                adapter_version=result.version,
+                composition=[asdict(u) for u in result.composition],
+            )
+        except oip.NonFiniteOutputError:
+            self.s.metrics.model_output_errors.labels(adapter_kind=kind[0][0]).inc()
+            raise
+        return json.dumps(doc, allow_nan=False).encode()
 
     # -- adapters
 
@@ -359,10 +440,37 @@ def tar_of(files: Mapping[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+#: Bytes one JSON number may take in an infer body, separators and indentation included:
+#: ``-1.2345678901234567e-05, `` is 25; the rest is room for pretty-printed bodies.
+JSON_BYTES_PER_NUMBER = 48
+_JSON_ENVELOPE_BYTES = 64 * 1024
+
+
+def infer_body_limit(inputs: Sequence[oip.TensorSpecLike], max_rows: int, max_request_bytes: int) -> tuple[int, str]:
+    """The largest infer body worth reading, and the setting that explains it.
+
+    A body is parsed whole into Python numbers (about 60 bytes each) before it becomes
+    tensors, so its size, not only its rows, is what bounds a request's memory: the bound
+    is ``max_rows`` rows of every input at :data:`JSON_BYTES_PER_NUMBER` per number, checked
+    against Content-Length and while the body streams in, before any decoding.
+    """
+    per_row = 0
+    for spec in inputs:
+        inner = list(spec.shape[1:])
+        if any(d < 0 for d in inner):  # a dynamic inner dimension: rows do not bound the size
+            return max_request_bytes, "server.max_request_bytes"
+        per_row += math.prod(inner)
+    by_rows = max_rows * per_row * JSON_BYTES_PER_NUMBER + _JSON_ENVELOPE_BYTES
+    if by_rows >= max_request_bytes:
+        return max_request_bytes, "server.max_request_bytes"
+    return by_rows, (f"server.max_batch_rows = {max_rows} rows of {per_row} numbers,"
+                     f" at most {JSON_BYTES_PER_NUMBER} bytes each")
+
+
 def _rollback_version(body: bytes) -> int:
     try:
         doc = json.loads(body or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." within the size limit
         doc = None
     version = doc.get("version") if isinstance(doc, dict) else None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -406,6 +514,8 @@ async def _read_upload(request: web.Request, limit: int) -> dict[str, bytes]:
             part = await reader.next()
         except (ValueError, AssertionError) as e:
             raise HttpError(400, f"malformed multipart body: {e}") from None
+        except HttpProcessingError as e:  # a part header with control characters or over 8 KB
+            raise HttpError(400, f"malformed multipart body: part header: {e.message}") from None
         if part is None:
             break
         if not isinstance(part, BodyPartReader):

@@ -132,6 +132,17 @@ class _PowerCollector(Collector):
         if self._limit is not None:
             yield GaugeMetricFamily("lorad_power_limit_watts", "The configured power.limit_watts (alerting threshold).",
                                     value=self._limit)
+class _BatcherCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        calls, requests = self._counts()
+        yield CounterMetricFamily("lorad_inference_calls", "ONNX Runtime calls made by the micro-batcher.", value=calls)
+        yield CounterMetricFamily(
+            "lorad_batched_requests", "Infer requests answered by the micro-batcher (requests/calls = mean batch).",
+            value=requests,
+        )
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -214,6 +225,12 @@ class DaemonMetrics:
             ["endpoint", "code"],
             registry=registry,
         )
+        self.model_output_errors = Counter(
+            "lorad_model_output_errors",
+            "Inferences whose outputs held NaN or infinity (answered 500, never sent as JSON), by adapter kind.",
+            ["adapter_kind"],
+            registry=registry,
+        )
         self.adapter_swaps = Counter(
             "lorad_adapter_swaps",
             "Adapter versions hot-swapped into serving (uploads, installs, rollbacks).",
@@ -256,6 +273,10 @@ class DaemonMetrics:
     def watch_cache(self, stats: Callable[[], CacheStatsLike]) -> None:
         """Export the cache's counts and bytes, read from ``stats()`` at each scrape."""
         self.registry.register(_CacheCollector(stats))
+
+    def watch_batcher(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export the micro-batcher's (calls, requests), read at each scrape."""
+        self.registry.register(_BatcherCollector(counts))
 
     def set_backend(self, requested: str, active: str) -> None:
         self.backend.labels(requested=requested, active=active).set(1)

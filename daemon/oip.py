@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "OIPError",
     "RequestTooLargeError",
+    "NonFiniteOutputError",
     "TensorSpecLike",
     "InferRequest",
     "DATATYPES",
@@ -58,6 +59,13 @@ class RequestTooLargeError(OIPError):
     status = 413
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The model answered NaN or infinity, which JSON cannot carry: a model error (HTTP 500
+    class), never a response with non-JSON numbers."""
+
+    status = 500
+
+
 class TensorSpecLike(Protocol):
     """What the codec needs of an engine's input/output spec."""
 
@@ -79,6 +87,8 @@ class InferRequest:
     id: str | None
     #: Requested output names, in order; ``None`` = all outputs.
     outputs: tuple[str, ...] | None
+    #: ``parameters.adapters``: (name, weight) terms of a per-request composition.
+    composition: tuple[tuple[str, float], ...] = ()
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -98,10 +108,17 @@ def decode_infer_request(
     body: bytes | Mapping[str, object],
     inputs: Sequence[TensorSpecLike],
     outputs: Sequence[TensorSpecLike],
+    *,
+    allow_non_finite: bool = False,
+    max_rows: int | None = None,
 ) -> InferRequest:
     """Parse and check an infer request against the model's input and output specs.
 
-    The body's size is limited while it streams in (daemon.http_api.read_body).
+    The body's size is limited while it streams in (daemon.http_api.read_body). Floating
+    point data must be finite (``NaN``, ``Infinity``, ``1e400`` are refused naming the
+    tensor and the element) unless ``allow_non_finite`` says the model accepts them.
+    More than ``max_rows`` rows (first dimension) is a :class:`RequestTooLargeError`,
+    found from the shapes before any data is converted.
     """
     if isinstance(body, (bytes, bytearray)):
         try:
@@ -112,6 +129,8 @@ def decode_infer_request(
             raise OIPError(f"request body is not valid JSON: {e}") from None
         except RecursionError:
             raise OIPError("request body is nested too deeply") from None
+        except ValueError as e:  # an integer literal longer than Python's digit limit
+            raise OIPError(f"request body holds a number lorad cannot read: {e}") from None
     else:
         doc = body
     if not isinstance(doc, Mapping):
@@ -124,10 +143,10 @@ def decode_infer_request(
     if request_id is not None and not isinstance(request_id, str):
         raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
 
-    adapter = _decode_parameters(doc.get("parameters"))
-    arrays = _decode_inputs(doc.get("inputs"), inputs)
+    adapter, composition = _decode_parameters(doc.get("parameters"))
+    arrays = _decode_inputs(doc.get("inputs"), inputs, allow_non_finite=allow_non_finite, max_rows=max_rows)
     wanted = _decode_outputs(doc.get("outputs"), outputs)
-    return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted)
+    return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted, composition=composition)
 
 
 def encode_infer_response(
@@ -139,12 +158,27 @@ def encode_infer_response(
     wanted: Sequence[str] | None,
     adapter: str | None,
     adapter_version: int | None,
+    composition: Sequence[Mapping[str, object]] = (),
 ) -> dict[str, object]:
-    """The JSON object of an infer response; ``wanted`` selects and orders outputs."""
+    """The JSON object of an infer response; ``wanted`` selects and orders outputs.
+
+    :class:`NonFiniteOutputError` when an output holds NaN or infinity (JSON has no such
+    numbers), naming the output, the element and the adapter that answered.
+    """
     names = list(wanted) if wanted is not None else list(outputs)
     tensors = []
     for name in names:
         arr = np.asarray(outputs[name])
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(np.argmin(np.isfinite(arr).ravel()))
+            if composition:
+                by = "adapters " + ", ".join(f"{c.get('name')!r} version {c.get('version')}" for c in composition)
+            else:
+                by = "the base model" if adapter is None else f"adapter {adapter!r} version {adapter_version}"
+            raise NonFiniteOutputError(
+                f"the model answered {_number(arr.ravel()[bad])} in output {name!r} element {_where(bad, arr.shape)}"
+                f" with {by}; JSON cannot carry non-finite numbers, so no response was sent"
+            )
         datatype = datatype_of(arr)
         tensors.append({
             "name": name,
@@ -156,7 +190,10 @@ def encode_infer_response(
         "model_name": model_name,
         "model_version": model_version,
         "id": request_id if request_id is not None else uuid.uuid4().hex,
-        "parameters": {"adapter": adapter, "adapter_version": adapter_version},
+        "parameters": (
+            {"adapters": [dict(c) for c in composition]} if composition
+            else {"adapter": adapter, "adapter_version": adapter_version}
+        ),
         "outputs": tensors,
     }
 
@@ -178,17 +215,46 @@ def _json_type(v: object) -> str:
     return "an object"
 
 
-def _decode_parameters(params: object) -> str | None:
+#: Adapters one request may compose with ``parameters.adapters``.
+MAX_COMPOSITION = 8
+_COMPOSITION_FORM = '[{"name": "user-7", "weight": 1.0}, {"name": "site-east", "weight": 0.5}]'
+
+
+def _decode_parameters(params: object) -> tuple[str | None, tuple[tuple[str, float], ...]]:
     if params is None:
-        return None
+        return None, ()
     if not isinstance(params, Mapping):
         raise OIPError(f"'parameters' must be an object, got {_json_type(params)}")
     adapter = params.get("adapter")
+    terms = params.get("adapters")
+    if adapter is not None and terms is not None:
+        raise OIPError("give either 'parameters.adapter' (one adapter) or 'parameters.adapters' (a composition), not both")
+    if terms is not None:
+        return None, _decode_composition(terms)
     if adapter is None:
-        return None
+        return None, ()
     if not isinstance(adapter, str) or not adapter:
         raise OIPError(f"'parameters.adapter' must be an adapter name (a string) or null, got {_json_type(adapter)}")
-    return adapter
+    return adapter, ()
+
+
+def _decode_composition(terms: object) -> tuple[tuple[str, float], ...]:
+    if not isinstance(terms, list) or not 1 <= len(terms) <= MAX_COMPOSITION:
+        raise OIPError(
+            f"'parameters.adapters' must be an array of 1 to {MAX_COMPOSITION} objects like {_COMPOSITION_FORM},"
+            f" got {_json_type(terms)}" + (f" of {len(terms)}" if isinstance(terms, list) else "")
+        )
+    out: list[tuple[str, float]] = []
+    for i, term in enumerate(terms):
+        if not isinstance(term, Mapping) or set(term) - {"name", "weight"}:
+            raise OIPError(f"parameters.adapters[{i}] must be an object with 'name' and optional 'weight'")
+        name, weight = term.get("name"), term.get("weight", 1.0)
+        if not isinstance(name, str) or not name:
+            raise OIPError(f"parameters.adapters[{i}].name must be an adapter name (a string)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise OIPError(f"parameters.adapters[{i}].weight must be a finite number, got {weight!r}")
+        out.append((name, float(weight)))
+    return tuple(out)
 
 
 def _decode_outputs(requested: object, specs: Sequence[TensorSpecLike]) -> tuple[str, ...] | None:
@@ -210,7 +276,9 @@ def _decode_outputs(requested: object, specs: Sequence[TensorSpecLike]) -> tuple
     return tuple(names)
 
 
-def _decode_inputs(tensors: object, specs: Sequence[TensorSpecLike]) -> dict[str, np.ndarray]:
+def _decode_inputs(
+    tensors: object, specs: Sequence[TensorSpecLike], *, allow_non_finite: bool, max_rows: int | None
+) -> dict[str, np.ndarray]:
     by_name = {s.name: s for s in specs}
     allowed = ", ".join(by_name)
     if not isinstance(tensors, list) or not tensors:
@@ -227,19 +295,25 @@ def _decode_inputs(tensors: object, specs: Sequence[TensorSpecLike]) -> dict[str
             raise OIPError(f"unknown input {name!r}; the model's inputs are: {allowed}")
         if name in arrays:
             raise OIPError(f"input {name!r} is given twice")
-        arrays[name] = _decode_tensor(t, spec)
+        arrays[name] = _decode_tensor(t, spec, allow_non_finite=allow_non_finite, max_rows=max_rows)
     missing = [n for n in by_name if n not in arrays]
     if missing:
         raise OIPError(f"missing input {missing[0]!r}; the model's inputs are: {allowed}")
     return arrays
 
 
-def _decode_tensor(t: Mapping[str, object], spec: TensorSpecLike) -> np.ndarray:
+def _decode_tensor(
+    t: Mapping[str, object], spec: TensorSpecLike, *, allow_non_finite: bool, max_rows: int | None
+) -> np.ndarray:
     name = spec.name
     datatype = t.get("datatype")
     if datatype != spec.datatype:
         raise OIPError(f"input {name!r}: datatype {datatype!r} is not allowed; the model expects {spec.datatype!r}")
     shape = _decode_shape(name, t.get("shape"), spec.shape)
+    if max_rows is not None and shape and shape[0] > max_rows:
+        raise RequestTooLargeError(
+            f"input {name!r} has {shape[0]} rows; a request may carry at most {max_rows} (server.max_batch_rows)"
+        )
     data = t.get("data")
     if data is None:
         raise OIPError(f"input {name!r}: 'data' is missing")
@@ -252,7 +326,7 @@ def _decode_tensor(t: Mapping[str, object], spec: TensorSpecLike) -> np.ndarray:
         raise OIPError(f"input {name!r}: data has {len(flat)} elements but shape {shape} needs {expected}")
     if spec.datatype == "BYTES":
         return _to_bytes_array(name, flat).reshape(shape)
-    return _to_array(name, flat, dtype, spec.datatype).reshape(shape)
+    return _to_array(name, flat, dtype, spec.datatype, shape, allow_non_finite=allow_non_finite).reshape(shape)
 
 
 def _decode_shape(name: str, shape: object, spec_shape: Sequence[int]) -> list[int]:
@@ -296,7 +370,12 @@ def _bytes_to_json(arr: np.ndarray) -> list[str]:
     return [bytes(v).decode("utf-8", "replace") for v in arr.ravel()]
 
 
-def _to_array(name: str, flat: list[object], dtype: np.dtype, datatype: str) -> np.ndarray:
+_FLOAT64_MAX_INT = int(np.finfo(np.float64).max)
+
+
+def _to_array(
+    name: str, flat: list[object], dtype: np.dtype, datatype: str, shape: Sequence[int], *, allow_non_finite: bool
+) -> np.ndarray:
     if dtype.kind == "b":
         if not all(isinstance(v, bool) for v in flat):
             raise OIPError(f"input {name!r}: {datatype} data must be true/false values")
@@ -313,8 +392,39 @@ def _to_array(name: str, flat: list[object], dtype: np.dtype, datatype: str) -> 
         if ints and (min(ints) < info.min or max(ints) > info.max):
             raise OIPError(f"input {name!r}: {datatype} data must lie in [{info.min}, {info.max}]")
         return np.array(flat, dtype=dtype)
+    try:
+        wide = np.array(flat, dtype=np.float64)
+    except OverflowError:  # an integer literal beyond float64, e.g. 10**400
+        bad = next(i for i, v in enumerate(flat) if isinstance(v, int) and abs(v) > _FLOAT64_MAX_INT)
+        raise OIPError(
+            f"input {name!r}: element {_where(bad, shape)} is an integer too large for {datatype}"
+        ) from None
+    finite = np.isfinite(wide)
+    if not allow_non_finite and not finite.all():
+        bad = int(np.argmin(finite))
+        raise OIPError(
+            f"input {name!r}: element {_where(bad, shape)} is {_number(wide[bad])};"
+            f" {datatype} data must be finite numbers"
+        )
     with np.errstate(over="ignore"):
-        arr = np.array(flat, dtype=dtype)
-    if not np.all(np.isfinite(arr)) and np.all(np.isfinite(np.array(flat, dtype=np.float64))):
-        raise OIPError(f"input {name!r}: a value does not fit in {datatype}")
+        arr = wide.astype(dtype)
+    overflow = np.isfinite(arr) | ~finite
+    if not overflow.all():
+        bad = int(np.argmin(overflow))
+        limit = float(np.finfo(dtype).max)
+        raise OIPError(
+            f"input {name!r}: element {_where(bad, shape)} = {float(wide[bad]):.6g} does not fit in {datatype}"
+            f" (largest magnitude {limit:.6g})"
+        )
     return arr
+
+
+def _number(v: object) -> str:
+    f = float(v)  # type: ignore[arg-type]
+    return "NaN" if math.isnan(f) else ("Infinity" if f > 0 else "-Infinity") if math.isinf(f) else repr(f)
+
+
+def _where(flat_index: int, shape: Sequence[int]) -> str:
+    """``17 (index [0, 17])``: a flat element position and its index in the tensor."""
+    index = [int(i) for i in np.unravel_index(flat_index, tuple(shape))] if shape else []
+    return f"{flat_index} (index {index})"

@@ -109,7 +109,7 @@ class _Handlers:
             raise HttpError(400, f"request body is not valid JSON: {e}") from None
         except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
             raise HttpError(400, "request body is nested too deeply") from None
-        if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label"} or "label" not in doc:
+        if not isinstance(doc, Mapping) or set(doc) != {"inputs", "label"}:
             raise HttpError(
                 400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ...} '
                 "with nothing else; the label is a class number or a nested list of numbers")

@@ -33,6 +33,7 @@ def _error(doc: dict[str, Any]) -> ConfigError:
 SECTIONS = [
     ("", "log_level"),
     ("server", "port"),
+    ("server.batching", "max_wait_us"),
     ("model", "targets"),
     ("cache", "budget_bytes"),
     ("trainer", "niceness"),
@@ -64,6 +65,8 @@ def test_unknown_key_is_named_with_the_allowed_keys(section: str, known: str) ->
         ("log_level", 3, "got 3; allowed: DEBUG"),
         ("server.worker_threads", "4", "got str '4'; expected an integer from 1 to 256"),
         ("server.host", 127001, "got int 127001; expected a non-empty string"),
+        ("server.max_batch_rows", 2.5, "got float 2.5; expected an integer from 1 to 1048576"),
+        ("server.batching.slots", "32", "got str '32'; expected an integer from 1 to 4096"),
         ("model.rank", 2.5, "got float 2.5; expected an integer from 1 to 1024"),
         ("model.targets", 7, "got int 7; expected a non-empty list of strings"),
         ("cache.budget_bytes", [1], "got [1]; expected an integer number of bytes"),
@@ -98,6 +101,9 @@ def test_wrong_type(key: str, value: object, fragment: str) -> None:
     ("key", "value", "fragment"),
     [
         ("server.port", -1, "got -1; expected an integer from 0 to 65535"),
+        ("server.max_batch_rows", 1 << 21, "got 2097152; expected an integer from 1 to 1048576"),
+        ("server.batching.max_wait_us", 2_000_000, "got 2000000; expected an integer from 0 to 1000000"),
+        ("server.batching.slots", 0, "got 0; expected an integer from 1 to 4096"),
         ("model.intra_op_threads", 5000, "got 5000; expected an integer from 0 to 1024"),
         ("cache.budget_bytes", "0MiB", "got 0; expected a positive size"),
         ("trainer.check_interval_s", 0.01, "got 0.01; expected a number >= 0.1"),
@@ -130,7 +136,8 @@ def test_out_of_range(key: str, value: object, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["log_level", "server.port", "model.rank", "cache.budget_bytes", "trainer.enabled", "trainer.store.max_bytes",
+    ["log_level", "server.port", "server.max_batch_rows", "server.batching.enabled", "model.rank",
+     "cache.budget_bytes", "trainer.enabled", "trainer.store.max_bytes",
      "trainer.policy.min_new_examples", "trainer.defaults.clip_norm", "trainer.adapters.alice.rank",
      "ota.groups", "ota.broker.host", "ota.limits.max_adapter_bytes", "power.source", "power.sample_interval_s",
      "power.sys_root", "metrics.top_adapters"],
@@ -198,6 +205,7 @@ def test_flags_are_validated_and_named_like_file_values(tmp_path: Path) -> None:
 
 
 def test_models_built_in_code_are_validated_the_same_way() -> None:
+    from daemon.config import BatchingConfig
     from ota.config import OtaLimits
     from trainer.config import StoreConfig
 
@@ -206,3 +214,5 @@ def test_models_built_in_code_are_validated_the_same_way() -> None:
     assert StoreConfig(max_bytes="2GiB").max_bytes == 2 * 1024**3
     with pytest.raises(ConfigError, match=r"^ota\.limits\.max_raw_bytes: got 2048; expected at least"):
         OtaLimits(max_adapter_bytes=4096, max_raw_bytes=2048)
+    with pytest.raises(ConfigError, match=r"^server\.batching\.slots: got 0; expected an integer from 1 to 4096"):
+        BatchingConfig(slots=0)

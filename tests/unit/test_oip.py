@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from daemon.oip import (
+    NonFiniteOutputError,
     OIPError,
+    RequestTooLargeError,
     datatype_of,
     decode_infer_request,
     encode_infer_response,
@@ -242,3 +245,39 @@ def test_bytes_output_encodes_as_strings() -> None:
                                 wanted=None, adapter=None, adapter_version=None)
     out = json.loads(json.dumps(doc))["outputs"][0]
     assert out == {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["kitchen/light_on", "büro"]}
+def test_non_finite_output_is_refused_naming_output_element_and_adapter() -> None:
+    logits = np.zeros((2, 3), np.float32)
+    logits[1, 2] = np.nan
+    with pytest.raises(NonFiniteOutputError, match=r"answered NaN in output 'logits' element 5 \(index \[1, 2\]\) with adapter 'a' version 2"):
+        encode_infer_response(
+            model_name="demo", model_version="1", request_id=None, outputs={"logits": logits},
+            wanted=None, adapter="a", adapter_version=2,
+        )
+
+
+def test_composition_parameters() -> None:
+    body = {**_req(), "parameters": {"adapters": [{"name": "user-7", "weight": 1.0}, {"name": "site-east", "weight": 0.5}]}}
+    req = decode_infer_request(body, INPUTS, OUTPUTS)
+    assert req.adapter is None and req.composition == (("user-7", 1.0), ("site-east", 0.5))
+    assert decode_infer_request({**_req(), "parameters": {"adapters": [{"name": "a"}]}}, INPUTS, OUTPUTS).composition == (("a", 1.0),)
+    for params, fragment in [
+        ({"adapter": "a", "adapters": [{"name": "b"}]}, "not both"),
+        ({"adapters": []}, "array of 1 to 8"),
+        ({"adapters": [{"name": "a", "weight": "x"}]}, "weight must be a finite number"),
+        ({"adapters": [{"name": "a", "scale": 1}]}, "'name' and optional 'weight'"),
+        ({"adapters": [{"weight": 1}]}, "name must be an adapter name"),
+    ]:
+        with pytest.raises(OIPError, match=re.escape(fragment)):
+            decode_infer_request({**_req(), "parameters": params}, INPUTS, OUTPUTS)
+
+
+def test_rows_beyond_max_rows_are_too_large() -> None:
+    with pytest.raises(RequestTooLargeError, match=r"'pixels' has 2 rows; a request may carry at most 1"):
+        decode_infer_request(_req(), INPUTS, OUTPUTS, max_rows=1)
+
+
+def test_non_finite_inputs_allowed_when_the_model_says_so() -> None:
+    body = _req(pixels={"data": [float("nan")] + [0.5] * 7})
+    with pytest.raises(OIPError, match=r"element 0 \(index \[0, 0\]\) is NaN"):
+        decode_infer_request(body, INPUTS, OUTPUTS)
+    assert np.isnan(decode_infer_request(body, INPUTS, OUTPUTS, allow_non_finite=True).inputs["pixels"][0, 0])

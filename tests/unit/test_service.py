@@ -148,3 +148,49 @@ def test_weight_names_map_peft_module_names_to_onnx_weights(tmp_path: Path) -> N
     exported = load_safetensors(service.export("trained")[1][WEIGHTS_FILE])
     assert sorted(exported) == [f"base_model.model.encoder.{m}.lora_{x}.weight" for m in ("first", "second") for x in "AB"]
     np.testing.assert_array_equal(exported["base_model.model.encoder.first.lora_A.weight"], adapter.weights["fc1.weight"].A.T)
+
+
+@pytest.mark.parametrize("change", ["upload", "rollback"])
+def test_change_during_a_cache_miss_marks_the_load_stale(tmp_path: Path, change: str) -> None:
+    """A miss loading version N while version N+1 becomes current must not cache N.
+
+    The interleaving is forced by the service's load hook: the miss stops after it chose
+    its version, the change happens, then the miss goes on.
+    """
+    model, w = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=4)
+    chosen, proceed = threading.Event(), threading.Event()
+    loads: list[int] = []
+
+    def hook(name: str, version: int) -> None:
+        loads.append(version)
+        if len(loads) == 1:
+            chosen.set()
+            assert proceed.wait(timeout=30)
+
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20, load_hook=hook)
+    targets, fp = engine.targets, engine.fingerprint
+    v1, v2 = (random_adapter(targets, fp, rank=2, seed=s) for s in (1, 2))
+    if change == "upload":
+        service.upload("a", dump_peft(v1))
+        old, new, new_adapter = 1, 2, v2
+    else:
+        service.upload("a", dump_peft(v2))
+        service.upload("a", dump_peft(v1))
+        old, new, new_adapter = 2, 1, v2
+    results: list[int | None] = []
+    miss = threading.Thread(target=lambda: results.append(service.infer({"x": X}, "a").version))
+    miss.start()
+    assert chosen.wait(timeout=30)
+    assert not service.cache.contains("a")  # the miss is in flight, nothing cached yet
+    if change == "upload":
+        service.upload("a", dump_peft(v2))
+    else:
+        service.rollback("a", 1)
+    proceed.set()
+    miss.join(timeout=30)
+    assert loads == [old, new]  # the stale load was dropped and the miss loaded again
+    assert results == [new]
+    result = service.infer({"x": X}, "a")
+    assert result.version == new and service.info("a").cached
+    np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, new_adapter), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,237 @@
+"""Mixed-adapter batches in plain ONNX: LoRA banks with a per-row slot index.
+
+The banked inference graph gives every target weight ``W`` two bank inputs,
+``A [S, in, r]`` and ``B [S, r, out]`` (S slots of the slot rank r), and the graph one
+``lora_slot [N]`` int64 input naming each batch row's slot. Each row gathers its own
+adapter and multiplies with it, the segmented gather matrix-vector product that
+Punica, S-LoRA and LoRAX run as custom GPU kernels, written here in standard operators
+(Gather, batched MatMul) so any execution provider runs it::
+
+    y[n] = x[n]·W + (x[n]·A[slot[n]])·B[slot[n]]
+
+Slot 0 is all zeros and serves base-model rows exactly. A target's input may have more
+rows than the batch (an exporter flattens ``[N, T, H]`` to ``[N·T, H]``): it is viewed as
+``[N, -1, in]``, which holds whenever rows are batch-major, as every exporter lays them.
+
+:class:`AdapterBanks` owns the bank arrays and the session over the banked graph and
+places prepared adapters into slots; a slot is never rewritten while a batch that uses it
+runs (:meth:`AdapterBanks.acquire` / :meth:`AdapterBanks.release`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import AdapterStorageError
+from .lora_graph import LoraTarget
+from .onnx_compat import for_runtime
+
+__all__ = ["SLOT_INPUT", "bank_input_names", "make_banked_inference_graph", "AdapterBanks", "PreparedLike"]
+
+#: The per-row slot index input of the banked graph (int64 ``[N]``; 0 = base model).
+SLOT_INPUT = "lora_slot"
+
+_LINEAR_OPS = ("MatMul", "Gemm")
+
+
+def bank_input_names(weight: str) -> tuple[str, str]:
+    """Names of the bank inputs ``A [S, in, r]`` and ``B [S, r, out]`` of a target."""
+    return f"lora_bank.{weight}.A", f"lora_bank.{weight}.B"
+
+
+def make_banked_inference_graph(
+    model: onnx.ModelProto, targets: Sequence[LoraTarget], *, rank: int, slots: int | str = "S"
+) -> onnx.ModelProto:
+    """Derive the banked serving graph of ``model`` (see the module docstring)."""
+    if rank <= 0:
+        raise ValueError(f"slot rank must be a positive integer, got {rank}")
+    derived = onnx.ModelProto()
+    derived.CopyFrom(model)
+    graph = derived.graph
+    existing = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    if SLOT_INPUT in existing:
+        raise ValueError(f"model already has a tensor named {SLOT_INPUT!r}")
+    graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, ["N"]))
+    head: list[onnx.NodeProto] = [
+        helper.make_node("Shape", [SLOT_INPUT], ["lora_bank/rows"], name="lora_bank/rows"),
+    ]
+    gathered: dict[str, tuple[str, str]] = {}
+    for t in targets:
+        a_bank, b_bank = bank_input_names(t.weight)
+        if a_bank in existing or b_bank in existing:
+            raise ValueError(f"model already has a tensor named {a_bank!r} or {b_bank!r}")
+        graph.input.append(helper.make_tensor_value_info(a_bank, TensorProto.FLOAT, [slots, t.in_features, rank]))
+        graph.input.append(helper.make_tensor_value_info(b_bank, TensorProto.FLOAT, [slots, rank, t.out_features]))
+        a_rows, b_rows = f"lora_bank/{t.weight}/A_rows", f"lora_bank/{t.weight}/B_rows"
+        # One gather per target, shared by every node that uses the weight.
+        head.append(helper.make_node("Gather", [a_bank, SLOT_INPUT], [a_rows], name=a_rows, axis=0))
+        head.append(helper.make_node("Gather", [b_bank, SLOT_INPUT], [b_rows], name=b_rows, axis=0))
+        gathered[t.weight] = (a_rows, b_rows)
+
+    by_weight = {t.weight: t for t in targets}
+    body: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        body.append(node)
+        if node.op_type in _LINEAR_OPS and len(node.input) > 1 and node.input[1] in by_weight:
+            target = by_weight[node.input[1]]
+            body.extend(_banked_path(graph, node, target, gathered[target.weight], f"lora_bank/{index}/{target.weight}"))
+    del graph.node[:]
+    graph.node.extend(head + body)
+    onnx.checker.check_model(derived)
+    return for_runtime(derived)
+
+
+def _banked_path(
+    graph: onnx.GraphProto, node: onnx.NodeProto, target: LoraTarget, rows: tuple[str, str], prefix: str
+) -> list[onnx.NodeProto]:
+    """Nodes making ``node``'s output ``base + (x·A[slot])·B[slot]`` row by row."""
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
+        out = f"{prefix}/{suffix}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(suffix: str, value: np.ndarray) -> str:
+        name = f"{prefix}/{suffix}"
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    out = node.output[0]
+    base_out = f"{prefix}/base"
+    node.output[0] = base_out
+    inner = const("inner", np.array([-1, target.in_features], np.int64))
+    view = add("Concat", ["lora_bank/rows", inner], "view", axis=0)
+    x = add("Reshape", [node.input[0], view], "x_rows")  # [N, M, in]
+    xa = add("MatMul", [x, rows[0]], "xA")  # [N, M, r]
+    delta = add("MatMul", [xa, rows[1]], "xAB")  # [N, M, out]
+    delta = add("Reshape", [delta, add("Shape", [base_out], "base_shape")], "xAB_view")
+    if target.gemm_alpha != 1.0:
+        delta = add("Mul", [delta, const("gemm_alpha", np.array(target.gemm_alpha, np.float32))], "xAB_alpha")
+    nodes.append(helper.make_node("Add", [base_out, delta], [out], name=f"{prefix}/add"))
+    return nodes
+
+
+class PreparedLike(Protocol):
+    """What the banks read of an :class:`adapters.engine.PreparedAdapter`."""
+
+    @property
+    def matrices(self) -> Mapping[str, tuple[np.ndarray, np.ndarray]]: ...
+
+
+class _Slot:
+    __slots__ = ("item", "refs")
+
+    def __init__(self) -> None:
+        self.item: object | None = None
+        self.refs = 0
+
+
+class AdapterBanks:
+    """Bank arrays, slot placement and the session over the banked graph.
+
+    ``slots`` adapter slots (plus slot 0, the zero slot). A slot keeps the prepared adapter
+    it holds (by identity, so a new version or a composition never matches an old slot)
+    and a count of the batches using it; free slots are reused least recently used first.
+    The banks take ``slots × slot_bytes`` bytes, allocated once.
+    """
+
+    def __init__(
+        self,
+        base_model: onnx.ModelProto,
+        targets: Sequence[LoraTarget],
+        *,
+        rank: int,
+        slots: int,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_threads: int = 0,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots = slots
+        self.rank = rank
+        self._targets = list(targets)
+        graph = make_banked_inference_graph(base_model, targets, rank=rank, slots=slots + 1)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=list(providers))
+        except Exception as e:  # ORT raises its own untyped errors for invalid graphs
+            raise AdapterStorageError(f"ONNX Runtime could not load the banked graph: {e}") from e
+        self._banks: dict[str, np.ndarray] = {}
+        for t in self._targets:
+            a_bank, b_bank = bank_input_names(t.weight)
+            self._banks[a_bank] = np.zeros((slots + 1, t.in_features, rank), np.float32)
+            self._banks[b_bank] = np.zeros((slots + 1, rank, t.out_features), np.float32)
+        self.slot_bytes = sum(b[0].nbytes for b in self._banks.values())
+        self._lock = threading.Lock()
+        self._table: OrderedDict[int, _Slot] = OrderedDict((i, _Slot()) for i in range(1, slots + 1))
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def nbytes(self) -> int:
+        return self.slot_bytes * (self.slots + 1)
+
+    def acquire(self, prepared: PreparedLike | None) -> int | None:
+        """The slot holding ``prepared`` (placing it if needed), counted as in use until
+        :meth:`release`; 0 for the base model; None when every slot is in use."""
+        if prepared is None:
+            return 0
+        with self._lock:
+            free: int | None = None
+            for index, slot in self._table.items():
+                if slot.item is prepared:
+                    slot.refs += 1
+                    self._table.move_to_end(index)
+                    return index
+                if free is None and slot.refs == 0:
+                    free = index
+            if free is None:
+                return None
+            slot = self._table[free]
+            slot.refs = 1
+            slot.item = prepared
+            self._table.move_to_end(free)
+            # Written under the lock: no batch uses this slot (refs was 0), and no other
+            # thread can place into it meanwhile.
+            for t in self._targets:
+                a_bank, b_bank = bank_input_names(t.weight)
+                pair = prepared.matrices.get(t.weight)
+                if pair is None:  # the adapter leaves this target alone
+                    self._banks[a_bank][free] = 0
+                    self._banks[b_bank][free] = 0
+                else:
+                    self._banks[a_bank][free], self._banks[b_bank][free] = pair
+            return free
+
+    def release(self, slot: int) -> None:
+        if slot == 0:
+            return
+        with self._lock:
+            self._table[slot].refs -= 1
+
+    def in_use(self) -> dict[int, int]:
+        """Slot → number of batches using it (for tests and inspection)."""
+        with self._lock:
+            return {i: s.refs for i, s in self._table.items() if s.refs}
+
+    def run(self, inputs: Mapping[str, np.ndarray], slots: np.ndarray) -> dict[str, np.ndarray]:
+        """One call over a mixed batch: ``slots[n]`` is row n's slot (from :meth:`acquire`)."""
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_cpu_input(SLOT_INPUT, np.ascontiguousarray(slots, dtype=np.int64))
+        for name, bank in self._banks.items():
+            binding.bind_cpu_input(name, bank)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))

@@ -92,7 +92,7 @@ _FORMAT = "lorad-training-artifacts-v4"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
-_PORTABLE_FORMAT = "lorad-portable-step-v1"
+_PORTABLE_FORMAT = "lorad-portable-step-v2"
 
 #: The training backends (trainer/backends.py chooses one).
 Backend = Literal["portable", "ort-training"]
@@ -308,7 +308,8 @@ def _generate_portable(
               **{lora_input_names(t.weight)[1]: init[t.weight].B for t in targets}}
     flat = np.concatenate([values[name].reshape(-1) for name, _ in trainable]).astype(np.float32)
     np.save(directory / "initial_parameters.npy", flat)
-    np.savez(directory / "frozen_parameters.npz", **{name: values[name] for name in frozen})
+    frozen_values: dict[str, Any] = {name: values[name] for name in frozen}
+    np.savez(directory / "frozen_parameters.npz", **frozen_values)
     data_inputs = [*graphs.model_inputs, label_input]
     return {
         "format": _PORTABLE_FORMAT,

@@ -195,6 +195,10 @@ class TrainerConfig:
     testing: bool = False
     noise: NoiseKind = "secure"
     noise_seed: int | None = None
+    #: Training backend: lorad's portable step graph, ONNX Runtime's training API, or the
+    #: faster one this runtime supports (trainer/backends.py).
+    backend: Literal["portable", "ort-training", "auto"] = "auto"
+    #: Execution provider of the training session (either backend): CPU, or CUDA on Jetson.
     device: Literal["cpu", "cuda"] = "cpu"
     #: ORT intra-op threads of the training session: 1 keeps training on the one
     #: low-priority worker thread (pool threads would compete with serving).
@@ -272,6 +276,7 @@ def parse_trainer_section(data: object, *, prefix: str = "trainer") -> TrainerCo
         testing=testing,
         noise=noise,
         noise_seed=seed,
+        backend=r.choice("backend", d.backend, ("portable", "ort-training", "auto")),
         device=r.choice("device", d.device, ("cpu", "cuda")),
         intra_op_threads=r.integer("intra_op_threads", d.intra_op_threads, minimum=0, maximum=256) or 0,
         niceness=r.integer("niceness", d.niceness, minimum=0, maximum=19) or 0,

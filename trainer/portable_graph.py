@@ -348,13 +348,18 @@ def _update(e: Emitter, optimizer: Optimizer, weight_decay: float) -> list[str]:
     v = e.op("Add", [e.op("Mul", [MOMENT2_INPUT, c(b2)]), e.op("Mul", [e.op("Mul", [g, g]), c(1 - b2)])])
     e.nodes.append(helper.make_node("Identity", [m], [MOMENT1_OUTPUT], name="train/adamw/m"))
     e.nodes.append(helper.make_node("Identity", [v], [MOMENT2_OUTPUT], name="train/adamw/v"))
-    # Bias corrections 1 - β^t; PyTorch's AdamW arithmetic (ORT's AdamWOptimizer, adam_mode 0):
-    # p ← p·(1 - lr·λ); p ← p - (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + ε).
+    # ORT's AdamWOptimizer as onnxblock configures it (adam_mode 1, the Hugging Face
+    # transformers arithmetic): p ← p - lr·sqrt(1 - β2^t)/(1 - β1^t) · m/(sqrt(v) + ε),
+    # then the decoupled decay p ← p - lr·λ·p on the updated p.
     bc1 = e.op("Sub", [c(1.0), e.op("Pow", [c(b1), STEP_INPUT])])
     bc2 = e.op("Sub", [c(1.0), e.op("Pow", [c(b2), STEP_INPUT])])
-    decayed = e.op("Mul", [p, e.op("Sub", [c(1.0), e.op("Mul", [lr, c(weight_decay)])])]) if weight_decay else p
-    denom = e.op("Add", [e.op("Div", [e.op("Sqrt", [v]), e.op("Sqrt", [bc2])]), c(ADAMW_EPSILON)])
-    step = e.op("Mul", [e.op("Div", [lr, bc1]), e.op("Div", [m, denom])])
-    e.nodes.append(helper.make_node("Sub", [decayed, step], [PARAMS_OUTPUT], name="train/adamw/update"))
+    step_size = e.op("Div", [e.op("Mul", [lr, e.op("Sqrt", [bc2])]), bc1])
+    denom = e.op("Add", [e.op("Sqrt", [v]), c(ADAMW_EPSILON)])
+    moved = e.op("Sub", [p, e.op("Mul", [step_size, e.op("Div", [m, denom])])])
+    if weight_decay:
+        decay = e.op("Mul", [moved, e.op("Mul", [lr, c(weight_decay)])])
+        e.nodes.append(helper.make_node("Sub", [moved, decay], [PARAMS_OUTPUT], name="train/adamw/update"))
+    else:
+        e.nodes.append(helper.make_node("Identity", [moved], [PARAMS_OUTPUT], name="train/adamw/update"))
     return [PARAMS_OUTPUT, MOMENT1_OUTPUT, MOMENT2_OUTPUT]
 

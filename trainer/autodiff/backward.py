@@ -89,9 +89,9 @@ def backward(
         if not any(want):
             continue
         grads = rule_for(node)(emitter, node, gouts, want)
-        for name, grad, wanted in zip(node.input, grads, want):
-            if wanted and grad is not None:
-                parts.setdefault(name, []).append(emitter.record(grad, name))
+        for name, maybe, wanted in zip(node.input, grads, want):
+            if wanted and maybe is not None:
+                parts.setdefault(name, []).append(emitter.record(maybe, name))
     for name in list(parts):
         total(name)
     return done

@@ -394,13 +394,13 @@ def _scatter_back(e: Emitter, node: onnx.NodeProto, g: str, x: str, *, may_repea
     """The gradient of a selection (Slice, Gather): scatter g back to where it came from."""
     moved = _index_map(e, node, x)
     zeros = e.op("Reshape", [e.zeros_like(x), e.ints([-1])])
-    attrs: dict[str, object] = {"axis": 0}
+    operands = [zeros, e.op("Reshape", [moved, e.ints([-1])]), e.op("Reshape", [g, e.ints([-1])])]
     if may_repeat:
         if e.opset < 16:
             raise UnsupportedNodeError(node, "a gather with repeated indices needs opset >= 16 (ScatterElements add)")
-        attrs["reduction"] = "add"
-    scattered = e.op("ScatterElements", [zeros, e.op("Reshape", [moved, e.ints([-1])]),
-                                         e.op("Reshape", [g, e.ints([-1])])], **attrs)
+        scattered = e.op("ScatterElements", operands, axis=0, reduction="add")
+    else:
+        scattered = e.op("ScatterElements", operands, axis=0)
     return e.reshape_like(scattered, x)
 
 
@@ -425,7 +425,7 @@ def _reduce_axes(e: Emitter, node: onnx.NodeProto) -> list[int] | None:
             return _constant_ints(e, node.input[1], node)
         return None if not _int_attr(node, "noop_with_empty_axes", 0) else []
     axes = _attr(node, "axes", None)
-    return None if axes is None else [int(a) for a in axes]  # type: ignore[union-attr]
+    return None if not isinstance(axes, list) else [int(a) for a in axes]
 
 
 def _reduce(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:

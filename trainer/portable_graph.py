@@ -46,7 +46,7 @@ from .autodiff import Emitter, backward, graph_constants, infer_tensor_infos
 __all__ = [
     "PARAMS_INPUT", "LEARNING_RATE_INPUT", "STEP_INPUT", "MOMENT1_INPUT", "MOMENT2_INPUT",
     "PARAMS_OUTPUT", "MOMENT1_OUTPUT", "MOMENT2_OUTPUT", "LOSS_OUTPUT", "GRAD_OUTPUT",
-    "ADAMW_BETAS", "ADAMW_EPSILON", "StepGraphs", "build_step_graphs",
+    "ADAMW_BETAS", "ADAMW_EPSILON", "StepGraphs", "build_step_graphs", "per_example_flat",
 ]
 
 PARAMS_INPUT = "train.params"
@@ -268,10 +268,23 @@ def _example_blocks(e: Emitter, f: _TargetFactors, trainable: Sequence[str]) -> 
     if a_name in trainable:
         ga = e.op("MatMul", [e.op("Transpose", [rows(f.x, t.in_features)], perm=[0, 2, 1]), rows(f.g_u, rank)],
                   f"{a_name}/per_example")
-        out.append((a_name, e.op("Reshape", [ga, e.ints([0, t.in_features * rank])]), t.in_features * rank))
+        out.append((a_name, _named(e, "Reshape", [ga, e.ints([0, t.in_features * rank])], per_example_flat(a_name)),
+                    t.in_features * rank))
     gb = e.op("MatMul", [e.op("Transpose", [rows(f.u, rank)], perm=[0, 2, 1]), rows(f.g_y, t.out_features)],
               f"{b_name}/per_example")
-    out.append((b_name, e.op("Reshape", [gb, e.ints([0, rank * t.out_features])]), rank * t.out_features))
+    out.append((b_name, _named(e, "Reshape", [gb, e.ints([0, rank * t.out_features])], per_example_flat(b_name)),
+                rank * t.out_features))
+    return out
+
+
+def per_example_flat(name: str) -> str:
+    """The step graph's ``[N, numel]`` per-example gradients of LoRA tensor ``name``
+    (where clip-and-noise starts: the benchmark cuts the graph there)."""
+    return f"train/{name}/per_example_gradient"
+
+
+def _named(e: Emitter, op: str, inputs: list[str], out: str) -> str:
+    e.nodes.append(helper.make_node(op, inputs, [out], name=out))
     return out
 
 

@@ -92,7 +92,7 @@ _FORMAT = "lorad-training-artifacts-v4"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
-_PORTABLE_FORMAT = "lorad-portable-step-v3"
+_PORTABLE_FORMAT = "lorad-portable-step-v4"
 
 #: The training backends (trainer/backends.py chooses one).
 Backend = Literal["portable", "ort-training"]

@@ -296,9 +296,11 @@ def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: 
                       clip_norm: str, noise: str, grad_scale: str) -> str:
     blocks: dict[str, str] = {}
     squares = []
+    total = 0
     for f in factors:
-        for name, flat, _ in _example_blocks(e, f, trainable):
+        for name, flat, numel in _example_blocks(e, f, trainable):
             blocks[name] = flat
+            total += numel
             squares.append(e.op("ReduceSumSquare", [flat], f"{name}/sq_norm", axes=[1], keepdims=0)
                            if e.opset < 18 else
                            e.op("ReduceSumSquare", [flat, e.ints([1])], f"{name}/sq_norm", keepdims=0))
@@ -311,12 +313,26 @@ def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: 
     zero = e.const(np.asarray(0.0, np.float32))
     factor = e.op("Where", [finite, factor, zero], "clip_factor_finite")
     row = e.unsqueeze(factor, [0])
+    # Only a batch with a non-finite example pays for zeroing rows (0·inf would be NaN in
+    # the sum): an If picks the plain products when every example is finite.
     finite_col = e.unsqueeze(finite, [1])
-    sums = []
-    for flat in _ordered(blocks, trainable):
-        safe = e.op("Where", [finite_col, flat, zero], "finite_rows")
-        sums.append(e.op("MatMul", [row, safe], "clipped_sum"))
-    joined = e.op("Concat", sums, axis=1) if len(sums) > 1 else sums[0]
+    flats = _ordered(blocks, trainable)
+
+    def branch(sanitise: bool) -> onnx.GraphProto:
+        first = len(e.nodes)
+        sums = []
+        for flat in flats:
+            rows = e.op("Where", [finite_col, flat, zero], "finite_rows") if sanitise else flat
+            sums.append(e.op("MatMul", [row, rows], "clipped_sum"))
+        joined = e.op("Concat", sums, axis=1) if len(sums) > 1 else sums[0]
+        nodes = e.nodes[first:]
+        del e.nodes[first:]
+        return helper.make_graph(nodes, e.fresh("branch").replace("/", "_"), [],
+                                 [helper.make_tensor_value_info(joined, TensorProto.FLOAT, [1, total])])
+
+    bad = e.op("Greater", [e.reduce("ReduceSum", e.op("Cast", [e.op("Not", [finite])], to=TensorProto.FLOAT), None,
+                                    keepdims=False), zero], "any_non_finite")
+    joined = e.op("If", [bad], "clipped_sum_row", then_branch=branch(True), else_branch=branch(False))
     clipped = e.op("Reshape", [joined, e.ints([-1])], "clipped_sum")
     # Noise: widened sum + float64 noise, rounded once (see trainer/noise.py).
     noised = e.op("Cast", [e.op("Add", [e.op("Cast", [clipped], to=TensorProto.DOUBLE), noise])], to=TensorProto.FLOAT)

@@ -227,6 +227,7 @@ def build_artifacts(
         {
             "format": _FORMAT if backend == "ort-training" else _PORTABLE_FORMAT,
             "backend": backend,
+            "per_example": _portable_per_example() if backend == "portable" else None,
             "ort": onnxruntime.__version__,
             "model": model_digest,
             "config": dataclasses.asdict(config),
@@ -266,6 +267,12 @@ def _initial_lora(targets: Sequence[LoraTarget], config: ArtifactConfig) -> dict
         a = rng.uniform(-bound, bound, size=(t.in_features, config.rank)).astype(np.float32)
         init[t.weight] = LoraWeights(a, np.zeros((config.rank, t.out_features), np.float32))
     return init
+
+
+def _portable_per_example() -> str:
+    from . import portable_graph
+
+    return portable_graph.PER_EXAMPLE
 
 
 def _split_trainable(

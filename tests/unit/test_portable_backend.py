@@ -238,3 +238,44 @@ def test_backend_choice() -> None:
         with pytest.raises(TrainingUnavailableError, match="trainer.backend 'ort-training' cannot run here"):
             resolve_backend("ort-training")
 
+
+
+def test_trainer_service_trains_on_plain_onnxruntime_and_never_switches_backend(tmp_path: Path) -> None:
+    from trainer.config import parse_trainer_section
+    from trainer.service import TrainerService
+
+    from .trainer_helpers import make_service
+
+    service = make_service(tmp_path)
+    base = {"testing": True, "noise": "seeded", "schedule": False}
+    auto = TrainerService(parse_trainer_section(base), adapters=service, state_dir=tmp_path / "a")
+    try:
+        assert auto.available and auto.status()["backend"] == "portable"
+    finally:
+        auto.close()
+    if available_backends()["ort-training"] is None:
+        return  # this runtime has the training APIs: ort-training is available too
+    pinned = TrainerService(parse_trainer_section({**base, "backend": "ort-training"}), adapters=service,
+                            state_dir=tmp_path / "b")
+    try:
+        assert not pinned.available
+        assert "trainer.backend 'ort-training' cannot run here" in (pinned.unavailable_reason or "")
+    finally:
+        pinned.close()
+
+
+def test_ghost_norms_give_the_materialised_clipped_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.portable_graph as portable_graph
+
+    dp = DPSettings(noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=8)
+    steppers = {}
+    for mode in ("materialize", "ghost"):
+        monkeypatch.setattr(portable_graph, "PER_EXAMPLE", mode)
+        steppers[mode] = _trained_a_bit(PortableStepper(_artifacts(tmp_path, optimizer="sgd"), learning_rate=0.5,
+                                                        dp=dp, noise=_FixedNoise(np.zeros(0))))
+    batch = _batch(6, seed=11)
+    batch["x"][2] = 3e38  # and the non-finite example counts as zero in both
+    want, _ = steppers["materialize"].gradient(batch, clip_norm=0.3)
+    got, _ = steppers["ghost"].gradient(batch, clip_norm=0.3)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())

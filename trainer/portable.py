@@ -8,6 +8,11 @@ flat float32 vectors (parameters and AdamW's two moments) and the step count; ea
 feeds them in and keeps what the graph returns. The empty-batch rule is the ort-training
 backend's: one all-zero placeholder example with C = 0, so the update is the noise alone.
 
+The noise of step t+1 is drawn on the host while step t's graph runs (ONNX Runtime
+releases the GIL during ``run``), from the same source in the same order as without the
+overlap; a drawn vector is used by exactly one step, and one drawn for a step that never
+comes is dropped.
+
 A checkpoint is one ``.npz`` (parameters, moments, steps, a format tag), written atomically.
 """
 
@@ -17,6 +22,7 @@ import io
 import math
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -104,6 +110,8 @@ class PortableStepper:
         except Exception as e:
             raise TrainingFailedError(f"could not load the training step graph {artifacts.step_model}: {e}") from e
         self._eval_session: Any = None
+        self._drawer: ThreadPoolExecutor | None = None
+        self._next_noise: Future[np.ndarray] | None = None
         size = artifacts.noise_size
         if resume_from is not None:
             self._params, self._m, self._v, self._steps = _load_checkpoint(Path(resume_from), size)
@@ -137,9 +145,8 @@ class PortableStepper:
         feeds[PARAMS_INPUT] = self._params
         feeds[LEARNING_RATE_INPUT] = self._lr
         if self._dp is not None:
-            assert self._noise is not None
             feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
-            feeds[NOISE_INPUT] = draw_noise(self._noise, self._dp, self._artifacts.noise_size)
+            feeds[NOISE_INPUT] = self._take_noise()
         outputs = [LOSS_OUTPUT, PARAMS_OUTPUT]
         if self._adamw:
             feeds[STEP_INPUT] = np.array(self._steps + 1, np.float32)
@@ -155,6 +162,23 @@ class PortableStepper:
             self._m, self._v = got[2], got[3]
         self._steps += 1
         return StepResult(step=self._steps, batch_size=n, loss_sum=float(got[0]) if n else 0.0)
+
+    def _take_noise(self) -> np.ndarray:
+        """This step's noise (drawn during the previous step), and the next step's drawing started."""
+        dp, source, size = self._dp, self._noise, self._artifacts.noise_size
+        assert dp is not None and source is not None
+        pending, self._next_noise = self._next_noise, None
+        noise = pending.result() if pending is not None else draw_noise(source, dp, size)
+        if self._drawer is None:
+            self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-noise")
+        self._next_noise = self._drawer.submit(draw_noise, source, dp, size)
+        return noise
+
+    def close(self) -> None:
+        """Stop the noise-drawing thread; safe to call twice."""
+        if self._drawer is not None:
+            self._drawer.shutdown(wait=True, cancel_futures=True)
+            self._drawer, self._next_noise = None, None
 
     def gradient(self, batch: Mapping[str, np.ndarray], *, clip_norm: float, noise: np.ndarray | None = None,
                  grad_scale: float = 1.0) -> tuple[np.ndarray, float]:

@@ -101,7 +101,7 @@ def _steppers(model: onnx.ModelProto, cache: Path, backend: Backend, batch: int,
 def measure_steps(model: onnx.ModelProto, cache: Path, backends: tuple[Backend, ...], *,
                   quick: bool) -> dict[str, dict[str, dict[str, Any]]]:
     """Per backend and batch: plain and private step times, all interleaved in one loop."""
-    n, rounds = (5, 2) if quick else (9, 2)
+    n, rounds = (5, 2) if quick else (7, 2)
     out: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in backends}
     for batch in BATCHES:
         data = _batch(batch, seed=batch)
@@ -204,7 +204,7 @@ def measure_serving_under_training(model: onnx.ModelProto, cache: Path, backend:
                                    quick: bool) -> dict[str, float]:
     """p99 of single requests idle, then while DP steps run as the trainer runs them (a
     child process at nice 10 in SCHED_IDLE, one intra-op thread), over >= 50 steps."""
-    min_requests, min_steps, limit_s = (300, 10, 120.0) if quick else (1500, 50, 300.0)
+    min_requests, min_steps, limit_s = (300, 10, 120.0) if quick else (1500, 50, 240.0)
     artifacts = _artifacts(model, cache, backend, private=True)
     dp = DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=16)
     engine = InferenceEngine(model, targets=REFERENCE_TARGETS, rank=RANK)

@@ -7,13 +7,15 @@
   :mod:`trainer.dp_step`); needs an onnxruntime built with the training APIs
   (onnxruntime-training-cpu 1.19.2 on x86_64, or the Yocto training build).
 
-``auto`` picks the faster one the installed runtime supports. Measured with
-``benchmarks/training.py`` (reference encoder, rank 8, on 2 cores shared with other
-jobs, so only same-process ratios count): on onnxruntime-training 1.19.2, both backends
-in one process, the portable step took 1241 vs 1356 ms (plain) and 1556 vs 1669 ms (DP)
-at batch 64, and 0.32x the ort-training DP step at batch 16 (1.14x at 64 in a noisier
-run); and the portable backend runs on the current onnxruntime, whose kernels are two
-years newer. So ``auto`` means portable; ort-training stays selectable where installed.
+``auto`` picks the backend the installed runtime supports, preferring portable.
+Measured with ``benchmarks/training.py`` (reference encoder, rank 8) on 2 cores shared with
+7 other jobs, both backends in one process on onnxruntime-training 1.19.2: the portable
+plain step was faster (67 vs 182 ms at batch 16, 873 vs 1009 ms at 64; 1241 vs 1356 ms in
+another run); its DP step was faster in one run (1556 vs 1669 ms at 64) and slower in
+another (1.05x at 64, 2.1x at 16), within that machine's noise. Portable is preferred
+because it is not slower beyond that noise, it runs on the current onnxruntime (two years
+of kernels newer) and on every device, and the daemon then trains the same way
+everywhere; ort-training stays selectable where installed. Re-measure on a quiet machine.
 """
 
 from __future__ import annotations

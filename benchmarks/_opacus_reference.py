@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from benchmarks.timing import median_seconds
 
-__all__ = ["step_ms"]
+__all__ = ["step_ms", "main"]
 
 
 def _frozen_linear(inits: dict[str, np.ndarray], prefix: str) -> Any:
@@ -108,3 +108,27 @@ def step_ms(model: onnx.ModelProto, *, batch: int, rank: int, repeats: int) -> f
         optimizer.step()
 
     return median_seconds(step, repeats) * 1e3
+
+
+def main() -> None:
+    """``python -m benchmarks._opacus_reference --batches 16 64 --repeats 15``: one JSON line
+    ``{"16": ms, "64": ms}`` (run by benchmarks/training.py with the torch environment)."""
+    import argparse
+    import json
+    import os
+
+    from benchmarks.reference_encoder import build_reference_encoder
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # as ONNX Runtime's default intra-op pool: one per core
+    model = build_reference_encoder()
+    print(json.dumps({str(b): step_ms(model, batch=b, rank=args.rank, repeats=args.repeats) for b in args.batches}))
+
+
+if __name__ == "__main__":
+    main()

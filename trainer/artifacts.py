@@ -32,6 +32,11 @@ against.
 Every ORT-internal convention this relies on is checked while rewriting
 (:func:`_expect`), so an ORT version that builds gradients differently fails here with
 a message instead of training wrongly.
+
+``backend="portable"`` builds the other backend's files instead: one step graph and one
+eval graph made by lorad's own graph surgery (:mod:`trainer.portable_graph`), which any
+onnxruntime runs, plus the initial parameters. Both backends share this module's
+configuration, metadata and cache.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ from ._ort_training import load as _load_ort_training
 from .ort_gradients import gradient_error, prepare_for_gradients
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "CLIP_NORM_INPUT",
     "NOISE_INPUT",
     "GRAD_SCALE_INPUT",
@@ -85,6 +92,12 @@ GRAD_SCALE_INPUT = "dp.grad_scale"
 _FORMAT = "lorad-training-artifacts-v5"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
+
+_PORTABLE_FORMAT = "lorad-portable-step-v4"
+
+#: The training backends (trainer/backends.py chooses one).
+Backend = Literal["portable", "ort-training"]
+BACKENDS: tuple[Backend, ...] = ("portable", "ort-training")
 
 Loss = Literal["cross_entropy", "mse"]
 Optimizer = Literal["adamw", "sgd"]
@@ -162,6 +175,17 @@ class TrainingArtifacts:
     label_input: str
     input_dtypes: tuple[str, ...]
     input_shapes: tuple[tuple[int | None, ...], ...]
+    backend: Backend = "ort-training"
+
+    @property
+    def step_model(self) -> Path:
+        """The portable backend's whole-step graph."""
+        return self.directory / "step_model.onnx"
+
+    @property
+    def initial_parameters(self) -> Path:
+        """The portable backend's initial flat parameter vector (``.npy``)."""
+        return self.directory / "initial_parameters.npy"
 
     @property
     def training_model(self) -> Path:
@@ -185,20 +209,26 @@ class TrainingArtifacts:
         return sum(int(np.prod(shape)) for _, shape in self.trainable)
 
 
-def build_artifacts(model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path) -> TrainingArtifacts:
-    """Return the artifacts for ``model`` and ``config``, generating them if not cached.
+def build_artifacts(
+    model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path, backend: Backend = "ort-training"
+) -> TrainingArtifacts:
+    """Return the artifacts of ``backend`` for ``model`` and ``config``, generating them if not cached.
 
-    Entries are keyed by a digest of the whole base model, the configuration, the ORT
-    version and lorad's artifact format; a new entry is written to a staging directory
-    and renamed into place, so a crash never leaves a half-written entry.
+    Entries are keyed by a digest of the whole base model, the configuration, the backend,
+    the ORT version and lorad's artifact format; a new entry is written to a staging
+    directory and renamed into place, so a crash never leaves a half-written entry.
     """
     import onnxruntime
 
+    if backend not in BACKENDS:
+        raise ValueError(f"training backend must be one of {list(BACKENDS)}, got {backend!r}")
     targets = find_targets(model, config.targets)
     model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
     key_src = json.dumps(
         {
-            "format": _FORMAT,
+            "format": _FORMAT if backend == "ort-training" else _PORTABLE_FORMAT,
+            "backend": backend,
+            "per_example": _portable_per_example() if backend == "portable" else None,
             "ort": onnxruntime.__version__,
             "model": model_digest,
             "config": dataclasses.asdict(config),
@@ -214,7 +244,8 @@ def build_artifacts(model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
     try:
-        meta = _generate(model, config, targets, staging)
+        generate = _generate if backend == "ort-training" else _generate_portable
+        meta = generate(model, config, targets, staging)
         (staging / _META).write_text(json.dumps(meta, sort_keys=True, indent=1))
         try:
             atomic_replace_dir(staging, final)
@@ -239,12 +270,16 @@ def _initial_lora(targets: Sequence[LoraTarget], config: ArtifactConfig) -> dict
     return init
 
 
-def _generate(
-    model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
-) -> dict[str, Any]:
-    ort_training = _load_ort_training()
-    onnxblock, artifacts = ort_training.onnxblock, ort_training.artifacts
-    init = _initial_lora(targets, config)
+def _portable_per_example() -> str:
+    from . import portable_graph
+
+    return portable_graph.PER_EXAMPLE
+
+
+def _split_trainable(
+    targets: Sequence[LoraTarget], config: ArtifactConfig, init: dict[str, LoraWeights]
+) -> tuple[list[tuple[str, tuple[int, ...]]], list[str]]:
+    """(trainable names and shapes in the noise vector's order, frozen names)."""
     trainable: list[tuple[str, tuple[int, ...]]] = []
     frozen: list[str] = []
     for t in targets:
@@ -255,6 +290,56 @@ def _generate(
         else:
             trainable.append((a_name, tuple(w.A.shape)))
         trainable.append((b_name, tuple(w.B.shape)))
+    return trainable, frozen
+
+
+def _generate_portable(
+    model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
+) -> dict[str, Any]:
+    from .portable_graph import build_step_graphs
+
+    init = _initial_lora(targets, config)
+    trainable, frozen = _split_trainable(targets, config, init)
+    label_input = _LABEL_INPUTS[config.loss]
+    outputs = [o.name for o in model.graph.output]
+    output = config.output or outputs[0]
+    graphs = build_step_graphs(
+        model, targets, init=init, scale=config.scale, trainable=trainable, output=output, loss=config.loss,
+        label_input=label_input, private=config.private, optimizer=config.optimizer,
+        weight_decay=config.weight_decay, reserved_inputs=[label_input, CLIP_NORM_INPUT, NOISE_INPUT, GRAD_SCALE_INPUT],
+        clip_norm_input=CLIP_NORM_INPUT, noise_input=NOISE_INPUT, grad_scale_input=GRAD_SCALE_INPUT,
+    )
+    onnx.checker.check_model(graphs.step)
+    onnx.save(graphs.step, os.fspath(directory / "step_model.onnx"))
+    onnx.save(graphs.eval, os.fspath(directory / "eval_model.onnx"))
+    values = {**{lora_input_names(t.weight)[0]: init[t.weight].A for t in targets},
+              **{lora_input_names(t.weight)[1]: init[t.weight].B for t in targets}}
+    flat = np.concatenate([values[name].reshape(-1) for name, _ in trainable]).astype(np.float32)
+    np.save(directory / "initial_parameters.npy", flat)
+    frozen_values: dict[str, Any] = {name: values[name] for name in frozen}
+    np.savez(directory / "frozen_parameters.npz", **frozen_values)
+    data_inputs = [*graphs.model_inputs, label_input]
+    return {
+        "format": _PORTABLE_FORMAT,
+        "backend": "portable",
+        "config": dataclasses.asdict(config),
+        "targets": [dataclasses.asdict(t) for t in targets],
+        "base_fingerprint": fingerprint(model, targets),
+        "trainable": [[name, list(shape)] for name, shape in trainable],
+        "frozen": frozen,
+        "data_inputs": data_inputs,
+        "label_input": label_input,
+        **_describe_inputs(graphs.step, data_inputs),
+    }
+
+
+def _generate(
+    model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
+) -> dict[str, Any]:
+    ort_training = _load_ort_training()
+    onnxblock, artifacts = ort_training.onnxblock, ort_training.artifacts
+    init = _initial_lora(targets, config)
+    trainable, frozen = _split_trainable(targets, config, init)
     trainable_names = [name for name, _ in trainable]
 
     # Every data input has the batch first (the trainer stacks examples on axis 0).
@@ -362,7 +447,7 @@ def _without_native_info_logs() -> Iterator[None]:
 
 def _read_meta(directory: Path, config: ArtifactConfig) -> TrainingArtifacts:
     meta = json.loads((directory / _META).read_text())
-    if meta.get("format") != _FORMAT or meta.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+    if meta.get("format") not in (_FORMAT, _PORTABLE_FORMAT) or meta.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
         raise RuntimeError(f"training artifact cache entry {directory} does not match its key; delete it")
     return TrainingArtifacts(
         directory=directory,
@@ -375,6 +460,7 @@ def _read_meta(directory: Path, config: ArtifactConfig) -> TrainingArtifacts:
         label_input=meta["label_input"],
         input_dtypes=tuple(meta["input_dtypes"]),
         input_shapes=tuple(tuple(shape) for shape in meta["input_shapes"]),
+        backend=meta.get("backend", "ort-training"),
     )
 
 

@@ -253,7 +253,13 @@ class TrainerConfig(ConfigModel):
     noise: NoiseKind = Field("secure", description="Noise source of DP-SGD: secure (the OS CSPRNG), or seeded "
                                                    "(only with testing: true).")
     noise_seed: int | None = Field(None, ge=0, description="Seed of the seeded noise (only with noise: seeded).")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider of training.")
+    backend: Literal["portable", "ort-training", "auto"] = Field(
+        "auto", description="Training backend: portable (lorad's own DP-SGD step graph; any onnxruntime and "
+                            "execution provider), ort-training (ONNX Runtime's training API; needs "
+                            "onnxruntime-training-cpu 1.19.2 or a build with the training APIs), or auto (the faster "
+                            "one the installed runtime supports: portable, as measured).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider of training (either backend): "
+                                                              "CPU, or CUDA on Jetson.")
     intra_op_threads: int = Field(1, ge=0, le=256, description="ORT intra-op threads of the training session: 1 "
                                   "keeps training on one low-priority thread (pool threads would compete with serving).")
     niceness: int = Field(10, ge=0, le=19, description="Nice value of the training thread and step process.")

@@ -41,7 +41,7 @@ from ._ort_training import load as _load_ort_training
 from .artifacts import CLIP_NORM_INPUT, GRAD_SCALE_INPUT, NOISE_INPUT, TrainingArtifacts
 from .errors import BadTrainingDataError, TrainingFailedError
 
-__all__ = ["GaussianNoise", "DPSettings", "StepResult", "DPStepper"]
+__all__ = ["GaussianNoise", "DPSettings", "StepResult", "DPStepper", "check_settings", "check_batch", "placeholder_batch", "draw_noise"]
 
 _STEPS_PROPERTY = "lorad.steps"
 _DEVICES = ("cpu", "cuda")  # ORT execution providers: CPU, CUDA (Jetson)
@@ -113,25 +113,13 @@ class DPStepper:
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
     ) -> None:
-        private = artifacts.config.private
-        if private and (dp is None or noise is None):
-            raise ValueError("private training artifacts need dp=DPSettings(...) and a noise source")
-        if not private and (dp is not None or noise is not None):
-            raise ValueError("non-private training artifacts take no dp settings or noise source")
-        if not private and not (expected_batch_size and expected_batch_size > 0):
-            raise ValueError("non-private training needs expected_batch_size > 0 (the gradient is divided by it)")
-        if device not in _DEVICES:
-            raise ValueError(f"device must be one of {list(_DEVICES)}, got {device!r}")
-        if not (learning_rate > 0 and math.isfinite(learning_rate)):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
-        if intra_op_threads < 0:
-            raise ValueError(f"intra_op_threads must be >= 0 (0 = ORT's default), got {intra_op_threads}")
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
-        self._grad_scale = np.array(
-            1.0 / (dp.expected_batch_size if dp is not None else float(expected_batch_size or 1.0)), np.float32
-        )
+        self._grad_scale = check_settings(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
+                                          expected_batch_size=expected_batch_size, device=device,
+                                          intra_op_threads=intra_op_threads)
+        private = artifacts.config.private
 
         import onnxruntime
 
@@ -196,53 +184,13 @@ class DPStepper:
 
     def _draw_noise(self) -> np.ndarray:
         assert self._dp is not None and self._noise is not None
-        size = self._artifacts.noise_size
-        if self._dp.noise_multiplier == 0.0:  # also with C = inf, where σ·C would be NaN
-            return np.zeros(size, np.float64)
-        # float64: the graph adds it to the widened clipped sum and rounds once.
-        noise = np.asarray(self._noise.gaussian64(size, self._dp.noise_multiplier * self._dp.clip_norm), np.float64)
-        if noise.shape != (size,) or not np.all(np.isfinite(noise)):
-            raise TrainingFailedError(
-                f"noise source returned shape {noise.shape} or non-finite values; expected ({size},), finite"
-            )
-        return noise
+        return draw_noise(self._noise, self._dp, self._artifacts.noise_size)
 
     def _check_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        a = self._artifacts
-        names = set(batch)
-        if names != set(a.data_inputs):
-            raise BadTrainingDataError(
-                f"a training batch needs exactly the inputs {list(a.data_inputs)}, got {sorted(names)}"
-            )
-        feeds: dict[str, np.ndarray] = {}
-        sizes = set()
-        for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes):
-            value = np.asarray(batch[name])
-            if value.dtype != np.dtype(dtype):
-                raise BadTrainingDataError(f"training input {name!r} has dtype {value.dtype}, expected {dtype}")
-            if value.ndim != len(shape) or any(
-                want is not None and got != want for got, want in zip(value.shape[1:], shape[1:])
-            ):
-                raise BadTrainingDataError(
-                    f"training input {name!r} has shape {list(value.shape)}, expected "
-                    f"{['N' if d is None else d for d in shape]}"
-                )
-            sizes.add(value.shape[0])
-            feeds[name] = np.ascontiguousarray(value)
-        if len(sizes) != 1:
-            raise BadTrainingDataError(f"training inputs disagree on the batch size: {sorted(sizes)}")
-        n = sizes.pop()
-        if n and a.label_input in feeds and np.issubdtype(feeds[a.label_input].dtype, np.floating):
-            if not np.all(np.isfinite(feeds[a.label_input])):
-                raise BadTrainingDataError(f"training input {a.label_input!r} has non-finite values")
-        return feeds, n
+        return check_batch(self._artifacts, batch)
 
     def _placeholder_batch(self) -> dict[str, np.ndarray]:
-        a = self._artifacts
-        return {
-            name: np.zeros([1, *(d if d is not None else 1 for d in shape[1:])], dtype=np.dtype(dtype))
-            for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes)
-        }
+        return placeholder_batch(self._artifacts)
 
     def save_checkpoint(self, path: Path) -> None:
         """Write parameters, optimizer state and step count to ``path``, atomically."""
@@ -297,3 +245,78 @@ class DPStepper:
         finally:
             self._module.train()
         return float(np.asarray(loss[0] if isinstance(loss, tuple) else loss).sum())
+
+
+# -- shared by both backends' steppers (trainer/portable.py) ---------------------------------
+
+def check_settings(
+    artifacts: TrainingArtifacts, *, learning_rate: float, dp: DPSettings | None, noise: GaussianNoise | None,
+    expected_batch_size: float | None, device: str, intra_op_threads: int,
+) -> np.ndarray:
+    """Refuse inconsistent stepper arguments; returns the gradient scale 1/(q·n) as a float32 scalar."""
+    private = artifacts.config.private
+    if private and (dp is None or noise is None):
+        raise ValueError("private training artifacts need dp=DPSettings(...) and a noise source")
+    if not private and (dp is not None or noise is not None):
+        raise ValueError("non-private training artifacts take no dp settings or noise source")
+    if not private and not (expected_batch_size and expected_batch_size > 0):
+        raise ValueError("non-private training needs expected_batch_size > 0 (the gradient is divided by it)")
+    if device not in _DEVICES:
+        raise ValueError(f"device must be one of {list(_DEVICES)}, got {device!r}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
+    if intra_op_threads < 0:
+        raise ValueError(f"intra_op_threads must be >= 0 (0 = ORT's default), got {intra_op_threads}")
+    return np.array(1.0 / (dp.expected_batch_size if dp is not None else float(expected_batch_size or 1.0)), np.float32)
+
+
+def draw_noise(noise: GaussianNoise, dp: DPSettings, size: int) -> np.ndarray:
+    """The step's float64 noise vector N(0, (σC)²) of ``size`` entries, checked."""
+    if dp.noise_multiplier == 0.0:  # also with C = inf, where σ·C would be NaN
+        return np.zeros(size, np.float64)
+    # float64: the graph adds it to the widened clipped sum and rounds once.
+    values = np.asarray(noise.gaussian64(size, dp.noise_multiplier * dp.clip_norm), np.float64)
+    if values.shape != (size,) or not np.all(np.isfinite(values)):
+        raise TrainingFailedError(
+            f"noise source returned shape {values.shape} or non-finite values; expected ({size},), finite"
+        )
+    return values
+
+
+def check_batch(a: TrainingArtifacts, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The batch as contiguous feeds and its size; BadTrainingDataError naming what does not fit."""
+    names = set(batch)
+    if names != set(a.data_inputs):
+        raise BadTrainingDataError(
+            f"a training batch needs exactly the inputs {list(a.data_inputs)}, got {sorted(names)}"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    sizes = set()
+    for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes):
+        value = np.asarray(batch[name])
+        if value.dtype != np.dtype(dtype):
+            raise BadTrainingDataError(f"training input {name!r} has dtype {value.dtype}, expected {dtype}")
+        if value.ndim != len(shape) or any(
+            want is not None and got != want for got, want in zip(value.shape[1:], shape[1:])
+        ):
+            raise BadTrainingDataError(
+                f"training input {name!r} has shape {list(value.shape)}, expected "
+                f"{['N' if d is None else d for d in shape]}"
+            )
+        sizes.add(value.shape[0])
+        feeds[name] = np.ascontiguousarray(value)
+    if len(sizes) != 1:
+        raise BadTrainingDataError(f"training inputs disagree on the batch size: {sorted(sizes)}")
+    n = sizes.pop()
+    if n and a.label_input in feeds and np.issubdtype(feeds[a.label_input].dtype, np.floating):
+        if not np.all(np.isfinite(feeds[a.label_input])):
+            raise BadTrainingDataError(f"training input {a.label_input!r} has non-finite values")
+    return feeds, n
+
+
+def placeholder_batch(a: TrainingArtifacts) -> dict[str, np.ndarray]:
+    """One all-zero example: what an empty batch feeds (with C = 0, so it contributes exactly 0)."""
+    return {
+        name: np.zeros([1, *(d if d is not None else 1 for d in shape[1:])], dtype=np.dtype(dtype))
+        for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes)
+    }

@@ -53,10 +53,11 @@ from adapters.lora import LoraAdapter
 from adapters.service import AdapterService
 
 from .accountant import RunCharge, epsilon
-from .artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
+from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
+from .backends import open_stepper
 from .batching import TensorLayout, collate
 from .config import AdapterTrainingConfig, RunPlan
-from .dp_step import DPSettings, DPStepper, GaussianNoise, StepResult
+from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger
@@ -141,7 +142,7 @@ class RunControl:
 
 
 class _Stepper(Protocol):
-    """What a run needs of DPStepper (in process) or StepperProcess (isolated)."""
+    """What a run needs of a backend's stepper (in process) or StepperProcess (isolated)."""
 
     @property
     def steps(self) -> int: ...
@@ -165,6 +166,8 @@ class TrainerEnv:
     noise: GaussianNoise
     #: Fresh generator for Poisson sampling (secretly seeded in production).
     rng: Callable[[], np.random.Generator]
+    #: The training backend new runs use (an interrupted run resumes on its own).
+    backend: Backend = "portable"
     device: Literal["cpu", "cuda"] = "cpu"
     intra_op_threads: int = 1
     #: Step in a child process (see trainer/stepper_process.py: ORT's training call holds
@@ -306,6 +309,11 @@ class TrainingRun:
             init_seed=c.init_seed,
         )
 
+    def _backend(self) -> Backend:
+        """The run's backend: the one it started on (its checkpoints are that backend's)."""
+        saved = self._saved.get("backend")
+        return saved if saved in ("portable", "ort-training") else self.env.backend
+
     def _check_rank(self, rank: int) -> None:
         slots = self.env.service.engine.rank
         if rank > slots:
@@ -340,6 +348,7 @@ class TrainingRun:
             "run_id": self.run_id, "expected_batch_size": plan.expected_batch_size,
             "learning_rate": self._saved.get("learning_rate", self.config.learning_rate),
             "artifact_config": asdict(self._artifact_config()), "last_example_id": last_example,
+            "backend": self._backend(),
         }
         self._saved = doc
         atomic_write_bytes(self._dir / _RUN_FILE, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
@@ -391,7 +400,8 @@ class TrainingRun:
 
     def _artifacts(self) -> TrainingArtifacts:
         engine = self.env.service.engine
-        artifacts = build_artifacts(engine.base_model, self._artifact_config(), cache_dir=self.env.state_dir / "artifacts")
+        artifacts = build_artifacts(engine.base_model, self._artifact_config(), cache_dir=self.env.state_dir / "artifacts",
+                                    backend=self._backend())
         if artifacts.base_fingerprint != engine.fingerprint:
             raise TrainingFailedError(
                 f"training artifacts are for base model {artifacts.base_fingerprint}, serving is "
@@ -414,8 +424,8 @@ class TrainingRun:
                 niceness=self.env.niceness, idle_class=self.env.sched_idle,
             )
         else:
-            stepper = DPStepper(artifacts, learning_rate=lr, dp=dp, noise=self.env.noise, device=self.env.device,
-                                intra_op_threads=self.env.intra_op_threads, resume_from=resume)
+            stepper = open_stepper(artifacts, learning_rate=lr, dp=dp, noise=self.env.noise, device=self.env.device,
+                                   intra_op_threads=self.env.intra_op_threads, resume_from=resume)
         if stepper.steps > plan.steps:
             raise TrainingFailedError(f"checkpoint {checkpoint} is at step {stepper.steps}, beyond the "
                                       f"run's {plan.steps} planned steps")

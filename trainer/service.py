@@ -5,10 +5,12 @@ It owns the example store, the privacy ledger and the scheduler, all under
 ``start()`` after the AdapterService is up, ``close()`` before it goes (close interrupts
 a run at its next step; the run resumes at the next start).
 
-When the installed onnxruntime has no training APIs (plain wheels on aarch64), the
-service says so once in the log and in :meth:`status` / the metrics, keeps collecting
+Training runs on the backend ``trainer.backend`` selects (trainer/backends.py): the
+portable backend runs on every onnxruntime, so plain wheels (e.g. on aarch64) train too.
+When the configured backend cannot run here (``ort-training`` without the training APIs),
+the service says so once in the log and in :meth:`status` / the metrics, keeps collecting
 examples and answering privacy queries, and refuses to train with
-:class:`TrainingUnavailableError` — no silent fallback.
+:class:`TrainingUnavailableError` — no silent fallback to the other backend.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from adapters.service import AdapterService
 
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
-from ._ort_training import load as _load_ort_training
 from .accountant import load_library as load_accounting_library
+from .artifacts import Backend
+from .backends import resolve_backend
 from .batching import TensorLayout, normalize_example
 from .config import TrainerConfig, check_noise_source, make_noise_source
 from .errors import BadTrainingDataError
@@ -100,13 +103,17 @@ class TrainerService:
             raise
         load_accounting_library()
         self.unavailable_reason: str | None = None
+        backend: Backend = "portable"
         try:
-            _load_ort_training()
+            backend = resolve_backend(config.backend)
         except TrainingUnavailableError as e:
             self.unavailable_reason = str(e)
             _log.warning("on-device training is unavailable: %s; examples are still collected", e)
+        else:
+            _log.info("training backend: %s (trainer.backend: %s, device %s)", backend, config.backend, config.device)
+        self.backend = backend
         self.env = TrainerEnv(
-            service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise,
+            service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise, backend=backend,
             rng=rng or _rng_for(config), device=config.device, intra_op_threads=config.intra_op_threads,
             isolate=config.isolate, niceness=config.niceness, sched_idle=config.sched_idle,
             energy_joules=energy_joules,
@@ -215,7 +222,7 @@ class TrainerService:
         return {**status, "examples": self.store.count(adapter), "available": self.available}
 
     def status(self) -> dict[str, Any]:
-        return {"available": self.available, "unavailable_reason": self.unavailable_reason,
+        return {"available": self.available, "unavailable_reason": self.unavailable_reason, "backend": self.backend,
                 **self.scheduler.status()}
 
     # -- privacy -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A DPStepper in its own process, so training cannot stall serving on the GIL.
+"""A training backend's stepper in its own process, so training cannot stall serving.
 
 Measured (ORT 1.19, reference encoder, batch 16): ``Module.__call__`` of ORT's training
 API holds the Python GIL for the whole step (~50 ms with one intra-op thread), so a
@@ -38,7 +38,7 @@ _START_TIMEOUT_S = 120.0
 
 
 class StepperProcess:
-    """The subset of :class:`trainer.dp_step.DPStepper` a training run uses, out of process."""
+    """The subset of a stepper (trainer/backends.py) a training run uses, out of process."""
 
     def __init__(
         self,
@@ -123,12 +123,12 @@ def _child_main(conn: multiprocessing.connection.Connection, artifacts: Training
     if idle_class:
         # SCHED_IDLE: runs only on CPU time no normal thread wants; serving wakeups preempt it.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    from .dp_step import DPStepper
+    from .backends import open_stepper
     from .noise import NoiseSource, SecureNoise, SeededNoise
 
     try:
         noise: NoiseSource = SecureNoise() if noise_seed is None else SeededNoise(noise_seed)
-        stepper = DPStepper(artifacts, noise=noise, **kwargs)
+        stepper = open_stepper(artifacts, noise=noise, **kwargs)
     except Exception as e:
         _answer_error(conn, e)
         return

@@ -24,6 +24,9 @@ _CONFIG = ArtifactConfig(targets=tuple(REFERENCE_TARGETS), rank=4, alpha=8.0)
 _SEQ, _D, _CLASSES = 4, 32, 5
 
 
+# ONNX Runtime's training API: these tests run in .venv-ort-training (see the README).
+pytestmark = pytest.mark.ort_training
+
 class _FixedNoise:
     """Returns a known noise vector and records what it was asked for."""
 

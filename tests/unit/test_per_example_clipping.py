@@ -29,7 +29,8 @@ from trainer.artifacts import (
     build_artifacts,
 )
 
-api = load_ort_training().api
+# ONNX Runtime's training API: these tests run in .venv-ort-training (see the README).
+pytestmark = pytest.mark.ort_training
 
 
 class _Session:
@@ -37,8 +38,8 @@ class _Session:
 
     def __init__(self, artifacts: TrainingArtifacts, seed: int) -> None:
         self.artifacts = artifacts
-        self.state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
-        self.module = api.Module(str(artifacts.training_model), self.state, str(artifacts.eval_model))
+        self.state = load_ort_training().api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+        self.module = load_ort_training().api.Module(str(artifacts.training_model), self.state, str(artifacts.eval_model))
         # B starts at zero, which would make every gradient of A zero: randomise both.
         # (ORT crashes when parameters are set before a Module owns the state.)
         rng = np.random.default_rng(seed)

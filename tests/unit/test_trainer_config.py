@@ -59,6 +59,7 @@ def test_full_section() -> None:
         ({"noise_seed": 3}, "trainer.noise_seed", ["3", "seeded"]),
         ({"bogus": 1}, "trainer.bogus", ["unknown key", "niceness"]),
         ({"niceness": 25}, "trainer.niceness", ["25", "from 0 to 19"]),
+        ({"backend": "tensorflow"}, "trainer.backend", ["'tensorflow'", "portable", "ort-training", "auto"]),
         ({"store": {"max_bytes": "lots"}}, "trainer.store.max_bytes", ["'lots'", "MiB"]),
         ({"policy": {"time_window": "25:00-01:00"}}, "trainer.policy.time_window", ["25:00-01:00", "HH:MM-HH:MM"]),
         ({"policy": {"time_window": "01:00-01:00"}}, "trainer.policy.time_window", ["empty"]),

@@ -23,7 +23,8 @@ from trainer.artifacts import (
     build_artifacts,
 )
 
-api = load_ort_training().api
+# ONNX Runtime's training API: these tests run in .venv-ort-training (see the README).
+pytestmark = pytest.mark.ort_training
 
 _CONFIG = ArtifactConfig(targets=tuple(REFERENCE_TARGETS), rank=4, alpha=8.0)
 
@@ -39,7 +40,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _checkpoint_params(artifacts: TrainingArtifacts) -> dict[str, bool]:
-    state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+    state = load_ort_training().api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
     return {name: param.requires_grad for name, param in state.parameters}
 
 

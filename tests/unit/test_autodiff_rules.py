@@ -1,0 +1,221 @@
+"""Every gradient rule against float64 central finite differences on random inputs.
+
+Each case is a small graph f(inputs) -> outputs; the scalar L = Σ_k <output_k, seed_k>
+is differentiated twice: by lorad's backward pass (run in float64 by ONNX's reference
+evaluator, and in float32 by ONNX Runtime) and by central differences of the forward
+graph in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from trainer.autodiff import Emitter, UnsupportedNodeError, backward, graph_constants, infer_tensor_infos
+
+
+@dataclass
+class Case:
+    name: str
+    nodes: list[onnx.NodeProto]
+    inputs: dict[str, tuple[int, ...]]  # differentiable inputs and their shapes
+    outputs: list[str]
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    positive: tuple[str, ...] = ()  # inputs drawn from (0.5, 1.5)
+    opset: int = 17
+    #: ONNX's reference Erf is accurate to ~1e-7 only: its differences need a longer step.
+    fd_step: float = 1e-6
+    rtol: float = 1e-6
+
+
+def n(op: str, inputs: list[str], outputs: list[str] | str = "y", **attrs: Any) -> onnx.NodeProto:
+    outs = [outputs] if isinstance(outputs, str) else outputs
+    return helper.make_node(op, inputs, outs, name=f"{op}_{outs[0]}", **attrs)
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.asarray(values, np.int64)
+
+
+CASES = [
+    Case("add_broadcast", [n("Add", ["a", "b"])], {"a": (2, 3, 4), "b": (4,)}, ["y"]),
+    Case("add_both_broadcast", [n("Add", ["a", "b"])], {"a": (2, 1, 4), "b": (3, 1)}, ["y"]),
+    Case("sub", [n("Sub", ["a", "b"])], {"a": (2, 3), "b": (2, 3)}, ["y"]),
+    Case("mul_broadcast", [n("Mul", ["a", "b"])], {"a": (2, 3, 4), "b": (3, 1)}, ["y"]),
+    Case("div", [n("Div", ["a", "b"])], {"a": (2, 3), "b": (1, 3)}, ["y"], positive=("b",)),
+    Case("pow_const", [n("Pow", ["a", "p"])], {"a": (2, 3)}, ["y"], {"p": np.asarray(3.0)}, positive=("a",)),
+    Case("pow_both", [n("Pow", ["a", "b"])], {"a": (2, 3), "b": (3,)}, ["y"], positive=("a",)),
+    Case("sqrt", [n("Sqrt", ["a"])], {"a": (2, 3)}, ["y"], positive=("a",)),
+    Case("matmul", [n("MatMul", ["a", "b"])], {"a": (2, 3, 4), "b": (4, 5)}, ["y"]),
+    Case("matmul_batched", [n("MatMul", ["a", "b"])], {"a": (2, 3, 4), "b": (2, 4, 5)}, ["y"]),
+    Case("matmul_broadcast", [n("MatMul", ["a", "b"])], {"a": (3, 4), "b": (2, 4, 5)}, ["y"]),
+    Case("gemm", [n("Gemm", ["a", "b", "c"], alpha=0.7, beta=1.3)], {"a": (3, 4), "b": (4, 5), "c": (5,)}, ["y"]),
+    Case("gemm_trans", [n("Gemm", ["a", "b", "c"], transA=1, transB=1)], {"a": (4, 3), "b": (5, 4), "c": (3, 1)},
+         ["y"]),
+    Case("layer_norm", [n("LayerNormalization", ["a", "s", "b"], axis=-1, epsilon=1e-5)],
+         {"a": (2, 3, 5), "s": (5,), "b": (5,)}, ["y"]),
+    Case("layer_norm_two_axes", [n("LayerNormalization", ["a", "s"], axis=1)], {"a": (2, 3, 4), "s": (3, 4)}, ["y"]),
+    Case("softmax_last", [n("Softmax", ["a"], axis=-1)], {"a": (2, 3, 4)}, ["y"]),
+    Case("softmax_mid", [n("Softmax", ["a"], axis=1)], {"a": (2, 3, 4)}, ["y"]),
+    Case("log_softmax", [n("LogSoftmax", ["a"], axis=-1)], {"a": (2, 5)}, ["y"]),
+    Case("erf", [n("Erf", ["a"])], {"a": (2, 3)}, ["y"], fd_step=1e-3, rtol=2e-5),
+    Case("tanh", [n("Tanh", ["a"])], {"a": (2, 3)}, ["y"]),
+    Case("relu", [n("Relu", ["a"])], {"a": (3, 4)}, ["y"]),
+    Case("sigmoid", [n("Sigmoid", ["a"])], {"a": (3, 4)}, ["y"]),
+    Case("exp_log_neg_recip", [n("Exp", ["a"], "e"), n("Log", ["b"], "l"), n("Add", ["e", "l"], "s"),
+                               n("Reciprocal", ["b"], "r"), n("Neg", ["r"], "nr"), n("Add", ["s", "nr"])],
+         {"a": (2, 3), "b": (2, 3)}, ["y"], positive=("b",)),
+    Case("gelu_exact", [n("Gelu", ["a"])], {"a": (2, 5)}, ["y"], opset=20, fd_step=1e-3, rtol=2e-5),
+    Case("gelu_tanh", [n("Gelu", ["a"], approximate="tanh")], {"a": (2, 5)}, ["y"], opset=20),
+    Case("reshape", [n("Reshape", ["a", "shape"])], {"a": (2, 3, 4)}, ["y"], {"shape": i64(0, -1)}),
+    Case("transpose", [n("Transpose", ["a"], perm=[2, 0, 1])], {"a": (2, 3, 4)}, ["y"]),
+    Case("transpose_default", [n("Transpose", ["a"])], {"a": (2, 3, 4)}, ["y"]),
+    Case("unsqueeze_squeeze_flatten", [n("Unsqueeze", ["a", "ax"], "u"), n("Squeeze", ["u", "ax"], "s"),
+                                       n("Flatten", ["s"], axis=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(1)}),
+    Case("concat", [n("Concat", ["a", "b", "c"], axis=1)], {"a": (2, 1, 3), "b": (2, 2, 3), "c": (2, 3, 3)}, ["y"]),
+    Case("split_one_unused", [n("Split", ["a", "sizes"], ["y0", "y1", "y2"], axis=-1)], {"a": (2, 6)}, ["y0", "y2"],
+         {"sizes": i64(1, 2, 3)}),
+    Case("slice_steps", [n("Slice", ["a", "st", "en", "ax", "sp"])], {"a": (4, 6)}, ["y"],
+         {"st": i64(-1, 1), "en": i64(-5, 6), "ax": i64(0, 1), "sp": i64(-2, 2)}),
+    Case("gather_repeated", [n("Gather", ["a", "idx"], axis=1)], {"a": (2, 4, 3)}, ["y"], {"idx": i64(0, 2, 2, 3)}),
+    Case("gather_scalar", [n("Gather", ["a", "idx"], axis=1)], {"a": (2, 4, 3)}, ["y"],
+         {"idx": np.asarray(1, np.int64)}),
+    Case("gather_table", [n("Gather", ["table", "idx"], "emb", axis=0), n("Mul", ["emb", "a"])], {"a": (2, 3)}, ["y"],
+         {"table": np.arange(12.0).reshape(4, 3), "idx": i64(3, 1)}),
+    Case("reduce_mean", [n("ReduceMean", ["a"], axes=[1], keepdims=0)], {"a": (2, 3, 4)}, ["y"]),
+    Case("reduce_mean_18", [n("ReduceMean", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1, 0)},
+         opset=18),
+    Case("reduce_sum_all", [n("ReduceSum", ["a"], keepdims=0)], {"a": (2, 3)}, ["y"]),
+    Case("reduce_sum_axes", [n("ReduceSum", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}),
+    Case("where", [n("Where", ["c", "a", "b"])], {"a": (2, 3), "b": (3,)}, ["y"],
+         {"c": np.asarray([[True, False, True], [False, False, True]])}),
+    Case("cast_identity_dropout", [n("Cast", ["a"], "c", to=TensorProto.DOUBLE), n("Identity", ["c"], "i"),
+                                   n("Dropout", ["i"])], {"a": (2, 3)}, ["y"]),
+    Case("expand", [n("Expand", ["a", "shape"])], {"a": (3, 1)}, ["y"], {"shape": i64(2, 3, 4)}),
+    Case("sum_n_ary", [n("Sum", ["a", "b", "c"])], {"a": (2, 3), "b": (3,), "c": (2, 1)}, ["y"]),
+    Case("shape_ops_on_the_side",  # shape arithmetic of a graded tensor: no gradient flows there
+         [n("Shape", ["a"], "sh"), n("Gather", ["sh", "zero"], "n0", axis=0), n("Unsqueeze", ["n0", "ax"], "n1"),
+          n("Concat", ["n1", "minus1"], "target", axis=0), n("Reshape", ["a", "target"], "r"),
+          n("Range", ["r0", "r4", "r1"], "rng"), n("Less", ["rng", "r2"], "lt"), n("CastLike", ["lt", "a"], "mask"),
+          n("ConstantOfShape", ["sh2"], "ones_i", value=numpy_helper.from_array(np.ones(1, np.int64))),
+          n("CastLike", ["ones_i", "a"], "ones"), n("Mul", ["r", "mask"], "m"), n("Mul", ["m", "ones"])],
+         {"a": (2, 2, 2)}, ["y"],
+         {"zero": np.asarray(0, np.int64), "ax": i64(0), "minus1": i64(-1), "r0": np.asarray(0, np.int64),
+          "r4": np.asarray(4, np.int64), "r1": np.asarray(1, np.int64), "r2": np.asarray(2, np.int64),
+          "sh2": i64(2, 4)}),
+]
+
+
+def _model(case: Case, dtype: type) -> onnx.ModelProto:
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(v.astype(dtype) if v.dtype.kind == "f" else v, k) for k, v in case.consts.items()]
+    graph = helper.make_graph(
+        case.nodes, case.name, [helper.make_tensor_value_info(k, elem, list(s)) for k, s in case.inputs.items()],
+        [helper.make_tensor_value_info(o, elem, None) for o in case.outputs], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    model.ir_version = 9
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _gradient_model(case: Case, dtype: type) -> tuple[onnx.ModelProto, list[str]]:
+    forward = _model(case, dtype)
+    infos = infer_tensor_infos(forward)
+    e = Emitter("grad", case.opset, infos, graph_constants(forward.graph))
+    seeds = {o: f"seed.{o}" for o in case.outputs}
+    grads = backward(forward.graph, e, seeds, list(case.inputs), differentiate_sources=True)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    out_names = [f"grad.{k}" for k in case.inputs]
+    nodes = [*forward.graph.node, *e.nodes,
+             *[helper.make_node("Identity", [grads[k]], [f"grad.{k}"]) for k in case.inputs]]
+    graph = helper.make_graph(
+        nodes, case.name + "_grad",
+        [*forward.graph.input, *[helper.make_tensor_value_info(s, elem, None) for s in seeds.values()]],
+        [helper.make_tensor_value_info(o, elem, None) for o in out_names],
+        initializer=[*forward.graph.initializer, *e.initializers],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    model.ir_version = 9
+    return model, out_names
+
+
+def _inputs(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: (rng.uniform(0.5, 1.5, s) if k in case.positive else rng.normal(size=s)) for k, s in case.inputs.items()}
+
+
+def _directions(case: Case, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """Three random unit directions per input: the directional derivative checks the rule."""
+    out = []
+    for k, shape in case.inputs.items():
+        for _ in range(3):
+            v = rng.normal(size=shape)
+            out.append((k, v / np.linalg.norm(v)))
+    return out
+
+
+def _finite_differences(case: Case, feeds: dict[str, np.ndarray], seeds: dict[str, np.ndarray],
+                        directions: list[tuple[str, np.ndarray]]) -> list[float]:
+    ref = ReferenceEvaluator(_model(case, np.float64))
+
+    def loss(f: dict[str, np.ndarray]) -> float:
+        outs = ref.run(case.outputs, f)
+        return float(sum(np.sum(o * seeds[name]) for name, o in zip(case.outputs, outs)))
+
+    h = case.fd_step
+    return [(loss({**feeds, k: feeds[k] + h * v}) - loss({**feeds, k: feeds[k] - h * v})) / (2 * h)
+            for k, v in directions]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_rule_matches_finite_differences(case: Case) -> None:
+    rng = np.random.default_rng(abs(hash(case.name)) % 2**32)
+    feeds = _inputs(case, rng)
+    out_shapes = ReferenceEvaluator(_model(case, np.float64)).run(case.outputs, feeds)
+    seeds = {o: rng.normal(size=np.shape(v)) for o, v in zip(case.outputs, out_shapes)}
+    directions = _directions(case, rng)
+    want = np.asarray(_finite_differences(case, feeds, seeds, directions))
+    scale = max(1.0, float(np.abs(want).max()))
+
+    def projected(grads: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray([np.sum(grads[k] * v) for k, v in directions])
+
+    model64, names = _gradient_model(case, np.float64)
+    got64 = ReferenceEvaluator(model64).run(names, {**feeds, **{f"seed.{k}": v for k, v in seeds.items()}})
+    grads64 = dict(zip(case.inputs, got64))
+    for k, g in grads64.items():
+        assert g.shape == feeds[k].shape, f"{case.name}: gradient of {k} has shape {g.shape}"
+    np.testing.assert_allclose(projected(grads64), want, rtol=case.rtol, atol=case.rtol * scale,
+                               err_msg=f"{case.name} (float64)")
+
+    model32, names = _gradient_model(case, np.float32)
+    session = ort.InferenceSession(model32.SerializeToString(), providers=["CPUExecutionProvider"])
+    got32 = session.run(names, {**{k: v.astype(np.float32) for k, v in feeds.items()},
+                                **{f"seed.{k}": v.astype(np.float32) for k, v in seeds.items()}})
+    for k, g in zip(case.inputs, got32):
+        np.testing.assert_allclose(g, grads64[k], rtol=1e-4, atol=1e-4 * scale, err_msg=f"{case.name}: d/d{k} (ORT)")
+
+
+def test_an_op_without_a_rule_is_refused_by_name() -> None:
+    case = Case("cos", [n("Cos", ["a"], "c"), n("Mul", ["c", "a"])], {"a": (2, 2)}, ["y"])
+    forward = _model(case, np.float32)
+    e = Emitter("grad", 17, infer_tensor_infos(forward), graph_constants(forward.graph))
+    with pytest.raises(UnsupportedNodeError, match=r"'Cos'.*'Cos_c'"):
+        backward(forward.graph, e, {"y": "seed.y"}, ["a"], differentiate_sources=True)
+
+
+def test_data_only_branches_get_no_gradient() -> None:
+    # y = (x·W)·a: only the product with a needs a gradient; x and W are data and frozen.
+    case = Case("frozen", [n("MatMul", ["x", "w"], "h"), n("Mul", ["h", "a"])], {"a": (3,)}, ["y"],
+                {"x": np.ones((2, 4)), "w": np.ones((4, 3))})
+    forward = _model(case, np.float32)
+    e = Emitter("grad", 17, infer_tensor_infos(forward), graph_constants(forward.graph))
+    grads = backward(forward.graph, e, {"y": "seed.y"}, ["a"], differentiate_sources=True)
+    assert set(grads) == {"y", "a"}
+    assert not any(node.op_type == "MatMul" for node in e.nodes)

@@ -1,0 +1,270 @@
+"""The portable training backend's stepper: the step graph in a plain InferenceSession.
+
+:class:`PortableStepper` has :class:`trainer.dp_step.DPStepper`'s interface and runs the
+step graph of :mod:`trainer.portable_graph` with ``onnxruntime.InferenceSession`` of any
+current version, on the execution provider the ``device`` setting names (CPU, or CUDA on
+Jetson: one code path, the provider is the only difference). The state of a run is three
+flat float32 vectors (parameters and AdamW's two moments) and the step count; each step
+feeds them in and keeps what the graph returns. The empty-batch rule is the ort-training
+backend's: one all-zero placeholder example with C = 0, so the update is the noise alone.
+
+The noise of step t+1 is drawn on the host while step t's graph runs (ONNX Runtime
+releases the GIL during ``run``), from the same source in the same order as without the
+overlap; a drawn vector is used by exactly one step, and one drawn for a step that never
+comes is dropped.
+
+A checkpoint is one ``.npz`` (parameters, moments, steps, a format tag), written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from adapters.fsutil import fsync_dir
+from adapters.lora import LoraAdapter, LoraWeights
+from adapters.lora_graph import lora_input_names
+
+from .artifacts import CLIP_NORM_INPUT, GRAD_SCALE_INPUT, NOISE_INPUT, TrainingArtifacts
+from .dp_step import DPSettings, GaussianNoise, StepResult, check_batch, check_settings, draw_noise, placeholder_batch
+from .errors import TrainingFailedError
+from .portable_graph import (
+    GRAD_OUTPUT,
+    LEARNING_RATE_INPUT,
+    LOSS_OUTPUT,
+    MOMENT1_INPUT,
+    MOMENT1_OUTPUT,
+    MOMENT2_INPUT,
+    MOMENT2_OUTPUT,
+    PARAMS_INPUT,
+    PARAMS_OUTPUT,
+    STEP_INPUT,
+)
+
+__all__ = ["PortableStepper", "execution_providers"]
+
+_CHECKPOINT_FORMAT = "lorad-portable-checkpoint-v1"
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def execution_providers(device: str) -> list[str]:
+    """ORT providers for ``device``; an unavailable one is an error, never a silent fallback."""
+    import onnxruntime
+
+    if device not in _PROVIDERS:
+        raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
+    wanted = _PROVIDERS[device]
+    available = onnxruntime.get_available_providers()
+    if wanted not in available:
+        raise TrainingFailedError(
+            f"trainer.device {device!r} needs ONNX Runtime's {wanted}, which this onnxruntime "
+            f"{onnxruntime.__version__} does not have (available: {available})"
+        )
+    # CPU last: ORT places the few shape ops a CUDA kernel lacks there.
+    return [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+
+
+class PortableStepper:
+    """DP-SGD (or plain) steps of one run; see the module docstring."""
+
+    def __init__(
+        self,
+        artifacts: TrainingArtifacts,
+        *,
+        learning_rate: float,
+        dp: DPSettings | None,
+        noise: GaussianNoise | None,
+        expected_batch_size: float | None = None,
+        device: Literal["cpu", "cuda"] = "cpu",
+        intra_op_threads: int = 0,
+        resume_from: Path | None = None,
+    ) -> None:
+        if artifacts.backend != "portable":
+            raise ValueError(f"PortableStepper needs portable artifacts, got {artifacts.backend!r} ones")
+        self._grad_scale = check_settings(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
+                                          expected_batch_size=expected_batch_size, device=device,
+                                          intra_op_threads=intra_op_threads)
+        self._artifacts = artifacts
+        self._dp = dp
+        self._noise = noise
+        self._lr = np.array(learning_rate, np.float32)
+        self._adamw = artifacts.config.optimizer == "adamw"
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        # Serving and training share few cores; spinning threads would steal them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._options = options
+        self._providers = execution_providers(device)
+        try:
+            self._session = onnxruntime.InferenceSession(
+                os.fspath(artifacts.step_model), options, providers=self._providers)
+        except Exception as e:
+            raise TrainingFailedError(f"could not load the training step graph {artifacts.step_model}: {e}") from e
+        self._eval_session: Any = None
+        self._drawer: ThreadPoolExecutor | None = None
+        self._next_noise: Future[np.ndarray] | None = None
+        size = artifacts.noise_size
+        if resume_from is not None:
+            self._params, self._m, self._v, self._steps = _load_checkpoint(Path(resume_from), size)
+        else:
+            self._params = np.load(artifacts.initial_parameters).astype(np.float32)
+            self._m = np.zeros(size, np.float32)
+            self._v = np.zeros(size, np.float32)
+            self._steps = 0
+        if self._params.shape != (size,):
+            raise TrainingFailedError(f"parameters have shape {self._params.shape}, the step graph needs ({size},); "
+                                      "delete the artifact cache entry")
+        with np.load(artifacts.directory / "frozen_parameters.npz") as frozen:
+            self._frozen = {name: np.array(frozen[name], np.float32) for name in artifacts.frozen}
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (including those before a resume)."""
+        return self._steps
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> StepResult:
+        """One DP-SGD (or plain) update from one Poisson-sampled batch (may be empty)."""
+        feeds, n = check_batch(self._artifacts, batch)
+        clip_norm = self._dp.clip_norm if self._dp is not None else math.inf
+        scale = self._grad_scale
+        if n == 0:
+            feeds = placeholder_batch(self._artifacts)
+            clip_norm = 0.0  # the placeholder's clip factor min(1, 0/norm) is exactly 0
+            if self._dp is None:
+                scale = np.array(0.0, np.float32)
+        feeds[GRAD_SCALE_INPUT] = scale
+        feeds[PARAMS_INPUT] = self._params
+        feeds[LEARNING_RATE_INPUT] = self._lr
+        if self._dp is not None:
+            feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
+            feeds[NOISE_INPUT] = self._take_noise()
+        outputs = [LOSS_OUTPUT, PARAMS_OUTPUT]
+        if self._adamw:
+            feeds[STEP_INPUT] = np.array(self._steps + 1, np.float32)
+            feeds[MOMENT1_INPUT] = self._m
+            feeds[MOMENT2_INPUT] = self._v
+            outputs += [MOMENT1_OUTPUT, MOMENT2_OUTPUT]
+        try:
+            got = self._session.run(outputs, feeds)
+        except Exception as e:
+            raise TrainingFailedError(f"training step {self._steps + 1} failed: {e}") from e
+        self._params = got[1]
+        if self._adamw:
+            self._m, self._v = got[2], got[3]
+        self._steps += 1
+        return StepResult(step=self._steps, batch_size=n, loss_sum=float(got[0]) if n else 0.0)
+
+    def _take_noise(self) -> np.ndarray:
+        """This step's noise (drawn during the previous step), and the next step's drawing started."""
+        dp, source, size = self._dp, self._noise, self._artifacts.noise_size
+        assert dp is not None and source is not None
+        pending, self._next_noise = self._next_noise, None
+        noise = pending.result() if pending is not None else draw_noise(source, dp, size)
+        if self._drawer is None:
+            self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-noise")
+        self._next_noise = self._drawer.submit(draw_noise, source, dp, size)
+        return noise
+
+    def close(self) -> None:
+        """Stop the noise-drawing thread; safe to call twice."""
+        if self._drawer is not None:
+            self._drawer.shutdown(wait=True, cancel_futures=True)
+            self._drawer, self._next_noise = None, None
+
+    def gradient(self, batch: Mapping[str, np.ndarray], *, clip_norm: float, noise: np.ndarray | None = None,
+                 grad_scale: float = 1.0) -> tuple[np.ndarray, float]:
+        """The update's gradient (clipped sum + noise, scaled) and the summed loss, without
+        taking the step: for tests and the benchmark's cross-backend comparison."""
+        feeds, n = check_batch(self._artifacts, batch)
+        feeds.update({GRAD_SCALE_INPUT: np.array(grad_scale, np.float32), PARAMS_INPUT: self._params,
+                      LEARNING_RATE_INPUT: self._lr})
+        if self._artifacts.config.private:
+            feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
+            feeds[NOISE_INPUT] = noise if noise is not None else np.zeros(self._artifacts.noise_size, np.float64)
+        if self._adamw:
+            feeds.update({STEP_INPUT: np.array(self._steps + 1, np.float32), MOMENT1_INPUT: self._m,
+                          MOMENT2_INPUT: self._v})
+        grad, loss = self._session.run([GRAD_OUTPUT, LOSS_OUTPUT], feeds)
+        return grad, float(loss)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write parameters, optimizer state and step count to ``path``, atomically."""
+        path = Path(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, format=np.array(_CHECKPOINT_FORMAT), params=self._params, moment1=self._m,
+                 moment2=self._v, steps=np.array(self._steps, np.int64))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise TrainingFailedError(f"could not write the training checkpoint {path}: {e}") from e
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Current values of every LoRA tensor (trainable and frozen), by name."""
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in self._artifacts.trainable:
+            size = int(np.prod(shape))
+            out[name] = self._params[offset: offset + size].reshape(shape).copy()
+            offset += size
+        out.update({name: value.copy() for name, value in self._frozen.items()})
+        return out
+
+    def export_adapter(self, *, extra: Mapping[str, str] | None = None) -> LoraAdapter:
+        """The trained LoRA matrices as an adapter for the base model the artifacts came from."""
+        a = self._artifacts
+        values = self.parameters()
+        weights = {}
+        for t in a.targets:
+            a_name, b_name = lora_input_names(t.weight)
+            weights[t.weight] = LoraWeights(values[a_name], values[b_name])
+        return LoraAdapter(rank=a.config.rank, alpha=a.config.alpha, weights=weights,
+                           base_fingerprint=a.base_fingerprint, use_rslora=a.config.use_rslora,
+                           extra=dict(extra or {}))
+
+    def eval_loss_sum(self, batch: Mapping[str, np.ndarray]) -> float:
+        """Summed loss of ``batch`` under the current parameters (no update)."""
+        feeds, n = check_batch(self._artifacts, batch)
+        if n == 0:
+            return 0.0
+        if self._eval_session is None:
+            import onnxruntime
+
+            self._eval_session = onnxruntime.InferenceSession(
+                os.fspath(self._artifacts.eval_model), self._options, providers=self._providers)
+        feeds[PARAMS_INPUT] = self._params
+        try:
+            (loss,) = self._eval_session.run([LOSS_OUTPUT], feeds)
+        except Exception as e:
+            raise TrainingFailedError(f"evaluation failed: {e}") from e
+        return float(loss)
+
+
+def _load_checkpoint(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    try:
+        with np.load(path, allow_pickle=False) as doc:
+            if str(doc["format"]) != _CHECKPOINT_FORMAT:
+                raise ValueError(f"format {str(doc['format'])!r}, expected {_CHECKPOINT_FORMAT!r}")
+            arrays = [np.array(doc[k], np.float32) for k in ("params", "moment1", "moment2")]
+            steps = int(doc["steps"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingFailedError(f"cannot read the training checkpoint {path}: {e}") from e
+    if any(a.shape != (size,) for a in arrays) or steps < 0:
+        raise TrainingFailedError(f"the training checkpoint {path} does not fit these artifacts "
+                                  f"(vectors of {[a.shape for a in arrays]}, expected ({size},))")
+    return arrays[0], arrays[1], arrays[2], steps

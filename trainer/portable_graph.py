@@ -1,0 +1,482 @@
+"""The whole DP-SGD step as one ordinary ONNX graph (the portable training backend).
+
+:func:`build_step_graphs` derives from the serving base graph a *step graph* that any
+onnxruntime build runs in an ``InferenceSession`` on any execution provider, and a
+small *eval graph* (forward and summed loss). The step graph does, in this order:
+
+1. **unpack**: the trainable LoRA matrices arrive as ONE flat float32 vector
+   (:data:`PARAMS_INPUT`, the order of ``trainable``) and are split into A and B;
+2. **forward**: the base graph with ``y = x·W + s·(x·A)·B`` at every target; the base
+   weights stay initializers, which ONNX Runtime constant-folds and pre-packs;
+3. **loss**: summed cross-entropy (or squared error) and its gradient of the logits,
+   written directly;
+4. **backward**: lorad's reverse pass (:mod:`trainer.autodiff`) through the frozen graph,
+   activation gradients only;
+5. **per-example gradients**: for each target, with x, u = x·A and the output gradients
+   g_y, g_u of example n, ``G_B[n] = u_nᵀ·g_y[n]`` and ``G_A[n] = x_nᵀ·g_u[n]`` as batched
+   products (non-private graphs sum over the batch in one product instead);
+6. **clip**: ``factor[n] = min(1, C / (‖G[n]‖ + 1e-6))`` over all LoRA parameters of
+   example n; an example whose gradient is not finite gets factor 0 and its gradient is
+   replaced by zeros before the sum, so it counts as a zero contribution;
+7. **accumulate** ``Σ_n factor[n]·G[n]``, **add noise** (the float64 input
+   :data:`NOISE_INPUT`, drawn on the host, added to the widened sum, rounded once) and
+   **scale** by :data:`GRAD_SCALE_INPUT`;
+8. **update**: SGD, or AdamW with its moments as inputs and outputs, exactly as ONNX
+   Runtime's training optimizer computes them.
+
+An op on the gradient path without a rule makes :func:`build_step_graphs` raise
+:class:`trainer.autodiff.UnsupportedNodeError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from adapters.lora import LoraWeights
+from adapters.lora_graph import LoraTarget, lora_input_names, make_training_graph
+from adapters.onnx_compat import for_runtime
+
+from .autodiff import Emitter, backward, graph_constants, infer_tensor_infos
+
+__all__ = [
+    "PARAMS_INPUT", "LEARNING_RATE_INPUT", "STEP_INPUT", "MOMENT1_INPUT", "MOMENT2_INPUT",
+    "PARAMS_OUTPUT", "MOMENT1_OUTPUT", "MOMENT2_OUTPUT", "LOSS_OUTPUT", "GRAD_OUTPUT",
+    "ADAMW_BETAS", "ADAMW_EPSILON", "PER_EXAMPLE", "PerExample", "StepGraphs", "build_step_graphs",
+    "per_example_flat",
+]
+
+PARAMS_INPUT = "train.params"
+LEARNING_RATE_INPUT = "train.learning_rate"
+STEP_INPUT = "train.step"  # 1-based index of the step being taken (AdamW's bias correction)
+MOMENT1_INPUT = "train.moment1"
+MOMENT2_INPUT = "train.moment2"
+PARAMS_OUTPUT = "train.params.updated"
+MOMENT1_OUTPUT = "train.moment1.updated"
+MOMENT2_OUTPUT = "train.moment2.updated"
+LOSS_OUTPUT = "train.loss_sum"
+GRAD_OUTPUT = "train.gradient"  # what the optimizer consumed: clipped, noised, scaled
+
+# ONNX Runtime's onnxblock.optim.AdamW defaults, which the ort-training backend uses.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPSILON = 1e-6
+_CLIP_EPSILON = 1e-6  # as Opacus and the ort-training graph: C/norm stays finite at norm 0
+_MIN_OPSET = 13  # axes as inputs (ReduceSum, Unsqueeze, Split)
+
+Loss = Literal["cross_entropy", "mse"]
+Optimizer = Literal["adamw", "sgd"]
+#: How per-example norms are found: by materialising each example's LoRA gradients, or
+#: by ghost norms (‖x_nᵀ·g_n‖² from the Gram matrices x_n·x_nᵀ and g_n·g_nᵀ, the clipped
+#: sum then one product over all tokens with the factors folded into g).
+#: Measured on the reference encoder (sequence 16, rank 8, in one process, interleaved):
+#: 1118 vs 1164 ms at batch 16, 4944 vs 4905 ms at batch 64 (a heavily shared machine):
+#: no gain from ghost norms at these sizes, so the simpler materialised form is used.
+#: Ghost norms cost N·M²·(in + out) and win when the sequence M is short against r.
+PerExample = Literal["materialize", "ghost"]
+PER_EXAMPLE: PerExample = "materialize"
+
+
+@dataclass(frozen=True)
+class StepGraphs:
+    step: onnx.ModelProto
+    eval: onnx.ModelProto
+    #: The base model's data inputs (the label input comes last in the step graph).
+    model_inputs: tuple[str, ...]
+
+
+def build_step_graphs(
+    model: onnx.ModelProto,
+    targets: Sequence[LoraTarget],
+    *,
+    init: dict[str, LoraWeights],
+    scale: float,
+    trainable: Sequence[tuple[str, tuple[int, ...]]],
+    output: str,
+    loss: Loss,
+    label_input: str,
+    private: bool,
+    optimizer: Optimizer,
+    weight_decay: float,
+    reserved_inputs: Sequence[str],
+    clip_norm_input: str,
+    noise_input: str,
+    grad_scale_input: str,
+    per_example: PerExample | None = None,
+) -> StepGraphs:
+    """See the module docstring. ``trainable`` lists the LoRA tensors in the flat vector's
+    order; LoRA tensors not in it (A in frozen-A mode) stay constants of ``init``."""
+    if model.opset_import and _default_opset(model) < _MIN_OPSET:
+        model = onnx.version_converter.convert_version(model, _MIN_OPSET)
+    forward = make_training_graph(model, targets, init=init, scale=scale)
+    graph = forward.graph
+    trainable_names = [name for name, _ in trainable]
+    # The trainable matrices become graph inputs (fed from the flat vector below).
+    kept = [i for i in graph.initializer if i.name not in set(trainable_names)]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for name, shape in trainable:
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+    outputs = [o.name for o in graph.output]
+    if output not in outputs:
+        raise ValueError(f"ArtifactConfig.output {output!r} is not a model output; outputs: {outputs}")
+    initializers = {i.name for i in graph.initializer}
+    model_inputs = tuple(i.name for i in graph.input if i.name not in initializers and i.name not in trainable_names)
+    collide = set(reserved_inputs) & set(model_inputs)
+    if collide:
+        raise ValueError(f"the base model's inputs {list(model_inputs)} collide with the trainer's {sorted(collide)}")
+
+    infos = infer_tensor_infos(forward)
+    opset = _default_opset(forward)
+    e = Emitter("train", opset, infos, graph_constants(graph))
+    z = output
+    z_info = infos.get(z)
+    if z_info is None or z_info.elem_type != TensorProto.FLOAT or z_info.rank is None:
+        raise ValueError(f"the loss output {z!r} must be float32 of known rank; shape inference found {z_info}")
+
+    # 1. unpack the flat parameter vector
+    sizes = [int(np.prod(shape)) for _, shape in trainable]
+    total = sum(sizes)
+    unpack: list[onnx.NodeProto] = []
+    pieces = [f"train/unpack/{name}" for name in trainable_names]
+    unpack.append(helper.make_node("Split", [PARAMS_INPUT, e.ints(sizes)], pieces, name="train/unpack", axis=0))
+    for (name, shape), piece in zip(trainable, pieces):
+        unpack.append(helper.make_node("Reshape", [piece, e.ints(shape)], [name], name=f"train/unpack/{name}/shape"))
+
+    # 3. loss and its gradient of the output
+    label_vi, g_z = _loss(e, z, z_info.rank, loss, label_input)
+    loss_nodes = list(e.nodes)
+    del e.nodes[:]
+
+    # 4. backward through the frozen graph
+    grads = backward(graph, e, {z: g_z}, trainable_names)
+
+    # 5.-7. per-example gradients, clip, accumulate, noise, scale
+    examples = [_per_target_factors(graph, t, grads, trainable_names) for t in targets]
+    if private:
+        gradient = _private_gradient(e, examples, trainable_names, clip_norm_input, noise_input, grad_scale_input,
+                                     ghost=(per_example or PER_EXAMPLE) == "ghost")
+    else:
+        gradient = _summed_gradient(e, examples, trainable_names, grad_scale_input)
+    e.nodes.append(helper.make_node("Identity", [gradient], [GRAD_OUTPUT], name="train/gradient"))
+
+    # 8. update
+    update_outputs = _update(e, optimizer, weight_decay)
+
+    inputs = [*[i for i in graph.input if i.name in model_inputs], label_vi,
+              helper.make_tensor_value_info(PARAMS_INPUT, TensorProto.FLOAT, [total]),
+              helper.make_tensor_value_info(grad_scale_input, TensorProto.FLOAT, []),
+              helper.make_tensor_value_info(LEARNING_RATE_INPUT, TensorProto.FLOAT, [])]
+    if private:
+        inputs += [helper.make_tensor_value_info(clip_norm_input, TensorProto.FLOAT, []),
+                   helper.make_tensor_value_info(noise_input, TensorProto.DOUBLE, [total])]
+    if optimizer == "adamw":
+        inputs += [helper.make_tensor_value_info(STEP_INPUT, TensorProto.FLOAT, []),
+                   helper.make_tensor_value_info(MOMENT1_INPUT, TensorProto.FLOAT, [total]),
+                   helper.make_tensor_value_info(MOMENT2_INPUT, TensorProto.FLOAT, [total])]
+    outs = [helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.FLOAT, []),
+            helper.make_tensor_value_info(GRAD_OUTPUT, TensorProto.FLOAT, [total]),
+            *[helper.make_tensor_value_info(name, TensorProto.FLOAT, [total]) for name in update_outputs]]
+    step_graph = helper.make_graph(
+        [*unpack, *graph.node, *loss_nodes, *e.nodes], f"{graph.name or 'model'}_lorad_step", inputs, outs,
+        initializer=[*graph.initializer, *e.initializers],
+    )
+    eval_inputs = [*[i for i in graph.input if i.name in model_inputs], label_vi,
+                   helper.make_tensor_value_info(PARAMS_INPUT, TensorProto.FLOAT, [total])]
+    eval_graph = helper.make_graph(
+        [*unpack, *graph.node, *loss_nodes], f"{graph.name or 'model'}_lorad_eval", eval_inputs,
+        [helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.FLOAT, [])],
+        initializer=[*graph.initializer, *e.initializers],
+    )
+    return StepGraphs(_model_like(forward, step_graph), _prune(_model_like(forward, eval_graph)), model_inputs)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _model_like(template: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=list(template.opset_import), producer_name="lorad.portable")
+    model.ir_version = template.ir_version
+    return for_runtime(model)
+
+
+def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes and initializers nothing uses (the eval graph shares the step's constants)."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
+
+
+def _loss(e: Emitter, z: str, rank: int, loss: Loss, label_input: str) -> tuple[onnx.ValueInfoProto, str]:
+    """Summed loss and dL/dz. Cross-entropy: Σ_n -log softmax(z_n)[y_n], dL/dz = softmax - onehot."""
+    if loss == "cross_entropy":
+        if rank != 2:
+            raise ValueError(f"cross_entropy needs logits [N, classes]; the output {z!r} has rank {rank}")
+        batch = (e.dims(z) or ("N",))[0]
+        label = helper.make_tensor_value_info(label_input, TensorProto.INT64, [batch if batch is not None else "N"])
+        log_p = e.op("LogSoftmax", [z], "log_probs", axis=1)
+        picked = e.op("GatherElements", [log_p, e.unsqueeze(label_input, [1])], "picked", axis=1)
+        loss_sum = e.op("Neg", [e.reduce("ReduceSum", picked, None, keepdims=False)])
+        depth = e.op("Gather", [e.shape(z), e.ints([1])], axis=0)
+        onehot = e.op("OneHot", [label_input, depth, e.const(np.asarray([0.0, 1.0], np.float32))], "onehot", axis=-1)
+        g_z = e.op("Sub", [e.op("Exp", [log_p]), onehot], "loss_grad")
+    else:
+        label = helper.make_tensor_value_info(label_input, TensorProto.FLOAT, list(e.dims(z) or []))
+        diff = e.op("Sub", [z, label_input], "residual")
+        loss_sum = e.reduce("ReduceSum", e.op("Mul", [diff, diff]), None, keepdims=False)
+        g_z = e.op("Mul", [diff, e.const(np.asarray(2.0, np.float32))], "loss_grad")
+    e.nodes.append(helper.make_node("Identity", [loss_sum], [LOSS_OUTPUT], name="train/loss"))
+    return label, g_z
+
+
+@dataclass(frozen=True)
+class _TargetFactors:
+    """What the per-example gradients of one target are made of: ``G_A[n] = x_nᵀ·g_u[n]``
+    and ``G_B[n] = u_nᵀ·g_y[n]`` (``g_y`` already carries the LoRA scale)."""
+
+    target: LoraTarget
+    x: str
+    u: str
+    g_u: str
+    g_y: str
+    rank: int
+
+
+def _per_target_factors(graph: onnx.GraphProto, t: LoraTarget, grads: dict[str, str],
+                        trainable: Sequence[str]) -> _TargetFactors:
+    a_name, b_name = lora_input_names(t.weight)
+    xa = next(n for n in graph.node if n.op_type == "MatMul" and list(n.input)[1:] == [a_name])
+    xab = next(n for n in graph.node if n.op_type == "MatMul" and list(n.input)[1:] == [b_name])
+    u, y = xa.output[0], xab.output[0]
+    if y not in grads or (a_name in trainable and u not in grads):
+        raise ValueError(f"LoRA target {t.weight!r} does not influence the loss output; drop it from the targets")
+    return _TargetFactors(t, xa.input[0], u, grads.get(u, ""), grads[y], _input_rank(graph, b_name))
+
+
+def _input_rank(graph: onnx.GraphProto, b_name: str) -> int:
+    """The LoRA rank r: B is [r, out], a graph input of the forward graph here."""
+    vi = next(i for i in graph.input if i.name == b_name)
+    return int(vi.type.tensor_type.shape.dim[0].dim_value)
+
+
+def _example_blocks(e: Emitter, f: _TargetFactors, trainable: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(name, [N, numel] per-example gradient, numel) for the target's trainable tensors."""
+    t = f.target
+    a_name, b_name = lora_input_names(t.weight)
+    rank = e.dims(f.u)[-1]  # type: ignore[index]
+    assert isinstance(rank, int)
+
+    def rows(name: str, width: int) -> str:  # [N, tokens, width] whatever the layer's rank
+        return e.op("Reshape", [name, e.ints([0, -1, width])])
+
+    out = []
+    if a_name in trainable:
+        ga = e.op("MatMul", [e.op("Transpose", [rows(f.x, t.in_features)], perm=[0, 2, 1]), rows(f.g_u, rank)],
+                  f"{a_name}/per_example")
+        out.append((a_name, _named(e, "Reshape", [ga, e.ints([0, t.in_features * rank])], per_example_flat(a_name)),
+                    t.in_features * rank))
+    gb = e.op("MatMul", [e.op("Transpose", [rows(f.u, rank)], perm=[0, 2, 1]), rows(f.g_y, t.out_features)],
+              f"{b_name}/per_example")
+    out.append((b_name, _named(e, "Reshape", [gb, e.ints([0, rank * t.out_features])], per_example_flat(b_name)),
+                rank * t.out_features))
+    return out
+
+
+def per_example_flat(name: str) -> str:
+    """The step graph's ``[N, numel]`` per-example gradients of LoRA tensor ``name``
+    (where clip-and-noise starts: the benchmark cuts the graph there)."""
+    return f"train/{name}/per_example_gradient"
+
+
+def _named(e: Emitter, op: str, inputs: list[str], out: str) -> str:
+    e.nodes.append(helper.make_node(op, inputs, [out], name=out))
+    return out
+
+
+def _ordered(blocks: dict[str, str], trainable: Sequence[str]) -> list[str]:
+    return [blocks[name] for name in trainable]
+
+
+def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str],
+                      clip_norm: str, noise: str, grad_scale: str, *, ghost: bool) -> str:
+    blocks: dict[str, str] = {}
+    squares = []
+    total = 0
+    if ghost:
+        squares = _ghost_squares(e, factors, trainable)
+        total = sum(_numel(f, name) for f in factors for name in _names(f, trainable))
+    else:
+        for f in factors:
+            for name, flat, numel in _example_blocks(e, f, trainable):
+                blocks[name] = flat
+                total += numel
+                squares.append(e.op("ReduceSumSquare", [flat], f"{name}/sq_norm", axes=[1], keepdims=0)
+                               if e.opset < 18 else
+                               e.op("ReduceSumSquare", [flat, e.ints([1])], f"{name}/sq_norm", keepdims=0))
+    sq = e.op("Sum", squares, "sq_norm") if len(squares) > 1 else squares[0]
+    norm = e.op("Sqrt", [sq], "norm")
+    ratio = e.op("Div", [clip_norm, e.op("Add", [norm, e.const(np.asarray(_CLIP_EPSILON, np.float32))])])
+    factor = e.op("Min", [ratio, e.const(np.asarray(1.0, np.float32))], "clip_factor")
+    # A non-finite norm means a non-finite (or overflowing) gradient: count it as zero.
+    finite = e.op("Not", [e.op("Or", [e.op("IsNaN", [sq]), e.op("IsInf", [sq])])], "finite")
+    zero = e.const(np.asarray(0.0, np.float32))
+    factor = e.op("Where", [finite, factor, zero], "clip_factor_finite")
+    row = e.unsqueeze(factor, [0])
+    # Only a batch with a non-finite example pays for zeroing rows (0·inf would be NaN in
+    # the sum): an If picks the plain products when every example is finite.
+    finite_col = e.unsqueeze(finite, [1])
+    flats = _ordered(blocks, trainable) if not ghost else []
+
+    def branch(sanitise: bool) -> onnx.GraphProto:
+        first = len(e.nodes)
+        if ghost:
+            sums = _ghost_sums(e, factors, trainable, factor, finite, sanitise=sanitise)
+        else:
+            sums = []
+            for flat in flats:
+                rows = e.op("Where", [finite_col, flat, zero], "finite_rows") if sanitise else flat
+                sums.append(e.op("MatMul", [row, rows], "clipped_sum"))
+        joined = e.op("Concat", sums, axis=1) if len(sums) > 1 else sums[0]
+        nodes = e.nodes[first:]
+        del e.nodes[first:]
+        return helper.make_graph(nodes, e.fresh("branch").replace("/", "_"), [],
+                                 [helper.make_tensor_value_info(joined, TensorProto.FLOAT, [1, total])])
+
+    bad = e.op("Greater", [e.reduce("ReduceSum", e.op("Cast", [e.op("Not", [finite])], to=TensorProto.FLOAT), None,
+                                    keepdims=False), zero], "any_non_finite")
+    joined = e.op("If", [bad], "clipped_sum_row", then_branch=branch(True), else_branch=branch(False))
+    clipped = e.op("Reshape", [joined, e.ints([-1])], "clipped_sum")
+    # Noise: widened sum + float64 noise, rounded once (see trainer/noise.py).
+    noised = e.op("Cast", [e.op("Add", [e.op("Cast", [clipped], to=TensorProto.DOUBLE), noise])], to=TensorProto.FLOAT)
+    return e.op("Mul", [noised, grad_scale], "scaled_gradient")
+
+
+def _names(f: _TargetFactors, trainable: Sequence[str]) -> list[str]:
+    return [name for name in lora_input_names(f.target.weight) if name in trainable]
+
+
+def _numel(f: _TargetFactors, name: str) -> int:
+    t = f.target
+    width = t.in_features if name.endswith(".A") else t.out_features
+    return width * int(f.rank)
+
+
+def _ghost_squares(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str]) -> list[str]:
+    """‖x_nᵀ·g_n‖² = Σ_ij (x_n·x_nᵀ)_ij (g_n·g_nᵀ)_ij; the Gram matrix of a layer input is
+    shared by every target that reads it (q, k and v)."""
+    grams: dict[str, str] = {}
+
+    def gram(name: str, width: int) -> str:
+        if name not in grams:
+            rows = e.op("Reshape", [name, e.ints([0, -1, width])])
+            grams[name] = e.op("MatMul", [rows, e.op("Transpose", [rows], perm=[0, 2, 1])], "gram")
+        return grams[name]
+
+    squares = []
+    for f in factors:
+        t, rank = f.target, f.rank
+        a_name, b_name = lora_input_names(t.weight)
+        if a_name in trainable:
+            product = e.op("Mul", [gram(f.x, t.in_features), gram(f.g_u, rank)])
+            squares.append(e.reduce("ReduceSum", product, [1, 2], keepdims=False))
+        product = e.op("Mul", [gram(f.u, rank), gram(f.g_y, t.out_features)])
+        squares.append(e.reduce("ReduceSum", product, [1, 2], keepdims=False))
+    return squares
+
+
+def _ghost_sums(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str], factor: str, finite: str,
+                *, sanitise: bool) -> list[str]:
+    """Σ_n factor[n]·x_nᵀ·g_n as ONE product over all tokens, the factors folded into g."""
+    per_row = e.unsqueeze(factor, [1, 2])
+    finite3 = e.unsqueeze(finite, [1, 2])
+    zero = e.const(np.asarray(0.0, np.float32))
+    blocks: dict[str, str] = {}
+
+    def rows(name: str, width: int, scaled: bool) -> str:
+        r = e.op("Reshape", [name, e.ints([0, -1, width])])
+        if scaled:
+            r = e.op("Mul", [r, per_row])
+        if sanitise:
+            r = e.op("Where", [finite3, r, zero])
+        return e.op("Reshape", [r, e.ints([-1, width])])
+
+    for f in factors:
+        t, rank = f.target, f.rank
+        a_name, b_name = lora_input_names(t.weight)
+        if a_name in trainable:
+            ga = e.op("MatMul", [e.op("Transpose", [rows(f.x, t.in_features, False)], perm=[1, 0]),
+                                 rows(f.g_u, rank, True)])
+            blocks[a_name] = e.op("Reshape", [ga, e.ints([1, -1])])
+        gb = e.op("MatMul", [e.op("Transpose", [rows(f.u, rank, False)], perm=[1, 0]),
+                             rows(f.g_y, t.out_features, True)])
+        blocks[b_name] = e.op("Reshape", [gb, e.ints([1, -1])])
+    return _ordered(blocks, trainable)
+
+
+def _summed_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str], grad_scale: str) -> str:
+    """Non-private: Σ_n G[n] as one product over all tokens of the batch per tensor."""
+    blocks: dict[str, str] = {}
+    for f in factors:
+        t = f.target
+        a_name, b_name = lora_input_names(t.weight)
+        rank = e.dims(f.u)[-1]  # type: ignore[index]
+        assert isinstance(rank, int)
+
+        def flat(name: str, width: int) -> str:
+            return e.op("Reshape", [name, e.ints([-1, width])])
+
+        if a_name in trainable:
+            ga = e.op("MatMul", [e.op("Transpose", [flat(f.x, t.in_features)], perm=[1, 0]), flat(f.g_u, rank)])
+            blocks[a_name] = e.op("Reshape", [ga, e.ints([-1])])
+        gb = e.op("MatMul", [e.op("Transpose", [flat(f.u, rank)], perm=[1, 0]), flat(f.g_y, t.out_features)])
+        blocks[b_name] = e.op("Reshape", [gb, e.ints([-1])])
+    parts = _ordered(blocks, trainable)
+    joined = e.op("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
+    return e.op("Mul", [joined, grad_scale], "scaled_gradient")
+
+
+def _update(e: Emitter, optimizer: Optimizer, weight_decay: float) -> list[str]:
+    """The optimizer step on the flat vectors; returns the names of the updated outputs."""
+    p, g, lr = PARAMS_INPUT, GRAD_OUTPUT, LEARNING_RATE_INPUT
+    if optimizer == "sgd":
+        e.nodes.append(helper.make_node("Sub", [p, e.op("Mul", [g, lr])], [PARAMS_OUTPUT], name="train/sgd"))
+        return [PARAMS_OUTPUT]
+    b1, b2 = ADAMW_BETAS
+    f32 = np.float32
+
+    def c(v: float) -> str:
+        return e.const(np.asarray(v, f32))
+
+    m = e.op("Add", [e.op("Mul", [MOMENT1_INPUT, c(b1)]), e.op("Mul", [g, c(1 - b1)])])
+    v = e.op("Add", [e.op("Mul", [MOMENT2_INPUT, c(b2)]), e.op("Mul", [e.op("Mul", [g, g]), c(1 - b2)])])
+    e.nodes.append(helper.make_node("Identity", [m], [MOMENT1_OUTPUT], name="train/adamw/m"))
+    e.nodes.append(helper.make_node("Identity", [v], [MOMENT2_OUTPUT], name="train/adamw/v"))
+    # ORT's AdamWOptimizer as onnxblock configures it (adam_mode 1, the Hugging Face
+    # transformers arithmetic): p ← p - lr·sqrt(1 - β2^t)/(1 - β1^t) · m/(sqrt(v) + ε),
+    # then the decoupled decay p ← p - lr·λ·p on the updated p.
+    bc1 = e.op("Sub", [c(1.0), e.op("Pow", [c(b1), STEP_INPUT])])
+    bc2 = e.op("Sub", [c(1.0), e.op("Pow", [c(b2), STEP_INPUT])])
+    step_size = e.op("Div", [e.op("Mul", [lr, e.op("Sqrt", [bc2])]), bc1])
+    denom = e.op("Add", [e.op("Sqrt", [v]), c(ADAMW_EPSILON)])
+    moved = e.op("Sub", [p, e.op("Mul", [step_size, e.op("Div", [m, denom])])])
+    if weight_decay:
+        decay = e.op("Mul", [moved, e.op("Mul", [lr, c(weight_decay)])])
+        e.nodes.append(helper.make_node("Sub", [moved, decay], [PARAMS_OUTPUT], name="train/adamw/update"))
+    else:
+        e.nodes.append(helper.make_node("Identity", [moved], [PARAMS_OUTPUT], name="train/adamw/update"))
+    return [PARAMS_OUTPUT, MOMENT1_OUTPUT, MOMENT2_OUTPUT]
+

@@ -16,7 +16,7 @@ An example configuration::
       policy: {min_new_examples: 100, time_window: "01:00-05:00", require_external_power: true}
       defaults: {target_epsilon: 8, clip_norm: 1.0, batch_size: 32, epochs: 3}
       adapters:
-        alice: {target_epsilon: 3, runs_per_budget: 4}
+        alice: {target_epsilon: 3, budget_fraction: 0.25}
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ._names import is_adapter_name
 from .accountant import ACCOUNTANTS, AccountantName
 
 if TYPE_CHECKING:
+    from .accountant import RunCharge
     from .noise import NoiseSource
 
 __all__ = [
@@ -106,10 +107,13 @@ class RunPlan:
     delta: float
     accountant: AccountantName
     budget_epsilon: float
+    #: The private estimate of the number of training examples the plan is made from.
     examples: int
+    #: The run's other Gaussian queries (what, σ), charged with it (see trainer/ledger.py).
+    mechanisms: tuple[tuple[str, float], ...] = ()
 
 
-def default_delta(n: int) -> float:
+def default_delta(n: float) -> float:
     """δ well below 1/n (the probability of a total leak of one example's data)."""
     return min(1e-5, 1.0 / (10.0 * max(n, 1)))
 
@@ -123,9 +127,25 @@ class AdapterTrainingConfig:
     #: None: :func:`default_delta` of the number of training examples.
     delta: float | None = None
     clip_norm: float = 1.0
-    #: σ; None: calibrated so that ``runs_per_budget`` runs like this one reach target_epsilon.
+    #: σ; None: calibrated so that this run spends ``budget_fraction`` of the budget left.
     noise_multiplier: float | None = None
-    runs_per_budget: int = 1
+    #: Share of the budget still left that one run spends (the rest stays for later runs
+    #: on new data); 1.0 spends it all at once.
+    budget_fraction: float = 0.5
+    #: Noise std (in examples) of the private estimate of the number of training examples
+    #: that q, steps, δ and σ are planned from; charged to the ledger as a Gaussian query.
+    count_noise: float = 5.0
+    #: Noise multiplier of the validation gate's private decision (noise std in units of
+    #: ``gate_clip``); charged to the ledger as a Gaussian query.
+    gate_noise_multiplier: float = 10.0
+    #: Bound on one held-out example's score difference (loss or accuracy) in the gate.
+    gate_clip: float = 1.0
+    #: Fewer training examples than this: the run is refused before anything is charged.
+    min_train_examples: int = 100
+    #: Fewer held-out examples than this: the run is refused before anything is charged.
+    min_holdout_examples: int = 20
+    #: Dynamic non-batch dimensions (sequence length) are zero-padded or truncated to this.
+    pad_length: int = 128
     accountant: AccountantName = "rdp"
     rank: int = 8
     alpha: float = 16.0
@@ -144,7 +164,8 @@ class AdapterTrainingConfig:
     steps: int | None = None
     epochs: float | None = 3.0
     validation_metric: ValidationMetric = "loss"
-    #: The new version is installed unless it is worse than the current one by more than this.
+    #: The new version is installed only if its held-out score beats the current one's by
+    #: more than this (mean per example, decided privately); negative: may be that much worse.
     validation_margin: float = 0.0
     holdout_fraction: float = 0.2
     split_seed: int = 0
@@ -154,10 +175,19 @@ class AdapterTrainingConfig:
     def __post_init__(self) -> None:
         _validate_adapter(self, "AdapterTrainingConfig")
 
-    def plan(self, n: int) -> RunPlan:
-        """Resolve q, steps, δ and σ for a run over ``n`` training examples."""
-        if n < 1:
-            raise ValueError("a training run needs at least one training example; add examples first")
+    def plan(
+        self, n: float, *, prior: Sequence[RunCharge] = (), ledger_delta: float | None = None,
+        adapter: str = "adapter",
+    ) -> RunPlan:
+        """Resolve q, steps, δ and σ for a run over (an estimate of) ``n`` training examples.
+
+        ``n`` is the private estimate of the count (never the exact count: q, the steps,
+        σ, δ and the update's scale 1/(q·n) all follow from it and are published).
+        ``prior`` is what the ledger already charged at ``ledger_delta``; σ is calibrated
+        so that the run (with its count and gate queries) spends ``budget_fraction`` of
+        what is left.
+        """
+        n = max(float(n), 1.0)
         if self.sampling_rate is not None:
             q = self.sampling_rate
         else:
@@ -167,20 +197,46 @@ class AdapterTrainingConfig:
         delta = self.delta if self.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
             raise ValueError(
-                f"delta={delta:g} is not below 1/n = {1.0 / n:g} for n={n} training examples; "
+                f"delta={delta:g} is not below 1/n = {1.0 / n:g} for about n={n:.0f} training examples; "
                 "a δ that large allows leaking one example outright. Lower delta or leave it unset"
             )
+        mechanisms = (("example_count", self.count_noise), ("validation_gate", self.gate_noise_multiplier))
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier
         else:
-            from .accountant import calibrate_sigma
+            from .accountant import RunCharge, calibrate_sigma, epsilon
 
+            at_delta = min(delta, ledger_delta) if ledger_delta else delta
+            spent = epsilon(runs=list(prior), delta=at_delta, accountant=self.accountant)
+            if spent >= self.target_epsilon - 0.01:
+                from .errors import PrivacyBudgetExceededError
+
+                raise PrivacyBudgetExceededError(adapter, spent_epsilon=spent, requested_epsilon=spent,
+                                                 budget_epsilon=self.target_epsilon)
+            goal = spent + self.budget_fraction * (self.target_epsilon - spent)
             sigma = calibrate_sigma(
-                target_epsilon=self.target_epsilon, delta=delta, q=q,
-                steps=steps * self.runs_per_budget, accountant=self.accountant,
+                target_epsilon=goal, delta=at_delta, q=q, steps=steps, accountant=self.accountant,
+                prior=[*prior, *(RunCharge(q=1.0, sigma=s, steps=1) for _, s in mechanisms)],
+                tolerance=min(0.01, goal / 100),
             )
         return RunPlan(q=q, expected_batch_size=q * n, steps=steps, sigma=sigma, clip_norm=self.clip_norm,
-                       delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon, examples=n)
+                       delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon,
+                       examples=int(round(n)), mechanisms=mechanisms)
+
+    def check_enough(self, n_train: int, n_holdout: int) -> None:
+        """Refuse, before anything is charged, a run that cannot learn or be validated.
+
+        This reads the exact counts; the refusal goes only to the (authenticated) caller
+        that started the run or to the device's log, never into the published ledger.
+        """
+        if n_train < self.min_train_examples or n_holdout < self.min_holdout_examples:
+            total = n_train + n_holdout
+            raise ValueError(
+                f"too few examples to train at ε={self.target_epsilon:g}: {total} stored, of which {n_train} "
+                f"train and {n_holdout} are held out for validation; a run needs at least "
+                f"{self.min_train_examples} training and {self.min_holdout_examples} held-out examples "
+                f"(min_train_examples, min_holdout_examples, holdout_fraction={self.holdout_fraction:g}). "
+                "Add examples; nothing was charged")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,8 +386,10 @@ def _parse_adapter(r: _Reader, base: AdapterTrainingConfig) -> AdapterTrainingCo
     """Keys given here override ``base``; the result is validated as a whole."""
     changes: dict[str, Any] = {}
     floats = {"target_epsilon", "clip_norm", "alpha", "learning_rate", "weight_decay", "validation_margin",
-              "holdout_fraction", "delta", "noise_multiplier", "sampling_rate", "batch_size", "epochs"}
-    ints = {"runs_per_budget", "rank", "steps", "split_seed", "init_seed", "checkpoint_every"}
+              "holdout_fraction", "delta", "noise_multiplier", "sampling_rate", "batch_size", "epochs",
+              "budget_fraction", "count_noise", "gate_noise_multiplier", "gate_clip"}
+    ints = {"rank", "steps", "split_seed", "init_seed", "checkpoint_every", "min_train_examples",
+            "min_holdout_examples", "pad_length"}
     bools = {"use_rslora", "freeze_a"}
     choices: dict[str, Sequence[str]] = {
         "accountant": ACCOUNTANTS, "optimizer": ("adamw", "sgd"), "loss": ("cross_entropy", "mse"),
@@ -385,7 +443,13 @@ def _validate_adapter(c: AdapterTrainingConfig, prefix: str) -> None:
     positive("sampling_rate", c.sampling_rate, upper=1.0, closed=True)
     positive("batch_size", c.batch_size)
     positive("epochs", c.epochs)
-    for key, value, lo in (("runs_per_budget", c.runs_per_budget, 1), ("rank", c.rank, 1),
+    positive("budget_fraction", c.budget_fraction, upper=1.0, closed=True)
+    positive("count_noise", c.count_noise)
+    positive("gate_noise_multiplier", c.gate_noise_multiplier)
+    positive("gate_clip", c.gate_clip)
+    for key, value, lo in (("min_train_examples", c.min_train_examples, 1),
+                           ("min_holdout_examples", c.min_holdout_examples, 1), ("pad_length", c.pad_length, 1),
+                           ("rank", c.rank, 1),
                            ("steps", c.steps, 1), ("checkpoint_every", c.checkpoint_every, 1),
                            ("split_seed", c.split_seed, 0), ("init_seed", c.init_seed, 0)):
         if value is not None and value < lo:
@@ -401,8 +465,8 @@ def _validate_adapter(c: AdapterTrainingConfig, prefix: str) -> None:
         fail("weight_decay", f"got {c.weight_decay!r}; expected a number >= 0")
     if c.weight_decay and c.optimizer != "adamw":
         fail("weight_decay", f"got {c.weight_decay}; weight decay needs optimizer: adamw")
-    if not (math.isfinite(c.validation_margin) and c.validation_margin >= 0):
-        fail("validation_margin", f"got {c.validation_margin!r}; expected a number >= 0")
+    if not math.isfinite(c.validation_margin):
+        fail("validation_margin", f"got {c.validation_margin!r}; expected a finite number")
     if not 0 < c.holdout_fraction < 1:
         fail("holdout_fraction", f"got {c.holdout_fraction!r}; expected a number > 0 and < 1 (the validation "
              "gate needs held-out examples)")

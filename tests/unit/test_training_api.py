@@ -60,7 +60,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegist
     config = parse_trainer_section({
         "testing": True, "noise": "seeded", "schedule": False, "isolate": False, "store": {"max_example_bytes": 20_000},
         "defaults": {"rank": 4, "alpha": 8, "noise_multiplier": 1.0, "batch_size": 8, "steps": 10,
-                     "epochs": None, "target_epsilon": 100, "validation_margin": 100, "learning_rate": 0.01},
+                     "epochs": None, "target_epsilon": 100, "validation_margin": -100, "learning_rate": 0.01},
         "adapters": {"tiny-budget": {"target_epsilon": 0.01}},
     })
     trainer = TrainerService(config, adapters=service, state_dir=tmp_path, proc_root=tmp_path, sys_root=tmp_path)

@@ -14,7 +14,7 @@ An example configuration::
 
     trainer:
       policy: {min_new_examples: 100, time_window: "01:00-05:00", require_external_power: true}
-      defaults: {target_epsilon: 8, clip_norm: 1.0, batch_size: 32, epochs: 3}
+      defaults: {target_epsilon: 8, clip_norm: 0.1, batch_size: 64, epochs: 30}
       adapters:
         alice: {target_epsilon: 3, budget_fraction: 0.25}
 """
@@ -76,6 +76,12 @@ class StoreConfig:
     retention_days: float = 90.0
     #: Largest single example accepted over HTTP (JSON body bytes).
     max_example_bytes: int = 1024**2
+    #: Largest magnitude of any stored input or label value (non-finite values are refused).
+    max_abs_value: float = 1e6
+    #: Per-user contribution limit: examples one user id may add per adapter (None: no
+    #: limit, and the guarantee is per example). With a limit k the privacy report also
+    #: states the per-user ε (a user changes at most k examples).
+    max_examples_per_user: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,9 @@ class AdapterTrainingConfig:
     target_epsilon: float = 8.0
     #: None: :func:`default_delta` of the number of training examples.
     delta: float | None = None
-    clip_norm: float = 1.0
+    #: Defaults of the DP-SGD numbers (C, optimizer, learning rate, batch size, epochs) come
+    #: from benchmarks/sweep_defaults.py on the demo tasks with 400 examples (README).
+    clip_norm: float = 0.1
     #: σ; None: calibrated so that this run spends ``budget_fraction`` of the budget left.
     noise_multiplier: float | None = None
     #: Share of the budget still left that one run spends (the rest stays for later runs
@@ -151,7 +159,7 @@ class AdapterTrainingConfig:
     alpha: float = 16.0
     use_rslora: bool = False
     freeze_a: bool = False
-    learning_rate: float = 1e-3
+    learning_rate: float = 0.01
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
@@ -159,10 +167,10 @@ class AdapterTrainingConfig:
     output: str | None = None
     #: Exactly one of sampling_rate (q) and batch_size (expected q·n) is set.
     sampling_rate: float | None = None
-    batch_size: float | None = 16.0
+    batch_size: float | None = 64.0
     #: Exactly one of steps and epochs (steps = ceil(epochs / q)) is set.
     steps: int | None = None
-    epochs: float | None = 3.0
+    epochs: float | None = 30.0
     validation_metric: ValidationMetric = "loss"
     #: The new version is installed only if its held-out score beats the current one's by
     #: more than this (mean per example, decided privately); negative: may be that much worse.
@@ -350,6 +358,8 @@ def _parse_store(r: _Reader) -> StoreConfig:
         max_bytes=r.byte_size("max_bytes", d.max_bytes),
         retention_days=r.number("retention_days", d.retention_days, minimum=1e-3),
         max_example_bytes=r.byte_size("max_example_bytes", d.max_example_bytes),
+        max_abs_value=r.number("max_abs_value", d.max_abs_value, minimum=1.0),
+        max_examples_per_user=r.integer("max_examples_per_user", None, minimum=1),
     )
     r.finish()
     return out

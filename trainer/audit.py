@@ -10,13 +10,17 @@ refuted: the largest such ε is an empirical lower bound on the run's true ε. A
 DP-SGD run gives a bound at or below its accounted ε (usually far below: one-run
 audits in input space are loose); a broken one (no noise) exceeds it.
 
-Here the canaries are mislabelled copies of the adapter's own training inputs (the
-inputs of random stored examples with a random wrong class, or a random target for
-mse), which works for any model the device serves, and the score of a canary is how
-much its loss fell from the base model to the trained adapter. The audit trains with
-the adapter's configuration — the (q, σ, C, steps) of its last completed run, else the
-plan its config gives at its budget — on a COPY of its training split held in memory:
-nothing is installed, served, stored or charged to the adapter's ledger.
+Here the canaries are the paper's white-box gradient canaries (their Section 6.2, the
+strongest of their attacks on DP-SGD): canary i is an example whose clipped gradient is
+``C·e_{j_i}``, a unit vector along its own randomly chosen LoRA parameter ``j_i`` scaled to
+the clipping norm (the largest contribution one example may make). It is Poisson
+sampled with rate q like every example and, when sampled, its gradient joins the clipped
+sum inside the training graph (through the same input the Gaussian noise comes in).
+The score of canary i is how far parameter ``j_i`` moved against that gradient, from
+its initial value to the trained one. The audit trains with the adapter's configuration
+— the (q, σ, C, steps) of its last completed run, else the plan its config gives at its
+budget — and its optimiser and learning rate, on a COPY of its training split held in
+memory: nothing is installed, served, stored or charged to the adapter's ledger.
 
 The result is a function of the adapter's data, so it is returned only to
 authenticated callers (like the exact example count) and never published.
@@ -36,7 +40,6 @@ from .batching import collate
 from .config import AdapterTrainingConfig
 from .dp_step import DPSettings, DPStepper, GaussianNoise
 from .errors import BadTrainingDataError
-from .example_store import Example
 
 __all__ = ["AuditResult", "p_value", "epsilon_lower_bound", "audit_adapter"]
 
@@ -71,7 +74,9 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {**asdict(self), "consistent": self.consistent}
+        doc = {**asdict(self), "consistent": self.consistent}
+        # σ = 0 (test-only) accounts ε = ∞, which JSON cannot carry: null means unbounded.
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in doc.items()}
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -136,21 +141,31 @@ def audit_adapter(
     service = env.service
     artifacts = build_artifacts(service.engine.base_model, artifact_config_for(service, config),
                                 cache_dir=env.state_dir / "artifacts")
+    if artifacts.noise_size < canaries:
+        raise ValueError(f"{canaries} canaries need as many trainable LoRA parameters; the adapter has "
+                         f"{artifacts.noise_size}; use fewer canaries")
     layouts = training_layouts(artifacts)
-    planted = _canaries(data, canaries, rng, config, service)
+    coords = rng.choice(artifacts.noise_size, size=canaries, replace=False)
     included = rng.random(canaries) < 0.5
-    pool = [*data, *(c for c, keep in zip(planted, included) if keep)]
-    # The same q per example as the audited run; the expected batch follows the pool.
-    dp = DPSettings(noise_multiplier=sigma, clip_norm=clip_norm, expected_batch_size=max(q * len(pool), 1e-9))
+    planted = coords[included]
+
+    def canary_gradients() -> np.ndarray:
+        g = np.zeros(artifacts.noise_size, np.float64)
+        g[planted[rng.random(planted.size) < q]] = clip_norm
+        return g
+
+    dp = DPSettings(noise_multiplier=sigma, clip_norm=clip_norm,
+                    expected_batch_size=max(q * (len(data) + planted.size), 1e-9))
     noise: GaussianNoise = env.noise
     stepper = DPStepper(artifacts, learning_rate=config.learning_rate, dp=dp, noise=noise,
-                        device=env.device, intra_op_threads=env.intra_op_threads)
+                        device=env.device, intra_op_threads=env.intra_op_threads, canary_gradients=canary_gradients)
+    before = _flat(stepper, artifacts)
     for _ in range(steps):
-        picked = [pool[i] for i in np.flatnonzero(rng.random(len(pool)) < q)]
+        picked = [data[i] for i in np.flatnonzero(rng.random(len(data)) < q)]
         batch, _ = collate(picked, inputs_layout=layouts[:-1], label_layout=layouts[-1], pad_to=config.pad_length)
         stepper.step(batch)
-    trained = stepper.export_adapter()
-    scores = _loss_drop(service, trained, planted, config)
+    # Descent moves a parameter against its gradient: an included canary's parameter falls.
+    scores = (before - _flat(stepper, artifacts))[coords]
     guesses = max(2, int(canaries * _GUESS_FRACTION) // 2 * 2)
     # Ties are broken at random so that equal scores carry no information.
     order = np.lexsort((rng.random(canaries), scores))
@@ -164,6 +179,12 @@ def audit_adapter(
                        clip_norm=clip_norm, steps=steps, configuration=source)
 
 
+def _flat(stepper: DPStepper, artifacts: Any) -> np.ndarray:
+    """The trainable parameters laid end to end in the noise vector's order."""
+    params = stepper.parameters()
+    return np.concatenate([params[name].astype(np.float64).reshape(-1) for name, _ in artifacts.trainable])
+
+
 def _configuration(env: Any, adapter: str, config: AdapterTrainingConfig,
                    n: int) -> tuple[float, float, float, int, float, str]:
     runs = [r for r in env.ledger.state(adapter).runs if r["status"] == "completed"]
@@ -173,39 +194,3 @@ def _configuration(env: Any, adapter: str, config: AdapterTrainingConfig,
             r["delta"]), f"run {r['run_id']}"
     plan = config.plan(n)
     return plan.q, plan.sigma, plan.clip_norm, plan.steps, plan.delta, "config"
-
-
-def _canaries(data: list[Example], m: int, rng: np.random.Generator, config: AdapterTrainingConfig,
-              service: Any) -> list[Example]:
-    out_spec = next((o for o in service.engine.outputs if o.name == config.output), service.engine.outputs[0])
-    classes = int(out_spec.shape[-1]) if out_spec.shape and out_spec.shape[-1] > 0 else 0
-    planted = []
-    for k, i in enumerate(rng.integers(len(data), size=m)):
-        source = data[int(i)]
-        label: np.ndarray
-        if config.loss == "cross_entropy":
-            if classes < 2:
-                raise BadTrainingDataError("the audit needs a model output with a known number of classes >= 2")
-            true = int(np.asarray(source.label).reshape(-1)[0])
-            label = np.asarray((true + 1 + int(rng.integers(classes - 1))) % classes, np.int64)
-        else:
-            label = np.asarray(rng.standard_normal(np.asarray(source.label).shape), np.float32)
-        planted.append(Example(-1 - k, source.adapter, dict(source.inputs), label, source.created_at))
-    return planted
-
-
-def _loss_drop(service: Any, trained: Any, canaries: list[Example], config: AdapterTrainingConfig) -> np.ndarray:
-    """Per canary: its loss under the base model minus its loss under ``trained``."""
-    from .validation import engine_layouts, per_example_scores
-
-    engine = service.engine
-    layouts = engine_layouts(engine.inputs)
-    prepared = engine.prepare(trained, name="lorad-audit", version=0)
-    out = config.output or engine.outputs[0].name
-    drops = []
-    for ex in canaries:  # one at a time: native shapes, no padding effects on the score
-        inputs, _ = collate([ex], inputs_layout=layouts, label_layout=None)
-        before = per_example_scores(engine.run(inputs, None)[out], [ex.label], "loss", config.loss)
-        after = per_example_scores(engine.run(inputs, prepared)[out], [ex.label], "loss", config.loss)
-        drops.append(before[0] - after[0])
-    return np.asarray(drops)

@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -112,6 +112,7 @@ class DPStepper:
         device: Literal["cpu", "cuda"] = "cpu",
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
+        canary_gradients: Callable[[], np.ndarray] | None = None,
     ) -> None:
         private = artifacts.config.private
         if private and (dp is None or noise is None):
@@ -129,6 +130,9 @@ class DPStepper:
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
+        # The privacy audit's white-box canaries (trainer/audit.py): each step, the sum of
+        # the canary gradients sampled in that step, added to the clipped sum like the noise.
+        self._canaries = canary_gradients
         self._grad_scale = np.array(
             1.0 / (dp.expected_batch_size if dp is not None else float(expected_batch_size or 1.0)), np.float32
         )
@@ -195,6 +199,12 @@ class DPStepper:
         return StepResult(step=self._steps, batch_size=n, loss_sum=float(loss_value.sum()) if n else 0.0)
 
     def _draw_noise(self) -> np.ndarray:
+        noise = self._draw_gaussian()
+        if self._canaries is not None:
+            noise = noise + np.asarray(self._canaries(), np.float64)
+        return noise
+
+    def _draw_gaussian(self) -> np.ndarray:
         assert self._dp is not None and self._noise is not None
         size = self._artifacts.noise_size
         if self._dp.noise_multiplier == 0.0:  # also with C = inf, where σ·C would be NaN

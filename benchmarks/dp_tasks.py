@@ -102,11 +102,13 @@ def train_and_score(
     plan = config.plan(n)  # the daemon plans from a noisy n; the benchmark from n itself
     if steps is not None:
         plan = replace(plan, steps=steps)
-    key = (id(task.model), config.rank, config.alpha, config.optimizer, config.weight_decay, config.init_seed)
+    key = (id(task.model), config.rank, config.alpha, config.freeze_a, config.use_rslora, config.optimizer,
+           config.weight_decay, config.init_seed)
     if key not in _ARTIFACTS:
         cache = cache_dir or Path(tempfile.mkdtemp(prefix="lorad-bench-artifacts-"))
         _ARTIFACTS[key] = build_artifacts(task.model, ArtifactConfig(
-            targets=task.targets, rank=config.rank, alpha=config.alpha, private=True, loss="cross_entropy",
+            targets=task.targets, rank=config.rank, alpha=config.alpha, freeze_a=config.freeze_a,
+            use_rslora=config.use_rslora, private=True, loss="cross_entropy",
             optimizer=config.optimizer, weight_decay=config.weight_decay, init_seed=config.init_seed,
             output=_engine(task).outputs[0].name), cache_dir=cache)
     artifacts = _ARTIFACTS[key]

@@ -215,17 +215,20 @@ class AdapterTrainingConfig:
             from .accountant import RunCharge, calibrate_sigma, epsilon
 
             at_delta = min(delta, ledger_delta) if ledger_delta else delta
+            queries = [RunCharge(q=1.0, sigma=s, steps=1) for _, s in mechanisms]
             spent = epsilon(runs=list(prior), delta=at_delta, accountant=self.accountant)
-            if spent >= self.target_epsilon - 0.01:
+            goal = spent + self.budget_fraction * (self.target_epsilon - spent)
+            tolerance = min(0.01, goal / 100)
+            floor = epsilon(runs=[*prior, *queries], delta=at_delta, accountant=self.accountant)
+            if floor >= goal - tolerance:
+                # Not even the run's count and gate queries fit: nothing is charged.
                 from .errors import PrivacyBudgetExceededError
 
-                raise PrivacyBudgetExceededError(adapter, spent_epsilon=spent, requested_epsilon=spent,
+                raise PrivacyBudgetExceededError(adapter, spent_epsilon=spent, requested_epsilon=floor,
                                                  budget_epsilon=self.target_epsilon)
-            goal = spent + self.budget_fraction * (self.target_epsilon - spent)
             sigma = calibrate_sigma(
                 target_epsilon=goal, delta=at_delta, q=q, steps=steps, accountant=self.accountant,
-                prior=[*prior, *(RunCharge(q=1.0, sigma=s, steps=1) for _, s in mechanisms)],
-                tolerance=min(0.01, goal / 100),
+                prior=[*prior, *queries], tolerance=tolerance,
             )
         return RunPlan(q=q, expected_batch_size=q * n, steps=steps, sigma=sigma, clip_norm=self.clip_norm,
                        delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon,

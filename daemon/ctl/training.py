@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input", action="append", metavar="NAME=JSON", help="one input tensor of the example")
     src.add_argument("--file", type=Path, metavar="FILE", help="JSON lines, one example per line")
     p.add_argument("--label", metavar="JSON", help="the label (with --input): a class number or a nested list")
+    p.add_argument("--user", metavar="ID", help="who contributed the examples (trainer.store.max_examples_per_user "
+                   "bounds how many one user may add)")
     p = add_command(cmds, "count", _examples_count, help="how many examples ADAPTER has")
     p.add_argument("adapter")
     p = add_command(cmds, "delete", _examples_delete, help="delete every stored example of ADAPTER",
@@ -208,7 +210,8 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
         examples = [("--input", {"inputs": named, "label": _json_arg("--label", args.label)})]
     specs = _input_specs(ctx)
     prefix = f"{args.file}: " if args.file is not None else ""
-    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"]})
+    user = {"user": args.user} if args.user is not None else {}
+    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"], **user})
               for where, ex in examples]
     last: object = None
     for added, (where, body) in enumerate(bodies):

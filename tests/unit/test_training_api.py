@@ -235,3 +235,29 @@ def test_config_section_and_request_counter(tmp_path: Path) -> None:
     metrics.request_seconds.labels(endpoint="/v2/models/{model}/infer", adapter_kind="adapter").observe(0.01)
     metrics.request_seconds.labels(endpoint="/metrics", adapter_kind="none").observe(0.01)
     assert count() == 2.0
+
+
+def test_privacy_audit_over_http_and_loractl(stack: tuple[str, TrainerService, CollectorRegistry],
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url, trainer, _ = stack
+    path = "/v2/models/demo/adapters/alice/privacy/audit"
+    with pytest.raises(ApiError) as e:
+        _client(url, token=False).call("POST", path, json_body={}, auth=True)
+    assert e.value.status == 401
+    for body, words in [({"canaries": 3}, "from 8"), ({"sigma": 1}, "optional"), ([], "optional")]:
+        with pytest.raises(ApiError) as e:
+            _client(url).call("POST", path, json_body=body, auth=True)
+        assert e.value.status == 400 and words in e.value.message, e.value.message
+    with pytest.raises(ApiError) as e:
+        _client(url).call("POST", path, json_body={"canaries": 16}, auth=True)
+    assert e.value.status == 422 and "no training examples" in e.value.message
+    _fill(url, trainer, "alice", 30)
+    doc = _client(url).call("POST", path, json_body={"canaries": 64, "noise_multiplier": 0}, auth=True)
+    assert isinstance(doc, dict) and doc["epsilon_accounted"] is None and doc["sigma"] == 0.0
+    assert doc["canaries"] == 64 and doc["guesses"] == 16 and 0 <= doc["correct"] <= 16
+    code = ctl.main(["privacy", "audit", "alice", "--canaries", "32", "--url", url,
+                     "--token-file", str(tmp_path / "token")])
+    out = capsys.readouterr().out
+    assert "empirical ε lower bound" in out and "accounted ε" in out
+    assert code == (0 if "consistent:" in out else 1)
+    assert trainer.ledger.state("alice").runs == []  # the audit charges nothing

@@ -560,9 +560,10 @@ class TrainingRun:
         if self._on_progress is None or self.run_id is None or self.plan is None:
             return
         now = time.monotonic()
-        # Recomputing ε costs little with RDP and up to a second with PLD: refresh when the
-        # last computation is older than ten times what it took (at most every 10 s).
-        stale = now - self._epsilon_at >= min(_EPSILON_EVERY_S, max(0.2, 10 * self._epsilon_cost))
+        # Recomputing ε costs milliseconds with RDP (every step) and up to a second with
+        # PLD: then refresh when the last computation is older than ten times what it took.
+        stale = self.plan.accountant == "rdp" or now - self._epsilon_at >= min(
+            _EPSILON_EVERY_S, 10 * self._epsilon_cost)
         if force_epsilon or steps == self.plan.steps or (stale and steps != self._epsilon_steps):
             self._epsilon = self._epsilon_so_far(steps)
             self._epsilon_steps, self._epsilon_at = steps, time.monotonic()

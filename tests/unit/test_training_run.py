@@ -81,6 +81,12 @@ def test_run_charges_first_trains_and_installs(env: TrainerEnv) -> None:
     assert [p.steps_done for p in progress if p.phase == "training"][-1] == 12
     assert progress[-1].phase == "done" and progress[-1].epsilon == pytest.approx(expected)
     assert not (env.state_dir / "runs" / "alice").exists()
+    # ε so far follows the steps (it was 0.0 until the last step when a run took < 10 s).
+    mid = next(p for p in progress if p.phase == "training" and p.steps_done == 6)
+    assert 0 < mid.epsilon < expected
+    assert mid.epsilon == pytest.approx(epsilon(
+        runs=[RunCharge(q=final["q"], sigma=0.5, steps=6), RunCharge(q=1.0, sigma=5.0, steps=1),
+              RunCharge(q=1.0, sigma=1.0, steps=1)], delta=final["delta"], accountant="rdp"), rel=0.05)
 
 
 def test_budget_refusal_trains_nothing(env: TrainerEnv) -> None:
@@ -331,3 +337,29 @@ def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path) -> None:
     finally:
         isolated_env.ledger.close()
         isolated_env.store.close()
+
+
+def test_cancel_while_validating_releases_nothing_and_keeps_the_charge(env: TrainerEnv) -> None:
+    control = RunControl()
+
+    class _CancelDuringGate:
+        """The serving side, with a cancel arriving while the gate scores."""
+
+        def __init__(self, real: AdapterService) -> None:
+            self.real = real
+
+        def infer(self, *args: object, **kwargs: object) -> object:
+            control.cancel()
+            return self.real.infer(*args, **kwargs)  # type: ignore[arg-type]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    cancelling = TrainerEnv(**{**env.__dict__, "service": _CancelDuringGate(env.service)})  # type: ignore[arg-type]
+    run = TrainingRun(cancelling, "alice", run_config(), control=control)
+    run.begin()
+    result = run.execute()
+    assert result.status == "cancelled" and "before release" in result.reason
+    assert env.service.registry.current_version("alice") is None
+    record = _only_run(env)
+    assert (record["status"], record["steps_charged"]) == ("completed", 12)  # the charge stays

@@ -240,14 +240,14 @@ class AdapterTrainingConfig:
         This reads the exact counts; the refusal goes only to the (authenticated) caller
         that started the run or to the device's log, never into the published ledger.
         """
+        # The message carries no exact count: an automatic run's refusal is shown by the
+        # open GET /v2/trainer (`loractl examples count`, with the token, shows the count).
         if n_train < self.min_train_examples or n_holdout < self.min_holdout_examples:
-            total = n_train + n_holdout
             raise ValueError(
-                f"too few examples to train at ε={self.target_epsilon:g}: {total} stored, of which {n_train} "
-                f"train and {n_holdout} are held out for validation; a run needs at least "
+                f"too few examples to train at ε={self.target_epsilon:g}: a run needs at least "
                 f"{self.min_train_examples} training and {self.min_holdout_examples} held-out examples "
-                f"(min_train_examples, min_holdout_examples, holdout_fraction={self.holdout_fraction:g}). "
-                "Add examples; nothing was charged")
+                f"(min_train_examples, min_holdout_examples; holdout_fraction={self.holdout_fraction:g} of "
+                "the examples are held out for validation). Add examples; nothing was charged")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -161,7 +161,7 @@ def test_train_progress_privacy_and_metrics(stack: tuple[str, TrainerService, Co
     assert value("lorad_training_runs_total", {"result": "accepted"}) == 1
     assert value("lorad_training_runs_total", {"result": "failed"}) == 0
     assert value("lorad_training_steps_total") == 10
-    assert value("lorad_training_examples_stored", {"adapter": "alice"}) == 40
+    assert value("lorad_training_examples_stored", {"adapter": "alice"}) is None  # the exact count is private
     assert value("lorad_training_available") == 1
 
 

@@ -84,8 +84,11 @@ class RunProgress:
     phase: Phase
     steps_done: int
     planned_steps: int
-    #: ε of the adapter with this run's steps done so far (all earlier runs included).
+    #: ε of the adapter with ``epsilon_steps`` of this run's steps (all earlier runs and
+    #: this run's count and gate queries included): the steps done when it was last
+    #: computed, which is at most about a second ago.
     epsilon: float
+    epsilon_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -560,15 +563,16 @@ class TrainingRun:
         if self._on_progress is None or self.run_id is None or self.plan is None:
             return
         now = time.monotonic()
-        # Recomputing ε costs milliseconds with RDP (every step) and up to a second with
-        # PLD: then refresh when the last computation is older than ten times what it took.
-        stale = self.plan.accountant == "rdp" or now - self._epsilon_at >= min(
-            _EPSILON_EVERY_S, 10 * self._epsilon_cost)
+        # Recomputing ε takes from milliseconds (RDP) to a second (PLD), on the training
+        # thread: refresh when the last value is older than ten times what it took (at
+        # least 0.5 s, at most 10 s), and say which step it is for.
+        stale = now - self._epsilon_at >= min(_EPSILON_EVERY_S, max(0.5, 10 * self._epsilon_cost))
         if force_epsilon or steps == self.plan.steps or (stale and steps != self._epsilon_steps):
             self._epsilon = self._epsilon_so_far(steps)
             self._epsilon_steps, self._epsilon_at = steps, time.monotonic()
             self._epsilon_cost = self._epsilon_at - now
-        self._on_progress(RunProgress(self.adapter, self.run_id, phase, steps, self.plan.steps, self._epsilon))
+        self._on_progress(RunProgress(self.adapter, self.run_id, phase, steps, self.plan.steps, self._epsilon,
+                                      max(self._epsilon_steps, 0)))
 
     def _epsilon_so_far(self, steps: int) -> float:
         assert self.plan is not None

@@ -126,7 +126,8 @@ def _render_status(d: object) -> str:
     state = d.get("state")
     if state in ("running", "queued"):
         return (f"run {d.get('run_id')} of {d.get('adapter')}: {state}, {d.get('phase')}, "
-                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')}")
+                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')} "
+                f"(accounted at step {d.get('epsilon_steps')})")
     if state == "finished":
         version = f", serving version {d['version']}" if d.get("version") else ""
         return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {d.get('steps_done')}/"

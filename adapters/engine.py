@@ -24,6 +24,7 @@ import onnxruntime as ort
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
 from .lora import LoraAdapter
 from .lora_graph import LoraTarget, find_targets, fingerprint, lora_input_names, make_inference_graph
+from .module_paths import ModulePaths
 from .onnx_compat import for_runtime
 
 __all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES"]
@@ -89,6 +90,7 @@ class InferenceEngine:
         *,
         targets: Sequence[str],
         rank: int,
+        weight_names: Mapping[str, str] | None = None,
         device: str = "cpu",
         intra_op_threads: int = 0,
         allow_spinning: bool = True,
@@ -99,7 +101,9 @@ class InferenceEngine:
             raise ValueError(f"slot rank must be a positive integer, got {rank}")
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         self.base_model = for_runtime(base)
-        self.targets: list[LoraTarget] = find_targets(base, targets)
+        #: Module path of every LoRA-able weight: how PEFT names meet ONNX names.
+        self.module_paths = ModulePaths.from_model(base, overrides=weight_names)
+        self.targets: list[LoraTarget] = find_targets(base, targets, paths=self.module_paths)
         self.fingerprint = fingerprint(base, self.targets)
         self.rank = rank
         self.requested_device = device
@@ -151,12 +155,16 @@ class InferenceEngine:
             raise InvalidAdapterError(f"adapter rank {adapter.rank} exceeds the slot rank {self.rank} of this model")
         for weight, w in adapter.weights.items():
             target = self._by_weight.get(weight)
+            module = self.module_paths.module_of(weight)
             if target is None:
-                allowed = ", ".join(sorted(self._by_weight))
-                raise InvalidAdapterError(f"adapter targets {weight!r}, which is not a LoRA target of this model; targets: {allowed}")
+                allowed = ", ".join(sorted(self.module_paths.module_of(t.weight) for t in self.targets))
+                raise InvalidAdapterError(
+                    f"adapter targets module {module!r} (ONNX weight {weight!r}), which is not a LoRA target of "
+                    f"this model; targets (model.targets): {allowed}"
+                )
             if w.A.shape[0] != target.in_features or w.B.shape[1] != target.out_features:
                 raise InvalidAdapterError(
-                    f"adapter matrices for {weight!r} have A {list(w.A.shape)} and B {list(w.B.shape)}; "
+                    f"adapter matrices for module {module!r} have A {list(w.A.shape)} and B {list(w.B.shape)}; "
                     f"this model needs A [{target.in_features}, r] and B [r, {target.out_features}]"
                 )
 

@@ -8,13 +8,12 @@ One base graph is the source of truth. From it we derive
 * the training graph (see the training section below), in which ``A`` and ``B`` are
   trainable initializers.
 
-Targets are chosen with glob patterns over initializer names, as PEFT's
-``target_modules`` chooses modules.
+Targets are chosen by module path, as PEFT's ``target_modules`` chooses modules, with the
+paths :mod:`adapters.module_paths` recovers from the graph (or by ONNX weight name).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
@@ -24,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .lora import LoraWeights
+from .module_paths import ModulePaths, linear_weight_resolver
 from .onnx_compat import for_runtime
 
 __all__ = [
@@ -35,8 +35,6 @@ __all__ = [
     "make_training_graph",
     "per_example_name",
 ]
-
-_LINEAR_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -56,66 +54,28 @@ def lora_input_names(weight: str) -> tuple[str, str]:
     return f"lora.{weight}.A", f"lora.{weight}.B"
 
 
-def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _consumers(graph: onnx.GraphProto, weight: str) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if n.op_type in _LINEAR_OPS and len(n.input) > 1 and n.input[1] == weight]
+    resolve = linear_weight_resolver(graph)
+    return [n for n in graph.node if (found := resolve(n)) is not None and found[0] == weight]
 
 
-def find_targets(model: onnx.ModelProto, patterns: Sequence[str]) -> list[LoraTarget]:
-    """The 2-D float weights of MatMul/Gemm nodes whose names match any of ``patterns``.
+def find_targets(
+    model: onnx.ModelProto, patterns: Sequence[str], *, paths: ModulePaths | None = None
+) -> list[LoraTarget]:
+    """The MatMul/Gemm weights ``patterns`` select (see :meth:`ModulePaths.select`).
 
-    Every pattern must match at least one such weight, so a typo in a config file is
-    reported instead of silently training or serving nothing.
+    Patterns are PEFT-style module names (``q_proj``), globs over module paths, or globs
+    over ONNX weight names; ``paths`` are the model's recovered module paths (recovered
+    here when not given). Every pattern must match at least one weight, so a typo in a
+    config file is reported instead of silently training or serving nothing.
     """
-    if not patterns:
-        raise ValueError("LoRA targets: give at least one glob pattern over weight names")
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    linear_weights: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        if node.op_type in _LINEAR_OPS and len(node.input) > 1 and node.input[1] in inits:
-            linear_weights.setdefault(node.input[1], []).append(node)
-
-    targets: dict[str, LoraTarget] = {}
-    for pattern in patterns:
-        matched = [w for w in linear_weights if fnmatch.fnmatchcase(w, pattern)]
-        if not matched:
-            candidates = ", ".join(sorted(linear_weights)[:20]) or "(none)"
-            raise ValueError(
-                f"LoRA target pattern {pattern!r} matches no MatMul/Gemm weight; "
-                f"weights that can be targets: {candidates}"
-            )
-        for weight in matched:
-            targets[weight] = _describe_target(inits[weight], linear_weights[weight])
-    return [targets[w] for w in sorted(targets)]
-
-
-def _describe_target(init: onnx.TensorProto, nodes: list[onnx.NodeProto]) -> LoraTarget:
-    if init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
-        raise ValueError(
-            f"LoRA target {init.name!r} must be a 2-D float32 weight, "
-            f"got dims {list(init.dims)} of type {TensorProto.DataType.Name(init.data_type)}"
-        )
-    kinds = set()
-    for node in nodes:
-        if node.op_type == "Gemm":
-            if _attr(node, "transA", 0):
-                raise ValueError(f"LoRA target {init.name!r}: Gemm with transA=1 is not supported")
-            kinds.add(("Gemm", bool(_attr(node, "transB", 0)), float(_attr(node, "alpha", 1.0))))
-        else:
-            kinds.add(("MatMul", False, 1.0))
-    if len(kinds) != 1:
-        raise ValueError(f"LoRA target {init.name!r} is used by linear nodes of different kinds: {sorted(kinds)}")
-    op, transposed, alpha = kinds.pop()
-    rows, cols = int(init.dims[0]), int(init.dims[1])
-    in_f, out_f = (cols, rows) if transposed else (rows, cols)
-    return LoraTarget(init.name, in_f, out_f, op, transposed, alpha)
+    chosen = (paths if paths is not None else ModulePaths.from_model(model)).select(patterns)
+    targets = []
+    for w in chosen:
+        if w.unsupported:
+            raise ValueError(f"LoRA target {w.weight!r} ({w.peft_name}): {w.unsupported}")
+        targets.append(LoraTarget(w.weight, w.in_features, w.out_features, w.op, w.transposed, w.gemm_alpha))
+    return sorted(targets, key=lambda t: t.weight)
 
 
 def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:
@@ -140,11 +100,13 @@ def _splice_after_linear_nodes(
     they add differs.
     """
     by_weight = {t.weight: t for t in targets}
+    resolve = linear_weight_resolver(graph)
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
         new_nodes.append(node)
-        if node.op_type in _LINEAR_OPS and len(node.input) > 1 and node.input[1] in by_weight:
-            target = by_weight[node.input[1]]
+        found = resolve(node)
+        if found is not None and found[0] in by_weight:
+            target = by_weight[found[0]]
             new_nodes.extend(lora_path(node, target, f"lora/{index}/{target.weight}"))
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -218,8 +180,14 @@ def make_training_graph(
     init: Mapping[str, LoraWeights],
     scale: float,
     per_example: Collection[str] = (),
+    batch_input: str | None = None,
 ) -> onnx.ModelProto:
     """Derive the training graph: ``y = x·W + scale·(x·A)·B`` with A, B initializers.
+
+    ``batch_input`` names a graph input whose first dimension is the batch N. With it, a
+    per-example target's input ``x`` is viewed as ``[N, -1, in]`` whatever its rank, so
+    targets behind a ``view(-1, in)`` (transformers' ``Conv1D``: ``x`` is ``[N·T, in]``)
+    still get one copy per example rather than per row; rows must be example-major.
 
     ``init`` gives the initial A and B of every target (keyed by weight name); A and B are
     named :func:`lora_input_names`. ``per_example`` names the LoRA tensors (A and/or B
@@ -263,7 +231,7 @@ def make_training_graph(
         graph,
         targets,
         lambda node, t, prefix: _training_lora_path(
-            graph, node, t, prefix, scale * t.gemm_alpha, per_example, ranks.get(node.input[0])
+            graph, node, t, prefix, scale * t.gemm_alpha, per_example, ranks.get(node.input[0]), batch_input
         ),
     )
     onnx.checker.check_model(derived)
@@ -287,6 +255,7 @@ def _training_lora_path(
     coefficient: float,
     per_example: Collection[str],
     x_rank: int | None,
+    batch_input: str | None = None,
 ) -> list[onnx.NodeProto]:
     """Nodes computing ``out = base + coefficient·(x·A)·B`` after ``node`` (renamed to base)."""
     nodes: list[onnx.NodeProto] = []
@@ -308,10 +277,14 @@ def _training_lora_path(
     x = node.input[0]
     batched = [name for name in (a_name, b_name) if name in per_example]
     # Batched MatMul pairs example n of x with copy n only when x is [N, M, in].
-    flatten = bool(batched) and x_rank != 3
-    if flatten:
+    flatten = bool(batched) and (x_rank != 3 or batch_input is not None)
+    if flatten and batch_input is not None:
+        n = add("Shape", [batch_input], "batch", start=0, end=1)
+        rows = const("rows_shape", np.array([-1, target.in_features], np.int64))
+        x = add("Reshape", [x, add("Concat", [n, rows], "flat_shape", axis=0)], "x_flat")
+    elif flatten:
         x = add("Reshape", [x, const("flat_shape", np.array([0, -1, target.in_features], np.int64))], "x_flat")
-    if batched:
+    if batched and batch_input is None:
         n = add("Shape", [x], "batch", start=0, end=1)
     factors: list[str] = []
     for name in (a_name, b_name):

@@ -3,8 +3,9 @@
 An adapter is two files: ``adapter_model.safetensors`` (``<prefix><module>.lora_A.weight``
 ``[r, in]`` and ``<prefix><module>.lora_B.weight`` ``[out, r]``, torch orientation) and
 ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
-``fan_in_fan_out``). A PEFT module ``m`` maps to the ONNX weight ``m.weight`` (the name
-torch's exporter keeps for a module tree) unless an explicit mapping is given.
+``fan_in_fan_out``). Which ONNX weight a PEFT module is, and which module name a weight is
+written under, the caller says (the served model's :class:`adapters.module_paths.ModulePaths`);
+without it, module ``m`` is weight ``m.weight``.
 
 lorad records the base-model fingerprint in the safetensors header metadata
 (``lorad.base_fingerprint``), which PEFT carries along and ignores.
@@ -16,7 +17,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from safetensors import SafetensorError
@@ -48,6 +49,10 @@ _UNSUPPORTED_CONFIG = ("rank_pattern", "alpha_pattern", "use_dora", "layers_to_t
 
 def _module_of(weight: str) -> str:
     return weight[: -len(".weight")] if weight.endswith(".weight") else weight
+
+
+def _weight_of(module: str) -> str:
+    return f"{module}.weight"
 
 
 def _parse_config(raw: bytes) -> dict[str, Any]:
@@ -94,13 +99,15 @@ def load_peft(
     files: Mapping[str, bytes],
     *,
     prefix: str = DEFAULT_PREFIX,
-    weight_names: Mapping[str, str] | None = None,
+    weight_of: Callable[[str], str | None] | None = None,
 ) -> LoraAdapter:
     """Parse PEFT adapter files (by file name) into a :class:`LoraAdapter`.
 
-    ``weight_names`` maps PEFT module names to ONNX weight names where the default
-    (``module + ".weight"``) does not hold. Shapes against the base model are checked by
-    the engine, which knows the model.
+    ``weight_of`` gives the ONNX weight of a PEFT module name, or None when the model has
+    no such module (default: ``module + ".weight"``). Shapes against the base model are
+    checked by the engine, which knows the model. ``fan_in_fan_out`` needs no conversion:
+    PEFT stores ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` whatever the layout of
+    the base weight, and the graph tells lorad that layout.
     """
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if f not in files]
     if missing:
@@ -131,7 +138,9 @@ def load_peft(
         pairs.setdefault(module, {})[kind[0]] = array
 
     rank = int(config["r"])
+    resolve = weight_of or _weight_of
     weights: dict[str, LoraWeights] = {}
+    modules_of: dict[str, str] = {}
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             lacking = "lora_B" if "A" in pair else "lora_A"
@@ -142,7 +151,17 @@ def load_peft(
                 f"{WEIGHTS_FILE}: module {module!r} has lora_A {list(a_t.shape)} and lora_B {list(b_t.shape)}, "
                 f"expected [r, in] and [out, r] with r={rank} from {CONFIG_FILE}"
             )
-        weight = (weight_names or {}).get(module, f"{module}.weight")
+        weight = resolve(module)
+        if weight is None:
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: module {module!r} is not a MatMul/Gemm module of the base model "
+                "(`lorad inspect-model` lists its modules; model.weight_names maps others)"
+            )
+        if weight in modules_of:
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: modules {modules_of[weight]!r} and {module!r} both name the model's weight {weight!r}"
+            )
+        modules_of[weight] = module
         weights[weight] = LoraWeights(
             A=np.ascontiguousarray(a_t.T, dtype=np.float32), B=np.ascontiguousarray(b_t.T, dtype=np.float32)
         )
@@ -159,12 +178,24 @@ def load_peft(
     )
 
 
-def dump_peft(adapter: LoraAdapter, *, prefix: str = DEFAULT_PREFIX, base_model: str | None = None) -> dict[str, bytes]:
-    """Serialise to PEFT's two files (by file name)."""
+def dump_peft(
+    adapter: LoraAdapter,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    base_model: str | None = None,
+    module_of: Callable[[str], str] | None = None,
+) -> dict[str, bytes]:
+    """Serialise to PEFT's two files (by file name).
+
+    ``module_of`` names the PEFT module of an ONNX weight (default: the weight name
+    without ``.weight``); lorad passes the served model's recovered module paths, so that
+    the files load under the same config and in ``peft.PeftModel.from_pretrained``.
+    """
+    name_of = module_of or _module_of
     tensors: dict[str, np.ndarray] = {}
     modules = []
-    for weight, w in sorted(adapter.weights.items()):
-        module = _module_of(weight)
+    for weight, w in sorted(adapter.weights.items(), key=lambda item: name_of(item[0])):
+        module = name_of(weight)
         modules.append(module)
         tensors[f"{prefix}{module}.lora_A.weight"] = np.ascontiguousarray(w.A.T, dtype=np.float32)
         tensors[f"{prefix}{module}.lora_B.weight"] = np.ascontiguousarray(w.B.T, dtype=np.float32)
@@ -190,11 +221,17 @@ def dump_peft(adapter: LoraAdapter, *, prefix: str = DEFAULT_PREFIX, base_model:
     }
 
 
-def save_peft(adapter: LoraAdapter, directory: str | Path, *, prefix: str = DEFAULT_PREFIX) -> None:
+def save_peft(
+    adapter: LoraAdapter,
+    directory: str | Path,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    module_of: Callable[[str], str] | None = None,
+) -> None:
     """Write the adapter's PEFT files into ``directory`` (created if needed), atomically per file."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    for name, data in dump_peft(adapter, prefix=prefix).items():
+    for name, data in dump_peft(adapter, prefix=prefix, module_of=module_of).items():
         atomic_write_bytes(path / name, data)
     fsync_dir(path)
 

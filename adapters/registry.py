@@ -37,10 +37,10 @@ from typing import BinaryIO
 
 from adapters.errors import AdapterNotFoundError, AdapterStorageError
 from adapters.fsutil import atomic_replace_dir, atomic_write_bytes, fsync_dir
+from adapters.names import NAME_RULE
 
 __all__ = ["AdapterRegistry", "StoredAdapter", "NAME_RULE", "FILE_NAME_RULE", "META_FILE"]
 
-NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 FILE_NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 META_FILE = "lorad.json"  # reserved: written by the registry into every version directory
 

@@ -58,13 +58,11 @@ class AdapterService:
         *,
         cache_budget_bytes: int,
         model_name: str = "demo",
-        weight_names: Mapping[str, str] | None = None,
         on_cache_event: Callable[[CacheEvent, str], None] | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
         self.model_name = model_name
-        self._weight_names = dict(weight_names or {})
         self.cache: AdapterCache[PreparedAdapter] = AdapterCache(
             cache_budget_bytes, self._load_current, on_event=on_cache_event
         )
@@ -94,10 +92,18 @@ class AdapterService:
     # -- changes -------------------------------------------------------------------------
 
     def parse(self, files: Mapping[str, bytes]) -> LoraAdapter:
-        """Parse PEFT files and check them against the served base model."""
-        adapter = load_peft(files, weight_names=self._weight_names)
+        """Parse PEFT files and check them against the served base model.
+
+        PEFT module names are matched to ONNX weights by the module paths the engine
+        recovered from the graph (and ``model.weight_names``).
+        """
+        adapter = load_peft(files, weight_of=self.engine.module_paths.weight_of)
         self.engine.check(adapter)
         return adapter
+
+    def dump(self, adapter: LoraAdapter) -> dict[str, bytes]:
+        """PEFT files of an adapter, named by the served model's PEFT module names."""
+        return dump_peft(adapter, module_of=self.engine.module_paths.module_of)
 
     def upload(self, name: str, files: Mapping[str, bytes], *, meta: Mapping[str, object] | None = None) -> AdapterInfo:
         """Store PEFT files as a new version of ``name`` and swap it in if cached.
@@ -117,7 +123,7 @@ class AdapterService:
         self.engine.check(adapter)
         if not adapter.base_fingerprint:
             raise InvalidAdapterError("an installed adapter must record the fingerprint of its base model")
-        return self._store(name, dump_peft(adapter), adapter, {"source": "install", **(meta or {})})
+        return self._store(name, self.dump(adapter), adapter, {"source": "install", **(meta or {})})
 
     def _store(self, name: str, files: Mapping[str, bytes], adapter: LoraAdapter, meta: Mapping[str, object]) -> AdapterInfo:
         # What listing and inspecting report is recorded now, so they never re-read the files.
@@ -144,6 +150,21 @@ class AdapterService:
             if self.cache.contains(name):
                 self.cache.put(prepared)
         return self.info(name)
+
+    def export(self, name: str, version: int | None = None) -> tuple[int, dict[str, bytes]]:
+        """PEFT files of a stored version (default: the current one), and its number.
+
+        An upload is given back exactly as it was stored (bit-identical tensors). What
+        lorad wrote itself (trainer, OTA) is written again with the PEFT module names of
+        the served model, which also renames files stored by an older lorad that named
+        tensors by ONNX weight.
+        """
+        stored = self.registry.get(name, version)
+        files = {f: self.registry.read_file(name, stored.version, f) for f in _ADAPTER_FILES}
+        adapter = self.parse(files)
+        if stored.meta.get("source") != "upload":
+            files = self.dump(adapter)
+        return stored.version, files
 
     def delete(self, name: str) -> None:
         with self._changes:

@@ -30,7 +30,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,11 @@ from benchmarks.dp_tasks import Task, base_accuracy, tasks, train_and_score
 from trainer.config import AdapterTrainingConfig
 
 _EPSILONS = (1.0, 3.0, 8.0)
+
+
+def replace(config: AdapterTrainingConfig, **changes: Any) -> AdapterTrainingConfig:
+    """A validated copy of ``config`` with ``changes`` (pydantic's model_copy would not validate)."""
+    return AdapterTrainingConfig(**{**config.model_dump(), **changes})
 
 
 def _mean(task: Task, config: AdapterTrainingConfig, seeds: range, *, private: bool = True) -> float:

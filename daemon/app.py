@@ -24,7 +24,6 @@ from typing import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from adapters.engine import InferenceEngine
 from adapters.errors import AdapterError
 from adapters.fsutil import atomic_write_bytes
 from adapters.peft_format import read_peft_dir
@@ -32,10 +31,11 @@ from adapters.registry import AdapterRegistry
 from adapters.service import AdapterService
 from daemon import auth
 from daemon.config import ADDR_FILE, Config
-from daemon.demo import demo_adapter_dirs, demo_model_path
+from daemon.demo import demo_adapter_dirs
 from daemon.http_api import ApiSettings, make_app, protected
 from daemon.metrics import DaemonMetrics
 from daemon.ota_wiring import start_ota
+from daemon.preflight import StartupError, model_file, open_engine
 from daemon.systemd import SystemdNotifier
 from daemon.training_api import add_training_routes
 from trainer.metrics import register_trainer_metrics
@@ -99,10 +99,10 @@ class Daemon:
         executor = ThreadPoolExecutor(cfg.server.worker_threads, thread_name_prefix="lorad-worker")
         self._stack.callback(executor.shutdown, wait=True, cancel_futures=True)
 
-        model_path = cfg.model.path if cfg.model.path is not None else demo_model_path()
+        model_path = model_file(cfg)
         _log.info("loading model %r from %s (targets %s, slot rank %d, device %s)",
                   cfg.model.name, model_path, ", ".join(cfg.model.targets), cfg.model.rank, cfg.model.device)
-        engine = await loop.run_in_executor(executor, _build_engine, cfg, model_path)
+        engine = await loop.run_in_executor(executor, open_engine, cfg)
         metrics = DaemonMetrics(self._metrics_registry)
         metrics.set_backend(engine.requested_device, engine.active_device)
 
@@ -112,7 +112,6 @@ class Daemon:
             registry,
             cache_budget_bytes=cfg.cache.budget_bytes,
             model_name=cfg.model.name,
-            weight_names=cfg.model.weight_names,
             on_cache_event=metrics.on_cache_event,
         )
         metrics.watch_cache(lambda: service.cache.stats)
@@ -204,25 +203,6 @@ async def run(config: Config, *, announce: bool = True) -> None:
         await daemon.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot serve with this configuration; the message names the key."""
-
-
-def _build_engine(cfg: Config, model_path: Path) -> InferenceEngine:
-    try:
-        return InferenceEngine(
-            model_path,
-            targets=cfg.model.targets,
-            rank=cfg.model.rank,
-            device=cfg.model.device,
-            intra_op_threads=cfg.model.intra_op_threads,
-        )
-    except ValueError as e:  # the graph surgery: targets that match nothing or no linear op
-        raise StartupError(f"model.targets {list(cfg.model.targets)} do not fit model {str(model_path)!r}: {e}") from e
-    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
-        raise StartupError(f"model.path {str(model_path)!r} cannot be served: {type(e).__name__}: {e}") from e
 
 
 def _epsilon_of(trainer: TrainerService) -> Callable[[str], float | None]:

@@ -1,28 +1,33 @@
 """``lorad``: the daemon's command line.
 
-``lorad serve`` runs the daemon; ``lorad check-config FILE`` validates a config file and
-prints the effective settings. Exit codes: 0 ok, 1 the daemon failed at run time,
-2 bad usage or configuration (the message names the key).
+``lorad serve`` runs the daemon; ``lorad check-config FILE`` checks a config file as
+``serve`` would at start (the model opened, its targets matched, OTA's files read) and
+prints the effective settings (JSON; YAML with ``--print``, itself a valid config file);
+``lorad config-schema`` prints the JSON Schema of the file; ``lorad inspect-model
+MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapters name
+them by. Exit codes: 0 ok, 1 the daemon failed at run time, 2 bad usage or configuration
+(the message names the key).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
+
+import yaml
 
 from adapters.errors import AdapterError
 from daemon.auth import AuthError
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, config_schema, load_config
 from daemon.systemd import setup_logging
 from trainer.errors import TrainerError
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "effective_config"]
 
 _log = logging.getLogger("lorad")
 
@@ -44,9 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--unix-socket", type=Path, metavar="PATH", help="also serve on this Unix socket (server.unix_socket)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log_level")
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    check = sub.add_parser(
+        "check-config", help="check a config file as serve would at start and print the effective settings",
+        description="Validate FILE, open the model and match model.targets against it, read OTA's files; "
+                    "print the effective settings (JSON, or YAML with --print). Exit 2 naming the key if "
+                    "serve would refuse to start.")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--state-dir", type=Path, metavar="DIR", help="as for serve")
+    check.add_argument("--print", dest="print_yaml", action="store_true",
+                       help="print the effective configuration as YAML (a valid config file itself)")
+    sub.add_parser("config-schema", help="print the JSON Schema of the config file",
+                   description="Print the JSON Schema (draft 2020-12) of the config file, for editors and CI.")
+
+    inspect = sub.add_parser("inspect-model", help="list the MatMul/Gemm weights LoRA can target and their module paths")
+    inspect.add_argument("model", type=Path, metavar="MODEL.onnx")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     return parser
 
 
@@ -67,34 +84,35 @@ def _str_or_none(p: Path | None) -> str | None:
     return str(p.absolute()) if p is not None else None
 
 
-def _describe(config: Config) -> str:
-    # Walked by hand: dataclasses.asdict deep-copies, and read-only mappings do not copy.
-    def plain(v: object) -> object:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (tuple, list, frozenset, set)):
-            return [plain(x) for x in v]
-        if isinstance(v, Mapping):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    doc = plain(config)
-    assert isinstance(doc, dict)
-    doc["server"]["unix_socket_mode"] = f"{config.server.unix_socket_mode:04o}"
-    return json.dumps(doc, indent=2)
+def effective_config(config: Config) -> dict[str, object]:
+    """The validated settings as plain data (paths as strings, sizes in bytes)."""
+    doc: dict[str, object] = config.model_dump(mode="json")
+    return doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect-model":
+        return _inspect_model(args.model, as_json=args.json)
+    if args.command == "config-schema":
+        print(json.dumps(config_schema(), indent=2))
+        return EXIT_OK
     try:
         config = config_from_args(args)
+        if args.command == "check-config":
+            from daemon.preflight import StartupError, check_startable  # ORT: only to check or serve
+
+            try:
+                check_startable(config)
+            except StartupError as e:
+                raise ConfigError(e.key, e.detail) from e
     except ConfigError as e:
         print(f"lorad: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
-        print(_describe(config))
+        doc = effective_config(config)
+        print(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip("\n") if args.print_yaml
+              else json.dumps(doc, indent=2))
         return EXIT_OK
 
     logging_to = setup_logging(config.log_level)
@@ -107,6 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if logging_to != "stderr":
             print(f"lorad: cannot serve: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _inspect_model(path: Path, *, as_json: bool) -> int:
+    from daemon.inspect_model import inspect_model, render, to_json
+
+    try:
+        report = inspect_model(path)
+    except ValueError as e:
+        print(f"lorad: inspect-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(to_json(report) if as_json else render(report))
     return EXIT_OK
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import importlib.metadata
 import json
 import logging
 import socket
+import tarfile
 import time
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
@@ -110,6 +112,7 @@ def make_app(settings: ApiSettings) -> web.Application:
     app.router.add_get(a, h.inspect)
     app.router.add_put(a, protected(h.upload))
     app.router.add_delete(a, protected(h.delete))
+    app.router.add_get(a + "/files", protected(h.export))
     for action in _ACTIONS:
         app.router.add_post(f"{a}/{action}", protected(functools.partial(h.action, action)))
     app.router.add_get("/metrics", h.metrics)
@@ -303,6 +306,16 @@ class _Handlers:
         info = await self._run(self.service.upload, name, files)
         return json_response(asdict(info), 201)
 
+    async def export(self, request: web.Request) -> web.Response:
+        """A stored version as PEFT files in an uncompressed tar (see openapi.yaml)."""
+        self._model(request)
+        name = request.match_info["adapter"]
+        version, files = await self._run(self.service.export, name, _version_query(request))
+        return web.Response(body=tar_of(files), content_type="application/x-tar", headers={
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.tar"',
+            "X-Lorad-Adapter-Version": str(version),
+        })
+
     async def delete(self, request: web.Request) -> web.Response:
         self._model(request)
         name = request.match_info["adapter"]
@@ -319,6 +332,26 @@ class _Handlers:
         else:
             info = await self._run(getattr(self.service, action), name)
         return json_response(asdict(info))
+
+
+def _version_query(request: web.Request) -> int | None:
+    raw = request.query.get("version")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise HttpError(400, f"query parameter version={raw!r}: expected a version number (an integer >= 1)")
+    return int(raw)
+
+
+def tar_of(files: Mapping[str, bytes]) -> bytes:
+    """An uncompressed POSIX tar holding ``files`` (name -> bytes) as regular files, mode 0644."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for filename, data in sorted(files.items()):
+            info = tarfile.TarInfo(filename)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def _rollback_version(body: bytes) -> int:

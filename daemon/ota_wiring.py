@@ -24,17 +24,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from tuf.api.metadata import Metadata, Root
-
 from adapters.service import AdapterService
 from daemon.config import Config
 from daemon.metrics import DaemonMetrics
-from daemon.ota_config import OtaConfig
-from ota.client import ClientConfig, OtaClient
+from daemon.preflight import ota_transport, read_ota_material
+from ota.client import OtaClient
+from ota.config import ClientConfig, OtaConfig
 from ota.errors import TransportError
 from ota.metrics import OtaMetrics
-from ota.status import will_for
-from ota.transport import MqttConfig, MqttTransport
+from ota.transport import MqttTransport
 
 __all__ = ["OtaRuntime", "start_ota"]
 
@@ -101,32 +99,10 @@ async def start_ota(
 
 def _build_transport(cfg: Config, base_fingerprint: str) -> tuple[MqttTransport, ClientConfig]:
     ota = cfg.ota
-    b = ota.broker
-    assert ota.trusted_root is not None and b.ca_file and b.cert_file and b.key_file  # checked by parse_ota
-    try:
-        root = ota.trusted_root.read_bytes()
-        Metadata[Root].from_bytes(root)
-    except Exception as e:  # OSError, or tuf/json errors for a file that is not a root
-        raise RuntimeError(f"ota.trusted_root {str(ota.trusted_root)!r} is not a readable TUF root "
-                           f"metadata file: {type(e).__name__}: {e}") from e
-    password = None
-    if b.password_file is not None:
-        try:
-            password = b.password_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeError) as e:
-            raise RuntimeError(f"ota.broker.password_file {str(b.password_file)!r} cannot be read: {e}") from e
-    try:
-        transport = MqttTransport(MqttConfig(
-            host=b.host, port=b.port, client_id=f"lorad-{ota.device_id}", ca_file=b.ca_file,
-            cert_file=b.cert_file, key_file=b.key_file, username=b.username, password=password,
-            keepalive_s=b.keepalive_s, timeout_s=b.timeout_s, max_packet_size=ota.limits.max_packet_bytes,
-            will=will_for(ota.device_id)))
-    except TransportError as e:
-        raise RuntimeError(f"ota.broker.ca_file/cert_file/key_file: {e}") from e
-    client_cfg = ClientConfig(
-        device_id=ota.device_id, groups=ota.groups, state_dir=cfg.state_dir / "ota", trusted_root=root,
-        base_fingerprint=base_fingerprint, clock_slack_s=ota.clock_slack_s, fetch_timeout_s=ota.limits.fetch_timeout_s,
-        max_payload_bytes=ota.limits.max_adapter_bytes, max_raw_bytes=ota.limits.max_raw_bytes)
+    material = read_ota_material(ota)
+    transport = ota_transport(ota, material)
+    client_cfg = ota.client_config(state_dir=cfg.state_dir / "ota", trusted_root=material.trusted_root,
+                                   base_fingerprint=base_fingerprint)
     transport.start()
     return transport, client_cfg
 

@@ -1,7 +1,7 @@
 """HTTP routes of the trainer and the serving-rate probe.
 
-Wiring (in :mod:`daemon.app` / :mod:`daemon.config`) is a few lines: register
-:func:`daemon.trainer_config.trainer_section` as the ``trainer`` config section, build a
+Wiring (in :mod:`daemon.app`) is a few lines: :class:`daemon.config.Config` holds the
+``trainer`` section (:class:`trainer.config.TrainerConfig`); build a
 :class:`trainer.service.TrainerService`, call :func:`add_training_routes` on the app and
 :func:`trainer.metrics.register_trainer_metrics` on the metrics registry.
 

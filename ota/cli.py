@@ -15,11 +15,13 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from adapters.errors import AdapterError
 from adapters.lora import LoraAdapter
 
 from .errors import OtaError, TransportError
@@ -29,10 +31,25 @@ from .status import FleetView
 from .target import Audience, ProbeSet
 from .transport import MqttConfig, MqttTransport
 
-__all__ = ["register", "main"]
+__all__ = ["register", "main", "ModelSection"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 _ROLES = ("root", "targets", "snapshot", "timestamp")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """What ``publish`` needs of a device's ``model:`` section (``--config lorad.yaml``)."""
+
+    path: Path
+    targets: tuple[str, ...]
+    rank: int
+    weight_names: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Reads the model section of a device config file; the daemon's CLI provides it (ota/
+#: does not import the daemon). It raises ValueError naming the key that is wrong.
+ModelLoader = Callable[[Path], ModelSection]
 
 
 def _role_map(items: Sequence[str] | None, what: str) -> dict[str, int]:
@@ -121,31 +138,70 @@ def _init(args: argparse.Namespace) -> dict[str, Any]:
     return {"repository": str(repo.dir), "trusted_root": str(repo.dir / "metadata" / "1.root.json")}
 
 
+def _model_section(args: argparse.Namespace) -> ModelSection | None:
+    if args.config is not None:
+        if args.base_model is not None or args.targets is not None or args.rank is not None:
+            raise ValueError("--config gives the model, its targets and rank: drop --base-model, --targets and --rank")
+        loader: ModelLoader | None = args.model_loader
+        if loader is None:
+            raise ValueError("--config needs loractl (python -m ota.cli cannot read lorad.yaml): use --base-model")
+        return loader(args.config)
+    if args.base_model is None:
+        return None
+    return ModelSection(path=args.base_model, targets=tuple(args.targets or ("*",)), rank=args.rank or 8)
+
+
+def _engine(section: ModelSection) -> Any:
+    from adapters.engine import InferenceEngine
+
+    if not section.path.is_file():
+        raise ValueError(f"base model {str(section.path)!r} does not exist")
+    try:
+        return InferenceEngine(section.path, targets=section.targets, rank=section.rank,
+                               weight_names=section.weight_names)
+    except ValueError as e:  # targets or weight_names that do not fit the graph
+        raise ValueError(f"model targets {list(section.targets)} do not fit {str(section.path)!r}: {e}") from e
+    except AdapterError:
+        raise
+    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
+        raise ValueError(f"base model {str(section.path)!r} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
 def _load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None]:
     from adapters.peft_format import load_peft, read_peft_dir
-    adapter = load_peft(read_peft_dir(args.adapter))
+    section = _model_section(args)
+    files = read_peft_dir(args.adapter)
     probes = None
-    if args.base_model is not None:
-        from adapters.engine import InferenceEngine
-        engine = InferenceEngine(args.base_model, targets=args.targets, rank=args.rank)
+    if section is not None:
+        # The device's mapping: PEFT module names are matched as the device will match them.
+        engine = _engine(section)
+        adapter = load_peft(files, weight_of=engine.module_paths.weight_of)
         engine.check(adapter)
         adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
                               base_fingerprint=engine.fingerprint, use_rslora=adapter.use_rslora,
                               extra=adapter.extra)
         rng = np.random.default_rng(0)
+        # Integer inputs are ones: a valid token id, and an attention mask that keeps every
+        # position (an all-zero mask divides by zero in mean pooling).
         inputs = {s.name: (rng.random([2 if d < 0 else d for d in s.shape]).astype(s.numpy_dtype)
                            if s.datatype.startswith("FP") else
-                           np.zeros([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
+                           np.ones([2 if d < 0 else d for d in s.shape], s.numpy_dtype))
                   for s in engine.inputs}
         outputs = engine.run(inputs, engine.prepare(adapter, name=args.name, version=0))
+        bad = sorted(name for name, value in outputs.items() if not np.all(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"the health-check probe gives non-finite outputs {bad} on this model with the adapter; "
+                             "the devices could never pass it")
         probes = ProbeSet(inputs=inputs, outputs=outputs, atol=args.probe_atol, rtol=args.probe_rtol)
-    elif args.base_fingerprint:
-        adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
-                              base_fingerprint=args.base_fingerprint, use_rslora=adapter.use_rslora,
-                              extra=adapter.extra)
+    else:
+        adapter = load_peft(files)
+        if args.base_fingerprint:
+            adapter = LoraAdapter(rank=adapter.rank, alpha=adapter.alpha, weights=adapter.weights,
+                                  base_fingerprint=args.base_fingerprint, use_rslora=adapter.use_rslora,
+                                  extra=adapter.extra)
     if not adapter.base_fingerprint:
-        raise ValueError("the adapter records no base model: give --base-model (also records "
-                         "the health-check probes) or --base-fingerprint")
+        raise ValueError("the adapter records no base model: give --config (the device's lorad.yaml), "
+                         "--base-model (also records the health-check probes) or --base-fingerprint")
     return adapter, probes
 
 
@@ -236,7 +292,7 @@ def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argpa
         except TransportError as e:
             print(f"loractl fleet: cannot reach the broker: {e}", file=sys.stderr)
             return EXIT_CONNECT
-        except (OtaError, PermissionError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        except (OtaError, AdapterError, PermissionError, FileNotFoundError, FileExistsError, RuntimeError) as e:
             print(f"loractl fleet: {e}", file=sys.stderr)
             return EXIT_REFUSED
         except ValueError as e:
@@ -245,8 +301,11 @@ def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argpa
     return handler
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``fleet`` and its subcommands to loractl's (or any) subparsers."""
+def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | None = None) -> None:
+    """Add ``fleet`` and its subcommands to loractl's (or any) subparsers.
+
+    ``model_loader`` reads a device config's model section for ``publish --config``.
+    """
     fleet = sub.add_parser("fleet", help="fleet OTA: root of trust, publish, keys, commands, status",
                            description="Operate the fleet's signed adapter updates over MQTT.")
     fs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
@@ -275,9 +334,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="adapter name on the devices")
     p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
     _audience_args(p)
+    p.add_argument("--config", type=Path, metavar="LORAD_YAML",
+                   help="the devices' lorad.yaml: its model section (path, targets, rank, weight_names) gives "
+                        "the base model, the PEFT name mapping and the fingerprint")
     p.add_argument("--base-model", type=Path, help="base ONNX model: records fingerprint and health probes")
-    p.add_argument("--targets", nargs="+", default=["*"], help="LoRA target patterns of --base-model")
-    p.add_argument("--rank", type=int, default=8, help="slot rank of --base-model's LoRA graph")
+    p.add_argument("--targets", nargs="+", help="LoRA target patterns of --base-model (default: all)")
+    p.add_argument("--rank", type=int, help="slot rank of --base-model's LoRA graph (default 8)")
+    p.set_defaults(model_loader=model_loader)
     p.add_argument("--base-fingerprint", help="base model fingerprint when --base-model is not given")
     p.add_argument("--probe-atol", type=float, default=ProbeSet.atol, help="health-check absolute tolerance")
     p.add_argument("--probe-rtol", type=float, default=ProbeSet.rtol, help="health-check relative tolerance")

@@ -32,6 +32,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters.fsutil import atomic_write_bytes
 
+from .config import ClientConfig
 from .commands import CommandExecutor, CommandSink, command_topic
 from .errors import OtaError, TransportError, UpdateRejectedError
 from .files import NotOnBroker, RepoReader
@@ -50,41 +51,6 @@ _NAMED_VERSION = re.compile(r"^Expected \S+ v\d+, got v\d+")
 #: Reasons that depend only on signed content: retrying the same version cannot help.
 _FINAL_REASONS = frozenset({"base_model_mismatch", "payload_invalid", "adapter_digest",
                             "target_invalid", "install_failed", "health_check_failed"})
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Device identity, trust anchor and limits. Times in seconds, sizes in bytes.
-
-    ``max_raw_bytes`` bounds what a payload may decompress to (the signed ``raw_length``);
-    None means four times ``max_payload_bytes``.
-    """
-
-    device_id: str
-    groups: tuple[str, ...]
-    state_dir: Path
-    trusted_root: bytes
-    base_fingerprint: str
-    clock_slack_s: float = 60.0
-    fetch_timeout_s: float = 10.0
-    max_payload_bytes: int = 64 << 20
-    max_raw_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.device_id:
-            raise ValueError("device_id must not be empty")
-        if self.clock_slack_s < 0 or self.clock_slack_s > 3600:
-            raise ValueError(f"clock_slack_s must be 0..3600 s, got {self.clock_slack_s}")
-        if self.fetch_timeout_s <= 0 or self.max_payload_bytes <= 0:
-            raise ValueError("fetch_timeout_s and max_payload_bytes must be positive")
-        if self.max_raw_bytes is not None and self.max_raw_bytes <= 0:
-            raise ValueError(f"max_raw_bytes must be positive (or None for 4 x max_payload_bytes), "
-                             f"got {self.max_raw_bytes}")
-
-    @property
-    def raw_limit(self) -> int:
-        """Largest decompressed payload accepted, bytes."""
-        return self.max_raw_bytes if self.max_raw_bytes is not None else 4 * self.max_payload_bytes
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import safetensors.numpy as st_numpy
 import zstandard
 
 from adapters.lora import LoraAdapter, LoraWeights
+from adapters.names import NAME_RULE, is_name
 
 from .errors import UpdateRejectedError
 
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 _FORMAT = "lorad-ota/1"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ENCODINGS = ("full", "delta")
 _DTYPES = ("fp32", "fp16")
@@ -75,8 +75,8 @@ class Audience:
         if not self.everyone and not self.devices and not self.groups:
             raise ValueError("an audience needs everyone=True, devices or groups")
         for n in (*self.devices, *self.groups):
-            if not _NAME_RE.match(n):
-                raise ValueError(f"device/group name {n!r} must match {_NAME_RE.pattern}")
+            if not is_name(n):
+                raise ValueError(f"device/group name {n!r} must match {NAME_RULE}")
 
     def includes(self, device_id: str, groups: Sequence[str]) -> bool:
         return self.everyone or device_id in self.devices or bool(set(groups) & set(self.groups))
@@ -149,7 +149,7 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        if not _NAME_RE.match(self.adapter):
+        if not is_name(self.adapter):
             problems.append(f"adapter name {self.adapter!r}")
         if self.version < 1:
             problems.append(f"version {self.version}")

@@ -15,8 +15,6 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -26,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .config import MqttConfig
 from .errors import TransportError
 
 __all__ = ["TOPIC_ROOT", "Handler", "Transport", "MqttConfig", "MqttTransport", "topic_matches"]
@@ -81,36 +80,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Disconnect; safe to call twice."""
-
-
-@dataclass(frozen=True)
-class MqttConfig:
-    """How to reach the broker. TLS with a client certificate is mandatory."""
-
-    host: str
-    port: int
-    client_id: str
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = 30
-    timeout_s: float = 10.0
-    #: largest packet this client accepts (announced to the broker in CONNECT)
-    max_packet_size: int = 1 << 20
-    #: (topic, payload) the broker publishes retained if we vanish without DISCONNECT
-    will: tuple[str, bytes] | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be 1..65535, got {self.port}")
-        if not self.client_id:
-            raise ValueError("client_id must not be empty")
-        if self.timeout_s <= 0 or self.keepalive_s <= 0:
-            raise ValueError("timeout_s and keepalive_s must be positive")
-        if self.max_packet_size < 1024:
-            raise ValueError(f"max_packet_size must be >= 1024 bytes, got {self.max_packet_size}")
 
 
 class MqttTransport(Transport):

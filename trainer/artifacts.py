@@ -68,6 +68,7 @@ from adapters.lora_graph import (
 from adapters.onnx_compat import for_runtime
 
 from ._ort_training import load as _load_ort_training
+from .ort_gradients import gradient_error, prepare_for_gradients
 
 __all__ = [
     "CLIP_NORM_INPUT",
@@ -83,8 +84,9 @@ CLIP_NORM_INPUT = "dp.clip_norm"
 NOISE_INPUT = "dp.noise"
 GRAD_SCALE_INPUT = "dp.grad_scale"
 
-# Bump when the generated graphs change meaning, so stale cache entries are not reused.
-_FORMAT = "lorad-training-artifacts-v5"
+# Bump when the generated graphs change meaning, so stale cache entries are not reused
+# (v6: exported graphs prepared for gradients, batch_input, non-finite examples dropped).
+_FORMAT = "lorad-training-artifacts-v6"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
@@ -259,9 +261,12 @@ def _generate(
         trainable.append((b_name, tuple(w.B.shape)))
     trainable_names = [name for name, _ in trainable]
 
+    # Every data input has the batch first (the trainer stacks examples on axis 0).
+    base_inits = {i.name for i in model.graph.initializer}
+    batch_input = next(i.name for i in model.graph.input if i.name not in base_inits)
     graph = make_training_graph(
         model, targets, init=init, scale=config.scale,
-        per_example=trainable_names if config.private else (),
+        per_example=trainable_names if config.private else (), batch_input=batch_input,
     )
     outputs = [o.name for o in graph.graph.output]
     output = config.output or outputs[0]
@@ -286,16 +291,21 @@ def _generate(
     else:
         optimizer = onnxblock.optim.SGD()
 
-    with _without_native_info_logs():
-        artifacts.generate_artifacts(
-            graph,
-            requires_grad=trainable_names,
-            frozen_params=frozen,
-            loss=loss,
-            optimizer=optimizer,
-            artifact_directory=os.fspath(directory),
-            loss_input_names=[output],
-        )
+    # Exported graphs spell some ops in ways ORT's gradient builder rejects.
+    prepare_for_gradients(graph)
+    try:
+        with _without_native_info_logs():
+            artifacts.generate_artifacts(
+                graph,
+                requires_grad=trainable_names,
+                frozen_params=frozen,
+                loss=loss,
+                optimizer=optimizer,
+                artifact_directory=os.fspath(directory),
+                loss_input_names=[output],
+            )
+    except RuntimeError as e:  # ORT's gradient builder raises bare RuntimeErrors (C++ asserts)
+        raise ValueError(gradient_error(graph, e)) from e
 
     training = onnx.load(os.fspath(directory / "training_model.onnx"))
     noise_size = sum(int(np.prod(shape)) for _, shape in trainable)

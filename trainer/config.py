@@ -1,13 +1,15 @@
-"""The ``trainer:`` section of the daemon's YAML: typed, frozen, validated once.
+"""The ``trainer:`` section of lorad's YAML: typed, frozen, validated once (pydantic).
 
-:func:`parse_trainer_section` turns the section's mapping into a :class:`TrainerConfig`;
-every :class:`TrainerConfigError` names the dotted key (``trainer.adapters.alice.clip_norm``),
-the bad value and what is allowed. The daemon registers it as one more config section;
-this module imports nothing of the daemon (the arrows go daemon → trainer).
+:class:`TrainerConfig` and its parts are :class:`~adapters.config_types.ConfigModel` subclasses:
+unknown keys are refused and every :class:`TrainerConfigError` (lorad's one
+:class:`~adapters.config_types.ConfigError`) names the dotted key
+(``trainer.adapters.alice.clip_norm``), the bad value and what is allowed. The daemon
+composes it as one more section; this module imports nothing of the daemon.
 
-Per adapter, :class:`AdapterTrainingConfig` holds what one DP-SGD run is made of. Numbers
-that depend on how many examples the adapter has (q from an expected batch size, steps
-from epochs, δ below 1/n, σ calibrated for a target ε) are resolved at run time by
+Per adapter, :class:`AdapterTrainingConfig` holds what one DP-SGD run is made of; the
+``adapters:`` entries are merged over ``defaults:`` while validating. Numbers that depend
+on how many examples the adapter has (q from an expected batch size, steps from epochs,
+δ below 1/n, σ calibrated for a target ε) are resolved at run time by
 :meth:`AdapterTrainingConfig.plan`, which is a pure function of the config and n.
 
 An example configuration::
@@ -23,14 +25,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence
+
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
+
+from adapters.config_types import ByteSize, ConfigError, ConfigModel, FieldProblem, NonEmptyStr, got
+from adapters.names import NAME_ALLOWED, is_name
 
 # trainer.accountant imports dp_accounting (~1.5 s) only when ε is computed, and the noise
 # sources are imported where used: loractl reads the daemon config (which includes this section).
-from ._names import is_adapter_name
-from .accountant import ACCOUNTANTS, AccountantName
+from .accountant import AccountantName
 
 if TYPE_CHECKING:
     from .accountant import RunCharge
@@ -52,53 +57,78 @@ __all__ = [
 ValidationMetric = Literal["loss", "accuracy"]
 NoiseKind = Literal["secure", "seeded"]
 
+#: The trainer's configuration errors are lorad's one ConfigError (key, detail).
+TrainerConfigError = ConfigError
+
 _TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_WINDOW_ALLOWED = 'expected "HH:MM-HH:MM" in local time, e.g. "01:00-05:00" (may wrap midnight)'
 
 
-class TrainerConfigError(ValueError):
-    """The trainer configuration is invalid; ``key`` is the dotted path of the bad value."""
+def _time_window(value: object) -> object:
+    """``"22:30-06:00"`` → (1350, 360) minutes after midnight; a (start, end) pair passes."""
+    if not isinstance(value, str):
+        if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 24 * 60 for v in value):
+            if value[0] == value[1]:
+                raise ValueError(f"got {got(value)}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
+            return tuple(value)
+        raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
+    parts = value.split("-")
+    matches = [_TIME.match(p.strip()) for p in parts]
+    if len(parts) != 2 or not all(matches):
+        raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
+    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m)
+    if start == end:
+        raise ValueError(f"got {got(value)}; the window is empty (start equals end); {_WINDOW_ALLOWED}")
+    return start, end
 
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        self.detail = message
-        super().__init__(f"{key}: {message}")
+
+TimeWindow = Annotated[
+    tuple[int, int], BeforeValidator(_time_window),
+    WithJsonSchema({"type": "string", "pattern": r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"}),
+]
 
 
-@dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(ConfigModel):
     """Bounds of the local example store (oldest examples go first)."""
 
-    max_examples_per_adapter: int = 10_000
-    max_bytes: int = 256 * 1024**2
-    retention_days: float = 90.0
-    #: Largest single example accepted over HTTP (JSON body bytes).
-    max_example_bytes: int = 1024**2
-    #: Largest magnitude of any stored input or label value (non-finite values are refused).
-    max_abs_value: float = 1e6
-    #: Per-user contribution limit: examples one user id may add per adapter (None: no
-    #: limit, and the guarantee is per example). With a limit k the privacy report also
-    #: states the per-user ε (a user changes at most k examples).
-    max_examples_per_user: int | None = None
+    config_key = "trainer.store"
+
+    max_examples_per_adapter: int = Field(10_000, ge=1, description="Examples kept per adapter; the oldest go first.")
+    max_bytes: ByteSize = Field(256 * 1024**2, gt=0, description="Bytes of examples kept in all; the oldest go first.")
+    retention_days: float = Field(90.0, ge=1e-3, description="Days an example is kept before it is erased.")
+    max_example_bytes: ByteSize = Field(1024**2, gt=0, description="Largest single example accepted over HTTP "
+                                                                   "(JSON body), bytes.")
+    max_abs_value: float = Field(1e6, ge=1.0, description="Largest magnitude of any stored input or label value "
+                                                          "(non-finite values are always refused).")
+    max_examples_per_user: int | None = Field(
+        None, ge=1, description="Per-user contribution limit: examples one user id may add per adapter; null: no "
+                                "limit, and the guarantee is per example. With a limit k the privacy report also "
+                                "states the per-user ε (a user changes at most k examples).")
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
+class PolicyConfig(ConfigModel):
     """When the background scheduler may start (and keep running) a training run."""
 
-    #: Examples added since the adapter's last completed run.
-    min_new_examples: int = 100
-    #: Serving requests per second above which the device is busy.
-    max_requests_per_s: float = 5.0
-    #: 1-minute load average divided by the CPU count above which the device is busy.
-    max_load_per_cpu: float = 0.7
-    #: Local time window ``(start, end)`` in minutes after midnight (may wrap midnight).
-    time_window: tuple[int, int] | None = None
-    require_external_power: bool = False
-    #: Hottest thermal zone (°C) above which training waits.
-    max_temperature_c: float | None = None
+    config_key = "trainer.policy"
+
+    min_new_examples: int = Field(100, ge=1, description="Examples added since the adapter's last completed run.")
+    max_requests_per_s: float = Field(5.0, ge=0.0, description="Serving requests per second above which the "
+                                                               "device is busy.")
+    max_load_per_cpu: float = Field(0.7, ge=0.0, description="1-minute load average divided by the CPU count "
+                                                             "above which the device is busy.")
+    time_window: TimeWindow | None = Field(
+        None, description='Local time window "HH:MM-HH:MM" in which training may run (may wrap midnight); '
+                          "null: any time. Held as (start, end) minutes after midnight.")
+    require_external_power: bool = Field(False, description="Train only on mains power (not on battery).")
+    max_temperature_c: float | None = Field(None, ge=0.0, le=200.0, description="Hottest thermal zone (°C) above "
+                                                                                "which training waits; null: no limit.")
+
+    @field_serializer("time_window")
+    def _window_text(self, window: tuple[int, int] | None) -> str | None:
+        if window is None:
+            return None
+        return "-".join(f"{m // 60:02d}:{m % 60:02d}" for m in window)
 
 
 @dataclass(frozen=True)
@@ -124,64 +154,78 @@ def default_delta(n: float) -> float:
     return min(1e-5, 1.0 / (10.0 * max(n, 1)))
 
 
-@dataclass(frozen=True, kw_only=True)
-class AdapterTrainingConfig:
+class AdapterTrainingConfig(ConfigModel):
     """One adapter's DP-SGD settings. ``None`` means "derive it at run time"."""
 
-    #: The adapter's privacy budget: ε of all its runs composed, at ``delta``.
-    target_epsilon: float = 8.0
-    #: None: :func:`default_delta` of the number of training examples.
-    delta: float | None = None
-    #: Defaults of the DP-SGD numbers (C, optimizer, learning rate, batch size, epochs) come
-    #: from benchmarks/sweep_defaults.py on the demo tasks with 400 examples (README).
-    clip_norm: float = 0.1
-    #: σ; None: calibrated so that this run spends ``budget_fraction`` of the budget left.
-    noise_multiplier: float | None = None
-    #: Share of the budget still left that one run spends (the rest stays for later runs
-    #: on new data); 1.0 spends it all at once.
-    budget_fraction: float = 0.5
-    #: Noise std (in examples) of the private estimate of the number of training examples
-    #: that q, steps, δ and σ are planned from; charged to the ledger as a Gaussian query.
-    count_noise: float = 5.0
-    #: Noise multiplier of the validation gate's private decision (noise std in units of
-    #: ``gate_clip``); charged to the ledger as a Gaussian query.
-    gate_noise_multiplier: float = 10.0
-    #: Bound on one held-out example's score difference (loss or accuracy) in the gate.
-    gate_clip: float = 1.0
-    #: Fewer training examples than this: the run is refused before anything is charged.
-    min_train_examples: int = 100
-    #: Fewer held-out examples than this: the run is refused before anything is charged.
-    min_holdout_examples: int = 20
-    #: Dynamic non-batch dimensions (sequence length) are zero-padded or truncated to this.
-    pad_length: int = 128
-    accountant: AccountantName = "rdp"
-    rank: int = 8
-    alpha: float = 16.0
-    use_rslora: bool = False
-    freeze_a: bool = False
-    learning_rate: float = 0.01
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    #: Model output the loss reads; None: the first output.
-    output: str | None = None
-    #: Exactly one of sampling_rate (q) and batch_size (expected q·n) is set.
-    sampling_rate: float | None = None
-    batch_size: float | None = 64.0
-    #: Exactly one of steps and epochs (steps = ceil(epochs / q)) is set.
-    steps: int | None = None
-    epochs: float | None = 30.0
-    validation_metric: ValidationMetric = "loss"
-    #: The new version is installed only if its held-out score beats the current one's by
-    #: more than this (mean per example, decided privately); negative: may be that much worse.
-    validation_margin: float = 0.0
-    holdout_fraction: float = 0.2
-    split_seed: int = 0
-    init_seed: int = 0
-    checkpoint_every: int = 50
+    target_epsilon: float = Field(8.0, gt=0, description="The adapter's privacy budget: ε of all its runs "
+                                                         "composed, at delta.")
+    delta: float | None = Field(None, gt=0, lt=1, description="δ of the guarantee; null: min(1e-5, 1/(10 n)) "
+                                                              "for n training examples.")
+    # Defaults of the DP-SGD numbers (C, optimizer, learning rate, batch size, epochs) come
+    # from benchmarks/sweep_defaults.py on the demo tasks with 400 examples (README).
+    clip_norm: float = Field(0.1, gt=0, description="C: each example's gradient is clipped to this L2 norm.")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="σ; null: calibrated so that this run spends budget_fraction of the budget left.")
+    budget_fraction: float = Field(0.5, gt=0, le=1, description="Share of the budget still left that one run "
+                                   "spends (the rest stays for later runs on new data); 1 spends it all at once.")
+    count_noise: float = Field(5.0, gt=0, description="Noise std (in examples) of the private estimate of the "
+                               "number of training examples that q, steps, δ and σ are planned from; charged to "
+                               "the ledger as a Gaussian query.")
+    gate_noise_multiplier: float = Field(10.0, gt=0, description="Noise multiplier of the validation gate's private "
+                                         "decision (noise std in units of gate_clip); charged to the ledger as a "
+                                         "Gaussian query.")
+    gate_clip: float = Field(1.0, gt=0, description="Bound on one held-out example's score difference (loss or "
+                             "accuracy) in the validation gate.")
+    min_train_examples: int = Field(100, ge=1, description="Fewer training examples than this: the run is refused "
+                                    "before anything is charged.")
+    min_holdout_examples: int = Field(20, ge=1, description="Fewer held-out examples than this: the run is refused "
+                                      "before anything is charged.")
+    pad_length: int = Field(128, ge=1, description="Dynamic non-batch dimensions (sequence length) of training "
+                            "batches are zero-padded or truncated to this.")
+    accountant: AccountantName = Field("rdp", description="Privacy accountant: rdp (Rényi DP) or pld "
+                                                          "(privacy loss distributions, tighter).")
+    rank: int = Field(8, ge=1, description="LoRA rank r of the adapter trained.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / r, or alpha / sqrt(r) with use_rslora).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    freeze_a: bool = Field(False, description="Train B only (A stays at its random init).")
+    learning_rate: float = Field(0.01, gt=0, description="Optimiser step size.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser of the LoRA weights.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (needs optimizer: adamw).")
+    loss: Literal["cross_entropy", "mse"] = Field("cross_entropy", description="Training loss.")
+    output: NonEmptyStr | None = Field(None, description="Model output the loss reads; null: the first output.")
+    sampling_rate: float | None = Field(
+        None, gt=0, le=1, description="q: each example's probability to be in a step's batch (Poisson sampling); "
+                                      "give exactly one of sampling_rate and batch_size.")
+    batch_size: float | None = Field(64.0, gt=0, description="Expected batch size q·n; exactly one of "
+                                                             "sampling_rate and batch_size.")
+    steps: int | None = Field(None, ge=1, description="Steps of one run; give exactly one of steps and epochs.")
+    epochs: float | None = Field(30.0, gt=0, description="Passes over the data per run (steps = ceil(epochs / q)); "
+                                                        "exactly one of steps and epochs.")
+    validation_metric: ValidationMetric = Field("loss", description="What the validation gate compares: loss, "
+                                                                    "or accuracy (needs loss: cross_entropy).")
+    validation_margin: float = Field(0.0, description="The new version is installed only if its held-out score "
+                                     "beats the current one's by more than this (mean per example, decided "
+                                     "privately); negative: it may be that much worse.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of examples held out for the validation "
+                                                                 "gate (never trained on).")
+    split_seed: int = Field(0, ge=0, description="Seed of the train/holdout split.")
+    init_seed: int = Field(0, ge=0, description="Seed of the LoRA A initialisation.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints of a run (resumed after "
+                                                        "a restart).")
 
-    def __post_init__(self) -> None:
-        _validate_adapter(self, "AdapterTrainingConfig")
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterTrainingConfig:
+        if (self.sampling_rate is None) == (self.batch_size is None):
+            raise FieldProblem("sampling_rate", "give exactly one of sampling_rate (q, each example's probability to "
+                               "be in a step's batch) and batch_size (the expected batch size q·n)")
+        if (self.steps is None) == (self.epochs is None):
+            raise FieldProblem("steps", "give exactly one of steps and epochs (steps = ceil(epochs / q))")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise FieldProblem("weight_decay", f"got {self.weight_decay}; weight decay needs optimizer: adamw")
+        if self.validation_metric == "accuracy" and self.loss != "cross_entropy":
+            raise FieldProblem("validation_metric",
+                               "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
+        return self
 
     def plan(
         self, n: float, *, prior: Sequence[RunCharge] = (), ledger_delta: float | None = None,
@@ -250,44 +294,76 @@ class AdapterTrainingConfig:
                 "the examples are held out for validation). Add examples; nothing was charged")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainerConfig:
+#: Giving one of a mutually exclusive pair in an adapter's entry replaces the inherited other.
+_PAIRS = (("sampling_rate", "batch_size"), ("steps", "epochs"))
+
+
+class TrainerConfig(ConfigModel):
     """The whole ``trainer:`` section."""
 
-    #: Whether the daemon collects examples and trains at all.
-    enabled: bool = True
-    #: Whether the scheduler starts runs by itself when the policy allows (manual runs always can).
-    schedule: bool = True
-    #: Test mode: permits predictable (seeded) noise and sampling. Never on a real device.
-    testing: bool = False
-    noise: NoiseKind = "secure"
-    noise_seed: int | None = None
-    device: Literal["cpu", "cuda"] = "cpu"
-    #: ORT intra-op threads of the training session: 1 keeps training on the one
-    #: low-priority worker thread (pool threads would compete with serving).
-    intra_op_threads: int = 1
-    #: Nice value of the training thread (Linux applies it per thread) and step process.
-    niceness: int = 10
-    #: Run the DP-SGD steps in a child process: ORT's training call holds the GIL for a
-    #: whole step, which would stall serving threads of the daemon (trainer/stepper_process.py).
-    isolate: bool = True
-    #: Also put training in SCHED_IDLE (Linux): it runs only on CPU time serving does not want.
-    sched_idle: bool = True
-    check_interval_s: float = 60.0
-    store: StoreConfig = field(default_factory=StoreConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    defaults: AdapterTrainingConfig = field(default_factory=AdapterTrainingConfig)
-    #: Per-adapter overrides, already merged over ``defaults``.
-    adapters: Mapping[str, AdapterTrainingConfig] = field(default_factory=dict)
+    config_key = "trainer"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "adapters", MappingProxyType(dict(self.adapters)))
+    enabled: bool = Field(True, description="Whether the daemon collects examples and trains at all.")
+    schedule: bool = Field(True, description="Whether the scheduler starts runs by itself when the policy "
+                                             "allows (manual runs always can).")
+    testing: bool = Field(False, description="Test mode: permits predictable (seeded) noise and sampling. "
+                                             "Never on a real device.")
+    noise: NoiseKind = Field("secure", description="Noise source of DP-SGD: secure (the OS CSPRNG), or seeded "
+                                                   "(only with testing: true).")
+    noise_seed: int | None = Field(None, ge=0, description="Seed of the seeded noise (only with noise: seeded).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Execution provider of training.")
+    intra_op_threads: int = Field(1, ge=0, le=256, description="ORT intra-op threads of the training session: 1 "
+                                  "keeps training on one low-priority thread (pool threads would compete with serving).")
+    niceness: int = Field(10, ge=0, le=19, description="Nice value of the training thread and step process.")
+    isolate: bool = Field(True, description="Run the DP-SGD steps in a child process (ORT's training call holds "
+                                            "the GIL for a whole step, which would stall serving).")
+    sched_idle: bool = Field(True, description="Also put training in SCHED_IDLE (Linux): it runs only on CPU time "
+                                               "serving does not want.")
+    check_interval_s: float = Field(60.0, ge=0.1, description="Seconds between the scheduler's policy checks.")
+    store: StoreConfig = Field(default_factory=lambda: StoreConfig(), description="The local example store.")
+    policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig(), description="When automatic runs may start.")
+    defaults: AdapterTrainingConfig = Field(default_factory=lambda: AdapterTrainingConfig(),
+                                            description="DP-SGD settings of every adapter without its own entry.")
+    adapters: Mapping[str, AdapterTrainingConfig] = Field(
+        default_factory=dict, json_schema_extra={"default": {}}, description="Per-adapter settings (adapter name -> keys of defaults), merged over "
+                                          "defaults; null: the defaults.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_adapters_over_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or not isinstance(data.get("adapters"), Mapping):
+            return data
+        base = data.get("defaults") or {}
+        if isinstance(base, AdapterTrainingConfig):
+            base = base.model_dump(exclude_unset=True)
+        if not isinstance(base, Mapping):
+            return data  # reported at trainer.defaults
+        merged: dict[str, object] = {}
+        for name, entry in data["adapters"].items():
+            if not is_name(name):
+                raise FieldProblem(f"adapters.{name}", f"{name!r} is not an adapter name; allowed: {NAME_ALLOWED}")
+            if entry is None:
+                entry = {}
+            if isinstance(entry, Mapping):
+                over = dict(entry)
+                entry = {**base, **over}
+                for a, b in _PAIRS:
+                    if a in over and b not in over:
+                        entry[b] = None
+                    elif b in over and a not in over:
+                        entry[a] = None
+            merged[name] = entry
+        return {**data, "adapters": merged}
+
+    @model_validator(mode="after")
+    def _seeded_noise_only_in_tests(self) -> TrainerConfig:
+        # The one check of the seeded-noise rule (check_noise_source applies it to a source object).
         if self.noise == "seeded" and not self.testing:
-            raise TrainerConfigError(
-                "trainer.noise", "got 'seeded'; predictable noise voids the privacy guarantee and is "
-                "allowed only with trainer.testing: true; allowed in production: secure")
+            raise FieldProblem("noise", "got 'seeded'; predictable noise voids the privacy guarantee and is allowed "
+                               "only with trainer.testing: true; allowed in production: secure")
         if self.noise_seed is not None and self.noise != "seeded":
-            raise TrainerConfigError("trainer.noise_seed", "is only allowed with trainer.noise: seeded")
+            raise FieldProblem("noise_seed", f"got {self.noise_seed}; only allowed with trainer.noise: seeded")
+        return self
 
     def for_adapter(self, name: str) -> AdapterTrainingConfig:
         return self.adapters.get(name, self.defaults)
@@ -310,284 +386,7 @@ def check_noise_source(noise: NoiseSource, config: TrainerConfig) -> None:
             "production training needs SecureNoise (set trainer.testing: true only in tests)")
 
 
-# ---------------------------------------------------------------- parsing
-
-
 def parse_trainer_section(data: object, *, prefix: str = "trainer") -> TrainerConfig:
     """Validate the ``trainer:`` mapping (None = all defaults) into a :class:`TrainerConfig`."""
-    r = _Reader(data, prefix)
-    d = TrainerConfig()
-    testing = r.boolean("testing", d.testing)
-    noise = r.choice("noise", d.noise, ("secure", "seeded"))
-    seed = r.integer("noise_seed", None, minimum=0)
-    if noise == "seeded" and not testing:
-        raise TrainerConfigError(r.key("noise"), "got 'seeded'; predictable noise voids the privacy guarantee and "
-                                 f"is allowed only with {r.key('testing')}: true; allowed in production: secure")
-    if seed is not None and noise != "seeded":
-        raise TrainerConfigError(r.key("noise_seed"), f"got {seed}; only allowed with {r.key('noise')}: seeded")
-    defaults = _parse_adapter(r.section("defaults"), AdapterTrainingConfig())
-    adapters_reader = r.section("adapters")
-    adapters = {}
-    for name in adapters_reader.names():
-        if not is_adapter_name(name):
-            raise TrainerConfigError(adapters_reader.key(name), f"{name!r} is not an adapter name; allowed: "
-                                     "letters, digits, '.', '_', '-' (1-64, not starting with a symbol)")
-        adapters[name] = _parse_adapter(adapters_reader.section(name), defaults)
-    config = TrainerConfig(
-        enabled=r.boolean("enabled", d.enabled),
-        schedule=r.boolean("schedule", d.schedule),
-        testing=testing,
-        noise=noise,
-        noise_seed=seed,
-        device=r.choice("device", d.device, ("cpu", "cuda")),
-        intra_op_threads=r.integer("intra_op_threads", d.intra_op_threads, minimum=0, maximum=256) or 0,
-        niceness=r.integer("niceness", d.niceness, minimum=0, maximum=19) or 0,
-        isolate=r.boolean("isolate", d.isolate),
-        sched_idle=r.boolean("sched_idle", d.sched_idle),
-        check_interval_s=r.number("check_interval_s", d.check_interval_s, minimum=0.1),
-        store=_parse_store(r.section("store")),
-        policy=_parse_policy(r.section("policy")),
-        defaults=defaults,
-        adapters=adapters,
-    )
-    r.finish()
+    config: TrainerConfig = TrainerConfig.load(data, key=prefix)
     return config
-
-
-def _parse_store(r: _Reader) -> StoreConfig:
-    d = StoreConfig()
-    out = StoreConfig(
-        max_examples_per_adapter=r.integer("max_examples_per_adapter", d.max_examples_per_adapter, minimum=1) or 1,
-        max_bytes=r.byte_size("max_bytes", d.max_bytes),
-        retention_days=r.number("retention_days", d.retention_days, minimum=1e-3),
-        max_example_bytes=r.byte_size("max_example_bytes", d.max_example_bytes),
-        max_abs_value=r.number("max_abs_value", d.max_abs_value, minimum=1.0),
-        max_examples_per_user=r.integer("max_examples_per_user", None, minimum=1),
-    )
-    r.finish()
-    return out
-
-
-def _parse_policy(r: _Reader) -> PolicyConfig:
-    d = PolicyConfig()
-    window = r.raw("time_window")
-    out = PolicyConfig(
-        min_new_examples=r.integer("min_new_examples", d.min_new_examples, minimum=1) or 1,
-        max_requests_per_s=r.number("max_requests_per_s", d.max_requests_per_s, minimum=0.0),
-        max_load_per_cpu=r.number("max_load_per_cpu", d.max_load_per_cpu, minimum=0.0),
-        time_window=None if window is None else _time_window(window, r.key("time_window")),
-        require_external_power=r.boolean("require_external_power", d.require_external_power),
-        max_temperature_c=r.number("max_temperature_c", None, minimum=0.0, maximum=200.0),
-    )
-    r.finish()
-    return out
-
-
-def _time_window(value: object, key: str) -> tuple[int, int]:
-    allowed = 'expected "HH:MM-HH:MM" in local time, e.g. "01:00-05:00" (may wrap midnight)'
-    parts = value.split("-") if isinstance(value, str) else []
-    matches = [_TIME.match(p.strip()) for p in parts]
-    if len(parts) != 2 or not all(matches):
-        raise TrainerConfigError(key, f"got {value!r}; {allowed}")
-    start, end = (int(m.group(1)) * 60 + int(m.group(2)) for m in matches if m)
-    if start == end:
-        raise TrainerConfigError(key, f"got {value!r}; the window is empty (start equals end); {allowed}")
-    return start, end
-
-
-def _parse_adapter(r: _Reader, base: AdapterTrainingConfig) -> AdapterTrainingConfig:
-    """Keys given here override ``base``; the result is validated as a whole."""
-    changes: dict[str, Any] = {}
-    floats = {"target_epsilon", "clip_norm", "alpha", "learning_rate", "weight_decay", "validation_margin",
-              "holdout_fraction", "delta", "noise_multiplier", "sampling_rate", "batch_size", "epochs",
-              "budget_fraction", "count_noise", "gate_noise_multiplier", "gate_clip"}
-    ints = {"rank", "steps", "split_seed", "init_seed", "checkpoint_every", "min_train_examples",
-            "min_holdout_examples", "pad_length"}
-    bools = {"use_rslora", "freeze_a"}
-    choices: dict[str, Sequence[str]] = {
-        "accountant": ACCOUNTANTS, "optimizer": ("adamw", "sgd"), "loss": ("cross_entropy", "mse"),
-        "validation_metric": ("loss", "accuracy"),
-    }
-    for f in fields(AdapterTrainingConfig):
-        if f.name in floats:
-            value: Any = r.number(f.name, None)
-        elif f.name in ints:
-            value = r.integer(f.name, None)
-        elif f.name in bools:
-            value = r.boolean(f.name, None)
-        elif f.name in choices:
-            value = r.choice(f.name, None, choices[f.name])
-        else:
-            value = r.string(f.name, None)
-        if value is not None:
-            changes[f.name] = value
-    # Giving one of a mutually exclusive pair replaces the other inherited one.
-    for a, b in (("sampling_rate", "batch_size"), ("steps", "epochs")):
-        if a in changes and b not in changes:
-            changes[b] = None
-        elif b in changes and a not in changes:
-            changes[a] = None
-    r.finish()
-    try:
-        return replace(base, **changes)
-    except TrainerConfigError as e:
-        # Name the key where the user wrote it, not the dataclass field.
-        raise TrainerConfigError(f"{r.prefix}.{e.key.rsplit('.', 1)[-1]}", e.detail) from None
-
-
-def _validate_adapter(c: AdapterTrainingConfig, prefix: str) -> None:
-    def fail(key: str, message: str) -> None:
-        raise TrainerConfigError(f"{prefix}.{key}", message)
-
-    def positive(key: str, value: float | None, *, upper: float = math.inf, closed: bool = False) -> None:
-        if value is None:
-            return
-        ok = math.isfinite(value) and 0 < value and (value <= upper if closed else value < upper)
-        if not ok:
-            bound = f" and {'<=' if closed else '<'} {upper:g}" if math.isfinite(upper) else ""
-            fail(key, f"got {value!r}; expected a number > 0{bound}")
-
-    positive("target_epsilon", c.target_epsilon)
-    positive("clip_norm", c.clip_norm)
-    positive("delta", c.delta, upper=1.0)
-    positive("noise_multiplier", c.noise_multiplier)
-    positive("alpha", c.alpha)
-    positive("learning_rate", c.learning_rate)
-    positive("sampling_rate", c.sampling_rate, upper=1.0, closed=True)
-    positive("batch_size", c.batch_size)
-    positive("epochs", c.epochs)
-    positive("budget_fraction", c.budget_fraction, upper=1.0, closed=True)
-    positive("count_noise", c.count_noise)
-    positive("gate_noise_multiplier", c.gate_noise_multiplier)
-    positive("gate_clip", c.gate_clip)
-    for key, value, lo in (("min_train_examples", c.min_train_examples, 1),
-                           ("min_holdout_examples", c.min_holdout_examples, 1), ("pad_length", c.pad_length, 1),
-                           ("rank", c.rank, 1),
-                           ("steps", c.steps, 1), ("checkpoint_every", c.checkpoint_every, 1),
-                           ("split_seed", c.split_seed, 0), ("init_seed", c.init_seed, 0)):
-        if value is not None and value < lo:
-            fail(key, f"got {value}; expected an integer >= {lo}")
-    if (c.sampling_rate is None) == (c.batch_size is None):
-        fail("sampling_rate", "give exactly one of sampling_rate (q, each example's probability to be in a "
-             "step's batch) and batch_size (the expected batch size q·n)")
-    if (c.steps is None) == (c.epochs is None):
-        fail("steps", "give exactly one of steps and epochs (steps = ceil(epochs / q))")
-    if c.accountant not in ACCOUNTANTS:
-        fail("accountant", f"got {c.accountant!r}; allowed: {', '.join(ACCOUNTANTS)}")
-    if not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
-        fail("weight_decay", f"got {c.weight_decay!r}; expected a number >= 0")
-    if c.weight_decay and c.optimizer != "adamw":
-        fail("weight_decay", f"got {c.weight_decay}; weight decay needs optimizer: adamw")
-    if not math.isfinite(c.validation_margin):
-        fail("validation_margin", f"got {c.validation_margin!r}; expected a finite number")
-    if not 0 < c.holdout_fraction < 1:
-        fail("holdout_fraction", f"got {c.holdout_fraction!r}; expected a number > 0 and < 1 (the validation "
-             "gate needs held-out examples)")
-    if c.validation_metric == "accuracy" and c.loss != "cross_entropy":
-        fail("validation_metric", "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
-    if c.output is not None and not c.output:
-        fail("output", "got an empty string; expected a model output name")
-
-
-class _Reader:
-    """Typed access to one mapping; :meth:`finish` rejects keys no getter asked for."""
-
-    def __init__(self, data: object, prefix: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
-            raise TrainerConfigError(prefix, f"got {_show(data)}; expected a mapping of keys to values")
-        self.data: Mapping[str, object] = data
-        self.prefix = prefix
-        self._known: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-    def names(self) -> list[str]:
-        self._known.update(self.data)
-        return list(self.data)
-
-    def raw(self, name: str) -> object:
-        self._known.add(name)
-        return self.data.get(name)
-
-    def section(self, name: str) -> _Reader:
-        return _Reader(self.raw(name), self.key(name))
-
-    def boolean(self, name: str, default: Any) -> Any:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected true or false")
-        return value
-
-    def integer(self, name: str, default: int | None, *, minimum: int | None = None,
-                maximum: int | None = None) -> int | None:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or (
-                minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected an integer{_range(minimum, maximum)}")
-        return value
-
-    def number(self, name: str, default: Any, *, minimum: float | None = None, maximum: float | None = None) -> Any:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected a number{_range(minimum, maximum)}")
-        return float(value)
-
-    def string(self, name: str, default: str | None) -> str | None:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; expected a non-empty string")
-        return value
-
-    def choice(self, name: str, default: Any, allowed: Sequence[str]) -> Any:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if value not in allowed:
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; allowed: {', '.join(allowed)}")
-        return value
-
-    def byte_size(self, name: str, default: int) -> int:
-        value = self.raw(name)
-        allowed = 'expected a positive number of bytes or a string like "64MiB", "500kB" (B, kB, MB, GB, KiB, MiB, GiB)'
-        if value is None:
-            return default
-        n: float = -1
-        if isinstance(value, int) and not isinstance(value, bool):
-            n = value
-        elif isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
-            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-        if not (math.isfinite(n) and n >= 1):
-            raise TrainerConfigError(self.key(name), f"got {_show(value)}; {allowed}")
-        return int(n)
-
-    def finish(self) -> None:
-        unknown = sorted(k for k in self.data if k not in self._known)
-        if unknown:
-            raise TrainerConfigError(self.key(unknown[0]),
-                                     f"unknown key; allowed keys: {', '.join(sorted(self._known))}")
-
-
-def _show(value: object) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
-
-
-def _range(minimum: float | None, maximum: float | None) -> str:
-    if minimum is not None and maximum is not None:
-        return f" from {minimum:g} to {maximum:g}"
-    if minimum is not None:
-        return f" >= {minimum:g}"
-    if maximum is not None:
-        return f" <= {maximum:g}"
-    return ""

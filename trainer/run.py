@@ -537,7 +537,7 @@ class TrainingRun:
             _log.info("adapter %r: run %d installed as version %d (%s)", self.adapter, run_id, version, gate.reason)
         else:
             where = keep_rejected(self.env.state_dir / "rejected" / self.adapter / str(run_id), candidate, gate,
-                                  run_id=run_id)
+                                  run_id=run_id, module_of=self.env.service.engine.module_paths.module_of)
             _log.warning("adapter %r: run %d rejected by the validation gate: %s; kept aside in %s",
                          self.adapter, run_id, gate.reason, where)
         self._mark_trained()

@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -138,10 +138,21 @@ def per_example_scores(outputs: np.ndarray, labels: list[np.ndarray], metric: st
     return ((out - target) ** 2).reshape(len(labels), -1).sum(axis=1).tolist()
 
 
-def keep_rejected(directory: Path, candidate: LoraAdapter, gate: GateResult, *, run_id: int) -> Path:
-    """Store a rejected version as PEFT files plus reason.json under ``directory``."""
+def keep_rejected(
+    directory: Path,
+    candidate: LoraAdapter,
+    gate: GateResult,
+    *,
+    run_id: int,
+    module_of: Callable[[str], str] | None = None,
+) -> Path:
+    """Store a rejected version as PEFT files plus reason.json under ``directory``.
+
+    ``module_of`` names tensors by the served model's PEFT module paths, as every file
+    lorad writes (:meth:`adapters.service.AdapterService.dump`).
+    """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name, data in dump_peft(candidate).items():
+    for name, data in dump_peft(candidate, module_of=module_of).items():
         atomic_write_bytes(directory / name, data, mode=0o600)
     doc = {"run_id": run_id, "reason": gate.reason, **asdict(gate)}
     atomic_write_bytes(directory / "reason.json", (json.dumps(doc, indent=1, default=str) + "\n").encode(), mode=0o600)

@@ -1,14 +1,17 @@
-"""``loractl adapters ...``: list, inspect, upload, load, pin, unpin, evict, delete, rollback."""
+"""``loractl adapters ...``: list, inspect, upload, export, load, pin, unpin, evict, delete, rollback."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from adapters.errors import InvalidAdapterError
-from adapters.peft_format import read_peft_dir
+from adapters.fsutil import atomic_write_bytes, fsync_dir
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
 
 from .client import UsageError, multipart_body, quoted
 from .context import Context, add_command
@@ -37,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(cmds, "upload", _upload, help="upload a PEFT adapter directory as a new version of NAME")
     p.add_argument("name")
     p.add_argument("directory", type=Path, metavar="DIR", help="holds adapter_model.safetensors and adapter_config.json")
+
+    p = add_command(cmds, "export", _export, help="write a stored version of NAME as PEFT files into DIR")
+    p.add_argument("name")
+    p.add_argument("directory", type=Path, metavar="DIR", help="created if needed; the two PEFT files are replaced")
+    p.add_argument("--version", type=int, help="stored version to export (default: the current one)")
 
     for action, text in _ACTIONS.items():
         p = add_command(cmds, action, _action, help=text)
@@ -106,6 +114,45 @@ def _upload(args: argparse.Namespace, ctx: Context) -> int:
     data = ctx.client.call("PUT", f"{_base(ctx)}/{quoted(args.name)}", body=body, content_type=content_type, auth=True)
     ctx.emit(data, _render_info)
     return 0
+
+
+def _export(args: argparse.Namespace, ctx: Context) -> int:
+    if args.version is not None and args.version < 1:
+        raise UsageError(f"--version {args.version}: versions are integers >= 1")
+    if args.directory.exists() and not args.directory.is_dir():
+        raise UsageError(f"{str(args.directory)!r} exists and is not a directory")
+    query = f"?version={args.version}" if args.version is not None else ""
+    headers, body = ctx.client.fetch(f"{_base(ctx)}/{quoted(args.name)}/files{query}", accept="application/x-tar", auth=True)
+    files = _untar(body)
+    args.directory.mkdir(parents=True, exist_ok=True)
+    for filename, content in files.items():
+        atomic_write_bytes(args.directory / filename, content, mode=0o644)
+    fsync_dir(args.directory)
+    version = headers.get("x-lorad-adapter-version")
+    report = {"name": args.name, "version": int(version) if version and version.isdigit() else None,
+              "directory": str(args.directory), "files": sorted(files)}
+    ctx.emit(report, lambda d: f"exported {args.name} v{report['version']} to {args.directory}")
+    return 0
+
+
+def _untar(body: bytes) -> dict[str, bytes]:
+    """The two PEFT files of an export; anything else in the archive is refused, not written."""
+    allowed = (WEIGHTS_FILE, CONFIG_FILE)
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+            for member in tar:
+                if member.name not in allowed or not member.isfile():
+                    raise UsageError(f"the export holds {member.name!r}; expected only {', '.join(allowed)}")
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # a regular file
+                files[member.name] = extracted.read()
+    except tarfile.TarError as e:
+        raise UsageError(f"the daemon's export is not a valid tar archive: {e}") from e
+    missing = [f for f in allowed if f not in files]
+    if missing:
+        raise UsageError(f"the export lacks {', '.join(missing)}")
+    return files
 
 
 def _action(args: argparse.Namespace, ctx: Context) -> int:

@@ -103,10 +103,25 @@ class Client:
         auth: bool = False,
     ) -> object:
         """One request; the decoded JSON answer, or :class:`ApiError`/:class:`ConnectError`."""
-        headers = {"Accept": "application/json"}
         if json_body is not None:
             body = json.dumps(json_body).encode()
             content_type = "application/json"
+        _, data = self._send(method, path, body=body, content_type=content_type, auth=auth, accept="application/json")
+        text = data.decode("utf-8", "replace")
+        try:
+            doc: object = json.loads(text) if text else None
+        except ValueError:
+            doc = text
+        return doc
+
+    def fetch(self, path: str, *, accept: str, auth: bool = False) -> tuple[dict[str, str], bytes]:
+        """A GET whose answer is not JSON: (response headers, body)."""
+        return self._send("GET", path, body=None, content_type=None, auth=auth, accept=accept)
+
+    def _send(
+        self, method: str, path: str, *, body: bytes | None, content_type: str | None, auth: bool, accept: str
+    ) -> tuple[dict[str, str], bytes]:
+        headers = {"Accept": accept}
         if content_type:
             headers["Content-Type"] = content_type
         if auth and self._unix is None and self._token is not None:
@@ -122,15 +137,15 @@ class Client:
                 raise ConnectError(f"cannot talk to lorad at {self.where}: {e}") from e
         finally:
             conn.close()
-        text = data.decode("utf-8", "replace")
-        try:
-            doc: object = json.loads(text) if text else None
-        except ValueError:
-            doc = text
         if response.status >= 400:
+            text = data.decode("utf-8", "replace")
+            try:
+                doc: object = json.loads(text) if text else None
+            except ValueError:
+                doc = text
             message = doc.get("error") if isinstance(doc, dict) else None
             raise ApiError(response.status, str(message if message is not None else text or response.reason))
-        return doc
+        return {k.lower(): v for k, v in response.getheaders()}, data
 
 
 def quoted(name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.mosquitto import Broker
@@ -83,3 +84,58 @@ def test_publish_records_the_probe_tolerances_asked_for(tmp_path: Path, flags: l
     payload = (repo_dir / "targets" / dirname / f"{spec.sha256}.{base}").read_bytes()
     _, _, probes = reconstruct(spec, payload, base_fingerprint=spec.base_fingerprint)
     assert probes is not None and (probes.atol, probes.rtol) == (atol, rtol)
+
+
+EXPORTED = Path(__file__).resolve().parents[1] / "data" / "exported"
+
+
+def test_publish_with_the_device_config_uses_its_model_section(mqtt: Broker, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An exported model with anonymous weights, over the fleet, installed, survives a restart."""
+    from daemon.ctl import main as loractl
+    from daemon.ctl.fleet import model_section
+
+    config = tmp_path / "lorad.yaml"
+    # the device's other sections name device files the fleet machine does not have
+    config.write_text(f"model: {{path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [q_proj, v_proj, up]}}\n"
+                      "ota: {enabled: true, device_id: d1, trusted_root: /nonexistent/root.json}\n")
+    repo_dir = tmp_path / "fleet"
+    assert loractl(["fleet", "init", str(repo_dir)]) == 0
+    section = model_section(config)
+
+    def device_service() -> AdapterService:
+        engine = InferenceEngine(section.path, targets=section.targets, rank=section.rank)
+        return AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=8 << 20)
+
+    service = device_service()
+    device = OtaClient(ClientConfig(device_id="dev1", groups=("east",), state_dir=tmp_path / "dev1",
+                                    trusted_root=(repo_dir / "metadata" / "1.root.json").read_bytes(),
+                                    base_fingerprint=service.engine.fingerprint), mqtt.connect("dev1"), service)
+    rc = loractl(["--json", "fleet", "publish", str(repo_dir), "--name", "kws", "--group", "east",
+                  "--adapter", str(EXPORTED / "peft_encoder_qvu"), "--config", str(config), *_broker(mqtt)])
+    assert rc == 0, capsys.readouterr().err
+    [(_, spec)] = FleetRepository(repo_dir).targets().items()
+    assert spec.base_fingerprint == service.engine.fingerprint  # the same mapping as the device
+    [r] = device.update()
+    assert r.result == "installed", r
+    ref = np.load(EXPORTED / "reference.npz")
+    probe = {n: ref[f"encoder.{n}"] for n in ("input_ids", "attention_mask")}
+    np.testing.assert_allclose(service.infer(probe, "kws").outputs["logits"], ref["encoder.peft_encoder_qvu"], atol=1e-4)
+    # the installed files use PEFT names, so the device reads them back after a restart
+    restarted = device_service()
+    np.testing.assert_allclose(restarted.infer(probe, "kws").outputs["logits"], ref["encoder.peft_encoder_qvu"],
+                               atol=1e-4)
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.yaml"
+    for text, exit_code, message in [
+        ("model: {rank: 0}\n", 2, "model.rank: got 0"),
+        (f"model: {{path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [c_attn]}}\n", 2, "'c_attn' matches no"),
+        (f"model: {{path: {EXPORTED / 'encoder_torchscript_17.onnx'}, targets: [q_proj]}}\n", 1, "'layers.0.attn.v_proj'"),
+        ("model: [\n", 2, "not valid YAML"),
+    ]:
+        bad.write_text(text)
+        rc = loractl(["fleet", "publish", str(repo_dir), "--name", "kws2", "--no-push", "--group", "east",
+                      "--adapter", str(EXPORTED / "peft_encoder_qvu"), "--config", str(bad)])
+        err = capsys.readouterr().err
+        assert rc == exit_code and message in err and "Traceback" not in err, (text, rc, err)

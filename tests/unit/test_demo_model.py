@@ -171,7 +171,6 @@ def test_rebuild_reproduces_what_ships(
     demo_adapters: dict[str, LoraAdapter], split: build.DigitsSplit,
 ) -> None:
     result = build.build(tmp_path)
-    assert result.seconds < 60
     assert set(result.metadata) == set(metadata)
     for key, value in result.metadata.items():
         if key.endswith("accuracy"):

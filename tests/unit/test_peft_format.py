@@ -55,8 +55,10 @@ def test_explicit_mapping_from_module_names_to_onnx_weights() -> None:
         "base_model.model.encoder.query.lora_A.weight": np.ones((2, 6), np.float32),
         "base_model.model.encoder.query.lora_B.weight": np.ones((5, 2), np.float32),
     })
-    adapter = load_peft(files, weight_names={"encoder.query": "onnx::MatMul_12"})
+    adapter = load_peft(files, weight_of={"encoder.query": "onnx::MatMul_12"}.get)
     assert list(adapter.weights) == ["onnx::MatMul_12"]
+    with pytest.raises(InvalidAdapterError, match="'encoder.query' is not a MatMul/Gemm module"):
+        load_peft(files, weight_of={}.get)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load as load_safetensors
 
 from adapters.engine import InferenceEngine
 from adapters.errors import AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
@@ -132,9 +133,9 @@ def test_requests_see_exactly_one_version_while_versions_change(setup: tuple[Ada
 
 def test_weight_names_map_peft_module_names_to_onnx_weights(tmp_path: Path) -> None:
     model, w = tiny_model()
-    engine = InferenceEngine(model, targets=["fc*"], rank=4)
-    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20,
+    engine = InferenceEngine(model, targets=["fc*"], rank=4,
                              weight_names={"encoder.first": "fc1.weight", "encoder.second": "fc2.weight"})
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20)
     adapter = random_adapter(engine.targets, engine.fingerprint, rank=2)
     renamed = type(adapter)(rank=2, alpha=adapter.alpha, base_fingerprint=adapter.base_fingerprint,
                             weights={"encoder.first.weight": adapter.weights["fc1.weight"],
@@ -142,3 +143,8 @@ def test_weight_names_map_peft_module_names_to_onnx_weights(tmp_path: Path) -> N
     service.upload("exported", dump_peft(renamed))  # PEFT modules encoder.first, encoder.second
     np.testing.assert_allclose(service.infer({"x": X}, "exported").outputs["y"], tiny_reference(w, X, adapter),
                                rtol=1e-5, atol=1e-5)
+    # what lorad writes itself uses the same PEFT names, so it reads back under the same config
+    service.install("trained", adapter)
+    exported = load_safetensors(service.export("trained")[1][WEIGHTS_FILE])
+    assert sorted(exported) == [f"base_model.model.encoder.{m}.lora_{x}.weight" for m in ("first", "second") for x in "AB"]
+    np.testing.assert_array_equal(exported["base_model.model.encoder.first.lora_A.weight"], adapter.weights["fc1.weight"].A.T)

@@ -38,6 +38,8 @@ LORAD_PYTHON_RDEPENDS = "\
     python3-paho-mqtt \
     python3-platformdirs \
     python3-prometheus-client \
+    python3-pydantic \
+    python3-pydantic-core \
     python3-pyyaml \
     python3-safetensors \
     python3-securesystemslib \

@@ -1,0 +1,58 @@
+"""The ``model:`` and ``cache:`` sections: what :class:`~adapters.engine.InferenceEngine` and
+:class:`~adapters.cache.AdapterCache` are built from.
+
+Frozen pydantic models (:class:`~adapters.config_types.ConfigModel`); sizes in bytes
+(written ``64MiB`` etc. in the file), everything else in the units its name says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, Name, NonEmptyStr, StrTuple
+
+__all__ = ["ModelConfig", "CacheConfig", "Device"]
+
+Device = Literal["cpu", "cuda"]
+
+
+def _existing_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"got {str(path)!r}; expected an existing ONNX file")
+    return path
+
+
+class ModelConfig(ConfigModel):
+    """The one base model served."""
+
+    config_key = "model"
+
+    name: Name = Field("demo", description="Name of the base model, reported by the API and in /metrics.")
+    path: Annotated[ConfigPath | None, AfterValidator(_existing_file)] = Field(
+        None, description="The base ONNX file (relative: from the config file's directory); "
+                          "null: the embedded demo model.")
+    targets: StrTuple = Field(
+        ("*",), description="Which MatMul/Gemm weights get a LoRA slot: PEFT-style module names (q_proj matches "
+                            "every module path ending in .q_proj), globs over module paths, or ONNX weight names; "
+                            "each must match a weight (default for the demo model: its builder's targets).")
+    rank: int = Field(8, ge=1, le=1024, description="Slot rank: adapters of smaller rank are zero-padded to it "
+                                                    "(default for the demo model: its adapters' rank).")
+    device: Device = Field("cpu", description="Execution provider: cpu, or cuda (falls back to cpu, said in "
+                                              "the log and in /metrics).")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads; 0: let ORT decide.")
+    weight_names: Annotated[
+        dict[NonEmptyStr, NonEmptyStr], Allowed("a mapping of PEFT module names to ONNX weight names"),
+    ] = Field(default_factory=dict, json_schema_extra={"default": {}}, description="PEFT module name -> ONNX weight name, an override for exports whose "
+                                                "module paths lorad cannot recover (lorad inspect-model shows them).")
+
+
+class CacheConfig(ConfigModel):
+    """The in-memory adapter cache."""
+
+    config_key = "cache"
+
+    budget_bytes: ByteSize = Field(64 * 1024**2, gt=0, description="Bytes of adapter weights kept in memory; "
+                                                                   "least recently used adapters go first.")

@@ -1,0 +1,102 @@
+"""What ``lorad serve`` must be able to do before it serves, as one function per part.
+
+:func:`open_engine` loads the base model and its LoRA targets, :func:`read_ota_material`
+reads the files OTA needs at start. The daemon calls them while starting;
+``lorad check-config`` calls :func:`check_startable`, which runs the same code, so a file
+that passes it does not fail at ``serve`` for its settings (a target glob that matches no
+weight, a model file ONNX Runtime cannot load, a trusted root that is not one).
+
+Each failure is a :class:`StartupError` whose ``key`` is the config key to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api.metadata import Metadata, Root
+
+from adapters.engine import InferenceEngine
+from daemon.config import Config
+from daemon.demo import demo_model_path
+from ota.config import OtaConfig
+from ota.errors import TransportError
+from ota.status import will_for
+from ota.transport import MqttTransport
+
+__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "read_ota_material", "check_startable"]
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot serve with this configuration; ``key`` names the setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key} {message}")
+
+
+def model_file(cfg: Config) -> Path:
+    """The ONNX file served: ``model.path``, or the embedded demo model."""
+    return cfg.model.path if cfg.model.path is not None else demo_model_path()
+
+
+def open_engine(cfg: Config) -> InferenceEngine:
+    """The inference engine of ``model:``: the model loaded, its targets matched, a session open."""
+    path = model_file(cfg)
+    try:
+        return InferenceEngine(
+            path,
+            targets=cfg.model.targets,
+            rank=cfg.model.rank,
+            weight_names=cfg.model.weight_names,
+            device=cfg.model.device,
+            intra_op_threads=cfg.model.intra_op_threads,
+        )
+    except ValueError as e:  # the graph surgery: targets or weight_names that match nothing
+        raise StartupError("model.targets", f"{list(cfg.model.targets)} do not fit model {str(path)!r}: {e}") from e
+    except Exception as e:  # onnx/protobuf/ORT raise their own untyped errors for a bad file
+        raise StartupError("model.path", f"{str(path)!r} cannot be served: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class OtaMaterial:
+    """What OTA reads from disk at start: the trusted root's bytes and the broker password."""
+
+    trusted_root: bytes
+    password: str | None
+
+
+def read_ota_material(ota: OtaConfig) -> OtaMaterial:
+    """Read and check the trusted root and the password file named by an enabled ``ota:``."""
+    if ota.trusted_root is None:
+        raise StartupError("ota.trusted_root", "is required when ota.enabled is true")
+    try:
+        root = ota.trusted_root.read_bytes()
+        Metadata[Root].from_bytes(root)
+    except Exception as e:  # OSError, or tuf/json errors for a file that is not a root
+        raise StartupError("ota.trusted_root", f"{str(ota.trusted_root)!r} is not a readable TUF root "
+                           f"metadata file: {type(e).__name__}: {e}") from e
+    password = None
+    b = ota.broker
+    if b.password_file is not None:
+        try:
+            password = b.password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeError) as e:
+            raise StartupError("ota.broker.password_file", f"{str(b.password_file)!r} cannot be read: {e}") from e
+    return OtaMaterial(trusted_root=root, password=password)
+
+
+def ota_transport(ota: OtaConfig, material: OtaMaterial) -> MqttTransport:
+    """The device's MQTT transport (TLS material loaded, not yet connected)."""
+    try:
+        return MqttTransport(ota.mqtt_config(password=material.password, will=will_for(ota.device_id)))
+    except TransportError as e:
+        raise StartupError("ota.broker.ca_file", f"(with cert_file, key_file) cannot be used: {e}") from e
+
+
+def check_startable(cfg: Config) -> None:
+    """Everything :func:`open_engine` and the OTA start would refuse, without serving."""
+    open_engine(cfg)
+    if cfg.ota.enabled:
+        ota_transport(cfg.ota, read_ota_material(cfg.ota)).close()

@@ -211,7 +211,7 @@ def protected(handler: _Handler) -> _Handler:
             if not auth.check_bearer(request.headers.get("Authorization"), token):
                 raise HttpError(
                     401,
-                    "this endpoint changes state and needs 'Authorization: Bearer <token>' "
+                    "this endpoint changes state or reads private data and needs 'Authorization: Bearer <token>' "
                     "with the token from the daemon's token file",
                     {"WWW-Authenticate": 'Bearer realm="lorad"'},
                 )

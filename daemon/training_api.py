@@ -11,13 +11,17 @@ blocking work runs on the worker pool.
 
 - ``POST A/examples`` (auth) one labelled example: ``{"inputs": [OIP tensors], "label": L}``;
   body size-limited while it streams in. 201 ``{"id", "adapter", "examples"}``.
-- ``GET A/examples`` the adapter's example count.
+- ``GET A/examples`` (auth) the adapter's exact example count (private: the ledger shows
+  only the noisy estimate the runs were planned from).
 - ``POST A/train`` (auth) start a manual run; 202 ``{"run_id", ...}``. 409 when the privacy
   budget would be exceeded or a run is already queued or running; 503 without training APIs.
 - ``GET A/train`` progress of the queued/running run, else the last result.
 - ``POST A/train/cancel`` (auth).
 - ``GET A/privacy`` ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant,
   times): open, like the rest of the read-only API, so anyone can recompute ε.
+- ``POST A/privacy/audit`` (auth) the one-run canary audit (trainer/audit.py): body ``{}``
+  or ``{"canaries": m}``; ``{"noise_multiplier": 0}`` only with ``trainer.testing``.
+  200 ``{"epsilon_lower_bound", "epsilon_accounted", "consistent", ...}``.
 - ``GET /v2/models/{model}/privacy`` the same for every adapter in the ledger.
 - ``GET /v2/trainer``, ``POST /v2/trainer/pause`` (auth), ``POST /v2/trainer/resume`` (auth).
 """
@@ -55,12 +59,14 @@ def add_training_routes(
     m = "/v2/models/{model}"
     a = m + "/adapters/{adapter}"
     app.router.add_post(a + "/examples", require_auth(h.add_example))
-    app.router.add_get(a + "/examples", h.count_examples)
+    # The exact count is private (q, steps, σ are planned from a noisy estimate of it).
+    app.router.add_get(a + "/examples", require_auth(h.count_examples))
     app.router.add_delete(a + "/examples", require_auth(h.delete_examples))
     app.router.add_post(a + "/train", require_auth(h.train))
     app.router.add_get(a + "/train", h.progress)
     app.router.add_post(a + "/train/cancel", require_auth(h.cancel))
     app.router.add_get(a + "/privacy", h.privacy)
+    app.router.add_post(a + "/privacy/audit", require_auth(h.audit))
     app.router.add_get(m + "/privacy", h.privacy_all)
     app.router.add_get("/v2/trainer", h.status)
     app.router.add_post("/v2/trainer/pause", require_auth(h.pause))
@@ -97,22 +103,25 @@ class _Handlers:
     async def add_example(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         body = await read_body(request, self.limit, what="example", setting="trainer.store.max_example_bytes")
-        inputs, label = await self._run(self._decode_example, body)
-        example_id = await self._run(self.trainer.add_example, adapter, inputs, label)
+        inputs, label, user = await self._run(self._decode_example, body)
+        example_id = await self._run(lambda: self.trainer.add_example(adapter, inputs, label, user=user))
         count = await self._run(self.trainer.examples_count, adapter)
         return json_response({"id": example_id, "adapter": adapter, "examples": count}, 201)
 
-    def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray], np.ndarray, str | None]:
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HttpError(400, f"request body is not valid JSON: {e}") from None
         except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
             raise HttpError(400, "request body is nested too deeply") from None
-        if not isinstance(doc, Mapping) or set(doc) != {"inputs", "label"}:
+        if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label", "user"} or not {"inputs", "label"} <= set(doc):
             raise HttpError(
-                400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ...} '
-                "with nothing else; the label is a class number or a nested list of numbers")
+                400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ..., '
+                '"user": optional user id} with nothing else; the label is a class number or a nested list of numbers')
+        user = doc.get("user")
+        if user is not None and not isinstance(user, str):
+            raise HttpError(400, f"'user' must be a string (1 to 128 printable characters), got {user!r}")
         engine = self.trainer.adapters.engine
         request = oip.decode_infer_request({"inputs": doc["inputs"]}, engine.inputs, engine.outputs)
         label = doc["label"]
@@ -121,7 +130,7 @@ class _Handlers:
         array = np.asarray(label)
         if array.dtype.kind not in "iuf":
             raise HttpError(400, "'label' must be a number or a (non-ragged) nested list of numbers")
-        return request.inputs, array
+        return request.inputs, array, user
 
     async def count_examples(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
@@ -152,6 +161,34 @@ class _Handlers:
     async def privacy(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
         return json_response(await self._run(self.trainer.privacy_state, adapter))
+
+    async def audit(self, request: web.Request) -> web.Response:
+        adapter = self._adapter(request)
+        body = await read_body(request, 4096, what="audit request", setting="(fixed)")
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+        allowed = {"canaries", "noise_multiplier"}
+        if not isinstance(doc, dict) or set(doc) - allowed:
+            raise HttpError(400, 'an audit request is a JSON object with optional "canaries" (an integer from 8 to '
+                            '100000) and, in test mode only, "noise_multiplier"')
+        canaries = doc.get("canaries", 512)
+        if isinstance(canaries, bool) or not isinstance(canaries, int) or not 8 <= canaries <= 100_000:
+            raise HttpError(400, f'"canaries" must be an integer from 8 to 100000, got {canaries!r}')
+        sigma = doc.get("noise_multiplier")
+        if sigma is not None:
+            if not self.trainer.config.testing:
+                raise HttpError(403, '"noise_multiplier" overrides σ and exists only to test the audit; it needs '
+                                "trainer.testing: true")
+            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < 1e6:
+                raise HttpError(400, f'"noise_multiplier" must be a number >= 0, got {sigma!r}')
+            sigma = float(sigma)
+        try:
+            result = await self._run(lambda: self.trainer.audit(adapter, canaries=canaries, noise_multiplier=sigma))
+        except ValueError as e:
+            raise HttpError(422, str(e)) from e
+        return json_response(result)
 
     async def privacy_all(self, request: web.Request) -> web.Response:
         self._adapter(request)

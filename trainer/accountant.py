@@ -110,11 +110,13 @@ def calibrate_sigma(
     steps: int,
     accountant: AccountantName,
     tolerance: float = 0.01,
+    prior: Sequence[RunCharge] = (),
 ) -> float:
     """Smallest noise multiplier σ whose ε is at most ``target_epsilon``.
 
     Like Opacus' ``get_noise_multiplier``: the answer σ satisfies
-    ``target_epsilon - tolerance <= ε(σ) <= target_epsilon``.
+    ``target_epsilon - tolerance <= ε(σ) <= target_epsilon``. ε is that of ``prior``
+    (runs already charged, other mechanisms of this run) composed with the new run.
     """
     if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon)
             and target_epsilon > 0):
@@ -131,8 +133,12 @@ def calibrate_sigma(
     _check_accountant(accountant)
 
     def eps(sigma: float) -> float:
-        return epsilon(runs=[RunCharge(q=q, sigma=sigma, steps=steps)], delta=delta,
+        return epsilon(runs=[*prior, RunCharge(q=q, sigma=sigma, steps=steps)], delta=delta,
                        accountant=accountant)
+
+    if epsilon(runs=list(prior), delta=delta, accountant=accountant) >= target_epsilon - tolerance:
+        raise ValueError(f"target_epsilon={target_epsilon} at delta={delta} is already used up by what was "
+                         "charged before; no σ can fit a new run into it")
 
     # Invariant: ε(lo) > target (lo = 0 stands for "no noise", ε = ∞), ε(hi) <= target.
     lo, hi = 0.0, 1.0

@@ -16,7 +16,10 @@ sums them into ``P_grad``. We replace those ReduceSums by one subgraph that foll
 algorithm's steps:
 
 1. clip: ``norm[n] = sqrt(Σ_P ‖G_P[n]‖²)`` over ALL LoRA parameters of example n, and
-   ``factor[n] = min(1, C / (norm[n] + 1e-6))``;
+   ``factor[n] = min(1, C / (norm[n] + 1e-6))``; an example whose ``norm[n]`` is not
+   finite (an inf or NaN in its gradient) gets ``factor[n] = 0`` and its rows of every
+   ``G_P`` are replaced by zeros, so it counts as a zero gradient instead of turning
+   the whole sum into NaN;
 2. accumulate: ``S_P = Σ_n factor[n]·G_P[n]`` (one GEMV over the flattened gradients);
 3. add noise: ``S_P + noise_P`` where ``noise_P`` is the parameter's slice of the float64
    graph input :data:`NOISE_INPUT` (drawn on the host, N(0, σ²C²)); the sum is computed in
@@ -88,8 +91,9 @@ CLIP_NORM_INPUT = "dp.clip_norm"
 NOISE_INPUT = "dp.noise"
 GRAD_SCALE_INPUT = "dp.grad_scale"
 
-# Bump when the generated graphs change meaning, so stale cache entries are not reused.
-_FORMAT = "lorad-training-artifacts-v5"
+# Bump when the generated graphs change meaning, so stale cache entries are not reused
+# (v6: exported graphs prepared for gradients, batch_input, non-finite examples dropped).
+_FORMAT = "lorad-training-artifacts-v6"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
@@ -613,14 +617,26 @@ def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tup
         squares.append(add("ReduceSum", [partial, const(f"dp/{name}/axis1", np.array([1], np.int64))],
                            f"dp/{name}/per_example_sq_norm", keepdims=0))
     total = add("Sum", squares, "dp/per_example_sq_norm")
-    norm = add("Sqrt", [total], "dp/per_example_norm")
+    # 1b. drop non-finite examples. An example whose gradient holds an inf or NaN (or whose
+    # squared norm overflows float32) has a non-finite total; its factor would be C/inf = 0
+    # and 0·inf = NaN in the product below would reach every parameter, so one example
+    # would decide whether the whole step is usable. Such an example counts as a zero
+    # gradient (a contribution of norm 0 <= C: the clipping bound still holds), both in
+    # its factor and in its rows of G (Where, not Mul: 0·inf is NaN).
+    bad = add("Or", [add("IsNaN", [total], "dp/per_example_is_nan"),
+                     add("IsInf", [total], "dp/per_example_is_inf")], "dp/per_example_non_finite")
+    zero = const("dp/zero", np.array(0.0, np.float32))
+    norm = add("Sqrt", [add("Where", [bad, zero, total], "dp/per_example_sq_norm_finite")], "dp/per_example_norm")
     denom = add("Add", [norm, const("dp/clip_epsilon", np.array(_CLIP_EPSILON, np.float32))], "dp/norm_eps")
     ratio = add("Div", [CLIP_NORM_INPUT, denom], "dp/clip_ratio")
-    factor = add("Min", [ratio, const("dp/one", np.array(1.0, np.float32))], "dp/clip_factor")
+    clipped_factor = add("Min", [ratio, const("dp/one", np.array(1.0, np.float32))], "dp/clip_factor_raw")
+    factor = add("Where", [bad, zero, clipped_factor], "dp/clip_factor")
     row = add("Unsqueeze", [factor, const("dp/axis0", np.array([0], np.int64))], "dp/clip_factor_row")
+    bad_col = add("Unsqueeze", [bad, const("dp/axis1", np.array([1], np.int64))], "dp/per_example_non_finite_col")
+    finite_flats = [add("Where", [bad_col, zero, flat], f"{flat}_finite") for flat in flats]
 
     # 2. accumulate: Σ_n factor[n]·G[n] as one [1, N] × [N, numel] product per parameter.
-    sums = [add("MatMul", [row, flat], f"dp/{name}/clipped_sum") for (name, _), flat in zip(trainable, flats)]
+    sums = [add("MatMul", [row, flat], f"dp/{name}/clipped_sum") for (name, _), flat in zip(trainable, finite_flats)]
     # Steps 3 and 4 run once over every parameter's sum laid end to end (the order of the
     # noise vector), not once per parameter: they are cheap, their kernel launches are not.
     joined = add("Concat", sums, "dp/clipped_sum_row", axis=1)

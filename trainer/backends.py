@@ -21,7 +21,7 @@ everywhere; ort-training stays selectable where installed. Re-measure on a quiet
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Mapping, Protocol
+from typing import Callable, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -85,18 +85,20 @@ def resolve_backend(requested: BackendChoice) -> Backend:
 def open_stepper(
     artifacts: TrainingArtifacts, *, learning_rate: float, dp: DPSettings | None, noise: GaussianNoise | None,
     expected_batch_size: float | None = None, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0,
-    resume_from: Path | None = None,
+    resume_from: Path | None = None, canary_gradients: Callable[[], np.ndarray] | None = None,
 ) -> Stepper:
-    """The stepper of the backend the artifacts were built for."""
+    """The stepper of the backend the artifacts were built for (``canary_gradients``: the
+    privacy audit's, added to each step's noise)."""
     assert artifacts.backend in BACKENDS
     if artifacts.backend == "portable":
         from .portable import PortableStepper
 
         return PortableStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                                expected_batch_size=expected_batch_size, device=device,
-                               intra_op_threads=intra_op_threads, resume_from=resume_from)
+                               intra_op_threads=intra_op_threads, resume_from=resume_from,
+                               canary_gradients=canary_gradients)
     from .dp_step import DPStepper
 
     return DPStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                      expected_batch_size=expected_batch_size, device=device, intra_op_threads=intra_op_threads,
-                     resume_from=resume_from)
+                     resume_from=resume_from, canary_gradients=canary_gradients)

@@ -16,9 +16,9 @@ An example configuration::
 
     trainer:
       policy: {min_new_examples: 100, time_window: "01:00-05:00", require_external_power: true}
-      defaults: {target_epsilon: 8, clip_norm: 1.0, batch_size: 32, epochs: 3}
+      defaults: {target_epsilon: 8, clip_norm: 0.1, batch_size: 64, epochs: 30}
       adapters:
-        alice: {target_epsilon: 3, runs_per_budget: 4}
+        alice: {target_epsilon: 3, budget_fraction: 0.25}
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence
 
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
@@ -38,6 +38,7 @@ from adapters.names import NAME_ALLOWED, is_name
 from .accountant import AccountantName
 
 if TYPE_CHECKING:
+    from .accountant import RunCharge
     from .noise import NoiseSource
 
 __all__ = [
@@ -98,6 +99,12 @@ class StoreConfig(ConfigModel):
     retention_days: float = Field(90.0, ge=1e-3, description="Days an example is kept before it is erased.")
     max_example_bytes: ByteSize = Field(1024**2, gt=0, description="Largest single example accepted over HTTP "
                                                                    "(JSON body), bytes.")
+    max_abs_value: float = Field(1e6, ge=1.0, description="Largest magnitude of any stored input or label value "
+                                                          "(non-finite values are always refused).")
+    max_examples_per_user: int | None = Field(
+        None, ge=1, description="Per-user contribution limit: examples one user id may add per adapter; null: no "
+                                "limit, and the guarantee is per example. With a limit k the privacy report also "
+                                "states the per-user ε (a user changes at most k examples).")
 
 
 class PolicyConfig(ConfigModel):
@@ -142,10 +149,13 @@ class RunPlan:
     delta: float
     accountant: AccountantName
     budget_epsilon: float
+    #: The private estimate of the number of training examples the plan is made from.
     examples: int
+    #: The run's other Gaussian queries (what, σ), charged with it (see trainer/ledger.py).
+    mechanisms: tuple[tuple[str, float], ...] = ()
 
 
-def default_delta(n: int) -> float:
+def default_delta(n: float) -> float:
     """δ well below 1/n (the probability of a total leak of one example's data)."""
     return min(1e-5, 1.0 / (10.0 * max(n, 1)))
 
@@ -157,17 +167,34 @@ class AdapterTrainingConfig(ConfigModel):
                                                          "composed, at delta.")
     delta: float | None = Field(None, gt=0, lt=1, description="δ of the guarantee; null: min(1e-5, 1/(10 n)) "
                                                               "for n training examples.")
-    clip_norm: float = Field(1.0, gt=0, description="C: each example's gradient is clipped to this L2 norm.")
+    # Defaults of the DP-SGD numbers (C, optimizer, learning rate, batch size, epochs) come
+    # from benchmarks/sweep_defaults.py on the demo tasks with 400 examples (README).
+    clip_norm: float = Field(0.1, gt=0, description="C: each example's gradient is clipped to this L2 norm.")
     noise_multiplier: float | None = Field(
-        None, gt=0, description="σ; null: calibrated so that runs_per_budget runs like this one reach target_epsilon.")
-    runs_per_budget: int = Field(1, ge=1, description="How many runs of this size the budget must last.")
+        None, gt=0, description="σ; null: calibrated so that this run spends budget_fraction of the budget left.")
+    budget_fraction: float = Field(0.5, gt=0, le=1, description="Share of the budget still left that one run "
+                                   "spends (the rest stays for later runs on new data); 1 spends it all at once.")
+    count_noise: float = Field(5.0, gt=0, description="Noise std (in examples) of the private estimate of the "
+                               "number of training examples that q, steps, δ and σ are planned from; charged to "
+                               "the ledger as a Gaussian query.")
+    gate_noise_multiplier: float = Field(10.0, gt=0, description="Noise multiplier of the validation gate's private "
+                                         "decision (noise std in units of gate_clip); charged to the ledger as a "
+                                         "Gaussian query.")
+    gate_clip: float = Field(1.0, gt=0, description="Bound on one held-out example's score difference (loss or "
+                             "accuracy) in the validation gate.")
+    min_train_examples: int = Field(100, ge=1, description="Fewer training examples than this: the run is refused "
+                                    "before anything is charged.")
+    min_holdout_examples: int = Field(20, ge=1, description="Fewer held-out examples than this: the run is refused "
+                                      "before anything is charged.")
+    pad_length: int = Field(128, ge=1, description="Dynamic non-batch dimensions (sequence length) of training "
+                            "batches are zero-padded or truncated to this.")
     accountant: AccountantName = Field("rdp", description="Privacy accountant: rdp (Rényi DP) or pld "
                                                           "(privacy loss distributions, tighter).")
     rank: int = Field(8, ge=1, description="LoRA rank r of the adapter trained.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / r, or alpha / sqrt(r) with use_rslora).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     freeze_a: bool = Field(False, description="Train B only (A stays at its random init).")
-    learning_rate: float = Field(1e-3, gt=0, description="Optimiser step size.")
+    learning_rate: float = Field(0.01, gt=0, description="Optimiser step size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser of the LoRA weights.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (needs optimizer: adamw).")
     loss: Literal["cross_entropy", "mse"] = Field("cross_entropy", description="Training loss.")
@@ -175,15 +202,16 @@ class AdapterTrainingConfig(ConfigModel):
     sampling_rate: float | None = Field(
         None, gt=0, le=1, description="q: each example's probability to be in a step's batch (Poisson sampling); "
                                       "give exactly one of sampling_rate and batch_size.")
-    batch_size: float | None = Field(16.0, gt=0, description="Expected batch size q·n; exactly one of "
+    batch_size: float | None = Field(64.0, gt=0, description="Expected batch size q·n; exactly one of "
                                                              "sampling_rate and batch_size.")
     steps: int | None = Field(None, ge=1, description="Steps of one run; give exactly one of steps and epochs.")
-    epochs: float | None = Field(3.0, gt=0, description="Passes over the data per run (steps = ceil(epochs / q)); "
+    epochs: float | None = Field(30.0, gt=0, description="Passes over the data per run (steps = ceil(epochs / q)); "
                                                         "exactly one of steps and epochs.")
     validation_metric: ValidationMetric = Field("loss", description="What the validation gate compares: loss, "
                                                                     "or accuracy (needs loss: cross_entropy).")
-    validation_margin: float = Field(0.0, ge=0, description="The new version is installed unless it is worse "
-                                                            "than the current one by more than this.")
+    validation_margin: float = Field(0.0, description="The new version is installed only if its held-out score "
+                                     "beats the current one's by more than this (mean per example, decided "
+                                     "privately); negative: it may be that much worse.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of examples held out for the validation "
                                                                  "gate (never trained on).")
     split_seed: int = Field(0, ge=0, description="Seed of the train/holdout split.")
@@ -205,10 +233,19 @@ class AdapterTrainingConfig(ConfigModel):
                                "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
         return self
 
-    def plan(self, n: int) -> RunPlan:
-        """Resolve q, steps, δ and σ for a run over ``n`` training examples."""
-        if n < 1:
-            raise ValueError("a training run needs at least one training example; add examples first")
+    def plan(
+        self, n: float, *, prior: Sequence[RunCharge] = (), ledger_delta: float | None = None,
+        adapter: str = "adapter",
+    ) -> RunPlan:
+        """Resolve q, steps, δ and σ for a run over (an estimate of) ``n`` training examples.
+
+        ``n`` is the private estimate of the count (never the exact count: q, the steps,
+        σ, δ and the update's scale 1/(q·n) all follow from it and are published).
+        ``prior`` is what the ledger already charged at ``ledger_delta``; σ is calibrated
+        so that the run (with its count and gate queries) spends ``budget_fraction`` of
+        what is left.
+        """
+        n = max(float(n), 1.0)
         if self.sampling_rate is not None:
             q = self.sampling_rate
         else:
@@ -218,22 +255,49 @@ class AdapterTrainingConfig(ConfigModel):
         delta = self.delta if self.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
             raise ValueError(
-                f"delta={delta:g} is not below 1/n = {1.0 / n:g} for n={n} training examples; "
+                f"delta={delta:g} is not below 1/n = {1.0 / n:g} for about n={n:.0f} training examples; "
                 "a δ that large allows leaking one example outright. Lower delta or leave it unset"
             )
+        mechanisms = (("example_count", self.count_noise), ("validation_gate", self.gate_noise_multiplier))
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier
         else:
-            from .accountant import calibrate_sigma
+            from .accountant import RunCharge, calibrate_sigma, epsilon
 
+            at_delta = min(delta, ledger_delta) if ledger_delta else delta
+            queries = [RunCharge(q=1.0, sigma=s, steps=1) for _, s in mechanisms]
+            spent = epsilon(runs=list(prior), delta=at_delta, accountant=self.accountant)
+            goal = spent + self.budget_fraction * (self.target_epsilon - spent)
+            tolerance = min(0.01, goal / 100)
+            floor = epsilon(runs=[*prior, *queries], delta=at_delta, accountant=self.accountant)
+            if floor >= goal - tolerance:
+                # Not even the run's count and gate queries fit: nothing is charged.
+                from .errors import PrivacyBudgetExceededError
+
+                raise PrivacyBudgetExceededError(adapter, spent_epsilon=spent, requested_epsilon=floor,
+                                                 budget_epsilon=self.target_epsilon)
             sigma = calibrate_sigma(
-                target_epsilon=self.target_epsilon, delta=delta, q=q,
-                steps=steps * self.runs_per_budget, accountant=self.accountant,
+                target_epsilon=goal, delta=at_delta, q=q, steps=steps, accountant=self.accountant,
+                prior=[*prior, *queries], tolerance=tolerance,
             )
         return RunPlan(q=q, expected_batch_size=q * n, steps=steps, sigma=sigma, clip_norm=self.clip_norm,
-                       delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon, examples=n)
+                       delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon,
+                       examples=int(round(n)), mechanisms=mechanisms)
 
+    def check_enough(self, n_train: int, n_holdout: int) -> None:
+        """Refuse, before anything is charged, a run that cannot learn or be validated.
 
+        This reads the exact counts; the refusal goes only to the (authenticated) caller
+        that started the run or to the device's log, never into the published ledger.
+        """
+        # The message carries no exact count: an automatic run's refusal is shown by the
+        # open GET /v2/trainer (`loractl examples count`, with the token, shows the count).
+        if n_train < self.min_train_examples or n_holdout < self.min_holdout_examples:
+            raise ValueError(
+                f"too few examples to train at ε={self.target_epsilon:g}: a run needs at least "
+                f"{self.min_train_examples} training and {self.min_holdout_examples} held-out examples "
+                f"(min_train_examples, min_holdout_examples; holdout_fraction={self.holdout_fraction:g} of "
+                "the examples are held out for validation). Add examples; nothing was charged")
 
 
 #: Giving one of a mutually exclusive pair in an adapter's entry replaces the inherited other.

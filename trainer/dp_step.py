@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -112,10 +112,14 @@ class DPStepper:
         device: Literal["cpu", "cuda"] = "cpu",
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
+        canary_gradients: Callable[[], np.ndarray] | None = None,
     ) -> None:
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
+        # The privacy audit's white-box canaries (trainer/audit.py): each step, the sum of
+        # the canary gradients sampled in that step, added to the clipped sum like the noise.
+        self._canaries = canary_gradients
         self._grad_scale = check_settings(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                                           expected_batch_size=expected_batch_size, device=device,
                                           intra_op_threads=intra_op_threads)
@@ -183,6 +187,12 @@ class DPStepper:
         return StepResult(step=self._steps, batch_size=n, loss_sum=float(loss_value.sum()) if n else 0.0)
 
     def _draw_noise(self) -> np.ndarray:
+        noise = self._draw_gaussian()
+        if self._canaries is not None:
+            noise = noise + np.asarray(self._canaries(), np.float64)
+        return noise
+
+    def _draw_gaussian(self) -> np.ndarray:
         assert self._dp is not None and self._noise is not None
         return draw_noise(self._noise, self._dp, self._artifacts.noise_size)
 

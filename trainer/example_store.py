@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS examples (
 );
 CREATE INDEX IF NOT EXISTS examples_adapter ON examples (adapter, id);
 CREATE INDEX IF NOT EXISTS examples_created ON examples (created_at);
+-- Who contributed an example (optional): the per-user contribution limit counts these.
+-- A table of its own, so that stores written before it existed open unchanged.
+CREATE TABLE IF NOT EXISTS example_users (
+    example_id INTEGER PRIMARY KEY REFERENCES examples (id) ON DELETE CASCADE,
+    user TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS example_users_user ON example_users (user);
 CREATE TABLE IF NOT EXISTS tensors (
     example_id INTEGER NOT NULL REFERENCES examples (id) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -107,10 +114,18 @@ class ExampleStore:
 
     def add(
         self, adapter: str, inputs: Mapping[str, npt.NDArray[np.generic]],
-        label: npt.NDArray[np.generic] | int | float,
+        label: npt.NDArray[np.generic] | int | float, *, user: str | None = None,
+        max_per_user: int | None = None,
     ) -> int:
-        """Store one example; returns its id. Retention is enforced afterwards."""
+        """Store one example; returns its id. Retention is enforced afterwards.
+
+        ``user``: who contributed it; with ``max_per_user``, a user who already has that
+        many examples of this adapter is refused (BadTrainingDataError), so that no one
+        person's data weighs more than the per-user guarantee assumes.
+        """
         check_adapter_name(adapter)
+        if user is not None and not (isinstance(user, str) and 1 <= len(user) <= 128 and user.isprintable()):
+            raise BadTrainingDataError(f"user id {user!r} is not allowed; allowed: 1 to 128 printable characters")
         tensors = _encode_inputs(inputs)
         tensors.append(_encode(_LABEL, np.asarray(label), "label"))
         nbytes = sum(len(t[3]) for t in tensors)
@@ -119,10 +134,20 @@ class ExampleStore:
                 f"example of {nbytes} bytes is larger than the store's max_bytes={self.max_bytes}"
             )
         with self._transaction() as db:
+            if user is not None and max_per_user is not None:
+                (have,) = db.execute(
+                    "SELECT COUNT(*) FROM example_users u JOIN examples e ON e.id = u.example_id "
+                    "WHERE u.user = ? AND e.adapter = ?", (user, adapter)).fetchone()
+                if have >= max_per_user:
+                    raise BadTrainingDataError(
+                        f"user {user!r} already has {have} examples of adapter {adapter!r}; the per-user limit "
+                        f"is {max_per_user} (trainer.store.max_examples_per_user)")
             cur = db.execute("INSERT INTO examples (adapter, created_at, nbytes) VALUES (?, ?, ?)",
                              (adapter, self._clock(), nbytes))
             example_id = cur.lastrowid
             assert example_id is not None
+            if user is not None:
+                db.execute("INSERT INTO example_users (example_id, user) VALUES (?, ?)", (example_id, user))
             db.executemany(
                 "INSERT INTO tensors (example_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
                 [(example_id, *t) for t in tensors],

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +40,7 @@ from trainer._names import check_adapter_name, is_adapter_name
 from trainer.accountant import ACCOUNTANTS, AccountantName, RunCharge, epsilon
 from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
 
-__all__ = ["PrivacyLedger", "PrivacyState", "RunStatus", "END_STATUSES"]
+__all__ = ["PrivacyLedger", "PrivacyState", "RunStatus", "END_STATUSES", "run_charges"]
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
 END_STATUSES: tuple[RunStatus, ...] = ("completed", "failed", "cancelled")
@@ -55,6 +55,11 @@ _RUN_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 #: Keys a run record may carry: energy is known only on a device with a power source.
 _OPTIONAL_RUN_KEYS: dict[str, type | tuple[type, ...]] = {"energy_joules": float}
+#: Optional run key: the run's other Gaussian mechanisms on the same data (a noisy count
+#: of the examples, the validation gate's noisy decision), each ``{"what": str, "sigma": σ}``
+#: with sensitivity 1 in units of its noise std, i.e. one step with q = 1. They are charged
+#: in full at begin_run and stay charged whatever the run's outcome.
+_MECHANISMS = "mechanisms"
 _ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {"accountant": str, "delta": float, "budget_epsilon": float, "runs": list}
 
 
@@ -102,10 +107,14 @@ class PrivacyLedger:
     def begin_run(
         self, adapter: str, *, q: float, sigma: float, clip_norm: float, planned_steps: int,
         examples: int, accountant: AccountantName, delta: float, budget_epsilon: float,
+        mechanisms: Sequence[tuple[str, float]] = (),
     ) -> int:
-        """Charge ``planned_steps`` durably, or refuse; returns the run id."""
+        """Charge ``planned_steps`` and ``mechanisms`` ((what, σ) Gaussian queries of
+        sensitivity 1, see :data:`_MECHANISMS`) durably, or refuse; returns the run id."""
         check_adapter_name(adapter)
         charge = RunCharge(q=q, sigma=sigma, steps=planned_steps)
+        extra: list[dict[str, Any]] = [{"what": str(what), "sigma": float(s)} for what, s in mechanisms]
+        extra_charges = [RunCharge(q=1.0, sigma=float(m["sigma"]), steps=1) for m in extra]
         if planned_steps < 1:
             raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
         _check_positive("clip_norm", clip_norm)
@@ -122,7 +131,7 @@ class PrivacyLedger:
             # so raising δ later would hand the data back budget it has spent.
             at_delta = min(float(delta), entry["delta"]) if entry else float(delta)
             spent = epsilon(runs=previous, delta=at_delta, accountant=accountant)
-            after = epsilon(runs=[*previous, charge], delta=at_delta, accountant=accountant)
+            after = epsilon(runs=[*previous, *extra_charges, charge], delta=at_delta, accountant=accountant)
             if after > budget_epsilon:
                 raise PrivacyBudgetExceededError(
                     adapter, spent_epsilon=spent, requested_epsilon=after,
@@ -140,6 +149,7 @@ class PrivacyLedger:
                 "steps_charged": planned_steps, "examples": examples, "accountant": accountant,
                 "delta": float(delta), "budget_epsilon": float(budget_epsilon),
                 "started_at": _now(), "ended_at": None, "status": "running",
+                **({_MECHANISMS: extra} if extra else {}),
             })
             self._persist(doc, "begin_run")
             return int(run_id)
@@ -281,7 +291,13 @@ class _Invalid(Exception):
 
 
 def _charges(runs: list[dict[str, Any]]) -> list[RunCharge]:
-    return [RunCharge(q=r["q"], sigma=r["sigma"], steps=r["steps_charged"]) for r in runs]
+    return [charge for r in runs for charge in run_charges(r)]
+
+
+def run_charges(run: dict[str, Any]) -> list[RunCharge]:
+    """What one run record charges: its DP-SGD steps and its other mechanisms."""
+    return [RunCharge(q=run["q"], sigma=run["sigma"], steps=run["steps_charged"]),
+            *(RunCharge(q=1.0, sigma=m["sigma"], steps=1) for m in run.get(_MECHANISMS, []))]
 
 
 def _now() -> str:
@@ -359,12 +375,23 @@ def _check_common(where: str, rec: dict[str, Any]) -> None:
 def _validate_run(where: str, run: object, next_run_id: int, seen: set[int]) -> None:
     _expect(where, run, dict)
     assert isinstance(run, dict)
-    if set(run) - set(_OPTIONAL_RUN_KEYS) != set(_RUN_KEYS):
-        raise _Invalid(f"{where} keys must be {sorted(_RUN_KEYS)} (and optionally {sorted(_OPTIONAL_RUN_KEYS)}), "
+    optional = set(_OPTIONAL_RUN_KEYS) | {_MECHANISMS}
+    if set(run) - optional != set(_RUN_KEYS):
+        raise _Invalid(f"{where} keys must be {sorted(_RUN_KEYS)} (and optionally {sorted(optional)}), "
                        f"got {sorted(run)}")
     for key, kind in _OPTIONAL_RUN_KEYS.items():
         if key in run:
             _expect(f"{where}.{key}", run[key], kind)
+    mechanisms = run.get(_MECHANISMS, [])
+    _expect(f"{where}.{_MECHANISMS}", mechanisms, list)
+    for j, m in enumerate(mechanisms):
+        if not (isinstance(m, dict) and set(m) == {"what", "sigma"} and isinstance(m["what"], str)):
+            raise _Invalid(f"{where}.{_MECHANISMS}[{j}] must be an object with keys what, sigma")
+        _expect(f"{where}.{_MECHANISMS}[{j}].sigma", m["sigma"], float)
+        try:
+            RunCharge(q=1.0, sigma=m["sigma"], steps=1)
+        except ValueError as e:
+            raise _Invalid(f"{where}.{_MECHANISMS}[{j}]: {e}") from None
     for key, kind in _RUN_KEYS.items():
         _expect(f"{where}.{key}", run[key], kind)
     _check_common(where, run)

@@ -49,8 +49,6 @@ class _TrainerCollector(Collector):
                                   labels=["adapter"])
         budget = GaugeMetricFamily("lorad_privacy_epsilon_budget", "An adapter's configured ε budget.",
                                    labels=["adapter"])
-        stored = GaugeMetricFamily("lorad_training_examples_stored", "Examples in the local store.",
-                                   labels=["adapter"])
         delta = GaugeMetricFamily("lorad_privacy_delta", "The δ at which an adapter's ε is accounted.",
                                   labels=["adapter"])
         remaining = GaugeMetricFamily("lorad_privacy_epsilon_remaining",
@@ -72,7 +70,8 @@ class _TrainerCollector(Collector):
                 target = s.config.for_adapter(adapter).target_epsilon
                 budget.add_metric([adapter], target)
                 remaining.add_metric([adapter], max(0.0, target - spent_by.get(adapter, 0.0)))
-                stored.add_metric([adapter], s.store.count(adapter))
+            # No per-adapter example count: /metrics is open and the exact count is private
+            # (runs are planned from a noisy estimate of it; GET …/examples with the token).
         except Exception as e:  # a scrape must not fail because the trainer is closing
             _log.debug("trainer metrics incomplete: %s", e)
         yield spent
@@ -80,7 +79,6 @@ class _TrainerCollector(Collector):
         yield remaining
         yield delta
         yield energy
-        yield stored
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -88,5 +86,5 @@ class _TrainerCollector(Collector):
 
 def register_trainer_metrics(registry: CollectorRegistry, service: TrainerService) -> None:
     """Export ``lorad_privacy_epsilon_spent``, ``lorad_training_runs_total`` (by result),
-    ``lorad_training_steps_total``, ``lorad_training_examples_stored`` and friends."""
+    ``lorad_training_steps_total`` and friends."""
     registry.register(_TrainerCollector(service))

@@ -179,7 +179,8 @@ class TrainingPolicy:
         """
         reasons = []
         if new_examples < self.config.min_new_examples:
-            reasons.append(f"{new_examples} new examples (needs {self.config.min_new_examples})")
+            # Not the exact number: GET /v2/trainer is open and example counts are private.
+            reasons.append(f"fewer new examples than min_new_examples ({self.config.min_new_examples})")
         if train_examples < 1:
             reasons.append("no training examples")
         if budget_left is not None and budget_left <= 0:

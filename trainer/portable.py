@@ -24,7 +24,7 @@ import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -85,6 +85,7 @@ class PortableStepper:
         device: Literal["cpu", "cuda"] = "cpu",
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
+        canary_gradients: Callable[[], np.ndarray] | None = None,
     ) -> None:
         if artifacts.backend != "portable":
             raise ValueError(f"PortableStepper needs portable artifacts, got {artifacts.backend!r} ones")
@@ -94,6 +95,8 @@ class PortableStepper:
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
+        # The privacy audit's canaries (trainer/audit.py), added to each step's noise.
+        self._canaries = canary_gradients
         self._lr = np.array(learning_rate, np.float32)
         self._adamw = artifacts.config.optimizer == "adamw"
         import onnxruntime
@@ -172,6 +175,8 @@ class PortableStepper:
         if self._drawer is None:
             self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-noise")
         self._next_noise = self._drawer.submit(draw_noise, source, dp, size)
+        if self._canaries is not None:
+            noise = noise + np.asarray(self._canaries(), np.float64)
         return noise
 
     def close(self) -> None:

@@ -60,13 +60,13 @@ from .config import AdapterTrainingConfig, RunPlan
 from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
-from .ledger import PrivacyLedger
+from .ledger import PrivacyLedger, run_charges
 from .stepper_process import StepperProcess
 from .validation import keep_rejected, validate_candidate
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
-    "last_trained_example",
+    "last_trained_example", "pending_release", "artifact_config_for", "training_layouts",
 ]
 
 _log = logging.getLogger(__name__)
@@ -85,8 +85,11 @@ class RunProgress:
     phase: Phase
     steps_done: int
     planned_steps: int
-    #: ε of the adapter with this run's steps done so far (all earlier runs included).
+    #: ε of the adapter with ``epsilon_steps`` of this run's steps (all earlier runs and
+    #: this run's count and gate queries included): the steps done when it was last
+    #: computed, which is at most about a second ago.
     epsilon: float
+    epsilon_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,19 @@ def last_trained_example(state_dir: Path, adapter: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def pending_release(state_dir: Path, ledger: PrivacyLedger, adapter: str) -> bool:
+    """Whether the adapter has a completed, paid-for run that was never validated (the
+    daemon stopped in the ``validating`` phase): :meth:`TrainingRun.begin` finishes it."""
+    directory = state_dir / "runs" / adapter
+    try:
+        doc = json.loads((directory / _RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    run_id = doc.get("run_id") if isinstance(doc, dict) else None
+    return (directory / _CHECKPOINT).is_file() and any(
+        r["run_id"] == run_id and r["status"] == "completed" for r in ledger.state(adapter).runs)
+
+
 class TrainingRun:
     """Plan, charge, train, close, validate, install — for one adapter."""
 
@@ -217,6 +233,8 @@ class TrainingRun:
         self._stepper_obj: object = None
         self._epsilon = 0.0
         self._epsilon_at = -math.inf
+        self._epsilon_steps = -1
+        self._epsilon_cost = 0.0
 
     # -- begin -----------------------------------------------------------------------------
 
@@ -252,12 +270,21 @@ class TrainingRun:
         shutil.rmtree(self._dir, ignore_errors=True)  # local state of an ended run
         self._check_ledger_knows_trained_versions(ledger_runs)
         self._check_rank(self.config.rank)
-        train, _ = self._split()
-        plan = self.config.plan(len(train))
+        train, holdout = self._split()
+        # Refusals from here on charge nothing: a run that cannot learn or be validated.
+        self.config.check_enough(len(train), len(holdout))
+        state = self.env.ledger.state(self.adapter)
+        # The mechanism is planned from a private estimate of n (a Gaussian count query,
+        # charged with the run), never from n itself: q, steps, σ, δ and the update's
+        # scale are public, so planning from n would publish n and let one example change
+        # all of them.
+        estimate = len(train) + float(self.env.noise.gaussian64(1, self.config.count_noise)[0])
+        plan = self.config.plan(estimate, prior=[c for r in state.runs for c in run_charges(r)],
+                                ledger_delta=state.delta, adapter=self.adapter)
         self.run_id = self.env.ledger.begin_run(
             self.adapter, q=plan.q, sigma=plan.sigma, clip_norm=plan.clip_norm, planned_steps=plan.steps,
             examples=plan.examples, accountant=plan.accountant, delta=plan.delta,
-            budget_epsilon=plan.budget_epsilon,
+            budget_epsilon=plan.budget_epsilon, mechanisms=plan.mechanisms,
         )
         self.plan = plan
         self._write_run_file(plan, last_example=max(train, default=None))
@@ -290,6 +317,7 @@ class TrainingRun:
             steps=int(record["planned_steps"]), sigma=float(record["sigma"]),
             clip_norm=float(record["clip_norm"]), delta=float(record["delta"]),
             accountant=record["accountant"], budget_epsilon=float(record["budget_epsilon"]), examples=n,
+            mechanisms=tuple((str(m["what"]), float(m["sigma"])) for m in record.get("mechanisms", [])),
         )
 
     def _split(self) -> tuple[list[int], list[int]]:
@@ -300,14 +328,7 @@ class TrainingRun:
         saved = self._saved.get("artifact_config")
         if isinstance(saved, dict):
             return ArtifactConfig(**{**saved, "targets": tuple(saved["targets"])})
-        c = self.config
-        return ArtifactConfig(
-            # The serving targets exactly: the adapter's fingerprint must be the engine's.
-            targets=tuple(t.weight for t in self.env.service.engine.targets),
-            rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
-            loss=c.loss, output=c.output, optimizer=c.optimizer, weight_decay=c.weight_decay,
-            init_seed=c.init_seed,
-        )
+        return artifact_config_for(self.env.service, self.config)
 
     def _backend(self) -> Backend:
         """The run's backend: the one it started on (its checkpoints are that backend's)."""
@@ -424,7 +445,13 @@ class TrainingRun:
                 niceness=self.env.niceness, idle_class=self.env.sched_idle,
             )
         else:
-            stepper = open_stepper(artifacts, learning_rate=lr, dp=dp, noise=self.env.noise, device=self.env.device,
+            # Seeded (test) noise: a fresh stream from the seed, exactly as the child process
+            # makes it, so both paths train alike whatever else drew from env.noise.
+            from .noise import SeededNoise
+
+            secure = getattr(self.env.noise, "secure", False)
+            noise = self.env.noise if secure else SeededNoise(int(getattr(self.env.noise, "seed", 0)))
+            stepper = open_stepper(artifacts, learning_rate=lr, dp=dp, noise=noise, device=self.env.device,
                                    intra_op_threads=self.env.intra_op_threads, resume_from=resume)
         if stepper.steps > plan.steps:
             raise TrainingFailedError(f"checkpoint {checkpoint} is at step {stepper.steps}, beyond the "
@@ -433,7 +460,7 @@ class TrainingRun:
 
     def _train(self, stepper: _Stepper, artifacts: TrainingArtifacts, plan: RunPlan) -> RunStatus | Literal["completed"]:
         assert self.run_id is not None
-        layouts = _training_layouts(artifacts)
+        layouts = training_layouts(artifacts)
         train_ids, _ = self._split()
         rng = self.env.rng()
         skipped_total = 0
@@ -451,7 +478,8 @@ class TrainingRun:
                 return "interrupted"
             ids = self.env.store.sample_poisson(self.adapter, plan.q, rng, among=train_ids)
             batch, skipped = collate(self.env.store.load(ids, skip_missing=True),
-                                     inputs_layout=layouts[:-1], label_layout=layouts[-1])
+                                     inputs_layout=layouts[:-1], label_layout=layouts[-1],
+                                     pad_to=self.config.pad_length)
             skipped_total += skipped
             stepper.step(batch)
             if self._on_step is not None:
@@ -509,10 +537,22 @@ class TrainingRun:
         c = self.config
         _, holdout_ids = self._split()
         holdout = self.env.store.load(holdout_ids, skip_missing=True)
+        gate_sigma = dict(plan.mechanisms).get("validation_gate")
         gate = validate_candidate(
             self.env.service, self.adapter, candidate, holdout, metric=c.validation_metric,
             loss=self._artifact_config().loss, output=c.output, margin=c.validation_margin,
+            noise=self.env.noise if gate_sigma else None, noise_multiplier=gate_sigma or 0.0,
+            score_clip=c.gate_clip,
         )
+        if self.control.cancelled:
+            # Cancelled while validating: the charge stands (the run completed), nothing is served.
+            where = keep_rejected(self.env.state_dir / "rejected" / self.adapter / str(run_id), candidate, gate,
+                                  run_id=run_id)
+            self._mark_trained()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._report(plan.steps, "done")
+            return RunResult(self.adapter, run_id, "cancelled", plan.steps, plan.steps,
+                             f"cancelled before release; the trained version was kept aside in {where}", None, spent)
         version = None
         if gate.accepted:
             meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": self._delta(),
@@ -550,16 +590,24 @@ class TrainingRun:
         if self._on_progress is None or self.run_id is None or self.plan is None:
             return
         now = time.monotonic()
-        if force_epsilon or now - self._epsilon_at >= _EPSILON_EVERY_S or steps == self.plan.steps:
-            self._epsilon, self._epsilon_at = self._epsilon_so_far(steps), now
-        self._on_progress(RunProgress(self.adapter, self.run_id, phase, steps, self.plan.steps, self._epsilon))
+        # Recomputing ε takes from milliseconds (RDP) to a second (PLD), on the training
+        # thread: refresh when the last value is older than ten times what it took (at
+        # least 0.5 s, at most 10 s), and say which step it is for.
+        stale = now - self._epsilon_at >= min(_EPSILON_EVERY_S, max(0.5, 10 * self._epsilon_cost))
+        if force_epsilon or steps == self.plan.steps or (stale and steps != self._epsilon_steps):
+            self._epsilon = self._epsilon_so_far(steps)
+            self._epsilon_steps, self._epsilon_at = steps, time.monotonic()
+            self._epsilon_cost = self._epsilon_at - now
+        self._on_progress(RunProgress(self.adapter, self.run_id, phase, steps, self.plan.steps, self._epsilon,
+                                      max(self._epsilon_steps, 0)))
 
     def _epsilon_so_far(self, steps: int) -> float:
         assert self.plan is not None
         state = self.env.ledger.state(self.adapter)
-        others = [RunCharge(q=r["q"], sigma=r["sigma"], steps=r["steps_charged"])
-                  for r in state.runs if r["run_id"] != self.run_id]
-        mine = [RunCharge(q=self.plan.q, sigma=self.plan.sigma, steps=steps)] if steps else []
+        others = [c for r in state.runs if r["run_id"] != self.run_id for c in run_charges(r)]
+        # This run's count and gate queries are charged (and the count used) from its start.
+        mine = [RunCharge(q=1.0, sigma=s, steps=1) for _, s in self.plan.mechanisms]
+        mine += [RunCharge(q=self.plan.q, sigma=self.plan.sigma, steps=steps)] if steps else []
         return epsilon(runs=[*others, *mine], delta=state.delta or self.plan.delta, accountant=self.plan.accountant)
 
     def _delta(self) -> float:
@@ -568,7 +616,18 @@ class TrainingRun:
         return self.env.ledger.state(self.adapter).delta or self.plan.delta
 
 
-def _training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
+def artifact_config_for(service: AdapterService, c: AdapterTrainingConfig) -> ArtifactConfig:
+    """The private training artifacts an adapter with config ``c`` trains with."""
+    return ArtifactConfig(
+        # The serving targets exactly: the adapter's fingerprint must be the engine's.
+        targets=tuple(t.weight for t in service.engine.targets),
+        rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
+        loss=c.loss, output=c.output, optimizer=c.optimizer, weight_decay=c.weight_decay,
+        init_seed=c.init_seed,
+    )
+
+
+def training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
     """Model inputs then the label, as the training graph declares them."""
     layouts = [
         TensorLayout(name, np.dtype(dtype), tuple(shape))

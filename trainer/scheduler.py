@@ -67,6 +67,7 @@ class Job:
             "phase": p.phase if p else "queued", "steps_done": p.steps_done if p else 0,
             "planned_steps": p.planned_steps if p else (self.run.plan.steps if self.run.plan else None),
             "epsilon": p.epsilon if p else None,
+            "epsilon_steps": p.epsilon_steps if p else None,
         }
 
 

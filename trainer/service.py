@@ -36,10 +36,10 @@ from .batching import TensorLayout, normalize_example
 from .config import TrainerConfig, check_noise_source, make_noise_source
 from .errors import BadTrainingDataError
 from .example_store import ExampleStore
-from .ledger import PrivacyLedger
+from .ledger import PrivacyLedger, run_charges
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
-from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example
+from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example, pending_release
 from .scheduler import TrainingConflictError, TrainingScheduler
 from .validation import engine_layouts
 
@@ -93,6 +93,7 @@ class TrainerService:
         check_noise_source(noise, config)
         self.stats = TrainerStats()
         self._closed = False
+        self._audit_lock = threading.Lock()
         s = config.store
         self.store = ExampleStore(self.dir / EXAMPLES_FILE, max_examples_per_adapter=s.max_examples_per_adapter,
                                   max_bytes=s.max_bytes, retention_days=s.retention_days)
@@ -151,13 +152,16 @@ class TrainerService:
 
     # -- examples ----------------------------------------------------------------------------
 
-    def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike) -> int:
+    def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike,
+                    *, user: str | None = None) -> int:
         """Check one labelled example against the model and store it; returns its id."""
         check_adapter_name(adapter)
         rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.engine.inputs),
-                                            label_layout=self._label_layout(adapter))
+                                            label_layout=self._label_layout(adapter),
+                                            max_abs=self.config.store.max_abs_value)
         self._check_label(adapter, label_row)
-        example_id = self.store.add(adapter, rows, label_row)
+        example_id = self.store.add(adapter, rows, label_row, user=user,
+                                    max_per_user=self.config.store.max_examples_per_user)
         return example_id
 
     def examples_count(self, adapter: str) -> int:
@@ -216,10 +220,12 @@ class TrainerService:
         return self.scheduler.cancel(adapter)
 
     def run_status(self, adapter: str) -> dict[str, Any]:
-        """The adapter's queued/running run with progress, else its last result."""
+        """The adapter's queued/running run with progress, else its last result.
+
+        Without the exact example count: that is private (see :meth:`examples_count`)."""
         check_adapter_name(adapter)
         status = self.scheduler.adapter_status(adapter) or {"state": "idle", "adapter": adapter}
-        return {**status, "examples": self.store.count(adapter), "available": self.available}
+        return {**status, "available": self.available}
 
     def status(self) -> dict[str, Any]:
         return {"available": self.available, "unavailable_reason": self.unavailable_reason, "backend": self.backend,
@@ -235,11 +241,32 @@ class TrainerService:
         target = self.config.for_adapter(adapter).target_epsilon
         state["configured_budget_epsilon"] = target
         state["neighbouring"] = "add-or-remove one example (Poisson sampling)"
+        state["guarantee"] = "per example"
+        limit = self.config.store.max_examples_per_user
+        if limit is not None:
+            state.update(_per_user(self.ledger.state(adapter), limit))
         state["noise"] = "secure" if getattr(self.env.noise, "secure", False) else "seeded (testing only)"
         # What the personalisation cost, next to its ε: runs ended on a device with a power source.
         measured = [float(r["energy_joules"]) for r in state["runs"] if "energy_joules" in r]
         state["energy_joules"] = sum(measured) if measured else None
         return state
+
+    def audit(self, adapter: str, *, canaries: int = 512, noise_multiplier: float | None = None) -> dict[str, Any]:
+        """The one-run canary audit of the adapter (trainer/audit.py), on a copy of its data:
+        nothing is served, stored or charged. One audit at a time."""
+        from .audit import audit_adapter
+
+        check_adapter_name(adapter)
+        if not self.available:
+            raise TrainingUnavailableError(self.unavailable_reason or "training unavailable")
+        if not self._audit_lock.acquire(blocking=False):
+            raise TrainingConflictError("an audit is already running; wait for it to finish")
+        try:
+            result = audit_adapter(self.env, adapter, self.config.for_adapter(adapter), canaries=canaries,
+                                   noise_multiplier=noise_multiplier)
+        finally:
+            self._audit_lock.release()
+        return result.to_dict()
 
     def privacy_states(self) -> list[dict[str, Any]]:
         return [self.privacy_state(a) for a in self.ledger.adapters()]
@@ -275,8 +302,24 @@ class TrainerService:
                                    budget_left=c.target_epsilon - spent)
 
     def _interrupted(self) -> list[str]:
+        """Adapters with a run to finish at start: charged and interrupted while training,
+        or trained and paid for but stopped while validating (never released)."""
         return [a for a in self.ledger.adapters()
-                if any(r["status"] == "running" for r in self.ledger.state(a).runs)]
+                if any(r["status"] == "running" for r in self.ledger.state(a).runs)
+                or pending_release(self.dir, self.ledger, a)]
+
+
+def _per_user(state: Any, k: int) -> dict[str, Any]:
+    """ε for a user with at most k examples: every step is a Gaussian mechanism of
+    sensitivity k·C (joint convexity: Poisson sampling of the user's examples can only
+    lower the divergence), so each run counts as q = 1 and σ/k, each query as σ/k."""
+    from .accountant import RunCharge, epsilon
+
+    charges = [c if k == 1 else RunCharge(q=1.0, sigma=c.sigma / k, steps=c.steps)
+               for r in state.runs for c in run_charges(r)]
+    user_eps = epsilon(runs=charges, delta=state.delta, accountant=state.accountant) if charges else 0.0
+    return {"guarantee": "per user", "max_examples_per_user": k, "user_epsilon_spent": user_eps,
+            "user_neighbouring": f"add-or-remove one user's examples (at most {k})"}
 
 
 def _rng_for(config: TrainerConfig) -> Callable[[], np.random.Generator]:

@@ -1,17 +1,24 @@
-"""The validation gate: serve a newly trained version only if it is not worse.
+"""The validation gate: serve a newly trained version only if it is better, privately.
 
 The candidate and the version served now (the base model for an adapter's first
 version) are scored on the adapter's held-out split through the serving engine itself,
-so what is measured is what would be served. The score is the mean per-example loss
-(lower is better) or the accuracy (higher is better); the candidate passes unless it is
-worse than the current version by more than ``margin``.
+so what is measured is what would be served. Per held-out example, the improvement
+``u = score(candidate) - score(current)`` (accuracy: 1/0 correct; loss: the current
+loss minus the candidate's) is compared with ``margin`` and clipped:
+``e = clip(u - margin, -b, b)`` with ``b = score_clip``. The candidate is accepted iff
 
-The scores are computed from private examples without noise. They are a local decision
-only: they are written to the rejected version's ``reason.json`` on the device (mode
-0600) and never put into logs, metrics, adapter metadata or HTTP answers. The accept /
-reject outcome itself is observable (a new version is served or not) and is not covered
-by the DP accounting; it is one bit per run about the held-out split, which the
-training steps never saw.
+    Σ e + N(0, (σ_g·b)²) > 0,
+
+a Gaussian mechanism of sensitivity ``b`` (adding or removing one held-out example moves
+the sum by at most b). Its σ_g is charged to the privacy ledger as one Gaussian query
+with the run (``mechanisms: validation_gate``), before training starts, so the public
+accept/reject bit is covered by the adapter's accounted ε like every training step.
+(Held-out examples are never sampled for training; the ledger still composes the gate
+with the training steps, an over-count, never an under-count.)
+
+The exact scores are computed from private examples and are a local record only: they
+are written to the rejected version's ``reason.json`` on the device (mode 0600) and
+never put into logs, metrics, adapter metadata or HTTP answers.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from adapters.peft_format import dump_peft
 from adapters.service import AdapterService
 
 from .batching import TensorLayout, collate, fits
+from .dp_step import GaussianNoise
 from .example_store import Example
 
-__all__ = ["GateResult", "validate_candidate", "keep_rejected", "engine_layouts"]
+__all__ = ["GateResult", "validate_candidate", "keep_rejected", "engine_layouts", "per_example_scores"]
 
 _EVAL_BATCH = 256
 
@@ -49,16 +57,20 @@ class GateResult:
     candidate_score: float
     margin: float
     examples: int
+    #: Σ clip(u - margin, -b, b) + noise: the released decision is ``noisy_sum > 0``.
+    noisy_sum: float = math.nan
+    noise_multiplier: float = 0.0
 
     @property
     def reason(self) -> str:
         """Why, without the private scores (those stay in reason.json on the device)."""
-        direction = "lower" if self.metric == "accuracy" else "higher"
-        if self.accepted:
-            return f"held-out {self.metric} not worse than {self.baseline} beyond margin {self.margin:g}"
+        how = "private decision, " if self.noise_multiplier > 0 else "NON-private decision, "
         if self.examples == 0:
             return "no held-out examples to validate on"
-        return f"held-out {self.metric} is {direction} than {self.baseline}'s by more than margin {self.margin:g}"
+        if self.accepted:
+            return f"held-out {self.metric} beats {self.baseline}'s by more than margin {self.margin:g} ({how}σ {self.noise_multiplier:g})"
+        return (f"held-out {self.metric} does not beat {self.baseline}'s by more than margin {self.margin:g} "
+                f"({how}σ {self.noise_multiplier:g})")
 
 
 def engine_layouts(specs: Sequence[TensorSpec]) -> list[TensorLayout]:
@@ -68,7 +80,10 @@ def engine_layouts(specs: Sequence[TensorSpec]) -> list[TensorLayout]:
 def validate_candidate(
     service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
     *, metric: str, loss: str, output: str | None, margin: float,
+    noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0,
 ) -> GateResult:
+    """Score and decide (see the module docstring); ``noise=None`` only in tests and
+    comparisons (a non-private decision)."""
     engine = service.engine
     layouts = engine_layouts(engine.inputs)
     out_name = output or engine.outputs[0].name
@@ -89,25 +104,27 @@ def validate_candidate(
             current = service.infer(inputs, adapter_name if version is not None else None)
             seen_version = current.version
             new = engine.run(inputs, prepared)
-            base_scores.extend(_per_example(current.outputs[out_name], labels, metric, loss))
-            cand_scores.extend(_per_example(new[out_name], labels, metric, loss))
+            base_scores.extend(per_example_scores(current.outputs[out_name], labels, metric, loss))
+            cand_scores.extend(per_example_scores(new[out_name], labels, metric, loss))
     n = len(cand_scores)
     base = float(np.mean(base_scores)) if n else math.nan
     cand = float(np.mean(cand_scores)) if n else math.nan
-    if n == 0:
-        accepted = False
-    elif metric == "accuracy":
-        accepted = cand >= base - margin
-    else:
-        accepted = cand <= base + margin
+    better = np.asarray(cand_scores) - np.asarray(base_scores)
+    if metric != "accuracy":
+        better = -better  # loss: lower is better
+    total = float(np.sum(np.clip(better - margin, -score_clip, score_clip)))
+    if noise is not None and noise_multiplier > 0:
+        total += float(noise.gaussian64(1, noise_multiplier * score_clip)[0])
+    accepted = n > 0 and total > 0
     return GateResult(
         accepted=accepted, metric=metric, baseline="base" if version is None else f"v{seen_version or version}",
         baseline_version=seen_version if version is not None else None,
-        baseline_score=base, candidate_score=cand, margin=margin, examples=n,
+        baseline_score=base, candidate_score=cand, margin=margin, examples=n, noisy_sum=total,
+        noise_multiplier=noise_multiplier if noise is not None else 0.0,
     )
 
 
-def _per_example(outputs: np.ndarray, labels: list[np.ndarray], metric: str, loss: str) -> list[float]:
+def per_example_scores(outputs: np.ndarray, labels: list[np.ndarray], metric: str, loss: str) -> list[float]:
     out = np.asarray(outputs, dtype=np.float64)
     if loss == "cross_entropy":
         classes = np.array([int(np.asarray(lab).reshape(-1)[0]) for lab in labels])

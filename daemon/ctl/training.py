@@ -38,8 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--status", action="store_true", help="show the adapter's run progress or last result")
     p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="progress poll interval (default 0.5)")
 
-    p = add_command(sub, "privacy", _privacy, help="privacy spent per adapter (ε, δ, budget, every run)")
-    p.add_argument("adapter", nargs="?", help="one adapter (default: every adapter in the ledger)")
+    p = add_command(sub, "privacy", _privacy, help="privacy spent per adapter (ε, δ, budget, every run); "
+                    "'privacy audit ADAPTER' runs the one-run canary audit",
+                    description="'loractl privacy [ADAPTER]' prints the ledger. 'loractl privacy audit ADAPTER' "
+                    "trains once on a copy of ADAPTER's data with canaries (Steinke, Nasr, Jagielski 2023) and "
+                    "prints the empirical ε lower bound next to the accounted ε; nothing is served or charged.")
+    p.add_argument("words", nargs="*", metavar="ADAPTER | audit ADAPTER",
+                   help="one adapter (default: every adapter in the ledger), or 'audit ADAPTER'")
+    p.add_argument("--canaries", type=int, default=512, help="canaries of the audit (default 512)")
 
     group = sub.add_parser("examples", help="local training examples (stay on the device)")
     cmds = group.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
@@ -51,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input", action="append", metavar="NAME=JSON", help="one input tensor of the example")
     src.add_argument("--file", type=Path, metavar="FILE", help="JSON lines, one example per line")
     p.add_argument("--label", metavar="JSON", help="the label (with --input): a class number or a nested list")
+    p.add_argument("--user", metavar="ID", help="who contributed the examples (trainer.store.max_examples_per_user "
+                   "bounds how many one user may add)")
     p = add_command(cmds, "count", _examples_count, help="how many examples ADAPTER has")
     p.add_argument("adapter")
     p = add_command(cmds, "delete", _examples_delete, help="delete every stored example of ADAPTER",
@@ -118,20 +126,30 @@ def _render_status(d: object) -> str:
     state = d.get("state")
     if state in ("running", "queued"):
         return (f"run {d.get('run_id')} of {d.get('adapter')}: {state}, {d.get('phase')}, "
-                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')}")
+                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')} "
+                f"(accounted at step {d.get('epsilon_steps')})")
     if state == "finished":
         version = f", serving version {d['version']}" if d.get("version") else ""
         return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {d.get('steps_done')}/"
                 f"{d.get('planned_steps')} steps{version}; {d.get('reason')}; ε spent {d.get('epsilon_spent')}")
-    return f"{d.get('adapter')}: no training run yet ({d.get('examples')} examples stored)"
+    return f"{d.get('adapter')}: no training run yet (loractl examples count {d.get('adapter')})"
 
 
 # ---------------------------------------------------------------- privacy
 
 
 def _privacy(args: argparse.Namespace, ctx: Context) -> int:
-    if args.adapter:
-        data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/privacy")
+    words = list(args.words)
+    if len(words) == 2 and words[0] == "audit":
+        audit = ctx.client.call("POST", f"{_base(ctx, words[1])}/privacy/audit", auth=True,
+                                json_body={"canaries": args.canaries})
+        ctx.emit(audit, _render_audit)
+        return 0 if isinstance(audit, dict) and audit.get("consistent") else 1
+    if len(words) > 1:
+        raise UsageError("expected 'loractl privacy [ADAPTER]' or 'loractl privacy audit ADAPTER'")
+    adapter = words[0] if words else None
+    if adapter:
+        data = ctx.client.call("GET", f"{_base(ctx, adapter)}/privacy")
     else:
         data = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}/privacy")
     ctx.emit(data, _render_privacy)
@@ -153,6 +171,20 @@ def _render_privacy(d: object) -> str:
         runs = [[r.get(c) for c in _RUN_COLUMNS] for r in s.get("runs", []) if isinstance(r, dict)]
         blocks.append(head + ("\n" + table(runs, [c.upper() for c in _RUN_COLUMNS]) if runs else "\nno runs"))
     return "\n\n".join(blocks)
+
+
+def _render_audit(d: object) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    accounted = d.get("epsilon_accounted")
+    verdict = ("consistent: the audit found no leak beyond the accounted ε" if d.get("consistent")
+               else "INCONSISTENT: the run leaks more than its accounted ε")
+    return (f"{d.get('adapter')}: empirical ε lower bound {_num(d.get('epsilon_lower_bound'))} "
+            f"(confidence {_num(d.get('confidence'))}) vs accounted ε "
+            f"{'unbounded (σ = 0)' if accounted is None else _num(accounted)} at δ {_num(d.get('delta'))}\n"
+            f"{d.get('correct')} of {d.get('guesses')} guesses right on {d.get('canaries')} canaries; configuration "
+            f"of {d.get('configuration')}: q {_num(d.get('q'))}, σ {_num(d.get('sigma'))}, "
+            f"C {_num(d.get('clip_norm'))}, {d.get('steps')} steps\n{verdict}")
 
 
 def _num(v: object) -> str:
@@ -181,7 +213,8 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
         examples = [("--input", {"inputs": named, "label": _json_arg("--label", args.label)})]
     specs = _input_specs(ctx)
     prefix = f"{args.file}: " if args.file is not None else ""
-    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"]})
+    user = {"user": args.user} if args.user is not None else {}
+    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"], **user})
               for where, ex in examples]
     last: object = None
     for added, (where, body) in enumerate(bodies):
@@ -198,7 +231,7 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _examples_count(args: argparse.Namespace, ctx: Context) -> int:
-    data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/examples")
+    data = ctx.client.call("GET", f"{_base(ctx, args.adapter)}/examples", auth=True)
     ctx.emit(data, lambda d: f"{args.adapter}: {d.get('examples') if isinstance(d, dict) else d} examples")
     return 0
 

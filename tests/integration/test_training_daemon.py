@@ -31,13 +31,12 @@ import yaml
 from sklearn.datasets import load_digits
 
 from tests.integration.lorad_process import MODEL, RunningDaemon, logits_of, run_loractl, start_daemon
-from trainer.accountant import RunCharge, epsilon
-from trainer.config import default_delta
+from trainer.accountant import epsilon
+from trainer.config import AdapterTrainingConfig, default_delta
+from trainer.ledger import run_charges
 
 ADAPTER = "plus-one-dp"
 BUDGET = 8.0
-CLIP_NORM = 1.0
-STEPS = 40
 N_EXAMPLES = 400
 
 TRAINER = {
@@ -45,16 +44,9 @@ TRAINER = {
     # The test starts every run itself: no automatic runs behind its back.
     "schedule": False,
     "adapters": {
-        ADAPTER: {
-            "target_epsilon": BUDGET,  # σ is calibrated so that one run spends it
-            "clip_norm": CLIP_NORM,
-            "batch_size": 80,
-            "steps": STEPS,
-            "learning_rate": 0.02,
-            "rank": 8,
-            "alpha": 16,
-            "checkpoint_every": 10,
-        },
+        # The defaults (what a first `loractl train` gets), except that this one run spends
+        # the whole budget (default: half), so that the next one is refused.
+        ADAPTER: {"target_epsilon": BUDGET, "budget_fraction": 1.0},
     },
 }
 
@@ -163,8 +155,8 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     assert "accepted" in p.stdout and "serving version 1" in p.stdout, p.stdout
     progress = d.request("GET", _path(ADAPTER, "train")).json()
     assert progress["state"] == "finished" and progress["status"] == "accepted", progress
-    assert progress["version"] == 1 and progress["steps_done"] == progress["planned_steps"] == STEPS
-    assert "not worse than base" in progress["reason"]
+    assert progress["version"] == 1 and progress["steps_done"] == progress["planned_steps"]
+    assert "beats base" in progress["reason"] and "private decision" in progress["reason"]
 
     # -- the privacy ledger, over HTTP and through loractl
     r = d.request("GET", _path(ADAPTER, "privacy"))
@@ -177,12 +169,15 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     assert state["budget_left"] == pytest.approx(BUDGET - state["epsilon_spent"])
     assert state["noise"] == "secure" and state["accountant"] == "rdp"
     (run,) = state["runs"]
-    n = run["examples"]
+    n = run["examples"]  # the private estimate the run was planned from
     assert 0.6 * N_EXAMPLES < n < N_EXAMPLES  # the held-out split is not trained on
     assert state["delta"] == run["delta"] == default_delta(n) < 1 / n
     assert run["status"] == "completed"
-    assert run["steps_charged"] == run["steps_done"] == run["planned_steps"] == STEPS
-    assert run["q"] == pytest.approx(80 / n) and run["clip_norm"] == CLIP_NORM and run["sigma"] > 0.5
+    defaults = AdapterTrainingConfig()
+    assert run["steps_charged"] == run["steps_done"] == run["planned_steps"] == progress["planned_steps"]
+    assert run["q"] == pytest.approx(defaults.batch_size / n, rel=0.01) and run["clip_norm"] == defaults.clip_norm
+    assert run["sigma"] > 0.5
+    assert [m["what"] for m in run["mechanisms"]] == ["example_count", "validation_gate"]
     started = datetime.datetime.fromisoformat(run["started_at"])
     ended = datetime.datetime.fromisoformat(run["ended_at"])
     assert started <= ended <= datetime.datetime.now(datetime.timezone.utc)
@@ -191,11 +186,10 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     assert 0 < run["energy_joules"] <= watts * ((ended - started).total_seconds() + 1.0)
     assert state["energy_joules"] == run["energy_joules"]
     # Anyone can recompute ε from the record alone.
-    recomputed = epsilon(runs=[RunCharge(q=run["q"], sigma=run["sigma"], steps=run["steps_charged"])],
-                         delta=run["delta"], accountant=run["accountant"])
+    recomputed = epsilon(runs=run_charges(run), delta=run["delta"], accountant=run["accountant"])
     assert recomputed == pytest.approx(state["epsilon_spent"], rel=1e-12)
-    # σ was calibrated to spend (nearly) the whole budget in this one run.
-    assert state["epsilon_spent"] > BUDGET - 0.05
+    # σ was calibrated to spend (nearly) the whole budget in this one run (budget_fraction 1).
+    assert state["epsilon_spent"] > BUDGET - 0.1
     everyone = d.request("GET", f"/v2/models/{MODEL}/privacy").json()
     assert [s["adapter"] for s in everyone] == [ADAPTER] and everyone[0] == state
 

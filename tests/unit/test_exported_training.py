@@ -94,7 +94,7 @@ def test_trained_version_of_an_exported_model_survives_a_restart(tmp_path: Path)
     batch = _batch(onnx.load(str(DATA / "encoder_dynamo_17.onnx")), 40, seed=3, classes=4)
     for i in range(40):
         env.store.add("alice", {k: batch[k][i] for k in ("input_ids", "attention_mask")}, batch["labels"][i])
-    run = TrainingRun(env, "alice", run_config(steps=6, validation_margin=100.0))
+    run = TrainingRun(env, "alice", run_config(steps=6, validation_margin=-100.0))
     run.begin()
     result = run.execute()
     env.ledger.close()

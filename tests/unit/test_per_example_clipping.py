@@ -183,3 +183,26 @@ def test_gemm_and_2d_inputs_match_batch_of_one_reference(tmp_path: Path) -> None
     clip_norm = float(np.median(norms))
     want, _ = _reference_clipped_sum(session, batch, clip_norm)
     _assert_close(session.gradient(batch, clip_norm=clip_norm), want)
+
+
+def test_non_finite_example_counts_as_zero_instead_of_poisoning_the_sum(tmp_path: Path) -> None:
+    # A finite but huge input makes this example's gradient inf: before the in-graph
+    # drop, its clip factor was C/inf = 0 and 0·inf = NaN spread to every parameter.
+    config = ArtifactConfig(targets=("fc*.weight",), rank=2, alpha=2.0, loss="mse")
+    artifacts = build_artifacts(_mlp_model(), config, cache_dir=tmp_path)
+    session = _Session(artifacts, seed=13)
+    rng = np.random.default_rng(14)
+    batch = {
+        "x": rng.standard_normal((4, 6)).astype(np.float32),
+        "target": rng.standard_normal((4, 3)).astype(np.float32),
+    }
+    poisoned = {k: v.copy() for k, v in batch.items()}
+    poisoned["x"][2] = 3e38
+    clean = {k: np.delete(v, 2, axis=0) for k, v in batch.items()}
+    got = session.gradient(poisoned, clip_norm=1.0)
+    assert all(np.all(np.isfinite(g)) for g in got.values())
+    _assert_close(got, session.gradient(clean, clip_norm=1.0))
+    nan_target = {k: v.copy() for k, v in batch.items()}
+    nan_target["target"][0] = np.nan
+    _assert_close(session.gradient(nan_target, clip_norm=1.0),
+                  session.gradient({k: v[1:] for k, v in batch.items()}, clip_norm=1.0))

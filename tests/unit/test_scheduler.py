@@ -237,7 +237,9 @@ def test_training_yields_to_serving(tmp_path: Path) -> None:
     config = parse_trainer_section({
         "testing": True, "noise": "seeded", "schedule": False, "niceness": 10,
         "defaults": {"rank": 4, "alpha": 8, "noise_multiplier": 1.0, "batch_size": 8, "steps": 30,
-                     "epochs": None, "target_epsilon": 100, "validation_margin": 100, "learning_rate": 0.01},
+                     "epochs": None, "target_epsilon": 100, "validation_margin": -100, "learning_rate": 0.01,
+                     "min_train_examples": 1, "min_holdout_examples": 1, "gate_noise_multiplier": 1.0,
+                     "budget_fraction": 1.0},
     })
     assert config.isolate and config.sched_idle and config.intra_op_threads == 1
     trainer = TrainerService(config, adapters=service, state_dir=tmp_path, proc_root=tmp_path / "proc",

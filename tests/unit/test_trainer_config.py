@@ -115,24 +115,32 @@ def test_plan_from_batch_size_and_epochs() -> None:
     assert plan.sigma == 1.1 and plan.delta == 1e-5 and plan.examples == 1000
 
 
-def test_plan_calibrates_sigma_like_make_private_with_epsilon() -> None:
+def test_plan_spends_the_budget_fraction_with_count_and_gate_queries() -> None:
     c = AdapterTrainingConfig(sampling_rate=0.02, batch_size=None, steps=200, epochs=None,
-                              target_epsilon=3.0, runs_per_budget=2)
+                              target_epsilon=3.0, budget_fraction=0.5)
     plan = c.plan(5000)
-    spent = epsilon(runs=[RunCharge(q=plan.q, sigma=plan.sigma, steps=plan.steps * 2)],
+    queries = [RunCharge(q=1.0, sigma=s, steps=1) for _, s in plan.mechanisms]
+    assert {w for w, _ in plan.mechanisms} == {"example_count", "validation_gate"}
+    spent = epsilon(runs=[*queries, RunCharge(q=plan.q, sigma=plan.sigma, steps=plan.steps)],
                     delta=plan.delta, accountant="rdp")
-    assert 3.0 - 0.01 <= spent <= 3.0
-    # Two runs like it fit the budget, a third would not.
-    three = epsilon(runs=[RunCharge(q=plan.q, sigma=plan.sigma, steps=plan.steps * 3)],
-                    delta=plan.delta, accountant="rdp")
-    assert three > 3.0
+    assert 1.5 - 0.015 <= spent <= 1.5
+    # The next run spends half of what is left, on top of what the first one charged.
+    second = c.plan(5000, prior=[*queries, RunCharge(q=plan.q, sigma=plan.sigma, steps=plan.steps)],
+                    ledger_delta=plan.delta)
+    both = epsilon(runs=[*queries, *queries, RunCharge(q=plan.q, sigma=plan.sigma, steps=plan.steps),
+                         RunCharge(q=second.q, sigma=second.sigma, steps=second.steps)],
+                   delta=plan.delta, accountant="rdp")
+    assert 2.25 - 0.02 <= both <= 2.25
 
 
-def test_plan_refuses_large_delta_and_no_data() -> None:
+def test_plan_refuses_large_delta_and_too_few_examples() -> None:
     with pytest.raises(ValueError, match="not below 1/n"):
         AdapterTrainingConfig(delta=0.01, noise_multiplier=1.0).plan(100)
-    with pytest.raises(ValueError, match="at least one training example"):
-        AdapterTrainingConfig(noise_multiplier=1.0).plan(0)
+    with pytest.raises(ValueError, match="too few examples.*nothing was charged"):
+        AdapterTrainingConfig(noise_multiplier=1.0).check_enough(99, 30)
+    with pytest.raises(ValueError, match="20 held-out"):
+        AdapterTrainingConfig(noise_multiplier=1.0).check_enough(300, 2)
+    AdapterTrainingConfig(noise_multiplier=1.0).check_enough(100, 20)
 
 
 def test_dataclass_is_validated_when_built() -> None:

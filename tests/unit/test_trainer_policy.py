@@ -109,7 +109,7 @@ def test_adapter_rules(tmp_path: Path) -> None:
     policy = _policy(_probe(tmp_path), min_new_examples=10)
     assert policy.adapter(new_examples=10, train_examples=8, budget_left=None).allowed
     few = policy.adapter(new_examples=3, train_examples=8, budget_left=1.0)
-    assert not few.allowed and "3 new examples (needs 10)" in few.reasons
+    assert not few.allowed and "fewer new examples than min_new_examples (10)" in few.reasons
     spent = policy.adapter(new_examples=50, train_examples=40, budget_left=0.0)
     assert spent.reasons == ("privacy budget spent",)
     assert not policy.adapter(new_examples=50, train_examples=0, budget_left=1.0).allowed

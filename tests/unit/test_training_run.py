@@ -67,7 +67,10 @@ def test_run_charges_first_trains_and_installs(env: TrainerEnv) -> None:
     assert (result.status, result.run_id, result.steps_done, result.version) == ("accepted", run_id, 12, 1)
     final = _only_run(env)
     assert (final["status"], final["steps_charged"], final["steps_done"]) == ("completed", 12, 12)
-    expected = epsilon(runs=[RunCharge(q=final["q"], sigma=0.5, steps=12)], delta=final["delta"], accountant="rdp")
+    # The 12 steps, the private count of the examples (σ 5) and the gate's decision (σ 1).
+    assert final["mechanisms"] == [{"what": "example_count", "sigma": 5.0}, {"what": "validation_gate", "sigma": 1.0}]
+    expected = epsilon(runs=[RunCharge(q=final["q"], sigma=0.5, steps=12), RunCharge(q=1.0, sigma=5.0, steps=1),
+                             RunCharge(q=1.0, sigma=1.0, steps=1)], delta=final["delta"], accountant="rdp")
     assert result.epsilon_spent == pytest.approx(expected)
     assert env.ledger.state("alice").epsilon_spent == pytest.approx(expected)
 
@@ -78,6 +81,14 @@ def test_run_charges_first_trains_and_installs(env: TrainerEnv) -> None:
     assert [p.steps_done for p in progress if p.phase == "training"][-1] == 12
     assert progress[-1].phase == "done" and progress[-1].epsilon == pytest.approx(expected)
     assert not (env.state_dir / "runs" / "alice").exists()
+    # ε so far is what the steps it names cost, queries included (main said 0.0 until the
+    # last step of a run shorter than 10 s).
+    for p in progress:
+        assert p.epsilon_steps <= p.steps_done and p.epsilon > 0
+        assert p.epsilon == pytest.approx(epsilon(
+            runs=[*([RunCharge(q=final["q"], sigma=0.5, steps=p.epsilon_steps)] if p.epsilon_steps else []),
+                  RunCharge(q=1.0, sigma=5.0, steps=1), RunCharge(q=1.0, sigma=1.0, steps=1)],
+            delta=final["delta"], accountant="rdp"))
 
 
 def test_budget_refusal_trains_nothing(env: TrainerEnv) -> None:
@@ -103,7 +114,7 @@ def test_a_reset_ledger_is_refused_while_trained_versions_remain(env: TrainerEnv
 
 
 def test_calibrated_sigma_fits_the_budget(env: TrainerEnv) -> None:
-    run = TrainingRun(env, "alice", run_config(noise_multiplier=None, target_epsilon=4.0))
+    run = TrainingRun(env, "alice", run_config(noise_multiplier=None, target_epsilon=4.0, gate_noise_multiplier=10.0))
     run.begin()
     assert run.plan is not None and run.plan.sigma > 0.5
     assert env.ledger.state("alice").epsilon_spent <= 4.0
@@ -262,7 +273,7 @@ def test_crash_between_end_run_and_install_finishes_without_training(env: Traine
             return getattr(self.real, name)
 
     crashing = TrainerEnv(**{**env.__dict__, "service": _CrashingInstall(env.service)})  # type: ignore[arg-type]
-    run = TrainingRun(crashing, "alice", run_config(validation_margin=10.0))
+    run = TrainingRun(crashing, "alice", run_config(validation_margin=-10.0))
     run_id = run.begin()
     with pytest.raises(_Crash):
         run.execute()
@@ -305,7 +316,7 @@ def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path) -> None:
     env = make_env(tmp_path / "in-process", make_service(tmp_path / "in-process"), seed=seed)
     x = inputs(60, seed=1)
     fill_store(env.store, "alice", x, labelled_by(env.service, teacher(env.service), x))
-    in_process = TrainingRun(env, "alice", run_config(validation_margin=1e9))
+    in_process = TrainingRun(env, "alice", run_config(validation_margin=-1e9))
     in_process.begin()
     assert in_process.execute().status == "accepted"
     expected = env.service.inspect("alice")
@@ -317,7 +328,7 @@ def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path) -> None:
     try:
         x = inputs(60, seed=1)
         fill_store(isolated_env.store, "alice", x, labelled_by(other, teacher(other), x))
-        run = TrainingRun(isolated_env, "alice", run_config(validation_margin=1e9))
+        run = TrainingRun(isolated_env, "alice", run_config(validation_margin=-1e9))
         run.begin()
         assert run.execute().status == "accepted"
         a = env.service.cache.lease
@@ -328,3 +339,29 @@ def test_isolated_process_trains_the_same_as_in_process(tmp_path: Path) -> None:
     finally:
         isolated_env.ledger.close()
         isolated_env.store.close()
+
+
+def test_cancel_while_validating_releases_nothing_and_keeps_the_charge(env: TrainerEnv) -> None:
+    control = RunControl()
+
+    class _CancelDuringGate:
+        """The serving side, with a cancel arriving while the gate scores."""
+
+        def __init__(self, real: AdapterService) -> None:
+            self.real = real
+
+        def infer(self, *args: object, **kwargs: object) -> object:
+            control.cancel()
+            return self.real.infer(*args, **kwargs)  # type: ignore[arg-type]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    cancelling = TrainerEnv(**{**env.__dict__, "service": _CancelDuringGate(env.service)})  # type: ignore[arg-type]
+    run = TrainingRun(cancelling, "alice", run_config(), control=control)
+    run.begin()
+    result = run.execute()
+    assert result.status == "cancelled" and "before release" in result.reason
+    assert env.service.registry.current_version("alice") is None
+    record = _only_run(env)
+    assert (record["status"], record["steps_charged"]) == ("completed", 12)  # the charge stays

@@ -37,23 +37,22 @@ def test_accepts_better_rejects_worse(service: AdapterService, metric: str) -> N
     x = inputs(80, seed=3)
     holdout = _examples(x, labelled_by(service, good, x))
     better = validate_candidate(service, "alice", good, holdout, metric=metric, loss="cross_entropy",
-                                output=None, margin=0.0)
+                                output=None, margin=0.0, noise=None, noise_multiplier=0.0)
     assert better.accepted and better.baseline == "base" and better.examples == 80
     # Once the teacher is the served version, a scrambled candidate is compared with it.
     service.install("alice", good)
     worse = validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric,
-                               loss="cross_entropy", output=None, margin=0.0)
+                               loss="cross_entropy", output=None, margin=0.0, noise=None, noise_multiplier=0.0)
     assert not worse.accepted and worse.baseline == "v1" and worse.baseline_version == 1
     assert "by more than margin 0" in worse.reason
-    # A margin wide enough lets the worse one through.
-    gap = abs(worse.candidate_score - worse.baseline_score)
+    # A negative margin wide enough lets the worse one through.
     assert validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric, loss="cross_entropy",
-                              output=None, margin=gap + 1e-6).accepted
+                              output=None, margin=-2.0, noise=None, noise_multiplier=0.0).accepted
 
 
 def test_no_holdout_is_a_rejection(service: AdapterService) -> None:
     gate = validate_candidate(service, "alice", teacher(service), [], metric="loss", loss="cross_entropy",
-                              output=None, margin=1.0)
+                              output=None, margin=1.0, noise=None, noise_multiplier=0.0)
     assert not gate.accepted and gate.reason == "no held-out examples to validate on"
 
 
@@ -61,7 +60,7 @@ def test_reason_never_carries_the_private_scores(service: AdapterService, tmp_pa
     x = inputs(20, seed=4)
     holdout = _examples(x, labelled_by(service, None, x))
     gate = validate_candidate(service, "alice", _scrambled(service), holdout, metric="loss",
-                              loss="cross_entropy", output=None, margin=0.0)
+                              loss="cross_entropy", output=None, margin=0.0, noise=None, noise_multiplier=0.0)
     assert not gate.accepted
     assert f"{gate.candidate_score:.2}"[:4] not in gate.reason
     where = keep_rejected(tmp_path / "rejected" / "alice" / "3", _scrambled(service), gate, run_id=3)
@@ -113,3 +112,37 @@ def test_first_version_compares_with_the_base_model(tmp_path: Path, service: Ada
         env.ledger.close()
         env.store.close()
 
+
+
+def test_one_extreme_held_out_example_moves_the_decision_statistic_by_at_most_the_clip(
+        service: AdapterService) -> None:
+    # Before the gate was private, one held-out example with a huge loss under the
+    # candidate decided accept/reject alone (the mean loss carried it).
+    good = teacher(service)
+    x = inputs(30, seed=8)
+    holdout = _examples(x, labelled_by(service, good, x))
+    without = validate_candidate(service, "alice", good, holdout, metric="loss", loss="cross_entropy",
+                                 output=None, margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
+    extreme = Example(999, "alice", {"x": x[0] * 1e4}, np.asarray((int(holdout[0].label) + 1) % 5), 0.0)
+    with_it = validate_candidate(service, "alice", good, [*holdout, extreme], metric="loss", loss="cross_entropy",
+                                 output=None, margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
+    assert abs(with_it.noisy_sum - without.noisy_sum) <= 0.5 + 1e-9
+    assert without.accepted and with_it.accepted
+
+
+def test_the_gate_decision_is_noised_and_charged_to_the_ledger(tmp_path: Path, service: AdapterService) -> None:
+    env = make_env(tmp_path, service)
+    try:
+        good = teacher(service)
+        x = inputs(60, seed=9)
+        fill_store(env.store, "alice", x, labelled_by(service, good, x))
+        run = TrainingRun(env, "alice", run_config(steps=2, gate_noise_multiplier=7.0))
+        run.begin()
+        (record,) = env.ledger.state("alice").runs
+        # Charged before the first step, with the count query, before any gate ran.
+        assert {m["what"]: m["sigma"] for m in record["mechanisms"]}["validation_gate"] == 7.0
+        result = run.execute()
+        assert "private decision, σ 7" in result.reason
+    finally:
+        env.ledger.close()
+        env.store.close()

@@ -74,7 +74,8 @@ def make_env(root: Path, service: AdapterService, *, seed: int = 0, isolate: boo
 def run_config(**changes: Any) -> AdapterTrainingConfig:
     settings: dict[str, Any] = dict(
         rank=RANK, alpha=8.0, noise_multiplier=0.5, batch_size=8.0, epochs=None, steps=12,
-        learning_rate=0.01, target_epsilon=100.0, validation_margin=10.0, checkpoint_every=5,
+        learning_rate=0.01, target_epsilon=100.0, validation_margin=-10.0, checkpoint_every=5,
+        min_train_examples=1, min_holdout_examples=1, gate_noise_multiplier=1.0, budget_fraction=1.0,
     )
     settings.update(changes)
     return AdapterTrainingConfig(**settings)

@@ -1,0 +1,50 @@
+"""The aarch64 job: lorad installed with ``pip install .`` in an emulated arm64 Debian 12.
+
+``.ci/setup`` builds the chroot once (qemu-user through binfmt_misc, debootstrap from
+Debian's archive) and later runs reuse it; ``.ci/arm64/job`` installs this checkout into
+a venv inside it and runs ``probe.py`` there against the installed ``lorad``. The same
+probe runs on the host, and the two architectures must agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).with_name("probe.py")
+
+pytestmark = [pytest.mark.arm64, pytest.mark.timeout(3600)]
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"the probe printed no JSON object:\n{stdout}"
+    doc: dict[str, Any] = json.loads(lines[-1])
+    return doc
+
+
+def test_arm64_install_serves_and_trains_like_x86_64() -> None:
+    arm = subprocess.run(
+        [str(REPO / ".ci/arm64/chroot"), "run", "/src/.ci/arm64/job"],
+        capture_output=True, text=True, timeout=3300,
+    )
+    assert arm.returncode == 0, f"the arm64 job failed ({arm.returncode}):\n{arm.stdout}\n{arm.stderr[-20000:]}"
+    host = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert host.returncode == 0, host.stderr
+    a, h = _last_json(arm.stdout), _last_json(host.stdout)
+
+    assert a["machine"] == "aarch64"
+    assert a["exit_code"] == 0 and h["exit_code"] == 0
+    assert set(a["logits"]) == set(h["logits"]) == {"base", "mirror", "plus-one", "invert"}
+    for name in h["logits"]:
+        np.testing.assert_allclose(a["logits"][name], h["logits"][name], atol=1e-4, err_msg=name)
+    # Each adapter changes the answer, so the comparison covers four distinct computations.
+    for name in ("mirror", "plus-one", "invert"):
+        assert not np.allclose(h["logits"][name], h["logits"]["base"], atol=1e-2), name

@@ -97,6 +97,8 @@ CASES = [
          opset=18),
     Case("reduce_sum_all", [n("ReduceSum", ["a"], keepdims=0)], {"a": (2, 3)}, ["y"]),
     Case("reduce_sum_axes", [n("ReduceSum", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}),
+    Case("clip", [n("Clip", ["a", "lo", "hi"])], {"a": (3, 4)}, ["y"], {"lo": np.array(-0.5), "hi": np.array(0.7)}),
+    Case("clip_lower_only", [n("Clip", ["a", "lo"])], {"a": (3, 4)}, ["y"], {"lo": np.array(0.1)}),
     Case("where", [n("Where", ["c", "a", "b"])], {"a": (2, 3), "b": (3,)}, ["y"],
          {"c": np.asarray([[True, False, True], [False, False, True]])}),
     Case("cast_identity_dropout", [n("Cast", ["a"], "c", to=TensorProto.DOUBLE), n("Identity", ["c"], "i"),

@@ -458,6 +458,16 @@ def _where(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: 
     return [None, ga, gb]
 
 
+def _clip(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:
+    """y = min(max(x, lo), hi): the gradient passes where x was not clipped (y == x);
+    the bounds (constants in the graphs lorad trains, e.g. an L2 normalisation's ε) get none."""
+    g = gouts[0]
+    assert g is not None
+    x = node.input[0]
+    kept = e.op("Cast", [e.op("Equal", [x, node.output[0]])], to=e.elem_type(x))
+    return [e.op("Mul", [g, kept])] + [None] * (len(node.input) - 1)
+
+
 def _sqrt(e: Emitter, x: str, y: str) -> str:
     return e.op("Div", [e.scalar_like(0.5, x), y])
 
@@ -479,7 +489,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("", "Unsqueeze"): _reshape_back, ("", "Transpose"): _transpose, ("", "Expand"): _expand,
     ("", "Concat"): _concat, ("", "Split"): _split, ("", "Slice"): _slice, ("", "Gather"): _gather,
     ("", "ReduceMean"): _reduce, ("", "ReduceSum"): _reduce,
-    ("", "Where"): _where,
+    ("", "Where"): _where, ("", "Clip"): _clip,
 }
 
 

@@ -96,6 +96,8 @@ CASES = [
     Case("reduce_mean_18", [n("ReduceMean", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1, 0)},
          opset=18),
     Case("reduce_sum_all", [n("ReduceSum", ["a"], keepdims=0)], {"a": (2, 3)}, ["y"]),
+    Case("reduce_l2_keep", [n("ReduceL2", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}, opset=18),
+    Case("reduce_l2_drop", [n("ReduceL2", ["a"], axes=[1], keepdims=0)], {"a": (2, 3, 4)}, ["y"]),
     Case("reduce_sum_axes", [n("ReduceSum", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}),
     Case("clip", [n("Clip", ["a", "lo", "hi"])], {"a": (3, 4)}, ["y"], {"lo": np.array(-0.5), "hi": np.array(0.7)}),
     Case("clip_lower_only", [n("Clip", ["a", "lo"])], {"a": (3, 4)}, ["y"], {"lo": np.array(0.1)}),

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .lora_graph import LoraTarget
+from .module_paths import linear_weight_resolver
 from .onnx_compat import for_runtime
 
 __all__ = ["FusedLayout", "make_fused_inference_graph"]
@@ -108,14 +109,23 @@ def make_fused_inference_graph(
         for name in node.input:
             consumers[name].append(node)
 
-    linear = [n for n in graph.node if n.op_type in _LINEAR_OPS and len(n.input) > 1 and n.input[1] in by_weight]
+    # A target's node reads its weight directly or through a Transpose (TorchScript's
+    # layout at opset 20): the resolver the target search used finds both.
+    resolve = linear_weight_resolver(graph)
+    weight_of: dict[int, str] = {}
+    for n in graph.node:
+        found = resolve(n)
+        if found is not None and found[0] in by_weight:
+            weight_of[id(n)] = found[0]
+    linear = [n for n in graph.node if id(n) in weight_of]
     uses: dict[str, int] = defaultdict(int)
     for n in linear:
-        uses[n.input[1]] += 1
+        uses[weight_of[id(n)]] += 1
     # Group the nodes of once-used weights by (input, op); others stand alone.
     keyed: dict[tuple[str, ...], list[onnx.NodeProto]] = defaultdict(list)
     for n in linear:
-        key = (n.input[0], n.op_type) if uses[n.input[1]] == 1 else (n.input[0], n.op_type, n.name or str(id(n)), n.input[1])
+        w = weight_of[id(n)]
+        key = (n.input[0], n.op_type) if uses[w] == 1 else (n.input[0], n.op_type, n.name or str(id(n)), w)
         keyed[key].append(n)
 
     groups: list[_Group] = []
@@ -124,18 +134,19 @@ def make_fused_inference_graph(
     first_of_group: dict[int, onnx.NodeProto] = {}
     existing = {i.name for i in graph.input} | set(inits)
     for k, nodes in enumerate(keyed.values()):
-        weights = tuple(n.input[1] for n in nodes)
+        weights = tuple(weight_of[id(n)] for n in nodes)
         group_rank = rank * len(weights)
         a_input = f"lora.fused.{k}.A"
         xa = f"lora.fused/{k}/xA"
         groups.append(_Group(a_input, weights, by_weight[weights[0]].in_features))
         graph.input.append(helper.make_tensor_value_info(a_input, TensorProto.FLOAT, [by_weight[weights[0]].in_features, group_rank]))
         for i, n in enumerate(nodes):
-            b_input = f"lora.fused.{n.input[1]}.B" if uses[n.input[1]] == 1 else f"lora.fused.{k}.{n.input[1]}.B"
+            w = weight_of[id(n)]
+            b_input = f"lora.fused.{w}.B" if uses[w] == 1 else f"lora.fused.{k}.{w}.B"
             if b_input not in b_inputs:
-                b_inputs[b_input] = (n.input[1], i * rank, group_rank, by_weight[n.input[1]].out_features)
+                b_inputs[b_input] = (w, i * rank, group_rank, by_weight[w].out_features)
                 graph.input.append(helper.make_tensor_value_info(
-                    b_input, TensorProto.FLOAT, [group_rank, by_weight[n.input[1]].out_features]))
+                    b_input, TensorProto.FLOAT, [group_rank, by_weight[w].out_features]))
             group_of[id(n)] = (xa, b_input)
         first_of_group[id(nodes[0])] = helper.make_node("MatMul", [nodes[0].input[0], a_input], [xa], name=xa)
     for name in (*(g.a_input for g in groups), *b_inputs):
@@ -153,7 +164,7 @@ def make_fused_inference_graph(
         if id(node) not in group_of:
             continue
         xa, b_input = group_of[id(node)]
-        target = by_weight[node.input[1]]
+        target = by_weight[weight_of[id(node)]]
         prefix = f"lora.fused/{index}/{target.weight}"
         new_nodes.extend(_fold(node, target, xa, b_input, prefix, consumers, inits, outputs, ranks, removed))
     del graph.node[:]

@@ -10,7 +10,7 @@ with a 16-class head, LoRA rank 8 on q, k, v, o and both FFN linears of all 6 la
   plus binding its 72 device tensors into the request's I/O binding, alternating two adapters;
 - ``infer_p99_ms_seq128``: p99 of AdapterService.infer with an adapter, batch 1, 128 tokens;
 - ``nondp_step_ms`` / ``dp_step_ms`` / ``dp_overhead_ratio``: one step of lorad's trainer
-  (ORT training backend) at batch 8, 32 tokens, plain vs DP; ``peak_rss_mb``: peak RSS of a
+  (the default backend: portable on plain onnxruntime) at batch 8, 32 tokens, plain vs DP; ``peak_rss_mb``: peak RSS of a
   child process running such training steps;
 - ``opacus_step_ms`` / ``dp_vs_opacus_ratio``: the same model, LoRA and batch in torch with
   PEFT + Opacus, when torch and opacus are importable here or ``--torch-python`` names an
@@ -117,16 +117,19 @@ def measure_serving(model: onnx.ModelProto, *, quick: bool, threads: int) -> dic
 
 def _steppers(model: onnx.ModelProto, cache: Path) -> tuple[Any, Any]:
     from trainer.artifacts import ArtifactConfig, build_artifacts
-    from trainer.dp_step import DPSettings, DPStepper
+    from trainer.backends import open_stepper, resolve_backend
+    from trainer.dp_step import DPSettings
     from trainer.noise import SecureNoise
+
+    backend = resolve_backend("auto")  # the daemon's default: portable on any onnxruntime
 
     def artifacts(private: bool) -> Any:
         cfg = ArtifactConfig(targets=TARGETS, rank=RANK, alpha=2.0 * RANK, output="logits", private=private)
-        return build_artifacts(model, cfg, cache_dir=cache)
+        return build_artifacts(model, cfg, cache_dir=cache, backend=backend)
 
-    plain = DPStepper(artifacts(False), learning_rate=1e-3, dp=None, noise=None, expected_batch_size=TRAIN_BATCH)
-    private = DPStepper(artifacts(True), learning_rate=1e-3, noise=SecureNoise(),
-                        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=TRAIN_BATCH))
+    plain = open_stepper(artifacts(False), learning_rate=1e-3, dp=None, noise=None, expected_batch_size=TRAIN_BATCH)
+    private = open_stepper(artifacts(True), learning_rate=1e-3, noise=SecureNoise(),
+                           dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=TRAIN_BATCH))
     return plain, private
 
 

@@ -42,9 +42,10 @@ def test_arm64_install_serves_and_trains_like_x86_64() -> None:
 
     assert a["machine"] == "aarch64"
     assert a["exit_code"] == 0 and h["exit_code"] == 0
-    assert set(a["logits"]) == set(h["logits"]) == {"base", "mirror", "plus-one", "invert"}
+    assert a["run"]["status"] == h["run"]["status"] == "accepted", (a["run"], h["run"])
+    assert set(a["logits"]) == set(h["logits"]) == {"base", "mirror", "plus-one", "invert", "plus-one-dp"}
     for name in h["logits"]:
         np.testing.assert_allclose(a["logits"][name], h["logits"][name], atol=1e-4, err_msg=name)
-    # Each adapter changes the answer, so the comparison covers four distinct computations.
-    for name in ("mirror", "plus-one", "invert"):
+    # Each adapter changes the answer, so the comparison covers five distinct computations.
+    for name in ("mirror", "plus-one", "invert", "plus-one-dp"):
         assert not np.allclose(h["logits"][name], h["logits"]["base"], atol=1e-2), name

@@ -8,6 +8,8 @@ graph in float64.
 
 from __future__ import annotations
 
+import zlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +32,8 @@ class Case:
     consts: dict[str, np.ndarray] = field(default_factory=dict)
     positive: tuple[str, ...] = ()  # inputs drawn from (0.5, 1.5)
     opset: int = 17
-    #: ONNX's reference Erf is accurate to ~1e-7 only: its differences need a longer step.
+    #: ONNX's reference Erf is accurate to ~1e-7 only: its differences need a longer step
+    #: (5e-3: the truncation error, ~h²·f'''/6, stays below rtol; over 200 seeds, 1e-3 failed 55 times, 5e-3 never).
     fd_step: float = 1e-6
     rtol: float = 1e-6
 
@@ -65,14 +68,14 @@ CASES = [
     Case("softmax_last", [n("Softmax", ["a"], axis=-1)], {"a": (2, 3, 4)}, ["y"]),
     Case("softmax_mid", [n("Softmax", ["a"], axis=1)], {"a": (2, 3, 4)}, ["y"]),
     Case("log_softmax", [n("LogSoftmax", ["a"], axis=-1)], {"a": (2, 5)}, ["y"]),
-    Case("erf", [n("Erf", ["a"])], {"a": (2, 3)}, ["y"], fd_step=1e-3, rtol=2e-5),
+    Case("erf", [n("Erf", ["a"])], {"a": (2, 3)}, ["y"], fd_step=5e-3, rtol=2e-5),
     Case("tanh", [n("Tanh", ["a"])], {"a": (2, 3)}, ["y"]),
     Case("relu", [n("Relu", ["a"])], {"a": (3, 4)}, ["y"]),
     Case("sigmoid", [n("Sigmoid", ["a"])], {"a": (3, 4)}, ["y"]),
     Case("exp_log_neg_recip", [n("Exp", ["a"], "e"), n("Log", ["b"], "l"), n("Add", ["e", "l"], "s"),
                                n("Reciprocal", ["b"], "r"), n("Neg", ["r"], "nr"), n("Add", ["s", "nr"])],
          {"a": (2, 3), "b": (2, 3)}, ["y"], positive=("b",)),
-    Case("gelu_exact", [n("Gelu", ["a"])], {"a": (2, 5)}, ["y"], opset=20, fd_step=1e-3, rtol=2e-5),
+    Case("gelu_exact", [n("Gelu", ["a"])], {"a": (2, 5)}, ["y"], opset=20, fd_step=5e-3, rtol=2e-5),
     Case("gelu_tanh", [n("Gelu", ["a"], approximate="tanh")], {"a": (2, 5)}, ["y"], opset=20),
     Case("reshape", [n("Reshape", ["a", "shape"])], {"a": (2, 3, 4)}, ["y"], {"shape": i64(0, -1)}),
     Case("transpose", [n("Transpose", ["a"], perm=[2, 0, 1])], {"a": (2, 3, 4)}, ["y"]),
@@ -93,7 +96,11 @@ CASES = [
     Case("reduce_mean_18", [n("ReduceMean", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1, 0)},
          opset=18),
     Case("reduce_sum_all", [n("ReduceSum", ["a"], keepdims=0)], {"a": (2, 3)}, ["y"]),
+    Case("reduce_l2_keep", [n("ReduceL2", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}, opset=18),
+    Case("reduce_l2_drop", [n("ReduceL2", ["a"], axes=[1], keepdims=0)], {"a": (2, 3, 4)}, ["y"]),
     Case("reduce_sum_axes", [n("ReduceSum", ["a", "ax"], keepdims=1)], {"a": (2, 3, 4)}, ["y"], {"ax": i64(-1)}),
+    Case("clip", [n("Clip", ["a", "lo", "hi"])], {"a": (3, 4)}, ["y"], {"lo": np.array(-0.5), "hi": np.array(0.7)}),
+    Case("clip_lower_only", [n("Clip", ["a", "lo"])], {"a": (3, 4)}, ["y"], {"lo": np.array(0.1)}),
     Case("where", [n("Where", ["c", "a", "b"])], {"a": (2, 3), "b": (3,)}, ["y"],
          {"c": np.asarray([[True, False, True], [False, False, True]])}),
     Case("cast_identity_dropout", [n("Cast", ["a"], "c", to=TensorProto.DOUBLE), n("Identity", ["c"], "i"),
@@ -175,7 +182,8 @@ def _finite_differences(case: Case, feeds: dict[str, np.ndarray], seeds: dict[st
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_rule_matches_finite_differences(case: Case) -> None:
-    rng = np.random.default_rng(abs(hash(case.name)) % 2**32)
+    # A stable seed: str hashes differ per process (PYTHONHASHSEED), so a run is reproducible.
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     feeds = _inputs(case, rng)
     out_shapes = ReferenceEvaluator(_model(case, np.float64)).run(case.outputs, feeds)
     seeds = {o: rng.normal(size=np.shape(v)) for o, v in zip(case.outputs, out_shapes)}

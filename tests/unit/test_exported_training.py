@@ -29,6 +29,9 @@ CASES = {
     "bert_optimum_17": ("query", "value", "classifier"),
 }
 
+# The ORT training-API backend: these run in .venv-ort-training (the README's test command).
+pytestmark = pytest.mark.ort_training
+
 
 def _batch(model: onnx.ModelProto, n: int, seed: int, classes: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -437,9 +437,15 @@ def _reduce(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need:
     if axes == []:  # noop_with_empty_axes: the identity
         return [g] + [None] * (len(node.input) - 1)
     axes = sorted(a + rank if a < 0 else a for a in (axes if axes is not None else range(rank)))
+    y = node.output[0]
     if not _int_attr(node, "keepdims", 1):
         g = e.unsqueeze(g, axes)
+        y = e.unsqueeze(y, axes)
+    if node.op_type == "ReduceL2":  # y = √Σx²: dy/dx = x / y (an L2 normalisation's norm)
+        g = e.op("Div", [g, y])
     spread = e.op("Expand", [g, e.shape(x)])
+    if node.op_type == "ReduceL2":
+        spread = e.op("Mul", [spread, x])
     if node.op_type == "ReduceMean":
         count = e.op("Div", [e.op("Cast", [e.op("Size", [x])], to=e.elem_type(x)),
                              e.op("Cast", [e.op("Size", [node.output[0]])], to=e.elem_type(x))])
@@ -456,6 +462,16 @@ def _where(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: 
     ga = e.sum_to(e.op("Where", [cond, g, zero]), dims, a) if need[1] else None
     gb = e.sum_to(e.op("Where", [cond, zero, g]), dims, b) if need[2] else None
     return [None, ga, gb]
+
+
+def _clip(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:
+    """y = min(max(x, lo), hi): the gradient passes where x was not clipped (y == x);
+    the bounds (constants in the graphs lorad trains, e.g. an L2 normalisation's ε) get none."""
+    g = gouts[0]
+    assert g is not None
+    x = node.input[0]
+    kept = e.op("Cast", [e.op("Equal", [x, node.output[0]])], to=e.elem_type(x))
+    return [e.op("Mul", [g, kept])] + [None] * (len(node.input) - 1)
 
 
 def _sqrt(e: Emitter, x: str, y: str) -> str:
@@ -478,8 +494,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("", "Reshape"): _reshape_back, ("", "Flatten"): _reshape_back, ("", "Squeeze"): _reshape_back,
     ("", "Unsqueeze"): _reshape_back, ("", "Transpose"): _transpose, ("", "Expand"): _expand,
     ("", "Concat"): _concat, ("", "Split"): _split, ("", "Slice"): _slice, ("", "Gather"): _gather,
-    ("", "ReduceMean"): _reduce, ("", "ReduceSum"): _reduce,
-    ("", "Where"): _where,
+    ("", "ReduceMean"): _reduce, ("", "ReduceSum"): _reduce, ("", "ReduceL2"): _reduce,
+    ("", "Where"): _where, ("", "Clip"): _clip,
 }
 
 

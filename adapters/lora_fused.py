@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .lora_graph import LoraTarget
+from .lora_graph import LoraTarget, tensor_ranks
 from .module_paths import linear_weight_resolver
 from .onnx_compat import for_runtime
 
@@ -82,15 +82,6 @@ class FusedLayout:
         return out
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    ranks: dict[str, int] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    return ranks
-
-
 def make_fused_inference_graph(
     model: onnx.ModelProto, targets: Sequence[LoraTarget], *, rank: int
 ) -> tuple[onnx.ModelProto, FusedLayout]:
@@ -101,7 +92,7 @@ def make_fused_inference_graph(
     derived.CopyFrom(model)
     graph = derived.graph
     by_weight = {t.weight: t for t in targets}
-    ranks = _ranks(model)
+    ranks = tensor_ranks(model)
     inits = {i.name: i for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)

@@ -33,6 +33,7 @@ __all__ = [
     "lora_input_names",
     "make_inference_graph",
     "make_training_graph",
+    "tensor_ranks",
     "per_example_name",
 ]
 
@@ -205,7 +206,7 @@ def make_training_graph(
     derived.CopyFrom(model)
     graph = derived.graph
     existing = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    ranks = _input_ranks(model)
+    ranks = tensor_ranks(model)
     for t in targets:
         if t.weight not in init:
             raise ValueError(f"no initial LoRA weights for target {t.weight!r}")
@@ -238,7 +239,8 @@ def make_training_graph(
     return for_runtime(derived)
 
 
-def _input_ranks(model: onnx.ModelProto) -> dict[str, int]:
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor whose shape inference knows it."""
     inferred = onnx.shape_inference.infer_shapes(model)
     ranks: dict[str, int] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:

@@ -73,6 +73,7 @@ from adapters.lora_graph import (
 from adapters.onnx_compat import for_runtime
 
 from ._ort_training import load as _load_ort_training
+from ._graph_prune import drop_unused
 from .ort_gradients import gradient_error, prepare_for_gradients
 
 __all__ = [
@@ -399,7 +400,8 @@ def _generate(
         _clip_noise_scale(training, trainable)
     else:
         _scale_only(training, trainable)
-    _drop_dead_nodes(training.graph)
+    # e.g. what fed the replaced ReduceSums
+    drop_unused(training.graph)
     onnx.checker.check_model(training)
     onnx.save(for_runtime(training), os.fspath(directory / "training_model.onnx"))
     for name in ("eval_model.onnx", "optimizer_model.onnx"):
@@ -666,16 +668,3 @@ def _row_block(numel: int) -> int:
     return block
 
 
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Remove nodes whose outputs nothing uses (e.g. what fed the replaced ReduceSums)."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -41,6 +41,7 @@ from adapters.lora import LoraWeights
 from adapters.lora_graph import LoraTarget, lora_input_names, make_training_graph
 from adapters.onnx_compat import for_runtime
 
+from ._graph_prune import drop_unused
 from .autodiff import Emitter, backward, graph_constants, infer_tensor_infos
 
 __all__ = [
@@ -206,18 +207,7 @@ def _model_like(template: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.Model
 
 def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop nodes and initializers nothing uses (the eval graph shares the step's constants)."""
-    graph = model.graph
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused(model.graph)
     return model
 
 

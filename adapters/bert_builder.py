@@ -12,7 +12,7 @@ so PEFT adapters trained on the torch model load unchanged (PEFT module ``m`` is
 of torch's ``[out, in]``) under that name, as the inputs of plain ``MatMul`` nodes.
 
 The tokenizer (``tokenizer.json``), its token limit and the head's label names travel in the
-model's ``metadata_props`` (see :mod:`adapters.text_input`), so one ``.onnx`` file is all a
+model's ``metadata_props`` (see :mod:`lorad.adapters.text_input`), so one ``.onnx`` file is all a
 device needs.
 """
 
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx

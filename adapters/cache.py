@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
-from adapters.errors import CacheFullError
+from lorad.adapters.errors import CacheFullError
 
 __all__ = ["AdapterCache", "CacheItem", "CacheEntryInfo", "CacheStats", "CacheEvent"]
 

@@ -9,8 +9,8 @@ slot as any adapter. The slot rank bounds the total rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

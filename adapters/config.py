@@ -1,7 +1,7 @@
-"""The ``model:`` and ``cache:`` sections: what :class:`~adapters.engine.InferenceEngine` and
-:class:`~adapters.cache.AdapterCache` are built from.
+"""The ``model:`` and ``cache:`` sections: what :class:`~lorad.adapters.engine.InferenceEngine` and
+:class:`~lorad.adapters.cache.AdapterCache` are built from.
 
-Frozen pydantic models (:class:`~adapters.config_types.ConfigModel`); sizes in bytes
+Frozen pydantic models (:class:`~lorad.adapters.config_types.ConfigModel`); sizes in bytes
 (written ``64MiB`` etc. in the file), everything else in the units its name says.
 """
 
@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, Name, NonEmptyStr, StrTuple
+from lorad.adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, Name, NonEmptyStr, StrTuple
 
 __all__ = ["ModelConfig", "CacheConfig", "Device"]
 

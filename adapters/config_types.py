@@ -19,8 +19,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import annotated_types
 from pydantic import (
@@ -37,7 +38,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue
 
-from adapters.names import NAME_ALLOWED, NAME_RULE, is_name
+from lorad.adapters.names import NAME_ALLOWED, NAME_RULE, is_name
 
 __all__ = [
     "ConfigError",
@@ -182,7 +183,7 @@ def _name(value: object) -> str:
     return value
 
 
-#: An adapter, model, device or group name (:mod:`adapters.names`).
+#: An adapter, model, device or group name (:mod:`lorad.adapters.names`).
 Name = Annotated[str, BeforeValidator(_name), WithJsonSchema({"type": "string", "pattern": NAME_RULE})]
 
 

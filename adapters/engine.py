@@ -1,6 +1,6 @@
 """The inference engine: one ONNX Runtime session serves the base model and every adapter.
 
-The session runs the fused inference graph of :mod:`adapters.lora_fused`. An adapter is turned
+The session runs the fused inference graph of :mod:`lorad.adapters.lora_fused`. An adapter is turned
 once into a :class:`PreparedAdapter` (checked against the base model, zero-padded to the
 slot rank, scale folded into B, copied to the device) so that switching adapters between
 requests costs no I/O and no conversion. Requests without an adapter feed zero matrices,
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -212,4 +212,4 @@ class InferenceEngine:
         for name in self._output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))

@@ -3,16 +3,16 @@
 Orientation follows the ONNX graph, not torch: for a target weight ``W`` of shape
 ``[in, out]`` (as used by ``MatMul(x, W)``), ``A`` is ``[in, r]`` and ``B`` is ``[r, out]``,
 so the adapted output is ``x·W + scale·(x·A)·B``. PEFT stores the transposes
-(``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``); :mod:`adapters.peft_format`
+(``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``); :mod:`lorad.adapters.peft_format`
 converts.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class LoraAdapter:
 
     ``weights`` is keyed by ONNX weight (initializer) name. ``base_fingerprint`` is the
     fingerprint of the base model the adapter was made for
-    (:func:`adapters.lora_graph.fingerprint`).
+    (:func:`lorad.adapters.lora_graph.fingerprint`).
     """
 
     rank: int

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -120,7 +121,7 @@ def _banked_path(
 
 
 class PreparedLike(Protocol):
-    """What the banks read of an :class:`adapters.engine.PreparedAdapter`."""
+    """What the banks read of an :class:`lorad.adapters.engine.PreparedAdapter`."""
 
     @property
     def matrices(self) -> Mapping[str, tuple[np.ndarray, np.ndarray]]: ...
@@ -234,4 +235,4 @@ class AdapterBanks:
         for name in self._output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))

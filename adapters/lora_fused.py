@@ -2,7 +2,7 @@
 
 At batch 1 an ONNX Runtime CPU kernel costs a few microseconds whatever its size, so the
 LoRA overhead of the plain form (two MatMuls and an Add per target, see
-:func:`adapters.lora_graph.make_inference_graph`) is mostly kernel count. This form is
+:func:`lorad.adapters.lora_graph.make_inference_graph`) is mostly kernel count. This form is
 the same arithmetic with fewer kernels:
 
 * **shared A product**: targets whose linear nodes read the same input (q, k and v of an
@@ -21,8 +21,9 @@ each target's (A, scale·B) padded to the slot rank.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx

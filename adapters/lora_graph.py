@@ -9,14 +9,15 @@ One base graph is the source of truth. From it we derive
   trainable initializers.
 
 Targets are chosen by module path, as PEFT's ``target_modules`` chooses modules, with the
-paths :mod:`adapters.module_paths` recovers from the graph (or by ONNX weight name).
+paths :mod:`lorad.adapters.module_paths` recovers from the graph (or by ONNX weight name).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -216,7 +217,7 @@ def make_training_graph(
                 f"initial LoRA weights of {t.weight!r} have A {w.A.shape}, B {w.B.shape}; "
                 f"the target needs A [{t.in_features}, r], B [r, {t.out_features}]"
             )
-        for name, value in zip(lora_input_names(t.weight), (w.A, w.B)):
+        for name, value in zip(lora_input_names(t.weight), (w.A, w.B), strict=True):
             if name in existing:
                 raise ValueError(f"model already has a tensor named {name!r}")
             graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))

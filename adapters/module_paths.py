@@ -30,8 +30,8 @@ import ast
 import fnmatch
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 from onnx import TensorProto, helper

@@ -4,7 +4,7 @@ An adapter is two files: ``adapter_model.safetensors`` (``<prefix><module>.lora_
 ``[r, in]`` and ``<prefix><module>.lora_B.weight`` ``[out, r]``, torch orientation) and
 ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
 ``fan_in_fan_out``). Which ONNX weight a PEFT module is, and which module name a weight is
-written under, the caller says (the served model's :class:`adapters.module_paths.ModulePaths`);
+written under, the caller says (the served model's :class:`lorad.adapters.module_paths.ModulePaths`);
 without it, module ``m`` is weight ``m.weight``.
 
 lorad records the base-model fingerprint in the safetensors header metadata
@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError

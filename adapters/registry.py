@@ -35,9 +35,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
-from adapters.errors import AdapterNotFoundError, AdapterStorageError
-from adapters.fsutil import atomic_replace_dir, atomic_write_bytes, fsync_dir
-from adapters.names import NAME_RULE
+from lorad.adapters.errors import AdapterNotFoundError, AdapterStorageError
+from lorad.adapters.fsutil import atomic_replace_dir, atomic_write_bytes, fsync_dir
+from lorad.adapters.names import NAME_RULE
 
 __all__ = ["AdapterRegistry", "StoredAdapter", "NAME_RULE", "FILE_NAME_RULE", "META_FILE"]
 
@@ -271,7 +271,7 @@ class AdapterRegistry:
                 )
             path = stored.path / filename
             with _storage_errors(f"cannot read {path}"):
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 - opened under the error mapping, closed by the with below
         with f, _storage_errors(f"cannot read {path}"):
             data, digest = self._read_limited(f, path)
         if digest != stored.sha256[filename]:

@@ -9,9 +9,10 @@ sees the new version, a running request keeps the one it started with.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class AdapterService:
         """Lease what a request runs with for as long as the block lasts.
 
         ``None`` is the base model; a name is that adapter's current version; a sequence
-        of :class:`AdapterWeight` is their exact weighted sum (:mod:`adapters.composition`),
+        of :class:`AdapterWeight` is their exact weighted sum (:mod:`lorad.adapters.composition`),
         each part leased at its current version, so a hot swap never tears a composition.
         """
         if adapter is None:
@@ -147,9 +148,9 @@ class AdapterService:
             raise ValueError(f"a composition names each adapter once, got {names}")
         with ExitStack() as stack:
             parts = [stack.enter_context(self.cache.lease(t.name)) for t in adapter]
-            composite = compose([(p.adapter, t.weight) for p, t in zip(parts, adapter)], slot_rank=self.engine.rank)
+            composite = compose([(p.adapter, t.weight) for p, t in zip(parts, adapter, strict=True)], slot_rank=self.engine.rank)
             prepared = self.engine.prepare(composite, name="+".join(names), version=0)
-            uses = tuple(AdapterUse(p.name, p.version, t.weight) for p, t in zip(parts, adapter))
+            uses = tuple(AdapterUse(p.name, p.version, t.weight) for p, t in zip(parts, adapter, strict=True))
             yield Serving(prepared, None, None, uses)
 
     def _load_current(self, name: str) -> PreparedAdapter:

@@ -1,6 +1,6 @@
 """The text front step of a model that declares a tokenizer: strings in, token tensors out.
 
-A model built by :mod:`adapters.bert_builder` carries its ``tokenizer.json``, its token
+A model built by :mod:`lorad.adapters.bert_builder` carries its ``tokenizer.json``, its token
 limit and its label names in ONNX ``metadata_props``; config values may override each. For
 such a model the served interface is one ``BYTES`` input ``text`` of shape ``[N]``
 (UTF-8 strings) instead of the encoder's token tensors, and the outputs gain ``label``
@@ -13,9 +13,10 @@ every bad string is a :class:`TextInputError` (an HTTP 400) naming which one and
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import median_seconds
 
 
 def step_ms(*, batch: int, seq: int, rank: int, classes: int, repeats: int) -> float:

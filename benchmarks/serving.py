@@ -18,24 +18,24 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.lora_graph import LoraTarget
-from adapters.peft_format import dump_peft
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
 from benchmarks.concurrency import measure_large_requests, measure_mixed
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from benchmarks.timing import best_medians
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.lora_graph import LoraTarget
+from lorad.adapters.peft_format import dump_peft
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 
 RANK = 8
 COLD_ADAPTER_BYTES = 1 << 20

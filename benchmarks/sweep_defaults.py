@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.dp_tasks import tasks, train_and_score
-from trainer.config import AdapterTrainingConfig
+from lorad.trainer.config import AdapterTrainingConfig
 
 _LEARNING_RATES = {"adamw": (0.003, 0.01, 0.03, 0.1), "sgd": (0.1, 0.3, 1.0, 3.0)}
 _CLIP_NORMS = (0.1, 1.0)

@@ -47,13 +47,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from adapters.engine import InferenceEngine
-from adapters.lora_graph import per_example_name
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from benchmarks.timing import best_medians, median_seconds
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from trainer.artifacts import (
+from benchmarks.timing import best_medians, median_seconds
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_graph import per_example_name
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.trainer.artifacts import (
     CLIP_NORM_INPUT,
     GRAD_SCALE_INPUT,
     NOISE_INPUT,
@@ -62,11 +62,11 @@ from trainer.artifacts import (
     TrainingArtifacts,
     build_artifacts,
 )
-from trainer.backends import open_stepper
-from trainer.dp_step import DPSettings
-from trainer.noise import SecureNoise
-from trainer.portable_graph import GRAD_OUTPUT, per_example_flat
-from trainer.stepper_process import StepperProcess
+from lorad.trainer.backends import open_stepper
+from lorad.trainer.dp_step import DPSettings
+from lorad.trainer.noise import SecureNoise
+from lorad.trainer.portable_graph import GRAD_OUTPUT, per_example_flat
+from lorad.trainer.stepper_process import StepperProcess
 
 RANK = 8
 BATCHES = (16, 64)
@@ -108,8 +108,8 @@ def measure_steps(model: onnx.ModelProto, cache: Path, backends: tuple[Backend, 
         fns = {}
         for backend in backends:
             plain, private = _steppers(model, cache, backend, batch, threads=0)
-            fns[f"{backend}/plain"] = (lambda s=plain: s.step(data))
-            fns[f"{backend}/private"] = (lambda s=private: s.step(data))
+            fns[f"{backend}/plain"] = (lambda s=plain, d=data: s.step(d))
+            fns[f"{backend}/private"] = (lambda s=private, d=data: s.step(d))
         best = {k: v * 1e3 for k, v in best_medians(fns, n, rounds=rounds).items()}
         for backend in backends:
             plain_ms, dp_ms = best[f"{backend}/plain"], best[f"{backend}/private"]

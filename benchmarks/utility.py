@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.dp_tasks import Task, base_accuracy, tasks, train_and_score
-from trainer.config import AdapterTrainingConfig
+from lorad.trainer.config import AdapterTrainingConfig
 
 _EPSILONS = (1.0, 3.0, 8.0)
 
@@ -52,14 +52,14 @@ def _mean(task: Task, config: AdapterTrainingConfig, seeds: range, *, private: b
 
 def _audit(task: Task, config: AdapterTrainingConfig, canaries: int) -> dict[str, Any]:
     """The audit on the task's examples in a throw-away trainer environment."""
-    from adapters.engine import InferenceEngine
-    from adapters.registry import AdapterRegistry
-    from adapters.service import AdapterService
-    from trainer.audit import audit_adapter
-    from trainer.example_store import ExampleStore
-    from trainer.ledger import PrivacyLedger
-    from trainer.noise import SecureNoise
-    from trainer.run import TrainerEnv
+    from lorad.adapters.engine import InferenceEngine
+    from lorad.adapters.registry import AdapterRegistry
+    from lorad.adapters.service import AdapterService
+    from lorad.trainer.audit import audit_adapter
+    from lorad.trainer.example_store import ExampleStore
+    from lorad.trainer.ledger import PrivacyLedger
+    from lorad.trainer.noise import SecureNoise
+    from lorad.trainer.run import TrainerEnv
 
     root = Path(tempfile.mkdtemp(prefix="lorad-utility-audit-"))
     service = AdapterService(InferenceEngine(task.model, targets=task.targets, rank=task.rank),
@@ -69,7 +69,7 @@ def _audit(task: Task, config: AdapterTrainingConfig, canaries: int) -> dict[str
     ledger = PrivacyLedger(root / "ledger.json")
     try:
         name = service.engine.inputs[0].name
-        for x, y in zip(task.x_train, task.y_train):
+        for x, y in zip(task.x_train, task.y_train, strict=True):
             store.add("audit", {name: x}, np.asarray(int(y), np.int64))
         # Every example is training data here (the gate is not audited).
         env = TrainerEnv(service=service, store=store, ledger=ledger, state_dir=root, noise=SecureNoise(),

@@ -17,35 +17,35 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from adapters.engine import DEVICES
-from adapters.errors import AdapterError
-from adapters.fsutil import atomic_write_bytes
-from adapters.peft_format import read_peft_dir
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from daemon import auth
-from daemon.batching import make_batcher
-from daemon.config import ADDR_FILE, Config
-from daemon.demo import demo_adapter_dirs
-from daemon.http_api import ApiSettings, make_app, protected
-from daemon.metrics import DaemonMetrics
-from daemon.ota_wiring import start_ota
-from daemon.power import NoSource, PowerSampler, detect_source
-from daemon.preflight import StartupError, model_file, open_engine, text_front_end
-from daemon.systemd import SystemdNotifier
-from daemon.training_api import add_training_routes
-from daemon.version import lorad_version
-from trainer.metrics import register_trainer_metrics
-from trainer.policy import RateMeter
-from trainer.service import TrainerService
+from lorad.adapters.engine import DEVICES
+from lorad.adapters.errors import AdapterError
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.peft_format import read_peft_dir
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon import auth
+from lorad.daemon.batching import make_batcher
+from lorad.daemon.config import ADDR_FILE, Config
+from lorad.daemon.demo import demo_adapter_dirs
+from lorad.daemon.http_api import ApiSettings, make_app, protected
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.ota_wiring import start_ota
+from lorad.daemon.power import NoSource, PowerSampler, detect_source
+from lorad.daemon.preflight import StartupError, model_file, open_engine, text_front_end
+from lorad.daemon.systemd import SystemdNotifier
+from lorad.daemon.training_api import add_training_routes
+from lorad.daemon.version import lorad_version
+from lorad.trainer.metrics import register_trainer_metrics
+from lorad.trainer.policy import RateMeter
+from lorad.trainer.service import TrainerService
 
 __all__ = ["Daemon", "BoundAddresses", "StartupError", "run"]
 

@@ -12,7 +12,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from adapters.fsutil import atomic_write_bytes
+from lorad.adapters.fsutil import atomic_write_bytes
 
 __all__ = ["AuthError", "ensure_token", "read_token", "check_bearer"]
 

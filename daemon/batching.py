@@ -2,7 +2,7 @@
 
 Requests that arrive together are gathered for at most ``max_wait_us`` and up to
 ``max_rows`` rows, concatenated along the batch dimension, run once over the banked
-graph of :mod:`adapters.lora_banks` (each row with its own adapter slot; base-model
+graph of :mod:`lorad.adapters.lora_banks` (each row with its own adapter slot; base-model
 rows use the zero slot) and split back. A lone request does not wait: the batcher waits
 only while other requests are on their way (:meth:`MicroBatcher.expect`), and a batch of
 one runs on the engine's single-adapter graph.
@@ -18,15 +18,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 
-from adapters.engine import InferenceEngine, PreparedAdapter
-from adapters.lora_banks import AdapterBanks
-from daemon.config import BatchingConfig
+from lorad.adapters.engine import InferenceEngine, PreparedAdapter
+from lorad.adapters.lora_banks import AdapterBanks
+from lorad.daemon.config import BatchingConfig
 
 __all__ = ["MicroBatcher", "make_batcher"]
 
@@ -63,7 +63,7 @@ def _split(outputs: Mapping[str, np.ndarray], rows: list[int]) -> list[dict[str,
             )
         k = value.shape[0] // total
         offset = 0
-        for part, n in zip(parts, rows):
+        for part, n in zip(parts, rows, strict=True):
             part[name] = value[offset * k : (offset + n) * k]
             offset += n
     return parts
@@ -202,7 +202,7 @@ class MicroBatcher:
             slots = np.concatenate([np.full(i.rows, s, np.int64) for i, s in batch])
             outputs = self.banks.run(inputs, slots)
             parts = _split(outputs, [i.rows for i, _ in batch])
-            for (item, _), part in zip(batch, parts):
+            for (item, _), part in zip(batch, parts, strict=True):
                 item.future.set_result(part)
         except BaseException as e:  # every waiting request gets the error
             for item, _ in batch:

@@ -19,17 +19,18 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
-from adapters.errors import AdapterError
-from daemon.auth import AuthError
-from daemon.config import Config, ConfigError, config_schema, load_config
-from daemon.systemd import setup_logging
-from daemon.version import lorad_version, ort_version
-from trainer.errors import TrainerError
+from lorad.adapters.errors import AdapterError
+from lorad.daemon.auth import AuthError
+from lorad.daemon.config import Config, ConfigError, config_schema, load_config
+from lorad.daemon.ctl.output import console_main, fail
+from lorad.daemon.systemd import setup_logging
+from lorad.daemon.version import lorad_version, ort_version
+from lorad.trainer.errors import TrainerError
 
 __all__ = ["main", "build_parser", "config_from_args", "effective_config"]
 
@@ -115,13 +116,17 @@ def effective_config(config: Config) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return console_main(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect-model":
         return _inspect_model(args.model, as_json=args.json)
     if args.command == "import-model":
         return _import_model(args.src, args.out)
     if args.command == "install-service":
-        from daemon.install_service import InstallPlan, default_prefix, install_service
+        from lorad.daemon.install_service import InstallPlan, default_prefix, install_service
 
         prefix = args.prefix.absolute() if args.prefix is not None else default_prefix()
         try:
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if args.command == "check-config":
-            from daemon.preflight import StartupError, check_startable  # ORT: only to check or serve
+            from lorad.daemon.preflight import StartupError, check_startable  # ORT: only to check or serve
 
             try:
                 check_startable(config)
@@ -155,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     logging_to = setup_logging(config.log_level)
-    from daemon.app import run  # the runtime (ORT, aiohttp) is only needed to serve
+    from lorad.daemon.app import run  # the runtime (ORT, aiohttp) is only needed to serve
 
     try:
         asyncio.run(run(config, reload_config=lambda: config_from_args(args)))
@@ -168,20 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _inspect_model(path: Path, *, as_json: bool) -> int:
-    from daemon.inspect_model import inspect_model, render, to_json
+    from lorad.daemon.inspect_model import inspect_model, render, to_json
 
     try:
         report = inspect_model(path)
     except ValueError as e:
-        print(f"lorad: inspect-model: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("lorad", EXIT_USAGE, f"inspect-model: {e}", as_json=as_json)
     print(to_json(report) if as_json else render(report))
     return EXIT_OK
 
 
 def _import_model(src: Path, out: Path) -> int:
-    from adapters.bert_builder import import_bert_dir
-    from adapters.fsutil import atomic_write_bytes
+    from lorad.adapters.bert_builder import import_bert_dir
+    from lorad.adapters.fsutil import atomic_write_bytes
 
     try:
         model = import_bert_dir(src)

@@ -1,8 +1,8 @@
 """The daemon's configuration: one YAML file, one typed and frozen :class:`Config`.
 
 Each package owns the section of its part, a frozen pydantic model with defaults, units
-and descriptions: ``model:`` and ``cache:`` in :mod:`adapters.config`, ``trainer:`` in
-:mod:`trainer.config`, ``ota:`` in :mod:`ota.config`, ``power:`` in :mod:`daemon.power.config`.
+and descriptions: ``model:`` and ``cache:`` in :mod:`lorad.adapters.config`, ``trainer:`` in
+:mod:`lorad.trainer.config`, ``ota:`` in :mod:`lorad.ota.config`, ``power:`` in :mod:`lorad.daemon.power.config`.
 This module owns only what the process itself needs (``server:``, ``metrics:``,
 ``log_level``, ``state_dir``) and composes the
 sections into :class:`Config`. A new section is one model in its package and one field
@@ -18,30 +18,31 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import platformdirs
 import yaml
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
-from adapters.config import CacheConfig, ModelConfig
-from adapters.config_types import (
+from lorad.adapters.config import CacheConfig, ModelConfig
+from lorad.adapters.config_types import (
     ByteSize,
     ConfigError,
     ConfigModel,
     ConfigPath,
     NonEmptyStr,
-    got,
     StatePath,
+    got,
     parse_byte_size,
     show,
     validate_value,
 )
-from daemon.demo import DEMO_RANK, DEMO_TARGETS
-from daemon.power.config import PowerConfig
-from ota.config import OtaConfig
-from trainer.config import TrainerConfig
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS
+from lorad.daemon.power.config import PowerConfig
+from lorad.ota.config import OtaConfig
+from lorad.trainer.config import TrainerConfig
 
 __all__ = [
     "ConfigError",

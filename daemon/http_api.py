@@ -11,36 +11,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-import importlib.metadata
 import json
 import logging
 import math
 import socket
 import tarfile
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from adapters.errors import (
+from lorad.adapters.composition import AdapterWeight
+from lorad.adapters.errors import (
     AdapterNotFoundError,
     AdapterStorageError,
     CacheFullError,
     InvalidAdapterError,
 )
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from adapters.composition import AdapterWeight
-from adapters.service import AdapterService, InferResult, Serving
-from daemon import auth, oip
-from daemon.batching import MicroBatcher
-from daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
-from daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from lorad.adapters.service import AdapterService, InferResult, Serving
+from lorad.daemon import auth, oip
+from lorad.daemon.batching import MicroBatcher
+from lorad.daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
+from lorad.daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from lorad.daemon.version import lorad_version
 
 __all__ = [
     "ApiSettings", "make_app", "protected", "HttpError", "json_response", "read_body",
@@ -50,15 +51,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("lorad")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"  # running from a source tree that was never installed
-
-
 SERVER_NAME = "lorad"
-SERVER_VERSION = _package_version()
+SERVER_VERSION = lorad_version()
 #: Name of the adapter-management extension in the server metadata.
 EXTENSION = "lorad_adapters"
 #: The files an adapter upload may carry (Hugging Face PEFT layout).
@@ -80,7 +74,7 @@ class HttpError(Exception):
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """What the handlers need besides the request; built once by :mod:`daemon.app`."""
+    """What the handlers need besides the request; built once by :mod:`lorad.daemon.app`."""
 
     service: AdapterService
     metrics: DaemonMetrics

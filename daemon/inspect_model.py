@@ -1,6 +1,6 @@
 """``lorad inspect-model MODEL.onnx``: what lorad can put LoRA on, and under which names.
 
-For every LoRA-able weight (a MatMul/Gemm weight, see :mod:`adapters.module_paths`): its
+For every LoRA-able weight (a MatMul/Gemm weight, see :mod:`lorad.adapters.module_paths`): its
 ONNX name, the module path lorad recovered and from where, its shape and layout, and the
 ``model.targets`` entry that selects it, PEFT style. A weight without a recovered path
 says why; PEFT adapters cannot name it until ``model.weight_names`` maps it.
@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from adapters.module_paths import LinearWeight, ModulePaths
+from lorad.adapters.module_paths import LinearWeight, ModulePaths
 
 __all__ = ["inspect_model", "render", "to_json"]
 
@@ -65,7 +65,7 @@ def render(report: dict[str, Any]) -> str:
         table.append((r["weight"], r["module"] or "(not recovered)", r["source"] or "-", r["op"],
                       "x".join(map(str, r["shape"])), r["layout"], r["target"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table]
     for r in rows:
         if r["note"]:
             lines.append(f"note: {r['weight']}: {r['note']}")

@@ -17,10 +17,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["InstallPlan", "default_prefix", "install_service", "render_unit", "systemd_version", "NOTIFY_RELOAD_SINCE"]
 
@@ -65,7 +65,7 @@ def _stdout(argv: list[str]) -> str:
 
 
 def _template(name: str) -> str:
-    return resources.files("daemon.service").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("lorad.daemon.service").joinpath(name).read_text(encoding="utf-8")
 
 
 def render_unit(*, user: str, exec_path: Path, systemd: int | None) -> str:

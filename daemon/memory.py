@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["LARGE_BODY_BYTES", "trim_after_large_request"]
 

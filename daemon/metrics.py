@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    GCCollector,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -34,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from daemon.power import PHASES, NoSource, PowerSampler
+from lorad.daemon.power import PHASES, NoSource, PowerSampler
 
 __all__ = ["CacheStatsLike", "DaemonMetrics", "CONTENT_TYPE", "LATENCY_BUCKETS", "BASE_LABEL", "OTHER_LABEL"]
 
@@ -50,7 +51,7 @@ _log = logging.getLogger(__name__)
 
 
 class CacheStatsLike(Protocol):
-    """What the metrics read of :class:`adapters.cache.CacheStats`."""
+    """What the metrics read of :class:`lorad.adapters.cache.CacheStats`."""
 
     @property
     def hits(self) -> int: ...
@@ -283,7 +284,7 @@ class DaemonMetrics:
         self.backend_degraded.set(0 if requested == active else 1)
 
     def on_cache_event(self, event: str, name: str) -> None:
-        """``on_event`` hook of :class:`adapters.cache.AdapterCache`: counts hot swaps."""
+        """``on_event`` hook of :class:`lorad.adapters.cache.AdapterCache`: counts hot swaps."""
         if event == "swap":
             self.adapter_swaps.inc()
 

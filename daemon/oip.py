@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -333,7 +334,7 @@ def _decode_shape(name: str, shape: object, spec_shape: Sequence[int]) -> list[i
     want = "[" + ", ".join("N" if d < 0 else str(d) for d in spec_shape) + "]"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise OIPError(f"input {name!r}: 'shape' must be an array of non-negative integers like {want}")
-    if len(shape) != len(spec_shape) or any(s >= 0 and d != s for d, s in zip(shape, spec_shape)):
+    if len(shape) != len(spec_shape) or any(s >= 0 and d != s for d, s in zip(shape, spec_shape, strict=True)):
         raise OIPError(f"input {name!r}: shape {shape} does not match the model's shape {want}")
     return shape
 

@@ -1,6 +1,6 @@
 """The device side of OTA inside the daemon: transport, client, commands, status, metrics.
 
-:func:`start_ota` is called by :class:`daemon.app.Daemon` once the adapter service
+:func:`start_ota` is called by :class:`lorad.daemon.app.Daemon` once the adapter service
 exists. It registers each teardown on the daemon's exit stack right after the setup it
 undoes, so they run in reverse: the status thread stops, the OTA worker finishes its
 cycle, the device says ``offline`` (the broker's Last Will says it for an unclean exit),
@@ -20,20 +20,20 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
-from adapters.service import AdapterService
-from daemon.config import Config
-from daemon.metrics import DaemonMetrics
-from daemon.preflight import ota_transport, read_ota_material
-from ota.client import OtaClient, UpdateResult
-from ota.config import ClientConfig, OtaConfig, OtaPolicy
-from ota.errors import TransportError
-from ota.metrics import OtaMetrics
-from ota.transport import MqttTransport
-from trainer.policy import SystemProbe
+from lorad.adapters.service import AdapterService
+from lorad.daemon.config import Config
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.preflight import ota_transport, read_ota_material
+from lorad.ota.client import OtaClient, UpdateResult
+from lorad.ota.config import ClientConfig, OtaConfig, OtaPolicy
+from lorad.ota.errors import TransportError
+from lorad.ota.metrics import OtaMetrics
+from lorad.ota.transport import MqttTransport
+from lorad.trainer.policy import SystemProbe
 
 __all__ = ["OtaRuntime", "start_ota", "install_gate"]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from tuf.api.metadata import Metadata, Root
 
-from adapters.engine import InferenceEngine
-from adapters.text_input import TextFrontEnd, TextSetupError
-from daemon.config import Config
-from daemon.demo import demo_model_path
-from ota.config import OtaConfig
-from ota.errors import TransportError
-from ota.status import will_for
-from ota.transport import MqttTransport
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.text_input import TextFrontEnd, TextSetupError
+from lorad.daemon.config import Config
+from lorad.daemon.demo import demo_model_path
+from lorad.ota.config import OtaConfig
+from lorad.ota.errors import TransportError
+from lorad.ota.status import will_for
+from lorad.ota.transport import MqttTransport
 
 __all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "read_ota_material", "check_startable"]
 

@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Callable, Mapping
 
 __all__ = ["SystemdNotifier", "setup_logging", "under_systemd"]
 

@@ -1,9 +1,9 @@
 """HTTP routes of the trainer and the serving-rate probe.
 
-Wiring (in :mod:`daemon.app`) is a few lines: :class:`daemon.config.Config` holds the
-``trainer`` section (:class:`trainer.config.TrainerConfig`); build a
-:class:`trainer.service.TrainerService`, call :func:`add_training_routes` on the app and
-:func:`trainer.metrics.register_trainer_metrics` on the metrics registry.
+Wiring (in :mod:`lorad.daemon.app`) is a few lines: :class:`lorad.daemon.config.Config` holds the
+``trainer`` section (:class:`lorad.trainer.config.TrainerConfig`); build a
+:class:`lorad.trainer.service.TrainerService`, call :func:`add_training_routes` on the app and
+:func:`lorad.trainer.metrics.register_trainer_metrics` on the metrics registry.
 
 Routes (``A`` = ``/v2/models/{model}/adapters/{adapter}``), as the rest of the API:
 JSON in and out, ``{"error": ...}`` on failure, state changes need the bearer token,
@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from aiohttp import web
 
-from daemon import oip
-from daemon.http_api import HttpError, json_response, read_body
-from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
-from trainer.scheduler import TrainingConflictError
-from trainer.service import TrainerService, TrainingUnavailableError
+from lorad.daemon import oip
+from lorad.daemon.http_api import HttpError, json_response, read_body
+from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
+from lorad.trainer.scheduler import TrainingConflictError
+from lorad.trainer.service import TrainerService, TrainingUnavailableError
 
 __all__ = ["add_training_routes"]
 

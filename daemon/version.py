@@ -1,17 +1,16 @@
-"""lorad's version, from the installed distribution's metadata (one place: pyproject.toml)."""
+"""lorad's version (one source, ``lorad.__version__``, which pyproject.toml reads too) and ONNX Runtime's."""
 
 from __future__ import annotations
 
 from importlib import metadata
 
+from lorad import __version__
+
 __all__ = ["lorad_version", "ort_version"]
 
 
 def lorad_version() -> str:
-    try:
-        return metadata.version("lorad")
-    except metadata.PackageNotFoundError:  # run from a source tree without installing
-        return "0+unknown"
+    return __version__
 
 
 def ort_version() -> str:

@@ -22,16 +22,17 @@ import os
 import pwd
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from adapters.fsutil import atomic_write_bytes
+from lorad.adapters.fsutil import atomic_write_bytes
 
 from .transport import TOPIC_ROOT
 
@@ -127,7 +128,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_key: ec.EllipticCurvePrivateKey,
           issuer: x509.Name | None, *, days: int, ca: bool = False,
           server_names: Sequence[str] = ()) -> bytes:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())

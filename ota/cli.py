@@ -1,16 +1,16 @@
 """``loractl fleet ...``: the fleet operator's tools (root of trust, publish, keys, status,
 commands, rollouts, broker set-up).
 
-:func:`register` has the signature of a ``loractl`` command group (``daemon.ctl.GROUPS``);
-its handlers take ``(args, ctx)`` and ignore the daemon connection. ``python -m ota.cli``
+:func:`register` has the signature of a ``loractl`` command group (``lorad.daemon.ctl.GROUPS``);
+its handlers take ``(args, ctx)`` and ignore the daemon connection. ``python -m lorad.ota.cli``
 runs the same commands without the daemon's CLI. Every command prints a table, or one
 JSON object with ``--json``. What the commands share (exit codes, broker and adapter
-arguments, the broker session) is in :mod:`ota.cli_support`.
+arguments, the broker session) is in :mod:`lorad.ota.cli_support`.
 
 Nothing is signed before everything needed to send it is known good: the adapter is
 read and checked, then the broker is reached and its index read, then the repository
 is changed; a failure before the send puts the repository back byte for byte
-(:class:`ota.undo.DirUndo`). A send that fails half-way leaves the signed metadata in
+(:class:`lorad.ota.undo.DirUndo`). A send that fails half-way leaves the signed metadata in
 the repository and says so; the next ``fleet push`` sends it.
 
 Exit codes (:data:`EXIT_CODES`):
@@ -29,14 +29,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from adapters.errors import AdapterError
+from lorad.adapters.errors import AdapterError
 
-from .cli_support import (EXIT_BROKER, EXIT_CODES, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CliError, FleetSession,
-                          ModelLoader, ModelSection, add_adapter_args, add_broker_args, connect_broker, fleet_view,
-                          load_adapter, open_repo, table)
+from .cli_support import (
+    EXIT_BROKER,
+    EXIT_CODES,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    FleetSession,
+    ModelLoader,
+    ModelSection,
+    add_adapter_args,
+    add_broker_args,
+    connect_broker,
+    fleet_view,
+    load_adapter,
+    open_repo,
+    table,
+)
 from .errors import OtaError, TransportError
 from .repository import FleetRepository, RepoSettings
 from .status import DeviceStatus, FleetView
@@ -323,7 +339,10 @@ def _broker_table(d: dict[str, Any]) -> str:
 def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]], fmt: Formatter) -> Callable[[argparse.Namespace, Any], int]:
     def handler(args: argparse.Namespace, ctx: Any = None) -> int:
         code, msg = _run(fn, args, fmt)
-        if msg:
+        if msg and getattr(args, "json", False):
+            # the error document of every lorad command line (lorad.daemon.ctl.output.fail)
+            print(json.dumps({"error": msg, "exit_code": code, "status": None}, sort_keys=True))
+        elif msg:
             print(f"loractl fleet: {msg}", file=sys.stderr)
         return code
     return handler

@@ -2,7 +2,7 @@
 arguments and :class:`FleetSession`, the adapter arguments and :func:`load_adapter`
 (PEFT files read with the devices' module names, checked, health probes recorded), tables.
 
-:mod:`ota.cli` (the commands) and :mod:`ota.rollout_cli` (``fleet rollout``) both build on
+:mod:`lorad.ota.cli` (the commands) and :mod:`lorad.ota.rollout_cli` (``fleet rollout``) both build on
 it; neither imports the other's internals.
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from adapters.errors import AdapterError
-from adapters.lora import LoraAdapter
+from lorad.adapters.errors import AdapterError
+from lorad.adapters.lora import LoraAdapter
 
 from .files import RepoIndex, RepoReader
 from .repository import FleetRepository
@@ -138,7 +139,7 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.3g}"
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt_value(x) for x in v) or "-"
     if isinstance(v, Mapping):
@@ -150,7 +151,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned columns, a header line and a rule (what every list command prints)."""
     cells = [[fmt_value(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
@@ -160,7 +164,7 @@ def _model_section(args: argparse.Namespace) -> ModelSection | None:
             raise ValueError("--config gives the model, its targets and rank: drop --base-model, --targets and --rank")
         loader: ModelLoader | None = getattr(args, "model_loader", None)
         if loader is None:
-            raise ValueError("--config needs loractl (python -m ota.cli cannot read lorad.yaml): use --base-model")
+            raise ValueError("--config needs loractl (python -m lorad.ota.cli cannot read lorad.yaml): use --base-model")
         return loader(args.config)
     if args.base_model is None:
         return None
@@ -168,7 +172,7 @@ def _model_section(args: argparse.Namespace) -> ModelSection | None:
 
 
 def _engine(section: ModelSection) -> Any:
-    from adapters.engine import InferenceEngine
+    from lorad.adapters.engine import InferenceEngine
 
     if not section.path.is_file():
         raise ValueError(f"base model {str(section.path)!r} does not exist")
@@ -184,7 +188,7 @@ def _engine(section: ModelSection) -> Any:
 
 
 def load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None]:
-    from adapters.peft_format import load_peft, read_peft_dir
+    from lorad.adapters.peft_format import load_peft, read_peft_dir
     section = _model_section(args)
     try:
         files = read_peft_dir(args.adapter)

@@ -5,9 +5,9 @@ python-tuf's ngclient does the metadata workflow (root rotation, timestamp, snap
 targets, with thresholds, expiry, rollback and mix-and-match checks); its transport is
 :class:`BrokerFetcher`, which reads retained files from the broker. Target payloads do
 not go through ngclient's download (it writes in place and buffers the whole file):
-they are fetched chunk by chunk into a :class:`ota.installer.ChunkStage`, each chunk
+they are fetched chunk by chunk into a :class:`lorad.ota.installer.ChunkStage`, each chunk
 checked against the signed per-chunk digest as it arrives. Every refusal ends as an
-:class:`UpdateResult` with a reason code from :data:`ota.errors.REASONS`, kept in the
+:class:`UpdateResult` with a reason code from :data:`lorad.ota.errors.REASONS`, kept in the
 device state and published in its status.
 """
 
@@ -20,20 +20,21 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from securesystemslib.signer import SSlibKey
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from adapters.errors import AdapterNotFoundError, InvalidAdapterError
-from adapters.fsutil import atomic_write_bytes
+from lorad.adapters.errors import AdapterNotFoundError, InvalidAdapterError
+from lorad.adapters.fsutil import atomic_write_bytes
 
-from .config import ClientConfig
 from .commands import CommandExecutor, CommandSink, command_topic
+from .config import ClientConfig
 from .errors import OtaError, TransportError, UpdateRejectedError
 from .files import NotOnBroker, RepoReader
 from .installer import AdapterSink, ChunkStage, Installed, OtaState
@@ -216,7 +217,7 @@ class OtaClient:
         # loudly if a release changes it.
         now = max(self._clock() - self.config.clock_slack_s, self.state.time_floor)
         self.state.set_time_floor(now)
-        updater._trusted_set.reference_time = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        updater._trusted_set.reference_time = datetime.datetime.fromtimestamp(now, datetime.UTC)
         self.reader.index(fresh=True)
         try:
             updater.refresh()

@@ -1,7 +1,7 @@
 """Fleet → device commands (load, pin, unpin, evict, train-now, rollback, remove), signed and fresh.
 
 A command is canonical JSON signed with an Ed25519 fleet command key (``cryptography``);
-the keys a device trusts are named by its trusted TUF root (:data:`ota.repository.
+the keys a device trusts are named by its trusted TUF root (:data:`lorad.ota.repository.
 COMMAND_KEYS_FIELD`), so they rotate and are revoked with the root. A device obeys a
 command only if the signature is valid, it is addressed to this device, it was issued
 within ``max_age_s`` (and not in the future beyond a slack), and its sequence number is
@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -112,7 +113,7 @@ def verify_command(raw: bytes, *, keys: Mapping[str, SSlibKey], device_id: str, 
 
 
 class CommandSink(Protocol):
-    """What commands need of ``adapters.service.AdapterService``."""
+    """What commands need of ``lorad.adapters.service.AdapterService``."""
 
     def load(self, name: str) -> object: ...
     def pin(self, name: str) -> object: ...

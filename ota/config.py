@@ -35,15 +35,14 @@ run time: the root's bytes, the base model's fingerprint, the password). An exam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 
-from adapters.config_types import (Allowed, ByteSize, ConfigModel, ConfigPath, FieldProblem, NameList, NonEmptyStr,
-                                   got)
-from adapters.names import NAME_ALLOWED, NAME_RULE, is_name
+from lorad.adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, FieldProblem, NameList, NonEmptyStr, got
+from lorad.adapters.names import NAME_ALLOWED, NAME_RULE, is_name
 
 from .privacy import PrivacyPolicy
 from .window import InstallWindow, TimeRange
@@ -103,7 +102,7 @@ _WINDOW_ALLOWED = f'expected a list of ranges {_RANGE_ALLOWED}; [] for any time'
 
 
 def _install_window(value: object) -> tuple[str, ...]:
-    """Each range must parse as :class:`ota.window.TimeRange` (checked here, not at start)."""
+    """Each range must parse as :class:`lorad.ota.window.TimeRange` (checked here, not at start)."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"got {got(value)}; {_WINDOW_ALLOWED}")
     for item in value:
@@ -239,7 +238,7 @@ class ClientConfig:
     max_payload_bytes: int = 64 << 20
     max_raw_bytes: int | None = None
     #: which privacy records the device accepts (``ota.policy``)
-    privacy: PrivacyPolicy = PrivacyPolicy()
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     #: when installs may happen (None: any time); outside it updates wait, verified
     install_window: InstallWindow | None = None
 

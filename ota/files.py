@@ -19,8 +19,8 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from .errors import TransportError, UpdateRejectedError
@@ -160,7 +160,7 @@ class RepoReader:
 
     def index_if_any(self) -> RepoIndex | None:
         """The index on the broker, or None when the broker holds none (the fleet tool's
-        first push). Waits for the broker's answer (:func:`ota.transport.barrier`)."""
+        first push). Waits for the broker's answer (:func:`lorad.ota.transport.barrier`)."""
         with self._cv:
             subscribe, self._subscribed = not self._subscribed, True
         if subscribe:

@@ -1,6 +1,6 @@
 """Device-side persistence of OTA: the adapter service seam, staged chunks, install state.
 
-- :class:`AdapterSink` is what ota needs of ``adapters.service.AdapterService`` (its
+- :class:`AdapterSink` is what ota needs of ``lorad.adapters.service.AdapterService`` (its
   ``install`` is the only way an adapter gets in, so serving never sees half of one).
 - :class:`ChunkStage` keeps verified chunks of one payload on disk, so a disconnect or a
   restart costs only the chunks not yet stored. A chunk is written only after its signed
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from adapters.fsutil import atomic_write_bytes, fsync_dir
-from adapters.lora import LoraAdapter
+from lorad.adapters.fsutil import atomic_write_bytes, fsync_dir
+from lorad.adapters.lora import LoraAdapter
 
 from .errors import UpdateRejectedError
 from .target import TargetSpec
@@ -31,7 +32,7 @@ __all__ = ["AdapterSink", "InstalledInfo", "InferOutcome", "ChunkStage", "OtaSta
 
 
 class InstalledInfo(Protocol):
-    """The part of ``adapters.service.AdapterInfo`` ota reads."""
+    """The part of ``lorad.adapters.service.AdapterInfo`` ota reads."""
 
     @property
     def name(self) -> str: ...
@@ -40,7 +41,7 @@ class InstalledInfo(Protocol):
 
 
 class InferOutcome(Protocol):
-    """The part of ``adapters.service.InferResult`` ota reads."""
+    """The part of ``lorad.adapters.service.InferResult`` ota reads."""
 
     @property
     def outputs(self) -> dict[str, np.ndarray]: ...
@@ -49,7 +50,7 @@ class InferOutcome(Protocol):
 
 
 class AdapterSink(Protocol):
-    """What ota needs of the adapter service (``adapters.service.AdapterService``)."""
+    """What ota needs of the adapter service (``lorad.adapters.service.AdapterService``)."""
 
     def install(self, name: str, adapter: LoraAdapter, *,
                 meta: Mapping[str, object] = ...) -> InstalledInfo: ...
@@ -57,7 +58,7 @@ class AdapterSink(Protocol):
     def delete(self, name: str) -> None: ...
     def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> InferOutcome: ...
     def info(self, name: str) -> InstalledInfo:
-        """The version served now; ``adapters.errors.AdapterNotFoundError`` if there is none."""
+        """The version served now; ``lorad.adapters.errors.AdapterNotFoundError`` if there is none."""
         ...
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
-from adapters.fsutil import atomic_write_bytes
+from lorad.adapters.fsutil import atomic_write_bytes
 
 __all__ = ["generate_key", "save_key", "load_signer", "load_public_key", "find_signers",
            "ed25519_private_key"]

@@ -1,13 +1,14 @@
 """Prometheus metrics of a device's OTA client, on a registry passed in.
 
-Results are counted as the client reports them (:class:`ota.client.OtaClient`'s
+Results are counted as the client reports them (:class:`lorad.ota.client.OtaClient`'s
 ``on_result``/``on_command`` observers); the connection state and the bytes fetched are
 read from the transport and the reader at each scrape, so they cannot drift from them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,7 +18,7 @@ from .client import UpdateResult
 
 __all__ = ["OtaMetrics", "UPDATE_RESULTS", "COMMAND_RESULTS"]
 
-#: Results of :class:`ota.client.UpdateResult` and of fleet commands.
+#: Results of :class:`lorad.ota.client.UpdateResult` and of fleet commands.
 UPDATE_RESULTS = ("installed", "up_to_date", "skipped", "rejected", "failed", "recovered")
 COMMAND_RESULTS = ("done", "failed", "rejected")
 

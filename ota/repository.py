@@ -4,9 +4,9 @@ State lives in one directory (metadata, payloads, the canonical bytes of every p
 adapter version for later deltas); private keys live in key directories, so the offline
 roles (root, targets) can be kept on removable media and named only when needed.
 :meth:`FleetRepository.push` publishes what devices need as retained chunked messages
-(:mod:`ota.files`) plus expiring offers to the audiences of new targets.
+(:mod:`lorad.ota.files`) plus expiring offers to the audiences of new targets.
 
-Targets name their audience in ``custom["lorad"]`` (:class:`ota.target.TargetSpec`);
+Targets name their audience in ``custom["lorad"]`` (:class:`lorad.ota.target.TargetSpec`);
 a newer target for the same adapter and audience replaces the older one. Versions of an
 adapter only grow: rolling a group back publishes a *higher* version whose payload is an
 older adapter, so a device never has to accept a lower version.
@@ -19,19 +19,18 @@ import datetime
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-from securesystemslib.signer import CryptoSigner, Key, SSlibKey
-from tuf.api.metadata import (TOP_LEVEL_ROLE_NAMES, MetaFile, Metadata, Role, Root,
-                              Snapshot, TargetFile, Targets, Timestamp)
-from tuf.api.serialization.json import JSONSerializer
-
-from adapters.fsutil import atomic_write_bytes
-from adapters.lora import LoraAdapter
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Key, SSlibKey
+from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, MetaFile, Role, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.lora import LoraAdapter
 
 from .commands import Command, command_topic, key_id, sign_command
 from .errors import UpdateRejectedError
@@ -96,7 +95,7 @@ class RepoSettings:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
 class FleetRepository:

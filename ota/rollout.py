@@ -16,7 +16,7 @@ status into healthy / failed / pending) and says what to do next:
   :class:`RollBack` withdraws the target and sends every device that installed the
   version a signed command back to what it served before.
 
-The caller (``ota.rollout_cli``) persists the new state, with its decisions marked
+The caller (``lorad.ota.rollout_cli``) persists the new state, with its decisions marked
 pending, *before* acting on them, and clears them (:func:`acted`) after; every decision is
 idempotent, so a crash of the fleet tool anywhere in between resumes by acting again.
 """
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["Stage", "RolloutPlan", "RolloutState", "DeviceObs", "Deploy", "RollBack", "Decision",
            "parse_stages", "select", "observe", "decide", "acted", "counts", "summary", "STATUSES"]

@@ -1,8 +1,8 @@
-"""``loractl fleet rollout ...``: the thin MQTT driver around :mod:`ota.rollout`.
+"""``loractl fleet rollout ...``: the thin MQTT driver around :mod:`lorad.ota.rollout`.
 
 State lives in the fleet repository (``rollouts/<name>.json``: plan and state, replaced
 atomically under an exclusive lock, so ``pause`` from another shell is never lost). The
-driver loop: read every device's status, :func:`ota.rollout.decide`, write the new
+driver loop: read every device's status, :func:`lorad.ota.rollout.decide`, write the new
 state, then act (re-sign the rollout's target for a stage's devices and push it; or
 withdraw it and send signed rollback commands). Because the state is written before the
 actions and every action is idempotent, ``rollout run`` after a crash resumes.
@@ -16,18 +16,31 @@ import fcntl
 import json
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
-from adapters.fsutil import atomic_write_bytes
-from adapters.lora import LoraAdapter
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.lora import LoraAdapter
 
 from . import cli_support
 from .errors import TransportError
 from .privacy import PrivacyRecord
 from .repository import FleetRepository
-from .rollout import (Deploy, DeviceObs, acted, RollBack, RolloutPlan, RolloutState, Stage, decide, observe,
-                      parse_stages, select, summary)
+from .rollout import (
+    Deploy,
+    DeviceObs,
+    RollBack,
+    RolloutPlan,
+    RolloutState,
+    Stage,
+    acted,
+    decide,
+    observe,
+    parse_stages,
+    select,
+    summary,
+)
 from .status import FleetView
 from .target import Audience, ProbeSet
 from .undo import DirUndo
@@ -145,7 +158,8 @@ class RolloutDriver:
             wait = 1.0
             if state.status == "running":
                 wait = min(wait, max(0.01, state.stage_started_at + plan.min_wait_s - self.clock()))
-            self.view.wait_for(lambda v: v.changes != seen, min(wait, max(0.0, deadline - time.monotonic())))
+            # wait_for returns before the loop moves on, so the lambda sees this iteration's `seen`
+            self.view.wait_for(lambda v: v.changes != seen, min(wait, max(0.0, deadline - time.monotonic())))  # noqa: B023
         return summary(plan, state, obs)
 
 

@@ -21,15 +21,16 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import safetensors.numpy as st_numpy
 import zstandard
 
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.names import NAME_RULE, is_name
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.names import NAME_RULE, is_name
 
 from .errors import UpdateRejectedError
 from .privacy import PrivacyRecord

@@ -1,7 +1,7 @@
 """The message channel between fleet and devices: a small interface and its MQTT form.
 
 Everything above this module (repository files, status, commands, offers) speaks to a
-:class:`Transport`; tests plug in :class:`ota.simulator.SimTransport` instead of a broker.
+:class:`Transport`; tests plug in ``tests/ota/simulator.py`` (not shipped) instead of a broker.
 Every public method of a transport turns any failure into one :class:`TransportError`
 chained to its cause. Subscriptions are remembered and restored after a reconnect, so a
 broker restart costs only the messages that were in flight.
@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 import uuid
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -319,10 +319,10 @@ class MqttTransport(Transport):
                 codes = self._acks.pop(mid, None)
             if codes is None:
                 return
-            refused = [t for t, c in zip(topics, codes) if c.is_failure]
+            refused = [t for t, c in zip(topics, codes, strict=True) if c.is_failure]
             if refused:
                 raise TransportError(f"broker refused subscription to {refused} "
-                                     f"({[str(c) for c in codes if c.is_failure][0]})")
+                                     f"({next(str(c) for c in codes if c.is_failure)})")
             return
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,

@@ -9,10 +9,10 @@ tree byte-identical: changed files rewritten, new files and directories removed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from adapters.fsutil import atomic_write_bytes
+from lorad.adapters.fsutil import atomic_write_bytes
 
 __all__ = ["DirUndo"]
 
@@ -49,7 +49,7 @@ class DirUndo:
         for root in self._roots:
             if not root.exists():
                 continue
-            for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
                 d = Path(dirpath)
                 for n in filenames:
                     if d / n not in self._files:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["TimeRange", "InstallWindow"]
 

@@ -1,8 +1,8 @@
-"""The trainer's adapter-name check: :mod:`adapters.names`' rule (names become directories)."""
+"""The trainer's adapter-name check: :mod:`lorad.adapters.names`' rule (names become directories)."""
 
 from __future__ import annotations
 
-from adapters.names import NAME_RULE, is_name
+from lorad.adapters.names import NAME_RULE, is_name
 
 __all__ = ["check_adapter_name", "is_adapter_name"]
 

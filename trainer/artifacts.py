@@ -9,7 +9,7 @@ gradients. Results are cached on disk under a key made of the base model's diges
 the configuration.
 
 Private artifacts (``ArtifactConfig.private``) compute DP-SGD's update in the graph.
-:func:`adapters.lora_graph.make_training_graph` broadcasts every trainable LoRA matrix
+:func:`lorad.adapters.lora_graph.make_training_graph` broadcasts every trainable LoRA matrix
 to one copy per example, so ORT's gradient builder yields, per parameter ``P``, the
 per-example gradients ``G_P`` (``[N, *P.shape]``) and a ``ReduceSum`` over axis 0 that
 sums them into ``P_grad``. We replace those ReduceSums by one subgraph that follows the
@@ -37,7 +37,7 @@ Every ORT-internal convention this relies on is checked while rewriting
 a message instead of training wrongly.
 
 ``backend="portable"`` builds the other backend's files instead: one step graph and one
-eval graph made by lorad's own graph surgery (:mod:`trainer.portable_graph`), which any
+eval graph made by lorad's own graph surgery (:mod:`lorad.trainer.portable_graph`), which any
 onnxruntime runs, plus the initial parameters. Both backends share this module's
 configuration, metadata and cache.
 """
@@ -52,17 +52,18 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.fsutil import atomic_replace_dir
-from adapters.lora import LoraWeights, lora_scale
-from adapters.lora_graph import (
+from lorad.adapters.fsutil import atomic_replace_dir
+from lorad.adapters.lora import LoraWeights, lora_scale
+from lorad.adapters.lora_graph import (
     LoraTarget,
     find_targets,
     fingerprint,
@@ -70,10 +71,10 @@ from adapters.lora_graph import (
     make_training_graph,
     per_example_name,
 )
-from adapters.onnx_compat import for_runtime
+from lorad.adapters.onnx_compat import for_runtime
 
-from ._ort_training import load as _load_ort_training
 from ._graph_prune import drop_unused
+from ._ort_training import load as _load_ort_training
 from .ort_gradients import gradient_error, prepare_for_gradients
 
 __all__ = [
@@ -372,10 +373,7 @@ def _generate(
     else:
         loss = onnxblock.loss.MSELoss(reduction="sum")
     optimizer: Any
-    if config.optimizer == "adamw":
-        optimizer = onnxblock.optim.AdamW(weight_decay=config.weight_decay)
-    else:
-        optimizer = onnxblock.optim.SGD()
+    optimizer = onnxblock.optim.AdamW(weight_decay=config.weight_decay) if config.optimizer == "adamw" else onnxblock.optim.SGD()
 
     # Exported graphs spell some ops in ways ORT's gradient builder rejects.
     prepare_for_gradients(graph)
@@ -558,7 +556,7 @@ def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tup
             producers.setdefault(out, []).append(node)
 
     reduce_sums = []
-    for name, shape in trainable:
+    for name, _shape in trainable:
         grad = f"{name}_grad"
         found = producers.get(grad, [])
         _expect(len(found) == 1, f"expected one node producing {grad!r}, found {len(found)}")
@@ -638,7 +636,7 @@ def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tup
     finite_flats = [add("Where", [bad_col, zero, flat], f"{flat}_finite") for flat in flats]
 
     # 2. accumulate: Σ_n factor[n]·G[n] as one [1, N] × [N, numel] product per parameter.
-    sums = [add("MatMul", [row, flat], f"dp/{name}/clipped_sum") for (name, _), flat in zip(trainable, finite_flats)]
+    sums = [add("MatMul", [row, flat], f"dp/{name}/clipped_sum") for (name, _), flat in zip(trainable, finite_flats, strict=True)]
     # Steps 3 and 4 run once over every parameter's sum laid end to end (the order of the
     # noise vector), not once per parameter: they are cheap, their kernel launches are not.
     joined = add("Concat", sums, "dp/clipped_sum_row", axis=1)
@@ -654,7 +652,7 @@ def _clip_noise_scale(model: onnx.ModelProto, trainable: Sequence[tuple[str, tup
     sizes = np.array([int(np.prod(shape)) for _, shape in trainable], np.int64)
     pieces = [f"dp/{name}/scaled" for name, _ in trainable]
     nodes.append(helper.make_node("Split", [scaled, const("dp/split_sizes", sizes)], pieces, name="dp/split", axis=0))
-    for (name, shape), piece in zip(trainable, pieces):
+    for (name, shape), piece in zip(trainable, pieces, strict=True):
         add("Reshape", [piece, const(f"dp/{name}/shape", np.array(shape, np.int64))], f"{name}_grad")
 
     _insert_before_accumulators(graph, nodes)

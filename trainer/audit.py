@@ -36,9 +36,9 @@ import numpy as np
 
 from .accountant import RunCharge, epsilon
 from .artifacts import build_artifacts
+from .backends import Stepper, open_stepper
 from .batching import collate
 from .config import AdapterTrainingConfig
-from .backends import Stepper, open_stepper
 from .dp_step import DPSettings, GaussianNoise
 from .errors import BadTrainingDataError
 
@@ -118,7 +118,7 @@ def audit_adapter(
     env: Any, adapter: str, config: AdapterTrainingConfig, *, canaries: int = 512, confidence: float = 0.95,
     seed: int | None = None, noise_multiplier: float | None = None,
 ) -> AuditResult:
-    """Run the one-run audit of ``adapter`` (``env``: a :class:`trainer.run.TrainerEnv`).
+    """Run the one-run audit of ``adapter`` (``env``: a :class:`lorad.trainer.run.TrainerEnv`).
 
     ``noise_multiplier`` overrides σ; it exists to show the audit can fail (σ = 0) and is
     refused unless the environment's noise source is the seeded test one.

@@ -1,10 +1,10 @@
 """The seam between a training run and the two training backends.
 
 - ``portable``: lorad's own step graph in a plain ``onnxruntime.InferenceSession``
-  (:mod:`trainer.portable_graph`, :mod:`trainer.portable`); runs on every onnxruntime
+  (:mod:`lorad.trainer.portable_graph`, :mod:`lorad.trainer.portable`); runs on every onnxruntime
   build and execution provider.
-- ``ort-training``: ONNX Runtime's on-device training API (:mod:`trainer.artifacts`,
-  :mod:`trainer.dp_step`); needs an onnxruntime built with the training APIs
+- ``ort-training``: ONNX Runtime's on-device training API (:mod:`lorad.trainer.artifacts`,
+  :mod:`lorad.trainer.dp_step`); needs an onnxruntime built with the training APIs
   (onnxruntime-training-cpu 1.19.2 on x86_64, or the Yocto training build).
 
 ``auto`` picks the backend the installed runtime supports, preferring portable.
@@ -20,12 +20,13 @@ everywhere; ort-training stays selectable where installed. Re-measure on a quiet
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
-from adapters.lora import LoraAdapter
+from lorad.adapters.lora import LoraAdapter
 
 from ._ort_training import TrainingUnavailableError
 from ._ort_training import load as _load_ort_training

@@ -22,8 +22,8 @@ finite, see trainer/artifacts.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,7 @@ class TensorLayout:
 
     def row_ok(self, value: np.ndarray) -> bool:
         want = self.shape[1:]
-        return value.ndim == len(want) and all(d is None or d < 0 or d == g for g, d in zip(value.shape, want))
+        return value.ndim == len(want) and all(d is None or d < 0 or d == g for g, d in zip(value.shape, want, strict=True))
 
 
     @property

@@ -1,8 +1,8 @@
 """The ``trainer:`` section of lorad's YAML: typed, frozen, validated once (pydantic).
 
-:class:`TrainerConfig` and its parts are :class:`~adapters.config_types.ConfigModel` subclasses:
+:class:`TrainerConfig` and its parts are :class:`~lorad.adapters.config_types.ConfigModel` subclasses:
 unknown keys are refused and every :class:`TrainerConfigError` (lorad's one
-:class:`~adapters.config_types.ConfigError`) names the dotted key
+:class:`~lorad.adapters.config_types.ConfigError`) names the dotted key
 (``trainer.adapters.alice.clip_norm``), the bad value and what is allowed. The daemon
 composes it as one more section; this module imports nothing of the daemon.
 
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
-from adapters.config_types import ByteSize, ConfigError, ConfigModel, FieldProblem, NonEmptyStr, got
-from adapters.names import NAME_ALLOWED, is_name
+from lorad.adapters.config_types import ByteSize, ConfigError, ConfigModel, FieldProblem, NonEmptyStr, got
+from lorad.adapters.names import NAME_ALLOWED, is_name
 
 # trainer.accountant imports dp_accounting (~1.5 s) only when ε is computed, and the noise
 # sources are imported where used: loractl reads the daemon config (which includes this section).
@@ -282,7 +283,7 @@ class AdapterTrainingConfig(ConfigModel):
             )
         return RunPlan(q=q, expected_batch_size=q * n, steps=steps, sigma=sigma, clip_norm=self.clip_norm,
                        delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon,
-                       examples=int(round(n)), mechanisms=mechanisms)
+                       examples=round(n), mechanisms=mechanisms)
 
     def check_enough(self, n_train: int, n_holdout: int) -> None:
         """Refuse, before anything is charged, a run that cannot learn or be validated.

@@ -1,7 +1,7 @@
 """DP-SGD steps in ONNX Runtime: one Poisson-sampled batch in, one optimizer update out.
 
 :class:`DPStepper` drives ORT's on-device training API (Module, Optimizer,
-CheckpointState) over artifacts from :func:`trainer.artifacts.build_artifacts`. The
+CheckpointState) over artifacts from :func:`lorad.trainer.artifacts.build_artifacts`. The
 caller does the Poisson sampling (each example included independently with
 probability q), so batches have any size, including zero. Per step the stepper
 
@@ -27,15 +27,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from adapters.fsutil import fsync_dir
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.lora_graph import lora_input_names
+from lorad.adapters.fsutil import fsync_dir
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.lora_graph import lora_input_names
 
 from ._ort_training import load as _load_ort_training
 from .artifacts import CLIP_NORM_INPUT, GRAD_SCALE_INPUT, NOISE_INPUT, TrainingArtifacts
@@ -302,12 +303,12 @@ def check_batch(a: TrainingArtifacts, batch: Mapping[str, np.ndarray]) -> tuple[
         )
     feeds: dict[str, np.ndarray] = {}
     sizes = set()
-    for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes):
+    for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes, strict=True):
         value = np.asarray(batch[name])
         if value.dtype != np.dtype(dtype):
             raise BadTrainingDataError(f"training input {name!r} has dtype {value.dtype}, expected {dtype}")
         if value.ndim != len(shape) or any(
-            want is not None and got != want for got, want in zip(value.shape[1:], shape[1:])
+            want is not None and got != want for got, want in zip(value.shape[1:], shape[1:], strict=True)
         ):
             raise BadTrainingDataError(
                 f"training input {name!r} has shape {list(value.shape)}, expected "
@@ -318,9 +319,9 @@ def check_batch(a: TrainingArtifacts, batch: Mapping[str, np.ndarray]) -> tuple[
     if len(sizes) != 1:
         raise BadTrainingDataError(f"training inputs disagree on the batch size: {sorted(sizes)}")
     n = sizes.pop()
-    if n and a.label_input in feeds and np.issubdtype(feeds[a.label_input].dtype, np.floating):
-        if not np.all(np.isfinite(feeds[a.label_input])):
-            raise BadTrainingDataError(f"training input {a.label_input!r} has non-finite values")
+    labels = feeds.get(a.label_input) if n else None
+    if labels is not None and np.issubdtype(labels.dtype, np.floating) and not np.all(np.isfinite(labels)):
+        raise BadTrainingDataError(f"training input {a.label_input!r} has non-finite values")
     return feeds, n
 
 
@@ -328,5 +329,5 @@ def placeholder_batch(a: TrainingArtifacts) -> dict[str, np.ndarray]:
     """One all-zero example: what an empty batch feeds (with C = 0, so it contributes exactly 0)."""
     return {
         name: np.zeros([1, *(d if d is not None else 1 for d in shape[1:])], dtype=np.dtype(dtype))
-        for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes)
+        for name, dtype, shape in zip(a.data_inputs, a.input_dtypes, a.input_shapes, strict=True)
     }

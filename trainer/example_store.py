@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from trainer._names import check_adapter_name
-from trainer.errors import BadTrainingDataError, TrainingFailedError
+from lorad.trainer._names import check_adapter_name
+from lorad.trainer.errors import BadTrainingDataError, TrainingFailedError
 
 __all__ = ["Example", "ExampleStore"]
 

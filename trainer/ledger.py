@@ -2,14 +2,14 @@
 
 One JSON file holds, per adapter, every DP-SGD run its data took part in: sampling rate
 q, noise multiplier σ, clipping norm C, steps, examples, accountant, δ, times and status
-— enough for anyone to recompute ε with :mod:`trainer.accountant` or their own code.
+— enough for anyone to recompute ε with :mod:`lorad.trainer.accountant` or their own code.
 
 Write-ahead rule: :meth:`PrivacyLedger.begin_run` checks the budget and durably records a
 charge for *all* planned steps before it returns, so nothing trained in the run can be
 released before it is paid for. :meth:`PrivacyLedger.end_run` may lower the charge to the
 steps actually done, and only by writing that final record; a crash anywhere in between
 leaves the full planned charge (over-count, never under-count). Each write replaces the
-whole file atomically (``adapters.fsutil.atomic_write_bytes``), so a crash leaves the old
+whole file atomically (``lorad.adapters.fsutil.atomic_write_bytes``), so a crash leaves the old
 or the new ledger, never a torn one.
 
 A ledger that fails its checks on load is an error (:class:`BadTrainingDataError`), never
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters.fsutil import atomic_write_bytes
-from trainer._names import check_adapter_name, is_adapter_name
-from trainer.accountant import ACCOUNTANTS, AccountantName, RunCharge, epsilon
-from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.trainer._names import check_adapter_name, is_adapter_name
+from lorad.trainer.accountant import ACCOUNTANTS, AccountantName, RunCharge, epsilon
+from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
 
 __all__ = ["PrivacyLedger", "PrivacyState", "RunStatus", "END_STATUSES", "run_charges"]
 
@@ -301,7 +301,7 @@ def run_charges(run: dict[str, Any]) -> list[RunCharge]:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def _check_positive(name: str, value: float) -> None:

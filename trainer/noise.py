@@ -38,7 +38,7 @@ Threats and the defence chosen
    before its final rounding for a graph that adds in float64 and rounds once.
 3. Speed. The trainer asks for noise every step for every LoRA parameter. Work is done in
    chunks that stay in cache, into reused buffers: ~30–37 M float32 samples/s on one
-   core of the VM above (``python -m trainer.noise`` prints the figure).
+   core of the VM above (``python -m lorad.trainer.noise`` prints the figure).
 
 :class:`SeededNoise` uses the same sampler on numpy's PCG64 bits, for reproducible tests
 only; it says so with ``secure = False`` and the config layer refuses it in production.

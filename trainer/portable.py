@@ -1,7 +1,7 @@
 """The portable training backend's stepper: the step graph in a plain InferenceSession.
 
-:class:`PortableStepper` has :class:`trainer.dp_step.DPStepper`'s interface and runs the
-step graph of :mod:`trainer.portable_graph` with ``onnxruntime.InferenceSession`` of any
+:class:`PortableStepper` has :class:`lorad.trainer.dp_step.DPStepper`'s interface and runs the
+step graph of :mod:`lorad.trainer.portable_graph` with ``onnxruntime.InferenceSession`` of any
 current version, on the execution provider the ``device`` setting names (CPU, or CUDA on
 Jetson: one code path, the provider is the only difference). The state of a run is three
 flat float32 vectors (parameters and AdamW's two moments) and the step count; each step
@@ -22,15 +22,16 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
-from adapters.fsutil import fsync_dir
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.lora_graph import lora_input_names
+from lorad.adapters.fsutil import fsync_dir
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.lora_graph import lora_input_names
 
 from .artifacts import CLIP_NORM_INPUT, GRAD_SCALE_INPUT, NOISE_INPUT, TrainingArtifacts
 from .dp_step import DPSettings, GaussianNoise, StepResult, check_batch, check_settings, draw_noise, placeholder_batch
@@ -189,7 +190,7 @@ class PortableStepper:
                  grad_scale: float = 1.0) -> tuple[np.ndarray, float]:
         """The update's gradient (clipped sum + noise, scaled) and the summed loss, without
         taking the step: for tests and the benchmark's cross-backend comparison."""
-        feeds, n = check_batch(self._artifacts, batch)
+        feeds, _n = check_batch(self._artifacts, batch)
         feeds.update({GRAD_SCALE_INPUT: np.array(grad_scale, np.float32), PARAMS_INPUT: self._params,
                       LEARNING_RATE_INPUT: self._lr})
         if self._artifacts.config.private:

@@ -10,7 +10,7 @@ small *eval graph* (forward and summed loss). The step graph does, in this order
    weights stay initializers, which ONNX Runtime constant-folds and pre-packs;
 3. **loss**: summed cross-entropy (or squared error) and its gradient of the logits,
    written directly;
-4. **backward**: lorad's reverse pass (:mod:`trainer.autodiff`) through the frozen graph,
+4. **backward**: lorad's reverse pass (:mod:`lorad.trainer.autodiff`) through the frozen graph,
    activation gradients only;
 5. **per-example gradients**: for each target, with x, u = x·A and the output gradients
    g_y, g_u of example n, ``G_B[n] = u_nᵀ·g_y[n]`` and ``G_A[n] = x_nᵀ·g_u[n]`` as batched
@@ -25,21 +25,22 @@ small *eval graph* (forward and summed loss). The step graph does, in this order
    Runtime's training optimizer computes them.
 
 An op on the gradient path without a rule makes :func:`build_step_graphs` raise
-:class:`trainer.autodiff.UnsupportedNodeError` naming it.
+:class:`lorad.trainer.autodiff.UnsupportedNodeError` naming it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from adapters.lora import LoraWeights
-from adapters.lora_graph import LoraTarget, lora_input_names, make_training_graph
-from adapters.onnx_compat import for_runtime
+from lorad.adapters.lora import LoraWeights
+from lorad.adapters.lora_graph import LoraTarget, lora_input_names, make_training_graph
+from lorad.adapters.onnx_compat import for_runtime
 
 from ._graph_prune import drop_unused
 from .autodiff import Emitter, backward, graph_constants, infer_tensor_infos
@@ -144,7 +145,7 @@ def build_step_graphs(
     unpack: list[onnx.NodeProto] = []
     pieces = [f"train/unpack/{name}" for name in trainable_names]
     unpack.append(helper.make_node("Split", [PARAMS_INPUT, e.ints(sizes)], pieces, name="train/unpack", axis=0))
-    for (name, shape), piece in zip(trainable, pieces):
+    for (name, shape), piece in zip(trainable, pieces, strict=True):
         unpack.append(helper.make_node("Reshape", [piece, e.ints(shape)], [name], name=f"train/unpack/{name}/shape"))
 
     # 3. loss and its gradient of the output
@@ -379,7 +380,7 @@ def _ghost_squares(e: Emitter, factors: Sequence[_TargetFactors], trainable: Seq
     squares = []
     for f in factors:
         t, rank = f.target, f.rank
-        a_name, b_name = lora_input_names(t.weight)
+        a_name, _b_name = lora_input_names(t.weight)
         if a_name in trainable:
             product = e.op("Mul", [gram(f.x, t.in_features), gram(f.g_u, rank)])
             squares.append(e.reduce("ReduceSum", product, [1, 2], keepdims=False))

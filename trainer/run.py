@@ -4,7 +4,7 @@
 steps before the first step; :meth:`TrainingRun.execute` trains (Poisson sampling from
 the example store, DP-SGD steps in ORT, a checkpoint every ``checkpoint_every`` steps),
 closes the ledger record, exports the adapter and passes it through the validation gate
-(:mod:`trainer.validation`), which installs it through ``AdapterService.install`` or
+(:mod:`lorad.trainer.validation`), which installs it through ``AdapterService.install`` or
 keeps it aside under ``<state_dir>/rejected/<adapter>/<run_id>/``.
 
 Restarts and the ledger
@@ -42,15 +42,16 @@ import math
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from adapters.fsutil import atomic_write_bytes
-from adapters.lora import LoraAdapter
-from adapters.service import AdapterService
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.service import AdapterService
 
 from .accountant import RunCharge, epsilon
 from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
@@ -631,7 +632,7 @@ def training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
     """Model inputs then the label, as the training graph declares them."""
     layouts = [
         TensorLayout(name, np.dtype(dtype), tuple(shape))
-        for name, dtype, shape in zip(artifacts.data_inputs, artifacts.input_dtypes, artifacts.input_shapes)
+        for name, dtype, shape in zip(artifacts.data_inputs, artifacts.input_dtypes, artifacts.input_shapes, strict=True)
     ]
     label = next(t for t in layouts if t.name == artifacts.label_input)
     if layouts[-1] is not label:

@@ -8,7 +8,7 @@ thread, no pool threads at normal priority) and ``allow_spinning=0`` (no busy-wa
 on the two cores serving shares). Optionally the worker uses ``SCHED_IDLE``, which
 runs it only when no other thread wants the CPU.
 
-Automatic runs start when :class:`trainer.policy.TrainingPolicy` allows (device idle,
+Automatic runs start when :class:`lorad.trainer.policy.TrainingPolicy` allows (device idle,
 window, power, heat; then per adapter: enough new examples, budget left) and are held
 between steps while the device stops being idle. Manual runs (:meth:`trigger`) skip the
 policy except the privacy budget, which ``TrainingRun.begin`` enforces. Runs a previous
@@ -22,8 +22,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .policy import Decision, TrainingPolicy
 from .run import RunControl, RunProgress, RunResult, TrainingRun

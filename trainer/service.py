@@ -19,13 +19,14 @@ import collections
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from adapters.service import AdapterService
+from lorad.adapters.service import AdapterService
 
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError

@@ -21,12 +21,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
-from adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.lora import LoraAdapter, LoraWeights
 
 from .artifacts import TrainingArtifacts
 from .dp_step import DPSettings, StepResult

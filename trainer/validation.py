@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from adapters.engine import TensorSpec
-from adapters.fsutil import atomic_write_bytes
-from adapters.lora import LoraAdapter
-from adapters.peft_format import dump_peft
-from adapters.service import AdapterService
+from lorad.adapters.engine import TensorSpec
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.peft_format import dump_peft
+from lorad.adapters.service import AdapterService
 
 from .batching import TensorLayout, collate, fits
 from .dp_step import GaussianNoise
@@ -149,7 +149,7 @@ def keep_rejected(
     """Store a rejected version as PEFT files plus reason.json under ``directory``.
 
     ``module_of`` names tensors by the served model's PEFT module paths, as every file
-    lorad writes (:meth:`adapters.service.AdapterService.dump`).
+    lorad writes (:meth:`lorad.adapters.service.AdapterService.dump`).
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name, data in dump_peft(candidate, module_of=module_of).items():

@@ -1,7 +1,7 @@
 """``loractl``: control a running lorad daemon.
 
 Commands come in groups; each group is a module with a ``register(subparsers)`` function
-that adds its commands with :func:`daemon.ctl.context.add_command` (which gives each the
+that adds its commands with :func:`lorad.daemon.ctl.context.add_command` (which gives each the
 connection options and its handler ``(args, Context) -> exit code``). A new group
 (``train``, ``privacy``, ``fleet``) is one module and one entry in :data:`GROUPS`.
 
@@ -12,15 +12,14 @@ Exit codes: 0 ok, 1 the server said no (its error is printed), 2 usage error,
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from lorad.daemon.version import lorad_version
 
 from . import adapters, fleet, serving, training
-from daemon.version import lorad_version
-
 from .client import ApiError, ConnectError, UsageError
 from .context import Context, add_connection_arguments
+from .output import console_main, fail
 
 __all__ = ["main", "build_parser", "GROUPS", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_CONNECT"]
 
@@ -50,22 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return console_main(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     as_json = bool(args.json)
     try:
         ctx = Context.from_args(args)
         return int(args.handler(args, ctx))
     except UsageError as e:
-        return _fail(EXIT_USAGE, str(e), None, as_json)
+        return fail("loractl", EXIT_USAGE, str(e), as_json=as_json)
     except ConnectError as e:
-        return _fail(EXIT_CONNECT, str(e), None, as_json)
+        return fail("loractl", EXIT_CONNECT, str(e), as_json=as_json)
     except ApiError as e:
-        return _fail(EXIT_REFUSED, f"server refused ({e.status}): {e.message}", e, as_json)
-
-
-def _fail(code: int, message: str, error: ApiError | None, as_json: bool) -> int:
-    print(f"loractl: {message}", file=sys.stderr)
-    if as_json:
-        doc = {"error": error.message if error else message, "status": error.status if error else None}
-        print(json.dumps(doc))
-    return code
+        message = e.message if as_json else f"server refused ({e.status}): {e.message}"
+        return fail("loractl", EXIT_REFUSED, message, as_json=as_json, status=e.status)

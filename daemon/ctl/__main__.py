@@ -1,7 +1,7 @@
-"""``python -m daemon.ctl``: the same as ``loractl``."""
+"""``python -m lorad.daemon.ctl``: the same as ``loractl``."""
 
 import sys
 
-from daemon.ctl import main
+from lorad.daemon.ctl import main
 
 sys.exit(main())

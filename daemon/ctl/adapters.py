@@ -6,12 +6,12 @@ import argparse
 import io
 import json
 import tarfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.errors import InvalidAdapterError
-from adapters.fsutil import atomic_write_bytes, fsync_dir
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
+from lorad.adapters.errors import InvalidAdapterError
+from lorad.adapters.fsutil import atomic_write_bytes, fsync_dir
+from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
 
 from .client import UsageError, multipart_body, quoted
 from .context import Context, add_command
@@ -89,7 +89,7 @@ def _inspect(args: argparse.Namespace, ctx: Context) -> int:
         lines = []
         for k, v in d.items():
             if k == "created" and isinstance(v, (int, float)):
-                shown = datetime.fromtimestamp(v, timezone.utc).isoformat(timespec="seconds")
+                shown = datetime.fromtimestamp(v, UTC).isoformat(timespec="seconds")
             elif isinstance(v, list):
                 shown = ", ".join(str(x) for x in v)
             elif isinstance(v, dict):

@@ -6,8 +6,8 @@ import http.client
 import json
 import socket
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 from urllib.parse import quote, urlsplit
 
 __all__ = ["Client", "ApiError", "ConnectError", "UsageError", "multipart_body", "quoted"]

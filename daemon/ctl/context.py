@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from daemon.auth import AuthError, read_token
-from daemon.config import ADDR_FILE, TOKEN_FILE, default_state_dir
+from lorad.daemon.auth import AuthError, read_token
+from lorad.daemon.config import ADDR_FILE, TOKEN_FILE, default_state_dir
 
 from .client import Client, UsageError
 from .output import Render, emit

@@ -1,5 +1,5 @@
 """``loractl fleet ...``: the fleet's OTA tools (root of trust, publish, keys, commands,
-status), defined in :mod:`ota.cli` so they work without a daemon. This module gives
+status), defined in :mod:`lorad.ota.cli` so they work without a daemon. This module gives
 them what only the daemon knows: how to read a device's ``lorad.yaml`` (``publish --config``)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ota.cli import ModelSection
-from ota.cli import register as _register
+from lorad.ota.cli import ModelSection
+from lorad.ota.cli import register as _register
 
 __all__ = ["register", "model_section"]
 
@@ -22,8 +22,8 @@ def model_section(path: Path) -> ModelSection:
     """
     import yaml
 
-    from daemon.config import ConfigError, _ConfigLoader, build_config
-    from daemon.demo import demo_model_path
+    from lorad.daemon.config import ConfigError, _ConfigLoader, build_config
+    from lorad.daemon.demo import demo_model_path
 
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)

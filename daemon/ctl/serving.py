@@ -54,7 +54,7 @@ def _request_from_inputs(args: argparse.Namespace, ctx: Context) -> dict[str, ob
             raise UsageError(f"--input {name!r}: the nested lists are ragged")
         shape = list(array.shape)
         if len(shape) == len(spec["shape"]) - 1:
-            shape = [1] + shape
+            shape = [1, *shape]
         tensors.append({"name": name, "datatype": spec["datatype"], "shape": shape, "data": array.ravel().tolist()})
     return {"inputs": tensors}
 

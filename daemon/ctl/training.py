@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .client import ApiError, ConnectError, UsageError, quoted
 from .context import Context, add_command
-from .output import table
+from .output import number, table
 
 __all__ = ["register"]
 
@@ -125,13 +125,21 @@ def _render_status(d: object) -> str:
         return str(d)
     state = d.get("state")
     if state in ("running", "queued"):
-        return (f"run {d.get('run_id')} of {d.get('adapter')}: {state}, {d.get('phase')}, "
-                f"{d.get('steps_done')}/{d.get('planned_steps')} steps, ε so far {d.get('epsilon')} "
-                f"(accounted at step {d.get('epsilon_steps')})")
+        head = f"run {d.get('run_id')} of {d.get('adapter')}: {state}"
+        if d.get("phase"):
+            head += f", {d['phase']}"
+        planned = d.get("planned_steps")
+        steps = f"{number(d.get('steps_done') or 0)}/{number(planned)} steps" if planned is not None else "steps not planned yet"
+        eps = d.get("epsilon")
+        spent = (f"ε spent by this run so far {number(eps)} (accounted at step {number(d.get('epsilon_steps'))})"
+                 if eps is not None else "no ε accounted by this run yet")
+        return f"{head}, {steps}, {spent}"
     if state == "finished":
         version = f", serving version {d['version']}" if d.get("version") else ""
-        return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {d.get('steps_done')}/"
-                f"{d.get('planned_steps')} steps{version}; {d.get('reason')}; ε spent {d.get('epsilon_spent')}")
+        reason = f"; {d['reason']}" if d.get("reason") else ""
+        return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {number(d.get('steps_done'))}/"
+                f"{number(d.get('planned_steps'))} steps{version}{reason}; ε spent by this run "
+                f"{number(d.get('epsilon_spent'))} (the adapter's total: loractl privacy {d.get('adapter')})")
     return f"{d.get('adapter')}: no training run yet (loractl examples count {d.get('adapter')})"
 
 
@@ -164,10 +172,11 @@ def _render_privacy(d: object) -> str:
     for s in states:
         if not isinstance(s, dict):
             continue
-        head = (f"{s.get('adapter')}: ε spent {_num(s.get('epsilon_spent'))} of {_num(s.get('budget_epsilon'))} "
-                f"(left {_num(s.get('budget_left'))}) at δ {_num(s.get('delta'))}, accountant {s.get('accountant')}")
+        head = (f"{s.get('adapter')}: ε spent over all runs {number(s.get('epsilon_spent'))} of budget "
+                f"{number(s.get('budget_epsilon'))} (left {number(s.get('budget_left'))}) at δ {number(s.get('delta'))}, "
+                f"accountant {s.get('accountant')}")
         if s.get("energy_joules") is not None:
-            head += f", energy {_num(s.get('energy_joules'))} J"
+            head += f", energy of all runs {number(s.get('energy_joules'))} J"
         runs = [[r.get(c) for c in _RUN_COLUMNS] for r in s.get("runs", []) if isinstance(r, dict)]
         blocks.append(head + ("\n" + table(runs, [c.upper() for c in _RUN_COLUMNS]) if runs else "\nno runs"))
     return "\n\n".join(blocks)
@@ -179,16 +188,13 @@ def _render_audit(d: object) -> str:
     accounted = d.get("epsilon_accounted")
     verdict = ("consistent: the audit found no leak beyond the accounted ε" if d.get("consistent")
                else "INCONSISTENT: the run leaks more than its accounted ε")
-    return (f"{d.get('adapter')}: empirical ε lower bound {_num(d.get('epsilon_lower_bound'))} "
-            f"(confidence {_num(d.get('confidence'))}) vs accounted ε "
-            f"{'unbounded (σ = 0)' if accounted is None else _num(accounted)} at δ {_num(d.get('delta'))}\n"
+    return (f"{d.get('adapter')}: empirical ε lower bound {number(d.get('epsilon_lower_bound'))} "
+            f"(confidence {number(d.get('confidence'))}) vs the accounted ε of one run at this configuration "
+            f"{'unbounded (σ = 0)' if accounted is None else number(accounted)} at δ {number(d.get('delta'))} "
+            f"(not the ledger's total over all runs: loractl privacy {d.get('adapter')})\n"
             f"{d.get('correct')} of {d.get('guesses')} guesses right on {d.get('canaries')} canaries; configuration "
-            f"of {d.get('configuration')}: q {_num(d.get('q'))}, σ {_num(d.get('sigma'))}, "
-            f"C {_num(d.get('clip_norm'))}, {d.get('steps')} steps\n{verdict}")
-
-
-def _num(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+            f"of {d.get('configuration')}: q {number(d.get('q'))}, σ {number(d.get('sigma'))}, "
+            f"C {number(d.get('clip_norm'))}, {d.get('steps')} steps\n{verdict}")
 
 
 # ---------------------------------------------------------------- examples
@@ -292,7 +298,7 @@ def _tensors(inputs: object, specs: dict[str, dict[str, Any]], where: str) -> li
         wanted = [int(d) for d in spec["shape"]]
         if len(shape) == len(wanted) - 1:
             shape = [1, *shape]
-        if len(shape) != len(wanted) or any(w >= 0 and d != w for d, w in zip(shape[1:], wanted[1:])):
+        if len(shape) != len(wanted) or any(w >= 0 and d != w for d, w in zip(shape[1:], wanted[1:], strict=True)):
             dims = ", ".join("*" if w < 0 else str(w) for w in wanted[1:])
             raise UsageError(f"{where}: input {name!r} has shape {list(array.shape)}; the model takes "
                              f"[{dims}] (or [1, {dims}]) per example")

@@ -32,8 +32,8 @@ The demo adapters
         white-on-black images (``1 - pixels``); being of rank 2 it is zero-padded to the
         slot rank :data:`DEMO_RANK` when served.
 
-Everything here is produced by ``python -m daemon.demo.build`` (see
-:mod:`daemon.demo.build`), deterministically from a fixed seed; the unit tests rebuild
+Everything here is produced by ``python -m lorad.daemon.demo.build`` (see
+:mod:`lorad.daemon.demo.build`), deterministically from a fixed seed; the unit tests rebuild
 it and compare with what ships.
 """
 
@@ -66,7 +66,7 @@ def _package_dir() -> Path:
     root = resources.files(__name__)
     if not isinstance(root, Path):
         raise RuntimeError(
-            f"daemon.demo is installed as {root!r}, not as files on disk; "
+            f"lorad.daemon.demo is installed as {root!r}, not as files on disk; "
             "install lorad as a regular (unzipped) package to use the embedded model"
         )
     return root

@@ -1,4 +1,4 @@
-"""Build the embedded demo model and its adapters: ``python -m daemon.demo.build [--out DIR]``.
+"""Build the embedded demo model and its adapters: ``python -m lorad.daemon.demo.build [--out DIR]``.
 
 Reproducible from data that ships with scikit-learn (extra ``demo``), with plain numpy,
 in a few seconds on one core. The steps, one function each:
@@ -25,19 +25,19 @@ import argparse
 import sys
 import time
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.fsutil import atomic_write_bytes
-from adapters.lora import LoraAdapter, LoraWeights, lora_scale
-from adapters.lora_graph import find_targets, fingerprint
-from adapters.onnx_compat import MAX_IR_VERSION, OPSET
-from adapters.peft_format import save_peft
+from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.lora import LoraAdapter, LoraWeights, lora_scale
+from lorad.adapters.lora_graph import find_targets, fingerprint
+from lorad.adapters.onnx_compat import MAX_IR_VERSION, OPSET
+from lorad.adapters.peft_format import save_peft
 
 from . import DEMO_RANK, DEMO_TARGETS
 
@@ -376,7 +376,7 @@ def build(out_dir: Path) -> BuildResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.demo.build", description="Build the embedded demo model and its adapters.")
+    parser = argparse.ArgumentParser(prog="python -m lorad.daemon.demo.build", description="Build the embedded demo model and its adapters.")
     parser.add_argument(
         "--out",
         type=Path,

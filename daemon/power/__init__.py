@@ -7,9 +7,9 @@ captured command output. :func:`detect_source` picks the first source present;
 what the daemon was doing (idle, inference, training).
 """
 
-from daemon.power.detect import NoSource, detect_source
-from daemon.power.sampler import PHASES, EnergyTotals, PowerSampler
-from daemon.power.source import PowerSource, RailSample, SourceError
+from lorad.daemon.power.detect import NoSource, detect_source
+from lorad.daemon.power.sampler import PHASES, EnergyTotals, PowerSampler
+from lorad.daemon.power.source import PowerSource, RailSample, SourceError
 
 __all__ = [
     "PHASES",

@@ -1,6 +1,6 @@
 """The ``power:`` section: which power source the daemon samples, how often, and the limit.
 
-Owned here, beside the sources it names; :mod:`daemon.config` only composes it.
+Owned here, beside the sources it names; :mod:`lorad.daemon.config` only composes it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from adapters.config_types import ConfigModel, ConfigPath
+from lorad.adapters.config_types import ConfigModel, ConfigPath
 
 __all__ = ["PowerConfig", "SourceName"]
 
-#: Names of the sources (:data:`daemon.power.detect.SOURCES`, in detection order).
+#: Names of the sources (:data:`lorad.daemon.power.detect.SOURCES`, in detection order).
 SourceName = Literal["jetson-ina3221-hwmon", "jetson-ina3221-iio", "rpi5-pmic", "rapl"]
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, get_args
+from typing import get_args
 
-from daemon.power.config import SourceName
-from daemon.power.ina3221_hwmon import Ina3221Hwmon
-from daemon.power.ina3221_iio import Ina3221Iio
-from daemon.power.rapl import Rapl
-from daemon.power.source import PowerSource
-from daemon.power.vcgencmd import Runner, VcgencmdPmic, run_command
+from lorad.daemon.power.config import SourceName
+from lorad.daemon.power.ina3221_hwmon import Ina3221Hwmon
+from lorad.daemon.power.ina3221_iio import Ina3221Iio
+from lorad.daemon.power.rapl import Rapl
+from lorad.daemon.power.source import PowerSource
+from lorad.daemon.power.vcgencmd import Runner, VcgencmdPmic, run_command
 
 __all__ = ["NoSource", "SOURCES", "detect_source"]
 

@@ -16,10 +16,10 @@ the other channels are parts of it, so the total is the input rail when there is
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
-from daemon.power.source import RailSample, read_int, read_text
+from lorad.daemon.power.source import RailSample, read_int, read_text
 
 __all__ = ["Ina3221Hwmon", "input_rail_total"]
 

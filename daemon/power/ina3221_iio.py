@@ -12,11 +12,11 @@ The driver computes the power itself, so ``in_power<K>_input`` is read directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
-from daemon.power.ina3221_hwmon import input_rail_total
-from daemon.power.source import RailSample, read_int, read_text
+from lorad.daemon.power.ina3221_hwmon import input_rail_total
+from lorad.daemon.power.source import RailSample, read_int, read_text
 
 __all__ = ["Ina3221Iio"]
 

@@ -18,10 +18,10 @@ sub-zones are parts of their package and never added.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
-from daemon.power.source import RailSample, read_int, read_text
+from lorad.daemon.power.source import RailSample, read_int, read_text
 
 __all__ = ["Rapl"]
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
-from daemon.power.source import PowerSource, SourceError
+from lorad.daemon.power.source import PowerSource, SourceError
 
 __all__ = ["PHASES", "EnergyTotals", "PowerSampler"]
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from daemon.power.source import RailSample, SourceError
+from lorad.daemon.power.source import RailSample, SourceError
 
 __all__ = ["Runner", "VcgencmdPmic", "parse_pmic_read_adc", "run_command"]
 

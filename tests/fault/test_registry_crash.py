@@ -1,6 +1,6 @@
 """Crash the registry's write protocol at every step and check what a restart finds.
 
-A child process runs ``put`` (or ``delete``) with ``adapters.registry._crash_points`` set
+A child process runs ``put`` (or ``delete``) with ``lorad.adapters.registry._crash_points`` set
 to SIGKILL itself right after step k; the parent then reopens the registry as a daemon
 restart would. SIGKILL models a process crash (the page cache survives); the fsyncs in the
 protocol are what extends the same guarantee to a power cut.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterNotFoundError
-from adapters.registry import AdapterRegistry
+from lorad.adapters.errors import AdapterNotFoundError
+from lorad.adapters.registry import AdapterRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from adapters import registry
+    from lorad.adapters import registry
 
     root, action, name, point, nth, i = sys.argv[1:7]
     seen = 0

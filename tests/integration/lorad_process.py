@@ -1,7 +1,7 @@
 """A real lorad daemon in a subprocess, real HTTP to it, and adapters made with numpy.
 
 Shared by tests/integration and tests/security. No mocks: the daemon is the installed
-``lorad`` console script (``python -m daemon.cli`` when the package is not installed),
+``lorad`` console script (``python -m lorad.daemon.cli`` when the package is not installed),
 bound to a free loopback port (``--port 0``) with its own state directory.
 """
 
@@ -15,18 +15,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.peft_format import dump_peft
-from daemon.ctl.client import multipart_body
-from daemon.demo import demo_model_path
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.peft_format import dump_peft
+from lorad.daemon.ctl.client import multipart_body
+from lorad.daemon.demo import demo_model_path
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "demo"
@@ -36,12 +37,12 @@ _HTTP_TIMEOUT_S = 30
 
 def lorad_command() -> list[str]:
     exe = Path(sys.executable).parent / "lorad"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemon.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lorad.daemon.cli"]
 
 
 def loractl_command() -> list[str]:
     exe = Path(sys.executable).parent / "loractl"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemon.ctl"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lorad.daemon.ctl"]
 
 
 @dataclass

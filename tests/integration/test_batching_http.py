@@ -51,7 +51,7 @@ def test_concurrent_clients_on_different_adapters_get_their_own_answers(daemon: 
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors[:3]
-    calls, requests = (a - b for a, b in zip(_batcher_counts(daemon), before))
+    calls, requests = (a - b for a, b in zip(_batcher_counts(daemon), before, strict=True))
     assert requests == len(names) * 15
     assert calls < requests  # concurrent requests shared calls
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adapters.peft_format import read_peft_dir
-from daemon.demo import demo_adapter_dirs
+from lorad.adapters.peft_format import read_peft_dir
+from lorad.daemon.demo import demo_adapter_dirs
 from tests.integration.lorad_process import (
     DemoMath,
     RunningDaemon,
     digit_probe,
+    loractl_command,
+    lorad_command,
     run_loractl,
     run_lorad,
     start_daemon,
@@ -138,16 +141,21 @@ def test_loractl_infer(daemon: RunningDaemon, tmp_path: Path) -> None:
 
 
 def test_loractl_exit_codes(daemon: RunningDaemon, tmp_path: Path) -> None:
+    # with --json every error is one JSON object on stdout (nothing on stderr) and the exit code
     code, out, err = ctl(daemon, "adapters", "inspect", "ghost")
-    assert code == 1 and "404" in err and "'ghost'" in out["error"]  # type: ignore[index]
+    assert code == 1 and not err and "'ghost'" in out["error"]  # type: ignore[index]
+    assert out["status"] == 404 and out["exit_code"] == 1  # type: ignore[index]
     code, out, err = ctl(daemon, "infer", "--input", "pixels=[1,2]")
     assert code == 1 and "does not match" in out["error"]  # type: ignore[index]
-    code, _, err = ctl(daemon, "infer", "--input", "nope=[1]")
-    assert code == 2 and "nope" in err
+    code, out, err = ctl(daemon, "infer", "--input", "nope=[1]")
+    assert code == 2 and "nope" in out["error"] and out["status"] is None  # type: ignore[index]
     p = run_loractl("adapters", "frobnicate")
     assert p.returncode == 2
     p = run_loractl("--url", "http://127.0.0.1:1", "--json", "adapters", "list")
-    assert p.returncode == 3 and "cannot talk to lorad" in p.stderr
+    assert p.returncode == 3 and "cannot talk to lorad" in json.loads(p.stdout)["error"] and not p.stderr
+    # without --json the same error is a line on stderr
+    p = run_loractl("--url", "http://127.0.0.1:1", "adapters", "list")
+    assert p.returncode == 3 and p.stderr.startswith("loractl: cannot talk to lorad") and not p.stdout
     # a state change without a readable token file is a usage error, not a server refusal
     p = run_loractl("--url", daemon.url, "--token-file", str(tmp_path / "none"), "adapters", "load", "x")
     assert p.returncode == 2 and "token" in p.stderr
@@ -224,7 +232,7 @@ def test_restart_keeps_adapters_token_and_deletions(tmp_path: Path, demo_math: D
     [(b"not an onnx file", None, "model.path"), (None, ["nothing.matches.*"], "model.targets")],
 )
 def test_serve_refuses_a_model_it_cannot_serve(tmp_path: Path, model_bytes: bytes | None, targets: list[str] | None, fragment: str) -> None:
-    from daemon.demo import demo_model_path
+    from lorad.daemon.demo import demo_model_path
 
     model = tmp_path / "model.onnx"
     model.write_bytes(model_bytes if model_bytes is not None else demo_model_path().read_bytes())
@@ -234,3 +242,41 @@ def test_serve_refuses_a_model_it_cannot_serve(tmp_path: Path, model_bytes: byte
     assert p.returncode == 1
     assert fragment in p.stderr
     assert not (tmp_path / "s" / "lorad.addr").exists()
+
+
+@pytest.mark.parametrize("argv", [["lorad", "config-schema"], ["lorad", "--help"], ["loractl", "--help"],
+                                  ["loractl", "fleet", "--help"]])
+def test_a_closed_pipe_ends_the_command_quietly(argv: list[str]) -> None:
+    """``lorad config-schema | head -1``: the reader is gone before the command writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` exits
+    command = lorad_command() if argv[0] == "lorad" else loractl_command()
+    try:
+        p = subprocess.run([*command, *argv[1:]], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert p.stderr == "", p.stderr  # no BrokenPipeError traceback, no "Exception ignored"
+    # argparse's --help swallows the write error itself and exits 0; a command's output exits 141
+    assert p.returncode == (0 if "--help" in argv else 141)
+
+
+def test_human_output_is_rounded_and_labelled() -> None:
+    from lorad.daemon.ctl.output import number
+    from lorad.daemon.ctl.training import _render_audit, _render_privacy, _render_status
+
+    assert number(5.990402655023825) == "5.99" and number(None) == "-" and number(3) == "3"
+    running = _render_status({"state": "running", "run_id": 4, "adapter": "alice", "phase": "training",
+                              "steps_done": 0, "planned_steps": 31, "epsilon": None, "epsilon_steps": None})
+    assert "None" not in running and "no ε accounted by this run yet" in running
+    done = _render_status({"state": "finished", "run_id": 4, "adapter": "alice", "status": "accepted",
+                           "steps_done": 31, "planned_steps": 31, "version": 2, "reason": None,
+                           "epsilon_spent": 5.990402655023825})
+    assert "ε spent by this run 5.99 " in done and "None" not in done and "loractl privacy alice" in done
+    ledger = _render_privacy({"adapter": "alice", "epsilon_spent": 5.990402655023825, "budget_epsilon": 8.0,
+                              "budget_left": 2.009597344976175, "delta": 1e-5, "accountant": "rdp", "runs": []})
+    assert "ε spent over all runs 5.99 of budget 8 (left 2.01)" in ledger
+    audit = _render_audit({"adapter": "alice", "epsilon_lower_bound": 0.2634, "confidence": 0.95,
+                           "epsilon_accounted": 3.95237, "delta": 1e-5, "correct": 40, "guesses": 50,
+                           "canaries": 512, "configuration": "alice", "q": 0.25, "sigma": 1.1, "clip_norm": 0.1,
+                           "steps": 31, "consistent": True})
+    assert "accounted ε of one run at this configuration 3.95" in audit and "not the ledger's total" in audit

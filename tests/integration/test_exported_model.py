@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.peft_format import read_peft_dir
+from lorad.adapters.peft_format import read_peft_dir
 from tests.integration.lorad_process import RunningDaemon, run_loractl, start_daemon
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "exported"

@@ -11,16 +11,16 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from adapters.engine import InferenceEngine
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from daemon.http_api import ApiSettings, make_app, protected
-from daemon.metrics import DaemonMetrics
-from daemon.training_api import add_training_routes
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.daemon.http_api import ApiSettings, make_app, protected
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.training_api import add_training_routes
+from lorad.trainer.config import parse_trainer_section
+from lorad.trainer.service import TrainerService
 from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, logits_of, outputs_differ
-from trainer.config import parse_trainer_section
-from trainer.service import TrainerService
 
 DEMO_ADAPTERS = sorted(demo_adapter_dirs())
 

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ota.metrics import UPDATE_RESULTS, OtaMetrics
+from lorad.ota.metrics import UPDATE_RESULTS, OtaMetrics
 from tests.integration.lorad_process import REPO, RunningDaemon, start_daemon
 
 OPS = REPO / "ops"

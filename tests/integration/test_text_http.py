@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapters.peft_format import read_peft_dir
-from daemon.ctl.client import multipart_body
+from lorad.adapters.peft_format import read_peft_dir
+from lorad.daemon.ctl.client import multipart_body
 from tests.integration.lorad_process import REPO, Response, RunningDaemon, start_daemon
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
@@ -110,7 +110,7 @@ def test_a_users_peft_adapter_learns_their_words(intents: RunningDaemon) -> None
 
     def accuracy(adapter: str | None) -> float:
         got = _output(_infer(intents, texts, adapter=adapter, outputs=("label",)), "label")["data"]
-        return float(np.mean([g == t for g, t in zip(got, truth)]))
+        return float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
 
     base, alice = accuracy(None), accuracy("alice")
     assert alice >= 0.9 and alice > base + 0.3, (base, alice)

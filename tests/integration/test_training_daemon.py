@@ -30,10 +30,10 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
+from lorad.trainer.accountant import epsilon
+from lorad.trainer.config import AdapterTrainingConfig, default_delta
+from lorad.trainer.ledger import run_charges
 from tests.integration.lorad_process import MODEL, RunningDaemon, logits_of, run_loractl, start_daemon
-from trainer.accountant import epsilon
-from trainer.config import AdapterTrainingConfig, default_delta
-from trainer.ledger import run_charges
 
 ADAPTER = "plus-one-dp"
 BUDGET = 8.0
@@ -141,7 +141,7 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     pixels, labels = _digits()
     train_x, train_y = pixels[:N_EXAMPLES], labels[:N_EXAMPLES]
     test_x, test_y = pixels[N_EXAMPLES:N_EXAMPLES + 300], labels[N_EXAMPLES:N_EXAMPLES + 300]
-    for row, label in zip(train_x, train_y):
+    for row, label in zip(train_x, train_y, strict=True):
         r = d.request("POST", _path(ADAPTER, "examples"), json_body=_example(row, int(label)))
         assert r.status == 201, r.body
     assert d.request("GET", _path(ADAPTER, "examples")).json()["examples"] == N_EXAMPLES
@@ -180,7 +180,7 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
     assert [m["what"] for m in run["mechanisms"]] == ["example_count", "validation_gate"]
     started = datetime.datetime.fromisoformat(run["started_at"])
     ended = datetime.datetime.fromisoformat(run["ended_at"])
-    assert started <= ended <= datetime.datetime.now(datetime.timezone.utc)
+    assert started <= ended <= datetime.datetime.now(datetime.UTC)
     # What the personalisation cost, next to its ε: the training phase's energy over the run.
     watts = 5.064 * 1.216
     assert 0 < run["energy_joules"] <= watts * ((ended - started).total_seconds() + 1.0)

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import datetime
 import shutil
+from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
 
-from adapters.errors import AdapterNotFoundError
-from adapters.lora import LoraAdapter, LoraWeights
 from benchmarks.mosquitto import DEVICES, FLEET_USER, Broker, available, create_broker
-from ota.target import ProbeSet
+from lorad.adapters.errors import AdapterNotFoundError
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.ota.target import ProbeSet
 
 MAX_PACKET = 16 * 1024  # small on purpose: payloads must be chunked to pass
 __all__ = ["Broker", "DEVICES", "FLEET_USER", "MAX_PACKET"]
@@ -129,13 +130,13 @@ class Clock:
     """A settable clock for both sides: ``now()`` for devices, ``dt()`` for the fleet."""
 
     def __init__(self) -> None:
-        self.t = float(int(datetime.datetime.now(datetime.timezone.utc).timestamp()))
+        self.t = float(int(datetime.datetime.now(datetime.UTC).timestamp()))
 
     def now(self) -> float:
         return self.t
 
     def dt(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.t, datetime.timezone.utc)
+        return datetime.datetime.fromtimestamp(self.t, datetime.UTC)
 
     def advance(self, seconds: float) -> None:
         self.t += seconds

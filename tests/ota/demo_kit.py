@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter
-from ota.target import ProbeSet
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora import LoraAdapter
+from lorad.ota.target import ProbeSet
 from tests.unit.lora_models import random_adapter
 
 __all__ = ["demo_adapter", "demo_probes", "demo_logits"]

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from benchmarks.mosquitto import Broker
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from ota.broker_setup import acl_text, load_broker, password_line
-from ota.cli import main
-from ota.repository import FleetRepository
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.ota.broker_setup import acl_text, load_broker, password_line
+from lorad.ota.cli import main
+from lorad.ota.repository import FleetRepository
 
 
 def _tree(d: Path) -> dict[str, str]:
@@ -78,7 +78,7 @@ def test_every_failure_is_an_exit_code_and_leaves_the_repository_byte_identical(
         assert _tree(repo) == before, what
     # a device that is known but serves no such adapter
     dev = mqtt.connect("dev1")
-    from ota.status import DeviceStatus, StatusReporter
+    from lorad.ota.status import DeviceStatus, StatusReporter
     StatusReporter(dev, "dev1").publish(DeviceStatus(device_id="dev1", groups=("east",)))
     rc = main(["fleet", "command", str(repo), "dev1", "pin", "--adapter", "nope", *ok])
     assert rc == 1 and "unknown adapter 'nope'" in capsys.readouterr().err and _tree(repo) == before
@@ -131,7 +131,8 @@ def test_acls_confine_a_device_to_its_own_topics(mqtt: Broker) -> None:
     """dev2 (group west) gets neither dev1's commands nor east's offers, and cannot write
     dev1's status; its own offer topic works (and marks the end of what it may read)."""
     import threading
-    from ota.transport import barrier
+
+    from lorad.ota.transport import barrier
     fleet, dev2 = mqtt.connect("fleet"), mqtt.connect("dev2")
     for topic in ("lorad/v1/device/dev1/cmd", "lorad/v1/group/east/offer"):
         fleet.publish(topic, b"secret", retain=True)
@@ -152,10 +153,10 @@ def test_a_send_that_fails_half_way_is_published_by_the_next_push(
         mqtt: Broker, tmp_path: Path, kit: object, capsys: pytest.CaptureFixture[str]) -> None:
     """The broker goes away after the index was read: the signed version stays in the
     repository (its counter too), and `fleet push` sends it; no version number is reused."""
-    from ota.cli import FleetSession
-    from ota.client import ClientConfig, OtaClient
-    from ota.errors import TransportError
-    from ota.target import Audience
+    from lorad.ota.cli import FleetSession
+    from lorad.ota.client import ClientConfig, OtaClient
+    from lorad.ota.errors import TransportError
+    from lorad.ota.target import Audience
     k: Any = kit
     repo = FleetRepository.init(tmp_path / "fleet")
     session = FleetSession(mqtt.connect("fleet", timeout_s=1.0))

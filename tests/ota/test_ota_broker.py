@@ -13,11 +13,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from benchmarks.mosquitto import Broker
-from ota.client import ClientConfig, OtaClient
-from ota.files import chunk_topic
-from ota.simulator import FleetSim
-from ota.status import FleetView, will_for
-from ota.target import Audience
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.files import chunk_topic
+from lorad.ota.status import FleetView, will_for
+from lorad.ota.target import Audience
+from tests.ota.simulator import FleetSim
 
 EAST = Audience(groups=("east",))
 

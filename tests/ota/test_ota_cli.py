@@ -1,4 +1,4 @@
-"""``loractl fleet ...`` (through ``ota.cli.main``) against the real broker and a device."""
+"""``loractl fleet ...`` (through ``lorad.ota.cli.main``) against the real broker and a device."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from benchmarks.mosquitto import Broker
-from adapters.engine import InferenceEngine
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from ota.cli import main
-from ota.client import ClientConfig, OtaClient
-from ota.repository import FleetRepository
-from ota.target import ProbeSet, reconstruct
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.ota.cli import main
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.repository import FleetRepository
+from lorad.ota.target import ProbeSet, reconstruct
 
 
 def _broker(mqtt: Broker) -> list[str]:
@@ -89,8 +89,8 @@ EXPORTED = Path(__file__).resolve().parents[1] / "data" / "exported"
 def test_publish_with_the_device_config_uses_its_model_section(mqtt: Broker, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """An exported model with anonymous weights, over the fleet, installed, survives a restart."""
-    from daemon.ctl import main as loractl
-    from daemon.ctl.fleet import model_section
+    from lorad.daemon.ctl import main as loractl
+    from lorad.daemon.ctl.fleet import model_section
 
     config = tmp_path / "lorad.yaml"
     # the device's other sections name device files the fleet machine does not have

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from benchmarks.mosquitto import Broker
-from ota.client import ClientConfig, OtaClient
-from ota.commands import Command, command_topic, sign_command, verify_command
-from ota.errors import CommandRejectedError
-from ota.simulator import FleetSim, SimBroker
-from ota.status import FleetView, will_for
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.commands import Command, command_topic, sign_command, verify_command
+from lorad.ota.errors import CommandRejectedError
+from lorad.ota.status import FleetView, will_for
+from tests.ota.simulator import FleetSim, SimBroker
 
 
 class Sink:

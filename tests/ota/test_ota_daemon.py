@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
 from benchmarks.mosquitto import Broker
-from daemon.config import ConfigError, build_config
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from ota.cli import main as fleet_main
-from ota.status import FleetView
+from lorad.daemon.config import ConfigError, build_config
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.ota.cli import main as fleet_main
+from lorad.ota.status import FleetView
 from tests.integration.lorad_process import digit_probe, start_daemon
 
 

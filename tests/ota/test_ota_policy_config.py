@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, build_config
-from ota.config import OtaPolicy
-from daemon.ota_wiring import install_gate
-from trainer.policy import SystemProbe
+from lorad.daemon.config import ConfigError, build_config
+from lorad.daemon.ota_wiring import install_gate
+from lorad.ota.config import OtaPolicy
+from lorad.trainer.policy import SystemProbe
 
 
 def test_policy_and_window_keys_parse_and_bad_ones_are_named() -> None:
@@ -22,9 +22,9 @@ def test_policy_and_window_keys_parse_and_bad_ones_are_named() -> None:
     assert build_config({}, environ={}).ota.policy.max_epsilon is None
     with pytest.raises(ConfigError, match=r"ota.install_window.*HH:MM"):
         build_config({"ota": {"install_window": ["tonight"]}}, environ={})
-    with pytest.raises(ConfigError, match="ota.policy.max_epsilon"):
+    with pytest.raises(ConfigError, match=r"ota.policy.max_epsilon"):
         build_config({"ota": {"policy": {"max_epsilon": -1}}}, environ={})
-    with pytest.raises(ConfigError, match="ota.policy"):
+    with pytest.raises(ConfigError, match=r"ota.policy"):
         build_config({"ota": {"policy": {"max_eps": 1}}}, environ={})
 
 
@@ -50,9 +50,9 @@ def test_install_gate_uses_the_trainers_probes(tmp_path: Path) -> None:
 
 
 def test_client_config_carries_the_policy_and_the_window(tmp_path: Path) -> None:
-    from ota.config import OtaConfig
-    from ota.privacy import PrivacyPolicy
-    from ota.window import InstallWindow
+    from lorad.ota.config import OtaConfig
+    from lorad.ota.privacy import PrivacyPolicy
+    from lorad.ota.window import InstallWindow
 
     ota = OtaConfig.load({"device_id": "d1", "install_window": ["Sat,Sun 00:00-24:00"], "policy": {"max_epsilon": 2.5,
                                                                                  "require_privacy_record": True}})

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.engine import InferenceEngine
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
-from ota.client import ClientConfig, OtaClient
-from ota.simulator import FleetSim, SimBroker
-from ota.target import Audience
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.target import Audience
 from tests.ota.demo_kit import demo_adapter as _adapter
 from tests.ota.demo_kit import demo_logits
 from tests.ota.demo_kit import demo_probes as _probes
+from tests.ota.simulator import FleetSim, SimBroker
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import yaml
 
-from adapters.engine import InferenceEngine
 from benchmarks.mosquitto import Broker
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
-from ota.cli import FleetSession
-from ota.repository import FleetRepository
-from ota.status import FleetView
-from ota.target import Audience
+from lorad.adapters.engine import InferenceEngine
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
+from lorad.ota.cli import FleetSession
+from lorad.ota.repository import FleetRepository
+from lorad.ota.status import FleetView
+from lorad.ota.target import Audience
 from tests.integration.lorad_process import RunningDaemon, digit_probe, logits_of, start_daemon
 from tests.ota.demo_kit import demo_adapter, demo_logits, demo_probes
 

@@ -12,10 +12,9 @@ import time
 import pytest
 
 from benchmarks.mosquitto import Broker
-from ota.errors import TransportError, UpdateRejectedError
-from ota.files import INDEX_TOPIC, RepoReader, chunk_topic, publish_files
-from ota.transport import MqttTransport
-
+from lorad.ota.errors import TransportError, UpdateRejectedError
+from lorad.ota.files import INDEX_TOPIC, RepoReader, chunk_topic, publish_files
+from lorad.ota.transport import MqttTransport
 
 
 def test_publish_subscribe_over_mutual_tls(mqtt: Broker) -> None:
@@ -33,7 +32,7 @@ def test_publish_subscribe_over_mutual_tls(mqtt: Broker) -> None:
 
 def test_wrong_password_is_refused(mqtt: Broker) -> None:
     t = MqttTransport(mqtt.config("dev1", password="wrong", timeout_s=3))
-    with pytest.raises(TransportError, match="refused|not connected"):
+    with pytest.raises(TransportError, match=r"refused|not connected"):
         t.connect()
     t.close()
 

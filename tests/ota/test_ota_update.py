@@ -17,15 +17,15 @@ from prometheus_client import CollectorRegistry
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 
-from adapters.errors import AdapterStorageError, CacheFullError, InvalidAdapterError
-from ota.client import ClientConfig, OtaClient
-from ota.files import chunk_topic
-from ota.keys import find_signers
-from ota.metrics import OtaMetrics
-from ota.repository import RepoSettings, meta_name
-from ota.simulator import FleetSim, SimBroker
-from ota.status import DeviceStatus, status_topic
-from ota.target import Audience
+from lorad.adapters.errors import AdapterStorageError, CacheFullError, InvalidAdapterError
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.files import chunk_topic
+from lorad.ota.keys import find_signers
+from lorad.ota.metrics import OtaMetrics
+from lorad.ota.repository import RepoSettings, meta_name
+from lorad.ota.status import DeviceStatus, status_topic
+from lorad.ota.target import Audience
+from tests.ota.simulator import FleetSim, SimBroker
 
 EAST = Audience(groups=("east",))
 
@@ -79,7 +79,7 @@ def assert_refused(env: Env, r: Any, reason: str, serving: Any) -> None:
 
 
 def install_v1(env: Env) -> Any:
-    a1, _ = env.publish(1)
+    _a1, _ = env.publish(1)
     r = env.one()
     assert r.result == "installed" and env.sink.serving("kws") is not None
     return env.sink.serving("kws")
@@ -256,7 +256,7 @@ def test_device_clock_going_backwards_does_not_revive_expired_metadata(env: Env)
 def test_targets_from_another_snapshot_mix_and_match(env: Env) -> None:
     v1 = install_v1(env)
     old_targets = env.fleet.files()[meta_name("targets", 2)]
-    _, spec = env.publish(2)
+    _, _spec = env.publish(2)
     tv = env.fleet.repo.load("targets").signed.version
     env.fleet.serve({meta_name("targets", tv): old_targets})
     assert_refused(env, env.one(), "mix_and_match", v1)
@@ -448,7 +448,7 @@ def test_a_version_stored_before_a_local_fault_is_not_served(env: Env) -> None:
     sink = env.sink
     real_install = sink.install
 
-    def store_then_fail(name: str, adapter: Any, *, meta: Any = {}) -> Any:
+    def store_then_fail(name: str, adapter: Any, *, meta: Any = None) -> Any:
         real_install(name, adapter, meta=meta)
         raise CacheFullError("stored, but the cache is full")
     sink.install = store_then_fail  # type: ignore[method-assign]

@@ -8,22 +8,23 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from benchmarks.mosquitto import Broker, create_broker
-from ota.cli import FleetSession, fleet_view, main
-from ota.client import ClientConfig, OtaClient
-from ota.privacy import PrivacyPolicy, PrivacyRecord
-from ota.repository import FleetRepository
-from ota.rollout import RolloutPlan, parse_stages, select
-from ota.rollout_cli import RolloutStore, create_rollout
-from ota.status import FleetView, will_for
-from ota.target import Audience
-from ota.window import InstallWindow
+from lorad.ota.cli import FleetSession, fleet_view, main
+from lorad.ota.client import ClientConfig, OtaClient
+from lorad.ota.privacy import PrivacyPolicy, PrivacyRecord
+from lorad.ota.repository import FleetRepository
+from lorad.ota.rollout import RolloutPlan, parse_stages, select
+from lorad.ota.rollout_cli import RolloutStore, create_rollout
+from lorad.ota.status import FleetView, will_for
+from lorad.ota.target import Audience
+from lorad.ota.window import InstallWindow
 
 from .conftest import MAX_PACKET
 
@@ -85,7 +86,7 @@ def test_three_stage_rollout_progresses_halts_at_the_abort_threshold_and_rolls_b
     rc = main(["fleet", "rollout", "run", str(repo.dir), "spring", "--settle", "5", "--max-time", "120",
                *fleet_broker.fleet_args()])
     err = capsys.readouterr().err
-    plan, state = store.load()
+    _plan, state = store.load()
     history = " | ".join(m for _, m in state.history)
     assert (rc, state.status, state.stage) == (4, "aborted", 2), (err, history)
     assert "halted: abort threshold reached" in err

@@ -6,11 +6,10 @@ import datetime
 
 import pytest
 
-from ota.errors import UpdateRejectedError
-from ota.privacy import PrivacyPolicy, PrivacyRecord
-from ota.rollout import (Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, acted, decide,
-                         parse_stages, select)
-from ota.window import InstallWindow
+from lorad.ota.errors import UpdateRejectedError
+from lorad.ota.privacy import PrivacyPolicy, PrivacyRecord
+from lorad.ota.rollout import Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, acted, decide, parse_stages, select
+from lorad.ota.window import InstallWindow
 
 POP = {f"d{i:02d}": ("canary",) if i < 3 else ("main",) for i in range(20)}
 
@@ -83,7 +82,7 @@ def test_last_stage_healthy_is_done_and_pause_stops_everything() -> None:
 
 def test_install_window_ranges_and_next_opening() -> None:
     w = InstallWindow.parse(["Mon-Fri 22:00-06:00", "Sat,Sun 00:00-24:00"])
-    tz = datetime.timezone.utc
+    tz = datetime.UTC
     tue_noon = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=tz)
     assert not w.is_open(tue_noon) and w.next_open(tue_noon) == tue_noon.replace(hour=22)
     wed_early = datetime.datetime(2026, 12, 2, 5, 59, tzinfo=tz)

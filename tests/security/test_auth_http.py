@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.demo import demo_adapter_dirs
-from daemon.ctl.client import multipart_body
+from lorad.daemon.ctl.client import multipart_body
+from lorad.daemon.demo import demo_adapter_dirs
 from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, start_daemon
 
 BAD_TOKENS = {

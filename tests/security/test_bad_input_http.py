@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, start_daemon
 
 MAX_ROWS = 16
@@ -35,10 +35,8 @@ def demo_math() -> DemoMath:
 
 
 def _raw_infer(daemon: RunningDaemon, data_json: str, shape: list[int] | None = None) -> tuple[int, str]:
-    body = (
-        '{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": %s, "data": [%s]}]}'
-        % (json.dumps(shape or [1, 64]), data_json)
-    ).encode()
+    shape_json = json.dumps(shape or [1, 64])
+    body = f'{{"inputs": [{{"name": "pixels", "datatype": "FP32", "shape": {shape_json}, "data": [{data_json}]}}]}}'.encode()
     r = daemon.request("POST", INFER, body=body, content_type="application/json", token=None)
     return r.status, r.json()["error"] if r.status >= 400 else ""
 

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.lora_graph import LoraTarget
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.lora_graph import LoraTarget
 
 
 def tiny_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.accountant import RDP_ORDERS, RunCharge, calibrate_sigma, epsilon
+from lorad.trainer.accountant import RDP_ORDERS, RunCharge, calibrate_sigma, epsilon
 
 _SLACK = 1e-9  # relative; the accountant's log-sum-exps are exact to ~1e-15
 
@@ -31,10 +31,8 @@ def _sampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:
     integer α: A_α = Σ_k C(α,k) (1-q)^(α-k) q^k exp((k²-k)/(2σ²)); RDP = log A_α/(α-1)."""
     k = np.arange(alpha + 1)
     log_terms = _log_comb(alpha, k) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
-    if q < 1:
-        log_terms = log_terms + (alpha - k) * math.log1p(-q)
-    else:
-        log_terms = log_terms[-1:]  # only k = α survives when every example is in the batch
+    # only k = α survives when every example is in the batch
+    log_terms = log_terms + (alpha - k) * math.log1p(-q) if q < 1 else log_terms[-1:]
     top = float(np.max(log_terms))
     log_a = top + math.log(float(np.sum(np.exp(log_terms - top))))
     return log_a / (alpha - 1)
@@ -45,7 +43,7 @@ def _rdp_to_dp(orders: tuple[int, ...], rdp: list[float], delta: float) -> float
     ε = rdp + log(1 - 1/α) - (log δ + log α)/(α - 1); and ε = 0 when the KL bound
     δ ≥ sqrt(1 - exp(-rdp)) already holds."""
     best = math.inf
-    for a, r in zip(orders, rdp):
+    for a, r in zip(orders, rdp, strict=True):
         if delta**2 + math.expm1(-r) > 0:
             return 0.0
         best = min(best, r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.auth import AuthError, check_bearer, ensure_token, read_token
+from lorad.daemon.auth import AuthError, check_bearer, ensure_token, read_token
 
 
 def test_token_file_created_with_mode_0600(tmp_path: Path) -> None:

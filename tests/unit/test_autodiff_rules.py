@@ -9,7 +9,6 @@ graph in float64.
 from __future__ import annotations
 
 import zlib
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from trainer.autodiff import Emitter, UnsupportedNodeError, backward, graph_constants, infer_tensor_infos
+from lorad.trainer.autodiff import Emitter, UnsupportedNodeError, backward, graph_constants, infer_tensor_infos
 
 
 @dataclass
@@ -173,7 +172,7 @@ def _finite_differences(case: Case, feeds: dict[str, np.ndarray], seeds: dict[st
 
     def loss(f: dict[str, np.ndarray]) -> float:
         outs = ref.run(case.outputs, f)
-        return float(sum(np.sum(o * seeds[name]) for name, o in zip(case.outputs, outs)))
+        return float(sum(np.sum(o * seeds[name]) for name, o in zip(case.outputs, outs, strict=True)))
 
     h = case.fd_step
     return [(loss({**feeds, k: feeds[k] + h * v}) - loss({**feeds, k: feeds[k] - h * v})) / (2 * h)
@@ -186,7 +185,7 @@ def test_rule_matches_finite_differences(case: Case) -> None:
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     feeds = _inputs(case, rng)
     out_shapes = ReferenceEvaluator(_model(case, np.float64)).run(case.outputs, feeds)
-    seeds = {o: rng.normal(size=np.shape(v)) for o, v in zip(case.outputs, out_shapes)}
+    seeds = {o: rng.normal(size=np.shape(v)) for o, v in zip(case.outputs, out_shapes, strict=True)}
     directions = _directions(case, rng)
     want = np.asarray(_finite_differences(case, feeds, seeds, directions))
     scale = max(1.0, float(np.abs(want).max()))
@@ -196,7 +195,7 @@ def test_rule_matches_finite_differences(case: Case) -> None:
 
     model64, names = _gradient_model(case, np.float64)
     got64 = ReferenceEvaluator(model64).run(names, {**feeds, **{f"seed.{k}": v for k, v in seeds.items()}})
-    grads64 = dict(zip(case.inputs, got64))
+    grads64 = dict(zip(case.inputs, got64, strict=True))
     for k, g in grads64.items():
         assert g.shape == feeds[k].shape, f"{case.name}: gradient of {k} has shape {g.shape}"
     np.testing.assert_allclose(projected(grads64), want, rtol=case.rtol, atol=case.rtol * scale,
@@ -206,7 +205,7 @@ def test_rule_matches_finite_differences(case: Case) -> None:
     session = ort.InferenceSession(model32.SerializeToString(), providers=["CPUExecutionProvider"])
     got32 = session.run(names, {**{k: v.astype(np.float32) for k, v in feeds.items()},
                                 **{f"seed.{k}": v.astype(np.float32) for k, v in seeds.items()}})
-    for k, g in zip(case.inputs, got32):
+    for k, g in zip(case.inputs, got32, strict=True):
         np.testing.assert_allclose(g, grads64[k], rtol=1e-4, atol=1e-4 * scale, err_msg=f"{case.name}: d/d{k} (ORT)")
 
 

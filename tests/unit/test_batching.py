@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from adapters.engine import InferenceEngine
-from adapters.lora_banks import AdapterBanks
-from daemon.batching import MicroBatcher
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_banks import AdapterBanks
+from lorad.daemon.batching import MicroBatcher
 from tests.unit.lora_models import random_adapter, tiny_model
 
 RANK = 4
@@ -41,7 +41,7 @@ def test_expected_requests_share_one_call_and_get_their_own_rows(batcher: MicroB
     for _ in requests:
         batcher.expect()
     futures = [batcher.submit({"x": x}, p) for x, p in requests]
-    for (x, p), f in zip(requests, futures):
+    for (x, p), f in zip(requests, futures, strict=True):
         np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": x}, p)["y"], rtol=1e-5, atol=1e-5)
     assert (batcher.batches, batcher.batched_requests) == (1, 3)
     assert batcher.banks.in_use() == {}  # slots released after the batch
@@ -56,7 +56,7 @@ def test_rows_slots_and_shapes_bound_a_batch(batcher: MicroBatcher) -> None:
     for _ in requests:
         batcher.expect()
     futures = [batcher.submit({"x": x}, p) for x, p in requests]
-    for (x, p), f in zip(requests, futures):
+    for (x, p), f in zip(requests, futures, strict=True):
         np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": x}, p)["y"], rtol=1e-5, atol=1e-5)
     # a0, a1 and the base rows fill the first call; b2 finds no free slot and runs next.
     assert (batcher.batches, batcher.batched_requests) == (2, 4)

@@ -7,15 +7,15 @@ import random
 import threading
 import time
 from collections import Counter
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.cache import AdapterCache
-from adapters.errors import AdapterNotFoundError, CacheFullError
+from lorad.adapters.cache import AdapterCache
+from lorad.adapters.errors import AdapterNotFoundError, CacheFullError
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def test_concurrent_leases_with_puts_see_consistent_objects() -> None:
                     assert item.payload == (item.version,) * 8
                     assert (item.version, item.payload) == first
                 leases[seed] += 1
-        except BaseException as e:  # noqa: BLE001 - collected for the main thread
+        except BaseException as e:  # collected for the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=reader, args=(s,)) for s in range(6)]

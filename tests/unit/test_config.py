@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import build_parser, config_from_args
-from daemon.config import (
+from lorad.daemon.cli import build_parser, config_from_args
+from lorad.daemon.config import (
     ConfigError,
     build_config,
     default_state_dir,
     load_config,
     parse_byte_size,
 )
-from daemon.demo import DEMO_RANK, DEMO_TARGETS
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS
 
 
 def _cfg(doc: object, **kw: object) -> object:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from daemon.cli import main
-from daemon.config import build_config, config_schema
-from daemon.config_doc import BEGIN, END, README, reference, render_readme
+from lorad.daemon.cli import main
+from lorad.daemon.config import build_config, config_schema
+from lorad.daemon.config_doc import BEGIN, END, README, reference, render_readme
 
 
 def _properties(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -37,7 +38,7 @@ def test_every_key_has_a_description() -> None:
 def test_readme_reference_matches_the_schema() -> None:
     text = README.read_text(encoding="utf-8")
     assert BEGIN in text and END in text
-    assert render_readme(text) == text, "README.md is out of date: run .venv/bin/python -m daemon.config_doc"
+    assert render_readme(text) == text, "README.md is out of date: run .venv/bin/python -m lorad.daemon.config_doc"
     block = reference()
     for key, _ in _properties(config_schema()):
         if not key.startswith("trainer.adapters.NAME."):
@@ -45,7 +46,7 @@ def test_readme_reference_matches_the_schema() -> None:
 
 
 def test_readme_check_fails_on_a_stale_block(tmp_path: Path) -> None:
-    from daemon.config_doc import main as doc_main
+    from lorad.daemon.config_doc import main as doc_main
 
     stale = tmp_path / "README.md"
     stale.write_text(f"intro\n{BEGIN}\n| `server.prot` | old |\n{END}\nrest\n")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import build_parser, config_from_args
-from daemon.config import Config, ConfigError, build_config
+from lorad.daemon.cli import build_parser, config_from_args
+from lorad.daemon.config import Config, ConfigError, build_config
 
 
 def _nest(key: str, value: object) -> dict[str, Any]:
@@ -205,9 +205,9 @@ def test_flags_are_validated_and_named_like_file_values(tmp_path: Path) -> None:
 
 
 def test_models_built_in_code_are_validated_the_same_way() -> None:
-    from daemon.config import BatchingConfig
-    from ota.config import OtaLimits
-    from trainer.config import StoreConfig
+    from lorad.daemon.config import BatchingConfig
+    from lorad.ota.config import OtaLimits
+    from lorad.trainer.config import StoreConfig
 
     with pytest.raises(ConfigError, match=r"^trainer\.store\.max_bytes: got 0; expected a positive size"):
         StoreConfig(max_bytes=0)

@@ -6,20 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from daemon import ctl, http_api
-from daemon.metrics import DaemonMetrics
-from daemon.training_api import add_training_routes
+from lorad.daemon import ctl, http_api
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.training_api import add_training_routes
+from lorad.trainer.config import parse_trainer_section
+from lorad.trainer.service import TrainerService
 from tests.unit.trainer_helpers import inputs, make_service
-from trainer.config import parse_trainer_section
-from trainer.service import TrainerService
 
 TOKEN = "k" * 32
 

@@ -14,12 +14,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter
-from adapters.lora_graph import find_targets, fingerprint
-from adapters.peft_format import load_peft, read_peft_dir
-from daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from daemon.demo import build
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.lora_graph import find_targets, fingerprint
+from lorad.adapters.peft_format import load_peft, read_peft_dir
+from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, build, demo_adapter_dirs, demo_model_path
 
 # A recorded accuracy is rounded to 4 digits; an argmax at a near-tie may also flip
 # between float32 code paths (ORT, numpy): one test image is 1/359 ≈ 0.0028.

@@ -13,12 +13,12 @@ import onnx
 import onnxruntime
 import pytest
 
-from adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from trainer.artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
-from trainer.dp_step import DPSettings, DPStepper
-from trainer.errors import BadTrainingDataError
-from trainer.noise import SeededNoise
+from lorad.adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
+from lorad.trainer.artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
+from lorad.trainer.dp_step import DPSettings, DPStepper
+from lorad.trainer.errors import BadTrainingDataError
+from lorad.trainer.noise import SeededNoise
 
 _CONFIG = ArtifactConfig(targets=tuple(REFERENCE_TARGETS), rank=4, alpha=8.0)
 _SEQ, _D, _CLASSES = 4, 32, 5

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from adapters.engine import InferenceEngine, TensorSpec
-from adapters.errors import BaseModelMismatchError, InvalidAdapterError
-from adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.engine import InferenceEngine, TensorSpec
+from lorad.adapters.errors import BaseModelMismatchError, InvalidAdapterError
+from lorad.adapters.lora import LoraAdapter, LoraWeights
 from tests.unit.lora_models import random_adapter, tiny_model
 
 
@@ -38,7 +38,7 @@ def test_wrong_shapes_and_unknown_targets_are_refused(engine: InferenceEngine) -
         engine.check(bad_shape)
     unknown = LoraAdapter(rank=2, alpha=2, base_fingerprint=engine.fingerprint,
                           weights={"head.weight": LoraWeights(np.zeros((6, 2), np.float32), np.zeros((2, 5), np.float32))})
-    with pytest.raises(InvalidAdapterError, match="'head' \\(ONNX weight 'head.weight'\\), which is not a LoRA target.*fc1, fc2"):
+    with pytest.raises(InvalidAdapterError, match=r"'head' \(ONNX weight 'head.weight'\), which is not a LoRA target.*fc1, fc2"):
         engine.check(unknown)
 
 

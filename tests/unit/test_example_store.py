@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.errors import BadTrainingDataError
-from trainer.example_store import ExampleStore
+from lorad.trainer.errors import BadTrainingDataError
+from lorad.trainer.example_store import ExampleStore
 
 
 class Clock:
@@ -239,7 +239,7 @@ def test_threads(tmp_path: Path) -> None:
                 for j in range(20):
                     store.add(f"a{i}", _inputs(j), j)
                     store.load(store.sample_poisson(f"a{i}", 0.5, np.random.default_rng(j)))
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]

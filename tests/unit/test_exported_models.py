@@ -16,12 +16,12 @@ import onnx
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from adapters.engine import InferenceEngine
-from adapters.errors import InvalidAdapterError
-from adapters.module_paths import ModulePaths
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.errors import InvalidAdapterError
+from lorad.adapters.module_paths import ModulePaths
+from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "exported"
 REF = dict(np.load(DATA / "reference.npz"))
@@ -115,7 +115,7 @@ def test_suffix_pattern_does_not_match_inside_a_name() -> None:
 
 def test_adapter_for_modules_the_model_lacks_is_refused(tmp_path: Path) -> None:
     service = _service(tmp_path, "encoder_torchscript_17", ["q_proj"])
-    with pytest.raises(InvalidAdapterError, match="'layers.0.attn.c_attn' is not a MatMul/Gemm module"):
+    with pytest.raises(InvalidAdapterError, match=r"'layers.0.attn.c_attn' is not a MatMul/Gemm module"):
         service.upload("wrong", read_peft_dir(DATA / "peft_conv1d"))
     # a module of the model that model.targets left out
     with pytest.raises(InvalidAdapterError, match=r"module 'layers.0.attn.v_proj' .*not a LoRA target"):

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
+from lorad.trainer.artifacts import ArtifactConfig, build_artifacts
 from tests.unit.test_per_example_clipping import _assert_close, _reference_clipped_sum, _Session
-from trainer.artifacts import ArtifactConfig, build_artifacts
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "exported"
 CASES = {
@@ -80,13 +80,14 @@ def test_op_without_ort_gradient_is_named_not_a_raw_assertion(tmp_path: Path) ->
 
 def test_trained_version_of_an_exported_model_survives_a_restart(tmp_path: Path) -> None:
     """The trainer's output on a graph with anonymous weights uses PEFT names and reads back."""
-    from adapters.engine import InferenceEngine
-    from adapters.peft_format import WEIGHTS_FILE
-    from adapters.registry import AdapterRegistry
-    from adapters.service import AdapterService
     from safetensors.numpy import load as load_safetensors
+
+    from lorad.adapters.engine import InferenceEngine
+    from lorad.adapters.peft_format import WEIGHTS_FILE
+    from lorad.adapters.registry import AdapterRegistry
+    from lorad.adapters.service import AdapterService
+    from lorad.trainer.run import TrainingRun
     from tests.unit.trainer_helpers import make_env, run_config
-    from trainer.run import TrainingRun
 
     def service() -> AdapterService:
         engine = InferenceEngine(DATA / "encoder_dynamo_17.onnx", targets=["q_proj", "v_proj"], rank=4)

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from daemon.cli import main
+from lorad.daemon.cli import main
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "exported"
 

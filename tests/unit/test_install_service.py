@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.install_service import NOTIFY_RELOAD_SINCE, InstallPlan, install_service, render_unit, systemd_version
+from lorad.daemon.install_service import NOTIFY_RELOAD_SINCE, InstallPlan, install_service, render_unit, systemd_version
 
 REPO = Path(__file__).resolve().parents[2]
 YOCTO = REPO / "yocto/meta-lorad/recipes-lorad/lorad/files"
@@ -20,7 +20,7 @@ MAX_EXPOSURE = 2.0
 
 def _lorad() -> list[str]:
     exe = Path(sys.executable).parent / "lorad"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "daemon.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lorad.daemon.cli"]
 
 
 def test_the_packaged_unit_and_config_are_meta_lorads() -> None:
@@ -99,7 +99,7 @@ def test_bad_arguments_are_named(tmp_path: Path, user: str, prefix: str, message
 
 
 def test_version_flags() -> None:
-    from daemon.version import lorad_version
+    from lorad.daemon.version import lorad_version
 
     for cmd in (_lorad(), [str(Path(sys.executable).parent / "loractl")]):
         done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60, check=False)

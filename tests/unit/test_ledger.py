@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-import trainer.ledger as ledger_module
-from trainer.accountant import RunCharge, epsilon
-from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
-from trainer.ledger import PrivacyLedger
+import lorad.trainer.ledger as ledger_module
+from lorad.trainer.accountant import RunCharge, epsilon
+from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
+from lorad.trainer.ledger import PrivacyLedger
 
 RUN: dict[str, Any] = dict(q=0.05, sigma=1.0, clip_norm=1.0, examples=500, accountant="rdp",
                            delta=1e-5, budget_epsilon=10.0)
@@ -194,7 +194,7 @@ def test_threads(path: Path) -> None:
                 for _ in range(5):
                     run = ledger.begin_run(f"a{i % 3}", planned_steps=4, **RUN)
                     ledger.end_run(run, steps_done=2, status="completed")
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]

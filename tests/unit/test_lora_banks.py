@@ -1,4 +1,4 @@
-"""adapters.lora_banks and adapters.composition: mixed-adapter batches checked row by row
+"""lorad.adapters.lora_banks and adapters.composition: mixed-adapter batches checked row by row
 against the numpy reference of each row's own adapter, and compositions against merged
 weights."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.composition import AdapterWeight, compose
-from adapters.engine import InferenceEngine
-from adapters.lora_banks import AdapterBanks
+from lorad.adapters.composition import AdapterWeight, compose
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_banks import AdapterBanks
 from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
 
 RANK = 4

@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from adapters.lora_fused import make_fused_inference_graph
-from adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from daemon.demo import DEMO_TARGETS, demo_model_path
+from lorad.adapters.lora_fused import make_fused_inference_graph
+from lorad.adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
+from lorad.daemon.demo import DEMO_TARGETS, demo_model_path
 from tests.unit.lora_models import tiny_model
 
 RANK = 4
@@ -47,11 +47,11 @@ def test_fused_equals_plain_and_zero_equals_base(case: str) -> None:
     assert len(fused.graph.node) < len(plain.graph.node)
     plain_feeds = dict(feeds)
     for t in targets:
-        plain_feeds.update(zip(lora_input_names(t.weight), matrices[t.weight]))
-    for want, got in zip(_session(plain).run(None, plain_feeds), _session(fused).run(None, {**feeds, **layout.feeds(matrices)})):
+        plain_feeds.update(zip(lora_input_names(t.weight), matrices[t.weight], strict=True))
+    for want, got in zip(_session(plain).run(None, plain_feeds), _session(fused).run(None, {**feeds, **layout.feeds(matrices)}), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     zero = _session(fused).run(None, {**feeds, **layout.feeds({})})
-    for want, got in zip(_session(model).run(None, feeds), zero):
+    for want, got in zip(_session(model).run(None, feeds), zero, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from adapters.engine import InferenceEngine
-from adapters.lora_graph import find_targets, fingerprint, lora_input_names, make_inference_graph
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_graph import find_targets, fingerprint, lora_input_names, make_inference_graph
 from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
 
 

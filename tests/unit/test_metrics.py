@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import DaemonMetrics
-from daemon.power import NoSource
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.power import NoSource
 
 
 @dataclass(frozen=True)

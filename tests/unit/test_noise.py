@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats  # type: ignore[import-untyped]
 
-from trainer.noise import NoiseSource, SecureNoise, SeededNoise
+from lorad.trainer.noise import NoiseSource, SecureNoise, SeededNoise
 
 N = 2_000_000
 STD = 2.5
@@ -74,7 +74,7 @@ def test_secure_sources_differ() -> None:
     assert not np.array_equal(SecureNoise().gaussian(64, 1.0), SecureNoise().gaussian(64, 1.0))
 
 
-def _draw_in_child(source: NoiseSource, queue: "multiprocessing.Queue[bytes]") -> None:
+def _draw_in_child(source: NoiseSource, queue: multiprocessing.Queue[bytes]) -> None:
     queue.put(source.gaussian(64, 1.0).tobytes())
 
 

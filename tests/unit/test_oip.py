@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from daemon.oip import (
+from lorad.daemon.oip import (
     NonFiniteOutputError,
     OIPError,
     RequestTooLargeError,

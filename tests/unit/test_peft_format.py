@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from adapters.errors import InvalidAdapterError
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft, read_peft_dir, save_peft
+from lorad.adapters.errors import InvalidAdapterError
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft, read_peft_dir, save_peft
 
 
 def _adapter() -> LoraAdapter:
@@ -57,7 +57,7 @@ def test_explicit_mapping_from_module_names_to_onnx_weights() -> None:
     })
     adapter = load_peft(files, weight_of={"encoder.query": "onnx::MatMul_12"}.get)
     assert list(adapter.weights) == ["onnx::MatMul_12"]
-    with pytest.raises(InvalidAdapterError, match="'encoder.query' is not a MatMul/Gemm module"):
+    with pytest.raises(InvalidAdapterError, match=r"'encoder.query' is not a MatMul/Gemm module"):
         load_peft(files, weight_of={}.get)
 
 
@@ -89,7 +89,7 @@ def test_truncated_and_bit_flipped_weights_are_refused() -> None:
     files = dump_peft(_adapter())
     raw = files[WEIGHTS_FILE]
     for cut in (len(raw) // 2, len(raw) - 1, 7):
-        with pytest.raises(InvalidAdapterError, match="truncated|corrupt"):
+        with pytest.raises(InvalidAdapterError, match=r"truncated|corrupt"):
             load_peft({**files, WEIGHTS_FILE: raw[:cut]})
     header_flip = bytearray(raw)
     header_flip[10] ^= 0xFF
@@ -98,5 +98,5 @@ def test_truncated_and_bit_flipped_weights_are_refused() -> None:
 
 
 def test_missing_directory_file_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(InvalidAdapterError, match="adapter_model.safetensors does not exist"):
+    with pytest.raises(InvalidAdapterError, match=r"adapter_model.safetensors does not exist"):
         read_peft_dir(tmp_path)

@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from trainer._ort_training import load as load_ort_training
-from trainer.artifacts import (
+from lorad.trainer._ort_training import load as load_ort_training
+from lorad.trainer.artifacts import (
     CLIP_NORM_INPUT,
     GRAD_SCALE_INPUT,
     NOISE_INPUT,
@@ -77,7 +77,7 @@ def _reference_clipped_sum(
     )
     factors = np.minimum(1.0, clip_norm / (norms + 1e-6))
     total = {
-        name: sum(f * grads[name].astype(np.float64) for f, grads in zip(factors, per_example))
+        name: sum(f * grads[name].astype(np.float64) for f, grads in zip(factors, per_example, strict=True))
         for name in per_example[0]
     }
     return {k: np.asarray(v) for k, v in total.items()}, norms

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.engine import InferenceEngine
 from benchmarks.reference_encoder import REFERENCE_TARGETS
-from trainer.artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
-from trainer.autodiff import UnsupportedNodeError
-from trainer.backends import available_backends, open_stepper, resolve_backend
-from trainer.dp_step import DPSettings
-from trainer.portable import PortableStepper
+from lorad.adapters.engine import InferenceEngine
+from lorad.trainer.artifacts import ArtifactConfig, TrainingArtifacts, build_artifacts
+from lorad.trainer.autodiff import UnsupportedNodeError
+from lorad.trainer.backends import available_backends, open_stepper, resolve_backend
+from lorad.trainer.dp_step import DPSettings
+from lorad.trainer.portable import PortableStepper
 
-from .trainer_helpers import CLASSES, D, SEQ, tiny_model
+from .trainer_helpers import CLASSES, SEQ, D, tiny_model
 
 RANK = 4
 
@@ -136,7 +136,7 @@ def test_sgd_and_adamw_updates_follow_their_formulas(cache: Path) -> None:
 
 
 def test_each_step_gets_fresh_noise_in_the_source_order(cache: Path) -> None:
-    from trainer.noise import SeededNoise
+    from lorad.trainer.noise import SeededNoise
 
     artifacts = _artifacts(cache, optimizer="sgd")
     dp = DPSettings(noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=4)
@@ -166,7 +166,7 @@ def test_empty_batch_update_is_the_scaled_noise_alone(cache: Path) -> None:
 def test_frozen_a_stays_and_checkpoint_resumes_identically(cache: Path, tmp_path: Path) -> None:
     artifacts = _artifacts(cache, freeze_a=True)
     dp = DPSettings(noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=8)
-    from trainer.noise import SeededNoise
+    from lorad.trainer.noise import SeededNoise
 
     first = PortableStepper(artifacts, learning_rate=0.05, dp=dp, noise=SeededNoise(1))
     a_before = {k: v for k, v in first.parameters().items() if k.endswith(".A")}
@@ -246,19 +246,19 @@ def test_backend_choice() -> None:
     assert reasons["portable"] is None
     assert resolve_backend("portable") == "portable"
     assert resolve_backend("auto") == "portable"
-    with pytest.raises(ValueError, match="trainer.backend must be one of"):
+    with pytest.raises(ValueError, match=r"trainer.backend must be one of"):
         resolve_backend("tensorflow")  # type: ignore[arg-type]
     if reasons["ort-training"] is not None:
-        from trainer.service import TrainingUnavailableError
+        from lorad.trainer.service import TrainingUnavailableError
 
-        with pytest.raises(TrainingUnavailableError, match="trainer.backend 'ort-training' cannot run here"):
+        with pytest.raises(TrainingUnavailableError, match=r"trainer.backend 'ort-training' cannot run here"):
             resolve_backend("ort-training")
 
 
 
 def test_trainer_service_trains_on_plain_onnxruntime_and_never_switches_backend(tmp_path: Path) -> None:
-    from trainer.config import parse_trainer_section
-    from trainer.service import TrainerService
+    from lorad.trainer.config import parse_trainer_section
+    from lorad.trainer.service import TrainerService
 
     from .trainer_helpers import make_service
 
@@ -281,7 +281,7 @@ def test_trainer_service_trains_on_plain_onnxruntime_and_never_switches_backend(
 
 
 def test_ghost_norms_give_the_materialised_clipped_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.portable_graph as portable_graph
+    import lorad.trainer.portable_graph as portable_graph
 
     dp = DPSettings(noise_multiplier=0.0, clip_norm=0.3, expected_batch_size=8)
     steppers = {}

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from benchmarks.reference_encoder import REFERENCE_TARGETS
-from trainer.artifacts import ArtifactConfig, build_artifacts
-from trainer.dp_step import DPSettings, DPStepper
-from trainer.portable import PortableStepper
+from lorad.trainer.artifacts import ArtifactConfig, build_artifacts
+from lorad.trainer.dp_step import DPSettings, DPStepper
+from lorad.trainer.portable import PortableStepper
 
-from .trainer_helpers import CLASSES, D, SEQ, tiny_model
+from .trainer_helpers import CLASSES, SEQ, D, tiny_model
 
 pytestmark = pytest.mark.ort_training
 

@@ -3,18 +3,19 @@ energy integration checked exactly against a synthetic power curve."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import pytest
 
-from daemon.power import NoSource, PowerSampler, RailSample, SourceError, detect_source
-from daemon.power.ina3221_hwmon import Ina3221Hwmon
-from daemon.power.ina3221_iio import Ina3221Iio
-from daemon.power.rapl import Rapl
-from daemon.power.vcgencmd import VcgencmdPmic, parse_pmic_read_adc
+from lorad.daemon.power import NoSource, PowerSampler, RailSample, SourceError, detect_source
+from lorad.daemon.power.ina3221_hwmon import Ina3221Hwmon
+from lorad.daemon.power.ina3221_iio import Ina3221Iio
+from lorad.daemon.power.rapl import Rapl
+from lorad.daemon.power.vcgencmd import VcgencmdPmic, parse_pmic_read_adc
 
 FIXTURES = Path(__file__).parent / "power_fixtures"
 PI5_OUTPUT = (FIXTURES / "rpi5-pmic_read_adc.txt").read_text()
@@ -124,7 +125,7 @@ class Curve:
         self.clock, self.knots = clock, knots
 
     def watts(self, t: float) -> float:
-        for (t0, p0), (t1, p1) in zip(self.knots, self.knots[1:]):
+        for (t0, p0), (t1, p1) in itertools.pairwise(self.knots):
             if t0 <= t <= t1:
                 return p0 + (p1 - p0) * (t - t0) / (t1 - t0)
         raise AssertionError(t)

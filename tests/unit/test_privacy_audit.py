@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lorad.trainer.audit import audit_adapter, epsilon_lower_bound, p_value
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
-from trainer.audit import audit_adapter, epsilon_lower_bound, p_value
 
 
 def test_the_bound_grows_with_correct_guesses_and_refutes_nothing_at_chance() -> None:
@@ -49,7 +49,7 @@ def test_audit_passes_a_correct_run_and_catches_one_without_noise(tmp_path: Path
 def test_overriding_sigma_is_refused_with_secure_noise(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from trainer.noise import SecureNoise
+    from lorad.trainer.noise import SecureNoise
 
     service = make_service(tmp_path)
     env = make_env(tmp_path, service)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorad.trainer.batching import TensorLayout, collate, normalize_example
+from lorad.trainer.config import parse_trainer_section
+from lorad.trainer.errors import BadTrainingDataError
+from lorad.trainer.example_store import Example
+from lorad.trainer.noise import SeededNoise
+from lorad.trainer.run import TrainingRun, pending_release
+from lorad.trainer.service import TrainerService
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
-from trainer.batching import TensorLayout, collate, normalize_example
-from trainer.config import parse_trainer_section
-from trainer.errors import BadTrainingDataError
-from trainer.example_store import Example
-from trainer.noise import SeededNoise
-from trainer.run import TrainingRun, pending_release
-from trainer.service import TrainerService
 
 _LAYOUTS = [TensorLayout("ids", np.dtype(np.int64), (None, None)),
             TensorLayout("attention_mask", np.dtype(np.int64), (None, None))]
@@ -80,7 +80,7 @@ def test_too_few_examples_are_refused_before_anything_is_charged(tmp_path: Path)
     try:
         x = inputs(2, seed=1)
         fill_store(env.store, "alice", x, labelled_by(service, teacher(service), x))
-        with pytest.raises(ValueError, match="too few examples.*nothing was charged"):
+        with pytest.raises(ValueError, match=r"too few examples.*nothing was charged"):
             TrainingRun(env, "alice", run_config(min_train_examples=100, min_holdout_examples=20)).begin()
         assert env.ledger.state("alice").runs == []
     finally:
@@ -105,7 +105,7 @@ def test_examples_are_bounded_per_user_and_the_report_says_per_user(tmp_path: Pa
         x = inputs(5, seed=2)
         for row in x[:3]:
             trainer.add_example("alice", {"x": row}, 1, user="u1")
-        with pytest.raises(BadTrainingDataError, match="'u1' already has 3 examples.*max_examples_per_user"):
+        with pytest.raises(BadTrainingDataError, match=r"'u1' already has 3 examples.*max_examples_per_user"):
             trainer.add_example("alice", {"x": x[3]}, 1, user="u1")
         trainer.add_example("alice", {"x": x[3]}, 1, user="u2")
         assert trainer.examples_count("alice") == 4
@@ -125,7 +125,7 @@ def test_a_run_stopped_while_validating_is_finished_at_the_next_start(tmp_path: 
     # was released only when someone happened to start another run.
     trainer = _trainer(tmp_path)
     x = inputs(40, seed=3)
-    for row, label in zip(x, labelled_by(trainer.adapters, teacher(trainer.adapters), x)):
+    for row, label in zip(x, labelled_by(trainer.adapters, teacher(trainer.adapters), x), strict=True):
         trainer.add_example("alice", {"x": row}, int(label))
     run = TrainingRun(trainer.env, "alice", trainer.config.for_adapter("alice"))
     run.begin()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterNotFoundError, AdapterStorageError
-from adapters.registry import META_FILE, AdapterRegistry
+from lorad.adapters.errors import AdapterNotFoundError, AdapterStorageError
+from lorad.adapters.registry import META_FILE, AdapterRegistry
 
 FILES = {"adapter_model.safetensors": b"\x00weights\xff" * 100, "adapter_config.json": b"{}"}
 
@@ -141,7 +141,7 @@ def test_missing(tmp_path: Path) -> None:
     with pytest.raises(AdapterNotFoundError) as ei:
         reg.get("a", 2)
     assert ei.value.version == 2
-    with pytest.raises(ValueError, match="has no file 'other.bin'"):
+    with pytest.raises(ValueError, match=r"has no file 'other.bin'"):
         reg.read_file("a", 1, "other.bin")
 
 
@@ -150,7 +150,7 @@ def test_corrupt_pointer(tmp_path: Path, garbage: bytes) -> None:
     reg = AdapterRegistry(tmp_path)
     reg.put("a", FILES)
     (tmp_path / "a" / "current").write_bytes(garbage)
-    with pytest.raises(AdapterStorageError, match="is corrupt.*not a version number"):
+    with pytest.raises(AdapterStorageError, match=r"is corrupt.*not a version number"):
         reg.get("a")
     with pytest.raises(AdapterStorageError):
         reg.current_version("a")
@@ -164,7 +164,7 @@ def test_pointer_to_missing_version(tmp_path: Path) -> None:
     reg = AdapterRegistry(tmp_path)
     reg.put("a", FILES)
     (tmp_path / "a" / "current").write_text("42\n")
-    with pytest.raises(AdapterStorageError, match="names version 42 but .* is missing"):
+    with pytest.raises(AdapterStorageError, match=r"names version 42 but .* is missing"):
         reg.get("a")
 
 
@@ -181,7 +181,7 @@ def test_corrupt_record(tmp_path: Path) -> None:
     with pytest.raises(AdapterStorageError, match="is corrupt"):
         reg.get("a", 1)
     record_path.unlink()
-    with pytest.raises(AdapterStorageError, match="lorad.json is missing"):
+    with pytest.raises(AdapterStorageError, match=r"lorad.json is missing"):
         reg.get("a")
 
 
@@ -192,7 +192,7 @@ def test_sha256_mismatch_detected(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[5] ^= 0x01  # one flipped bit, same size
     path.write_bytes(bytes(data))
-    with pytest.raises(AdapterStorageError, match="sha256 .* does not match"):
+    with pytest.raises(AdapterStorageError, match=r"sha256 .* does not match"):
         reg.read_file("a", 1, "adapter_model.safetensors")
     assert reg.read_file("a", 1, "adapter_config.json") == b"{}"
 
@@ -254,7 +254,7 @@ def test_concurrent_puts_and_reads(tmp_path: Path) -> None:
             for i in range(15):
                 k = 1000 * (w + 1) + i
                 written.append(reg.put("a", files_of(k), meta={"i": k}))
-        except BaseException as e:  # noqa: BLE001 - collected for the main thread
+        except BaseException as e:  # collected for the main thread
             errors.append(e)
 
     def reader() -> None:
@@ -267,7 +267,7 @@ def test_concurrent_puts_and_reads(tmp_path: Path) -> None:
                 except AdapterNotFoundError:
                     continue  # pruned between get and read_file: allowed, never torn
                 assert data == files_of(int(str(k)))["adapter_model.safetensors"]
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # reported below
             errors.append(e)
 
     writers = [threading.Thread(target=writer, args=(w,)) for w in range(3)]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.engine import InferenceEngine
-from adapters.peft_format import dump_peft
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
-from daemon.app import _refresh_adapters
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.peft_format import dump_peft
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.daemon.app import _refresh_adapters
 from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
 
 X = np.random.default_rng(7).normal(size=(2, 3, 6)).astype(np.float32)

@@ -7,18 +7,18 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
+from lorad.trainer.config import PolicyConfig, parse_trainer_section
+from lorad.trainer.errors import PrivacyBudgetExceededError
+from lorad.trainer.policy import Decision, SystemProbe, TrainingPolicy
+from lorad.trainer.run import RunControl, RunProgress, RunResult
+from lorad.trainer.scheduler import TrainingConflictError, TrainingScheduler
+from lorad.trainer.service import TrainerService
 from tests.unit.trainer_helpers import inputs, labelled_by, make_service, teacher
-from trainer.config import PolicyConfig, parse_trainer_section
-from trainer.errors import PrivacyBudgetExceededError
-from trainer.policy import Decision, SystemProbe, TrainingPolicy
-from trainer.run import RunControl, RunProgress, RunResult
-from trainer.scheduler import TrainingConflictError, TrainingScheduler
-from trainer.service import TrainerService
 
 
 class _Plan:
@@ -246,7 +246,7 @@ def test_training_yields_to_serving(tmp_path: Path) -> None:
                              sys_root=tmp_path)
     try:
         x = inputs(64, seed=2)
-        for row, label in zip(x, labelled_by(service, teacher(service), x)):
+        for row, label in zip(x, labelled_by(service, teacher(service), x), strict=True):
             trainer.add_example("alice", {"x": row[None]}, int(label))
         serving_tid = threading.get_native_id()
         serving_nice = os.getpriority(os.PRIO_PROCESS, serving_tid)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from adapters.engine import InferenceEngine
-from adapters.errors import AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
-from adapters.peft_format import WEIGHTS_FILE, dump_peft
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.errors import AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
+from lorad.adapters.peft_format import WEIGHTS_FILE, dump_peft
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
 from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
 
 X = np.random.default_rng(7).normal(size=(2, 3, 6)).astype(np.float32)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from daemon.systemd import SystemdNotifier, setup_logging, under_systemd
+from lorad.daemon.systemd import SystemdNotifier, setup_logging, under_systemd
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_daemon_notifies_ready_after_binding_and_stopping_on_sigterm(
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
     state = tmp_path / "state"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve", "--port", "0", "--state-dir", str(state)],
+        [sys.executable, "-m", "lorad.daemon.cli", "serve", "--port", "0", "--state-dir", str(state)],
         env=env, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -165,14 +165,14 @@ def test_journal_records_carry_structured_fields() -> None:
         where = setup_logging("INFO", environ={"INVOCATION_ID": "abc"},
                               journal_sender=lambda MESSAGE, **fields: sent.append((MESSAGE, fields)))
         assert where == "journal"  # systemd-python's JournalHandler, with a sender that records
-        logging.getLogger("daemon.ota_wiring").info(
+        logging.getLogger("lorad.daemon.ota_wiring").info(
             "OTA: installed adapter %r version %s from %s", "alice", 3, "mqtts://broker:8883",
             extra={"LORAD_ADAPTER": "alice", "LORAD_VERSION": 3, "LORAD_SOURCE": "mqtts://broker:8883"})
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     message, fields = sent[-1]
-    assert message == "daemon.ota_wiring: OTA: installed adapter 'alice' version 3 from mqtts://broker:8883"
+    assert message == "lorad.daemon.ota_wiring: OTA: installed adapter 'alice' version 3 from mqtts://broker:8883"
     assert (fields["LORAD_ADAPTER"], fields["LORAD_VERSION"], fields["LORAD_SOURCE"]) == ("alice", 3, "mqtts://broker:8883")
     assert fields["SYSLOG_IDENTIFIER"] == "lorad" and fields["PRIORITY"] == "6"
 
@@ -197,7 +197,7 @@ def test_sighup_reloads_with_reloading_monotonic_usec_and_ready_without_dropping
     log = tmp_path / "lorad.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(cfg), "--port", "0", "--state-dir", str(state)],
+            [sys.executable, "-m", "lorad.daemon.cli", "serve", "--config", str(cfg), "--port", "0", "--state-dir", str(state)],
             env={**os.environ, "NOTIFY_SOCKET": path}, cwd=Path(__file__).resolve().parents[2],
             stdout=out, stderr=subprocess.STDOUT,
         )

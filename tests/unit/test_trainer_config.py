@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from trainer.accountant import RunCharge, epsilon
-from trainer.config import (
+from lorad.trainer.accountant import RunCharge, epsilon
+from lorad.trainer.config import (
     AdapterTrainingConfig,
     TrainerConfig,
     TrainerConfigError,
@@ -16,7 +16,7 @@ from trainer.config import (
     make_noise_source,
     parse_trainer_section,
 )
-from trainer.noise import SecureNoise, SeededNoise
+from lorad.trainer.noise import SecureNoise, SeededNoise
 
 
 def _error(data: object) -> TrainerConfigError:
@@ -90,7 +90,7 @@ def test_seeded_noise_only_in_testing_mode() -> None:
     c = parse_trainer_section({"testing": True, "noise": "seeded", "noise_seed": 5})
     assert isinstance(make_noise_source(c), SeededNoise)
     assert isinstance(make_noise_source(TrainerConfig()), SecureNoise)
-    with pytest.raises(TrainerConfigError, match="trainer.noise"):
+    with pytest.raises(TrainerConfigError, match=r"trainer.noise"):
         TrainerConfig(noise="seeded")
     # A predictable source handed in directly is refused by a production config too.
     with pytest.raises(TrainerConfigError) as info:
@@ -136,7 +136,7 @@ def test_plan_spends_the_budget_fraction_with_count_and_gate_queries() -> None:
 def test_plan_refuses_large_delta_and_too_few_examples() -> None:
     with pytest.raises(ValueError, match="not below 1/n"):
         AdapterTrainingConfig(delta=0.01, noise_multiplier=1.0).plan(100)
-    with pytest.raises(ValueError, match="too few examples.*nothing was charged"):
+    with pytest.raises(ValueError, match=r"too few examples.*nothing was charged"):
         AdapterTrainingConfig(noise_multiplier=1.0).check_enough(99, 30)
     with pytest.raises(ValueError, match="20 held-out"):
         AdapterTrainingConfig(noise_multiplier=1.0).check_enough(300, 2)

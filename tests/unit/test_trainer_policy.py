@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import PolicyConfig
-from trainer.policy import RateMeter, SystemProbe, TrainingPolicy
+from lorad.trainer.config import PolicyConfig
+from lorad.trainer.policy import RateMeter, SystemProbe, TrainingPolicy
 
 
 def _write(root: Path, rel: str, text: str) -> None:

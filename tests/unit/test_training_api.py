@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from daemon import ctl, http_api
-from daemon.config import ConfigError, build_config
-from daemon.ctl.client import ApiError, Client
-from daemon.metrics import DaemonMetrics
-from daemon.training_api import add_training_routes
+from lorad.daemon import ctl, http_api
+from lorad.daemon.config import ConfigError, build_config
+from lorad.daemon.ctl.client import ApiError, Client
+from lorad.daemon.metrics import DaemonMetrics
+from lorad.daemon.training_api import add_training_routes
+from lorad.trainer.config import parse_trainer_section
+from lorad.trainer.metrics import register_trainer_metrics
+from lorad.trainer.service import TrainerService
 from tests.unit.trainer_helpers import inputs, labelled_by, make_service, teacher
-from trainer.config import parse_trainer_section
-from trainer.metrics import register_trainer_metrics
-from trainer.service import TrainerService
 
 TOKEN = "t" * 32
 
@@ -97,12 +98,12 @@ def _fill(url: str, trainer: TrainerService, adapter: str, n: int) -> None:
     x = inputs(n, seed=4)
     labels = labelled_by(trainer.adapters, teacher(trainer.adapters), x)
     c = _client(url)
-    for row, label in zip(x, labels):
+    for row, label in zip(x, labels, strict=True):
         c.call("POST", f"/v2/models/demo/adapters/{adapter}/examples", json_body=_example(row, int(label)), auth=True)
 
 
 def test_examples_need_auth_and_are_checked(stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
-    url, trainer, _ = stack
+    url, _trainer, _ = stack
     path = "/v2/models/demo/adapters/alice/examples"
     x = inputs(1, seed=1)[0]
     with pytest.raises(ApiError) as e:

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from adapters.lora_graph import find_targets, lora_input_names
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from trainer._ort_training import load as load_ort_training
-from trainer.artifacts import (
+from lorad.adapters.lora_graph import find_targets, lora_input_names
+from lorad.trainer._ort_training import load as load_ort_training
+from lorad.trainer.artifacts import (
     CLIP_NORM_INPUT,
     GRAD_SCALE_INPUT,
     NOISE_INPUT,
@@ -122,8 +122,8 @@ def test_unknown_output_is_refused(model: onnx.ModelProto, tmp_path: Path) -> No
 def test_training_graph_computes_the_served_function(model: onnx.ModelProto, per_example: bool) -> None:
     import onnxruntime
 
-    from adapters.lora import LoraWeights
-    from adapters.lora_graph import make_inference_graph, make_training_graph
+    from lorad.adapters.lora import LoraWeights
+    from lorad.adapters.lora_graph import make_inference_graph, make_training_graph
 
     targets = find_targets(model, REFERENCE_TARGETS)
     rng = np.random.default_rng(0)

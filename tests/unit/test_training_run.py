@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-from adapters.service import AdapterService
+from lorad.adapters.service import AdapterService
+from lorad.trainer.accountant import RunCharge, epsilon
+from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError
+from lorad.trainer.run import RunControl, RunProgress, TrainerEnv, TrainingRun
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
-from trainer.accountant import RunCharge, epsilon
-from trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError
-from trainer.run import RunControl, RunProgress, TrainerEnv, TrainingRun
 
 
 class _Crash(BaseException):

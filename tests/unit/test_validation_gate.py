@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.lora import LoraAdapter
-from adapters.peft_format import load_peft
-from adapters.service import AdapterService
+from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.peft_format import load_peft
+from lorad.adapters.service import AdapterService
+from lorad.trainer.example_store import Example
+from lorad.trainer.run import TrainingRun
+from lorad.trainer.validation import keep_rejected, validate_candidate
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
-from trainer.example_store import Example
-from trainer.run import TrainingRun
-from trainer.validation import keep_rejected, validate_candidate
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def service(tmp_path: Path) -> AdapterService:
 
 
 def _examples(x: np.ndarray, labels: np.ndarray) -> list[Example]:
-    return [Example(i, "alice", {"x": row}, np.asarray(int(lab)), 0.0) for i, (row, lab) in enumerate(zip(x, labels))]
+    return [Example(i, "alice", {"x": row}, np.asarray(int(lab)), 0.0) for i, (row, lab) in enumerate(zip(x, labels, strict=True))]
 
 
 def _scrambled(service: AdapterService) -> LoraAdapter:

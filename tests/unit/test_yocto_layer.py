@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from daemon.cli import build_parser
-from daemon.config import load_config
+from lorad.daemon.cli import build_parser
+from lorad.daemon.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 LAYER = REPO / "yocto" / "meta-lorad"
@@ -454,7 +454,7 @@ def test_exec_start_is_accepted_by_lorad_serve() -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and str(args.config) == "/etc/lorad/lorad.yaml"
     help_text = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "serve", "--help"],
+        [sys.executable, "-m", "lorad.daemon.cli", "serve", "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     for flag in (a for a in argv if a.startswith("--")):
@@ -493,6 +493,6 @@ def test_default_config_loads_and_leaves_the_state_dir_to_systemd(tmp_path: Path
 
 
 def test_default_config_passes_lorad_check_config() -> None:
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", str(DEFAULT_CONFIG)],
+    done = subprocess.run([sys.executable, "-m", "lorad.daemon.cli", "check-config", str(DEFAULT_CONFIG)],
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

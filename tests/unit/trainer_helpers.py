@@ -8,16 +8,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from adapters.engine import InferenceEngine
-from adapters.lora import LoraAdapter, LoraWeights
-from adapters.registry import AdapterRegistry
-from adapters.service import AdapterService
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
-from trainer.config import AdapterTrainingConfig
-from trainer.example_store import ExampleStore
-from trainer.ledger import PrivacyLedger
-from trainer.noise import SeededNoise
-from trainer.run import TrainerEnv
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora import LoraAdapter, LoraWeights
+from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.service import AdapterService
+from lorad.trainer.config import AdapterTrainingConfig
+from lorad.trainer.example_store import ExampleStore
+from lorad.trainer.ledger import PrivacyLedger
+from lorad.trainer.noise import SeededNoise
+from lorad.trainer.run import TrainerEnv
 
 SEQ, D, CLASSES, RANK = 4, 32, 5, 4
 
@@ -57,7 +57,7 @@ def labelled_by(service: AdapterService, adapter: LoraAdapter | None, x: np.ndar
 
 
 def fill_store(store: ExampleStore, adapter: str, x: np.ndarray, labels: np.ndarray) -> None:
-    for row, label in zip(x, labels):
+    for row, label in zip(x, labels, strict=True):
         store.add(adapter, {"x": row}, np.asarray(int(label), np.int64))
 
 

@@ -14,7 +14,7 @@ one without is refused, naming the op and the node.
 
 from __future__ import annotations
 
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -89,7 +89,8 @@ def backward(
         if not any(want):
             continue
         grads = rule_for(node)(emitter, node, gouts, want)
-        for name, maybe, wanted in zip(node.input, grads, want):
+        # a rule may leave out the gradients of trailing optional inputs
+        for name, maybe, wanted in zip(node.input, grads, want, strict=False):
             if wanted and maybe is not None:
                 parts.setdefault(name, []).append(emitter.record(maybe, name))
     for name in list(parts):

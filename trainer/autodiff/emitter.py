@@ -1,6 +1,6 @@
 """Writing new ONNX nodes into a graph whose tensors' types and shapes are known.
 
-The gradient rules (:mod:`trainer.autodiff.rules`) emit nodes through an :class:`Emitter`:
+The gradient rules (:mod:`lorad.trainer.autodiff.rules`) emit nodes through an :class:`Emitter`:
 it names every new tensor uniquely under one prefix, creates typed constants, knows the
 model's opset (so a reduction is written with axes as an attribute or as an input, as
 that opset wants) and answers rank, dims and element type of forward tensors from ONNX
@@ -10,8 +10,9 @@ inferred shapes decide it and with a few shape ops at run time where they do not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -205,10 +206,7 @@ class Emitter:
         if g_rank is None or x_rank is None:
             raise ValueError(f"cannot undo broadcasting onto {x!r}: its rank or the gradient's is unknown")
         x_shape = self.shape(x)
-        if g_rank > x_rank:
-            x_shape_padded = self.op("Concat", [self.ints([1] * (g_rank - x_rank)), x_shape], axis=0)
-        else:
-            x_shape_padded = x_shape
+        x_shape_padded = self.op("Concat", [self.ints([1] * (g_rank - x_rank)), x_shape], axis=0) if g_rank > x_rank else x_shape
         differs = self.op("Not", [self.op("Equal", [x_shape_padded, self.shape(g)])])
         axes_t = self.op("Reshape", [self.op("NonZero", [differs]), self.ints([-1])])
         summed = self.reduce("ReduceSum", g, axes_t, keepdims=True)

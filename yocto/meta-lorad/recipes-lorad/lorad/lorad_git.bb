@@ -5,8 +5,7 @@ Runtime's on-device training API, and installs signed adapter updates pulled \
 over MQTT. It runs as a systemd notify service with a watchdog."
 HOMEPAGE = "https://github.com/lorad/lorad"
 LICENSE = "Apache-2.0"
-# lorad declares its licence in pyproject.toml and ships no licence text yet.
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # The lorad git repository to build. By default the one this layer sits in
 # (yocto/meta-lorad/../..); point LORAD_SRC at another clone in local.conf.
@@ -19,7 +18,7 @@ SRC_URI = "git://${LORAD_SRC};protocol=file;branch=${LORAD_BRANCH} \
            file://lorad.yaml \
            "
 SRCREV ??= "${AUTOREV}"
-PV = "0.1.0+git"
+PV = "0.2.0+git"
 S = "${UNPACKDIR}/git"
 
 inherit python_setuptools_build_meta systemd useradd

@@ -3,7 +3,7 @@
 :class:`SimBroker` keeps retained messages (with expiry), delivers to subscribers
 synchronously, counts deliveries per topic and can go down (every operation then fails
 as a real disconnect would). :class:`FleetSim` is a signing fleet publisher on top of a
-:class:`ota.repository.FleetRepository`: it publishes, rotates keys, and can replay stale
+:class:`lorad.ota.repository.FleetRepository`: it publishes, rotates keys, and can replay stale
 files or serve forged ones under any name, as an attacker holding the broker could.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import datetime
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .errors import TransportError
-from .files import RepoIndex, publish_files
-from .repository import FleetRepository, RepoSettings
-from .transport import Handler, Transport, topic_matches
+from lorad.ota.errors import TransportError
+from lorad.ota.files import RepoIndex, publish_files
+from lorad.ota.repository import FleetRepository, RepoSettings
+from lorad.ota.transport import Handler, Transport, topic_matches
 
 __all__ = ["SimBroker", "SimTransport", "FleetSim"]
 

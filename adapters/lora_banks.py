@@ -31,15 +31,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import AdapterStorageError
-from .lora_graph import LoraTarget
+from .lora_graph import LoraTarget, splice_after_targets
 from .onnx_compat import for_runtime
 
 __all__ = ["SLOT_INPUT", "bank_input_names", "make_banked_inference_graph", "AdapterBanks", "PreparedLike"]
 
 #: The per-row slot index input of the banked graph (int64 ``[N]``; 0 = base model).
 SLOT_INPUT = "lora_slot"
-
-_LINEAR_OPS = ("MatMul", "Gemm")
 
 
 def bank_input_names(weight: str) -> tuple[str, str]:
@@ -76,15 +74,8 @@ def make_banked_inference_graph(
         head.append(helper.make_node("Gather", [b_bank, SLOT_INPUT], [b_rows], name=b_rows, axis=0))
         gathered[t.weight] = (a_rows, b_rows)
 
-    by_weight = {t.weight: t for t in targets}
-    body: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
-        body.append(node)
-        if node.op_type in _LINEAR_OPS and len(node.input) > 1 and node.input[1] in by_weight:
-            target = by_weight[node.input[1]]
-            body.extend(_banked_path(graph, node, target, gathered[target.weight], f"lora_bank/{index}/{target.weight}"))
-    del graph.node[:]
-    graph.node.extend(head + body)
+    splice_after_targets(
+        graph, targets, lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix), head=head)
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 

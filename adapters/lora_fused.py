@@ -29,8 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .lora_graph import LoraTarget, tensor_ranks
-from .module_paths import linear_weight_resolver
+from .lora_graph import LoraTarget, target_nodes, tensor_ranks
 from .onnx_compat import for_runtime
 
 __all__ = ["FusedLayout", "make_fused_inference_graph"]
@@ -101,15 +100,11 @@ def make_fused_inference_graph(
         for name in node.input:
             consumers[name].append(node)
 
-    # A target's node reads its weight directly or through a Transpose (TorchScript's
-    # layout at opset 20): the resolver the target search used finds both.
-    resolve = linear_weight_resolver(graph)
-    weight_of: dict[int, str] = {}
-    for n in graph.node:
-        found = resolve(n)
-        if found is not None and found[0] in by_weight:
-            weight_of[id(n)] = found[0]
-    linear = [n for n in graph.node if id(n) in weight_of]
+    # The nodes every derived graph splices (lora_graph.target_nodes): a weight read
+    # directly or through a Transpose.
+    found = target_nodes(graph, targets)
+    weight_of = {id(n): t.weight for _, n, t in found}
+    linear = [n for _, n, _ in found]
     uses: dict[str, int] = defaultdict(int)
     for n in linear:
         uses[weight_of[id(n)]] += 1

@@ -15,6 +15,7 @@ paths :mod:`lorad.adapters.module_paths` recovers from the graph (or by ONNX wei
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "lora_input_names",
     "make_inference_graph",
     "make_training_graph",
+    "splice_after_targets",
+    "target_nodes",
     "tensor_ranks",
     "per_example_name",
 ]
@@ -56,9 +59,22 @@ def lora_input_names(weight: str) -> tuple[str, str]:
     return f"lora.{weight}.A", f"lora.{weight}.B"
 
 
-def _consumers(graph: onnx.GraphProto, weight: str) -> list[onnx.NodeProto]:
+def target_nodes(graph: onnx.GraphProto, targets: Sequence[LoraTarget]) -> list[tuple[int, onnx.NodeProto, LoraTarget]]:
+    """Every linear node that multiplies by a target's weight: (index, node, target).
+
+    The one place that decides which nodes get a LoRA path: a weight read directly, or
+    through a Transpose (TorchScript's layout at opset 20), as the target search found it.
+    Every derived graph (single, fused, banked, training) asks here, so a weight one of
+    them finds cannot be missed by another.
+    """
+    by_weight = {t.weight: t for t in targets}
     resolve = linear_weight_resolver(graph)
-    return [n for n in graph.node if (found := resolve(n)) is not None and found[0] == weight]
+    found = []
+    for index, node in enumerate(graph.node):
+        hit = resolve(node)
+        if hit is not None and hit[0] in by_weight:
+            found.append((index, node, by_weight[hit[0]]))
+    return found
 
 
 def find_targets(
@@ -91,24 +107,26 @@ def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _splice_after_linear_nodes(
+def splice_after_targets(
     graph: onnx.GraphProto,
     targets: Sequence[LoraTarget],
     lora_path: Callable[[onnx.NodeProto, LoraTarget, str], list[onnx.NodeProto]],
+    *,
+    head: Sequence[onnx.NodeProto] = (),
 ) -> None:
-    """Insert ``lora_path(node, target, prefix)`` right after every linear node of a target.
+    """Insert ``lora_path(node, target, prefix)`` right after every node of
+    :func:`target_nodes`, and ``head`` before all nodes.
 
-    Both derived graphs (inference and training) rewire the same nodes; only the path
-    they add differs.
+    The derived graphs (single-request inference, banked inference, training) rewire the
+    same nodes; only the path they add differs.
     """
-    by_weight = {t.weight: t for t in targets}
-    resolve = linear_weight_resolver(graph)
-    new_nodes: list[onnx.NodeProto] = []
+    # By index: protobuf hands out a new wrapper object at every access to a node.
+    paths = {index: t for index, _, t in target_nodes(graph, targets)}
+    new_nodes: list[onnx.NodeProto] = list(head)
     for index, node in enumerate(graph.node):
         new_nodes.append(node)
-        found = resolve(node)
-        if found is not None and found[0] in by_weight:
-            target = by_weight[found[0]]
+        target = paths.get(index)
+        if target is not None:
             new_nodes.extend(lora_path(node, target, f"lora/{index}/{target.weight}"))
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -154,7 +172,7 @@ def make_inference_graph(
             raise ValueError(f"model already has a tensor named {a_name!r} or {b_name!r}")
         graph.input.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [t.in_features, rank]))
         graph.input.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, t.out_features]))
-    _splice_after_linear_nodes(graph, targets, lambda node, t, prefix: _inference_lora_path(graph, node, t, prefix))
+    splice_after_targets(graph, targets, lambda node, t, prefix: _inference_lora_path(graph, node, t, prefix))
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 
@@ -222,14 +240,14 @@ def make_training_graph(
                 raise ValueError(f"model already has a tensor named {name!r}")
             graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
 
+    uses = Counter(t.weight for _, _, t in target_nodes(graph, targets))
     for t in targets:
-        uses = len(_consumers(graph, t.weight))
-        if uses != 1 and set(lora_input_names(t.weight)) & set(per_example):
+        if uses[t.weight] != 1 and set(lora_input_names(t.weight)) & set(per_example):
             raise ValueError(
-                f"LoRA target {t.weight!r} is used by {uses} MatMul/Gemm nodes; per-example "
+                f"LoRA target {t.weight!r} is used by {uses[t.weight]} MatMul/Gemm nodes; per-example "
                 "training graphs support targets used exactly once"
             )
-    _splice_after_linear_nodes(
+    splice_after_targets(
         graph,
         targets,
         lambda node, t, prefix: _training_lora_path(

@@ -278,7 +278,7 @@ class _Handlers:
 
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
-            text = resources.files("daemon").joinpath("openapi.yaml").read_text(encoding="utf-8")
+            text = resources.files("lorad.daemon").joinpath("openapi.yaml").read_text(encoding="utf-8")
             self._openapi = json.dumps(yaml.safe_load(text)).encode()
         return web.Response(body=self._openapi, content_type="application/json")
 

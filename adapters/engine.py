@@ -12,6 +12,7 @@ the adapter tensors live; the tests run it on CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ import onnxruntime as ort
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
 from .lora import LoraAdapter
 from .lora_fused import make_fused_inference_graph
-from .lora_graph import LoraTarget, find_targets, fingerprint
+from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
 from .module_paths import ModulePaths
 from .onnx_compat import for_runtime
 
@@ -140,6 +141,12 @@ class InferenceEngine:
         self._output_names = [o.name for o in self.outputs]
         self._by_weight = {t.weight: t for t in self.targets}
         self._zero_feeds = self._device_feeds(self._layout.feeds({}))
+
+    @functools.cached_property
+    def model_digest(self) -> str:
+        """The base model's identity (:func:`digest_model`), computed at the first use
+        (a training run's artifact key) and kept: serialising MiniLM takes most of a second."""
+        return digest_model(self.base_model)
 
     @staticmethod
     def _pick_device(requested: str) -> str:

@@ -30,6 +30,7 @@ from .onnx_compat import for_runtime
 
 __all__ = [
     "LoraTarget",
+    "digest_model",
     "find_targets",
     "fingerprint",
     "lora_input_names",
@@ -94,6 +95,12 @@ def find_targets(
             raise ValueError(f"LoRA target {w.weight!r} ({w.peft_name}): {w.unsupported}")
         targets.append(LoraTarget(w.weight, w.in_features, w.out_features, w.op, w.transposed, w.gemm_alpha))
     return sorted(targets, key=lambda t: t.weight)
+
+
+def digest_model(model: onnx.ModelProto) -> str:
+    """The identity of a whole model (SHA-256 of its deterministic serialisation); the
+    engine computes it once per loaded model (:attr:`InferenceEngine.model_digest`)."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:

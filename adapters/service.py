@@ -1,15 +1,28 @@
-"""AdapterService: the one way adapters get into serving.
+"""AdapterService: the one way adapters get into serving, and the one model-level inference API.
 
 The daemon's HTTP API, the trainer and the OTA installer all go through here, so every
 adapter is validated against the base model before it is stored, stored atomically
 before it is served, and swapped in without reloading the base model: the next request
 sees the new version, a running request keeps the one it started with.
+
+Inference has one path, whoever asks (HTTP, the validation gate, OTA health checks, the
+privacy audit, benchmarks):
+
+- :meth:`AdapterService.encode` turns the served interface's inputs into the model's
+  tensors: a text model's strings are tokenized here and nowhere else;
+- :meth:`AdapterService.submit` / :meth:`AdapterService.run` run model tensors with the
+  base model, an adapter, a composition or an unstored candidate, through the
+  micro-batcher when the daemon has one (concurrent requests with different adapters
+  share one banked call) and the engine's single-adapter graph otherwise;
+- :meth:`AdapterService.decode` adds what the served interface shows on top of the
+  model's outputs (a text model's ``label``); :meth:`AdapterService.infer` is the three.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,11 +34,16 @@ from .composition import AdapterWeight, compose
 from .engine import InferenceEngine, PreparedAdapter
 from .errors import AdapterNotFoundError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
+from .micro_batcher import MicroBatcher
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, StoredAdapter
 from .text_input import TextFrontEnd
 
-__all__ = ["AdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService"]
+__all__ = ["AdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService", "Arrival", "Target"]
+
+#: What a request runs with: the base model (None), a stored adapter by name, a weighted
+#: composition, or an unstored candidate (the validation gate's).
+Target = str | Sequence[AdapterWeight] | PreparedAdapter | None
 
 _ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 
@@ -71,6 +89,27 @@ class Serving:
         return InferResult(outputs, self.adapter, self.version, self.composition)
 
 
+class Arrival:
+    """A request announced to the micro-batcher before it is decoded, so that a batch being
+    gathered waits for it; :meth:`close` withdraws it if it is never submitted."""
+
+    def __init__(self, batcher: MicroBatcher | None) -> None:
+        self._batcher = batcher
+        if batcher is not None:
+            batcher.expect()
+
+    def take(self) -> bool:
+        """Whether this arrival was still announced (and now is submitted)."""
+        announced, self._batcher = self._batcher is not None, None
+        return announced
+
+    def close(self) -> None:
+        """Withdraw the announcement if it was not submitted; safe to call twice."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.unexpect()
+
+
 def _meta_int(meta: Mapping[str, object], key: str) -> int:
     value = meta.get(key, 0)
     return value if isinstance(value, int) else 0
@@ -88,11 +127,15 @@ class AdapterService:
         model_name: str = "demo",
         on_cache_event: Callable[[CacheEvent, str], None] | None = None,
         text: TextFrontEnd | None = None,
+        batcher: MicroBatcher | None = None,
         load_hook: Callable[[str, int], None] | None = None,
     ) -> None:
-        """``load_hook(name, version)`` runs when a cache miss has chosen the version it
-        loads, before it reads the files (tests use it to interleave loads and changes)."""
+        """``batcher`` gathers concurrent calls into banked batches (None: one engine call
+        per request). ``load_hook(name, version)`` runs when a cache miss has chosen the
+        version it loads, before it reads the files (tests use it to interleave loads and
+        changes)."""
         self.engine = engine
+        self.batcher = batcher
         #: For a model that declares a tokenizer: strings in, token tensors to the engine.
         self.text = text
         self.registry = registry
@@ -116,28 +159,86 @@ class AdapterService:
     def outputs(self) -> Sequence[Any]:
         return self.text.outputs(self.engine.outputs) if self.text is not None else self.engine.outputs
 
-    def infer(
-        self, inputs: Mapping[str, np.ndarray], adapter: str | Sequence[AdapterWeight] | None = None
-    ) -> InferResult:
-        """Run one request with the base model, one adapter or a weighted composition."""
-        if self.text is not None:
-            inputs = self.text.encode(inputs)
-        with self.serving(adapter) as serving:
-            result = serving.result(self.engine.run(inputs, serving.prepared))
-        if self.text is not None:
-            return replace(result, outputs=self.text.decode(result.outputs))
+    @property
+    def model_inputs(self) -> Sequence[Any]:
+        """The tensors the model itself takes (what :meth:`run` takes)."""
+        return self.engine.inputs
+
+    @property
+    def model_outputs(self) -> Sequence[Any]:
+        return self.engine.outputs
+
+    def encode(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The served interface's inputs as the model's tensors: a text model's strings are
+        tokenized (the only place that does it); tensors pass as they are."""
+        return self.text.encode(inputs) if self.text is not None else dict(inputs)
+
+    def decode(self, result: InferResult) -> InferResult:
+        """The model's outputs as the served interface shows them (a text model adds ``label``)."""
+        return replace(result, outputs=self.text.decode(result.outputs)) if self.text is not None else result
+
+    def infer(self, inputs: Mapping[str, np.ndarray], adapter: Target = None) -> InferResult:
+        """One request of the served interface: encode, run, decode."""
+        return self.decode(self.run(self.encode(inputs), adapter))
+
+    def run(self, tensors: Mapping[str, np.ndarray], adapter: Target = None) -> InferResult:
+        """Model tensors through the base model, an adapter, a composition or a candidate."""
+        return self.submit(tensors, adapter).result()
+
+    def announce(self) -> Arrival:
+        """Tell the batcher a request is on its way (see :class:`Arrival`)."""
+        return Arrival(self.batcher)
+
+    def submit(self, tensors: Mapping[str, np.ndarray], adapter: Target = None, *,
+               arrival: Arrival | None = None) -> Future[InferResult]:
+        """Run model tensors now (no batcher) or in the batcher's next batch.
+
+        The lease on the adapter is held until the batch has run, in whichever thread
+        finishes it, so a caller that stops waiting cannot end it early.
+        """
+        held = ExitStack()
+        try:
+            serving = held.enter_context(self.serving(adapter))
+            if self.batcher is None:
+                done: Future[InferResult] = Future()
+                done.set_result(serving.result(self.engine.run(tensors, serving.prepared)))
+                held.close()
+                return done
+            raw = self.batcher.submit(tensors, serving.prepared, expected=arrival.take() if arrival else False)
+        except BaseException:
+            held.close()
+            raise
+        result: Future[InferResult] = Future()
+
+        def finish(f: Future[dict[str, np.ndarray]]) -> None:
+            held.close()
+            error = f.exception()
+            if error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(serving.result(f.result()))
+
+        raw.add_done_callback(finish)
         return result
 
+    def candidate(self, adapter: LoraAdapter, *, name: str) -> PreparedAdapter:
+        """An unstored adapter ready to :meth:`run` (the validation gate's candidate)."""
+        return self.engine.prepare(adapter, name=name, version=0)
+
     @contextmanager
-    def serving(self, adapter: str | Sequence[AdapterWeight] | None) -> Iterator[Serving]:
+    def serving(self, adapter: Target) -> Iterator[Serving]:
         """Lease what a request runs with for as long as the block lasts.
 
         ``None`` is the base model; a name is that adapter's current version; a sequence
         of :class:`AdapterWeight` is their exact weighted sum (:mod:`lorad.adapters.composition`),
-        each part leased at its current version, so a hot swap never tears a composition.
+        each part leased at its current version, so a hot swap never tears a composition;
+        a :class:`PreparedAdapter` is an unstored candidate, served as it is.
         """
         if adapter is None:
             yield Serving(None, None, None)
+            return
+        if isinstance(adapter, PreparedAdapter):
+            yield Serving(adapter, adapter.name, None)
             return
         if isinstance(adapter, str):
             with self.cache.lease(adapter) as prepared:

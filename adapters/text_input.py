@@ -66,7 +66,8 @@ class TextFrontEnd:
             tokenizer = Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise ValueError(f"the tokenizer cannot be loaded: {e}") from e
-        # Lengths are checked, never silently cut; each batch is padded to its longest text.
+        # Lengths are checked, never silently cut; a request is padded to the length bucket of
+        # its longest text (see encode).
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tokenizer = tokenizer
@@ -146,8 +147,16 @@ class TextFrontEnd:
 
     # -- per request --------------------------------------------------------------------
 
-    def encode(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``{"text": [N] bytes}`` → the encoder's int64 ``[N, S]`` tensors (S = longest text)."""
+    def encode(self, inputs: Mapping[str, np.ndarray], *, length: int | None = None) -> dict[str, np.ndarray]:
+        """``{"text": [N] bytes}`` → the encoder's int64 ``[N, S]`` tensors.
+
+        S is ``length`` when given (a training example: a fixed length that does not depend
+        on the data), else the length bucket of the longest text (:meth:`bucket`), so that
+        concurrent requests of similar lengths share one batched call. Padding is masked
+        out: it does not change what the model answers.
+        """
+        if TEXT_INPUT not in inputs:
+            raise TextInputError(f"this text model takes the input {TEXT_INPUT!r} (BYTES [N], UTF-8 strings)")
         texts = _decode_utf8(inputs[TEXT_INPUT])
         encodings = self._tokenizer.encode_batch(texts)
         for i, enc in enumerate(encodings):
@@ -156,7 +165,10 @@ class TextFrontEnd:
                     f"input {TEXT_INPUT!r}[{i}] is {len(enc.ids)} tokens long; this model takes at most "
                     f"{self.max_tokens} tokens per text (about {self.max_tokens - 2} words or word pieces)"
                 )
-        length = max(len(e.ids) for e in encodings)
+        longest = max(len(e.ids) for e in encodings)
+        length = self.bucket(longest) if length is None else length
+        if longest > length:
+            raise TextInputError(f"a text of {longest} tokens does not fit the fixed length {length}")
         ids = np.full((len(texts), length), self._pad_id, np.int64)
         mask = np.zeros((len(texts), length), np.int64)
         types = np.zeros((len(texts), length), np.int64)
@@ -165,6 +177,28 @@ class TextFrontEnd:
             ids[i, :n], mask[i, :n], types[i, :n] = enc.ids, 1, enc.type_ids
         tensors = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {name: tensors[name] for name in self._model_inputs}
+
+    def bucket(self, tokens: int) -> int:
+        """The padded length of a request whose longest text has ``tokens`` tokens: the next
+        power of two from 8, at most :attr:`max_tokens`."""
+        size = 8
+        while size < tokens:
+            size *= 2
+        return min(size, self.max_tokens)
+
+    def label_index(self, label: object) -> int:
+        """A label given by name (one of :attr:`labels`) or class number, as a class number."""
+        if isinstance(label, str):
+            if label not in self.labels:
+                shown = ", ".join(self.labels[:8]) + (", …" if len(self.labels) > 8 else "")
+                raise TextInputError(f"label {label!r} is not a label of this model; allowed: {shown or 'class numbers'}")
+            return self.labels.index(label)
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise TextInputError(f"label {label!r} must be a label name or a class number")
+        if self.labels and not 0 <= label < len(self.labels):
+            raise TextInputError(f"label {label} is not a class of this model; allowed: 0..{len(self.labels) - 1} "
+                                 "or a label name")
+        return label
 
     def decode(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add the most probable label's name per row (from ``probabilities`` or ``logits``)."""

@@ -29,10 +29,10 @@ import numpy as np
 from benchmarks.timing import best_medians
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora_banks import AdapterBanks
+from lorad.adapters.micro_batcher import MicroBatcher
 from lorad.adapters.peft_format import dump_peft
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
-from lorad.daemon.batching import MicroBatcher
 
 __all__ = ["CLIENTS", "measure_mixed", "measure_large_requests"]
 
@@ -86,7 +86,7 @@ def measure_mixed(
         def batched(adapter: str | None) -> None:
             batcher.expect()
             with service.serving(adapter) as serving:
-                batcher.submit(feeds, serving.prepared).result()
+                batcher.submit(feeds, serving.prepared, expected=True).result()
 
         def mixed(i: int) -> None:
             batched(names[i])

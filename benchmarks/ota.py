@@ -356,7 +356,7 @@ class _CountingSink:
             raise AdapterNotFoundError(name)
         return dataclasses.make_dataclass("Info", ["name", "version"])(name, self.current[name])
 
-    def infer(self, inputs: Any, adapter: str | None = None) -> Any:
+    def run(self, inputs: Any, adapter: str | None = None) -> Any:
         raise RuntimeError("no model on a simulated device")
 
 

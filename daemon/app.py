@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from lorad.adapters.engine import DEVICES
 from lorad.adapters.errors import AdapterError
 from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import read_peft_dir
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
 from lorad.daemon import auth
-from lorad.daemon.batching import make_batcher
 from lorad.daemon.config import ADDR_FILE, Config
 from lorad.daemon.demo import demo_adapter_dirs
 from lorad.daemon.http_api import ApiSettings, make_app, protected
@@ -117,7 +117,17 @@ class Daemon:
         self._metrics = metrics
         power = self._start_power(metrics)
 
+        batcher = None
+        if cfg.server.batching.enabled:
+            batcher = await loop.run_in_executor(executor, functools.partial(
+                make_batcher, engine, slots=cfg.server.batching.slots, max_wait_us=cfg.server.batching.max_wait_us,
+                max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes,
+                intra_op_threads=cfg.model.intra_op_threads))
+            self._stack.callback(batcher.close)
+            metrics.watch_batcher(batcher.counts)
         registry = AdapterRegistry(cfg.state_dir / "adapters")
+        # Every caller (HTTP, the validation gate, OTA health checks, the audit) infers
+        # through this service, and so through the batcher.
         service = AdapterService(
             engine,
             registry,
@@ -125,6 +135,7 @@ class Daemon:
             model_name=cfg.model.name,
             on_cache_event=metrics.on_cache_event,
             text=text_front_end(cfg, engine),
+            batcher=batcher,
         )
         metrics.watch_cache(lambda: service.cache.stats)
         self.service = service
@@ -138,13 +149,6 @@ class Daemon:
             train_now=trainer.trigger if trainer is not None else None,
         )
 
-        batcher = None
-        if cfg.server.batching.enabled:
-            batcher = await loop.run_in_executor(executor, functools.partial(
-                make_batcher, engine, cfg.server.batching, max_rows=cfg.server.max_batch_rows,
-                cache_budget_bytes=cfg.cache.budget_bytes, intra_op_threads=cfg.model.intra_op_threads))
-            self._stack.callback(batcher.close)
-            metrics.watch_batcher(batcher.counts)
         app = make_app(ApiSettings(
             service=service,
             metrics=metrics,
@@ -153,7 +157,6 @@ class Daemon:
             max_request_bytes=cfg.server.max_request_bytes,
             ready=self.is_ready,
             max_batch_rows=cfg.server.max_batch_rows,
-            batcher=batcher,
         ))
         if trainer is not None:
             add_training_routes(app, trainer, protected, executor=executor)

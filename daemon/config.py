@@ -96,7 +96,7 @@ LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], B
 
 
 class BatchingConfig(ConfigModel):
-    """Gathering concurrent infer requests, whatever their adapters, into one call (daemon.batching)."""
+    """Gathering concurrent infer requests, whatever their adapters, into one call (lorad.adapters.micro_batcher)."""
 
     config_key = "server.batching"
 

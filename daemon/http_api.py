@@ -19,7 +19,6 @@ import tarfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -36,9 +35,8 @@ from lorad.adapters.errors import (
     InvalidAdapterError,
 )
 from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from lorad.adapters.service import AdapterService, InferResult, Serving
+from lorad.adapters.service import AdapterService, Arrival, InferResult
 from lorad.daemon import auth, oip
-from lorad.daemon.batching import MicroBatcher
 from lorad.daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
 from lorad.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from lorad.daemon.version import lorad_version
@@ -85,8 +83,6 @@ class ApiSettings:
     ready: Callable[[], bool]
     #: Rows (first dimension) one infer request may carry; bounds its memory.
     max_batch_rows: int = 1024
-    #: Gathers concurrent infer requests into one call; None = one call per request.
-    batcher: MicroBatcher | None = None
 
     @property
     def model_version(self) -> str:
@@ -293,19 +289,21 @@ class _Handlers:
         body = await read_body(request, limit, what="infer request", setting=setting)
         # (adapter kind, adapter name), filled by the worker once decoded, so errors after that are labelled
         kind: list[tuple[str, str | None]] = []
+        arrival = self.service.announce()  # a batch being gathered waits for this request
         try:
-            # Texts are tokenized to each request's own length, and the batcher joins only
-            # tensors of one shape: a text model answers each request on its own.
-            if self.s.batcher is None or self.service.text is not None:
-                payload = await self._run(self._infer, body, kind)
-            else:
-                payload = await self._infer_batched(body, kind)
+            done, pending = await self._run(self._infer, body, kind, arrival)
+            if pending is not None:  # in the batcher's next batch: wait without holding a worker
+                req, future = pending
+                result = await asyncio.wrap_future(future)
+                done = await self._run(self._encode, req, result, kind)
         finally:
+            arrival.close()
             if kind:
                 request["adapter_kind"], request["adapter"] = kind[0]
             if len(body) >= LARGE_BODY_BYTES:
                 await self._run(trim_after_large_request, len(body))
-        return web.Response(body=payload, content_type="application/json")
+        assert done is not None
+        return web.Response(body=done, content_type="application/json")
 
     def _decode(
         self, body: bytes, kind: list[tuple[str, str | None]]
@@ -316,42 +314,21 @@ class _Handlers:
             return req, [AdapterWeight(n, w) for n, w in req.composition]
         kind.append(("base" if req.adapter is None else "adapter", req.adapter))
         return req, req.adapter
-    def _infer(self, body: bytes, kind: list[tuple[str, str | None]]) -> bytes:
-        """Decode, run and encode in one trip to the worker pool (the hot path)."""
+
+    def _infer(
+        self, body: bytes, kind: list[tuple[str, str | None]], arrival: Arrival
+    ) -> tuple[bytes | None, tuple[oip.InferRequest, Future[InferResult]] | None]:
+        """Decode, encode the model's tensors and submit, in one trip to the worker pool;
+        the response too when the answer is already there (no batcher, or a batch of one
+        that ran at once): (response, None), else (None, (request, future))."""
         req, adapter = self._decode(body, kind)
-        return self._encode(req, self.service.infer(req.inputs, adapter), kind)
-
-    async def _infer_batched(self, body: bytes, kind: list[tuple[str, str | None]]) -> bytes:
-        """Decode and lease in a worker, run in the batcher's next batch, encode in a worker.
-
-        The worker does not wait for the batch, so more requests than worker threads can
-        share one call; the lease is held until the batch has run.
-        """
-        batcher = self.s.batcher
-        assert batcher is not None
-        batcher.expect()
-        req, serving, future = await self._run(self._submit, body, kind)
-        outputs = await asyncio.wrap_future(future)
-        return await self._run(self._encode, req, serving.result(outputs), kind)
-
-    def _submit(self, body: bytes, kind: list[tuple[str, str | None]]) -> tuple[oip.InferRequest, Serving, Future[dict[str, Any]]]:
-        """Decode, lease and queue; the lease ends when the batch is done (in whichever
-        thread finishes it), so a client that hangs up cannot end it early."""
-        batcher = self.s.batcher
-        assert batcher is not None
-        held = ExitStack()
-        try:
-            req, adapter = self._decode(body, kind)
-            serving = held.enter_context(self.service.serving(adapter))
-            future = batcher.submit(req.inputs, serving.prepared)
-        except BaseException:
-            held.close()
-            batcher.unexpect()
-            raise
-        future.add_done_callback(lambda _: held.close())
-        return req, serving, future
+        future = self.service.submit(self.service.encode(req.inputs), adapter, arrival=arrival)
+        if future.done():
+            return self._encode(req, future.result(), kind), None
+        return None, (req, future)
 
     def _encode(self, req: oip.InferRequest, result: InferResult, kind: list[tuple[str, str | None]]) -> bytes:
+        result = self.service.decode(result)
         try:
             doc = oip.encode_infer_response(
                 model_name=self.service.model_name,

@@ -444,7 +444,7 @@ class OtaClient:
         if probes is None:
             return None
         try:
-            res = self._sink.infer(probes.inputs, adapter=name)
+            res = self._sink.run(probes.inputs, adapter=name)
         except Exception as e:  # any failure to serve the probes fails the check
             return f"probe inference failed: {type(e).__name__}: {e}"
         if res.version != local_version:

@@ -1,8 +1,9 @@
 """The validation gate: serve a newly trained version only if it is better, privately.
 
 The candidate and the version served now (the base model for an adapter's first
-version) are scored on the adapter's held-out split through the serving engine itself,
-so what is measured is what would be served. Per held-out example, the improvement
+version) are scored on the adapter's held-out split through the one model-level
+inference API (:meth:`AdapterService.run`, model tensors in), so what is measured is what
+would be served, for a text model too. Per held-out example, the improvement
 ``u = score(candidate) - score(current)`` (accuracy: 1/0 correct; loss: the current
 loss minus the candidate's) is compared with ``margin`` and clipped:
 ``e = clip(u - margin, -b, b)`` with ``b = score_clip``. The candidate is accepted iff
@@ -84,11 +85,10 @@ def validate_candidate(
 ) -> GateResult:
     """Score and decide (see the module docstring); ``noise=None`` only in tests and
     comparisons (a non-private decision)."""
-    engine = service.engine
-    layouts = engine_layouts(engine.inputs)
-    out_name = output or engine.outputs[0].name
+    layouts = engine_layouts(service.model_inputs)
+    out_name = output or service.model_outputs[0].name
     version = service.registry.current_version(adapter_name)
-    prepared = engine.prepare(candidate, name=adapter_name, version=0)
+    prepared = service.candidate(candidate, name=adapter_name)
     base_scores: list[float] = []
     cand_scores: list[float] = []
     seen_version: int | None = None
@@ -101,11 +101,12 @@ def validate_candidate(
         for group in ([chunk] if not skipped else [[ex] for ex in chunk]):
             inputs, _ = collate(group, inputs_layout=layouts, label_layout=None)
             labels = [np.asarray(ex.label) for ex in group]
-            current = service.infer(inputs, adapter_name if version is not None else None)
+            # Model tensors through the one inference path (batcher included), as serving runs them.
+            current = service.run(inputs, adapter_name if version is not None else None)
             seen_version = current.version
-            new = engine.run(inputs, prepared)
+            new = service.run(inputs, prepared)
             base_scores.extend(per_example_scores(current.outputs[out_name], labels, metric, loss))
-            cand_scores.extend(per_example_scores(new[out_name], labels, metric, loss))
+            cand_scores.extend(per_example_scores(new.outputs[out_name], labels, metric, loss))
     n = len(cand_scores)
     base = float(np.mean(base_scores)) if n else math.nan
     cand = float(np.mean(cand_scores)) if n else math.nan

@@ -1,51 +1,23 @@
-"""A real Mosquitto for the ota tests (:mod:`benchmarks.mosquitto`: mutual TLS with
-generated certificates, a password file, ACLs and a ``max_packet_size``). One broker per
-test session on a free loopback port; ``broker.restart()`` stops and starts it on the
-same port.
-"""
+"""What the ota tests share: the in-memory adapter service and test adapters; the real
+Mosquitto (``broker``, ``mqtt``) is in tests/conftest.py, shared with the model matrix."""
 
 from __future__ import annotations
 
 import datetime
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from benchmarks.mosquitto import DEVICES, FLEET_USER, Broker, available, create_broker
+from benchmarks.mosquitto import DEVICES, FLEET_USER, Broker
 from lorad.adapters.errors import AdapterNotFoundError
 from lorad.adapters.lora import LoraAdapter, LoraWeights
 from lorad.ota.target import ProbeSet
+from tests.conftest import MAX_PACKET
 
-MAX_PACKET = 16 * 1024  # small on purpose: payloads must be chunked to pass
 __all__ = ["Broker", "DEVICES", "FLEET_USER", "MAX_PACKET"]
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    if not available():
-        pytest.fail("mosquitto is not installed (.ci/setup installs the Debian package)")
-    d = tmp_path_factory.mktemp("mosquitto")
-    b = create_broker(d, max_packet=MAX_PACKET)
-    try:
-        yield b
-    finally:
-        b.close()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def mqtt(broker: Broker) -> Iterator[Broker]:
-    """The session broker, emptied of retained messages, with this test's clients closed after."""
-    broker.clear_retained()
-    start = len(broker.transports)
-    yield broker
-    for t in broker.transports[start:]:
-        t.close()
-    del broker.transports[start:]
 
 
 # --- in-memory adapter service and test adapters ----------------------------------------
@@ -117,7 +89,7 @@ class MemorySink:
         v = self.current.get(name)
         return None if v is None else self.versions[name][v - 1]
 
-    def infer(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> Any:
+    def run(self, inputs: Mapping[str, np.ndarray], adapter: str | None = None) -> Any:
         a = self.serving(adapter) if adapter else None
         out = reference_outputs(a, inputs["x"])
         if self.corrupt_serving:

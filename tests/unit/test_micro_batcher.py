@@ -1,4 +1,4 @@
-"""daemon.batching: concurrent requests with different adapters in one call, each
+"""lorad.adapters.micro_batcher: concurrent requests with different adapters in one call, each
 answered exactly as a call of its own would be."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora_banks import AdapterBanks
-from lorad.daemon.batching import MicroBatcher
+from lorad.adapters.micro_batcher import MicroBatcher
 from tests.unit.lora_models import random_adapter, tiny_model
 
 RANK = 4
@@ -40,7 +40,7 @@ def test_expected_requests_share_one_call_and_get_their_own_rows(batcher: MicroB
     requests = [(_x(1), prepared[0]), (_x(2), None), (_x(3), prepared[1])]
     for _ in requests:
         batcher.expect()
-    futures = [batcher.submit({"x": x}, p) for x, p in requests]
+    futures = [batcher.submit({"x": x}, p, expected=True) for x, p in requests]
     for (x, p), f in zip(requests, futures, strict=True):
         np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": x}, p)["y"], rtol=1e-5, atol=1e-5)
     assert (batcher.batches, batcher.batched_requests) == (1, 3)
@@ -55,7 +55,7 @@ def test_rows_slots_and_shapes_bound_a_batch(batcher: MicroBatcher) -> None:
     requests = [(_x(s, rows=2), p) for s, p in enumerate(prepared)] + [(_x(9, rows=4), None)]
     for _ in requests:
         batcher.expect()
-    futures = [batcher.submit({"x": x}, p) for x, p in requests]
+    futures = [batcher.submit({"x": x}, p, expected=True) for x, p in requests]
     for (x, p), f in zip(requests, futures, strict=True):
         np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": x}, p)["y"], rtol=1e-5, atol=1e-5)
     # a0, a1 and the base rows fill the first call; b2 finds no free slot and runs next.
@@ -65,7 +65,7 @@ def test_rows_slots_and_shapes_bound_a_batch(batcher: MicroBatcher) -> None:
 def test_an_error_reaches_every_request_of_the_batch(batcher: MicroBatcher) -> None:
     batcher.expect()
     with pytest.raises(ValueError, match="agree on the number of rows"):
-        batcher.submit({"x": _x(1, rows=2), "z": np.zeros((3, 1), np.float32)}, None)
+        batcher.submit({"x": _x(1, rows=2), "z": np.zeros((3, 1), np.float32)}, None, expected=True)
     batcher.unexpect()
     f = batcher.submit({"x": _x(1)}, None)  # a lone request does not wait for the long timeout
     assert f.result(timeout=30)["y"].shape == (6, 4)

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorad.adapters.engine import InferenceEngine, PreparedAdapter
-from lorad.adapters.lora_banks import AdapterBanks
-from lorad.daemon.config import BatchingConfig
+from .engine import InferenceEngine, PreparedAdapter
+from .lora_banks import AdapterBanks
 
 __all__ = ["MicroBatcher", "make_batcher"]
 
@@ -115,9 +114,10 @@ class MicroBatcher:
             self._expected -= 1
             self._cond.notify_all()
 
-    def submit(self, inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None) -> Future[dict[str, np.ndarray]]:
+    def submit(self, inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None, *,
+               expected: bool = False) -> Future[dict[str, np.ndarray]]:
         """Queue one request (its lease on ``prepared`` held by the caller until the future
-        is done); counts as the arrival of one :meth:`expect`."""
+        is done); with ``expected``, it is the arrival of one earlier :meth:`expect`."""
         rows = {int(a.shape[0]) for a in inputs.values() if a.ndim}
         if len(rows) != 1:
             raise ValueError(f"inputs of one request must agree on the number of rows, got {sorted(rows)}")
@@ -125,7 +125,8 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._expected = max(0, self._expected - 1)
+            if expected:
+                self._expected = max(0, self._expected - 1)
             self._queue.append(item)
             self._cond.notify_all()
         return item.future
@@ -216,20 +217,20 @@ class MicroBatcher:
 
 
 def make_batcher(
-    engine: InferenceEngine, settings: BatchingConfig, *, max_rows: int, cache_budget_bytes: int,
+    engine: InferenceEngine, *, slots: int, max_wait_us: int, max_rows: int, cache_budget_bytes: int,
     intra_op_threads: int = 0,
 ) -> MicroBatcher:
     """Banks for ``engine``'s targets and a batcher over them.
 
-    The banks hold ``settings.slots`` adapters, fewer when that many would not fit the
-    adapter cache's byte budget (the banks copy what the cache holds).
+    The banks hold ``slots`` adapters, fewer when that many would not fit the adapter
+    cache's byte budget (the banks copy what the cache holds).
     """
     slot_bytes = sum(4 * engine.rank * (t.in_features + t.out_features) for t in engine.targets)
-    slots = max(1, min(settings.slots, cache_budget_bytes // max(slot_bytes, 1)))
+    slots = max(1, min(slots, cache_budget_bytes // max(slot_bytes, 1)))
     banks = AdapterBanks(
         engine.base_model, engine.targets, rank=engine.rank, slots=slots,
         providers=engine.session.get_providers(), intra_op_threads=intra_op_threads,
     )
     _log.info("batching requests: up to %d rows, %d µs wait, %d adapter slots (%d bytes of banks)",
-              max_rows, settings.max_wait_us, slots, banks.nbytes)
-    return MicroBatcher(engine, banks, max_rows=max_rows, max_wait_us=settings.max_wait_us)
+              max_rows, max_wait_us, slots, banks.nbytes)
+    return MicroBatcher(engine, banks, max_rows=max_rows, max_wait_us=max_wait_us)

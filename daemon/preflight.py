@@ -11,6 +11,7 @@ Each failure is a :class:`StartupError` whose ``key`` is the config key to chang
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from lorad.ota.errors import TransportError
 from lorad.ota.status import will_for
 from lorad.ota.transport import MqttTransport
 
-__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "read_ota_material", "check_startable"]
+__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "read_ota_material", "check_training",
+           "check_startable"]
 
 
 class StartupError(RuntimeError):
@@ -106,8 +108,36 @@ def ota_transport(ota: OtaConfig, material: OtaMaterial) -> MqttTransport:
         raise StartupError("ota.broker.ca_file", f"(with cert_file, key_file) cannot be used: {e}") from e
 
 
+def check_training(cfg: Config, engine: InferenceEngine, text: TextFrontEnd | None) -> None:
+    """What a training run checks before it charges anything (trainer/model_setup.py), for
+    the defaults and every adapter of ``trainer.adapters``: the same code, run now."""
+    from lorad.adapters.registry import AdapterRegistry
+    from lorad.adapters.service import AdapterService
+    from lorad.trainer.backends import TrainingUnavailableError, resolve_backend
+    from lorad.trainer.model_setup import TrainingSetupError, preflight
+
+    try:
+        backend = resolve_backend(cfg.trainer.backend)
+    except TrainingUnavailableError:
+        return  # the daemon serves and says so; nothing to train with here
+    with tempfile.TemporaryDirectory(prefix="lorad-check-") as tmp:
+        service = AdapterService(engine, AdapterRegistry(Path(tmp) / "adapters"),
+                                 cache_budget_bytes=cfg.cache.budget_bytes, model_name=cfg.model.name, text=text)
+        for name, settings in [("", cfg.trainer.defaults), *cfg.trainer.adapters.items()]:
+            try:
+                preflight(service, settings, cache_dir=Path(tmp) / "artifacts", backend=backend)
+            except TrainingSetupError as e:
+                where = f"trainer.adapters.{name}." if name else "trainer.defaults."
+                key = e.key.replace("trainer.", where, 1)
+                raise StartupError(key, f"{e.detail} (a training run would be refused before it is charged)") from e
+
+
 def check_startable(cfg: Config) -> None:
-    """Everything :func:`open_engine`, :func:`text_front_end` and the OTA start would refuse, without serving."""
-    text_front_end(cfg, open_engine(cfg))
+    """Everything :func:`open_engine`, :func:`text_front_end`, the OTA start and a training
+    run before its charge would refuse, without serving."""
+    engine = open_engine(cfg)
+    text = text_front_end(cfg, engine)
+    if cfg.trainer.enabled:
+        check_training(cfg, engine, text)
     if cfg.ota.enabled:
         ota_transport(cfg.ota, read_ota_material(cfg.ota)).close()

@@ -9,8 +9,10 @@ Routes (``A`` = ``/v2/models/{model}/adapters/{adapter}``), as the rest of the A
 JSON in and out, ``{"error": ...}`` on failure, state changes need the bearer token,
 blocking work runs on the worker pool.
 
-- ``POST A/examples`` (auth) one labelled example: ``{"inputs": [OIP tensors], "label": L}``;
-  body size-limited while it streams in. 201 ``{"id", "adapter", "examples"}``.
+- ``POST A/examples`` (auth) one labelled example: ``{"inputs": [OIP tensors], "label": L}``,
+  or for a model that carries a tokenizer ``{"text": "...", "label": "label name" or class
+  number}`` (tokenized by the serving tokenizer); optional ``"user"``; body size-limited
+  while it streams in. 201 ``{"id", "adapter", "examples"}``.
 - ``GET A/examples`` (auth) the adapter's exact example count (private: the ledger shows
   only the noisy estimate the runs were planned from).
 - ``POST A/train`` (auth) start a manual run; 202 ``{"run_id", ...}``. 409 when the privacy
@@ -105,26 +107,42 @@ class _Handlers:
         adapter = self._adapter(request)
         body = await read_body(request, self.limit, what="example", setting="trainer.store.max_example_bytes")
         inputs, label, user = await self._run(self._decode_example, body)
-        example_id = await self._run(lambda: self.trainer.add_example(adapter, inputs, label, user=user))
+        if isinstance(inputs, str):
+            text = inputs
+            example_id = await self._run(lambda: self.trainer.add_text_example(adapter, text, label, user=user))
+        else:
+            example_id = await self._run(lambda: self.trainer.add_example(adapter, inputs, label, user=user))
         count = await self._run(self.trainer.examples_count, adapter)
         return json_response({"id": example_id, "adapter": adapter, "examples": count}, 201)
 
-    def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray], np.ndarray, str | None]:
+    def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray] | str, Any, str | None]:
+        """(model tensors, label array, user), or for a text example (text, label name or number, user)."""
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HttpError(400, f"request body is not valid JSON: {e}") from None
         except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
             raise HttpError(400, "request body is nested too deeply") from None
-        if not isinstance(doc, Mapping) or set(doc) - {"inputs", "label", "user"} or not {"inputs", "label"} <= set(doc):
+        text_model = self.trainer.adapters.text is not None
+        form = "text" if text_model and isinstance(doc, Mapping) and "text" in doc else "inputs"
+        if not isinstance(doc, Mapping) or set(doc) - {form, "label", "user"} or not {form, "label"} <= set(doc):
+            text_form = ('{"text": "...", "label": label name or class number, "user": optional user id}, or '
+                         if text_model else "")
             raise HttpError(
-                400, 'an example is a JSON object {"inputs": [Open Inference Protocol input tensors], "label": ..., '
-                '"user": optional user id} with nothing else; the label is a class number or a nested list of numbers')
+                400, f'an example is a JSON object {text_form}{{"inputs": [Open Inference Protocol input tensors], '
+                '"label": ..., "user": optional user id} with nothing else; the label is a class number or a nested '
+                'list of numbers')
         user = doc.get("user")
         if user is not None and not isinstance(user, str):
             raise HttpError(400, f"'user' must be a string (1 to 128 printable characters), got {user!r}")
-        engine = self.trainer.adapters.engine
-        request = oip.decode_infer_request({"inputs": doc["inputs"]}, engine.inputs, engine.outputs)
+        if form == "text":
+            if not isinstance(doc["text"], str):
+                raise HttpError(400, f"'text' must be a string, got {type(doc['text']).__name__}")
+            if isinstance(doc["label"], bool) or not isinstance(doc["label"], (str, int)):
+                raise HttpError(400, f"'label' must be a label name or a class number, got {doc['label']!r}")
+            return doc["text"], doc["label"], user
+        service = self.trainer.adapters
+        request = oip.decode_infer_request({"inputs": doc["inputs"]}, service.model_inputs, service.model_outputs)
         label = doc["label"]
         if isinstance(label, bool) or not isinstance(label, (int, float, list)):
             raise HttpError(400, f"'label' must be a number or a nested list of numbers, got {label!r}")

@@ -65,6 +65,7 @@ from lorad.adapters.fsutil import atomic_replace_dir
 from lorad.adapters.lora import LoraWeights, lora_scale
 from lorad.adapters.lora_graph import (
     LoraTarget,
+    digest_model,
     find_targets,
     fingerprint,
     lora_input_names,
@@ -216,12 +217,14 @@ class TrainingArtifacts:
 
 
 def build_artifacts(
-    model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path, backend: Backend = "ort-training"
+    model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path, backend: Backend = "ort-training",
+    model_digest: str | None = None,
 ) -> TrainingArtifacts:
     """Return the artifacts of ``backend`` for ``model`` and ``config``, generating them if not cached.
 
-    Entries are keyed by a digest of the whole base model, the configuration, the backend,
-    the ORT version and lorad's artifact format; a new entry is written to a staging
+    Entries are keyed by a digest of the whole base model (``model_digest``: computed once
+    by the caller that loaded the model, else here), the configuration, the backend, the
+    ORT version and lorad's artifact format; a new entry is written to a staging
     directory and renamed into place, so a crash never leaves a half-written entry.
     """
     import onnxruntime
@@ -229,14 +232,14 @@ def build_artifacts(
     if backend not in BACKENDS:
         raise ValueError(f"training backend must be one of {list(BACKENDS)}, got {backend!r}")
     targets = find_targets(model, config.targets)
-    model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    digest = model_digest or digest_model(model)
     key_src = json.dumps(
         {
             "format": _FORMAT if backend == "ort-training" else _PORTABLE_FORMAT,
             "backend": backend,
             "per_example": _portable_per_example() if backend == "portable" else None,
             "ort": onnxruntime.__version__,
-            "model": model_digest,
+            "model": digest,
             "config": dataclasses.asdict(config),
         },
         sort_keys=True,

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from .accountant import RunCharge, epsilon
-from .artifacts import build_artifacts
 from .backends import Stepper, open_stepper
 from .batching import collate
 from .config import AdapterTrainingConfig
@@ -123,7 +122,7 @@ def audit_adapter(
     ``noise_multiplier`` overrides σ; it exists to show the audit can fail (σ = 0) and is
     refused unless the environment's noise source is the seeded test one.
     """
-    from .run import artifact_config_for, training_layouts
+    from .model_setup import pad_length, preflight, training_layouts
 
     if canaries < 8:
         raise ValueError(f"canaries must be >= 8, got {canaries}")
@@ -140,8 +139,7 @@ def audit_adapter(
         sigma = noise_multiplier
     rng = np.random.default_rng(seed)
     service = env.service
-    artifacts = build_artifacts(service.engine.base_model, artifact_config_for(service, config),
-                                cache_dir=env.state_dir / "artifacts", backend=env.backend)
+    artifacts = preflight(service, config, cache_dir=env.state_dir / "artifacts", backend=env.backend)
     if artifacts.noise_size < canaries:
         raise ValueError(f"{canaries} canaries need as many trainable LoRA parameters; the adapter has "
                          f"{artifacts.noise_size}; use fewer canaries")
@@ -163,7 +161,7 @@ def audit_adapter(
     before = _flat(stepper, artifacts)
     for _ in range(steps):
         picked = [data[i] for i in np.flatnonzero(rng.random(len(data)) < q)]
-        batch, _ = collate(picked, inputs_layout=layouts[:-1], label_layout=layouts[-1], pad_to=config.pad_length)
+        batch, _ = collate(picked, inputs_layout=layouts[:-1], label_layout=layouts[-1], pad_to=pad_length(service, config))
         stepper.step(batch)
     # Descent moves a parameter against its gradient: an included canary's parameter falls.
     scores = (before - _flat(stepper, artifacts))[coords]

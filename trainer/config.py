@@ -156,6 +156,12 @@ class RunPlan:
     mechanisms: tuple[tuple[str, float], ...] = ()
 
 
+#: The acceptance probability the gate's minimum held-out size is planned for, and its
+#: standard normal quantile.
+GATE_POWER = 0.95
+_GATE_Z = 1.6448536269514722
+
+
 def default_delta(n: float) -> float:
     """δ well below 1/n (the probability of a total leak of one example's data)."""
     return min(1e-5, 1.0 / (10.0 * max(n, 1)))
@@ -187,8 +193,9 @@ class AdapterTrainingConfig(ConfigModel):
                                     "before anything is charged.")
     min_holdout_examples: int = Field(20, ge=1, description="Fewer held-out examples than this: the run is refused "
                                       "before anything is charged.")
-    pad_length: int = Field(128, ge=1, description="Dynamic non-batch dimensions (sequence length) of training "
-                            "batches are zero-padded or truncated to this.")
+    pad_length: int | None = Field(None, ge=1, description="Dynamic non-batch dimensions (sequence length) of "
+                                   "training batches are zero-padded or truncated to this; null: a text model's "
+                                   "token limit (model.max_text_tokens), else 128.")
     accountant: AccountantName = Field("rdp", description="Privacy accountant: rdp (Rényi DP) or pld "
                                                           "(privacy loss distributions, tighter).")
     rank: int = Field(8, ge=1, description="LoRA rank r of the adapter trained.")
@@ -199,7 +206,8 @@ class AdapterTrainingConfig(ConfigModel):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser of the LoRA weights.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (needs optimizer: adamw).")
     loss: Literal["cross_entropy", "mse"] = Field("cross_entropy", description="Training loss.")
-    output: NonEmptyStr | None = Field(None, description="Model output the loss reads; null: the first output.")
+    output: NonEmptyStr | None = Field(None, description="Model output the loss reads; null: the output named "
+                                       "logits if the model has one, else the first output.")
     sampling_rate: float | None = Field(
         None, gt=0, le=1, description="q: each example's probability to be in a step's batch (Poisson sampling); "
                                       "give exactly one of sampling_rate and batch_size.")
@@ -233,6 +241,13 @@ class AdapterTrainingConfig(ConfigModel):
             raise FieldProblem("validation_metric",
                                "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
         return self
+
+    @property
+    def gate_examples_needed(self) -> int:
+        """The fewest held-out examples with which the gate accepts a candidate that improves
+        every one of them by the full clip bound with probability GATE_POWER (the noise is
+        σ_g·b, the signal n·b): below it no private decision means anything."""
+        return math.ceil(_GATE_Z * self.gate_noise_multiplier)
 
     def plan(
         self, n: float, *, prior: Sequence[RunCharge] = (), ledger_delta: float | None = None,
@@ -299,6 +314,13 @@ class AdapterTrainingConfig(ConfigModel):
                 f"{self.min_train_examples} training and {self.min_holdout_examples} held-out examples "
                 f"(min_train_examples, min_holdout_examples; holdout_fraction={self.holdout_fraction:g} of "
                 "the examples are held out for validation). Add examples; nothing was charged")
+        if n_holdout < self.gate_examples_needed:
+            raise ValueError(
+                f"too few held-out examples for a meaningful private decision: with gate_noise_multiplier "
+                f"{self.gate_noise_multiplier:g} the validation gate needs at least {self.gate_examples_needed} "
+                f"held-out examples for even a candidate that improves every one of them to be accepted "
+                f"{GATE_POWER:.0%} of the time (holdout_fraction={self.holdout_fraction:g} of the examples are held "
+                "out). Add examples or lower gate_noise_multiplier; nothing was charged")
 
 
 #: Giving one of a mutually exclusive pair in an adapter's entry replaces the inherited other.

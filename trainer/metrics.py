@@ -45,6 +45,9 @@ class _TrainerCollector(Collector):
         status = s.scheduler.status()
         yield GaugeMetricFamily("lorad_training_active", "1 while a training run is in progress.",
                                 value=1 if status["current"] else 0)
+        yield GaugeMetricFamily("lorad_training_backoff_adapters",
+                                "Adapters whose automatic runs wait after a failed run (GET /v2/trainer says why).",
+                                value=s.scheduler.backing_off())
         spent = GaugeMetricFamily("lorad_privacy_epsilon_spent",
                                   "Privacy loss ε charged to an adapter's data (all runs composed, at its δ).",
                                   labels=["adapter"])

@@ -56,18 +56,19 @@ from lorad.adapters.service import AdapterService
 from .accountant import RunCharge, epsilon
 from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
 from .backends import open_stepper
-from .batching import TensorLayout, collate
+from .batching import collate
 from .config import AdapterTrainingConfig, RunPlan
 from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
+from .model_setup import artifact_config_for, pad_length, preflight, training_layouts
 from .stepper_process import StepperProcess
 from .validation import keep_rejected, validate_candidate
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
-    "last_trained_example", "pending_release", "artifact_config_for", "training_layouts",
+    "last_trained_example", "pending_release",
 ]
 
 _log = logging.getLogger(__name__)
@@ -270,7 +271,9 @@ class TrainingRun:
             return self.run_id
         shutil.rmtree(self._dir, ignore_errors=True)  # local state of an ended run
         self._check_ledger_knows_trained_versions(ledger_runs)
-        self._check_rank(self.config.rank)
+        # Everything that needs no private data is checked before anything is charged:
+        # the artifacts build, the loss output fits, the gate can score (model_setup.py).
+        preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts", backend=self._backend())
         train, holdout = self._split()
         # Refusals from here on charge nothing: a run that cannot learn or be validated.
         self.config.check_enough(len(train), len(holdout))
@@ -423,7 +426,7 @@ class TrainingRun:
     def _artifacts(self) -> TrainingArtifacts:
         engine = self.env.service.engine
         artifacts = build_artifacts(engine.base_model, self._artifact_config(), cache_dir=self.env.state_dir / "artifacts",
-                                    backend=self._backend())
+                                    backend=self._backend(), model_digest=engine.model_digest)
         if artifacts.base_fingerprint != engine.fingerprint:
             raise TrainingFailedError(
                 f"training artifacts are for base model {artifacts.base_fingerprint}, serving is "
@@ -480,7 +483,7 @@ class TrainingRun:
             ids = self.env.store.sample_poisson(self.adapter, plan.q, rng, among=train_ids)
             batch, skipped = collate(self.env.store.load(ids, skip_missing=True),
                                      inputs_layout=layouts[:-1], label_layout=layouts[-1],
-                                     pad_to=self.config.pad_length)
+                                     pad_to=pad_length(self.env.service, self.config))
             skipped_total += skipped
             stepper.step(batch)
             if self._on_step is not None:
@@ -615,27 +618,3 @@ class TrainingRun:
         """The δ the ledger composes this adapter's ε at (never above any run's δ)."""
         assert self.plan is not None
         return self.env.ledger.state(self.adapter).delta or self.plan.delta
-
-
-def artifact_config_for(service: AdapterService, c: AdapterTrainingConfig) -> ArtifactConfig:
-    """The private training artifacts an adapter with config ``c`` trains with."""
-    return ArtifactConfig(
-        # The serving targets exactly: the adapter's fingerprint must be the engine's.
-        targets=tuple(t.weight for t in service.engine.targets),
-        rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
-        loss=c.loss, output=c.output, optimizer=c.optimizer, weight_decay=c.weight_decay,
-        init_seed=c.init_seed,
-    )
-
-
-def training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
-    """Model inputs then the label, as the training graph declares them."""
-    layouts = [
-        TensorLayout(name, np.dtype(dtype), tuple(shape))
-        for name, dtype, shape in zip(artifacts.data_inputs, artifacts.input_dtypes, artifacts.input_shapes, strict=True)
-    ]
-    label = next(t for t in layouts if t.name == artifacts.label_input)
-    if layouts[-1] is not label:
-        raise BadTrainingDataError(f"training graph inputs {artifacts.data_inputs} do not end with the label")
-    return layouts
-

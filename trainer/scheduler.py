@@ -13,6 +13,12 @@ window, power, heat; then per adapter: enough new examples, budget left) and are
 between steps while the device stops being idle. Manual runs (:meth:`trigger`) skip the
 policy except the privacy budget, which ``TrainingRun.begin`` enforces. Runs a previous
 process left interrupted are resumed first, at start.
+
+A run that failed (its charge stands) is not started again automatically at the next
+check: the adapter backs off, ``interval × 2^(failures-1)`` up to a day, and the reason
+shows in :meth:`TrainingScheduler.status` (``backoff``), in the adapter's run status and
+in ``lorad_training_backoff_adapters``. A run that ends otherwise, or a manual run that
+starts, ends the back-off.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from typing import Any
 from .policy import Decision, TrainingPolicy
 from .run import RunControl, RunProgress, RunResult, TrainingRun
 
-__all__ = ["Job", "TrainingScheduler", "TrainingConflictError", "lower_thread_priority"]
+__all__ = ["Job", "Backoff", "TrainingScheduler", "TrainingConflictError", "lower_thread_priority", "MAX_BACKOFF_S"]
 
 _log = logging.getLogger(__name__)
+
+#: Longest back-off after repeated failed runs of one adapter.
+MAX_BACKOFF_S = 24 * 3600.0
 
 #: Builds a not-yet-begun run for an adapter with the given control and hooks.
 RunFactory = Callable[[str, RunControl, Callable[[RunProgress], None], Callable[[], None]], TrainingRun]
@@ -72,6 +81,20 @@ class Job:
         }
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Automatic runs of an adapter wait after ``failures`` failed runs in a row."""
+
+    failures: int
+    until: float
+    reason: str
+    run_id: int
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {"failures": self.failures, "retry_in_s": max(0.0, self.until - now), "reason": self.reason,
+                "run_id": self.run_id}
+
+
 class TrainingScheduler:
     """Owns the worker thread; thread-safe controls for the service and the HTTP API."""
 
@@ -110,6 +133,7 @@ class TrainingScheduler:
         self._thread: threading.Thread | None = None
         self._last_check = -float("inf")
         self._blocked: dict[str, list[str]] = {}
+        self._backoff: dict[str, Backoff] = {}
         self._reserved: set[str] = set()
         #: Native id of the worker thread once it runs (tests inspect its priority).
         self.worker_tid: int | None = None
@@ -138,7 +162,8 @@ class TrainingScheduler:
     # -- controls ----------------------------------------------------------------------------
 
     def trigger(self, adapter: str) -> int:
-        """Begin a manual run now (charging the ledger) and queue it; returns its run id."""
+        """Begin a manual run now (charging the ledger) and queue it; returns its run id.
+        A manual run is the user's decision: it is not held by a back-off."""
         job = self._reserve_and_begin(adapter, manual=True)
         with self._cond:
             self._queue.appendleft(job)
@@ -187,6 +212,7 @@ class TrainingScheduler:
                 "current": self._current.describe() if self._current else None,
                 "queued": [j.describe() for j in self._queue],
                 "blocked": {k: list(v) for k, v in self._blocked.items()},
+                "backoff": {k: b.describe(self._clock()) for k, b in self._backoff.items()},
                 "last": {k: asdict(r) for k, r in self._last.items()},
             }
 
@@ -197,7 +223,11 @@ class TrainingScheduler:
                 if job.adapter == adapter:
                     return {"state": "running" if job is self._current else "queued", **job.describe()}
             last = self._last.get(adapter)
-            return {"state": "finished", **asdict(last)} if last else None
+            if last is None:
+                return None
+            backoff = self._backoff.get(adapter)
+            extra = {"backoff": backoff.describe(self._clock())} if backoff is not None else {}
+            return {"state": "finished", **asdict(last), **extra}
 
     # -- worker ------------------------------------------------------------------------------
 
@@ -287,6 +317,24 @@ class TrainingScheduler:
             with self._cond:
                 self._current = None
                 self._last[job.adapter] = result
+                self._note_outcome(job.adapter, result)
+
+    def _note_outcome(self, adapter: str, result: RunResult) -> None:
+        """Back off after a failed run; any other ending clears it (lock held)."""
+        if result.status != "failed":
+            self._backoff.pop(adapter, None)
+            return
+        failures = self._backoff[adapter].failures + 1 if adapter in self._backoff else 1
+        wait = min(MAX_BACKOFF_S, self._interval * 2 ** (failures - 1))
+        self._backoff[adapter] = Backoff(failures, self._clock() + wait, result.reason, result.run_id)
+        _log.warning("adapter %r: run %d failed (%s); no automatic run for %.0f s (%d failed in a row)",
+                     adapter, result.run_id, result.reason, wait, failures)
+
+    def backing_off(self) -> int:
+        """How many adapters wait after failed runs now."""
+        with self._cond:
+            now = self._clock()
+            return sum(1 for b in self._backoff.values() if b.until > now)
 
     def _resume_interrupted(self) -> None:
         for adapter in self._interrupted():
@@ -315,6 +363,11 @@ class TrainingScheduler:
         job = None
         if device.allowed:
             for adapter in sorted(set(self._candidates())):
+                backoff = self._backoff.get(adapter)
+                if backoff is not None and backoff.until > self._clock():
+                    blocked[adapter] = [f"backing off after failed run {backoff.run_id} ({backoff.reason}); next "
+                                        f"automatic try in {backoff.until - self._clock():.0f} s"]
+                    continue
                 decision = self._adapter_ready(adapter)
                 if not decision.allowed:
                     blocked[adapter] = list(decision.reasons)

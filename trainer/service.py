@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lorad.adapters.service import AdapterService
+from lorad.adapters.text_input import TEXT_INPUT, TextInputError
 
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
@@ -38,6 +39,7 @@ from .config import TrainerConfig, check_noise_source, make_noise_source
 from .errors import BadTrainingDataError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
+from .model_setup import loss_output, pad_length
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
 from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example, pending_release
@@ -153,11 +155,27 @@ class TrainerService:
 
     # -- examples ----------------------------------------------------------------------------
 
+    def add_text_example(self, adapter: str, text: str, label: str | int, *, user: str | None = None) -> int:
+        """Tokenize one text with the serving tokenizer, padded to the adapter's fixed
+        training length, and store it with its label (a label name or class number)."""
+        front = self.adapters.text
+        if front is None:
+            raise BadTrainingDataError("this model takes no text: send the example as {\"inputs\": [tensors], "
+                                       "\"label\": ...}")
+        check_adapter_name(adapter)
+        try:
+            tensors = front.encode({TEXT_INPUT: np.array([text.encode()], dtype=object)},
+                                   length=pad_length(self.adapters, self.config.for_adapter(adapter)))
+            index = front.label_index(label)
+        except TextInputError as e:
+            raise BadTrainingDataError(str(e)) from e
+        return self.add_example(adapter, {k: v[0] for k, v in tensors.items()}, np.asarray(index, np.int64), user=user)
+
     def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike,
                     *, user: str | None = None) -> int:
         """Check one labelled example against the model and store it; returns its id."""
         check_adapter_name(adapter)
-        rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.engine.inputs),
+        rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.model_inputs),
                                             label_layout=self._label_layout(adapter),
                                             max_abs=self.config.store.max_abs_value)
         self._check_label(adapter, label_row)
@@ -190,9 +208,7 @@ class TrainerService:
         return TensorLayout("label", np.dtype(np.float32), tuple(None if d < 0 else d for d in out.shape))
 
     def _output_spec(self, adapter: str) -> Any:
-        name = self.config.for_adapter(adapter).output
-        outputs = self.adapters.engine.outputs
-        return next((o for o in outputs if o.name == name), outputs[0])
+        return loss_output(self.adapters, self.config.for_adapter(adapter))
 
     def _check_label(self, adapter: str, label: np.ndarray) -> None:
         if self.config.for_adapter(adapter).loss != "cross_entropy":

@@ -50,13 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("examples", help="local training examples (stay on the device)")
     cmds = group.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
     p = add_command(cmds, "add", _examples_add, help="store labelled examples for ADAPTER",
-                    description="One example from --input NAME=JSON (repeatable) and --label, or many from "
-                    '--file with one JSON object per line: {"inputs": {NAME: nested list, ...}, "label": L}.')
+                    description="One example from --text (a text model) or --input NAME=JSON (repeatable), with "
+                    "--label; or many from --file with one JSON object per line: "
+                    '{"text": "...", "label": "label name"} for a text model (the JSONL of examples/intents/data), '
+                    'or {"inputs": {NAME: nested list, ...}, "label": L}. Texts are tokenized by the daemon, '
+                    "with the tokenizer it serves with.")
     p.add_argument("adapter")
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="TEXT", help="the text of one example (a model that carries a tokenizer)")
     src.add_argument("--input", action="append", metavar="NAME=JSON", help="one input tensor of the example")
     src.add_argument("--file", type=Path, metavar="FILE", help="JSON lines, one example per line")
-    p.add_argument("--label", metavar="JSON", help="the label (with --input): a class number or a nested list")
+    p.add_argument("--label", metavar="LABEL", help="the label: with --text a label name (kitchen/light_off) or "
+                   "class number; with --input a class number or a nested list (JSON)")
     p.add_argument("--user", metavar="ID", help="who contributed the examples (trainer.store.max_examples_per_user "
                    "bounds how many one user may add)")
     p = add_command(cmds, "count", _examples_count, help="how many examples ADAPTER has")
@@ -205,8 +210,13 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
     stores nothing; a refusal by the server says how many were stored before it."""
     if args.file is not None:
         if args.label is not None:
-            raise UsageError("--label goes with --input; in --file each line carries its own label")
+            raise UsageError("--label goes with --text or --input; in --file each line carries its own label")
         examples = _read_lines(args.file)
+    elif args.text is not None:
+        if args.label is None:
+            raise UsageError("--text needs --label")
+        label: object = int(args.label) if args.label.isdigit() else args.label
+        examples = [("--text", {"text": args.text, "label": label})]
     else:
         if args.label is None:
             raise UsageError("--input needs --label")
@@ -220,8 +230,17 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
     specs = _input_specs(ctx)
     prefix = f"{args.file}: " if args.file is not None else ""
     user = {"user": args.user} if args.user is not None else {}
-    bodies = [(where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"], **user})
-              for where, ex in examples]
+    text_model = set(specs) == {"text"}
+    bodies = []
+    for where, ex in examples:
+        if "text" in ex:
+            if not text_model:
+                raise UsageError(f"{prefix}{where}: this model takes no text (its inputs: {', '.join(specs)}); "
+                                 'give {"inputs": {NAME: nested list}, "label": L}')
+            bodies.append((where, {"text": ex["text"], "label": ex["label"], **user}))
+        else:
+            bodies.append((where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"],
+                                   **user}))
     last: object = None
     for added, (where, body) in enumerate(bodies):
         try:
@@ -271,8 +290,11 @@ def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if not line.strip():
             continue
         doc = _json_arg(f"{path}: line {n}", line)
-        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict) or "label" not in doc:
-            raise UsageError(f'{path}: line {n}: expected {{"inputs": {{NAME: nested list}}, "label": L}}')
+        text_ok = isinstance(doc, dict) and isinstance(doc.get("text"), str)
+        if not isinstance(doc, dict) or not (text_ok or isinstance(doc.get("inputs"), dict)) or "label" not in doc:
+            raise UsageError(f'{path}: line {n}: expected {{"text": "...", "label": "label name"}} or '
+                             f'{{"inputs": {{NAME: nested list}}, "label": L}}')
+        doc = {k: v for k, v in doc.items() if k in ("text", "inputs", "label")}
         out.append((f"line {n}", doc))
     if not out:
         raise UsageError(f"--file {str(path)!r}: no examples in it")

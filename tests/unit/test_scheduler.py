@@ -31,9 +31,9 @@ class _FakeRun:
     next_id = 1
 
     def __init__(self, adapter: str, control: RunControl, progress: Callable[[RunProgress], None],
-                 between: Callable[[], None], *, gate: threading.Event, refuse: bool) -> None:
+                 between: Callable[[], None], *, gate: threading.Event, refuse: bool, fail: bool = False) -> None:
         self.adapter, self.control, self.progress, self.between = adapter, control, progress, between
-        self.gate, self.refuse = gate, refuse
+        self.gate, self.refuse, self.fail = gate, refuse, fail
         self.run_id: int | None = None
         self.plan = _Plan()
         self.resumed = False
@@ -49,6 +49,8 @@ class _FakeRun:
     def execute(self) -> RunResult:
         assert self.run_id is not None
         self.thread_tid = threading.get_native_id()
+        if self.fail:
+            return RunResult(self.adapter, self.run_id, "failed", 0, 5, "training step 1 failed: boom")
         steps = 0
         while steps < 5:
             if self.control.cancelled:
@@ -65,7 +67,8 @@ class _FakeRun:
 
 class _Harness:
     def __init__(self, tmp_path: Path, *, device_ok: bool = True, ready: tuple[str, ...] = (),
-                 interrupted: tuple[str, ...] = (), auto: bool = True, refuse: tuple[str, ...] = ()) -> None:
+                 interrupted: tuple[str, ...] = (), auto: bool = True, refuse: tuple[str, ...] = (),
+                 fail: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.gate = threading.Event()
         self.gate.set()
         self.runs: list[_FakeRun] = []
@@ -81,7 +84,8 @@ class _Harness:
 
         def make_run(adapter: str, control: RunControl, progress: Callable[[RunProgress], None],
                      between: Callable[[], None]) -> _FakeRun:
-            run = _FakeRun(adapter, control, progress, between, gate=self.gate, refuse=adapter in refuse)
+            run = _FakeRun(adapter, control, progress, between, gate=self.gate, refuse=adapter in refuse,
+                           fail=adapter in fail)
             self.runs.append(run)
             return run
 
@@ -94,6 +98,7 @@ class _Harness:
             make_run=make_run, policy=policy, candidates=lambda: ["alice", "bob", "carol"],  # type: ignore[arg-type]
             adapter_ready=lambda a: Decision.of([] if a in self.ready else ["not enough examples"]),
             interrupted=lambda: interrupted, interval_s=0.05, niceness=7, auto=auto, on_result=on_result,
+            clock=clock,
         )
 
     def wait_results(self, n: int, timeout: float = 5.0) -> list[RunResult]:
@@ -282,3 +287,28 @@ def test_training_yields_to_serving(tmp_path: Path) -> None:
     finally:
         trainer.close()
         trainer.close()
+
+
+def test_a_failed_run_backs_off_instead_of_starting_again(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    now = [100.0]
+    h = harness_factory(ready=("carol",), fail=("carol",), clock=lambda: now[0])
+    h.scheduler.start()
+    (first,) = h.wait_results(1)
+    assert first.status == "failed"
+    h.scheduler.check_now()  # the next check: carol is due by the policy, but backs off
+    deadline = time.monotonic() + 5
+    while "backing off" not in " ".join(h.scheduler.status()["blocked"].get("carol", [])):
+        assert time.monotonic() < deadline, h.scheduler.status()
+        time.sleep(0.01)
+    assert len(h.runs) == 1  # not started again: its charge would be spent for the same failure
+    backoff = h.scheduler.status()["backoff"]["carol"]
+    assert backoff["failures"] == 1 and "boom" in backoff["reason"] and backoff["run_id"] == first.run_id
+    assert h.scheduler.adapter_status("carol")["backoff"]["failures"] == 1  # type: ignore[index]
+    assert h.scheduler.backing_off() == 1
+    now[0] += 1.0  # past the back-off: one more try, and twice as long a wait after it
+    h.scheduler.check_now()
+    second = h.wait_results(2)[1]
+    assert second.status == "failed" and h.scheduler.status()["backoff"]["carol"]["failures"] == 2
+    # A manual run is the user's decision: not held back.
+    run_id = h.scheduler.trigger("carol")
+    assert h.runs[-1].adapter == "carol" and h.runs[-1].run_id == run_id

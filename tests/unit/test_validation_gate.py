@@ -136,13 +136,13 @@ def test_the_gate_decision_is_noised_and_charged_to_the_ledger(tmp_path: Path, s
         good = teacher(service)
         x = inputs(60, seed=9)
         fill_store(env.store, "alice", x, labelled_by(service, good, x))
-        run = TrainingRun(env, "alice", run_config(steps=2, gate_noise_multiplier=7.0))
+        run = TrainingRun(env, "alice", run_config(steps=2, gate_noise_multiplier=5.0))
         run.begin()
         (record,) = env.ledger.state("alice").runs
         # Charged before the first step, with the count query, before any gate ran.
-        assert {m["what"]: m["sigma"] for m in record["mechanisms"]}["validation_gate"] == 7.0
+        assert {m["what"]: m["sigma"] for m in record["mechanisms"]}["validation_gate"] == 5.0
         result = run.execute()
-        assert "private decision, σ 7" in result.reason
+        assert "private decision, σ 5" in result.reason
     finally:
         env.ledger.close()
         env.store.close()

@@ -1,0 +1,171 @@
+"""What training needs of the served model, and every check that needs no private data.
+
+One place decides, for an adapter's configuration on the model being served:
+
+- the **loss output**: ``trainer.output``, else the model's ``logits`` when it has one (an
+  imported text model's first output is its sentence embedding, not its class scores),
+  else its first output;
+- the **padded length** of dynamic dimensions: ``trainer.pad_length``, else a text model's
+  token limit, else 128 — a fixed length that does not depend on the data;
+- the training **artifacts** a run builds (:func:`artifact_config_for`).
+
+:func:`preflight` runs every check a run could otherwise fail for a reason knowable from
+the model and the configuration alone: the artifacts build (every op on the way back has
+a gradient rule, every target reaches the loss output), the loss output fits the loss,
+label names fit its classes, and the validation gate can score a batch of the model's
+shape. :class:`~lorad.trainer.run.TrainingRun` calls it before the ledger is charged,
+and ``lorad check-config`` calls it too, so nothing is charged for a run that cannot
+succeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorad.adapters.engine import TensorSpec
+from lorad.adapters.service import AdapterService
+
+from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
+from .batching import TensorLayout
+from .config import AdapterTrainingConfig
+from .errors import BadTrainingDataError
+from .validation import per_example_scores
+
+__all__ = [
+    "TrainingSetupError", "DEFAULT_PAD_LENGTH", "loss_output", "pad_length", "artifact_config_for",
+    "training_layouts", "preflight",
+]
+
+#: Padded length of a dynamic dimension of a model that is not a text model.
+DEFAULT_PAD_LENGTH = 128
+
+
+class TrainingSetupError(BadTrainingDataError, ValueError):
+    """The model and the ``trainer`` configuration cannot train; nothing was charged.
+    ``key`` is the setting to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.detail = message
+        super().__init__(f"{key}: {message}")
+
+
+def loss_output(service: AdapterService, config: AdapterTrainingConfig) -> TensorSpec:
+    """The model output the loss reads (see the module docstring)."""
+    outputs = list(service.model_outputs)
+    names = [o.name for o in outputs]
+    if config.output is not None:
+        if config.output not in names:
+            raise TrainingSetupError("trainer.output", f"{config.output!r} is not an output of the model; "
+                                     f"its outputs: {', '.join(names)}")
+        return outputs[names.index(config.output)]
+    return outputs[names.index("logits")] if "logits" in names else outputs[0]
+
+
+def pad_length(service: AdapterService, config: AdapterTrainingConfig) -> int:
+    """The fixed length every dynamic dimension of a training batch is padded to."""
+    if config.pad_length is not None:
+        return config.pad_length
+    return service.text.max_tokens if service.text is not None else DEFAULT_PAD_LENGTH
+
+
+def artifact_config_for(service: AdapterService, c: AdapterTrainingConfig) -> ArtifactConfig:
+    """The private training artifacts an adapter with config ``c`` trains with."""
+    return ArtifactConfig(
+        # The serving targets exactly: the adapter's fingerprint must be the engine's.
+        targets=tuple(t.weight for t in service.engine.targets),
+        rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
+        loss=c.loss, output=loss_output(service, c).name, optimizer=c.optimizer, weight_decay=c.weight_decay,
+        init_seed=c.init_seed,
+    )
+
+
+def training_layouts(artifacts: TrainingArtifacts) -> list[TensorLayout]:
+    """Model inputs then the label, as the training graph declares them."""
+    layouts = [
+        TensorLayout(name, np.dtype(dtype), tuple(shape))
+        for name, dtype, shape in zip(artifacts.data_inputs, artifacts.input_dtypes, artifacts.input_shapes, strict=True)
+    ]
+    label = next(t for t in layouts if t.name == artifacts.label_input)
+    if layouts[-1] is not label:
+        raise BadTrainingDataError(f"training graph inputs {artifacts.data_inputs} do not end with the label")
+    return layouts
+
+
+def preflight(
+    service: AdapterService, config: AdapterTrainingConfig, *, cache_dir: Path, backend: Backend,
+) -> TrainingArtifacts:
+    """Every check that needs no private data (see the module docstring); returns the
+    artifacts, built or found in ``cache_dir``. Raises :class:`TrainingSetupError`."""
+    output = loss_output(service, config)
+    _check_loss_output(service, config, output)
+    try:
+        artifacts = build_artifacts(service.engine.base_model, artifact_config_for(service, config),
+                                    cache_dir=cache_dir, backend=backend, model_digest=service.engine.model_digest)
+    except ValueError as e:  # UnsupportedNodeError included: the message names the op or the target
+        raise TrainingSetupError(_key_of(str(e)), f"the model cannot be trained with output {output.name!r}: {e}") from e
+    if config.rank > service.engine.rank:
+        raise TrainingSetupError("trainer.rank", f"rank {config.rank} exceeds the serving slot rank "
+                                 f"{service.engine.rank}; lower it or raise model.rank")
+    _check_gate(service, config, output)
+    return artifacts
+
+
+def _check_loss_output(service: AdapterService, config: AdapterTrainingConfig, output: TensorSpec) -> None:
+    if config.loss != "cross_entropy":
+        return
+    if len(output.shape) != 2:
+        raise TrainingSetupError(
+            "trainer.output", f"cross_entropy needs class scores [N, classes]; output {output.name!r} has shape "
+            f"{list(output.shape)}{_other_outputs(service, output)}")
+    classes = output.shape[1] if output.shape[1] > 0 else None
+    labels = service.text.labels if service.text is not None else ()
+    if labels and classes is not None and len(labels) != classes:
+        raise TrainingSetupError(
+            "trainer.output", f"the model names {len(labels)} labels but output {output.name!r} scores {classes} "
+            f"classes{_other_outputs(service, output)}")
+    if config.validation_metric == "accuracy" and classes == 1:
+        raise TrainingSetupError("trainer.validation_metric", "accuracy needs at least two classes")
+
+
+def _other_outputs(service: AdapterService, output: TensorSpec) -> str:
+    others = [f"{o.name} {list(o.shape)}" for o in service.model_outputs if o.name != output.name]
+    return f"; choose another with trainer.output: {', '.join(others)}" if others else ""
+
+
+def _key_of(message: str) -> str:
+    if "does not influence the loss output" in message:
+        return "trainer.output"
+    if "gradient rule" in message:
+        return "trainer.backend"
+    return "model.targets"
+
+
+def _check_gate(service: AdapterService, config: AdapterTrainingConfig, output: TensorSpec) -> None:
+    """The gate scores model tensors through :meth:`AdapterService.run`: try it on one row."""
+    row = placeholder_inputs(service.model_inputs, pad_length(service, config))
+    try:
+        outputs = service.run(row).outputs
+    except Exception as e:  # ORT's own errors: the model cannot run a row of this shape
+        raise TrainingSetupError("trainer.pad_length", f"the model cannot score a batch of shape "
+                                 f"{ {k: list(v.shape) for k, v in row.items()} }: {e}") from e
+    label = np.zeros((), np.int64) if config.loss == "cross_entropy" else np.zeros(outputs[output.name].shape[1:])
+    scores = per_example_scores(outputs[output.name], [label], config.validation_metric, config.loss)
+    if len(scores) != 1 or not np.isfinite(scores[0]):
+        raise TrainingSetupError("trainer.output", f"output {output.name!r} gives {scores} as the score of one "
+                                 "example; the validation gate needs one finite score per example")
+
+
+def placeholder_inputs(specs: Sequence[Any], length: int) -> dict[str, np.ndarray]:
+    """One row of the model's inputs: dynamic dimensions ``length`` long, integers 1 (a valid
+    token id and a mask that keeps every position), floats 0."""
+    row: dict[str, np.ndarray] = {}
+    for s in specs:
+        shape = [1, *(length if d < 0 else d for d in s.shape[1:])]
+        row[s.name] = (np.ones(shape, s.numpy_dtype) if s.datatype.startswith(("INT", "UINT"))
+                       else np.zeros(shape, s.numpy_dtype))
+    return row

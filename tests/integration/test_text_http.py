@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from lorad.adapters.peft_format import read_peft_dir
 from lorad.daemon.ctl.client import multipart_body
-from tests.integration.lorad_process import REPO, Response, RunningDaemon, start_daemon
+from tests.integration.lorad_process import REPO, Response, RunningDaemon, run_loractl, run_lorad, start_daemon
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
@@ -117,3 +118,46 @@ def test_a_users_peft_adapter_learns_their_words(intents: RunningDaemon) -> None
     # Alice's "den" is her living room; the base head has no idea which room that is.
     assert _output(_infer(intents, ["turn on the den lights"], adapter="alice", outputs=("label",)), "label")["data"] == \
         ["living_room/light_on"]
+
+
+def test_text_examples_go_in_as_text_with_label_names(intents: RunningDaemon) -> None:
+    # The user's own JSONL, as examples/intents/data ships it, through loractl alone.
+    train = EXAMPLE / "data" / "users" / "bob" / "train.jsonl"
+    p = run_loractl("--state-dir", str(intents.state_dir), "--json", "examples", "add", "carol", "--file", str(train))
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [line for line in train.read_text().splitlines() if line.strip()]
+    assert json.loads(p.stdout) == {"adapter": "carol", "added": len(lines), "examples": len(lines)}
+    p = run_loractl("--state-dir", str(intents.state_dir), "examples", "add", "carol", "--text", "lamp on in the den",
+                    "--label", "living_room/light_on")
+    assert p.returncode == 0, p.stderr
+    path = "/v2/models/intents/adapters/carol/examples"
+    bad = {
+        "a label the model does not have": ({"text": "lamp on", "label": "garage/light_on"},
+                                            "label 'garage/light_on' is not a label of this model; allowed:"),
+        "a class number out of range": ({"text": "lamp on", "label": 16}, "allowed: 0..15"),
+        "a text over the token limit": ({"text": "light " * 80, "label": 0}, "at most 64 tokens"),
+        "an empty text": ({"text": "  ", "label": 0}, "is empty"),
+    }
+    for what, (body, message) in bad.items():
+        r = intents.request("POST", path, json_body=body)
+        assert r.status == 422 and message in r.json()["error"], (what, r.body)
+    r = intents.request("POST", path, json_body={"text": ["a list"], "label": 0})
+    assert r.status == 400 and "'text' must be a string" in r.json()["error"]
+    assert intents.request("GET", path).json()["examples"] == len(lines) + 1  # nothing bad was stored
+
+
+def test_the_shipped_config_trains_out_of_the_box(intents: RunningDaemon) -> None:
+    # The checks a run makes before it is charged pass on the example as shipped: the loss
+    # reads the intent logits (not the sentence embedding, the model's first output).
+    config = intents.state_dir.parent / "lorad.yaml"
+    p = run_lorad("check-config", str(config))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["trainer"]["enabled"] is True
+    wrong = config.parent / "wrong-output.yaml"
+    doc = yaml.safe_load(config.read_text())
+    doc["trainer"]["defaults"]["output"] = "sentence_embedding"
+    wrong.write_text(yaml.safe_dump(doc))
+    p = run_lorad("check-config", str(wrong))
+    assert p.returncode == 2
+    assert "trainer.defaults.output" in p.stderr and "names 16 labels but output 'sentence_embedding' scores 384" in p.stderr
+    assert "logits" in p.stderr  # what to choose instead

@@ -62,7 +62,7 @@ from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
-from .model_setup import artifact_config_for, pad_length, preflight, training_layouts
+from .model_setup import artifact_config_for, loss_output, pad_length, preflight, training_layouts
 from .stepper_process import StepperProcess
 from .validation import keep_rejected, validate_candidate
 
@@ -544,7 +544,9 @@ class TrainingRun:
         gate_sigma = dict(plan.mechanisms).get("validation_gate")
         gate = validate_candidate(
             self.env.service, self.adapter, candidate, holdout, metric=c.validation_metric,
-            loss=self._artifact_config().loss, output=c.output, margin=c.validation_margin,
+            # The output the run trained on (model_setup.loss_output), which the gate scores too.
+            loss=self._artifact_config().loss,
+            output=self._artifact_config().output or loss_output(self.env.service, c).name, margin=c.validation_margin,
             noise=self.env.noise if gate_sigma else None, noise_multiplier=gate_sigma or 0.0,
             score_clip=c.gate_clip,
         )

@@ -80,13 +80,13 @@ def engine_layouts(specs: Sequence[TensorSpec]) -> list[TensorLayout]:
 
 def validate_candidate(
     service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
-    *, metric: str, loss: str, output: str | None, margin: float,
+    *, metric: str, loss: str, output: str, margin: float,
     noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0,
 ) -> GateResult:
     """Score and decide (see the module docstring); ``noise=None`` only in tests and
     comparisons (a non-private decision)."""
     layouts = engine_layouts(service.model_inputs)
-    out_name = output or service.model_outputs[0].name
+    out_name = output
     version = service.registry.current_version(adapter_name)
     prepared = service.candidate(candidate, name=adapter_name)
     base_scores: list[float] = []

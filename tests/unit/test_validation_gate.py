@@ -7,15 +7,29 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from benchmarks.reference_encoder import REFERENCE_TARGETS
+from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora import LoraAdapter
 from lorad.adapters.peft_format import load_peft
+from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
 from lorad.trainer.example_store import Example
 from lorad.trainer.run import TrainingRun
 from lorad.trainer.validation import keep_rejected, validate_candidate
-from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
+from tests.unit.trainer_helpers import (
+    RANK,
+    fill_store,
+    inputs,
+    labelled_by,
+    make_env,
+    make_service,
+    run_config,
+    teacher,
+    tiny_model,
+)
 
 
 @pytest.fixture
@@ -37,22 +51,22 @@ def test_accepts_better_rejects_worse(service: AdapterService, metric: str) -> N
     x = inputs(80, seed=3)
     holdout = _examples(x, labelled_by(service, good, x))
     better = validate_candidate(service, "alice", good, holdout, metric=metric, loss="cross_entropy",
-                                output=None, margin=0.0, noise=None, noise_multiplier=0.0)
+                                output="logits", margin=0.0, noise=None, noise_multiplier=0.0)
     assert better.accepted and better.baseline == "base" and better.examples == 80
     # Once the teacher is the served version, a scrambled candidate is compared with it.
     service.install("alice", good)
     worse = validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric,
-                               loss="cross_entropy", output=None, margin=0.0, noise=None, noise_multiplier=0.0)
+                               loss="cross_entropy", output="logits", margin=0.0, noise=None, noise_multiplier=0.0)
     assert not worse.accepted and worse.baseline == "v1" and worse.baseline_version == 1
     assert "by more than margin 0" in worse.reason
     # A negative margin wide enough lets the worse one through.
     assert validate_candidate(service, "alice", _scrambled(service), holdout, metric=metric, loss="cross_entropy",
-                              output=None, margin=-2.0, noise=None, noise_multiplier=0.0).accepted
+                              output="logits", margin=-2.0, noise=None, noise_multiplier=0.0).accepted
 
 
 def test_no_holdout_is_a_rejection(service: AdapterService) -> None:
     gate = validate_candidate(service, "alice", teacher(service), [], metric="loss", loss="cross_entropy",
-                              output=None, margin=1.0, noise=None, noise_multiplier=0.0)
+                              output="logits", margin=1.0, noise=None, noise_multiplier=0.0)
     assert not gate.accepted and gate.reason == "no held-out examples to validate on"
 
 
@@ -60,7 +74,7 @@ def test_reason_never_carries_the_private_scores(service: AdapterService, tmp_pa
     x = inputs(20, seed=4)
     holdout = _examples(x, labelled_by(service, None, x))
     gate = validate_candidate(service, "alice", _scrambled(service), holdout, metric="loss",
-                              loss="cross_entropy", output=None, margin=0.0, noise=None, noise_multiplier=0.0)
+                              loss="cross_entropy", output="logits", margin=0.0, noise=None, noise_multiplier=0.0)
     assert not gate.accepted
     assert f"{gate.candidate_score:.2}"[:4] not in gate.reason
     where = keep_rejected(tmp_path / "rejected" / "alice" / "3", _scrambled(service), gate, run_id=3)
@@ -122,10 +136,10 @@ def test_one_extreme_held_out_example_moves_the_decision_statistic_by_at_most_th
     x = inputs(30, seed=8)
     holdout = _examples(x, labelled_by(service, good, x))
     without = validate_candidate(service, "alice", good, holdout, metric="loss", loss="cross_entropy",
-                                 output=None, margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
+                                 output="logits", margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
     extreme = Example(999, "alice", {"x": x[0] * 1e4}, np.asarray((int(holdout[0].label) + 1) % 5), 0.0)
     with_it = validate_candidate(service, "alice", good, [*holdout, extreme], metric="loss", loss="cross_entropy",
-                                 output=None, margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
+                                 output="logits", margin=0.0, noise=None, noise_multiplier=0.0, score_clip=0.5)
     assert abs(with_it.noisy_sum - without.noisy_sum) <= 0.5 + 1e-9
     assert without.accepted and with_it.accepted
 
@@ -143,6 +157,32 @@ def test_the_gate_decision_is_noised_and_charged_to_the_ledger(tmp_path: Path, s
         assert {m["what"]: m["sigma"] for m in record["mechanisms"]}["validation_gate"] == 5.0
         result = run.execute()
         assert "private decision, σ 5" in result.reason
+    finally:
+        env.ledger.close()
+        env.store.close()
+
+
+def test_the_gate_scores_the_output_the_run_trained_on(tmp_path: Path) -> None:
+    """A model whose first output is an embedding (as an imported text model's is): the run
+    trains on ``logits`` and the gate scores ``logits`` too, not the first output."""
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_model())
+    head_input = next(n for n in model.graph.node if n.output[0] == "logits").input[0]
+    model.graph.node.append(onnx.helper.make_node("Identity", [head_input], ["embedding"]))
+    model.graph.output.insert(0, onnx.helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, ["batch", 32]))
+    engine = InferenceEngine(model, targets=REFERENCE_TARGETS, rank=RANK)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 24)
+    env = make_env(tmp_path, service)
+    try:
+        x = inputs(60, seed=4)
+        fill_store(env.store, "alice", x, labelled_by(service, None, x))  # the base model's own answers
+        # A margin no candidate can beat: the run is rejected and its private scores kept aside.
+        run = TrainingRun(env, "alice", run_config(steps=2, validation_metric="accuracy", validation_margin=2.0))
+        run.begin()
+        assert run.execute().status == "rejected"
+        (reason,) = (env.state_dir / "rejected" / "alice").glob("*/reason.json")
+        # Scored on logits, the base model answers its own labels exactly.
+        assert json.loads(reason.read_text())["baseline_score"] == 1.0
     finally:
         env.ledger.close()
         env.store.close()

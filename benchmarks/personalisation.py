@@ -6,8 +6,9 @@ runs the loop a user runs with ``loractl``, as the same HTTP calls:
 
 1. add the user's ``train.jsonl`` as text examples (``loractl examples add ADAPTER --file``);
 2. train (``loractl train ADAPTER``): one DP run through the validation gate;
-3. score the user's held-out ``test.jsonl`` through the served adapter (what the user gets:
-   the base model if the gate rejected the run).
+3. score the user's held-out ``test.jsonl`` with the DP adapter the run trained (uploaded
+   from where the gate kept it when it was rejected) and with what is served after the run
+   (the base model if the gate rejected it).
 
 Also the base model's and the shipped PEFT adapter's test accuracy, each run's wall time
 and ε spent, and the gate's acceptance rate: for every ε = 8 candidate, the gate decision
@@ -15,8 +16,9 @@ repeated with 40 seeded noise draws on the same held-out split (the gate's noise
 only randomness once the candidate is trained).
 
 The last line is one JSON object: ``users.<u>.{base, peft, eps1, eps3, eps8,
-gate_accept_rate_eps8, run_s_eps8, accepted_eps8, epsilon_spent_eps8}`` (accuracies are
-means over the seeds), plus ``loadavg`` before and after and the thread settings.
+served_eps8, gate_accept_rate_eps8, run_s_eps8, accepted_eps8, epsilon_spent_eps8}`` (and
+the same for ε 1 and 3; accuracies are means over the seeds: ``eps*`` of the DP adapter,
+``served_*`` of what serves after the run), plus ``loadavg`` before and after.
 
     .venv/bin/python -m benchmarks.personalisation [--seeds 3] [--users alice bob]
 """
@@ -82,6 +84,15 @@ class Daemon:
         self.proc.wait(timeout=120)
 
 
+def _upload(daemon: Daemon, name: str, directory: Path) -> None:
+    """``loractl adapters upload NAME DIR``."""
+    from lorad.adapters.peft_format import read_peft_dir
+    from lorad.daemon.ctl.client import multipart_body
+
+    body, ctype = multipart_body(read_peft_dir(directory))
+    daemon.client.call("PUT", f"/v2/models/{daemon.model}/adapters/{name}", body=body, content_type=ctype, auth=True)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -102,11 +113,16 @@ def _config(work: Path, model: Path, epsilon: float) -> Path:
 
 
 def _train(daemon: Daemon, user: str, train: list[dict[str, Any]]) -> tuple[dict[str, Any], float]:
+    from lorad.daemon.ctl.client import ApiError
+
     base = f"/v2/models/{daemon.model}/adapters/{user}"
     for ex in train:
         daemon.call("POST", f"{base}/examples", {"text": ex["text"], "label": ex["label"]})
     start = time.monotonic()
-    run_id = daemon.call("POST", f"{base}/train")["run_id"]
+    try:
+        run_id = daemon.call("POST", f"{base}/train")["run_id"]
+    except ApiError as e:  # refused before anything was charged (e.g. a budget too small for the run)
+        return {"status": "refused", "reason": e.message, "epsilon_spent": 0.0}, 0.0
     while True:
         doc = daemon.call("GET", f"{base}/train")
         if doc.get("run_id") == run_id and doc.get("state") == "finished":
@@ -177,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures["base"] = _accuracy(daemon, test, None)
                 shipped = INTENTS / "adapters" / user
                 if shipped.is_dir():
-                    from lorad.adapters.peft_format import read_peft_dir
-                    from lorad.daemon.ctl.client import multipart_body
-
-                    body, ctype = multipart_body(read_peft_dir(shipped))
-                    daemon.client.call("PUT", f"/v2/models/{daemon.model}/adapters/{user}-peft", body=body,
-                                       content_type=ctype, auth=True)
+                    _upload(daemon, f"{user}-peft", shipped)
                     figures["peft"] = _accuracy(daemon, test, f"{user}-peft")
                 else:
                     figures["peft"] = None
@@ -190,24 +201,40 @@ def main(argv: list[str] | None = None) -> int:
                 daemon.stop()
             for eps in args.epsilons:
                 key = f"eps{eps:g}"
-                accs, run_s, accepted, spent, gate = [], [], [], [], []
+                accs, served, run_s, accepted, spent, gate = [], [], [], [], [], []
+                statuses: list[str] = []
+                refusals: list[str] = []
                 for seed in range(args.seeds):
                     state = work / f"{user}-{key}-{seed}"
                     daemon = Daemon(_config(work, model, eps), state)
                     try:
                         result, seconds = _train(daemon, user, train)
-                        accs.append(_accuracy(daemon, test, user if result["status"] == "accepted" else None))
+                        ok = result["status"] == "accepted"
+                        served.append(_accuracy(daemon, test, user if ok else None))
+                        if not ok and result["status"] == "rejected":  # the candidate, kept aside by the gate
+                            kept = state / "trainer" / "rejected" / user / str(result["run_id"])
+                            _upload(daemon, f"{user}-candidate", kept)
+                        accs.append(served[-1] if ok else _accuracy(daemon, test, f"{user}-candidate")
+                                    if result["status"] == "rejected" else float("nan"))
                     finally:
                         daemon.stop()
                     run_s.append(seconds)
+                    statuses.append(result["status"])
+                    if result["status"] == "refused":
+                        refusals.append(result["reason"])
                     accepted.append(result["status"] == "accepted")
                     spent.append(result.get("epsilon_spent"))
-                    if eps == 8.0:
+                    if eps == 8.0 and result["status"] in ("accepted", "rejected"):
                         gate.append(_gate_accept_rate(_config(work, model, eps), state, user))
                     print(json.dumps({"user": user, "epsilon": eps, "seed": seed, "status": result["status"],
                                       "accuracy": accs[-1], "run_s": round(seconds, 1), "reason": result["reason"]}),
                           flush=True)
-                figures[key] = float(np.mean(accs))
+                    if result["status"] == "refused":
+                        break  # refused before any charge, for a reason the next seed would meet as well
+                figures[key] = float(np.nanmean(accs)) if not np.isnan(accs).all() else None
+                if any(r == "refused" for r in statuses):
+                    figures[f"refused_{key}"] = refusals[0]
+                figures[f"served_{key}"] = float(np.mean(served))
                 figures[f"accepted_{key}"] = float(np.mean(accepted))
                 figures[f"run_s_{key}"] = round(float(np.mean(run_s)), 1)
                 figures[f"epsilon_spent_{key}"] = spent

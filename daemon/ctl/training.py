@@ -142,9 +142,13 @@ def _render_status(d: object) -> str:
     if state == "finished":
         version = f", serving version {d['version']}" if d.get("version") else ""
         reason = f"; {d['reason']}" if d.get("reason") else ""
+        backoff = d.get("backoff")
+        waiting = (f"\nautomatic runs wait {number(backoff.get('retry_in_s'))} s more after "
+                   f"{backoff.get('failures')} failed run(s) in a row (loractl train {d.get('adapter')} starts one now)"
+                   if isinstance(backoff, dict) else "")
         return (f"run {d.get('run_id')} of {d.get('adapter')}: {d.get('status')} after {number(d.get('steps_done'))}/"
                 f"{number(d.get('planned_steps'))} steps{version}{reason}; ε spent by this run "
-                f"{number(d.get('epsilon_spent'))} (the adapter's total: loractl privacy {d.get('adapter')})")
+                f"{number(d.get('epsilon_spent'))} (the adapter's total: loractl privacy {d.get('adapter')}){waiting}")
     return f"{d.get('adapter')}: no training run yet (loractl examples count {d.get('adapter')})"
 
 

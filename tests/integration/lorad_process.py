@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,3 +221,30 @@ def logits_of(response: Response) -> np.ndarray:
 
 def outputs_differ(a: Sequence[float], b: Sequence[float]) -> bool:
     return not np.allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``pred`` until it returns something truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def batcher_counts(daemon: RunningDaemon) -> tuple[float, float]:
+    """(ORT calls, requests answered) of the daemon's micro-batcher, from /metrics."""
+    text = daemon.request("GET", "/metrics").body.decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line.startswith(("lorad_inference_calls_total", "lorad_batched_requests_total")))
+    return float(values["lorad_inference_calls_total"]), float(values["lorad_batched_requests_total"])
+
+
+def fleet_args(broker: Any) -> list[str]:
+    """``loractl fleet`` broker arguments of the fleet user of a tests/conftest.py broker."""
+    return ["--broker", f"127.0.0.1:{broker.port}", "--ca", str(broker.ca), "--cert", str(broker.cert("fleet")),
+            "--key", str(broker.key("fleet")), "--username", "fleet",
+            "--password-file", str(broker.password_file("fleet"))]
+

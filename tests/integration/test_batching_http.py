@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, logits_of
+from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, batcher_counts, digit_probe, logits_of
 
 MARKERS = {f"mark{k}": (k, 1.0 + k) for k in range(8)}  # name → (logit column, amount)
 
@@ -44,23 +44,18 @@ def test_concurrent_clients_on_different_adapters_get_their_own_answers(daemon: 
                 errors.append(f"{name}: answered {params} with {logits_of(r)[0]} instead of {expected}")
                 return
 
-    before = _batcher_counts(daemon)
+    before = batcher_counts(daemon)
     threads = [threading.Thread(target=client, args=(n,)) for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors[:3]
-    calls, requests = (a - b for a, b in zip(_batcher_counts(daemon), before, strict=True))
+    calls, requests = (a - b for a, b in zip(batcher_counts(daemon), before, strict=True))
     assert requests == len(names) * 15
     assert calls < requests  # concurrent requests shared calls
 
 
-def _batcher_counts(daemon: RunningDaemon) -> tuple[float, float]:
-    text = daemon.request("GET", "/metrics").body.decode()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(("lorad_inference_calls_total",
-                                                                                      "lorad_batched_requests_total")))
-    return float(values["lorad_inference_calls_total"]), float(values["lorad_batched_requests_total"])
 
 
 def test_composition_is_applied_exactly_and_reported(daemon: RunningDaemon, demo_math: DemoMath) -> None:

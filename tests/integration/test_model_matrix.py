@@ -21,8 +21,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from benchmarks.mosquitto import Broker
 from lorad.adapters.peft_format import WEIGHTS_FILE, read_peft_dir
 from lorad.daemon.ctl import main as loractl_main
 from lorad.ota.cli import main as fleet_main
-from tests.integration.lorad_process import RunningDaemon, start_daemon
+from tests.integration.lorad_process import RunningDaemon, batcher_counts, fleet_args, start_daemon, wait_until
 from tests.model_matrix import MODEL_CASES, ModelCase
 
 pytestmark = pytest.mark.slow
@@ -85,20 +84,8 @@ def _scaled_b(files: dict[str, bytes], factor: float) -> dict[str, bytes]:
     return {**files, WEIGHTS_FILE: save_safetensors(scaled)}
 
 
-def _wait(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def _fleet_args(mqtt: Broker) -> list[str]:
-    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.cert("fleet")),
-            "--key", str(mqtt.key("fleet")), "--username", "fleet",
-            "--password-file", str(mqtt.password_file("fleet"))]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +144,7 @@ def test_a_peft_adapter_serves_what_torch_and_peft_answer(served: Served) -> Non
 def test_concurrent_mixed_batches_answer_as_single_requests(served: Served) -> None:
     choices = [None, "ref", "neg", "half"]
     single = {a: served.infer(a) for a in choices}
-    before = _batcher_counts(served)
+    before = batcher_counts(served.daemon)
     errors: list[str] = []
     start = threading.Barrier(CLIENTS)
 
@@ -179,16 +166,11 @@ def test_concurrent_mixed_batches_answer_as_single_requests(served: Served) -> N
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors[:3]
-    calls, requests = (a - b for a, b in zip(_batcher_counts(served), before, strict=True))
+    calls, requests = (a - b for a, b in zip(batcher_counts(served.daemon), before, strict=True))
     assert requests == CLIENTS * 3
     assert calls < requests, "concurrent requests never shared a batched call"
 
 
-def _batcher_counts(served: Served) -> tuple[float, float]:
-    text = served.daemon.request("GET", "/metrics").body.decode()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
-                  if line.startswith(("lorad_inference_calls_total", "lorad_batched_requests_total")))
-    return float(values["lorad_inference_calls_total"]), float(values["lorad_batched_requests_total"])
 
 
 def test_composition_is_the_exact_weighted_sum(served: Served) -> None:
@@ -220,7 +202,7 @@ def test_a_dp_run_on_user_examples_passes_the_gate_and_serves(served: Served) ->
         doc = d.request("GET", f"{served.base}/adapters/trained/train").json()
         return doc if doc.get("run_id") == run_id and doc.get("state") == "finished" else None
 
-    result = _wait(finished, 600, "the training run")
+    result = wait_until(finished, 600, "the training run")
     assert result["status"] == "accepted", result
     r = d.request("POST", f"{served.base}/infer",
                   json_body={"inputs": served.case.inputs, "parameters": {"adapter": "trained"}})
@@ -237,9 +219,9 @@ def test_a_fleet_update_installs_passes_its_health_check_and_serves(served: Serv
     capsys.readouterr()
     rc = loractl_main(["--json", "fleet", "publish", str(fleet_repo), "--name", name,
                        "--adapter", str(served.case.peft_dir), "--group", "east", "--config", str(served.config),
-                       *_fleet_args(broker)])
+                       *fleet_args(broker)])
     assert rc == 0, capsys.readouterr()
     # An install is kept only if the swapped-in version answers the probes the fleet tool
     # recorded with the base model (otherwise it is rolled back and never listed).
-    _wait(lambda: name in served.adapters(), 120, f"the OTA install of {name}")
+    wait_until(lambda: name in served.adapters(), 120, f"the OTA install of {name}")
     np.testing.assert_allclose(served.infer(name), served.case.adapted, atol=served.case.atol)

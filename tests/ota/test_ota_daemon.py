@@ -6,8 +6,6 @@ its status on the broker and in /metrics, and says offline when it stops.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,7 @@ from lorad.daemon.config import ConfigError, build_config
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
 from lorad.ota.cli import main as fleet_main
 from lorad.ota.status import FleetView
-from tests.integration.lorad_process import digit_probe, start_daemon
-
-
-def _wait(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.integration.lorad_process import digit_probe, fleet_args, start_daemon, wait_until
 
 
 def _ota_section(mqtt: Broker, root: Path) -> dict[str, Any]:
@@ -41,10 +29,6 @@ def _ota_section(mqtt: Broker, root: Path) -> dict[str, Any]:
             "status_interval_s": 1}
 
 
-def _fleet_args(mqtt: Broker) -> list[str]:
-    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.cert("fleet")),
-            "--key", str(mqtt.key("fleet")), "--username", "fleet",
-            "--password-file", str(mqtt.password_file("fleet"))]
 
 
 def _metric(text: str, line_start: str) -> float | None:
@@ -68,11 +52,11 @@ def test_lorad_serve_installs_fleet_update_serves_it_and_reports(mqtt: Broker, t
         rc = fleet_main(["--json", "fleet", "publish", str(repo), "--name", "ota-invert",
                          "--adapter", str(demo_adapter_dirs()["invert"]), "--group", "east",
                          "--base-model", str(demo_model_path()), "--targets", *DEMO_TARGETS,
-                         "--rank", str(DEMO_RANK), *_fleet_args(mqtt)])
+                         "--rank", str(DEMO_RANK), *fleet_args(mqtt)])
         assert rc == 0, capsys.readouterr()
         assert json.loads(capsys.readouterr().out)["version"] == 1
 
-        local = _wait(lambda: daemon.adapters().get("ota-invert"), 30, "the OTA install")["version"]
+        local = wait_until(lambda: daemon.adapters().get("ota-invert"), 30, "the OTA install")["version"]
         r = daemon.infer(digit_probe(), adapter="ota-invert")
         assert r.status == 200, r.body
         assert r.json()["parameters"] == {"adapter": "ota-invert", "adapter_version": local}

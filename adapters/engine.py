@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
+from .input_domains import input_domains
 from .lora import LoraAdapter
 from .lora_fused import make_fused_inference_graph
 from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
@@ -112,6 +113,8 @@ class InferenceEngine:
             raise ValueError(f"slot rank must be a positive integer, got {rank}")
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         self.base_model = for_runtime(base)
+        #: The values integer inputs may hold (token ids within the vocabulary, 0/1 masks).
+        self.input_domains = input_domains(base)
         #: Module path of every LoRA-able weight: how PEFT names meet ONNX names.
         self.module_paths = ModulePaths.from_model(base, overrides=weight_names)
         self.targets: list[LoraTarget] = find_targets(base, targets, paths=self.module_paths)

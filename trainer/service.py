@@ -179,6 +179,7 @@ class TrainerService:
                                             label_layout=self._label_layout(adapter),
                                             max_abs=self.config.store.max_abs_value)
         self._check_label(adapter, label_row)
+        self._check_domains(rows)
         example_id = self.store.add(adapter, rows, label_row, user=user,
                                     max_per_user=self.config.store.max_examples_per_user)
         return example_id
@@ -209,6 +210,18 @@ class TrainerService:
 
     def _output_spec(self, adapter: str) -> Any:
         return loss_output(self.adapters, self.config.for_adapter(adapter))
+
+    def _check_domains(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Token ids within the model's vocabulary, masks 0/1: a value outside would fail a
+        private run (or make its loss NaN), found now instead."""
+        for name, row in rows.items():
+            domain = self.adapters.engine.input_domains.get(name)
+            if domain is None or not row.size:
+                continue
+            low, high = int(row.min()), int(row.max())
+            if low < domain.low or high > domain.high:
+                bad = high if high > domain.high else low
+                raise BadTrainingDataError(f"input {name!r} holds {bad}; allowed: {domain.describe()}")
 
     def _check_label(self, adapter: str, label: np.ndarray) -> None:
         if self.config.for_adapter(adapter).loss != "cross_entropy":

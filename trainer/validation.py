@@ -113,6 +113,10 @@ def validate_candidate(
     better = np.asarray(cand_scores) - np.asarray(base_scores)
     if metric != "accuracy":
         better = -better  # loss: lower is better
+    # One example whose score is not finite (a NaN loss from a hostile input) counts as the
+    # worst case the clip allows, against the candidate: it can move the sum by b, as any
+    # other example can, and never turn the whole decision into NaN (a rejection).
+    better = np.where(np.isfinite(better), better, -np.inf)
     total = float(np.sum(np.clip(better - margin, -score_clip, score_clip)))
     if noise is not None and noise_multiplier > 0:
         total += float(noise.gaussian64(1, noise_multiplier * score_clip)[0])

@@ -40,7 +40,7 @@ def test_a_run_that_cannot_succeed_is_refused_before_the_charge(tmp_path: Path) 
         rng = np.random.default_rng(0)
         base = "/v2/models/bert/adapters/alice"
         for _ in range(20):
-            ids = rng.integers(1, 100, size=(1, 8))
+            ids = rng.integers(1, 64, size=(1, 8))
             body = {"inputs": [{"name": n, "datatype": "INT64", "shape": [1, 8], "data": v.ravel().tolist()}
                                for n, v in (("input_ids", ids), ("attention_mask", np.ones_like(ids)),
                                             ("token_type_ids", np.zeros_like(ids)))],
@@ -51,5 +51,33 @@ def test_a_run_that_cannot_succeed_is_refused_before_the_charge(tmp_path: Path) 
             assert r.status == 422 and "trainer.pad_length" in r.json()["error"], r.body
         privacy = d.request("GET", f"{base}/privacy").json()
         assert privacy["runs"] == [] and privacy["epsilon_spent"] == 0
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_an_example_the_model_cannot_take_is_refused_at_ingestion(tmp_path: Path) -> None:
+    """A token id outside the vocabulary or a mask value other than 0/1 would fail a run
+    (or make its loss NaN) after the charge: refused when stored, naming the field."""
+    d = start_daemon(tmp_path / "state", "--config", str(_config(tmp_path, pad_length=8)))
+    try:
+        def body(ids: list[int], mask: list[int], types: list[int]) -> dict[str, object]:
+            return {"inputs": [{"name": n, "datatype": "INT64", "shape": [1, 8], "data": v}
+                               for n, v in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))],
+                    "label": 1}
+
+        path = "/v2/models/bert/adapters/alice/examples"
+        ok = [5] * 8
+        cases = {
+            "a token id beyond the vocabulary": (body([5] * 7 + [1000], [1] * 8, [0] * 8),
+                                                 "input 'input_ids' holds 1000; allowed: 0..63"),
+            "a negative token id": (body([-3] + [5] * 7, [1] * 8, [0] * 8), "input 'input_ids' holds -3"),
+            "a mask of -1": (body(ok, [1, -1] + [0] * 6, [0] * 8), "input 'attention_mask' holds -1; allowed: 0..1"),
+            "a token type beyond the table": (body(ok, [1] * 8, [2] * 8), "input 'token_type_ids' holds 2; allowed: 0..1"),
+        }
+        for what, (doc, message) in cases.items():
+            r = d.request("POST", path, json_body=doc)
+            assert r.status == 422 and message in r.json()["error"], (what, r.body)
+        assert d.request("POST", path, json_body=body(ok, [1] * 8, [0] * 8)).status == 201
+        assert d.request("GET", path).json()["examples"] == 1  # the refused ones were not stored
     finally:
         assert d.stop() == 0, d.logs()

@@ -186,3 +186,16 @@ def test_the_gate_scores_the_output_the_run_trained_on(tmp_path: Path) -> None:
     finally:
         env.ledger.close()
         env.store.close()
+
+
+def test_a_held_out_example_with_a_non_finite_score_counts_as_the_worst_case(service: AdapterService) -> None:
+    good = teacher(service)
+    x = inputs(30, seed=8)
+    holdout = _examples(x, labelled_by(service, good, x))
+    kwargs: dict = {"metric": "loss", "loss": "cross_entropy", "output": "logits", "margin": 0.0, "noise": None,
+                    "noise_multiplier": 0.0, "score_clip": 0.5}
+    without = validate_candidate(service, "alice", good, holdout, **kwargs)
+    poisoned = Example(999, "alice", {"x": np.full_like(x[0], np.nan)}, np.asarray(0), 0.0)  # NaN logits
+    with_it = validate_candidate(service, "alice", good, [*holdout, poisoned], **kwargs)
+    assert np.isfinite(with_it.noisy_sum) and with_it.noisy_sum == pytest.approx(without.noisy_sum - 0.5)
+    assert without.accepted and with_it.accepted  # one example cannot force a rejection

@@ -548,7 +548,7 @@ class TrainingRun:
             loss=self._artifact_config().loss,
             output=self._artifact_config().output or loss_output(self.env.service, c).name, margin=c.validation_margin,
             noise=self.env.noise if gate_sigma else None, noise_multiplier=gate_sigma or 0.0,
-            score_clip=c.gate_clip,
+            score_clip=c.gate_clip, pad_to=pad_length(self.env.service, c),
         )
         if self.control.cancelled:
             # Cancelled while validating: the charge stands (the run completed), nothing is served.

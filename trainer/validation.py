@@ -81,10 +81,15 @@ def engine_layouts(specs: Sequence[TensorSpec]) -> list[TensorLayout]:
 def validate_candidate(
     service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
     *, metric: str, loss: str, output: str, margin: float,
-    noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0,
+    noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0, pad_to: int | None = None,
 ) -> GateResult:
     """Score and decide (see the module docstring); ``noise=None`` only in tests and
-    comparisons (a non-private decision)."""
+    comparisons (a non-private decision).
+
+    With ``pad_to`` (a run passes its fixed training length), every chunk of held-out
+    examples is scored as one padded batch, so the number of calls the gate makes (seen in
+    cache and batcher counters) depends on the count only in steps of 256, not on the
+    examples' lengths."""
     layouts = engine_layouts(service.model_inputs)
     out_name = output
     version = service.registry.current_version(adapter_name)
@@ -96,10 +101,10 @@ def validate_candidate(
     fitting = [ex for ex in holdout if fits(ex, layouts)]
     for start in range(0, len(fitting), _EVAL_BATCH):
         chunk = fitting[start : start + _EVAL_BATCH]
-        _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None)
-        # Rows of different dynamic shapes cannot share a batch: score them one by one.
+        _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
+        # Without pad_to, rows of different dynamic shapes cannot share a batch: one by one.
         for group in ([chunk] if not skipped else [[ex] for ex in chunk]):
-            inputs, _ = collate(group, inputs_layout=layouts, label_layout=None)
+            inputs, _ = collate(group, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
             labels = [np.asarray(ex.label) for ex in group]
             # Model tensors through the one inference path (batcher included), as serving runs them.
             current = service.run(inputs, adapter_name if version is not None else None)

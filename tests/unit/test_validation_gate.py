@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.reference_encoder import REFERENCE_TARGETS
 from lorad.adapters.engine import InferenceEngine
-from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.lora import LoraAdapter, LoraWeights
 from lorad.adapters.peft_format import load_peft
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
@@ -199,3 +199,39 @@ def test_a_held_out_example_with_a_non_finite_score_counts_as_the_worst_case(ser
     with_it = validate_candidate(service, "alice", good, [*holdout, poisoned], **kwargs)
     assert np.isfinite(with_it.noisy_sum) and with_it.noisy_sum == pytest.approx(without.noisy_sum - 0.5)
     assert without.accepted and with_it.accepted  # one example cannot force a rejection
+
+
+def test_the_gate_scores_padded_batches_whatever_the_lengths(tmp_path: Path) -> None:
+    """Held-out token examples of different lengths: with the run's fixed length the gate
+    makes one call per model per 256 examples, so no count shows through call counters."""
+    from tests.model_matrix import EXPORTED
+
+    engine = InferenceEngine(EXPORTED / "encoder_torchscript_17.onnx", targets=["q_proj", "v_proj"], rank=4)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 24)
+    rng = np.random.default_rng(3)
+    holdout = [Example(i, "alice", {"input_ids": rng.integers(1, 64, size=n), "attention_mask": np.ones(n, np.int64)},
+                       np.asarray(int(rng.integers(4))), 0.0) for i, n in enumerate(rng.integers(3, 9, size=40))]
+    calls: list[object] = []
+    real_run = service.run
+
+    def counting_run(tensors: object, adapter: object = None) -> object:
+        calls.append(adapter)
+        return real_run(tensors, adapter)  # type: ignore[arg-type]
+
+    service.run = counting_run  # type: ignore[method-assign]
+    kwargs: dict = {"metric": "loss", "loss": "cross_entropy", "output": "logits", "margin": 0.0, "noise": None,
+                    "noise_multiplier": 0.0}
+    padded = validate_candidate(service, "alice", teacher_for(engine), holdout, pad_to=8, **kwargs)
+    assert padded.examples == 40 and len(calls) == 2  # the base model's and the candidate's
+    calls.clear()
+    unpadded = validate_candidate(service, "alice", teacher_for(engine), holdout, **kwargs)
+    assert len(calls) == 80  # without a fixed length: two calls per example
+    # Padding is masked out: the same scores either way.
+    assert padded.noisy_sum == pytest.approx(unpadded.noisy_sum, abs=1e-4)
+
+
+def teacher_for(engine: InferenceEngine) -> LoraAdapter:
+    rng = np.random.default_rng(1)
+    return LoraAdapter(rank=4, alpha=4.0, base_fingerprint=engine.fingerprint, weights={
+        t.weight: LoraWeights((rng.normal(size=(t.in_features, 4)) * 0.3).astype(np.float32),
+                              (rng.normal(size=(4, t.out_features)) * 0.3).astype(np.float32)) for t in engine.targets})

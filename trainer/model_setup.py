@@ -147,7 +147,7 @@ def _key_of(message: str) -> str:
 
 def _check_gate(service: AdapterService, config: AdapterTrainingConfig, output: TensorSpec) -> None:
     """The gate scores model tensors through :meth:`AdapterService.run`: try it on one row."""
-    row = placeholder_inputs(service.model_inputs, pad_length(service, config))
+    row = _placeholder_inputs(service.model_inputs, pad_length(service, config))
     try:
         outputs = service.run(row).outputs
     except Exception as e:  # ORT's own errors: the model cannot run a row of this shape
@@ -160,7 +160,7 @@ def _check_gate(service: AdapterService, config: AdapterTrainingConfig, output: 
                                  "example; the validation gate needs one finite score per example")
 
 
-def placeholder_inputs(specs: Sequence[Any], length: int) -> dict[str, np.ndarray]:
+def _placeholder_inputs(specs: Sequence[Any], length: int) -> dict[str, np.ndarray]:
     """One row of the model's inputs: dynamic dimensions ``length`` long, integers 1 (a valid
     token id and a mask that keeps every position), floats 0."""
     row: dict[str, np.ndarray] = {}

@@ -35,7 +35,7 @@ from lorad.adapters.service import AdapterService
 from lorad.daemon import auth
 from lorad.daemon.config import ADDR_FILE, Config
 from lorad.daemon.demo import demo_adapter_dirs
-from lorad.daemon.http_api import ApiSettings, make_app, protected
+from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source
@@ -159,7 +159,7 @@ class Daemon:
             max_batch_rows=cfg.server.max_batch_rows,
         ))
         if trainer is not None:
-            add_training_routes(app, trainer, protected, executor=executor)
+            add_training_routes(app, trainer, protected, authenticated, executor=executor)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)

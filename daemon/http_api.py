@@ -42,7 +42,7 @@ from lorad.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from lorad.daemon.version import lorad_version
 
 __all__ = [
-    "ApiSettings", "make_app", "protected", "HttpError", "json_response", "read_body",
+    "ApiSettings", "make_app", "protected", "authenticated", "HttpError", "json_response", "read_body",
     "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION", "infer_body_limit", "JSON_BYTES_PER_NUMBER",
 ]
 
@@ -178,7 +178,7 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
             reason = f"request body exceeds the limit of {settings.max_request_bytes} bytes"
         response = json_response({"error": reason}, e.status, {k: v for k, v in e.headers.items() if k == "Allow"})
     except Exception as e:  # every failure becomes one JSON error; unknown ones are logged
-        status, message, headers = _error_status(e, trusted=_authenticated(request))
+        status, message, headers = _error_status(e, trusted=authenticated(request))
         response = json_response({"error": message}, status, headers)
     kind = request.get("adapter_kind", "none")
     seconds = time.perf_counter() - start
@@ -210,7 +210,7 @@ def protected(handler: _Handler) -> _Handler:
     return wrapper
 
 
-def _authenticated(request: web.Request) -> bool:
+def authenticated(request: web.Request) -> bool:
     """The caller came over the Unix socket or sent the right bearer token."""
     if _via_unix_socket(request):
         return True

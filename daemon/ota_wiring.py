@@ -33,7 +33,10 @@ from lorad.ota.config import ClientConfig, OtaConfig, OtaPolicy
 from lorad.ota.errors import TransportError
 from lorad.ota.metrics import OtaMetrics
 from lorad.ota.transport import MqttTransport
+from lorad.trainer.errors import PrivacyBudgetExceededError
 from lorad.trainer.policy import SystemProbe
+from lorad.trainer.scheduler import TrainingConflictError
+from lorad.trainer.service import TrainingUnavailableError
 
 __all__ = ["OtaRuntime", "start_ota", "install_gate"]
 
@@ -146,11 +149,28 @@ def _epsilon_of(service: AdapterService, epsilon: Callable[[str], float | None])
 
 
 def _train_now_of(train_now: Callable[[str], object]) -> Callable[[str | None], None]:
+    """The fleet's ``train_now``. What goes back to the broker is the privacy boundary's
+    public side: a refusal computed from public state (budget spent per the public ledger,
+    a run already in progress, no training on this device) is said as it is; any other
+    reason may come from the stored examples, so the fleet hears only that the device
+    refused, and the device's log has the details."""
     def run(adapter: str | None) -> None:
         if adapter is None:
             raise ValueError("train_now needs an adapter name on this device")
-        train_now(adapter)
+        try:
+            train_now(adapter)
+        except (PrivacyBudgetExceededError, TrainingConflictError, TrainingUnavailableError):
+            raise
+        except Exception as e:
+            _log.warning("OTA: train_now of adapter %r refused: %s", adapter, e)
+            raise TrainNowRefusedError(
+                f"the device did not start a run of {adapter!r}; the reason is private to the device "
+                "(loractl train ADAPTER --status on the device, or its log)") from None
     return run
+
+
+class TrainNowRefusedError(RuntimeError):
+    """A fleet ``train_now`` refused for a reason that stays on the device."""
 
 
 def _say_offline(client: OtaClient, transport: MqttTransport) -> None:

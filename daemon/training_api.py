@@ -17,15 +17,25 @@ blocking work runs on the worker pool.
   only the noisy estimate the runs were planned from).
 - ``POST A/train`` (auth) start a manual run; 202 ``{"run_id", ...}``. 409 when the privacy
   budget would be exceeded or a run is already queued or running; 503 without training APIs.
-- ``GET A/train`` progress of the queued/running run, else the last result.
+- ``GET A/train`` the queued/running run, else the last result: with the token its
+  progress, ε so far, reason and back-off; without, only its state, id, status and version.
 - ``POST A/train/cancel`` (auth).
-- ``GET A/privacy`` ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant,
-  times): open, like the rest of the read-only API, so anyone can recompute ε.
+- ``GET A/privacy`` ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant):
+  open, like the rest of the read-only API, so anyone can recompute ε; with the token also
+  each run's times and energy.
 - ``POST A/privacy/audit`` (auth) the one-run canary audit (trainer/audit.py): body ``{}``
-  or ``{"canaries": m}``; ``{"noise_multiplier": 0}`` only with ``trainer.testing``.
-  200 ``{"epsilon_lower_bound", "epsilon_accounted", "consistent", ...}``.
+  or ``{"canaries": m}`` (default 1000, at most the adapter's trainable parameters: 422);
+  ``{"noise_multiplier": 0}`` (the noise actually added; σ still accounted) only with
+  ``trainer.testing``. 200 ``{"epsilon_estimate", "epsilon_estimate_lower",
+  "epsilon_lower_bound", "epsilon_accounted", "consistent", "method", ...}``.
 - ``GET /v2/models/{model}/privacy`` the same for every adapter in the ledger.
-- ``GET /v2/trainer``, ``POST /v2/trainer/pause`` (auth), ``POST /v2/trainer/resume`` (auth).
+- ``GET /v2/trainer``: with the token the scheduler's whole state (queue, progress, why each
+  adapter is blocked or backing off, last results); without, whether it runs, is paused,
+  and which run is in progress. ``POST /v2/trainer/pause`` (auth), ``POST /v2/trainer/resume`` (auth).
+
+Open routes answer only what the privacy boundary allows (README, "The privacy
+boundary"): what the accounted mechanisms released, the public configuration, and
+nothing else that stored examples decide.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from aiohttp import web
 
 from lorad.daemon import oip
 from lorad.daemon.http_api import HttpError, json_response, read_body
-from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
+from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, StoreFullError, TrainingFailedError
 from lorad.trainer.scheduler import TrainingConflictError
 from lorad.trainer.service import TrainerService, TrainingUnavailableError
 
@@ -54,11 +64,13 @@ def add_training_routes(
     app: web.Application,
     trainer: TrainerService,
     require_auth: Callable[[Handler], Handler],
+    authenticated: Callable[[web.Request], bool],
     *,
     executor: Executor | None = None,
 ) -> None:
-    """Add the trainer's routes to the API app (see the module docstring)."""
-    h = _Handlers(trainer, executor)
+    """Add the trainer's routes to the API app (see the module docstring);
+    ``authenticated(request)`` says whether an open route may answer in full."""
+    h = _Handlers(trainer, executor, authenticated)
     m = "/v2/models/{model}"
     a = m + "/adapters/{adapter}"
     app.router.add_post(a + "/examples", require_auth(h.add_example))
@@ -77,9 +89,11 @@ def add_training_routes(
 
 
 class _Handlers:
-    def __init__(self, trainer: TrainerService, executor: Executor | None) -> None:
+    def __init__(self, trainer: TrainerService, executor: Executor | None,
+                 authenticated: Callable[[web.Request], bool]) -> None:
         self.trainer = trainer
         self.executor = executor
+        self.authenticated = authenticated
         self.limit = trainer.config.store.max_example_bytes
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -91,6 +105,8 @@ class _Handlers:
             raise HttpError(409, str(e)) from e
         except TrainingUnavailableError as e:
             raise HttpError(503, f"training is not available on this device: {e}") from e
+        except StoreFullError as e:
+            raise HttpError(507, str(e)) from e
         except BadTrainingDataError as e:
             raise HttpError(422, str(e)) from e
         except TrainingFailedError as e:
@@ -168,7 +184,8 @@ class _Handlers:
 
     async def progress(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        return json_response(await self._run(self.trainer.run_status, adapter))
+        private = self.authenticated(request)
+        return json_response(await self._run(lambda: self.trainer.run_status(adapter, private=private)))
 
     async def cancel(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
@@ -179,7 +196,8 @@ class _Handlers:
 
     async def privacy(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        return json_response(await self._run(self.trainer.privacy_state, adapter))
+        private = self.authenticated(request)
+        return json_response(await self._run(lambda: self.trainer.privacy_state(adapter, private=private)))
 
     async def audit(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
@@ -192,14 +210,14 @@ class _Handlers:
         if not isinstance(doc, dict) or set(doc) - allowed:
             raise HttpError(400, 'an audit request is a JSON object with optional "canaries" (an integer from 8 to '
                             '100000) and, in test mode only, "noise_multiplier"')
-        canaries = doc.get("canaries", 512)
+        canaries = doc.get("canaries", 1000)
         if isinstance(canaries, bool) or not isinstance(canaries, int) or not 8 <= canaries <= 100_000:
             raise HttpError(400, f'"canaries" must be an integer from 8 to 100000, got {canaries!r}')
         sigma = doc.get("noise_multiplier")
         if sigma is not None:
             if not self.trainer.config.testing:
-                raise HttpError(403, '"noise_multiplier" overrides σ and exists only to test the audit; it needs '
-                                "trainer.testing: true")
+                raise HttpError(403, '"noise_multiplier" replaces the noise added (σ still accounted) and exists '
+                                "only to test the audit; it needs trainer.testing: true")
             if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < 1e6:
                 raise HttpError(400, f'"noise_multiplier" must be a number >= 0, got {sigma!r}')
             sigma = float(sigma)
@@ -211,10 +229,12 @@ class _Handlers:
 
     async def privacy_all(self, request: web.Request) -> web.Response:
         self._adapter(request)
-        return json_response(await self._run(self.trainer.privacy_states))
+        private = self.authenticated(request)
+        return json_response(await self._run(lambda: self.trainer.privacy_states(private=private)))
 
     async def status(self, request: web.Request) -> web.Response:
-        return json_response(await self._run(self.trainer.status))
+        private = self.authenticated(request)
+        return json_response(await self._run(lambda: self.trainer.status(private=private)))
 
     async def pause(self, request: web.Request) -> web.Response:
         await self._run(self.trainer.pause)

@@ -19,6 +19,11 @@ Two accountants:
 
 Heterogeneous runs (different q or σ) compose: ε is that of the composition of all runs.
 The neighbouring relation is add-or-remove-one example, matching Poisson sampling.
+
+A :class:`PureCharge` is a mechanism known only to be ε₀-DP (the scheduler's
+sparse-vector start test). RDP takes it as (ε₀²/2)-zCDP (Bun and Steinke 2016, Prop.
+1.4: ε-DP implies it); PLD takes the pure-DP privacy loss distribution of ε₀, the
+dominating pair of every ε₀-DP mechanism (dp-accounting's ``from_privacy_parameters``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ __all__ = [
     "ACCOUNTANTS",
     "RDP_ORDERS",
     "RunCharge",
+    "PureCharge",
+    "Charge",
     "epsilon",
     "calibrate_sigma",
     "load_library",
@@ -82,24 +89,41 @@ class RunCharge:
         _check_steps(self.steps)
 
 
-def epsilon(*, runs: Sequence[RunCharge], delta: float, accountant: AccountantName) -> float:
+@dataclass(frozen=True)
+class PureCharge:
+    """A mechanism that is ``epsilon``-DP (pure, δ = 0) and nothing more is known of it."""
+
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        if not (_is_real(self.epsilon) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon of a pure-DP charge must be a finite number > 0, got {self.epsilon!r}")
+
+
+Charge = RunCharge | PureCharge
+
+
+def epsilon(*, runs: Sequence[Charge], delta: float, accountant: AccountantName) -> float:
     """ε at ``delta`` of all ``runs`` composed (0.0 when nothing was trained)."""
     _check_delta(delta)
     _check_accountant(accountant)
     for run in runs:
-        if not isinstance(run, RunCharge):
-            raise ValueError(f"runs: every item must be a RunCharge, got {type(run).__name__}")
+        if not isinstance(run, (RunCharge, PureCharge)):
+            raise ValueError(f"runs: every item must be a RunCharge or PureCharge, got {type(run).__name__}")
     # Runs with the same (q, σ) are one mechanism repeated: merging them is exact and keeps
     # the cost proportional to the number of distinct settings, not of runs. Order does
     # not change a composition; sorting makes the cache key canonical.
     steps: dict[tuple[float, float], int] = {}
+    pure: dict[float, int] = {}
     for r in runs:
-        if r.steps > 0:
+        if isinstance(r, PureCharge):
+            pure[float(r.epsilon)] = pure.get(float(r.epsilon), 0) + 1
+        elif r.steps > 0:
             steps[(float(r.q), float(r.sigma))] = steps.get((float(r.q), float(r.sigma)), 0) + r.steps
-    if not steps:
+    if not steps and not pure:
         return 0.0
     key = tuple(sorted((q, sigma, n) for (q, sigma), n in steps.items()))
-    return _epsilon_cached(key, delta, accountant)
+    return _epsilon_cached(key, delta, accountant, tuple(sorted(pure.items())))
 
 
 def calibrate_sigma(
@@ -110,7 +134,7 @@ def calibrate_sigma(
     steps: int,
     accountant: AccountantName,
     tolerance: float = 0.01,
-    prior: Sequence[RunCharge] = (),
+    prior: Sequence[Charge] = (),
 ) -> float:
     """Smallest noise multiplier σ whose ε is at most ``target_epsilon``.
 
@@ -175,7 +199,8 @@ def load_library() -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon_cached(
-    runs: tuple[tuple[float, float, int], ...], delta: float, accountant: AccountantName
+    runs: tuple[tuple[float, float, int], ...], delta: float, accountant: AccountantName,
+    pure: tuple[tuple[float, int], ...] = (),
 ) -> float:
     # Imported here: dp_accounting takes ~1.5 s to import, and the names above are read by
     # the config parser that loractl runs.
@@ -200,8 +225,19 @@ def _epsilon_cached(
                 )
                 for q, sigma, steps in runs
             ]
+            + [dp_accounting.SelfComposedDpEvent(dp_accounting.ZCDpEvent(eps0**2 / 2), count=count)
+               for eps0, count in pure if accountant == "rdp"]
         )
     )
+    if pure and accountant == "pld":
+        from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+        total = acct._pld  # the composed PLD; dp-accounting has no event for a pure-DP mechanism
+        for eps0, count in pure:
+            total = total.compose(pld_lib.from_privacy_parameters(
+                pld_lib.common.DifferentialPrivacyParameters(eps0, 0.0),
+                value_discretization_interval=_PLD_DISCRETIZATION).self_compose(count))
+        return float(total.get_epsilon_for_delta(delta))
     return float(acct.get_epsilon(delta))
 
 

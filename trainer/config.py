@@ -39,7 +39,7 @@ from lorad.adapters.names import NAME_ALLOWED, is_name
 from .accountant import AccountantName
 
 if TYPE_CHECKING:
-    from .accountant import RunCharge
+    from .accountant import Charge
     from .noise import NoiseSource
 
 __all__ = [
@@ -127,6 +127,9 @@ class PolicyConfig(ConfigModel):
     max_power_watts: float | None = Field(
         None, ge=0.0, description="The device's draw (W, from the daemon's power source) above which training "
                                   "waits; null, or no power source, means no limit.")
+    start_test_interval_s: float = Field(
+        3600.0, ge=1.0, description="Seconds between two checks of an adapter's private start test (fewer checks "
+                                    "allow a lower threshold margin: trainer/start_test.py).")
     min_battery_percent: float | None = Field(
         None, ge=0.0, le=100.0, description="Battery charge (%) below which training waits; devices without a "
                                             "battery pass; null: no limit.")
@@ -187,6 +190,9 @@ class AdapterTrainingConfig(ConfigModel):
     gate_noise_multiplier: float = Field(10.0, gt=0, description="Noise multiplier of the validation gate's private "
                                          "decision (noise std in units of gate_clip); charged to the ledger as a "
                                          "Gaussian query.")
+    start_test_epsilon: float = Field(0.5, gt=0, le=5, description="ε₀ of the sparse-vector test that decides "
+                                      "when an automatic run starts (trainer/start_test.py): pure ε₀-DP however "
+                                      "often it checks, charged to the ledger when each test begins.")
     gate_clip: float = Field(1.0, gt=0, description="Bound on one held-out example's score difference (loss or "
                              "accuracy) in the validation gate.")
     min_train_examples: int = Field(100, ge=1, description="Fewer training examples than this: the run is refused "
@@ -250,7 +256,7 @@ class AdapterTrainingConfig(ConfigModel):
         return math.ceil(_GATE_Z * self.gate_noise_multiplier)
 
     def plan(
-        self, n: float, *, prior: Sequence[RunCharge] = (), ledger_delta: float | None = None,
+        self, n: float, *, prior: Sequence[Charge] = (), ledger_delta: float | None = None,
         adapter: str = "adapter",
     ) -> RunPlan:
         """Resolve q, steps, δ and σ for a run over (an estimate of) ``n`` training examples.
@@ -300,27 +306,31 @@ class AdapterTrainingConfig(ConfigModel):
                        delta=delta, accountant=self.accountant, budget_epsilon=self.target_epsilon,
                        examples=round(n), mechanisms=mechanisms)
 
-    def check_enough(self, n_train: int, n_holdout: int) -> None:
-        """Refuse, before anything is charged, a run that cannot learn or be validated.
+    @property
+    def holdout_needed(self) -> int:
+        """Held-out examples a run needs: min_holdout_examples, and enough for the gate."""
+        return max(self.min_holdout_examples, self.gate_examples_needed)
 
-        This reads the exact counts; the refusal goes only to the (authenticated) caller
-        that started the run or to the device's log, never into the published ledger.
-        """
-        # The message carries no exact count: an automatic run's refusal is shown by the
-        # open GET /v2/trainer (`loractl examples count`, with the token, shows the count).
-        if n_train < self.min_train_examples or n_holdout < self.min_holdout_examples:
+    def shortfall(self, n_train: float, n_holdout: float) -> float:
+        """How far the counts are above what a run needs (negative: short), in examples;
+        changes by at most 1 when one example is added or removed (the start test's query)."""
+        return min(n_train - self.min_train_examples, n_holdout - self.holdout_needed)
+
+    def check_estimate(self, n_train: float) -> None:
+        """Refuse a run whose private estimate of the training examples (a charged count)
+        says too few to learn or to validate; the held-out count is estimated from it and
+        ``holdout_fraction`` (the split is by hash). Never the exact counts: whether a
+        run is refused is public (the ledger records the refused run's count)."""
+        holdout = n_train * self.holdout_fraction / (1.0 - self.holdout_fraction)
+        if n_train < self.min_train_examples or holdout < self.holdout_needed:
             raise ValueError(
-                f"too few examples to train at ε={self.target_epsilon:g}: a run needs at least "
-                f"{self.min_train_examples} training and {self.min_holdout_examples} held-out examples "
-                f"(min_train_examples, min_holdout_examples; holdout_fraction={self.holdout_fraction:g} of "
-                "the examples are held out for validation). Add examples; nothing was charged")
-        if n_holdout < self.gate_examples_needed:
-            raise ValueError(
-                f"too few held-out examples for a meaningful private decision: with gate_noise_multiplier "
-                f"{self.gate_noise_multiplier:g} the validation gate needs at least {self.gate_examples_needed} "
-                f"held-out examples for even a candidate that improves every one of them to be accepted "
-                f"{GATE_POWER:.0%} of the time (holdout_fraction={self.holdout_fraction:g} of the examples are held "
-                "out). Add examples or lower gate_noise_multiplier; nothing was charged")
+                f"too few examples to train at ε={self.target_epsilon:g}, by the private estimate of the count "
+                f"(≈{max(n_train, 0):.0f} training examples, noise std {self.count_noise:g}): a run needs at least "
+                f"{self.min_train_examples} training and {self.holdout_needed} held-out examples "
+                f"(min_train_examples; min_holdout_examples, and {self.gate_examples_needed} for the validation gate "
+                f"at gate_noise_multiplier {self.gate_noise_multiplier:g}; holdout_fraction={self.holdout_fraction:g} "
+                "of the examples are held out). Add examples. The private count was charged (a query record in the "
+                "ledger); nothing else was")
 
 
 #: Giving one of a mutually exclusive pair in an adapter's entry replaces the inherited other.

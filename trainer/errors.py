@@ -14,6 +14,7 @@ __all__ = [
     "BadTrainingDataError",
     "TrainingFailedError",
     "PrivacyBudgetExceededError",
+    "StoreFullError",
 ]
 
 
@@ -27,6 +28,11 @@ class BadTrainingDataError(TrainerError):
 
 class TrainingFailedError(TrainerError):
     """The device, the disk or the runtime failed while training or persisting state."""
+
+
+class StoreFullError(TrainerError):
+    """The example store is at one of its bounds; it refuses new examples rather than
+    evict stored ones (an eviction would change two examples at once)."""
 
 
 class PrivacyBudgetExceededError(TrainerError):

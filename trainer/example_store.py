@@ -3,7 +3,11 @@
 Each example is a few named numpy arrays (the model's inputs) plus a label array, stored
 as raw bytes with their dtype and shape. The store is bounded: at most
 ``max_examples_per_adapter`` per adapter, ``max_bytes`` of array data in all, nothing
-older than ``retention_days``; when a bound is crossed the oldest examples go first.
+older than ``retention_days``. At a count or size bound it refuses the new example
+(:class:`StoreFullError`) and never evicts a stored one: an eviction would make adding one
+example also remove another (possibly another adapter's), and the privacy accountant
+assumes add-or-remove of one example. Retention deletes by age only, each example on its
+own clock.
 
 WAL mode lets the trainer read batches while the HTTP API adds examples. Deleting is
 erasing: ``secure_delete`` overwrites freed content, and after every deletion a
@@ -34,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lorad.trainer._names import check_adapter_name
-from lorad.trainer.errors import BadTrainingDataError, TrainingFailedError
+from lorad.trainer.errors import BadTrainingDataError, StoreFullError, TrainingFailedError
 
 __all__ = ["Example", "ExampleStore"]
 
@@ -117,7 +121,8 @@ class ExampleStore:
         label: npt.NDArray[np.generic] | int | float, *, user: str | None = None,
         max_per_user: int | None = None,
     ) -> int:
-        """Store one example; returns its id. Retention is enforced afterwards.
+        """Store one example; returns its id. Retention is enforced afterwards; a full store
+        refuses (StoreFullError) and keeps every stored example.
 
         ``user``: who contributed it; with ``max_per_user``, a user who already has that
         many examples of this adapter is refused (BadTrainingDataError), so that no one
@@ -134,6 +139,19 @@ class ExampleStore:
                 f"example of {nbytes} bytes is larger than the store's max_bytes={self.max_bytes}"
             )
         with self._transaction() as db:
+            expired = self._enforce(db)  # expired examples make room first
+            (have,) = db.execute("SELECT COUNT(*) FROM examples WHERE adapter = ?", (adapter,)).fetchone()
+            if have >= self.max_examples_per_adapter:
+                raise StoreFullError(
+                    f"adapter {adapter!r} has {have} examples, the store's limit per adapter "
+                    f"(trainer.store.max_examples_per_adapter); stored examples are never evicted to make room. "
+                    "Delete the adapter's examples, raise the limit, or wait for retention (retention_days)")
+            (total,) = db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM examples").fetchone()
+            if total + nbytes > self.max_bytes:
+                raise StoreFullError(
+                    f"the example store holds {total} bytes; this example's {nbytes} would take it past "
+                    f"trainer.store.max_bytes={self.max_bytes}, and stored examples are never evicted to make room. "
+                    "Delete examples, raise max_bytes, or wait for retention (retention_days)")
             if user is not None and max_per_user is not None:
                 (have,) = db.execute(
                     "SELECT COUNT(*) FROM example_users u JOIN examples e ON e.id = u.example_id "
@@ -152,15 +170,14 @@ class ExampleStore:
                 "INSERT INTO tensors (example_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
                 [(example_id, *t) for t in tensors],
             )
-            deleted = self._enforce(db, adapter)
-        if deleted:
+        if expired:
             self._erase_deleted()
         return example_id
 
     def enforce_retention(self) -> int:
-        """Apply the age and size bounds now (the scheduler calls this); returns deletions."""
+        """Delete what is older than retention_days now (the scheduler calls this); returns deletions."""
         with self._transaction() as db:
-            deleted = self._enforce(db, None)
+            deleted = self._enforce(db)
         if deleted:
             self._erase_deleted()
         return deleted
@@ -339,28 +356,10 @@ class ExampleStore:
                          "connection is reading); the next deletion empties it", self.path)
         return not busy
 
-    def _enforce(self, db: sqlite3.Connection, adapter: str | None) -> int:
-        deleted = db.execute("DELETE FROM examples WHERE created_at < ?",
-                             (self._clock() - self.retention_days * 86400.0,)).rowcount
-        adapters = [adapter] if adapter is not None else [
-            r[0] for r in db.execute("SELECT DISTINCT adapter FROM examples")]
-        for name in adapters:
-            deleted += db.execute(
-                "DELETE FROM examples WHERE adapter = ? AND id NOT IN "
-                "(SELECT id FROM examples WHERE adapter = ? ORDER BY id DESC LIMIT ?)",
-                (name, name, self.max_examples_per_adapter),
-            ).rowcount
-        total = int(db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM examples").fetchone()[0])
-        if total > self.max_bytes:
-            # Oldest first, whatever the adapter: walk ids upwards until enough is freed.
-            excess, cut = total - self.max_bytes, None
-            for eid, nbytes in db.execute("SELECT id, nbytes FROM examples ORDER BY id"):
-                excess -= nbytes
-                cut = eid
-                if excess <= 0:
-                    break
-            deleted += db.execute("DELETE FROM examples WHERE id <= ?", (cut,)).rowcount
-        return deleted
+    def _enforce(self, db: sqlite3.Connection) -> int:
+        """Retention: delete examples older than retention_days (by age only)."""
+        return int(db.execute("DELETE FROM examples WHERE created_at < ?",
+                              (self._clock() - self.retention_days * 86400.0,)).rowcount)
 
 
 def _encode_inputs(inputs: Mapping[str, npt.NDArray[np.generic]]) -> list[tuple[str, str, str, bytes]]:

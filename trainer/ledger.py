@@ -37,13 +37,17 @@ from typing import Any, Literal
 
 from lorad.adapters.fsutil import atomic_write_bytes
 from lorad.trainer._names import check_adapter_name, is_adapter_name
-from lorad.trainer.accountant import ACCOUNTANTS, AccountantName, RunCharge, epsilon
+from lorad.trainer.accountant import ACCOUNTANTS, AccountantName, Charge, PureCharge, RunCharge, epsilon
 from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, TrainingFailedError
 
-__all__ = ["PrivacyLedger", "PrivacyState", "RunStatus", "END_STATUSES", "run_charges"]
+__all__ = ["PrivacyLedger", "PrivacyState", "RunStatus", "END_STATUSES", "QUERY_STATUS", "run_charges"]
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
 END_STATUSES: tuple[RunStatus, ...] = ("completed", "failed", "cancelled")
+#: The status of a record that charges queries only (no training): the scheduler's
+#: start test, or the private count of a run refused for too few examples. Its q, σ and
+#: C are placeholders (no steps); its ``mechanisms`` are what it charges.
+QUERY_STATUS = "query"
 
 _FORMAT = "lorad-privacy-ledger"
 _VERSION = 1
@@ -58,7 +62,8 @@ _OPTIONAL_RUN_KEYS: dict[str, type | tuple[type, ...]] = {"energy_joules": float
 #: Optional run key: the run's other Gaussian mechanisms on the same data (a noisy count
 #: of the examples, the validation gate's noisy decision), each ``{"what": str, "sigma": σ}``
 #: with sensitivity 1 in units of its noise std, i.e. one step with q = 1. They are charged
-#: in full at begin_run and stay charged whatever the run's outcome.
+#: in full at begin_run and stay charged whatever the run's outcome. An entry
+#: ``{"what": str, "epsilon": ε₀}`` instead is a pure ε₀-DP mechanism (accountant.PureCharge).
 _MECHANISMS = "mechanisms"
 _ADAPTER_KEYS: dict[str, type | tuple[type, ...]] = {"accountant": str, "delta": float, "budget_epsilon": float, "runs": list}
 
@@ -153,6 +158,46 @@ class PrivacyLedger:
             })
             self._persist(doc, "begin_run")
             return int(run_id)
+
+    def charge_queries(
+        self, adapter: str, *, mechanisms: Sequence[tuple[str, str, float]], examples: int = 0,
+        accountant: AccountantName, delta: float, budget_epsilon: float, clip_norm: float,
+    ) -> int:
+        """Charge queries that train nothing, durably, or refuse; returns the record's id.
+
+        ``mechanisms``: (what, kind, value) with kind ``"sigma"`` (a Gaussian query of
+        sensitivity 1) or ``"epsilon"`` (a pure ε-DP mechanism). ``examples`` is the
+        private estimate a refused run was planned from (public like a run's)."""
+        check_adapter_name(adapter)
+        extra = [{"what": str(what), kind: float(value)} for what, kind, value in mechanisms]
+        if not extra or any(kind not in ("sigma", "epsilon") for _, kind, _ in mechanisms):
+            raise ValueError(f"mechanisms must be (what, 'sigma' | 'epsilon', value) entries, got {mechanisms!r}")
+        _check_positive("budget_epsilon", budget_epsilon)
+        with self._lock:
+            self._check_open()
+            entry = self._doc["adapters"].get(adapter)
+            previous = _charges(entry["runs"]) if entry else []
+            at_delta = min(float(delta), entry["delta"]) if entry else float(delta)
+            after = epsilon(runs=[*previous, *(_mechanism_charge(m) for m in extra)], delta=at_delta,
+                            accountant=accountant)
+            if after > budget_epsilon:
+                raise PrivacyBudgetExceededError(
+                    adapter, spent_epsilon=epsilon(runs=previous, delta=at_delta, accountant=accountant),
+                    requested_epsilon=after, budget_epsilon=budget_epsilon)
+            doc = copy.deepcopy(self._doc)
+            record_id = doc["next_run_id"]
+            doc["next_run_id"] = record_id + 1
+            new_entry = doc["adapters"].setdefault(adapter, {"runs": []})
+            new_entry.update(accountant=accountant, delta=at_delta, budget_epsilon=float(budget_epsilon))
+            now = _now()
+            new_entry["runs"].append({
+                "run_id": record_id, "q": 1.0, "sigma": 1.0, "clip_norm": float(clip_norm), "planned_steps": 0,
+                "steps_done": 0, "steps_charged": 0, "examples": int(examples), "accountant": accountant,
+                "delta": float(delta), "budget_epsilon": float(budget_epsilon), "started_at": now, "ended_at": now,
+                "status": QUERY_STATUS, _MECHANISMS: extra,
+            })
+            self._persist(doc, "charge_queries")
+            return int(record_id)
 
     def record_progress(self, run_id: int, steps_done: int) -> None:
         """Durably note progress (informational: the charge stays at planned_steps)."""
@@ -290,14 +335,18 @@ class _Invalid(Exception):
     pass
 
 
-def _charges(runs: list[dict[str, Any]]) -> list[RunCharge]:
+def _charges(runs: list[dict[str, Any]]) -> list[Charge]:
     return [charge for r in runs for charge in run_charges(r)]
 
 
-def run_charges(run: dict[str, Any]) -> list[RunCharge]:
+def run_charges(run: dict[str, Any]) -> list[Charge]:
     """What one run record charges: its DP-SGD steps and its other mechanisms."""
     return [RunCharge(q=run["q"], sigma=run["sigma"], steps=run["steps_charged"]),
-            *(RunCharge(q=1.0, sigma=m["sigma"], steps=1) for m in run.get(_MECHANISMS, []))]
+            *(_mechanism_charge(m) for m in run.get(_MECHANISMS, []))]
+
+
+def _mechanism_charge(m: dict[str, Any]) -> Charge:
+    return PureCharge(m["epsilon"]) if "epsilon" in m else RunCharge(q=1.0, sigma=m["sigma"], steps=1)
 
 
 def _now() -> str:
@@ -385,11 +434,13 @@ def _validate_run(where: str, run: object, next_run_id: int, seen: set[int]) -> 
     mechanisms = run.get(_MECHANISMS, [])
     _expect(f"{where}.{_MECHANISMS}", mechanisms, list)
     for j, m in enumerate(mechanisms):
-        if not (isinstance(m, dict) and set(m) == {"what", "sigma"} and isinstance(m["what"], str)):
-            raise _Invalid(f"{where}.{_MECHANISMS}[{j}] must be an object with keys what, sigma")
-        _expect(f"{where}.{_MECHANISMS}[{j}].sigma", m["sigma"], float)
+        if not (isinstance(m, dict) and set(m) in ({"what", "sigma"}, {"what", "epsilon"})
+                and isinstance(m["what"], str)):
+            raise _Invalid(f"{where}.{_MECHANISMS}[{j}] must be an object with keys what and sigma or epsilon")
+        _expect(f"{where}.{_MECHANISMS}[{j}].{set(m).difference({'what'}).pop()}", m.get("sigma", m.get("epsilon")),
+                float)
         try:
-            RunCharge(q=1.0, sigma=m["sigma"], steps=1)
+            _mechanism_charge(m)
         except ValueError as e:
             raise _Invalid(f"{where}.{_MECHANISMS}[{j}]: {e}") from None
     for key, kind in _RUN_KEYS.items():
@@ -414,6 +465,9 @@ def _validate_run(where: str, run: object, next_run_id: int, seen: set[int]) -> 
     elif status in END_STATUSES:
         if run["steps_charged"] != run["steps_done"] or run["ended_at"] is None:
             raise _Invalid(f"{where}: an ended run must be charged steps_done and have ended_at")
+    elif status == QUERY_STATUS:
+        if run["planned_steps"] != 0 or run["steps_charged"] != 0 or not mechanisms or run["ended_at"] is None:
+            raise _Invalid(f"{where}: a query record trains nothing (0 steps) and charges its mechanisms")
     else:
-        raise _Invalid(f"{where}.status must be running or one of {list(END_STATUSES)}, "
+        raise _Invalid(f"{where}.status must be running, {QUERY_STATUS} or one of {list(END_STATUSES)}, "
                        f"got {status!r}")

@@ -38,7 +38,8 @@ class _TrainerCollector(Collector):
         for result in RESULTS:
             runs.add_metric([result], counts.get(result, 0))
         yield runs
-        yield CounterMetricFamily("lorad_training_steps", "DP-SGD steps taken.", value=steps)
+        yield CounterMetricFamily("lorad_training_steps", "DP-SGD steps of ended runs (counted when a run ends).",
+                                  value=steps)
         yield GaugeMetricFamily("lorad_training_available",
                                 "1 when this onnxruntime has the on-device training APIs.",
                                 value=1 if s.available else 0)
@@ -58,9 +59,6 @@ class _TrainerCollector(Collector):
         remaining = GaugeMetricFamily("lorad_privacy_epsilon_remaining",
                                       "ε an adapter may still spend (its budget minus ε spent, at least 0).",
                                       labels=["adapter"])
-        energy = CounterMetricFamily("lorad_training_energy_joules",
-                                     "Energy of an adapter's ended training runs (runs on a device with a power source).",
-                                     labels=["adapter"])
         try:
             spent_by: dict[str, float] = {}
             for adapter in s.ledger.adapters():
@@ -69,20 +67,20 @@ class _TrainerCollector(Collector):
                 spent.add_metric([adapter], state.epsilon_spent)
                 if state.delta is not None:
                     delta.add_metric([adapter], state.delta)
-                energy.add_metric([adapter], sum(float(r.get("energy_joules", 0.0)) for r in state.runs))
-            for adapter in s.known_adapters():
+            # Only adapters whose existence is public: a series for a name that merely has
+            # examples would publish that it has (TrainerService.public_adapters).
+            for adapter in s.public_adapters():
                 target = s.config.for_adapter(adapter).target_epsilon
                 budget.add_metric([adapter], target)
                 remaining.add_metric([adapter], max(0.0, target - spent_by.get(adapter, 0.0)))
-            # No per-adapter example count: /metrics is open and the exact count is private
-            # (runs are planned from a noisy estimate of it; GET …/examples with the token).
+            # No per-adapter example count, step timing or run energy: /metrics is open and
+            # those are private (README, "The privacy boundary").
         except Exception as e:  # a scrape must not fail because the trainer is closing
             _log.debug("trainer metrics incomplete: %s", e)
         yield spent
         yield budget
         yield remaining
         yield delta
-        yield energy
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -104,6 +104,18 @@ class NoiseSource(ABC):
         self._fill(out, std)
         return out
 
+    def laplace64(self, n: int, scale: float) -> npt.NDArray[np.float64]:
+        """``n`` independent Laplace(0, scale) samples: scale·ln(u₁/u₂) for two uniforms in
+        (0, 1) made as above (odd multiples of 2**-53, so neither is 0). For the scheduler's
+        start test, which releases one comparison, never a noisy value."""
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        count = _check_n(n)
+        with self._lock:
+            words = self._words(2 * count)
+        u = ((words >> np.uint64(11)).astype(np.float64) * 2.0 + 1.0) * 2.0**-54
+        return float(scale) * np.log(u[:count] / u[count:])
+
     def _fill(self, out: npt.NDArray[np.float32] | npt.NDArray[np.float64], std: float) -> None:
         if not (isinstance(std, (int, float, np.floating)) and math.isfinite(std) and std >= 0):
             raise ValueError(f"std must be a finite number >= 0, got {std!r}")

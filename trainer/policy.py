@@ -1,4 +1,5 @@
-"""When training may run: enough new examples, budget left, and a device idle enough.
+"""When training may run: a device idle enough (per adapter, the scheduler also needs
+budget left and a private start test that says there are enough examples: service.py).
 
 The device is read from ``/proc`` and ``/sys`` trees whose roots are arguments, so tests
 pass fixture trees (as prometheus client_python's process collector does):
@@ -172,20 +173,21 @@ class TrainingPolicy:
                 reasons.append(f"battery at {level:g} % (needs {c.min_battery_percent:g} %)")
         return Decision.of(reasons)
 
-    def adapter(self, *, new_examples: int, train_examples: int, budget_left: float | None) -> Decision:
-        """Is there something worth training for this adapter, and budget to pay for it?
 
-        ``budget_left`` None means never trained (the whole budget is left).
-        """
-        reasons = []
-        if new_examples < self.config.min_new_examples:
-            # Not the exact number: GET /v2/trainer is open and example counts are private.
-            reasons.append(f"fewer new examples than min_new_examples ({self.config.min_new_examples})")
-        if train_examples < 1:
-            reasons.append("no training examples")
-        if budget_left is not None and budget_left <= 0:
-            reasons.append("privacy budget spent")
-        return Decision.of(reasons)
+    def time_left_s(self) -> float | None:
+        """Seconds until the time window closes (None: no window, or outside it)."""
+        window = self.config.time_window
+        now = self._now()
+        if window is None or not _in_window(now, window):
+            return None
+        minute = now.hour * 60 + now.minute + now.second / 60.0
+        return ((window[1] - minute) % (24 * 60)) * 60.0
+
+    def slowdown(self) -> float:
+        """How much slower than measured a step will run now: training runs niced, so it
+        gets about 1 / (1 + load) of a CPU while the rest of the device keeps the CPUs busy."""
+        load = self._probe.load_per_cpu()
+        return 1.0 + max(0.0, load or 0.0)
 
 
 def _in_window(now: datetime.datetime, window: tuple[int, int]) -> bool:

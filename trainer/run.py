@@ -57,14 +57,14 @@ from .accountant import RunCharge, epsilon
 from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
 from .backends import open_stepper
 from .batching import collate
-from .config import AdapterTrainingConfig, RunPlan
+from .config import AdapterTrainingConfig, RunPlan, default_delta
 from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
 from .model_setup import artifact_config_for, loss_output, pad_length, preflight, training_layouts
 from .stepper_process import StepperProcess
-from .validation import keep_rejected, validate_candidate
+from .validation import GATE_BATCH, keep_rejected, validate_candidate
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
@@ -108,9 +108,14 @@ class RunResult:
 
 
 class RunControl:
-    """Between-step controls: pause/resume, cancel (end the run), interrupt (shutdown)."""
+    """Between-step controls: pause/resume, cancel (end the run), interrupt (shutdown).
 
-    def __init__(self) -> None:
+    ``time_left_s`` (set by the scheduler for an automatic run in a time window) is how
+    long the run may take; ``slowdown`` how much slower than measured steps run now."""
+
+    def __init__(self, *, time_left_s: float | None = None, slowdown: float = 1.0) -> None:
+        self.time_left_s = time_left_s
+        self.slowdown = slowdown
         self._running = threading.Event()
         self._running.set()
         self._cancel = threading.Event()
@@ -196,6 +201,34 @@ def last_trained_example(state_dir: Path, adapter: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _gate_calls(plan: RunPlan, config: AdapterTrainingConfig) -> int:
+    """How many batches the gate scores the held-out split in: from the run's public count
+    (its held-out share, with half again for the split's and the count's spread), so that
+    the calls it makes (public inference counters) do not follow the exact count."""
+    expected = plan.examples * config.holdout_fraction / (1.0 - config.holdout_fraction)
+    return max(1, math.ceil(1.5 * expected / GATE_BATCH))
+
+
+def _measured_step(state_dir: Path, adapter: str) -> float | None:
+    """Seconds per step and expected batch row, measured in the adapter's last run (private:
+    on the device only, like the examples it ran on)."""
+    try:
+        value = json.loads((state_dir / "step-times.json").read_text()).get(adapter)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _save_measured_step(state_dir: Path, adapter: str, seconds: float) -> None:
+    path = state_dir / "step-times.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc = {**(doc if isinstance(doc, dict) else {}), adapter: seconds}
+    atomic_write_bytes(path, (json.dumps(doc) + "\n").encode(), mode=0o600)
+
+
 def pending_release(state_dir: Path, ledger: PrivacyLedger, adapter: str) -> bool:
     """Whether the adapter has a completed, paid-for run that was never validated (the
     daemon stopped in the ``validating`` phase): :meth:`TrainingRun.begin` finishes it."""
@@ -274,17 +307,27 @@ class TrainingRun:
         # Everything that needs no private data is checked before anything is charged:
         # the artifacts build, the loss output fits, the gate can score (model_setup.py).
         preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts", backend=self._backend())
-        train, holdout = self._split()
-        # Refusals from here on charge nothing: a run that cannot learn or be validated.
-        self.config.check_enough(len(train), len(holdout))
+        train, _ = self._split()
         state = self.env.ledger.state(self.adapter)
         # The mechanism is planned from a private estimate of n (a Gaussian count query,
         # charged with the run), never from n itself: q, steps, σ, δ and the update's
         # scale are public, so planning from n would publish n and let one example change
-        # all of them.
-        estimate = len(train) + float(self.env.noise.gaussian64(1, self.config.count_noise)[0])
+        # all of them. Whether there are enough examples is decided on it too: a refusal
+        # on the exact counts would publish them at the threshold.
+        cfg = self.config
+        estimate = len(train) + float(self.env.noise.gaussian64(1, cfg.count_noise)[0])
+        try:
+            cfg.check_estimate(estimate)
+        except ValueError:
+            self.env.ledger.charge_queries(
+                self.adapter, mechanisms=[("example_count", "sigma", cfg.count_noise)],
+                examples=max(round(estimate), 0), accountant=cfg.accountant,
+                delta=cfg.delta or state.delta or default_delta(max(estimate, 1.0)),
+                budget_epsilon=cfg.target_epsilon, clip_norm=cfg.clip_norm)
+            raise
         plan = self.config.plan(estimate, prior=[c for r in state.runs for c in run_charges(r)],
                                 ledger_delta=state.delta, adapter=self.adapter)
+        self._check_time(plan, estimate, state.delta)
         self.run_id = self.env.ledger.begin_run(
             self.adapter, q=plan.q, sigma=plan.sigma, clip_norm=plan.clip_norm, planned_steps=plan.steps,
             examples=plan.examples, accountant=plan.accountant, delta=plan.delta,
@@ -293,6 +336,28 @@ class TrainingRun:
         self.plan = plan
         self._write_run_file(plan, last_example=max(train, default=None))
         return self.run_id
+
+    def _check_time(self, plan: RunPlan, estimate: float, ledger_delta: float | None) -> None:
+        """Don't start (and charge) an automatic run that would not finish in its time
+        window: its duration is estimated from the step time measured in the adapter's
+        last run (per expected batch row) and the device's load now. The plan comes from
+        the private count, so a refusal charges that count query, as a too-few refusal does."""
+        left = self.control.time_left_s
+        measured = _measured_step(self.env.state_dir, self.adapter)
+        if left is None or measured is None:
+            return
+        seconds = plan.steps * measured * max(plan.expected_batch_size, 1.0) * self.control.slowdown
+        if seconds <= left:
+            return
+        cfg = self.config
+        self.env.ledger.charge_queries(
+            self.adapter, mechanisms=[("example_count", "sigma", cfg.count_noise)], examples=max(round(estimate), 0),
+            accountant=cfg.accountant, delta=cfg.delta or ledger_delta or plan.delta, budget_epsilon=cfg.target_epsilon,
+            clip_norm=cfg.clip_norm)
+        raise ValueError(
+            f"the run would take about {seconds / 60:.0f} min ({plan.steps} steps at the step time measured in the last "
+            f"run, ×{self.control.slowdown:.1f} for the load now) and {left / 60:.0f} min of the time window are left; "
+            "it starts in a later window. Its private count was charged; nothing else was")
 
     def _check_ledger_knows_trained_versions(self, ledger_runs: list[dict[str, Any]]) -> None:
         """Refuse to train on a ledger that lost runs whose results are still stored.
@@ -468,6 +533,7 @@ class TrainingRun:
         train_ids, _ = self._split()
         rng = self.env.rng()
         skipped_total = 0
+        stepping, stepped = 0.0, 0
         self._report(stepper.steps, "training", force_epsilon=True)
         while stepper.steps < plan.steps:
             if self.control.paused:
@@ -485,7 +551,10 @@ class TrainingRun:
                                      inputs_layout=layouts[:-1], label_layout=layouts[-1],
                                      pad_to=pad_length(self.env.service, self.config))
             skipped_total += skipped
+            began = time.monotonic()
             stepper.step(batch)
+            stepping += time.monotonic() - began
+            stepped += 1
             if self._on_step is not None:
                 self._on_step()
             if stepper.steps % self.config.checkpoint_every == 0 and stepper.steps < plan.steps:
@@ -494,6 +563,8 @@ class TrainingRun:
         if skipped_total:
             _log.warning("adapter %r: %d sampled examples did not fit the model and were left out",
                          self.adapter, skipped_total)
+        if stepped:
+            _save_measured_step(self.env.state_dir, self.adapter, stepping / stepped / max(plan.expected_batch_size, 1.0))
         return "completed"
 
     def _checkpoint(self, stepper: _Stepper) -> None:
@@ -548,7 +619,7 @@ class TrainingRun:
             loss=self._artifact_config().loss,
             output=self._artifact_config().output or loss_output(self.env.service, c).name, margin=c.validation_margin,
             noise=self.env.noise if gate_sigma else None, noise_multiplier=gate_sigma or 0.0,
-            score_clip=c.gate_clip, pad_to=pad_length(self.env.service, c),
+            score_clip=c.gate_clip, pad_to=pad_length(self.env.service, c), calls=_gate_calls(plan, c),
         )
         if self.control.cancelled:
             # Cancelled while validating: the charge stands (the run completed), nothing is served.

@@ -256,7 +256,9 @@ class TrainingScheduler:
                     self._current = job
 
     def _begin(self, adapter: str, *, manual: bool) -> Job:
-        control = RunControl()
+        # An automatic run must fit its time window (TrainingRun checks, before charging).
+        control = RunControl(time_left_s=None if manual else self._policy.time_left_s(),
+                             slowdown=self._policy.slowdown())
         holder: list[Job] = []
 
         def progress(p: RunProgress) -> None:

@@ -31,27 +31,40 @@ from lorad.adapters.text_input import TEXT_INPUT, TextInputError
 
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
+from .accountant import AccountantName
 from .accountant import load_library as load_accounting_library
 from .artifacts import Backend
 from .backends import resolve_backend
 from .batching import TensorLayout, normalize_example
-from .config import TrainerConfig, check_noise_source, make_noise_source
-from .errors import BadTrainingDataError
+from .config import TrainerConfig, check_noise_source, default_delta, make_noise_source
+from .errors import BadTrainingDataError, PrivacyBudgetExceededError
 from .example_store import ExampleStore
-from .ledger import PrivacyLedger, run_charges
+from .ledger import PrivacyLedger, PrivacyState, run_charges
 from .model_setup import loss_output, pad_length
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
 from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example, pending_release
 from .scheduler import TrainingConflictError, TrainingScheduler
+from .start_test import StartTests
 from .validation import engine_layouts
 
 __all__ = ["TrainerService", "TrainerStats", "TrainingUnavailableError", "EXAMPLES_FILE", "LEDGER_FILE"]
 
 _log = logging.getLogger(__name__)
 
+#: The neighbouring relation every ε of this trainer is for (see example_store.py: the
+#: store never replaces an example by another, so add-or-remove is what can happen).
+NEIGHBOURING = ("add-or-remove one example (Poisson sampling); the store never replaces or evicts an example to make "
+                "room for another (a full store refuses new ones), and retention deletes by age only")
+#: What unauthenticated callers see of a run's status (the rest is private: see below).
+_PUBLIC_RUN_KEYS = ("state", "adapter", "run_id", "status", "version")
+#: Run record fields left out of the public privacy report: times and energy measure the
+#: run's duration, which follows its Poisson batch sizes.
+_PRIVATE_RUN_KEYS = ("started_at", "ended_at", "energy_joules")
+
 EXAMPLES_FILE = "examples.sqlite3"
 LEDGER_FILE = "privacy-ledger.json"
+START_TESTS_FILE = "start-tests.json"
 
 
 class TrainerStats:
@@ -63,12 +76,11 @@ class TrainerStats:
         self.steps = 0
 
     def count_run(self, result: RunResult) -> None:
+        # Steps are counted when the run ends, not as they go: /metrics is open, and a
+        # step's duration follows its Poisson batch size (the data).
         with self._lock:
             self.runs[result.status] += 1
-
-    def count_step(self) -> None:
-        with self._lock:
-            self.steps += 1
+            self.steps += result.steps_done
 
 
 class TrainerService:
@@ -116,6 +128,7 @@ class TrainerService:
         else:
             _log.info("training backend: %s (trainer.backend: %s, device %s)", backend, config.backend, config.device)
         self.backend = backend
+        self.start_tests = StartTests(self.dir / START_TESTS_FILE, noise, interval_s=config.policy.start_test_interval_s)
         self.env = TrainerEnv(
             service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise, backend=backend,
             rng=rng or _rng_for(config), device=config.device, intra_op_threads=config.intra_op_threads,
@@ -175,6 +188,12 @@ class TrainerService:
                     *, user: str | None = None) -> int:
         """Check one labelled example against the model and store it; returns its id."""
         check_adapter_name(adapter)
+        if user is None and self.config.store.max_examples_per_user is not None:
+            # The guarantee is per user (privacy_state): an example of nobody in particular
+            # could be a user's k+1-th.
+            raise BadTrainingDataError(
+                "this example names no user; with trainer.store.max_examples_per_user set the guarantee is per user, "
+                "so every example must carry its user id (\"user\": \"...\", loractl examples add --user ID)")
         rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.model_inputs),
                                             label_layout=self._label_layout(adapter),
                                             max_abs=self.config.store.max_abs_value)
@@ -249,41 +268,58 @@ class TrainerService:
         check_adapter_name(adapter)
         return self.scheduler.cancel(adapter)
 
-    def run_status(self, adapter: str) -> dict[str, Any]:
+    def run_status(self, adapter: str, *, private: bool = True) -> dict[str, Any]:
         """The adapter's queued/running run with progress, else its last result.
 
-        Without the exact example count: that is private (see :meth:`examples_count`)."""
+        ``private=False`` is what unauthenticated callers get (the privacy boundary, see the
+        module docstring): the state, the run id and an ended run's status and installed
+        version, without progress, timing, reasons or back-off."""
         check_adapter_name(adapter)
         status = self.scheduler.adapter_status(adapter) or {"state": "idle", "adapter": adapter}
+        if not private:
+            status = {k: status[k] for k in _PUBLIC_RUN_KEYS if k in status}
         return {**status, "available": self.available}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, private: bool = True) -> dict[str, Any]:
+        """The scheduler's state; ``private=False``: whether it runs, is paused, and which
+        run is in progress (a charged run is in the public ledger), nothing per adapter."""
+        scheduler = self.scheduler.status()
+        if not private:
+            current = scheduler["current"]
+            scheduler = {k: scheduler[k] for k in ("running", "paused", "automatic")}
+            scheduler["current"] = {k: current[k] for k in ("adapter", "run_id")} if current else None
         return {"available": self.available, "unavailable_reason": self.unavailable_reason, "backend": self.backend,
-                **self.scheduler.status()}
+                **scheduler}
 
     # -- privacy -----------------------------------------------------------------------------
 
-    def privacy_state(self, adapter: str) -> dict[str, Any]:
-        """ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant, times),
-        enough to recompute ε independently. Also what the OTA status reports."""
+    def privacy_state(self, adapter: str, *, private: bool = True) -> dict[str, Any]:
+        """ε spent, δ, budget and every run's (q, σ, C, steps, examples, accountant),
+        enough to recompute ε independently. Also what the OTA status reports.
+
+        ``private=False`` (unauthenticated callers) leaves out what the mechanisms do not
+        cover: each run's start and end times and the energy it took (a run's duration
+        follows its Poisson batch sizes, so the data)."""
         check_adapter_name(adapter)
-        state = self.ledger.state(adapter).to_dict()
-        target = self.config.for_adapter(adapter).target_epsilon
-        state["configured_budget_epsilon"] = target
-        state["neighbouring"] = "add-or-remove one example (Poisson sampling)"
-        state["guarantee"] = "per example"
-        limit = self.config.store.max_examples_per_user
-        if limit is not None:
-            state.update(_per_user(self.ledger.state(adapter), limit))
+        ledger_state = self.ledger.state(adapter)
+        state = ledger_state.to_dict()
+        c = self.config.for_adapter(adapter)
+        state["configured_budget_epsilon"] = c.target_epsilon
+        state["neighbouring"] = NEIGHBOURING
+        state.update(self._guarantee(ledger_state))
         state["noise"] = "secure" if getattr(self.env.noise, "secure", False) else "seeded (testing only)"
+        if not private:
+            state["runs"] = [{k: v for k, v in r.items() if k not in _PRIVATE_RUN_KEYS} for r in state["runs"]]
+            return state
         # What the personalisation cost, next to its ε: runs ended on a device with a power source.
         measured = [float(r["energy_joules"]) for r in state["runs"] if "energy_joules" in r]
         state["energy_joules"] = sum(measured) if measured else None
         return state
 
-    def audit(self, adapter: str, *, canaries: int = 512, noise_multiplier: float | None = None) -> dict[str, Any]:
+    def audit(self, adapter: str, *, canaries: int = 1000, noise_multiplier: float | None = None) -> dict[str, Any]:
         """The one-run canary audit of the adapter (trainer/audit.py), on a copy of its data:
-        nothing is served, stored or charged. One audit at a time."""
+        nothing is served, stored or charged. One audit at a time. ``noise_multiplier``
+        (test-only) is the noise actually added; the configuration's σ is still accounted."""
         from .audit import audit_adapter
 
         check_adapter_name(adapter)
@@ -298,38 +334,80 @@ class TrainerService:
             self._audit_lock.release()
         return result.to_dict()
 
-    def privacy_states(self) -> list[dict[str, Any]]:
-        return [self.privacy_state(a) for a in self.ledger.adapters()]
+    def privacy_states(self, *, private: bool = True) -> list[dict[str, Any]]:
+        return [self.privacy_state(a, private=private) for a in self.ledger.adapters()]
 
-    def known_adapters(self) -> list[str]:
-        """Adapters with a configuration, a served version, a ledger entry or stored examples."""
-        names = set(self.config.adapters) | set(self.ledger.adapters()) | set(self.store.adapters())
+    def public_adapters(self) -> list[str]:
+        """Adapters whose existence is public: configured, served, or charged in the ledger.
+
+        An adapter that only has stored examples is not among them: that examples exist
+        for a name is private, so it gets no metric series, no scheduler entry and no
+        automatic run (a manual run charges it, and from then on it is in the ledger)."""
+        names = set(self.config.adapters) | set(self.ledger.adapters())
         names |= {i.name for i in self.adapters.list_adapters()}
         return sorted(names)
+
+    def _guarantee(self, state: PrivacyState) -> dict[str, Any]:
+        """Per example, or per user where the configuration makes every example name its
+        user and bounds each user's examples (then the store refuses any other).
+
+        Per user, ε composes over every adapter on the device, because one user's examples
+        may be in all of them (and a composed request, ``"adapters": [...]``, reveals what
+        all of its adapters learned): ``device_user_epsilon_spent`` is that composition,
+        the bound for any one user of the device. Each run counts as Gaussian mechanisms of
+        sensitivity k·C without subsampling (joint convexity: Poisson sampling of a user's
+        examples can only lower the divergence), so q = 1 and σ/k, each query σ/k."""
+        k = self.config.store.max_examples_per_user
+        if k is None:
+            return {"guarantee": "per example"}
+        states = [self.ledger.state(a) for a in self.ledger.adapters()]
+        deltas = [s.delta for s in (*states, state) if s.delta is not None]
+        accountant = state.accountant or self.config.for_adapter(state.adapter).accountant
+        return {"guarantee": "per user", "max_examples_per_user": k,
+                "user_epsilon_spent": _user_epsilon([state], k, min(deltas, default=None), accountant),
+                "device_user_epsilon_spent": _user_epsilon(states, k, min(deltas, default=None), accountant),
+                "user_neighbouring": f"add-or-remove one user's examples (at most {k} per adapter, each naming its "
+                                     "user), composed over every adapter of the device"}
 
     # -- scheduler hooks ---------------------------------------------------------------------
 
     def _make_run(self, adapter: str, control: RunControl, on_progress: Callable[[RunProgress], None],
                   between_steps: Callable[[], None]) -> TrainingRun:
-        def on_step() -> None:
-            self.stats.count_step()
-            between_steps()
-
         return TrainingRun(self.env, adapter, self.config.for_adapter(adapter), control=control,
-                           on_progress=on_progress, on_step=on_step)
+                           on_progress=on_progress, on_step=between_steps)
 
     def _candidates(self) -> list[str]:
         # Retention is applied on the scheduler's clock, not only when examples arrive.
         self.store.enforce_retention()
-        return [a for a in self.known_adapters() if self.store.count(a) > 0]
+        # Adapters configured for training or trained here before, whether or not they
+        # have examples: which adapters get a start test (and its charge) must not depend
+        # on the data. An adapter that is only served (the demo's, a fleet's) gets none.
+        return sorted(set(self.config.adapters) | set(self.ledger.adapters()))
 
     def _adapter_ready(self, adapter: str) -> Decision:
+        """Budget left (public), then the adapter's private start test (start_test.py)."""
         c = self.config.for_adapter(adapter)
+        state = self.ledger.state(adapter)
+        if state.epsilon_spent >= c.target_epsilon:
+            return Decision.of(["privacy budget spent"])
         new = self.store.count(adapter, since_id=last_trained_example(self.dir, adapter))
-        train, _ = self.store.split(adapter, c.holdout_fraction, c.split_seed)
-        spent = self.ledger.state(adapter).epsilon_spent
-        return self.policy.adapter(new_examples=new, train_examples=len(train),
-                                   budget_left=c.target_epsilon - spent)
+        train, holdout = self.store.split(adapter, c.holdout_fraction, c.split_seed)
+        value = min(new - self.config.policy.min_new_examples, c.shortfall(len(train), len(holdout)))
+
+        def charge() -> None:
+            self.ledger.charge_queries(
+                adapter, mechanisms=[("start_test", "epsilon", c.start_test_epsilon)], accountant=c.accountant,
+                delta=c.delta or state.delta or default_delta(1.0), budget_epsilon=c.target_epsilon,
+                clip_norm=c.clip_norm)
+
+        try:
+            start = self.start_tests.check(adapter, value, epsilon=c.start_test_epsilon, charge=charge)
+        except PrivacyBudgetExceededError:
+            return Decision.of(["privacy budget left is too small for a start test"])
+        # The same words whatever the counts (GET /v2/trainer shows them with the token).
+        return Decision.of([] if start else [
+            f"waiting for enough new examples (min_new_examples {self.config.policy.min_new_examples}, "
+            f"min_train_examples {c.min_train_examples}, {c.holdout_needed} held out; a private test decides)"])
 
     def _interrupted(self) -> list[str]:
         """Adapters with a run to finish at start: charged and interrupted while training,
@@ -339,17 +417,16 @@ class TrainerService:
                 or pending_release(self.dir, self.ledger, a)]
 
 
-def _per_user(state: Any, k: int) -> dict[str, Any]:
-    """ε for a user with at most k examples: every step is a Gaussian mechanism of
-    sensitivity k·C (joint convexity: Poisson sampling of the user's examples can only
-    lower the divergence), so each run counts as q = 1 and σ/k, each query as σ/k."""
-    from .accountant import RunCharge, epsilon
+def _user_epsilon(states: list[PrivacyState], k: int, delta: float | None, accountant: AccountantName) -> float:
+    from .accountant import PureCharge, RunCharge, epsilon
 
-    charges = [c if k == 1 else RunCharge(q=1.0, sigma=c.sigma / k, steps=c.steps)
-               for r in state.runs for c in run_charges(r)]
-    user_eps = epsilon(runs=charges, delta=state.delta, accountant=state.accountant) if charges else 0.0
-    return {"guarantee": "per user", "max_examples_per_user": k, "user_epsilon_spent": user_eps,
-            "user_neighbouring": f"add-or-remove one user's examples (at most {k})"}
+    # A pure ε₀-DP test is k·ε₀-DP for a group of k (group privacy).
+    charges = [c if k == 1 else PureCharge(c.epsilon * k) if isinstance(c, PureCharge)
+               else RunCharge(q=1.0, sigma=c.sigma / k, steps=c.steps)
+               for state in states for r in state.runs for c in run_charges(r)]
+    if not charges or delta is None:
+        return 0.0
+    return epsilon(runs=charges, delta=delta, accountant=accountant)
 
 
 def _rng_for(config: TrainerConfig) -> Callable[[], np.random.Generator]:

@@ -35,8 +35,6 @@ from .errors import BadTrainingDataError, TrainingFailedError
 
 __all__ = ["StepperProcess"]
 
-_START_TIMEOUT_S = 120.0
-
 
 class StepperProcess:
     """The subset of a stepper (trainer/backends.py) a training run uses, out of process."""
@@ -64,7 +62,10 @@ class StepperProcess:
         )
         self._process.start()
         child.close()
-        self._steps = int(self._call("steps", timeout=_START_TIMEOUT_S))
+        # No deadline: on a busy device the niced child may take minutes to load its
+        # session, and a run that is charged must not fail for being slow (it used to
+        # fail after 120 s, charged). A child that dies is noticed within a second (_call).
+        self._steps = int(self._call("steps"))
 
     @property
     def steps(self) -> int:
@@ -102,11 +103,12 @@ class StepperProcess:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, arg: Any = None, *, timeout: float | None = None) -> Any:
+    def _call(self, method: str, arg: Any = None) -> Any:
         try:
             self._conn.send((method, arg))
-            if timeout is not None and not self._conn.poll(timeout):
-                raise TrainingFailedError(f"the training process did not answer {method} within {timeout:.0f} s")
+            while not self._conn.poll(1.0):
+                if not self._process.is_alive():
+                    raise EOFError
             kind, value = self._conn.recv()
         except (EOFError, OSError) as e:
             code = self._process.exitcode

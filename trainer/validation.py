@@ -42,9 +42,9 @@ from .batching import TensorLayout, collate, fits
 from .dp_step import GaussianNoise
 from .example_store import Example
 
-__all__ = ["GateResult", "validate_candidate", "keep_rejected", "engine_layouts", "per_example_scores"]
+__all__ = ["GATE_BATCH", "GateResult", "validate_candidate", "keep_rejected", "engine_layouts", "per_example_scores"]
 
-_EVAL_BATCH = 256
+GATE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,16 @@ def validate_candidate(
     service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
     *, metric: str, loss: str, output: str, margin: float,
     noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0, pad_to: int | None = None,
+    calls: int = 1,
 ) -> GateResult:
     """Score and decide (see the module docstring); ``noise=None`` only in tests and
     comparisons (a non-private decision).
 
     With ``pad_to`` (a run passes its fixed training length), every chunk of held-out
     examples is scored as one padded batch, so the number of calls the gate makes (seen in
-    cache and batcher counters) depends on the count only in steps of 256, not on the
-    examples' lengths."""
+    cache and batcher counters) does not depend on the examples' lengths; ``calls`` (a run
+    passes a number planned from its public, noisy count) chunks them into that many
+    batches, more only when they would exceed 256 rows each."""
     layouts = engine_layouts(service.model_inputs)
     out_name = output
     version = service.registry.current_version(adapter_name)
@@ -99,8 +101,9 @@ def validate_candidate(
     seen_version: int | None = None
     # Examples that no longer fit the model are left out of both scores alike.
     fitting = [ex for ex in holdout if fits(ex, layouts)]
-    for start in range(0, len(fitting), _EVAL_BATCH):
-        chunk = fitting[start : start + _EVAL_BATCH]
+    size = max(1, math.ceil(len(fitting) / max(calls, math.ceil(len(fitting) / GATE_BATCH), 1)))
+    for start in range(0, len(fitting), size):
+        chunk = fitting[start : start + size]
         _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
         # Without pad_to, rows of different dynamic shapes cannot share a batch: one by one.
         for group in ([chunk] if not skipped else [[ex] for ex in chunk]):

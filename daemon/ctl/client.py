@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlsplit
 
 __all__ = ["Client", "ApiError", "ConnectError", "UsageError", "multipart_body", "quoted"]
@@ -100,7 +101,7 @@ class Client:
         json_body: object = None,
         body: bytes | None = None,
         content_type: str | None = None,
-        auth: bool = False,
+        auth: bool | Literal["optional"] = False,
     ) -> object:
         """One request; the decoded JSON answer, or :class:`ApiError`/:class:`ConnectError`."""
         if json_body is not None:
@@ -119,13 +120,19 @@ class Client:
         return self._send("GET", path, body=None, content_type=None, auth=auth, accept=accept)
 
     def _send(
-        self, method: str, path: str, *, body: bytes | None, content_type: str | None, auth: bool, accept: str
+        self, method: str, path: str, *, body: bytes | None, content_type: str | None, auth: bool | Literal["optional"],
+        accept: str
     ) -> tuple[dict[str, str], bytes]:
         headers = {"Accept": accept}
         if content_type:
             headers["Content-Type"] = content_type
         if auth and self._unix is None and self._token is not None:
-            headers["Authorization"] = f"Bearer {self._token()}"
+            try:
+                headers["Authorization"] = f"Bearer {self._token()}"
+            except Exception:
+                # A read answered in full with the token and in part without: go without.
+                if auth != "optional":
+                    raise
         prefix = self._url.path.rstrip("/") if self._url is not None else ""
         conn = self._connection()
         try:

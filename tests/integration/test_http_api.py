@@ -15,7 +15,7 @@ from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
-from lorad.daemon.http_api import ApiSettings, make_app, protected
+from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.training_api import add_training_routes
 from lorad.trainer.config import parse_trainer_section
@@ -80,7 +80,7 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     ))
     trainer = TrainerService(parse_trainer_section({"enabled": True}), adapters=service, state_dir=tmp_path)
     try:
-        add_training_routes(app, trainer, protected)
+        add_training_routes(app, trainer, protected, authenticated)
     finally:
         trainer.close()  # never started: only its routes are looked at
     routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes() if isinstance(r.resource, web.Resource) and r.method != "HEAD"}

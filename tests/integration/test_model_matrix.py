@@ -191,7 +191,7 @@ def test_an_upload_exports_byte_identical(served: Served) -> None:
 
 def test_a_dp_run_on_user_examples_passes_the_gate_and_serves(served: Served) -> None:
     d = served.daemon
-    for body in served.case.examples(np.random.default_rng(11), 24):
+    for body in served.case.examples(np.random.default_rng(11), 32):
         r = d.request("POST", f"{served.base}/adapters/trained/examples", json_body=body)
         assert r.status == 201, r.body
     r = d.request("POST", f"{served.base}/adapters/trained/train")

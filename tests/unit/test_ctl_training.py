@@ -34,7 +34,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[list[str], TrainerService]]:
     app = http_api.make_app(http_api.ApiSettings(
         service=service, metrics=DaemonMetrics(CollectorRegistry()), token=TOKEN, executor=executor,
         max_request_bytes=1 << 20, ready=lambda: True))
-    add_training_routes(app, trainer, http_api.protected, executor=executor)
+    add_training_routes(app, trainer, http_api.protected, http_api.authenticated, executor=executor)
     trainer.start()
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)

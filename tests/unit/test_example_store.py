@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorad.trainer.errors import BadTrainingDataError
+from lorad.trainer.errors import BadTrainingDataError, StoreFullError
 from lorad.trainer.example_store import ExampleStore
 
 
@@ -107,25 +107,41 @@ def test_constructor_validation(tmp_path: Path) -> None:
         _store(tmp_path, retention_days=-1)
 
 
-def test_per_adapter_bound_drops_oldest(tmp_path: Path) -> None:
+def test_a_full_adapter_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
+    # An eviction would make adding one example also remove another: the accountant's
+    # add-or-remove-one relation would not hold.
     with _store(tmp_path, max_examples_per_adapter=3) as store:
-        ids = [store.add("alice", _inputs(i), i) for i in range(5)]
+        ids = [store.add("alice", _inputs(i), i) for i in range(3)]
+        with pytest.raises(StoreFullError, match=r"'alice' has 3 examples.*max_examples_per_adapter.*never evicted"):
+            store.add("alice", _inputs(3), 3)
         store.add("bob", _inputs(0), 0)
-        assert store.ids("alice") == ids[2:]
+        assert store.ids("alice") == ids
         assert store.count("bob") == 1
 
 
-def test_byte_bound_drops_oldest_across_adapters(tmp_path: Path) -> None:
+def test_a_full_store_never_evicts_another_adapters_examples(tmp_path: Path) -> None:
     per_example = 8 * 8 + 4 * 8 + 8  # int64[8] + float32[1,8] + int64 label
     with _store(tmp_path, max_bytes=3 * per_example) as store:
         a = store.add("alice", _inputs(0), 0)
         b = store.add("bob", _inputs(0), 0)
         c = store.add("alice", _inputs(1), 1)
-        d = store.add("bob", _inputs(1), 1)
-        assert store.ids("alice") == [c] and store.ids("bob") == [b, d]
-        assert a not in store.ids("alice")
+        with pytest.raises(StoreFullError, match=r"past trainer.store.max_bytes=.*never evicted"):
+            store.add("bob", _inputs(1), 1)
+        assert store.ids("alice") == [a, c] and store.ids("bob") == [b]
         with pytest.raises(BadTrainingDataError, match="larger than the store's max_bytes"):
             store.add("alice", {"x": np.zeros(1000)}, 0)
+
+
+def test_expired_examples_make_room(tmp_path: Path) -> None:
+    clock = Clock()
+    with _store(tmp_path, clock, max_examples_per_adapter=1, retention_days=1) as store:
+        store.add("alice", _secret_example(), 1)
+        with pytest.raises(StoreFullError):
+            store.add("alice", _inputs(0), 0)
+        clock.now += 2 * 86400
+        store.add("alice", _inputs(0), 0)  # the secret one expired: gone, and erased
+        assert store.count("alice") == 1
+        assert _SECRET not in _on_disk(tmp_path)
 
 
 def test_age_limit(tmp_path: Path) -> None:
@@ -176,15 +192,6 @@ def test_deleted_examples_are_erased_from_the_files(tmp_path: Path) -> None:
         assert _SECRET not in _on_disk(tmp_path)  # not in the log either, while still open
         assert store.count("bob") == 2
     assert _SECRET not in _on_disk(tmp_path)
-
-
-def test_examples_dropped_by_retention_are_erased(tmp_path: Path) -> None:
-    with _store(tmp_path, max_examples_per_adapter=1) as store:
-        store.add("alice", _secret_example(), 1)
-        assert _SECRET in _on_disk(tmp_path)
-        store.add("alice", _inputs(0), 0)  # pushes the secret one out
-        assert store.count("alice") == 1
-        assert _SECRET not in _on_disk(tmp_path)
 
 
 def test_poisson_sampling(tmp_path: Path) -> None:

@@ -74,15 +74,20 @@ def test_the_plan_comes_from_a_charged_noisy_count_not_from_n(tmp_path: Path) ->
         env.store.close()
 
 
-def test_too_few_examples_are_refused_before_anything_is_charged(tmp_path: Path) -> None:
+def test_too_few_examples_are_refused_on_the_charged_private_count(tmp_path: Path) -> None:
+    # Refusing on the exact count would publish it at the threshold (a run appears in the
+    # open ledger or not): the refusal is decided on the noisy count, which is charged.
     service = make_service(tmp_path)
     env = make_env(tmp_path, service)
     try:
         x = inputs(2, seed=1)
         fill_store(env.store, "alice", x, labelled_by(service, teacher(service), x))
-        with pytest.raises(ValueError, match=r"too few examples.*nothing was charged"):
+        with pytest.raises(ValueError, match=r"too few examples.*private estimate.*nothing else was"):
             TrainingRun(env, "alice", run_config(min_train_examples=100, min_holdout_examples=20)).begin()
-        assert env.ledger.state("alice").runs == []
+        (record,) = env.ledger.state("alice").runs
+        assert record["status"] == "query" and record["steps_charged"] == 0
+        assert record["mechanisms"] == [{"what": "example_count", "sigma": 5.0}]
+        assert 0 < env.ledger.state("alice").epsilon_spent < 2
     finally:
         env.ledger.close()
         env.store.close()
@@ -149,3 +154,26 @@ def test_a_run_stopped_while_validating_is_finished_at_the_next_start(tmp_path: 
         assert not pending_release(again.dir, again.ledger, "alice")
     finally:
         again.close()
+
+
+def test_an_automatic_run_that_would_not_finish_in_its_window_is_not_started(tmp_path: Path) -> None:
+    from lorad.trainer.run import RunControl, _save_measured_step
+
+    service = make_service(tmp_path)
+    env = make_env(tmp_path, service)
+    try:
+        x = inputs(60, seed=1)
+        fill_store(env.store, "alice", x, labelled_by(service, teacher(service), x))
+        # The last run measured 10 ms per step and batch row; 12 steps of 8 rows at twice
+        # that (the device is loaded) take ~2 s, and 1 s of the window is left.
+        _save_measured_step(env.state_dir, "alice", 0.01)
+        late = RunControl(time_left_s=1.0, slowdown=2.0)
+        with pytest.raises(ValueError, match=r"would take about .* time window .* later window"):
+            TrainingRun(env, "alice", run_config(), control=late).begin()
+        (record,) = env.ledger.state("alice").runs
+        assert record["status"] == "query"  # only the private count it was planned from
+        # With the window's time, or as a manual run (no window), it starts.
+        assert TrainingRun(env, "alice", run_config(), control=RunControl(time_left_s=60.0, slowdown=2.0)).begin()
+    finally:
+        env.ledger.close()
+        env.store.close()

@@ -136,11 +136,15 @@ def test_plan_spends_the_budget_fraction_with_count_and_gate_queries() -> None:
 def test_plan_refuses_large_delta_and_too_few_examples() -> None:
     with pytest.raises(ValueError, match="not below 1/n"):
         AdapterTrainingConfig(delta=0.01, noise_multiplier=1.0).plan(100)
-    with pytest.raises(ValueError, match=r"too few examples.*nothing was charged"):
-        AdapterTrainingConfig(noise_multiplier=1.0).check_enough(99, 30)
+    # On the private estimate of the training count; the held-out count follows from it.
+    config = AdapterTrainingConfig(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"too few examples.*private estimate.*private count was charged"):
+        config.check_estimate(99.5)
+    assert config.holdout_needed == 20  # max(min_holdout_examples, 1.645·σ_g = 17)
     with pytest.raises(ValueError, match="20 held-out"):
-        AdapterTrainingConfig(noise_multiplier=1.0).check_enough(300, 2)
-    AdapterTrainingConfig(noise_multiplier=1.0).check_enough(100, 20)
+        AdapterTrainingConfig(noise_multiplier=1.0, holdout_fraction=0.1).check_estimate(150)
+    config.check_estimate(100)
+    assert config.shortfall(130, 25) == 5 and config.shortfall(90, 400) == -10
 
 
 def test_dataclass_is_validated_when_built() -> None:

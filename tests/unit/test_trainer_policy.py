@@ -105,16 +105,6 @@ def test_reasons_accumulate(tmp_path: Path) -> None:
     assert len(decision.reasons) == 3
 
 
-def test_adapter_rules(tmp_path: Path) -> None:
-    policy = _policy(_probe(tmp_path), min_new_examples=10)
-    assert policy.adapter(new_examples=10, train_examples=8, budget_left=None).allowed
-    few = policy.adapter(new_examples=3, train_examples=8, budget_left=1.0)
-    assert not few.allowed and "fewer new examples than min_new_examples (10)" in few.reasons
-    spent = policy.adapter(new_examples=50, train_examples=40, budget_left=0.0)
-    assert spent.reasons == ("privacy budget spent",)
-    assert not policy.adapter(new_examples=50, train_examples=0, budget_left=1.0).allowed
-
-
 def test_rate_meter() -> None:
     now, count = [0.0], [0.0]
     meter = RateMeter(lambda: count[0], clock=lambda: now[0], min_window_s=5.0)
@@ -153,3 +143,13 @@ def test_battery_level(tmp_path: Path) -> None:
     decision = _policy(probe, min_battery_percent=50.0).device()
     assert not decision.allowed and decision.reasons == ("battery at 35 % (needs 50 %)",)
     assert _policy(probe, min_battery_percent=30.0).device().allowed
+
+
+def test_time_left_in_the_window(tmp_path: Path) -> None:
+    config = PolicyConfig(time_window="22:30-06:00")
+    at = [datetime.datetime(2026, 12, 7, 23, 0)]
+    policy = TrainingPolicy(config, probe=_probe(tmp_path), now=lambda: at[0])
+    assert policy.time_left_s() == pytest.approx(7 * 3600)
+    at[0] = datetime.datetime(2026, 12, 7, 12, 0)
+    assert policy.time_left_s() is None
+    assert TrainingPolicy(PolicyConfig(), probe=_probe(tmp_path)).time_left_s() is None

@@ -73,7 +73,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegist
     executor = ThreadPoolExecutor(2)
     app = http_api.make_app(http_api.ApiSettings(service=service, metrics=metrics, token=TOKEN, executor=executor,
                                                  max_request_bytes=1 << 20, ready=lambda: True))
-    add_training_routes(app, trainer, http_api.protected, executor=executor)
+    add_training_routes(app, trainer, http_api.protected, http_api.authenticated, executor=executor)
     trainer.start()
     server = _Server(app)
     (tmp_path / "token").write_text(TOKEN)
@@ -262,3 +262,90 @@ def test_privacy_audit_over_http_and_loractl(stack: tuple[str, TrainerService, C
     assert "empirical ε lower bound" in out and "accounted ε" in out
     assert code == (0 if "consistent:" in out else 1)
     assert trainer.ledger.state("alice").runs == []  # the audit charges nothing
+
+
+# ---------------------------------------------------------------- the privacy boundary
+
+#: Metric families of the requests themselves (traffic, not stored data: they move when
+#: anyone calls the API, whatever is stored) and of the process.
+_TRAFFIC = ("lorad_request_", "process_", "python_")
+
+
+def _open_gets(url: str, adapter: str) -> dict[str, Any]:
+    """Every GET route of the shipped OpenAPI document that needs no token, answered
+    without one (the trainer's and the serving API's alike)."""
+    import yaml
+
+    doc = yaml.safe_load((Path(http_api.__file__).parent / "openapi.yaml").read_text())
+    client = _client(url, token=False)
+    answers: dict[str, Any] = {}
+    for path, ops in doc["paths"].items():
+        get = ops.get("get")
+        if get is None or get.get("security") or path in ("/metrics", "/v2/openapi.json"):
+            continue
+        concrete = path.replace("{model}", "demo").replace("{adapter}", adapter)
+        try:
+            answers[path] = client.call("GET", concrete)
+        except ApiError as e:
+            answers[path] = (e.status, e.message)
+    return answers
+
+
+def _families(registry: CollectorRegistry) -> dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]]:
+    return {m.name: sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in m.samples)
+            for m in registry.collect() if not m.name.startswith(_TRAFFIC)}
+
+
+def test_open_routes_and_metrics_do_not_depend_on_stored_examples(
+        stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
+    # The auditor's probes: threshold probing on open routes, presence by metric series.
+    # Two neighbouring stores (erin with 0, then with 130 examples; alice with 40 more):
+    # every open route and every metric family answers the same.
+    url, trainer, registry = stack
+    before = (_open_gets(url, "erin"), _open_gets(url, "alice"), _families(registry))
+    _fill(url, trainer, "erin", 130)
+    _fill(url, trainer, "alice", 40)
+    after = (_open_gets(url, "erin"), _open_gets(url, "alice"), _families(registry))
+    assert before == after
+    assert not any("erin" in str(label) for family in after[2].values() for _, label, _ in family)
+
+
+def test_run_details_are_behind_the_token(stack: tuple[str, TrainerService, CollectorRegistry]) -> None:
+    url, trainer, _ = stack
+    _fill(url, trainer, "alice", 40)
+    _client(url).call("POST", "/v2/models/demo/adapters/alice/train", auth=True)
+    deadline = time.monotonic() + 120
+    while (_client(url).call("GET", "/v2/models/demo/adapters/alice/train", auth=True)["state"] != "finished"
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    anonymous, owner = _client(url, token=False), _client(url)
+    path = "/v2/models/demo/adapters/alice/train"
+    public = anonymous.call("GET", path)
+    assert set(public) == {"state", "adapter", "run_id", "status", "version", "available"}
+    full = owner.call("GET", path, auth=True)
+    assert {"steps_done", "planned_steps", "reason", "epsilon_spent"} <= set(full)
+    status = anonymous.call("GET", "/v2/trainer")
+    assert set(status) == {"available", "unavailable_reason", "backend", "running", "paused", "automatic", "current"}
+    assert {"blocked", "backoff", "last", "queued"} <= set(owner.call("GET", "/v2/trainer", auth=True))
+    privacy = anonymous.call("GET", "/v2/models/demo/adapters/alice/privacy")
+    assert privacy["runs"] and not {"started_at", "ended_at", "energy_joules"} & set(privacy["runs"][0])
+    assert "energy_joules" not in privacy
+    assert {"started_at", "ended_at"} <= set(owner.call("GET", "/v2/models/demo/adapters/alice/privacy",
+                                                         auth=True)["runs"][0])
+    # What the public report keeps is enough to recompute ε.
+    from lorad.trainer.accountant import epsilon
+    from lorad.trainer.ledger import run_charges
+
+    assert epsilon(runs=[c for r in privacy["runs"] for c in run_charges(r)], delta=privacy["delta"],
+                   accountant=privacy["accountant"]) == pytest.approx(privacy["epsilon_spent"])
+
+
+def test_the_fleet_hears_no_private_reason() -> None:
+    from lorad.daemon.ota_wiring import TrainNowRefusedError, _train_now_of
+
+    def refuse(adapter: str) -> None:
+        raise ValueError("too few examples: 99 of 100")
+
+    with pytest.raises(TrainNowRefusedError) as e:
+        _train_now_of(refuse)("alice")
+    assert "99" not in str(e.value) and "private to the device" in str(e.value)

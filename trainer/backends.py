@@ -20,7 +20,7 @@ everywhere; ort-training stays selectable where installed. Re-measure on a quiet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -86,20 +86,19 @@ def resolve_backend(requested: BackendChoice) -> Backend:
 def open_stepper(
     artifacts: TrainingArtifacts, *, learning_rate: float, dp: DPSettings | None, noise: GaussianNoise | None,
     expected_batch_size: float | None = None, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0,
-    resume_from: Path | None = None, canary_gradients: Callable[[], np.ndarray] | None = None,
+    resume_from: Path | None = None,
 ) -> Stepper:
-    """The stepper of the backend the artifacts were built for (``canary_gradients``: the
-    privacy audit's, added to each step's noise)."""
+    """The stepper of the backend the artifacts were built for. (The privacy audit opens
+    its portable stepper itself, with canaries: trainer/audit.py.)"""
     assert artifacts.backend in BACKENDS
     if artifacts.backend == "portable":
         from .portable import PortableStepper
 
         return PortableStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                                expected_batch_size=expected_batch_size, device=device,
-                               intra_op_threads=intra_op_threads, resume_from=resume_from,
-                               canary_gradients=canary_gradients)
+                               intra_op_threads=intra_op_threads, resume_from=resume_from)
     from .dp_step import DPStepper
 
     return DPStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                      expected_batch_size=expected_batch_size, device=device, intra_op_threads=intra_op_threads,
-                     resume_from=resume_from, canary_gradients=canary_gradients)
+                     resume_from=resume_from)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -113,14 +113,10 @@ class DPStepper:
         device: Literal["cpu", "cuda"] = "cpu",
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
-        canary_gradients: Callable[[], np.ndarray] | None = None,
     ) -> None:
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
-        # The privacy audit's white-box canaries (trainer/audit.py): each step, the sum of
-        # the canary gradients sampled in that step, added to the clipped sum like the noise.
-        self._canaries = canary_gradients
         self._grad_scale = check_settings(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                                           expected_batch_size=expected_batch_size, device=device,
                                           intra_op_threads=intra_op_threads)
@@ -175,7 +171,7 @@ class DPStepper:
         if self._dp is not None:
             assert self._noise is not None
             feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
-            feeds[NOISE_INPUT] = self._draw_noise()
+            feeds[NOISE_INPUT] = self._draw_gaussian()
         try:
             self._module.train()
             self._module.lazy_reset_grad()
@@ -186,12 +182,6 @@ class DPStepper:
         self._steps += 1
         loss_value = np.asarray(loss[0] if isinstance(loss, tuple) else loss)
         return StepResult(step=self._steps, batch_size=n, loss_sum=float(loss_value.sum()) if n else 0.0)
-
-    def _draw_noise(self) -> np.ndarray:
-        noise = self._draw_gaussian()
-        if self._canaries is not None:
-            noise = noise + np.asarray(self._canaries(), np.float64)
-        return noise
 
     def _draw_gaussian(self) -> np.ndarray:
         assert self._dp is not None and self._noise is not None

@@ -8,6 +8,13 @@ flat float32 vectors (parameters and AdamW's two moments) and the step count; ea
 feeds them in and keeps what the graph returns. The empty-batch rule is the ort-training
 backend's: one all-zero placeholder example with C = 0, so the update is the noise alone.
 
+With ``canaries`` (the privacy audit, trainer/audit.py) the stepper runs the audit's variant of
+the step graph (:func:`lorad.trainer.portable_graph.with_canary_rows`): each step the feed's
+gradient rows are clipped, summed and noised with the batch's examples, and the feed is
+shown what the step released (the noised clipped sum) and the examples' own clipped sum.
+An empty batch then feeds its placeholder with weight 0 instead of C = 0, so that the
+canaries are still clipped to C.
+
 The noise of step t+1 is drawn on the host while step t's graph runs (ONNX Runtime
 releases the GIL during ``run``), from the same source in the same order as without the
 overlap; a drawn vector is used by exactly one step, and one drawn for a step that never
@@ -22,10 +29,10 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -37,6 +44,9 @@ from .artifacts import CLIP_NORM_INPUT, GRAD_SCALE_INPUT, NOISE_INPUT, TrainingA
 from .dp_step import DPSettings, GaussianNoise, StepResult, check_batch, check_settings, draw_noise, placeholder_batch
 from .errors import TrainingFailedError
 from .portable_graph import (
+    CANARY_ROWS_INPUT,
+    EXAMPLE_WEIGHT_INPUT,
+    EXAMPLES_SUM_OUTPUT,
     GRAD_OUTPUT,
     LEARNING_RATE_INPUT,
     LOSS_OUTPUT,
@@ -47,9 +57,10 @@ from .portable_graph import (
     PARAMS_INPUT,
     PARAMS_OUTPUT,
     STEP_INPUT,
+    with_canary_rows,
 )
 
-__all__ = ["PortableStepper", "execution_providers"]
+__all__ = ["PortableStepper", "CanaryFeed", "execution_providers"]
 
 _CHECKPOINT_FORMAT = "lorad-portable-checkpoint-v1"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -72,6 +83,19 @@ def execution_providers(device: str) -> list[str]:
     return [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
 
 
+class CanaryFeed(Protocol):
+    """The privacy audit's side of each step (see the module docstring)."""
+
+    def rows(self) -> np.ndarray:
+        """This step's extra per-example gradient rows: float32 [M, P], M >= 0."""
+        ...
+
+    def observe(self, released: np.ndarray, examples: np.ndarray) -> None:
+        """The step's noised clipped sum before scaling, and the examples' share of the
+        clipped sum (float64 [P] each)."""
+        ...
+
+
 class PortableStepper:
     """DP-SGD (or plain) steps of one run; see the module docstring."""
 
@@ -86,7 +110,7 @@ class PortableStepper:
         device: Literal["cpu", "cuda"] = "cpu",
         intra_op_threads: int = 0,
         resume_from: Path | None = None,
-        canary_gradients: Callable[[], np.ndarray] | None = None,
+        canaries: CanaryFeed | None = None,
     ) -> None:
         if artifacts.backend != "portable":
             raise ValueError(f"PortableStepper needs portable artifacts, got {artifacts.backend!r} ones")
@@ -96,8 +120,9 @@ class PortableStepper:
         self._artifacts = artifacts
         self._dp = dp
         self._noise = noise
-        # The privacy audit's canaries (trainer/audit.py), added to each step's noise.
-        self._canaries = canary_gradients
+        if canaries is not None and dp is None:
+            raise ValueError("canaries need private artifacts (dp settings and a noise source)")
+        self._canaries = canaries
         self._lr = np.array(learning_rate, np.float32)
         self._adamw = artifacts.config.optimizer == "adamw"
         import onnxruntime
@@ -109,8 +134,15 @@ class PortableStepper:
         self._options = options
         self._providers = execution_providers(device)
         try:
-            self._session = onnxruntime.InferenceSession(
-                os.fspath(artifacts.step_model), options, providers=self._providers)
+            if canaries is None:
+                self._session = onnxruntime.InferenceSession(
+                    os.fspath(artifacts.step_model), options, providers=self._providers)
+            else:
+                import onnx
+
+                variant = with_canary_rows(onnx.load(os.fspath(artifacts.step_model)), artifacts.trainable)
+                self._session = onnxruntime.InferenceSession(variant.SerializeToString(), options,
+                                                             providers=self._providers)
         except Exception as e:
             raise TrainingFailedError(f"could not load the training step graph {artifacts.step_model}: {e}") from e
         self._eval_session: Any = None
@@ -140,9 +172,11 @@ class PortableStepper:
         feeds, n = check_batch(self._artifacts, batch)
         clip_norm = self._dp.clip_norm if self._dp is not None else math.inf
         scale = self._grad_scale
+        canaries = self._canaries
         if n == 0:
             feeds = placeholder_batch(self._artifacts)
-            clip_norm = 0.0  # the placeholder's clip factor min(1, 0/norm) is exactly 0
+            if canaries is None:
+                clip_norm = 0.0  # the placeholder's clip factor min(1, 0/norm) is exactly 0
             if self._dp is None:
                 scale = np.array(0.0, np.float32)
         feeds[GRAD_SCALE_INPUT] = scale
@@ -157,6 +191,12 @@ class PortableStepper:
             feeds[MOMENT1_INPUT] = self._m
             feeds[MOMENT2_INPUT] = self._v
             outputs += [MOMENT1_OUTPUT, MOMENT2_OUTPUT]
+        if canaries is not None:
+            feeds[CANARY_ROWS_INPUT] = _canary_rows(canaries.rows(), self._artifacts.noise_size)
+            # The placeholder of an empty batch is cancelled by weight 0 (not C = 0, which
+            # would cancel the canaries too).
+            feeds[EXAMPLE_WEIGHT_INPUT] = np.array(1.0 if n else 0.0, np.float32)
+            outputs += [GRAD_OUTPUT, EXAMPLES_SUM_OUTPUT]
         try:
             got = self._session.run(outputs, feeds)
         except Exception as e:
@@ -164,6 +204,9 @@ class PortableStepper:
         self._params = got[1]
         if self._adamw:
             self._m, self._v = got[2], got[3]
+        if canaries is not None:
+            released = np.asarray(got[-2], np.float64) / float(scale)
+            canaries.observe(released, np.asarray(got[-1], np.float64))
         self._steps += 1
         return StepResult(step=self._steps, batch_size=n, loss_sum=float(got[0]) if n else 0.0)
 
@@ -176,8 +219,6 @@ class PortableStepper:
         if self._drawer is None:
             self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-noise")
         self._next_noise = self._drawer.submit(draw_noise, source, dp, size)
-        if self._canaries is not None:
-            noise = noise + np.asarray(self._canaries(), np.float64)
         return noise
 
     def close(self) -> None:
@@ -196,6 +237,9 @@ class PortableStepper:
         if self._artifacts.config.private:
             feeds[CLIP_NORM_INPUT] = np.array(clip_norm, np.float32)
             feeds[NOISE_INPUT] = noise if noise is not None else np.zeros(self._artifacts.noise_size, np.float64)
+        if self._canaries is not None:
+            feeds[CANARY_ROWS_INPUT] = np.zeros((0, self._artifacts.noise_size), np.float32)
+            feeds[EXAMPLE_WEIGHT_INPUT] = np.array(1.0, np.float32)
         if self._adamw:
             feeds.update({STEP_INPUT: np.array(self._steps + 1, np.float32), MOMENT1_INPUT: self._m,
                           MOMENT2_INPUT: self._v})
@@ -259,6 +303,13 @@ class PortableStepper:
         except Exception as e:
             raise TrainingFailedError(f"evaluation failed: {e}") from e
         return float(loss)
+
+
+def _canary_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    rows = np.ascontiguousarray(rows, np.float32)
+    if rows.ndim != 2 or rows.shape[1] != size or not np.all(np.isfinite(rows)):
+        raise ValueError(f"canary rows must be finite float32 [M, {size}], got shape {list(rows.shape)}")
+    return rows
 
 
 def _load_checkpoint(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

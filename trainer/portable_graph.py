@@ -26,17 +26,22 @@ small *eval graph* (forward and summed loss). The step graph does, in this order
 
 An op on the gradient path without a rule makes :func:`build_step_graphs` raise
 :class:`lorad.trainer.autodiff.UnsupportedNodeError` naming it.
+
+:func:`with_canary_rows` derives from a built private step graph the privacy audit's
+variant (trainer/audit.py): extra per-example gradient rows join the examples' rows
+before step 6, so the very nodes that clip the examples clip them, and the examples' own
+clipped sum comes out as well. Training never runs that variant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from lorad.adapters.lora import LoraWeights
 from lorad.adapters.lora_graph import LoraTarget, lora_input_names, make_training_graph
@@ -49,7 +54,7 @@ __all__ = [
     "PARAMS_INPUT", "LEARNING_RATE_INPUT", "STEP_INPUT", "MOMENT1_INPUT", "MOMENT2_INPUT",
     "PARAMS_OUTPUT", "MOMENT1_OUTPUT", "MOMENT2_OUTPUT", "LOSS_OUTPUT", "GRAD_OUTPUT",
     "ADAMW_BETAS", "ADAMW_EPSILON", "PER_EXAMPLE", "PerExample", "StepGraphs", "build_step_graphs",
-    "per_example_flat",
+    "per_example_flat", "CANARY_ROWS_INPUT", "EXAMPLE_WEIGHT_INPUT", "EXAMPLES_SUM_OUTPUT", "with_canary_rows",
 ]
 
 PARAMS_INPUT = "train.params"
@@ -62,6 +67,13 @@ MOMENT1_OUTPUT = "train.moment1.updated"
 MOMENT2_OUTPUT = "train.moment2.updated"
 LOSS_OUTPUT = "train.loss_sum"
 GRAD_OUTPUT = "train.gradient"  # what the optimizer consumed: clipped, noised, scaled
+# The audit variant's (with_canary_rows): extra rows [M, P] of per-example gradients, laid
+# out as the flat parameter vector; a weight on the batch's own rows (1, or 0 to cancel an
+# empty batch's placeholder example while the extra rows still count); the clipped sum of
+# the batch's own rows alone.
+CANARY_ROWS_INPUT = "audit.canary_rows"
+EXAMPLE_WEIGHT_INPUT = "audit.example_weight"
+EXAMPLES_SUM_OUTPUT = "audit.examples_clipped_sum"
 
 # ONNX Runtime's onnxblock.optim.AdamW defaults, which the ort-training backend uses.
 ADAMW_BETAS = (0.9, 0.999)
@@ -291,6 +303,92 @@ def per_example_flat(name: str) -> str:
     """The step graph's ``[N, numel]`` per-example gradients of LoRA tensor ``name``
     (where clip-and-noise starts: the benchmark cuts the graph there)."""
     return f"train/{name}/per_example_gradient"
+
+
+def with_canary_rows(step: onnx.ModelProto, trainable: Sequence[tuple[str, tuple[int, ...]]]) -> onnx.ModelProto:
+    """The privacy audit's variant of a private step graph (a copy; ``step`` is unchanged).
+
+    The rows of :data:`CANARY_ROWS_INPUT` ([M, P], P the flat parameter vector's length,
+    M >= 0) are appended, block by block, to the examples' per-example gradients where
+    :func:`per_example_flat` names them, i.e. before the per-example norms: from there on
+    the graph is the training graph's own, so they are clipped to C by the same nodes,
+    summed with the examples and noised with them. The examples' rows are first multiplied
+    by :data:`EXAMPLE_WEIGHT_INPUT`. :data:`EXAMPLES_SUM_OUTPUT` is the examples' share of
+    the clipped sum (their clip factors from the same nodes). Needs materialised
+    per-example gradients (``PER_EXAMPLE = "materialize"``)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(step)
+    graph = model.graph
+    if _default_opset(model) < _MIN_OPSET:  # build_step_graphs converts to it at least
+        raise ValueError(f"the step graph has opset {_default_opset(model)}, expected at least {_MIN_OPSET}")
+    names = [name for name, _ in trainable]
+    sizes = [int(np.prod(shape)) for _, shape in trainable]
+    producers = {out: node for node in graph.node for out in node.output}
+    missing = [name for name in names if per_example_flat(name) not in producers]
+    if missing:
+        raise ValueError(f"the step graph has no per-example gradients of {missing} (ghost norms, or not a private "
+                         "step graph); the audit needs materialised ones")
+    factor_nodes = [n for n in graph.node if n.op_type == "Where" and n.output[0].startswith("train/clip_factor_finite")]
+    if len(factor_nodes) != 1:
+        raise ValueError(f"the step graph has {len(factor_nodes)} clip factor nodes, expected 1")
+    finite, factor = factor_nodes[0].input[0], factor_nodes[0].output[0]
+    existing = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    if {CANARY_ROWS_INPUT, EXAMPLE_WEIGHT_INPUT} & existing:
+        raise ValueError("the step graph already has the audit's inputs")
+
+    constants: list[onnx.TensorProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        constants.append(numpy_helper.from_array(value, f"audit/{name}"))
+        return f"audit/{name}"
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [out], name=out, **attrs)
+
+    pieces = [f"audit/canary_rows/{name}" for name in names]
+    head = [helper.make_node("Split", [CANARY_ROWS_INPUT, const("sizes", np.asarray(sizes, np.int64))], pieces,
+                             name="audit/canary_rows", axis=1)]
+    after: dict[str, list[onnx.NodeProto]] = {}
+    weighted: dict[str, str] = {}
+    for name, piece in zip(names, pieces, strict=True):
+        flat = per_example_flat(name)
+        producer = producers[flat]
+        own = f"{flat}/examples"
+        producer.output[list(producer.output).index(flat)] = own
+        weighted[name] = f"{own}/weighted"
+        after[own] = [node("Mul", [own, EXAMPLE_WEIGHT_INPUT], weighted[name]),
+                      helper.make_node("Concat", [weighted[name], piece], [flat], name=f"audit/{flat}", axis=0)]
+    zero = const("zero", np.asarray(0.0, np.float32))
+    axis0 = const("axis0", np.asarray([0], np.int64))
+    axis1 = const("axis1", np.asarray([1], np.int64))
+    tail = [node("Shape", [weighted[names[0]]], "audit/examples/shape"),
+            node("Gather", ["audit/examples/shape", axis0], "audit/examples/count", axis=0),
+            node("Slice", [factor, axis0, "audit/examples/count", axis0], "audit/examples/clip_factor"),
+            node("Slice", [finite, axis0, "audit/examples/count", axis0], "audit/examples/finite"),
+            node("Unsqueeze", ["audit/examples/clip_factor", axis0], "audit/examples/clip_row"),
+            node("Unsqueeze", ["audit/examples/finite", axis1], "audit/examples/finite_col")]
+    sums = []
+    for name in names:
+        rows = f"audit/examples/{name}/finite_rows"
+        sums.append(f"audit/examples/{name}/clipped_sum")
+        tail += [node("Where", ["audit/examples/finite_col", weighted[name], zero], rows),
+                 node("MatMul", ["audit/examples/clip_row", rows], sums[-1])]
+    tail += [node("Concat", sums, "audit/examples/clipped_sum_row", axis=1),
+             node("Reshape", ["audit/examples/clipped_sum_row", const("flat", np.asarray([-1], np.int64))],
+                  EXAMPLES_SUM_OUTPUT)]
+    nodes: list[onnx.NodeProto] = [*head]
+    for n in graph.node:
+        nodes.append(n)
+        for out in n.output:
+            nodes.extend(after.get(out, []))
+    del graph.node[:]
+    graph.node.extend([*nodes, *tail])
+    graph.initializer.extend(constants)
+    total = sum(sizes)
+    graph.input.extend([helper.make_tensor_value_info(CANARY_ROWS_INPUT, TensorProto.FLOAT, ["canaries", total]),
+                        helper.make_tensor_value_info(EXAMPLE_WEIGHT_INPUT, TensorProto.FLOAT, [])])
+    graph.output.append(helper.make_tensor_value_info(EXAMPLES_SUM_OUTPUT, TensorProto.FLOAT, [total]))
+    return model
 
 
 def _named(e: Emitter, op: str, inputs: list[str], out: str) -> str:

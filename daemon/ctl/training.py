@@ -41,11 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "privacy", _privacy, help="privacy spent per adapter (ε, δ, budget, every run); "
                     "'privacy audit ADAPTER' runs the one-run canary audit",
                     description="'loractl privacy [ADAPTER]' prints the ledger. 'loractl privacy audit ADAPTER' "
-                    "trains once on a copy of ADAPTER's data with canaries (Steinke, Nasr, Jagielski 2023) and "
-                    "prints the empirical ε lower bound next to the accounted ε; nothing is served or charged.")
+                    "trains once on a copy of ADAPTER's data with gradient canaries clipped like its examples and "
+                    "prints the estimated ε (Andrew et al. 2024) and a rigorous lower bound (Steinke, Nasr, Jagielski "
+                    "2023) next to the accounted ε; exit 1 on a violation; nothing is served or charged.")
     p.add_argument("words", nargs="*", metavar="ADAPTER | audit ADAPTER",
                    help="one adapter (default: every adapter in the ledger), or 'audit ADAPTER'")
-    p.add_argument("--canaries", type=int, default=512, help="canaries of the audit (default 512)")
+    p.add_argument("--canaries", type=int, default=1000, help="canaries of the audit (default 1000)")
 
     group = sub.add_parser("examples", help="local training examples (stay on the device)")
     cmds = group.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
@@ -84,7 +85,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> int:
         ctx.emit(ctx.client.call("POST", path + "/cancel", auth=True), lambda d: f"cancelled training of {args.adapter}")
         return 0
     if args.status:
-        ctx.emit(ctx.client.call("GET", path), _render_status)
+        ctx.emit(ctx.client.call("GET", path, auth="optional"), _render_status)
         return 0
     started = ctx.client.call("POST", path, auth=True)
     run_id = started.get("run_id") if isinstance(started, dict) else None
@@ -104,7 +105,7 @@ def _follow(ctx: Context, path: str, run_id: object, poll: float, *, show_bar: b
     bar: tqdm[Any] | None = None
     try:
         while True:
-            doc = ctx.client.call("GET", path)
+            doc = ctx.client.call("GET", path, auth="optional")
             status = doc if isinstance(doc, dict) else {}
             same_run = status.get("run_id") == run_id
             if same_run and status.get("state") in _DONE_STATES:
@@ -166,9 +167,9 @@ def _privacy(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("expected 'loractl privacy [ADAPTER]' or 'loractl privacy audit ADAPTER'")
     adapter = words[0] if words else None
     if adapter:
-        data = ctx.client.call("GET", f"{_base(ctx, adapter)}/privacy")
+        data = ctx.client.call("GET", f"{_base(ctx, adapter)}/privacy", auth="optional")
     else:
-        data = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}/privacy")
+        data = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}/privacy", auth="optional")
     ctx.emit(data, _render_privacy)
     return 0
 
@@ -194,16 +195,26 @@ def _render_privacy(d: object) -> str:
 def _render_audit(d: object) -> str:
     if not isinstance(d, dict):
         return str(d)
-    accounted = d.get("epsilon_accounted")
+
+    def eps(key: str) -> str:
+        # null: unbounded (σ = 0 accounted, or scores that leave no doubt)
+        return "unbounded" if d.get(key) is None else number(d.get(key))
+
     verdict = ("consistent: the audit found no leak beyond the accounted ε" if d.get("consistent")
                else "INCONSISTENT: the run leaks more than its accounted ε")
-    return (f"{d.get('adapter')}: empirical ε lower bound {number(d.get('epsilon_lower_bound'))} "
-            f"(confidence {number(d.get('confidence'))}) vs the accounted ε of one run at this configuration "
-            f"{'unbounded (σ = 0)' if accounted is None else number(accounted)} at δ {number(d.get('delta'))} "
+    faults = ""
+    if d.get("noise_multiplier_applied", d.get("sigma")) != d.get("sigma") or d.get(
+            "clip_norm_applied", d.get("clip_norm")) != d.get("clip_norm"):
+        faults = (f"\ntest-only fault: the run applied σ {number(d.get('noise_multiplier_applied'))} and "
+                  f"C {number(d.get('clip_norm_applied'))}")
+    return (f"{d.get('adapter')}: estimated ε {eps('epsilon_estimate')} (lower confidence bound "
+            f"{eps('epsilon_estimate_lower')} at {number(d.get('confidence'))}) vs the accounted ε of one run at this "
+            f"configuration {eps('epsilon_accounted')} at δ {number(d.get('delta'))} "
             f"(not the ledger's total over all runs: loractl privacy {d.get('adapter')})\n"
-            f"{d.get('correct')} of {d.get('guesses')} guesses right on {d.get('canaries')} canaries; configuration "
-            f"of {d.get('configuration')}: q {number(d.get('q'))}, σ {number(d.get('sigma'))}, "
-            f"C {number(d.get('clip_norm'))}, {d.get('steps')} steps\n{verdict}")
+            f"rigorous lower bound {eps('epsilon_lower_bound')} ({d.get('correct')} of {d.get('guesses')} guesses "
+            f"right); {d.get('canaries')} canaries, {d.get('inserted')} inserted; configuration of "
+            f"{d.get('configuration')}: q {number(d.get('q'))}, σ {number(d.get('sigma'))}, "
+            f"C {number(d.get('clip_norm'))}, {d.get('steps')} steps{faults}\n{verdict}")
 
 
 # ---------------------------------------------------------------- examples

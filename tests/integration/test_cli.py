@@ -275,8 +275,15 @@ def test_human_output_is_rounded_and_labelled() -> None:
     ledger = _render_privacy({"adapter": "alice", "epsilon_spent": 5.990402655023825, "budget_epsilon": 8.0,
                               "budget_left": 2.009597344976175, "delta": 1e-5, "accountant": "rdp", "runs": []})
     assert "ε spent over all runs 5.99 of budget 8 (left 2.01)" in ledger
-    audit = _render_audit({"adapter": "alice", "epsilon_lower_bound": 0.2634, "confidence": 0.95,
-                           "epsilon_accounted": 3.95237, "delta": 1e-5, "correct": 40, "guesses": 50,
-                           "canaries": 512, "configuration": "alice", "q": 0.25, "sigma": 1.1, "clip_norm": 0.1,
-                           "steps": 31, "consistent": True})
+    result = {"adapter": "alice", "epsilon_estimate": 2.71828, "epsilon_estimate_lower": 2.2,
+              "epsilon_lower_bound": 0.2634, "confidence": 0.95, "epsilon_accounted": 3.95237,
+              "delta": 1e-5, "correct": 40, "guesses": 50, "canaries": 512, "inserted": 250,
+              "configuration": "alice", "q": 0.25, "sigma": 1.1, "clip_norm": 0.1, "steps": 31,
+              "noise_multiplier_applied": 1.1, "clip_norm_applied": 0.1, "consistent": True}
+    audit = _render_audit(result)
     assert "accounted ε of one run at this configuration 3.95" in audit and "not the ledger's total" in audit
+    assert "estimated ε 2.72 (lower confidence bound 2.2 at 0.95)" in audit and "fault" not in audit
+    broken = _render_audit({**result, "epsilon_estimate": None, "epsilon_estimate_lower": None,
+                            "noise_multiplier_applied": 0.0, "consistent": False})
+    assert "estimated ε unbounded" in broken and "applied σ 0 " in broken and "INCONSISTENT" in broken
+    assert "None" not in broken

@@ -253,13 +253,19 @@ def test_privacy_audit_over_http_and_loractl(stack: tuple[str, TrainerService, C
         _client(url).call("POST", path, json_body={"canaries": 16}, auth=True)
     assert e.value.status == 422 and "no training examples" in e.value.message
     _fill(url, trainer, "alice", 30)
+    with pytest.raises(ApiError) as e:  # the directions are orthogonal: at most one per parameter
+        _client(url).call("POST", path, json_body={"canaries": 100_000}, auth=True)
+    assert e.value.status == 422 and "at most" in e.value.message, e.value.message
+    # The noise removed, σ still accounted: a violation.
     doc = _client(url).call("POST", path, json_body={"canaries": 64, "noise_multiplier": 0}, auth=True)
-    assert isinstance(doc, dict) and doc["epsilon_accounted"] is None and doc["sigma"] == 0.0
+    assert isinstance(doc, dict) and doc["noise_multiplier_applied"] == 0.0 and doc["sigma"] == 1.0
+    assert doc["epsilon_accounted"] > 0 and doc["consistent"] is False
     assert doc["canaries"] == 64 and doc["guesses"] == 16 and 0 <= doc["correct"] <= 16
+    assert "Andrew et al." in doc["method"] and {"epsilon_estimate", "epsilon_estimate_lower"} <= set(doc)
     code = ctl.main(["privacy", "audit", "alice", "--canaries", "32", "--url", url,
                      "--token-file", str(tmp_path / "token")])
     out = capsys.readouterr().out
-    assert "empirical ε lower bound" in out and "accounted ε" in out
+    assert "estimated ε" in out and "rigorous lower bound" in out and "accounted ε" in out
     assert code == (0 if "consistent:" in out else 1)
     assert trainer.ledger.state("alice").runs == []  # the audit charges nothing
 

@@ -3,8 +3,10 @@
 Each task is one of the demo adapters' tasks (:data:`lorad.daemon.demo.build.DEMO_TASKS`:
 ``plus-one``, ``mirror``) on scikit-learn's bundled digits, with the embedded demo
 model as the frozen base. :func:`train_and_score` trains one adapter with lorad's own
-pieces exactly as a run in the daemon does — the private ORT training graph
-(trainer/artifacts.py), :class:`lorad.trainer.dp_step.DPStepper`, Poisson sampling, the plan of
+pieces exactly as a run in the daemon does on the default backend — the portable
+private step graph (``build_artifacts(..., backend="portable")``, trainer/artifacts.py), the
+stepper :func:`lorad.trainer.backends.open_stepper` opens for it (so it runs on a plain
+``onnxruntime`` install: nothing imports ``onnxruntime.training``), Poisson sampling, the plan of
 :meth:`lorad.trainer.config.AdapterTrainingConfig.plan` (σ calibrated with the run's count and
 gate queries charged, as the ledger would) — and returns the accuracy of the result on
 the held-out test images, scored through the serving engine.
@@ -26,9 +28,10 @@ import onnx
 
 from lorad.adapters.engine import InferenceEngine
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
-from lorad.trainer.artifacts import ArtifactConfig, build_artifacts
+from lorad.trainer.artifacts import ArtifactConfig, Backend, build_artifacts
+from lorad.trainer.backends import open_stepper
 from lorad.trainer.config import AdapterTrainingConfig
-from lorad.trainer.dp_step import DPSettings, DPStepper
+from lorad.trainer.dp_step import DPSettings
 from lorad.trainer.noise import SeededNoise
 
 __all__ = ["Task", "tasks", "train_and_score", "base_accuracy", "TRAIN_EXAMPLES"]
@@ -65,11 +68,11 @@ def tasks(names: tuple[str, ...] = ("plus-one", "mirror"), *, n_train: int = TRA
     return out
 
 
-_ENGINES: dict[int, InferenceEngine] = {}
+_ENGINES: dict[tuple[int, tuple[str, ...], int], InferenceEngine] = {}
 
 
 def _engine(task: Task) -> InferenceEngine:
-    key = id(task.model)
+    key = (id(task.model), task.targets, task.rank)
     if key not in _ENGINES:
         _ENGINES[key] = InferenceEngine(task.model, targets=task.targets, rank=task.rank)
     return _ENGINES[key]
@@ -91,36 +94,41 @@ _ARTIFACTS: dict[tuple[Any, ...], Any] = {}
 
 def train_and_score(
     task: Task, config: AdapterTrainingConfig, *, seed: int, private: bool = True,
-    cache_dir: Path | None = None, steps: int | None = None,
+    cache_dir: Path | None = None, steps: int | None = None, backend: Backend = "portable",
 ) -> dict[str, Any]:
     """Train one adapter on the task's training examples; returns accuracy and the plan.
 
     ``private=False`` trains with the same graph, data, steps and learning rate without
     clipping or noise (the non-private baseline). ``steps`` overrides the planned steps.
+    ``backend``: the daemon's default (portable) unless asked; ``ort-training`` needs
+    onnxruntime-training.
     """
     n = len(task.y_train)
     plan = config.plan(n)  # the daemon plans from a noisy n; the benchmark from n itself
     if steps is not None:
         plan = replace(plan, steps=steps)
-    key = (id(task.model), config.rank, config.alpha, config.freeze_a, config.use_rslora, config.optimizer,
-           config.weight_decay, config.init_seed)
+    key = (id(task.model), task.targets, backend, config.rank, config.alpha, config.freeze_a, config.use_rslora,
+           config.optimizer, config.weight_decay, config.init_seed)
     if key not in _ARTIFACTS:
         cache = cache_dir or Path(tempfile.mkdtemp(prefix="lorad-bench-artifacts-"))
         _ARTIFACTS[key] = build_artifacts(task.model, ArtifactConfig(
             targets=task.targets, rank=config.rank, alpha=config.alpha, freeze_a=config.freeze_a,
             use_rslora=config.use_rslora, private=True, loss="cross_entropy",
             optimizer=config.optimizer, weight_decay=config.weight_decay, init_seed=config.init_seed,
-            output=_engine(task).outputs[0].name), cache_dir=cache)
+            output=_engine(task).outputs[0].name), cache_dir=cache, backend=backend)
     artifacts = _ARTIFACTS[key]
     dp = (DPSettings(noise_multiplier=plan.sigma, clip_norm=plan.clip_norm, expected_batch_size=plan.expected_batch_size)
           if private else DPSettings(noise_multiplier=0.0, clip_norm=math.inf, expected_batch_size=plan.expected_batch_size))
-    stepper = DPStepper(artifacts, learning_rate=config.learning_rate, dp=dp, noise=SeededNoise(seed),
-                        intra_op_threads=1)
+    stepper = open_stepper(artifacts, learning_rate=config.learning_rate, dp=dp, noise=SeededNoise(seed),
+                           intra_op_threads=1)
     rng = np.random.default_rng(seed)
     name_x = artifacts.data_inputs[0]
     for _ in range(plan.steps):
         picked = np.flatnonzero(rng.random(n) < plan.q)
         stepper.step({name_x: task.x_train[picked], artifacts.label_input: task.y_train[picked]})
     acc = _accuracy(task, stepper.export_adapter())
+    close = getattr(stepper, "close", None)  # the portable stepper's noise-drawing thread
+    if close is not None:
+        close()
     return {"accuracy": acc, "q": plan.q, "sigma": plan.sigma if private else 0.0, "steps": plan.steps,
             "clip_norm": plan.clip_norm}

@@ -108,13 +108,14 @@ def train_and_score(
     if steps is not None:
         plan = replace(plan, steps=steps)
     key = (id(task.model), task.targets, backend, config.rank, config.alpha, config.freeze_a, config.use_rslora,
-           config.optimizer, config.weight_decay, config.init_seed)
+           config.optimizer, config.weight_decay, config.init_seed, config.a_init)
     if key not in _ARTIFACTS:
         cache = cache_dir or Path(tempfile.mkdtemp(prefix="lorad-bench-artifacts-"))
         _ARTIFACTS[key] = build_artifacts(task.model, ArtifactConfig(
             targets=task.targets, rank=config.rank, alpha=config.alpha, freeze_a=config.freeze_a,
             use_rslora=config.use_rslora, private=True, loss="cross_entropy",
             optimizer=config.optimizer, weight_decay=config.weight_decay, init_seed=config.init_seed,
+            a_init=config.a_init,
             output=_engine(task).outputs[0].name), cache_dir=cache, backend=backend)
     artifacts = _ARTIFACTS[key]
     dp = (DPSettings(noise_multiplier=plan.sigma, clip_norm=plan.clip_norm, expected_batch_size=plan.expected_batch_size)

@@ -3,7 +3,10 @@
 :func:`build_artifacts` takes the same base ONNX model the inference engine serves and
 writes the four files ORT's on-device training API needs (training model, eval model,
 optimizer model, checkpoint), with only the LoRA matrices trainable (A and B per target,
-or B only with A random and frozen). The base weights stay constants inside the graphs.
+or B only with A frozen at its initial value). The base weights stay constants inside the
+graphs. A starts random (PEFT's initialisation) or, with ``a_init="principal"``, at the
+top-r left singular vectors of the target's base weight (:func:`_principal_a`); B starts
+at zero either way.
 The loss uses SUM reduction, so the gradient of the loss is the sum of the examples'
 gradients. Results are cached on disk under a key made of the base model's digest and
 the configuration.
@@ -79,6 +82,8 @@ from ._ort_training import load as _load_ort_training
 from .ort_gradients import gradient_error, prepare_for_gradients
 
 __all__ = [
+    "A_INITS",
+    "AInit",
     "BACKENDS",
     "Backend",
     "CLIP_NORM_INPUT",
@@ -106,6 +111,13 @@ _PORTABLE_FORMAT = "lorad-portable-step-v4"
 Backend = Literal["portable", "ort-training"]
 BACKENDS: tuple[Backend, ...] = ("portable", "ort-training")
 
+#: How LoRA A starts: PEFT's random init, or the base weight's principal directions.
+AInit = Literal["random", "principal"]
+A_INITS: tuple[AInit, ...] = ("random", "principal")
+#: Column norm of a principal A: about that of the random A (uniform in ±1/√in has an
+#: expected column norm of 1/√3 ≈ 0.58), so alpha and the learning rate keep their meaning.
+_PRINCIPAL_A_NORM = 0.6
+
 Loss = Literal["cross_entropy", "mse"]
 Optimizer = Literal["adamw", "sgd"]
 _LABEL_INPUTS: dict[str, str] = {"cross_entropy": "labels", "mse": "target"}
@@ -121,10 +133,13 @@ class ArtifactConfig:
     run-time inputs).
 
     ``targets``: glob patterns over weight names (as the serving config). ``freeze_a``:
-    train B only, A stays its random initial value. ``private``: per-example clip +
-    noise graph; False builds the plain non-private graph. ``output``: the model output
-    the loss reads (default: the first). ``init_seed``: seed of A's random initial value
-    (B starts at zero, as PEFT does).
+    train B only, A stays at its initial value. ``private``: per-example clip + noise
+    graph; False builds the plain non-private graph. ``output``: the model output the
+    loss reads (default: the first). ``init_seed``: seed of A's random initial value
+    (B starts at zero, as PEFT does). ``a_init``: ``"random"`` (PEFT's init) or
+    ``"principal"`` (each target's A is the top-``rank`` left singular vectors of its base
+    weight, scaled to column norm 0.6: computed from the public base model only, so it
+    costs no privacy; ``rank`` must not exceed any target's ``in_features``).
     """
 
     targets: tuple[str, ...]
@@ -138,6 +153,7 @@ class ArtifactConfig:
     optimizer: Optimizer = "adamw"
     weight_decay: float = 0.0
     init_seed: int = 0
+    a_init: AInit = "random"
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -155,6 +171,8 @@ class ArtifactConfig:
             raise ValueError(f"ArtifactConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.optimizer == "sgd" and self.weight_decay:
             raise ValueError("ArtifactConfig.weight_decay is only supported with optimizer 'adamw'")
+        if self.a_init not in A_INITS:
+            raise ValueError(f"ArtifactConfig.a_init must be one of {list(A_INITS)}, got {self.a_init!r}")
 
     @property
     def scale(self) -> float:
@@ -267,16 +285,50 @@ def build_artifacts(
     return _read_meta(final, config)
 
 
-def _initial_lora(targets: Sequence[LoraTarget], config: ArtifactConfig) -> dict[str, LoraWeights]:
-    # PEFT's default: A ~ kaiming-uniform (bound 1/sqrt(in)), B = 0, so training starts
-    # from the base model's outputs.
+def _initial_lora(
+    model: onnx.ModelProto, targets: Sequence[LoraTarget], config: ArtifactConfig
+) -> dict[str, LoraWeights]:
+    """A per ``config.a_init``, B = 0, so training starts from the base model's outputs."""
     rng = np.random.default_rng(config.init_seed)
+    inits = {i.name: i for i in model.graph.initializer} if config.a_init == "principal" else {}
     init = {}
     for t in targets:
-        bound = 1.0 / np.sqrt(t.in_features)
-        a = rng.uniform(-bound, bound, size=(t.in_features, config.rank)).astype(np.float32)
+        if config.a_init == "principal":
+            weight = numpy_helper.to_array(inits[t.weight])
+            a = _principal_a(weight.T if t.transposed else weight, config.rank, rng, name=t.weight)
+        else:
+            # PEFT's default: A ~ kaiming-uniform (bound 1/sqrt(in)).
+            bound = 1.0 / np.sqrt(t.in_features)
+            a = rng.uniform(-bound, bound, size=(t.in_features, config.rank)).astype(np.float32)
         init[t.weight] = LoraWeights(a, np.zeros((config.rank, t.out_features), np.float32))
     return init
+
+
+def _principal_a(weight: np.ndarray, rank: int, rng: np.random.Generator, *, name: str) -> np.ndarray:
+    """A ``[in, rank]`` whose columns are the top left singular vectors of ``weight``
+    (``[in, out]``, the ``x·W`` orientation), times :data:`_PRINCIPAL_A_NORM`: the input
+    directions the frozen layer responds to most. Past ``min(in, out)`` singular vectors
+    the columns continue with a random orthonormal complement (from ``rng``). Each
+    column's sign is fixed (its largest entry positive), so the result does not depend
+    on the LAPACK build.
+    """
+    fan_in = weight.shape[0]
+    if rank > fan_in:
+        raise ValueError(
+            f"a_init 'principal' needs rank <= the in_features of every target, but {name!r} has {fan_in} "
+            f"inputs and rank is {rank} (A cannot have more orthonormal columns than rows); lower trainer.rank "
+            "or use a_init: random"
+        )
+    u = np.linalg.svd(weight.astype(np.float64), full_matrices=False)[0]
+    k = min(rank, u.shape[1])
+    a = np.empty((fan_in, rank))
+    a[:, :k] = u[:, :k]
+    if k < rank:
+        extra = rng.standard_normal((fan_in, rank - k))
+        extra -= u @ (u.T @ extra)
+        a[:, k:] = np.linalg.qr(extra)[0]
+    signs = np.sign(a[np.abs(a).argmax(axis=0), np.arange(rank)])  # unit columns: never 0
+    return (a * signs * _PRINCIPAL_A_NORM).astype(np.float32)
 
 
 def _portable_per_example() -> str:
@@ -307,7 +359,7 @@ def _generate_portable(
 ) -> dict[str, Any]:
     from .portable_graph import build_step_graphs
 
-    init = _initial_lora(targets, config)
+    init = _initial_lora(model, targets, config)
     trainable, frozen = _split_trainable(targets, config, init)
     label_input = _LABEL_INPUTS[config.loss]
     outputs = [o.name for o in model.graph.output]
@@ -347,7 +399,7 @@ def _generate(
 ) -> dict[str, Any]:
     ort_training = _load_ort_training()
     onnxblock, artifacts = ort_training.onnxblock, ort_training.artifacts
-    init = _initial_lora(targets, config)
+    init = _initial_lora(model, targets, config)
     trainable, frozen = _split_trainable(targets, config, init)
     trainable_names = [name for name, _ in trainable]
 

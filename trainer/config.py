@@ -207,7 +207,12 @@ class AdapterTrainingConfig(ConfigModel):
     rank: int = Field(8, ge=1, description="LoRA rank r of the adapter trained.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / r, or alpha / sqrt(r) with use_rslora).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    freeze_a: bool = Field(False, description="Train B only (A stays at its random init).")
+    freeze_a: bool = Field(False, description="Train B only (A stays at its initial value: a_init).")
+    a_init: Literal["random", "principal"] = Field(
+        "random", description="Initial value of LoRA A (B starts at zero): random (PEFT's kaiming-uniform, seeded by "
+                              "init_seed) or principal (each target's top-rank left singular vectors of its frozen "
+                              "base weight, columns of norm 0.6; read from the public base model only, so it costs no "
+                              "privacy; needs rank <= every target's in_features).")
     learning_rate: float = Field(0.01, gt=0, description="Optimiser step size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser of the LoRA weights.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (needs optimizer: adamw).")

@@ -80,7 +80,7 @@ def artifact_config_for(service: AdapterService, c: AdapterTrainingConfig) -> Ar
         targets=tuple(t.weight for t in service.engine.targets),
         rank=c.rank, alpha=c.alpha, use_rslora=c.use_rslora, freeze_a=c.freeze_a, private=True,
         loss=c.loss, output=loss_output(service, c).name, optimizer=c.optimizer, weight_decay=c.weight_decay,
-        init_seed=c.init_seed,
+        init_seed=c.init_seed, a_init=c.a_init,
     )
 
 
@@ -142,6 +142,8 @@ def _key_of(message: str) -> str:
         return "trainer.output"
     if "gradient rule" in message:
         return "trainer.backend"
+    if "a_init 'principal' needs rank" in message:
+        return "trainer.rank"
     return "model.targets"
 
 

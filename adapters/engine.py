@@ -127,6 +127,10 @@ class InferenceEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
+        # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
+        # after one 8k-token call), while without it the memory goes back (with
+        # malloc_trim, daemon/memory.py); measured no slower on MiniLM or the demo MLP.
+        options.enable_cpu_mem_arena = False
         if not allow_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The fused form (shared A products, adds folded into bias adds and Gemms): the

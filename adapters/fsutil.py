@@ -6,11 +6,34 @@ or the new content, never a torn file.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "fsync_dir", "atomic_replace_dir"]
+__all__ = ["atomic_write_bytes", "fsync_dir", "atomic_replace_dir", "disk_full", "free_bytes"]
+
+#: What a full filesystem answers a write with (no space, or the user's quota).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it was raised from, says the filesystem is full."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``path``."""
+    return int(shutil.disk_usage(path).free)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

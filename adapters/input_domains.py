@@ -23,6 +23,7 @@ _INTEGER_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, Tenso
 #: Ops that pass an index tensor on unchanged in value.
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"}
 _MASK_NAMES = ("attention_mask",)
+_MASK_WHAT = "a mask"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class InputDomain:
 
     def describe(self) -> str:
         return f"{self.low}..{self.high} ({self.what})"
+
+    @property
+    def is_mask(self) -> bool:
+        return self.what == _MASK_WHAT
 
 
 def input_domains(model: onnx.ModelProto) -> dict[str, InputDomain]:
@@ -50,7 +55,7 @@ def input_domains(model: onnx.ModelProto) -> dict[str, InputDomain]:
         if vi.name in inits or vi.type.tensor_type.elem_type not in _INTEGER_TYPES:
             continue
         if vi.name in _MASK_NAMES:
-            domains[vi.name] = InputDomain(0, 1, "a mask")
+            domains[vi.name] = InputDomain(0, 1, _MASK_WHAT)
             continue
         rows = _table_rows(vi.name, consumers, inits)
         if rows is not None:

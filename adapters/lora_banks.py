@@ -154,6 +154,7 @@ class AdapterBanks:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
+        options.enable_cpu_mem_arena = False  # as the engine's session (engine.py says why)
         try:
             self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=list(providers))
         except Exception as e:  # ORT raises its own untyped errors for invalid graphs

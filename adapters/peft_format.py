@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _load_safetensors
 from safetensors.numpy import save as _save_safetensors
 
+from .bounded_json import JsonInputError, loads_bounded
 from .errors import InvalidAdapterError
 from .fsutil import atomic_write_bytes, fsync_dir
 from .lora import LoraAdapter, LoraWeights
@@ -34,6 +35,7 @@ __all__ = [
     "CONFIG_FILE",
     "FINGERPRINT_KEY",
     "DEFAULT_PREFIX",
+    "MAX_HEADER_BYTES",
     "load_peft",
     "dump_peft",
     "save_peft",
@@ -58,13 +60,9 @@ def _weight_of(module: str) -> str:
 
 def _parse_config(raw: bytes) -> dict[str, Any]:
     try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
-    except RecursionError:
-        raise InvalidAdapterError(f"{CONFIG_FILE} is nested too deeply to be an adapter config") from None
-    except ValueError as e:  # an integer literal beyond Python's digit limit
-        raise InvalidAdapterError(f"{CONFIG_FILE} holds a number lorad cannot read: {e}") from None
+        config = loads_bounded(raw, what=CONFIG_FILE)
+    except JsonInputError as e:  # invalid, not UTF-8, nested past MAX_JSON_DEPTH, unreadable number
+        raise InvalidAdapterError(str(e)) from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
@@ -85,23 +83,94 @@ def _parse_config(raw: bytes) -> dict[str, Any]:
     return config
 
 
-def _header_metadata(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (the numpy loader drops it)."""
+#: Bytes a safetensors header may take: a LoRA adapter of thousands of tensors needs a few
+#: hundred KiB (about 150 bytes a tensor); the format's own reader allows 100 MB.
+MAX_HEADER_BYTES = 8 << 20
+#: safetensors dtype → bytes per element, for the dtypes an adapter may hold.
+_DTYPE_BYTES = {"F16": 2, "F32": 4, "F64": 8}
+#: The numpy names of safetensors dtypes, for messages.
+_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
+                "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64",
+                "F64": "float64", "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_header(raw: bytes) -> dict[str, str]:
+    """Check a safetensors file's layout and return its ``__metadata__`` (the numpy loader drops it).
+
+    Before any tensor is read: the header length is within :data:`MAX_HEADER_BYTES` and
+    the file; the header is a JSON object (nested at most MAX_JSON_DEPTH) whose metadata
+    maps strings to strings; every tensor has a float dtype, a shape of non-negative
+    integers and ``data_offsets`` inside the data; the dtype and shape agree with the
+    byte length; and the tensors cover the data exactly, without overlaps or gaps (as
+    the format requires). Every refusal names the tensor.
+    """
     if len(raw) < 8:
         raise InvalidAdapterError(f"{WEIGHTS_FILE} is truncated: {len(raw)} bytes, a header needs at least 8")
     (size,) = struct.unpack("<Q", raw[:8])
+    if size > MAX_HEADER_BYTES:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE} declares a header of {size} bytes; lorad reads headers of at most {MAX_HEADER_BYTES} bytes")
     if size > len(raw) - 8:
         raise InvalidAdapterError(f"{WEIGHTS_FILE} is truncated: header of {size} bytes, file has {len(raw) - 8}")
     try:
-        header = json.loads(raw[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{WEIGHTS_FILE} has a corrupt header: {e}") from e
-    except RecursionError:
-        raise InvalidAdapterError(f"{WEIGHTS_FILE} has a header nested too deeply to be a safetensors header") from None
-    except ValueError as e:  # an integer literal beyond Python's digit limit
-        raise InvalidAdapterError(f"{WEIGHTS_FILE} has a corrupt header: {e}") from None
-    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        header = loads_bounded(raw[8 : 8 + size], what=f"{WEIGHTS_FILE} header")
+    except JsonInputError as e:
+        raise InvalidAdapterError(str(e)) from None
+    if not isinstance(header, dict):
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} header must be a JSON object, got {type(header).__name__}")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidAdapterError(f"{WEIGHTS_FILE}: '__metadata__' must map names to strings")
+    data_bytes = len(raw) - 8 - size
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        spans.append(_tensor_span(key, info, data_bytes))
+    spans.sort()
+    end, last = 0, None
+    for begin, stop, key in spans:
+        if begin < end:
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: tensor {key!r} (bytes {begin}..{stop}) overlaps tensor {last!r} (which ends at {end})")
+        if begin > end:
+            after = f"after tensor {last!r}" if last is not None else "at the start of the data"
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: bytes {end}..{begin} {after} belong to no tensor (tensor {key!r} starts at {begin});"
+                " safetensors data holds its tensors without gaps")
+        end, last = stop, key
+    if end != data_bytes:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE}: {data_bytes - end} bytes after the last tensor"
+            f"{f' {last!r}' if last is not None else ''} belong to no tensor; safetensors data holds its tensors without gaps")
+    return {str(k): v for k, v in meta.items()}
+
+
+def _tensor_span(key: str, info: object, data_bytes: int) -> tuple[int, int, str]:
+    """(begin, end, key) of one header entry, checked against the data's length."""
+    if not isinstance(info, dict):
+        raise InvalidAdapterError(f"{WEIGHTS_FILE}: tensor {key!r} must be an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        shown = _DTYPE_NAMES.get(dtype, repr(dtype)) if isinstance(dtype, str) else repr(dtype)
+        raise InvalidAdapterError(f"{WEIGHTS_FILE}: tensor {key!r} has dtype {shown}; allowed: float16, float32, float64")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidAdapterError(f"{WEIGHTS_FILE}: tensor {key!r} has shape {shape!r}; a shape is a list of integers >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE}: tensor {key!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_bytes:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE} is truncated or corrupt: tensor {key!r} ends at byte {end} of the data, which has {data_bytes} bytes")
+    need = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if need != end - begin:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE}: tensor {key!r} of dtype {dtype} and shape {shape} needs {need} bytes,"
+            f" its data_offsets give {end - begin}")
+    return begin, end, key
 
 
 def load_peft(
@@ -123,7 +192,7 @@ def load_peft(
         raise InvalidAdapterError(f"adapter is missing {', '.join(missing)}; a PEFT adapter has {WEIGHTS_FILE} and {CONFIG_FILE}")
     config = _parse_config(files[CONFIG_FILE])
     raw = files[WEIGHTS_FILE]
-    metadata = _header_metadata(raw)
+    metadata = _read_header(raw)
     try:
         tensors = _load_safetensors(raw)
     except (SafetensorError, ValueError, TypeError) as e:

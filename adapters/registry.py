@@ -15,16 +15,33 @@ readable. Version numbers come from a durable high-water mark so that a number i
 handed out twice, even after prunes or a delete: OTA and the trainer rely on versions of a
 name only ever going up.
 
-One process (the daemon) owns a root: opening it removes what an interrupted write left.
+A new adapter appears the same way: its directory is built in the staging area with its
+first version and its pointer, and becomes visible by one rename, so a creation killed
+half-way leaves nothing under its name.
+
+One process (the daemon) owns a root: opening it removes what an interrupted write left
+(and an empty adapter directory an older lorad left when killed while creating one), and
+logs every damaged adapter.
+
+Damage: a pointer that is not a version number, names a version that is not stored or is a
+symbolic link; a ``lorad.json`` missing, truncated or not describing its directory; an
+adapter file missing, of another size than recorded or (found when it is read) of another
+sha256. Every read checks what it touches and raises :class:`AdapterDamagedError` naming the
+adapter, the reason and the sound versions a rollback can go to; the other adapters are not
+affected. A new version (put), a rollback to a sound version (set_current) or a delete
+repairs it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -35,7 +52,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
-from lorad.adapters.errors import AdapterNotFoundError, AdapterStorageError
+from lorad.adapters.errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageError
 from lorad.adapters.fsutil import atomic_replace_dir, atomic_write_bytes, fsync_dir
 from lorad.adapters.names import NAME_RULE
 
@@ -52,13 +69,16 @@ _CHUNK = 1 << 20
 _MAX_SMALL_FILE = 1 << 20  # pointer, high-water mark and lorad.json are tiny
 _POINTER = "current"
 
+_log = logging.getLogger(__name__)
+
 _crash_points: Callable[[str], None] | None = None
 """Fault-injection seam, for tests/fault only; None in production.
 
 When set, it is called with the name of each step of the write protocol right after the
 step completed: "hwm", "file" (once per file staged), "staged", "renamed", "current",
-"trashed" (a directory moved to the trash, before it is removed) and "pruned". The crash
-tests set it in a child process to SIGKILL itself after a chosen step.
+"trashed" (a directory moved to the trash, before it is removed) and "pruned"; for a new
+adapter "renamed" is the rename that moves it in whole, pointer included. The crash tests
+set it in a child process to SIGKILL itself after a chosen step.
 """
 
 
@@ -112,18 +132,37 @@ def _storage_errors(what: str) -> Iterator[None]:
         raise AdapterStorageError(f"{what}: {e}") from e
 
 
+class _Corrupt(Exception):
+    """A stored file is not what the registry wrote; the public methods raise it as
+    :class:`AdapterDamagedError`. ``version``: the stored version it concerns, if known."""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 def _read_small(path: Path) -> bytes:
-    with open(path, "rb") as f:
+    """A pointer, high-water mark or lorad.json: a regular file (never followed through a
+    symbolic link) of at most ``_MAX_SMALL_FILE`` bytes. FileNotFoundError when absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _Corrupt(f"{path} is a symbolic link; the registry writes regular files only") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _Corrupt(f"{path} is not a regular file")
         data = f.read(_MAX_SMALL_FILE + 1)
     if len(data) > _MAX_SMALL_FILE:
-        raise AdapterStorageError(f"{path} is corrupt: larger than {_MAX_SMALL_FILE} bytes")
+        raise _Corrupt(f"{path} is corrupt: larger than {_MAX_SMALL_FILE} bytes")
     return data
 
 
 def _parse_number(path: Path, data: bytes) -> int:
     text = data.decode("ascii", errors="replace").strip()
     if not _VERSION_RE.fullmatch(text):
-        raise AdapterStorageError(f"{path} is corrupt: {text[:40]!r} is not a version number")
+        raise _Corrupt(f"{path} is corrupt: {text[:40]!r} is not a version number")
     return int(text)
 
 
@@ -149,10 +188,14 @@ class AdapterRegistry:
         self._staging = self.root / ".staging"
         self._trash = self.root / ".trash"
         self._hwm = self.root / ".hwm"
+        #: Files whose sha256 did not match when read: path -> (size, mtime_ns, reason), so
+        #: that listing shows them damaged until the file changes (listing hashes nothing).
+        self._bad_digests: dict[Path, tuple[int, int, str]] = {}
         with _storage_errors(f"cannot open adapter registry at {self.root}"):
             for d in (self.root, self._staging, self._trash, self._hwm):
                 d.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()
+        self._log_damaged()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -182,14 +225,19 @@ class AdapterRegistry:
 
         with self._lock, _storage_errors(f"cannot store adapter {name!r}"):
             adir = self.root / name
-            previous = self._read_current(name)
+            previous = self._previous(name)
             version = self._allocate_version(name)
             staging = self._staging / f"{name}.{version}.{uuid.uuid4().hex}"
+            # A new adapter is built whole (first version and pointer) and moved in by one rename.
+            create = not adir.is_dir()
+            vstage = staging / str(version) if create else staging
             try:
-                staging.mkdir()
+                vstage.mkdir(parents=True)
                 for filename, data in files.items():
-                    with open(staging / filename, "xb") as f:
+                    with open(vstage / filename, "xb") as f:
                         f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
                     _step("file")
                 record = {
                     "format": _FORMAT,
@@ -199,17 +247,23 @@ class AdapterRegistry:
                     "files": {f: {"sha256": digests[f], "size": len(d)} for f, d in files.items()},
                     "meta": user_meta,
                 }
-                (staging / META_FILE).write_bytes(json.dumps(record, indent=1).encode())
+                with open(vstage / META_FILE, "xb") as f:
+                    f.write(json.dumps(record, indent=1).encode())
+                    f.flush()
+                    os.fsync(f.fileno())
                 _step("staged")
-                if not adir.is_dir():
-                    adir.mkdir()
-                    fsync_dir(self.root)
-                atomic_replace_dir(staging, adir / str(version))
+                if create:
+                    fsync_dir(vstage)
+                    atomic_write_bytes(staging / _POINTER, f"{version}\n".encode())
+                    atomic_replace_dir(staging, adir)
+                else:
+                    atomic_replace_dir(staging, adir / str(version))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             _step("renamed")
-            self._write_current(name, version)
+            if not create:
+                self._write_current(name, version)
             _step("current")
             self._prune(name, version, previous)
             _step("pruned")
@@ -219,11 +273,11 @@ class AdapterRegistry:
         """Make an existing version current (rollback or roll-forward), atomically."""
         _check_name(name)
         _check_version(version)
-        with self._lock, _storage_errors(f"cannot set current version of adapter {name!r}"):
+        with self._lock, _storage_errors(f"cannot set current version of adapter {name!r}"), self._checked(name):
             vdir = self.root / name / str(version)
             if not vdir.is_dir():
-                raise AdapterNotFoundError(name, version)
-            self._read_record(name, version, vdir)
+                raise AdapterNotFoundError(name, version, stored=self._version_dirs(name))
+            self._read_record(name, version, vdir)  # a damaged version is refused (AdapterDamagedError)
             self._write_current(name, version)
 
     def delete(self, name: str) -> None:
@@ -238,20 +292,16 @@ class AdapterRegistry:
     # -- reading -------------------------------------------------------------------------
 
     def get(self, name: str, version: int | None = None) -> StoredAdapter:
-        """Describe ``version`` of ``name`` (the current one when None)."""
+        """Describe ``version`` of ``name`` (the current one when None), checked: its
+        lorad.json sound, its files present with their recorded sizes. AdapterDamagedError
+        when that fails (or the pointer is damaged)."""
         _check_name(name)
-        with self._lock, _storage_errors(f"cannot read adapter {name!r}"):
+        with self._lock, _storage_errors(f"cannot read adapter {name!r}"), self._checked(name):
             if version is None:
-                current = self._read_current(name)
+                current = self._current(name)
                 if current is None:
                     raise AdapterNotFoundError(name)
-                vdir = self.root / name / str(current)
-                if not vdir.is_dir():
-                    raise AdapterStorageError(
-                        f"adapter {name!r}: {self.root / name / _POINTER} names version"
-                        f" {current} but {vdir} is missing"
-                    )
-                version = current
+                version, vdir = current
             else:
                 _check_version(version)
                 vdir = self.root / name / str(version)
@@ -274,18 +324,22 @@ class AdapterRegistry:
                 f = open(path, "rb")  # noqa: SIM115 - opened under the error mapping, closed by the with below
         with f, _storage_errors(f"cannot read {path}"):
             data, digest = self._read_limited(f, path)
+            seen = os.fstat(f.fileno())
         if digest != stored.sha256[filename]:
-            raise AdapterStorageError(
-                f"{path} is corrupt: sha256 {digest} does not match {stored.sha256[filename]}"
-                f" recorded when version {stored.version} of {name!r} was stored"
-            )
+            reason = (f"{path} is corrupt: sha256 {digest} does not match {stored.sha256[filename]}"
+                      f" recorded when version {stored.version} of {name!r} was stored")
+            with self._lock, _storage_errors(f"cannot read adapter {name!r}"):
+                self._bad_digests[path] = (seen.st_size, seen.st_mtime_ns, reason)
+                raise self._damaged(name, reason, stored.version)
         return data
 
     def current_version(self, name: str) -> int | None:
-        """The current version of ``name``, None when there is no such adapter."""
+        """The current version of ``name``, None when there is no such adapter;
+        AdapterDamagedError when its pointer is damaged or names a version not stored."""
         _check_name(name)
-        with self._lock, _storage_errors(f"cannot read adapter {name!r}"):
-            return self._read_current(name)
+        with self._lock, _storage_errors(f"cannot read adapter {name!r}"), self._checked(name):
+            current = self._current(name)
+            return None if current is None else current[0]
 
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name``, ascending; empty when there is no such adapter."""
@@ -294,15 +348,29 @@ class AdapterRegistry:
             return self._version_dirs(name)
 
     def names(self) -> list[str]:
-        """Adapters that have a current version, sorted."""
+        """Stored adapters, sorted: sound or damaged (:meth:`get` tells which)."""
         with self._lock, _storage_errors(f"cannot list {self.root}"):
-            return sorted(
-                e.name
-                for e in self.root.iterdir()
-                if _NAME_RE.fullmatch(e.name) and (e / _POINTER).is_file()
-            )
+            return sorted(e.name for e in self.root.iterdir() if _NAME_RE.fullmatch(e.name) and e.is_dir())
 
     # -- helpers (lock held) -------------------------------------------------------------
+
+    @contextmanager
+    def _checked(self, name: str) -> Iterator[None]:
+        """Raise what :class:`_Corrupt` found as the adapter's AdapterDamagedError."""
+        try:
+            yield
+        except _Corrupt as e:
+            raise self._damaged(name, str(e), e.version) from None
+
+    def _damaged(self, name: str, reason: str, version: int | None) -> AdapterDamagedError:
+        sound = []
+        for v in self._version_dirs(name):
+            try:
+                self._read_record(name, v, self.root / name / str(v))
+            except (_Corrupt, OSError):
+                continue
+            sound.append(v)
+        return AdapterDamagedError(name, reason, version=version, sound_versions=sound)
 
     def _read_current(self, name: str) -> int | None:
         path = self.root / name / _POINTER
@@ -311,6 +379,32 @@ class AdapterRegistry:
         except FileNotFoundError:
             return None
         return _parse_number(path, data)
+
+    def _current(self, name: str) -> tuple[int, Path] | None:
+        """The current version and its directory; None when there is no such adapter."""
+        adir = self.root / name
+        version = self._read_current(name)
+        if version is None:
+            stored = self._version_dirs(name)
+            if stored:
+                raise _Corrupt(f"{adir / _POINTER} is missing; stored versions: {stored}")
+            return None
+        vdir = adir / str(version)
+        if vdir.is_symlink():
+            raise _Corrupt(f"{vdir} is a symbolic link; the registry writes directories only", version)
+        if not vdir.is_dir():
+            raise _Corrupt(f"{adir / _POINTER} names version {version} but {vdir} is missing", version)
+        return version, vdir
+
+    def _previous(self, name: str) -> int | None:
+        """The version a put replaces; None when there is none or the pointer is damaged
+        (the new version repairs it)."""
+        try:
+            current = self._current(name)
+        except _Corrupt as e:
+            _log.warning("adapter %r: %s; the new version replaces the damaged pointer", name, e)
+            return None
+        return None if current is None else current[0]
 
     def _write_current(self, name: str, version: int) -> None:
         atomic_write_bytes(self.root / name / _POINTER, f"{version}\n".encode())
@@ -321,6 +415,11 @@ class AdapterRegistry:
             hwm = _parse_number(path, _read_small(path))
         except FileNotFoundError:
             hwm = 0
+        except _Corrupt as e:
+            raise AdapterStorageError(
+                f"{e}: the highest version ever handed out for {name!r} is unknown, so a new version could"
+                f" repeat an old number; write into it a number at least as high as any version of {name!r}"
+                " ever stored") from None
         version = max([hwm, *self._version_dirs(name)]) + 1
         atomic_write_bytes(path, f"{version}\n".encode())
         _step("hwm")
@@ -350,20 +449,28 @@ class AdapterRegistry:
         os.rename(path, trashed)
         fsync_dir(path.parent)
         _step("trashed")
-        shutil.rmtree(trashed)
+        if trashed.is_symlink():
+            trashed.unlink()
+        else:
+            shutil.rmtree(trashed)
 
     def _read_record(self, name: str, version: int, vdir: Path) -> StoredAdapter:
+        """The version's lorad.json, checked, with its files present at their recorded sizes."""
         path = vdir / META_FILE
         try:
             record = json.loads(_read_small(path))
-        except FileNotFoundError as e:
-            raise AdapterStorageError(f"{vdir} is corrupt: {META_FILE} is missing") from e
-        except ValueError as e:
-            raise AdapterStorageError(f"{path} is corrupt: {e}") from e
+        except FileNotFoundError:
+            raise _Corrupt(f"{vdir} is corrupt: {META_FILE} is missing", version) from None
+        except _Corrupt as e:
+            raise _Corrupt(str(e), version) from None
+        except (ValueError, RecursionError) as e:
+            raise _Corrupt(f"{path} is corrupt: {e}", version) from None
         problem = _record_problem(record, name, version)
         if problem:
-            raise AdapterStorageError(f"{path} is corrupt: {problem}")
+            raise _Corrupt(f"{path} is corrupt: {problem}", version)
         files = record["files"]
+        for filename, entry in files.items():
+            self._check_file(vdir / filename, entry.get("size"), version)
         return StoredAdapter(
             name=name,
             version=version,
@@ -373,6 +480,22 @@ class AdapterRegistry:
             sha256=MappingProxyType({f: v["sha256"] for f, v in files.items()}),
             created=float(record["created"]),
         )
+
+    def _check_file(self, path: Path, size: object, version: int) -> None:
+        """Present, a regular file, of the recorded size, and not known to hash wrong."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise _Corrupt(f"{path} is missing", version) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _Corrupt(f"{path} is not a regular file", version)
+        if isinstance(size, int) and st.st_size != size:
+            raise _Corrupt(f"{path} has {st.st_size} bytes, {META_FILE} records {size} (truncated or replaced)", version)
+        bad = self._bad_digests.get(path)
+        if bad is not None:
+            if bad[:2] == (st.st_size, st.st_mtime_ns):
+                raise _Corrupt(bad[2], version)
+            del self._bad_digests[path]  # changed since: hashed again when next read
 
     def _read_limited(self, f: BinaryIO, path: Path) -> tuple[bytes, str]:
         """Read at most ``max_file_bytes``, hashing as it streams in."""
@@ -401,6 +524,23 @@ class AdapterRegistry:
             if d.is_dir():
                 for tmp in d.glob(".*.tmp"):
                     tmp.unlink()
+        for adir in self.root.iterdir():
+            # An older lorad created the directory before its first version: killed between
+            # the two, it left the directory empty. Nothing was ever stored there.
+            if _NAME_RE.fullmatch(adir.name) and adir.is_dir() and not adir.is_symlink() and not any(adir.iterdir()):
+                adir.rmdir()
+                fsync_dir(self.root)
+                _log.warning("removed %s: an empty adapter directory left by a creation that was interrupted", adir)
+
+    def _log_damaged(self) -> None:
+        """Say at start which adapters are damaged (they are listed so, and never served)."""
+        for name in self.names():
+            try:
+                self.get(name)
+            except AdapterNotFoundError:
+                continue
+            except AdapterStorageError as e:
+                _log.warning("%s", e)
 
 
 def _record_problem(record: object, name: str, version: int) -> str | None:

@@ -24,22 +24,23 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 
 from .cache import AdapterCache, CacheEntryInfo, CacheEvent
 from .composition import AdapterWeight, compose
 from .engine import InferenceEngine, PreparedAdapter
-from .errors import AdapterNotFoundError, InvalidAdapterError
+from .errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
 from .micro_batcher import MicroBatcher
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, StoredAdapter
+from .request_cost import RequestCost, RequestLimits
 from .text_input import TextFrontEnd
 
-__all__ = ["AdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService", "Arrival", "Target"]
+__all__ = ["AdapterInfo", "DamagedAdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService", "Arrival", "Target"]
 
 #: What a request runs with: the base model (None), a stored adapter by name, a weighted
 #: composition, or an unstored candidate (the validation gate's).
@@ -56,6 +57,26 @@ class AdapterInfo:
     bytes: int
     cached: bool
     pinned: bool
+    state: Literal["ready"] = "ready"
+
+
+@dataclass(frozen=True)
+class DamagedAdapterInfo:
+    """A stored adapter that failed its check on disk (:class:`AdapterDamagedError`): listed,
+    never served. ``reason`` may name state paths (the HTTP API shows it only to
+    authenticated callers)."""
+
+    name: str
+    #: The damaged version; None when the pointer to the current one cannot be read.
+    version: int | None
+    reason: str
+    #: Stored versions that pass the check: what a rollback can go to.
+    versions: tuple[int, ...]
+    rank: None = None
+    bytes: None = None
+    cached: bool = False
+    pinned: bool = False
+    state: Literal["damaged"] = "damaged"
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,7 @@ class AdapterService:
         text: TextFrontEnd | None = None,
         batcher: MicroBatcher | None = None,
         load_hook: Callable[[str, int], None] | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         """``batcher`` gathers concurrent calls into banked batches (None: one engine call
         per request). ``load_hook(name, version)`` runs when a cache miss has chosen the
@@ -136,6 +158,8 @@ class AdapterService:
         changes)."""
         self.engine = engine
         self.batcher = batcher
+        #: What a request costs (tokens or rows), its limit and its chunks (request_cost.py).
+        self.cost = RequestCost(engine.inputs, engine.input_domains, limits or RequestLimits())
         #: For a model that declares a tokenizer: strings in, token tensors to the engine.
         self.text = text
         self.registry = registry
@@ -182,8 +206,18 @@ class AdapterService:
         return self.decode(self.run(self.encode(inputs), adapter))
 
     def run(self, tensors: Mapping[str, np.ndarray], adapter: Target = None) -> InferResult:
-        """Model tensors through the base model, an adapter, a composition or a candidate."""
-        return self.submit(tensors, adapter).result()
+        """Model tensors through the base model, an adapter, a composition or a candidate.
+
+        A request above one chunk (request_cost.py) runs as consecutive calls of one chunk
+        each, under one lease (every chunk sees the same version), and its outputs are
+        joined: the memory it holds is one chunk's, whatever its size. Its chunks run on
+        the engine in the caller's thread, not through the batcher, whose one thread
+        would make every small request wait behind them."""
+        if not self.cost.is_chunked(tensors):
+            return self.submit(tensors, adapter).result()
+        with self.serving(adapter) as serving:
+            parts = [self.engine.run(chunk, serving.prepared) for chunk in self.cost.chunks(tensors)]
+        return serving.result({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
 
     def announce(self) -> Arrival:
         """Tell the batcher a request is on its way (see :class:`Arrival`)."""
@@ -395,18 +429,30 @@ class AdapterService:
             pinned=cached is not None and cached.pinned,
         )
 
-    def list_adapters(self) -> list[AdapterInfo]:
+    def list_adapters(self) -> list[AdapterInfo | DamagedAdapterInfo]:
+        """Every stored adapter; one that fails its check on disk is listed as damaged."""
         entries = self._cache_entries()
-        infos = []
+        infos: list[AdapterInfo | DamagedAdapterInfo] = []
         for name in self.registry.names():
             try:
                 infos.append(self._info(self.registry.get(name), entries))
             except AdapterNotFoundError:
                 continue  # deleted while listing
+            except AdapterStorageError as e:  # this adapter only: the others list as they are
+                infos.append(self._damaged(name, e))
         return infos
 
+    def _damaged(self, name: str, e: AdapterStorageError) -> DamagedAdapterInfo:
+        if isinstance(e, AdapterDamagedError):
+            self.cache.discard(name)  # a copy cached before the damage is not served either
+            return DamagedAdapterInfo(name, e.version, e.reason, e.sound_versions)
+        return DamagedAdapterInfo(name, None, str(e), ())
+
     def inspect(self, name: str) -> dict[str, object]:
-        stored = self.registry.get(name)
+        try:
+            stored = self.registry.get(name)
+        except AdapterDamagedError as e:
+            return asdict(self._damaged(name, e))
         meta = stored.meta
         alpha, use_rslora = meta.get("alpha"), bool(meta.get("use_rslora"))
         info = self._info(stored, self._cache_entries())

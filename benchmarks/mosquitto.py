@@ -1,6 +1,7 @@
-"""A real Mosquitto on a free loopback port, set up by ``loractl fleet broker init``
-(:mod:`lorad.ota.broker_setup`: mutual TLS with generated certificates, a password file, ACLs
-for exactly lorad's topics and a ``max_packet_size``), started and stopped here.
+"""A real Mosquitto on two free loopback ports (the devices' listener and the fleet tool's),
+set up by ``loractl fleet broker init`` (:mod:`lorad.ota.broker_setup`: mutual TLS with
+generated certificates, a password file per listener, ACLs for exactly lorad's topics and a
+``max_packet_size``), started and stopped here.
 
 Used by ``benchmarks/ota.py`` and by the ``broker`` fixture of ``tests/ota/conftest.py``.
 """
@@ -32,10 +33,13 @@ def available() -> bool:
     return MOSQUITTO.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Broker:
     """A running Mosquitto and the credentials of every user it knows."""
 
     dir: Path
+    #: the devices' listener (the fleet user connects to ``layout.port_of(FLEET_USER)``)
     port: int
     ca: Path
     passwords: dict[str, str]
@@ -58,15 +63,20 @@ class Broker:
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 10
+        waiting = {self.port, self.layout.port_of(self.layout.fleet_user)}  # devices' and fleet's listeners
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("mosquitto exited: " + (self.dir / "mosquitto.log").read_text()[-2000:])
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            for port in sorted(waiting):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    waiting.discard(port)
+                except OSError:
+                    pass
+            if not waiting:
                 return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not open its port within 10 s")
+            time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not open its ports {sorted(waiting)} within 10 s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -86,7 +96,7 @@ class Broker:
     def config(self, user: str, *, client_id: str | None = None, timeout_s: float = 5.0,
                will: tuple[str, bytes] | None = None, password: str | None = None,
                max_packet_size: int = 1 << 20) -> MqttConfig:
-        return MqttConfig(host="127.0.0.1", port=self.port,
+        return MqttConfig(host="127.0.0.1", port=self.layout.port_of(user),
                           client_id=client_id or f"{user}-{uuid.uuid4().hex[:8]}",
                           ca_file=self.ca, cert_file=self.layout.cert(user),
                           key_file=self.layout.key(user), username=user,
@@ -136,8 +146,9 @@ def create_broker(d: Path, *, max_packet: int, devices: Mapping[str, tuple[str, 
         raise RuntimeError(f"mosquitto is not installed ({MOSQUITTO}; .ci/setup installs the Debian package)")
     from lorad.ota.cli import main  # the operator's command, as the README walks through it
 
-    port = _free_port()
-    argv = ["fleet", "broker", "init", str(d), "--port", str(port), "--max-packet", str(max_packet),
+    port, fleet_port = _free_ports(2)
+    argv = ["fleet", "broker", "init", str(d), "--port", str(port), "--fleet-port", str(fleet_port),
+            "--max-packet", str(max_packet),
             "--days", "2", "--quiet"]
     for dev, groups in devices.items():
         argv += ["--device", f"{dev}={','.join(groups)}" if groups else dev]

@@ -26,23 +26,26 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from lorad.adapters.engine import DEVICES
-from lorad.adapters.errors import AdapterError
-from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.errors import AdapterDamagedError, AdapterError
+from lorad.adapters.fsutil import atomic_write_bytes, disk_full, free_bytes
 from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import read_peft_dir
 from lorad.adapters.registry import AdapterRegistry
+from lorad.adapters.request_cost import RequestLimits
 from lorad.adapters.service import AdapterService
 from lorad.daemon import auth
 from lorad.daemon.config import ADDR_FILE, Config
 from lorad.daemon.demo import demo_adapter_dirs
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
+from lorad.daemon.http_framing import ApiRunner
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source
 from lorad.daemon.preflight import StartupError, model_file, open_engine, text_front_end
 from lorad.daemon.systemd import SystemdNotifier
-from lorad.daemon.training_api import add_training_routes
+from lorad.daemon.training_api import TrainingDisabled, add_disabled_training_routes, add_training_routes
 from lorad.daemon.version import lorad_version
+from lorad.trainer.errors import TrainerError
 from lorad.trainer.metrics import register_trainer_metrics
 from lorad.trainer.policy import RateMeter
 from lorad.trainer.service import TrainerService
@@ -83,6 +86,8 @@ class Daemon:
         self.service: AdapterService | None = None
         self.addresses: BoundAddresses | None = None
         self._trainer: TrainerService | None = None
+        #: Why the trainer is not running although enabled (None: it runs, or is off).
+        self.training_disabled: TrainingDisabled | None = None
         self._metrics: DaemonMetrics | None = None
 
     def is_ready(self) -> bool:
@@ -136,6 +141,8 @@ class Daemon:
             on_cache_event=metrics.on_cache_event,
             text=text_front_end(cfg, engine),
             batcher=batcher,
+            limits=RequestLimits(max_request_tokens=cfg.server.max_request_tokens, chunk_tokens=cfg.server.chunk_tokens,
+                                 chunk_rows=cfg.server.chunk_rows),
         )
         metrics.watch_cache(lambda: service.cache.stats)
         self.service = service
@@ -143,6 +150,7 @@ class Daemon:
             await loop.run_in_executor(executor, _install_demo_adapters, service, cfg.state_dir / _DEMO_MARKER)
         trainer = await self._start_trainer(service, metrics, executor, power) if cfg.trainer.enabled else None
         self._trainer = trainer
+        metrics.watch_state(cfg.state_dir, training_disabled=lambda: self.training_disabled)
         await start_ota(
             cfg, service, self._stack, executor, metrics,
             epsilon=_epsilon_of(trainer) if trainer is not None else None,
@@ -157,10 +165,16 @@ class Daemon:
             max_request_bytes=cfg.server.max_request_bytes,
             ready=self.is_ready,
             max_batch_rows=cfg.server.max_batch_rows,
+            large_requests=cfg.server.large_requests,
+            queue_timeout_s=cfg.server.queue_timeout_s,
+            training_disabled=lambda: self.training_disabled,
         ))
         if trainer is not None:
             add_training_routes(app, trainer, protected, authenticated, executor=executor)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+        elif self.training_disabled is not None:
+            add_disabled_training_routes(app, self.training_disabled, protected, authenticated)
+        # ApiRunner: HTTP parser errors answer the API's JSON error too (daemon/http_framing.py).
+        runner = ApiRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
 
@@ -176,7 +190,10 @@ class Daemon:
         self.addresses = BoundAddresses(url=url, unix_socket=unix_path)
         addr_file = cfg.state_dir / ADDR_FILE
         addr_doc = {"url": url, "unix_socket": unix_path, "pid": os.getpid(), "model": cfg.model.name}
-        atomic_write_bytes(addr_file, (json.dumps(addr_doc) + "\n").encode(), mode=0o644)
+        try:
+            atomic_write_bytes(addr_file, (json.dumps(addr_doc) + "\n").encode(), mode=0o644)
+        except OSError as e:  # a full disk: serve anyway (loractl then needs --url)
+            _log.error("could not write %s (%s); loractl needs --url %s", addr_file, e, url)
         self._stack.callback(_unlink, addr_file)
 
         self._ready = True
@@ -215,14 +232,33 @@ class Daemon:
         return trainer is not None and trainer.scheduler.status()["current"] is not None
 
     async def _start_trainer(self, service: AdapterService, metrics: DaemonMetrics, executor: ThreadPoolExecutor,
-                             power: PowerSampler | None) -> TrainerService:
+                             power: PowerSampler | None) -> TrainerService | None:
+        """The trainer, or None (and :attr:`training_disabled` says why) when its state is
+        damaged or the disk is full: fail safe, not closed. Serving never depends on the
+        trainer's files; a damaged ledger must stop training (an empty one would
+        under-count ε), not inference."""
         cfg = self.config
-        trainer = await asyncio.get_running_loop().run_in_executor(executor, lambda: TrainerService(
-            cfg.trainer, adapters=service, state_dir=cfg.state_dir, request_rate=RateMeter(metrics.inference_requests),
-            power_watts=power.total_watts if power is not None else lambda: None,
-            energy_joules=power.training_joules if power is not None else None,
-            sys_root=cfg.power.sys_root,
-        ))
+        free = free_bytes(cfg.state_dir)
+        if free < _TRAINING_MIN_FREE_BYTES:
+            self.training_disabled = TrainingDisabled("disk_full", (
+                f"the filesystem of {cfg.state_dir} has {free} bytes free (training needs at least "
+                f"{_TRAINING_MIN_FREE_BYTES} for examples, checkpoints and results); free space and restart the daemon"))
+            _log.error("training is disabled, serving goes on: %s", self.training_disabled.detail,
+                       extra={"LORAD_TRAINING_DISABLED": "disk_full"})
+            return None
+        try:
+            trainer = await asyncio.get_running_loop().run_in_executor(executor, lambda: TrainerService(
+                cfg.trainer, adapters=service, state_dir=cfg.state_dir,
+                request_rate=RateMeter(metrics.inference_requests),
+                power_watts=power.total_watts if power is not None else lambda: None,
+                energy_joules=power.training_joules if power is not None else None,
+                sys_root=cfg.power.sys_root,
+            ))
+        except (TrainerError, OSError, RuntimeError) as e:
+            self.training_disabled = TrainingDisabled(_disabled_kind(e), str(e))
+            _log.error("training is disabled, serving goes on: %s", e,
+                       extra={"LORAD_TRAINING_DISABLED": self.training_disabled.kind})
+            return None
         self._stack.callback(trainer.close)
         register_trainer_metrics(self._metrics_registry, trainer)
         trainer.start()
@@ -305,7 +341,11 @@ def _refresh_adapters(service: AdapterService) -> list[str]:
     or deleted by another process); pinned ones are pinned again at the new version."""
     changed = []
     for entry in service.cache.entries():
-        current = service.registry.current_version(entry.name)
+        try:
+            current = service.registry.current_version(entry.name)
+        except AdapterDamagedError as e:  # dropped, not served again until repaired
+            _log.warning("reload: %s", e)
+            current = None
         if current == entry.version:
             continue
         service.cache.discard(entry.name)
@@ -324,12 +364,29 @@ def _ort_version() -> str:
     return str(onnxruntime.__version__)
 
 
+#: Below this much free space at start the trainer stays off (it would only fail its writes).
+_TRAINING_MIN_FREE_BYTES = 16 << 20
+
+
+def _disabled_kind(e: BaseException) -> str:
+    """The public name of why the trainer could not start (its message names files)."""
+    if disk_full(e) or "filesystem is full" in str(e):
+        return "disk_full"
+    text = str(e)
+    if text.startswith("example store") or text.startswith("cannot open example store"):
+        return "examples_damaged"
+    if text.startswith("privacy ledger") or "privacy ledger" in text.split(";")[0]:
+        return "ledger_damaged"
+    return "state_unreadable"
+
+
 def _epsilon_of(trainer: TrainerService) -> Callable[[str], float | None]:
     """ε spent per adapter for the OTA status; None for an adapter never trained here."""
 
     def epsilon(adapter: str) -> float | None:
         state = trainer.privacy_state(adapter)
-        return float(state["epsilon_spent"]) if state.get("runs") else None
+        trained = state.get("runs") or state.get("ledger_missing_runs")  # a lost ledger still reports ε
+        return float(state["epsilon_spent"]) if trained else None
 
     return epsilon
 

@@ -131,6 +131,15 @@ class ServerConfig(ConfigModel):
     max_batch_rows: int = Field(1024, ge=1, le=1 << 20, description="Rows (first dimension) one infer request may "
                                                                     "carry, and rows one batched call runs; larger "
                                                                     "requests are refused with 413 before decoding.")
+    max_request_tokens: int = Field(65536, ge=1, description="Tokens (texts × padded length) one infer request of a "
+                                    "model that reads token ids may carry; more is a 413 before the model runs.")
+    chunk_tokens: int = Field(2048, ge=1, description="Tokens one model call runs at most: a larger request runs as "
+                              "consecutive calls, so its memory is one call's whatever its size.")
+    chunk_rows: int = Field(256, ge=1, description="Rows one model call of a model without token ids runs at most "
+                            "(as chunk_tokens).")
+    large_requests: int = Field(1, ge=1, le=64, description="Requests larger than one call that run at a time; others "
+                                "wait (smaller requests never do).")
+    queue_timeout_s: float = Field(120.0, gt=0, description="How long a large request waits for its turn before a 503.")
     batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(),
                                      description="Micro-batching of concurrent infer requests.")
 

@@ -9,40 +9,49 @@ Every error answers ``{"error": "..."}`` as OIP does. ``/v2/openapi.json`` serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
 import logging
 import math
+import re
 import socket
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import yaml
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from lorad.adapters.bounded_json import JsonInputError, loads_bounded
 from lorad.adapters.composition import AdapterWeight
 from lorad.adapters.errors import (
+    AdapterDamagedError,
     AdapterNotFoundError,
     AdapterStorageError,
     CacheFullError,
     InvalidAdapterError,
+    OverloadedError,
+    RequestTooLargeError,
 )
+from lorad.adapters.fsutil import disk_full
 from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from lorad.adapters.service import AdapterService, Arrival, InferResult
 from lorad.daemon import auth, oip
+from lorad.daemon.http_framing import expect_within
 from lorad.daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
 from lorad.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from lorad.daemon.version import lorad_version
 
 __all__ = [
-    "ApiSettings", "make_app", "protected", "authenticated", "HttpError", "json_response", "read_body",
+    "ApiSettings", "make_app", "protected", "authenticated", "HttpError", "DISK_FULL_MESSAGE", "json_response", "read_body",
     "PEFT_FILES", "SERVER_NAME", "SERVER_VERSION", "EXTENSION", "infer_body_limit", "JSON_BYTES_PER_NUMBER",
 ]
 
@@ -57,6 +66,8 @@ EXTENSION = "lorad_adapters"
 PEFT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 _ACTIONS = ("load", "pin", "unpin", "evict", "rollback")
 _CHUNK = 1 << 16
+#: Bodies of the actions (``{"version": N}`` at most).
+_SMALL_BODY_BYTES = 4096
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,6 +94,12 @@ class ApiSettings:
     ready: Callable[[], bool]
     #: Rows (first dimension) one infer request may carry; bounds its memory.
     max_batch_rows: int = 1024
+    #: Requests larger than one model call (adapters/request_cost.py) that run at a time,
+    #: and how long another waits for its turn before a 503.
+    large_requests: int = 1
+    queue_timeout_s: float = 120.0
+    #: Why training could not start (an object with ``kind`` and ``detail``), else None.
+    training_disabled: Callable[[], Any] = lambda: None
 
     @property
     def model_version(self) -> str:
@@ -107,14 +124,16 @@ def make_app(settings: ApiSettings) -> web.Application:
     app.router.add_get("/v2/openapi.json", h.openapi)
     app.router.add_get(m, h.model_metadata)
     app.router.add_get(m + "/ready", h.model_ready)
-    app.router.add_post(m + "/infer", h.infer)
+    limit, setting = h._infer_limit
+    app.router.add_post(m + "/infer", h.infer, expect_handler=expect_within(limit, what="infer request", setting=setting))
     app.router.add_get(m + "/adapters", h.list_adapters)
     app.router.add_get(a, h.inspect)
-    app.router.add_put(a, protected(h.upload))
+    app.router.add_put(a, protected(h.upload), expect_handler=expect_within(settings.max_request_bytes, what="upload"))
     app.router.add_delete(a, protected(h.delete))
     app.router.add_get(a + "/files", protected(h.export))
     for action in _ACTIONS:
-        app.router.add_post(f"{a}/{action}", protected(functools.partial(h.action, action)))
+        app.router.add_post(f"{a}/{action}", protected(functools.partial(h.action, action)),
+                            expect_handler=expect_within(_SMALL_BODY_BYTES, setting="fixed"))
     app.router.add_get("/metrics", h.metrics)
     return app
 
@@ -128,6 +147,12 @@ def json_response(data: object, status: int = 200, headers: Mapping[str, str] | 
     )
 
 
+#: The answer to a write the full disk refused (nothing was half-written: every write is
+#: a temp file renamed into place, and the temp file is removed).
+DISK_FULL_MESSAGE = ("the device's disk is full: nothing was stored or changed; free space on the filesystem of the "
+                     "state directory (lorad_state_free_bytes) and retry. Serving goes on")
+
+
 def _error_status(e: BaseException, *, trusted: bool) -> tuple[int, str, Mapping[str, str] | None]:
     """Status, message and headers of an error answer.
 
@@ -138,19 +163,32 @@ def _error_status(e: BaseException, *, trusted: bool) -> tuple[int, str, Mapping
         if e.status >= 500:
             _log.error("%s", e)
         return e.status, str(e), e.headers
+    if disk_full(e):  # any write site: the registry, the trainer's files, its artifacts
+        _log.error("a write failed, the disk is full: %s", e)
+        return 507, DISK_FULL_MESSAGE, None
     if isinstance(e, oip.OIPError):
         return e.status, str(e), None
+    if isinstance(e, HttpProcessingError):  # the body's framing (chunked encoding, length) broke while it was read
+        return 400, f"malformed HTTP request body: {e.message}", None
+    if isinstance(e, ConnectionResetError):  # the client went away mid-body: its doing, and nobody reads the answer
+        _log.info("request body not read: %s", e)
+        return 400, "the connection was lost before the request body was read", None
     if isinstance(e, AdapterNotFoundError):
         return 404, str(e), None
     if isinstance(e, InvalidAdapterError):  # includes BaseModelMismatchError
         return 422, str(e), None
-    if isinstance(e, CacheFullError):
+    if isinstance(e, CacheFullError | OverloadedError):
         return 503, str(e), None
+    if isinstance(e, RequestTooLargeError):
+        return 413, str(e), None
     if isinstance(e, ValueError):
         return 400, str(e), None
     if isinstance(e, oip.NonFiniteOutputError):
         _log.error("%s", e)
         return e.status, str(e), None
+    if isinstance(e, AdapterDamagedError):  # that adapter only; its reason names state paths
+        _log.warning("%s", e)
+        return 409, e.describe(with_reason=trusted), None
     if isinstance(e, AdapterStorageError):
         _log.error("adapter storage failed: %s", e)
         return 500, str(e) if trusted else "adapter storage failed; the daemon log has the details", None
@@ -226,6 +264,16 @@ def _via_unix_socket(request: web.Request) -> bool:
 # ---------------------------------------------------------------- handlers
 
 
+@dataclass(frozen=True)
+class _Large:
+    """A decoded request that takes more than one model call."""
+
+    request: oip.InferRequest
+    adapter: str | list[AdapterWeight] | None
+    tensors: dict[str, np.ndarray]
+
+
+
 class _Handlers:
     def __init__(self, settings: ApiSettings) -> None:
         self.s = settings
@@ -233,6 +281,7 @@ class _Handlers:
         self._openapi: bytes | None = None
         self._infer_limit = infer_body_limit(settings.service.engine.inputs, settings.max_batch_rows,
                                              settings.max_request_bytes)
+        self._large: asyncio.Semaphore | None = None  # made in the event loop that serves
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.s.executor, fn, *args)
@@ -249,7 +298,12 @@ class _Handlers:
 
     async def ready(self, request: web.Request) -> web.Response:
         ok = self.s.ready()
-        return json_response({"ready": ok}, 200 if ok else 503)
+        doc: dict[str, Any] = {"ready": ok}
+        disabled = self.s.training_disabled()
+        if disabled is not None:  # serving is ready; training is not (why: with the token)
+            doc["training"] = {"disabled": disabled.kind,
+                               **({"detail": disabled.detail} if authenticated(request) else {})}
+        return json_response(doc, 200 if ok else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [EXTENSION]})
@@ -290,9 +344,15 @@ class _Handlers:
         # (adapter kind, adapter name), filled by the worker once decoded, so errors after that are labelled
         kind: list[tuple[str, str | None]] = []
         arrival = self.service.announce()  # a batch being gathered waits for this request
+        large = False
         try:
             done, pending = await self._run(self._infer, body, kind, arrival)
-            if pending is not None:  # in the batcher's next batch: wait without holding a worker
+            if isinstance(pending, _Large):  # more than one model call: wait for its turn, then in chunks
+                large = True
+                arrival.close()
+                async with self._turn():
+                    done = await self._run(self._run_large, pending, kind)
+            elif pending is not None:  # in the batcher's next batch: wait without holding a worker
                 req, future = pending
                 result = await asyncio.wrap_future(future)
                 done = await self._run(self._encode, req, result, kind)
@@ -300,8 +360,8 @@ class _Handlers:
             arrival.close()
             if kind:
                 request["adapter_kind"], request["adapter"] = kind[0]
-            if len(body) >= LARGE_BODY_BYTES:
-                await self._run(trim_after_large_request, len(body))
+            if large or len(body) >= LARGE_BODY_BYTES:
+                await self._run(trim_after_large_request, LARGE_BODY_BYTES if large else len(body))
         assert done is not None
         return web.Response(body=done, content_type="application/json")
 
@@ -317,15 +377,42 @@ class _Handlers:
 
     def _infer(
         self, body: bytes, kind: list[tuple[str, str | None]], arrival: Arrival
-    ) -> tuple[bytes | None, tuple[oip.InferRequest, Future[InferResult]] | None]:
+    ) -> tuple[bytes | None, tuple[oip.InferRequest, Future[InferResult]] | _Large | None]:
         """Decode, encode the model's tensors and submit, in one trip to the worker pool;
         the response too when the answer is already there (no batcher, or a batch of one
-        that ran at once): (response, None), else (None, (request, future))."""
+        that ran at once): (response, None), else (None, (request, future)). A request
+        over one model call is checked against its limit (413) and handed back to wait
+        for its turn: (None, _Large)."""
         req, adapter = self._decode(body, kind)
-        future = self.service.submit(self.service.encode(req.inputs), adapter, arrival=arrival)
+        tensors = self.service.encode(req.inputs)
+        self.service.cost.check(tensors)
+        if self.service.cost.is_chunked(tensors):
+            return None, _Large(req, adapter, tensors)
+        future = self.service.submit(tensors, adapter, arrival=arrival)
         if future.done():
             return self._encode(req, future.result(), kind), None
         return None, (req, future)
+
+    def _run_large(self, large: _Large, kind: list[tuple[str, str | None]]) -> bytes:
+        return self._encode(large.request, self.service.run(large.tensors, large.adapter), kind)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """One of ``large_requests`` turns, or a 503 after ``queue_timeout_s``: waiting holds
+        no worker thread, so small requests go on meanwhile."""
+        if self._large is None:
+            self._large = asyncio.Semaphore(self.s.large_requests)
+        try:
+            await asyncio.wait_for(self._large.acquire(), self.s.queue_timeout_s)
+        except TimeoutError:
+            raise OverloadedError(
+                f"{self.s.large_requests} large request(s) already running and none finished within "
+                f"{self.s.queue_timeout_s:g} s (server.large_requests, server.queue_timeout_s); retry later, or "
+                "send smaller requests (they do not wait)") from None
+        try:
+            yield
+        finally:
+            self._large.release()
 
     def _encode(self, req: oip.InferRequest, result: InferResult, kind: list[tuple[str, str | None]]) -> bytes:
         result = self.service.decode(result)
@@ -350,11 +437,11 @@ class _Handlers:
     async def list_adapters(self, request: web.Request) -> web.Response:
         self._model(request)
         infos = await self._run(self.service.list_adapters)
-        return json_response([asdict(i) for i in infos])
+        return json_response([_shown(asdict(i), request) for i in infos])
 
     async def inspect(self, request: web.Request) -> web.Response:
         self._model(request)
-        return json_response(await self._run(self.service.inspect, request.match_info["adapter"]))
+        return json_response(_shown(await self._run(self.service.inspect, request.match_info["adapter"]), request))
 
     async def upload(self, request: web.Request) -> web.Response:
         self._model(request)
@@ -383,7 +470,7 @@ class _Handlers:
         self._model(request)
         name = request.match_info["adapter"]
         if action == "rollback":
-            body = await read_body(request, self.s.max_request_bytes)
+            body = await read_body(request, _SMALL_BODY_BYTES, setting="fixed")
             version = _rollback_version(body)
             info = await self._run(self.service.rollback, name, version)
         else:
@@ -391,12 +478,23 @@ class _Handlers:
         return json_response(asdict(info))
 
 
+#: A version number in a query: ASCII digits only (``str.isdigit`` accepts "١" and "²").
+_VERSION_PARAM = re.compile(r"[0-9]{1,18}")
+
+
+def _shown(doc: dict[str, Any], request: web.Request) -> dict[str, Any]:
+    """An adapter as the caller may see it: a damaged one's reason names state paths."""
+    if "reason" in doc and not authenticated(request):
+        del doc["reason"]
+    return doc
+
+
 def _version_query(request: web.Request) -> int | None:
     raw = request.query.get("version")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise HttpError(400, f"query parameter version={raw!r}: expected a version number (an integer >= 1)")
+    if not _VERSION_PARAM.fullmatch(raw) or int(raw) < 1:
+        raise HttpError(400, f"query parameter version={raw!r}: expected a version number (ASCII digits, an integer >= 1)")
     return int(raw)
 
 
@@ -439,13 +537,14 @@ def infer_body_limit(inputs: Sequence[oip.TensorSpecLike], max_rows: int, max_re
 
 
 def _rollback_version(body: bytes) -> int:
+    form = 'rollback needs a JSON body {"version": N} with the version number (an integer >= 1)'
     try:
-        doc = json.loads(body or b"null")
-    except (ValueError, RecursionError):  # RecursionError: "[[[[..." within the size limit
-        doc = None
+        doc = loads_bounded(body or b"null", what="request body")
+    except JsonInputError as e:  # also "[[[[..." within the size limit: refused before parsing
+        raise HttpError(400, f"{e}; {form}") from None
     version = doc.get("version") if isinstance(doc, dict) else None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise HttpError(400, 'rollback needs a JSON body {"version": N} with the version number (an integer >= 1)')
+        raise HttpError(400, form)
     return version
 
 

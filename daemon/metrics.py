@@ -16,8 +16,10 @@ prometheus_client, set here once for the process).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Protocol
 
 import prometheus_client
@@ -133,6 +135,32 @@ class _PowerCollector(Collector):
         if self._limit is not None:
             yield GaugeMetricFamily("lorad_power_limit_watts", "The configured power.limit_watts (alerting threshold).",
                                     value=self._limit)
+class _StateCollector(Collector):
+    def __init__(self, state_dir: Path, training_disabled: Callable[[], object | None]) -> None:
+        self._dir = state_dir
+        self._disabled = training_disabled
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            free = float(shutil.disk_usage(self._dir).free)
+        except OSError:
+            free = float("nan")
+        yield GaugeMetricFamily("lorad_state_free_bytes",
+                                "Free bytes on the filesystem of the state directory (adapters, examples, ledger).",
+                                value=free)
+        disabled = GaugeMetricFamily("lorad_training_disabled",
+                                     "1 when training is enabled but could not start, by why (disk_full, "
+                                     "ledger_damaged, examples_damaged, state_unreadable); serving goes on.",
+                                     labels=["reason"])
+        problem = self._disabled()
+        if problem is not None:
+            disabled.add_metric([str(getattr(problem, "kind", "state_unreadable"))], 1)
+        yield disabled
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class _BatcherCollector(Collector):
     def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
         self._counts = counts
@@ -274,6 +302,11 @@ class DaemonMetrics:
     def watch_cache(self, stats: Callable[[], CacheStatsLike]) -> None:
         """Export the cache's counts and bytes, read from ``stats()`` at each scrape."""
         self.registry.register(_CacheCollector(stats))
+
+    def watch_state(self, state_dir: Path, *, training_disabled: Callable[[], object | None]) -> None:
+        """Export the state directory's free bytes and, when the trainer could not start,
+        why (``training_disabled()`` returns an object with a ``kind`` or None)."""
+        self.registry.register(_StateCollector(state_dir, training_disabled))
 
     def watch_batcher(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Export the micro-batcher's (calls, requests), read at each scrape."""

@@ -6,7 +6,6 @@ No I/O here: bytes or parsed JSON in, numpy arrays or a JSON-ready dict out,
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from lorad.adapters.bounded_json import JsonInputError, loads_bounded
 
 __all__ = [
     "OIPError",
@@ -115,23 +116,22 @@ def decode_infer_request(
 ) -> InferRequest:
     """Parse and check an infer request against the model's input and output specs.
 
-    The body's size is limited while it streams in (daemon.http_api.read_body). Floating
-    point data must be finite (``NaN``, ``Infinity``, ``1e400`` are refused naming the
-    tensor and the element) unless ``allow_non_finite`` says the model accepts them.
-    More than ``max_rows`` rows (first dimension) is a :class:`RequestTooLargeError`,
-    found from the shapes before any data is converted.
+    The body's size is limited while it streams in (daemon.http_api.read_body); its JSON
+    may nest at most :data:`lorad.adapters.bounded_json.MAX_JSON_DEPTH` levels, checked
+    before it is parsed. A tensor's ``data`` is flat (row-major) or nested exactly as its
+    ``shape`` (a ragged array is refused naming the tensor and the position), and holds
+    ``prod(shape)`` elements; a shape with a 0 dimension (no rows) is refused: lorad
+    answers a request with at least one row. Floating point data must be finite
+    (``NaN``, ``Infinity``, ``1e400`` are refused naming the tensor and the element)
+    unless ``allow_non_finite`` says the model accepts them. More than ``max_rows`` rows
+    (first dimension) is a :class:`RequestTooLargeError`, found from the shapes before
+    any data is converted.
     """
     if isinstance(body, (bytes, bytearray)):
         try:
-            doc = json.loads(body)
-        except UnicodeDecodeError as e:
-            raise OIPError(f"request body is not valid UTF-8 ({e.reason} at byte {e.start}); JSON text must be UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise OIPError(f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise OIPError("request body is nested too deeply") from None
-        except ValueError as e:  # an integer literal longer than Python's digit limit
-            raise OIPError(f"request body holds a number lorad cannot read: {e}") from None
+            doc = loads_bounded(bytes(body), what="request body")
+        except JsonInputError as e:  # invalid, not UTF-8, nested over MAX_JSON_DEPTH, unreadable number
+            raise OIPError(str(e)) from None
     else:
         doc = body
     if not isinstance(doc, Mapping):
@@ -321,7 +321,7 @@ def _decode_tensor(
     dtype = DATATYPES.get(spec.datatype)
     if dtype is None:
         raise OIPError(f"input {name!r}: datatype {spec.datatype!r} cannot be sent as JSON")
-    flat = _flatten(name, data)
+    flat = _flatten(name, data, shape)
     expected = math.prod(shape)
     if len(flat) != expected:
         raise OIPError(f"input {name!r}: data has {len(flat)} elements but shape {shape} needs {expected}")
@@ -336,24 +336,38 @@ def _decode_shape(name: str, shape: object, spec_shape: Sequence[int]) -> list[i
         raise OIPError(f"input {name!r}: 'shape' must be an array of non-negative integers like {want}")
     if len(shape) != len(spec_shape) or any(s >= 0 and d != s for d, s in zip(shape, spec_shape, strict=True)):
         raise OIPError(f"input {name!r}: shape {shape} does not match the model's shape {want}")
+    if 0 in shape:
+        raise OIPError(
+            f"input {name!r}: shape {shape} has no elements; a request carries at least one row"
+            f" (every dimension >= 1, like {want.replace('N', '1')})")
     return shape
 
 
-def _flatten(name: str, data: object) -> list[object]:
+def _flatten(name: str, data: object, shape: Sequence[int]) -> list[object]:
+    """The elements of ``data`` in row-major order: a flat array (or one scalar) as it is,
+    a nested one only when it follows ``shape`` exactly, level by level."""
     if not isinstance(data, list):
-        data = [data]
-    out: list[object] = []
-    # Iterative so a deeply nested body cannot exhaust the interpreter's recursion limit.
-    iters = [iter(data)]
-    while iters:
-        for item in iters[-1]:
-            if isinstance(item, list):
-                iters.append(iter(item))
-                break
-            out.append(item)
-        else:
-            iters.pop()
-    return out
+        return [data]
+    if not any(isinstance(item, list) for item in data):
+        return data
+    level: list[object] = [data]
+    for depth, size in enumerate(shape):
+        below: list[object] = []
+        for k, item in enumerate(level):
+            if not isinstance(item, list) or len(item) != size:
+                where = "data" + "".join(f"[{i}]" for i in np.unravel_index(k, tuple(shape[:depth]))) if depth else "data"
+                got = f"an array of {len(item)}" if isinstance(item, list) else f"{_json_type(item)} {item!r}"[:80]
+                raise OIPError(
+                    f"input {name!r}: {where} is {got} where shape {list(shape)} needs an array of {size};"
+                    " give data flat (row-major) or nested exactly as the shape")
+            below.extend(item)
+        level = below
+    for k, item in enumerate(level):
+        if isinstance(item, list):
+            raise OIPError(
+                f"input {name!r}: data is nested deeper than shape {list(shape)} (element {_where(k, shape)} is an array);"
+                " give data flat (row-major) or nested exactly as the shape")
+    return level
 
 
 def _to_bytes_array(name: str, flat: list[object]) -> np.ndarray:

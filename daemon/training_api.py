@@ -41,23 +41,27 @@ nothing else that stored examples decide.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from lorad.adapters.bounded_json import JsonInputError, loads_bounded
+from lorad.adapters.fsutil import disk_full
 from lorad.daemon import oip
 from lorad.daemon.http_api import HttpError, json_response, read_body
+from lorad.daemon.http_framing import expect_within
 from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError, StoreFullError, TrainingFailedError
 from lorad.trainer.scheduler import TrainingConflictError
 from lorad.trainer.service import TrainerService, TrainingUnavailableError
 
-__all__ = ["add_training_routes"]
+__all__ = ["add_training_routes", "add_disabled_training_routes", "TrainingDisabled"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_AUDIT_BODY_BYTES = 4096
 
 
 def add_training_routes(
@@ -73,7 +77,8 @@ def add_training_routes(
     h = _Handlers(trainer, executor, authenticated)
     m = "/v2/models/{model}"
     a = m + "/adapters/{adapter}"
-    app.router.add_post(a + "/examples", require_auth(h.add_example))
+    app.router.add_post(a + "/examples", require_auth(h.add_example), expect_handler=expect_within(
+        h.limit, what="example", setting="trainer.store.max_example_bytes"))
     # The exact count is private (q, steps, σ are planned from a noisy estimate of it).
     app.router.add_get(a + "/examples", require_auth(h.count_examples))
     app.router.add_delete(a + "/examples", require_auth(h.delete_examples))
@@ -81,11 +86,47 @@ def add_training_routes(
     app.router.add_get(a + "/train", h.progress)
     app.router.add_post(a + "/train/cancel", require_auth(h.cancel))
     app.router.add_get(a + "/privacy", h.privacy)
-    app.router.add_post(a + "/privacy/audit", require_auth(h.audit))
+    app.router.add_post(a + "/privacy/audit", require_auth(h.audit),
+                        expect_handler=expect_within(_AUDIT_BODY_BYTES, what="audit request", setting="fixed"))
     app.router.add_get(m + "/privacy", h.privacy_all)
     app.router.add_get("/v2/trainer", h.status)
     app.router.add_post("/v2/trainer/pause", require_auth(h.pause))
     app.router.add_post("/v2/trainer/resume", require_auth(h.resume))
+
+
+@dataclass(frozen=True)
+class TrainingDisabled:
+    """Why the trainer could not start (its state is damaged or the disk is full): the
+    daemon serves without it. ``kind`` is public (disk_full, ledger_damaged,
+    examples_damaged, state_unreadable); ``detail`` names files, for the token's holders."""
+
+    kind: str
+    detail: str
+
+    def message(self, trusted: bool) -> str:
+        head = f"training is disabled on this device ({self.kind}); serving goes on"
+        return f"{head}: {self.detail}" if trusted else f"{head}; the daemon's log says why and how to recover"
+
+
+def add_disabled_training_routes(
+    app: web.Application, disabled: TrainingDisabled, require_auth: Callable[[Handler], Handler],
+    authenticated: Callable[[web.Request], bool],
+) -> None:
+    """The trainer's routes when it could not start: each answers 503 saying why (the
+    clients and loractl get an answer, not a 404)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        raise HttpError(503, disabled.message(authenticated(request)))
+
+    m = "/v2/models/{model}"
+    a = m + "/adapters/{adapter}"
+    for method, path, auth in (("POST", a + "/examples", True), ("GET", a + "/examples", True),
+                               ("DELETE", a + "/examples", True), ("POST", a + "/train", True),
+                               ("GET", a + "/train", False), ("POST", a + "/train/cancel", True),
+                               ("GET", a + "/privacy", False), ("POST", a + "/privacy/audit", True),
+                               ("GET", m + "/privacy", False), ("GET", "/v2/trainer", False),
+                               ("POST", "/v2/trainer/pause", True), ("POST", "/v2/trainer/resume", True)):
+        app.router.add_route(method, path, require_auth(refuse) if auth else refuse)
 
 
 class _Handlers:
@@ -110,6 +151,8 @@ class _Handlers:
         except BadTrainingDataError as e:
             raise HttpError(422, str(e)) from e
         except TrainingFailedError as e:
+            if disk_full(e):  # the middleware answers 507 for it
+                raise
             raise HttpError(500, str(e)) from e
 
     def _adapter(self, request: web.Request) -> str:
@@ -134,11 +177,9 @@ class _Handlers:
     def _decode_example(self, body: bytes) -> tuple[dict[str, np.ndarray] | str, Any, str | None]:
         """(model tensors, label array, user), or for a text example (text, label name or number, user)."""
         try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HttpError(400, f"request body is not valid JSON: {e}") from None
-        except RecursionError:  # "[[[[..." within max_example_bytes: a client error, not a 500
-            raise HttpError(400, "request body is nested too deeply") from None
+            doc = loads_bounded(body, what="request body")
+        except JsonInputError as e:  # also "[[[[..." within max_example_bytes: refused before parsing
+            raise HttpError(400, str(e)) from None
         text_model = self.trainer.adapters.text is not None
         form = "text" if text_model and isinstance(doc, Mapping) and "text" in doc else "inputs"
         if not isinstance(doc, Mapping) or set(doc) - {form, "label", "user"} or not {form, "label"} <= set(doc):
@@ -162,7 +203,11 @@ class _Handlers:
         label = doc["label"]
         if isinstance(label, bool) or not isinstance(label, (int, float, list)):
             raise HttpError(400, f"'label' must be a number or a nested list of numbers, got {label!r}")
-        array = np.asarray(label)
+        try:
+            array = np.asarray(label)
+        except ValueError:  # numpy: "inhomogeneous shape"
+            raise HttpError(400, "'label' is a ragged nested list; it must be a number or a nested list of numbers "
+                            "shaped like one row of the model output") from None
         if array.dtype.kind not in "iuf":
             raise HttpError(400, "'label' must be a number or a (non-ragged) nested list of numbers")
         return request.inputs, array, user
@@ -201,11 +246,11 @@ class _Handlers:
 
     async def audit(self, request: web.Request) -> web.Response:
         adapter = self._adapter(request)
-        body = await read_body(request, 4096, what="audit request", setting="(fixed)")
+        body = await read_body(request, _AUDIT_BODY_BYTES, what="audit request", setting="fixed")
         try:
-            doc = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+            doc = loads_bounded(body, what="request body") if body.strip() else {}
+        except JsonInputError as e:  # invalid, or nested past MAX_JSON_DEPTH (1,000 deep was a RecursionError)
+            raise HttpError(400, str(e)) from None
         allowed = {"canaries", "noise_multiplier"}
         if not isinstance(doc, dict) or set(doc) - allowed:
             raise HttpError(400, 'an audit request is a JSON object with optional "canaries" (an integer from 8 to '

@@ -9,7 +9,8 @@ pure state machine :mod:`lorad.ota.rollout`, driven by :mod:`lorad.ota.rollout_c
 (:class:`lorad.ota.installer.AdapterSink`), reporting with :mod:`lorad.ota.status` and obeying
 :mod:`lorad.ota.commands`, within its install window (:mod:`lorad.ota.window`) and privacy policy
 (:mod:`lorad.ota.privacy`). Verification (:mod:`lorad.ota.target`, TUF's trust core,
-:func:`lorad.ota.commands.verify_command`) takes bytes and does no I/O; errors have two roots,
+:func:`lorad.ota.commands.verify_command`) takes bytes and does no I/O; every message from
+outside is decoded through :mod:`lorad.ota.wire` (size and depth bounded, types checked); errors have two roots,
 :class:`lorad.ota.errors.RejectedError` (bad data, with a reason code) and
 :class:`lorad.ota.errors.TransportError` (the channel failed).
 """

@@ -5,10 +5,20 @@ user (the fleet tool and every device), a password file in ``mosquitto_passwd``'
 an ACL file granting exactly lorad's topics and a ``mosquitto.conf`` that runs as
 ``mosquitto -c DIR/mosquitto.conf``. Certificates and keys come from ``cryptography``.
 
-ACLs (``lorad/v1/`` omitted): the fleet user reads and writes everything under it; a
-device reads ``repo/#``, ``all/offer``, ``group/<g>/offer`` for its groups and
-``device/<self>/{offer,cmd}``, and writes only ``device/<self>/{status,online}`` (online
-carries its Last Will).
+Two listeners: devices connect to ``port``, the fleet tool to ``fleet_port``. On the device
+listener Mosquitto takes each client's user name as its client id
+(``use_username_as_clientid``), so a device holding its own credentials cannot connect
+under another device's client id and have the broker disconnect that device (MQTT's
+session takeover); its own id, whatever it asks for, is its user name. The fleet
+listener admits only the fleet user, whose connections keep their own client ids (the
+tool may run several at once: ``fleet rollout run`` beside ``fleet status``). Each
+listener has its own password file, so a device's credentials are refused on the fleet
+listener and the fleet's on the device listener.
+
+ACLs (``lorad/v1/`` omitted), by user name (not client id): the fleet user reads and
+writes everything under it; a device reads ``repo/#``, ``all/offer``, ``group/<g>/offer``
+for its groups and ``device/<self>/{offer,cmd}``, and writes only
+``device/<self>/{status,online}`` (online carries its Last Will).
 """
 
 from __future__ import annotations
@@ -76,11 +86,14 @@ class BrokerLayout:
 
     dir: Path
     host: str
+    #: the devices' listener
     port: int
     devices: Mapping[str, tuple[str, ...]]
     fleet_user: str = FLEET_USER
     #: names in the server certificate; the first is what clients connect to
     server_names: tuple[str, ...] = ()
+    #: the fleet tool's listener; 0 in a layout written before it had its own (one listener)
+    fleet_port: int = 0
 
     @property
     def connect_host(self) -> str:
@@ -109,10 +122,14 @@ class BrokerLayout:
     def password(self, user: str) -> str:
         return self.password_file(user).read_text().strip()
 
+    def port_of(self, user: str) -> int:
+        """The port ``user`` connects to: the fleet listener for the fleet user, else the devices'."""
+        return (self.fleet_port or self.port) if user == self.fleet_user else self.port
+
     def fleet_args(self) -> list[str]:
         """The ``--broker ... --password-file`` arguments of ``loractl fleet``."""
         u = self.fleet_user
-        return ["--broker", f"{self.connect_host}:{self.port}", "--ca", str(self.ca), "--cert", str(self.cert(u)),
+        return ["--broker", f"{self.connect_host}:{self.port_of(u)}", "--ca", str(self.ca), "--cert", str(self.cert(u)),
                 "--key", str(self.key(u)), "--username", u, "--password-file", str(self.password_file(u))]
 
 
@@ -156,13 +173,12 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_key: ec.Elliptic
 
 def _conf(layout: BrokerLayout, *, max_packet: int, run_as: str) -> str:
     d = layout.dir.resolve()
+    tls = (f"cafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n"
+           "require_certificate true\ntls_version tlsv1.2\n")
     return f"""\
 # Mosquitto for a lorad fleet (loractl fleet broker init). Run: mosquitto -c {d}/mosquitto.conf
 user {run_as}
-per_listener_settings false
-allow_anonymous false
-password_file {d}/passwd
-acl_file {d}/acl
+per_listener_settings true
 max_packet_size {max_packet}
 persistence true
 persistence_location {d}/
@@ -170,20 +186,29 @@ autosave_interval 1
 log_dest file {d}/mosquitto.log
 log_type error
 log_type warning
-listener {layout.port} {layout.host}
-cafile {d}/ca.crt
-certfile {d}/server.crt
-keyfile {d}/server.key
-require_certificate true
-tls_version tlsv1.2
 set_tcp_nodelay true
-"""
+
+# devices: the client id is the user name, so no device can take over another's session
+listener {layout.port} {layout.host}
+allow_anonymous false
+use_username_as_clientid true
+password_file {d}/passwd
+acl_file {d}/acl
+{tls}
+# the fleet tool (the fleet user only; its connections keep their own client ids)
+listener {layout.fleet_port} {layout.host}
+allow_anonymous false
+password_file {d}/fleet.passwd
+acl_file {d}/acl
+{tls}"""
 
 
 def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: str = "127.0.0.1",
-                port: int = 8883, server_names: Sequence[str] = (), max_packet: int = 1 << 20,
-                days: int = 365, fleet_user: str = FLEET_USER) -> BrokerLayout:
-    """Write the broker directory for ``devices`` (name -> groups). Refuses to overwrite one."""
+                port: int = 8883, fleet_port: int | None = None, server_names: Sequence[str] = (),
+                max_packet: int = 1 << 20, days: int = 365, fleet_user: str = FLEET_USER) -> BrokerLayout:
+    """Write the broker directory for ``devices`` (name -> groups). Refuses to overwrite one.
+
+    Devices connect to ``port``, the fleet tool to ``fleet_port`` (default ``port + 1``)."""
     directory = Path(directory)
     if (directory / "mosquitto.conf").exists():
         raise FileExistsError(f"{directory} already holds a broker configuration")
@@ -196,6 +221,10 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
         raise ValueError(f"a device may not be called {fleet_user!r} (the fleet tool's user)")
     if not 0 < port < 65536:
         raise ValueError(f"port must be 1..65535, got {port}")
+    fleet_port = port + 1 if fleet_port is None else fleet_port
+    if not 0 < fleet_port < 65536 or fleet_port == port:
+        raise ValueError(f"fleet port must be 1..65535 and differ from the devices' port {port}, got {fleet_port}"
+                         f"{' (give --fleet-port)' if fleet_port == 65536 else ''}")
     if not 4096 <= max_packet <= 268_435_455:
         raise ValueError(f"max packet size must be 4096..268435455 bytes, got {max_packet}")
     if days < 1:
@@ -203,7 +232,7 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
     names = list(dict.fromkeys([*server_names, "localhost", "127.0.0.1",
                                 *([host] if host not in ("0.0.0.0", "::") else [])]))
     layout = BrokerLayout(dir=directory, host=host, port=port, devices={d: tuple(g) for d, g in devices.items()},
-                          fleet_user=fleet_user, server_names=tuple(names))
+                          fleet_user=fleet_user, server_names=tuple(names), fleet_port=fleet_port)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "clients").mkdir(mode=0o700, exist_ok=True)
     ca_key = _key()
@@ -215,21 +244,23 @@ def init_broker(directory: Path, devices: Mapping[str, Sequence[str]], *, host: 
     atomic_write_bytes(directory / "server.key", _key_pem(srv_key), mode=0o600)
     atomic_write_bytes(directory / "server.crt",
                        _cert(names[0], srv_key, ca_key, ca_name, days=days, server_names=names))
-    lines = []
+    lines: dict[str, str] = {}
     for user in (fleet_user, *sorted(devices)):
         k = _key()
         atomic_write_bytes(layout.key(user), _key_pem(k), mode=0o600)
         atomic_write_bytes(layout.cert(user), _cert(user, k, ca_key, ca_name, days=days))
         password = secrets.token_hex(16)
         atomic_write_bytes(layout.password_file(user), password.encode() + b"\n", mode=0o600)
-        lines.append(password_line(user, password))
-    atomic_write_bytes(directory / "passwd", ("\n".join(lines) + "\n").encode(), mode=0o600)
+        lines[user] = password_line(user, password)
+    # one password file per listener: a device's credentials do not open the fleet's, nor the reverse
+    atomic_write_bytes(directory / "passwd", "".join(f"{lines[d]}\n" for d in sorted(devices)).encode(), mode=0o600)
+    atomic_write_bytes(directory / "fleet.passwd", f"{lines[fleet_user]}\n".encode(), mode=0o600)
     atomic_write_bytes(directory / "acl", acl_text(layout.devices, fleet_user=fleet_user).encode())
     # mosquitto started as root drops to this user, which must be able to read the keys
     run_as = pwd.getpwuid(os.getuid()).pw_name
     atomic_write_bytes(layout.conf, _conf(layout, max_packet=max_packet, run_as=run_as).encode())
     atomic_write_bytes(directory / "broker.json", json.dumps(
-        {"host": host, "port": port, "fleet_user": fleet_user, "server_names": names,
+        {"host": host, "port": port, "fleet_port": fleet_port, "fleet_user": fleet_user, "server_names": names,
          "devices": {d: list(g) for d, g in sorted(layout.devices.items())}}, indent=1).encode())
     return layout
 
@@ -243,7 +274,7 @@ def load_broker(directory: Path) -> BrokerLayout:
     return BrokerLayout(dir=Path(directory), host=str(d["host"]), port=int(d["port"]),
                         devices={k: tuple(v) for k, v in d["devices"].items()},
                         fleet_user=str(d.get("fleet_user", FLEET_USER)),
-                        server_names=tuple(d.get("server_names", ())))
+                        server_names=tuple(d.get("server_names", ())), fleet_port=int(d.get("fleet_port", 0)))
 
 
 def device_ota_section(layout: BrokerLayout, device: str, *, trusted_root: str = "/etc/lorad/fleet-root.json",

@@ -22,6 +22,11 @@ Exit codes (:data:`EXIT_CODES`):
 3     broker: cannot connect, not authorized, no answer in time, send failed
 4     rollout halted: the abort threshold was reached and the rollout rolled back
 ====  ==========================================================================
+
+What devices report is their own word: a status that cannot be read (malformed, wrong
+types, nested too deep, another device's name) is shown for that device as an error row
+(``error`` in ``--json``, its name in ``unreadable``) and ``fleet status`` still exits 0;
+``fleet rollout run`` counts such a device as failed (reason ``status_unreadable``).
 """
 
 from __future__ import annotations
@@ -238,7 +243,7 @@ def _command(args: argparse.Namespace) -> dict[str, Any]:
     try:
         view = fleet_view(t, args.timeout)
         st = view.status.get(args.device_id)
-        if st is None and args.device_id not in view.online:
+        if st is None and args.device_id not in view.online and args.device_id not in view.errors:
             raise LookupError(f"unknown device {args.device_id!r}: no status on the broker; known: "
                               f"{', '.join(sorted(view.status)) or 'none'}")
         if args.adapter and st is not None:
@@ -270,6 +275,9 @@ def _command(args: argparse.Namespace) -> dict[str, Any]:
 def _status_rows(devices: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     for dev, d in sorted(devices.items()):
+        if "error" in d:  # its status could not be read: one row that says why
+            rows.append((dev, d.get("online"), None, None, None, None, f"unreadable status: {d['error']}"))
+            continue
         last = d.get("last_update") or {}
         lu = [str(last[k]) for k in ("result", "adapter", "reason") if last.get(k)]
         names = sorted(set(d.get("adapters", {})) | set(d.get("epsilon", {}))) or [None]
@@ -282,24 +290,38 @@ def _status_rows(devices: Mapping[str, Any]) -> list[tuple[Any, ...]]:
 
 
 def _status_table(d: dict[str, Any]) -> str:
-    return table(("device", "online", "adapter", "fleet v", "local v", "epsilon", "last update"),
+    text = table(("device", "online", "adapter", "fleet v", "local v", "epsilon", "last update"),
                  _status_rows(d["devices"]))
+    bad = d.get("unreadable") or []
+    if bad:
+        text += f"\n\n{len(bad)} device(s) sent a status that cannot be read: {', '.join(bad)}"
+    return text
 
 
 def _status(args: argparse.Namespace) -> dict[str, Any]:
+    """Every device's status; one whose status cannot be read is an entry with ``error``
+    (listed in ``unreadable``), and the command still exits 0."""
     t = connect_broker(args)
     try:
         def show(device: str, st: DeviceStatus | None, online: bool | None) -> None:
             if args.watch:
                 line = {"device": device, "online": online} if st is None else json.loads(st.encode())
                 print(json.dumps(line, sort_keys=True), flush=True)
-        view = fleet_view(t, args.timeout, on_change=show)
+
+        def show_error(device: str, why: str) -> None:
+            if args.watch:
+                print(json.dumps({"device": device, "error": why}, sort_keys=True), flush=True)
+        view = fleet_view(t, args.timeout, on_change=show, on_error=show_error)
         if args.watch:
             view.wait_for(lambda v: False, args.watch)
-        devices = {d: {"online": view.online.get(d), **json.loads(s.encode())} for d, s in view.status.items()}
+        statuses, errors = view.snapshot(), view.error_snapshot()
+        devices: dict[str, dict[str, Any]] = {
+            d: {"online": view.online.get(d), **json.loads(s.encode())} for d, s in statuses.items()}
+        for d, why in errors.items():
+            devices[d] = {"online": view.online.get(d), "device_id": d, "error": why}
         for d, on in view.online.items():
             devices.setdefault(d, {"online": on, "device_id": d, "adapters": {}, "epsilon": {}})
-        return {"devices": devices}
+        return {"devices": devices, "unreadable": sorted(errors)}
     finally:
         t.close()
 
@@ -316,10 +338,11 @@ def _broker_init(args: argparse.Namespace) -> dict[str, Any]:
         width = max(3, len(str(args.devices)))
         for i in range(1, args.devices + 1):
             devices.setdefault(f"{args.prefix}{i:0{width}d}", tuple(args.groups or ()))
-    layout = init_broker(args.dir, devices, host=args.host, port=args.port,
+    layout = init_broker(args.dir, devices, host=args.host, port=args.port, fleet_port=args.fleet_port,
                          server_names=args.server_name or (), max_packet=args.max_packet, days=args.days)
     out = {"directory": str(layout.dir), "run": f"mosquitto -c {layout.conf}",
-           "fleet_args": layout.fleet_args(), "devices": {d: list(g) for d, g in layout.devices.items()}}
+           "ports": {"devices": layout.port, "fleet": layout.fleet_port}, "fleet_args": layout.fleet_args(),
+           "devices": {d: list(g) for d, g in layout.devices.items()}}
     if not args.quiet:
         out["ota_config"] = {d: device_ota_section(layout, d) for d in layout.devices}
     return out
@@ -328,6 +351,8 @@ def _broker_init(args: argparse.Namespace) -> dict[str, Any]:
 def _broker_table(d: dict[str, Any]) -> str:
     import yaml
     lines = [f"broker configuration in {d['directory']}", f"run it:  {d['run']}",
+             f"devices connect to port {d['ports']['devices']} (their user name is their client id), "
+             f"the fleet tool to port {d['ports']['fleet']}",
              "fleet tool arguments:  " + " ".join(d["fleet_args"]), "",
              table(("device", "groups"), [(k, v) for k, v in d["devices"].items()])]
     for dev, section in d.get("ota_config", {}).items():
@@ -447,7 +472,8 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
     p.add_argument("--groups", type=lambda s: [g for g in s.split(",") if g], help="groups of the --devices ones")
     p.add_argument("--device", action="append", metavar="NAME[=G1,G2]", help="a device and its groups (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address the broker listens on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--port", type=int, default=8883, help="the devices' port (default 8883)")
+    p.add_argument("--fleet-port", type=int, help="the fleet tool's port (default --port + 1)")
     p.add_argument("--server-name", action="append", help="DNS name or IP in the server certificate (repeatable)")
     p.add_argument("--max-packet", type=int, default=1 << 20, help="broker's max_packet_size, bytes")
     p.add_argument("--days", type=int, default=365, help="certificate validity")

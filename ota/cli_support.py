@@ -144,7 +144,9 @@ def fmt_value(v: Any) -> str:
         return ", ".join(fmt_value(x) for x in v) or "-"
     if isinstance(v, Mapping):
         return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items()) or "-"
-    return str(v)
+    text = str(v)
+    # what devices report reaches the operator's terminal: no control characters (escapes)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -233,9 +235,11 @@ def load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None
 
 
 def fleet_view(transport: Transport, timeout_s: float,
-               on_change: Callable[[str, DeviceStatus | None, bool | None], None] | None = None) -> FleetView:
-    """Every device's retained status, complete (the broker's answer awaited)."""
-    view = FleetView(transport, on_change=on_change)
+               on_change: Callable[[str, DeviceStatus | None, bool | None], None] | None = None, *,
+               on_error: Callable[[str, str], None] | None = None) -> FleetView:
+    """Every device's retained status, complete (the broker's answer awaited); statuses
+    that cannot be read are in the view's ``errors``."""
+    view = FleetView(transport, on_change=on_change, on_error=on_error)
     barrier(transport, timeout_s)
     return view
 

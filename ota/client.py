@@ -156,7 +156,9 @@ class OtaClient:
         self._meta_dir.mkdir(parents=True, exist_ok=True)
         self.state = OtaState(self._dir)
         self.reader = RepoReader(transport, timeout_s=config.fetch_timeout_s,
-                                 max_file_bytes=config.max_payload_bytes)
+                                 max_file_bytes=config.max_payload_bytes,
+                                 meta_timeout_s=config.metadata_timeout_s,
+                                 max_meta_bytes=config.max_metadata_bytes)
         self.status = StatusReporter(transport, config.device_id)
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import SSlibKey
 
+from . import wire
 from .errors import CommandRejectedError, TransportError
 from .transport import TOPIC_ROOT
 
@@ -90,7 +91,7 @@ def verify_command(raw: bytes, *, keys: Mapping[str, SSlibKey], device_id: str, 
     if len(raw) > _MAX_COMMAND_BYTES:
         raise _reject("command_invalid", f"command of {len(raw)} bytes exceeds {_MAX_COMMAND_BYTES}")
     try:
-        env = json.loads(raw)
+        env = wire.loads(raw, what="command", max_bytes=_MAX_COMMAND_BYTES)
         body, kid, sig = env["command"], str(env["keyid"]), bytes.fromhex(env["sig"])
         cmd = Command(**body)
     except (ValueError, KeyError, TypeError) as e:
@@ -169,7 +170,7 @@ class CommandExecutor:
 
     def _is_last(self, raw: bytes) -> bool:
         try:
-            return int(json.loads(raw)["command"]["seq"]) == self._last_seq()
+            return int(wire.loads(raw, what="command", max_bytes=_MAX_COMMAND_BYTES)["command"]["seq"]) == self._last_seq()
         except (ValueError, KeyError, TypeError):
             return False
 

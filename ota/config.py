@@ -22,7 +22,7 @@ run time: the root's bytes, the base model's fingerprint, the password). An exam
         key_file: /etc/lorad/mqtt/device.key
         username: kiosk-17
         password_file: /etc/lorad/mqtt/password
-      limits: {max_adapter_bytes: 64MiB, max_packet_bytes: 1MiB, fetch_timeout_s: 10}
+      limits: {max_adapter_bytes: 64MiB, max_packet_bytes: 1MiB, fetch_timeout_s: 10, metadata_timeout_s: 120}
       clock_slack_s: 60
       status_interval_s: 60
       install_window: ["Mon-Fri 01:00-05:00", "Sat,Sun 00:00-24:00"]   # device local time
@@ -85,6 +85,14 @@ class OtaLimits(ConfigModel):
                                                            "the broker); chunks published by the fleet must fit in it.")
     fetch_timeout_s: float = Field(10.0, ge=0.5, le=600, description="Seconds without progress (a chunk) before a "
                                                                      "fetch is abandoned (resumed next cycle).")
+    metadata_timeout_s: float = Field(
+        120.0, ge=1, le=3600, description="Longest one TUF metadata file may take to arrive in full, seconds, however "
+                                          "many chunks the (unsigned) repository index announces: a broker that drips "
+                                          "chunks to stall the device is cut off (the cycle fails, retried later).")
+    max_metadata_bytes: Annotated[ByteSize, Allowed("a size from 64KiB to 256MiB")] = Field(
+        8 * 1024**2, ge=64 * 1024, le=256 * 1024**2,
+        description="Most bytes one TUF metadata file fetch may receive, duplicates included; a file announced "
+                    "larger is refused before any chunk is fetched (also caps TUF's per-role limits).")
     max_raw_bytes: Annotated[ByteSize, Field(gt=0)] | None = Field(None, description="Largest adapter after decompression, bytes; "
                                                                    "null: 4 x max_adapter_bytes.")
 
@@ -192,7 +200,8 @@ class OtaConfig(ConfigModel):
 
     @property
     def client_id(self) -> str:
-        """The MQTT client id of this device."""
+        """The MQTT client id this device asks for (a broker set up by ``loractl fleet broker init``
+        gives each device its user name as client id instead, so no device can take another's)."""
         return f"lorad-{self.device_id}"
 
     def client_config(self, *, state_dir: Path, trusted_root: bytes, base_fingerprint: str) -> ClientConfig:
@@ -201,6 +210,7 @@ class OtaConfig(ConfigModel):
             device_id=self.device_id, groups=self.groups, state_dir=state_dir, trusted_root=trusted_root,
             base_fingerprint=base_fingerprint, clock_slack_s=self.clock_slack_s,
             fetch_timeout_s=self.limits.fetch_timeout_s, max_payload_bytes=self.limits.max_adapter_bytes,
+            metadata_timeout_s=self.limits.metadata_timeout_s, max_metadata_bytes=self.limits.max_metadata_bytes,
             max_raw_bytes=self.limits.max_raw_bytes,
             privacy=PrivacyPolicy(max_epsilon=self.policy.max_epsilon,
                                   require_record=self.policy.require_privacy_record),
@@ -225,7 +235,9 @@ class ClientConfig:
     """Device identity, trust anchor and limits. Times in seconds, sizes in bytes.
 
     ``max_raw_bytes`` bounds what a payload may decompress to (the signed ``raw_length``);
-    None means four times ``max_payload_bytes``.
+    None means four times ``max_payload_bytes``. ``fetch_timeout_s`` is the wait for the
+    next chunk; ``metadata_timeout_s`` and ``max_metadata_bytes`` bound the whole fetch of
+    one metadata file (slow retrieval), whatever the unsigned index announces.
     """
 
     device_id: str
@@ -237,6 +249,8 @@ class ClientConfig:
     fetch_timeout_s: float = 10.0
     max_payload_bytes: int = 64 << 20
     max_raw_bytes: int | None = None
+    metadata_timeout_s: float = 120.0
+    max_metadata_bytes: int = 8 << 20
     #: which privacy records the device accepts (``ota.policy``)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     #: when installs may happen (None: any time); outside it updates wait, verified
@@ -249,6 +263,9 @@ class ClientConfig:
             raise ValueError(f"clock_slack_s must be 0..3600 s, got {self.clock_slack_s}")
         if self.fetch_timeout_s <= 0 or self.max_payload_bytes <= 0:
             raise ValueError("fetch_timeout_s and max_payload_bytes must be positive")
+        if self.metadata_timeout_s <= 0 or self.max_metadata_bytes <= 0:
+            raise ValueError(f"metadata_timeout_s and max_metadata_bytes must be positive, got "
+                             f"{self.metadata_timeout_s} and {self.max_metadata_bytes}")
         if self.max_raw_bytes is not None and self.max_raw_bytes <= 0:
             raise ValueError(f"max_raw_bytes must be positive (or None for 4 x max_payload_bytes), "
                              f"got {self.max_raw_bytes}")

@@ -11,11 +11,18 @@ Layout under ``lorad/v1/repo/``:
 A reader subscribes to exactly the chunks it still lacks; after a reconnect the
 transport restores those subscriptions and the broker resends the retained chunks, so
 nothing already received is fetched again. Every size is bounded while data arrives.
+
+The index is unsigned, so nothing it says may make a fetch longer: a metadata file
+(:meth:`RepoReader.fetch`) must arrive in full within ``meta_timeout_s`` and at most
+``max_meta_bytes`` may be received for it (duplicates included), however many chunks the
+index announces; a broker that drips chunks (a slow-retrieval attack) is cut off there.
+Adapter payloads are chunked as their signed target says and resume where they stopped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -23,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from . import wire
 from .errors import TransportError, UpdateRejectedError
 from .transport import TOPIC_ROOT, Transport, barrier
 
@@ -38,6 +46,8 @@ __all__ = [
 
 INDEX_TOPIC = f"{TOPIC_ROOT}/repo/index"
 _MAX_INDEX_BYTES = 4 << 20
+#: smallest chunk of a metadata file in several chunks (the fleet sends 8 KiB or what the broker carries)
+MIN_META_CHUNK = 1024
 
 
 def chunk_topic(name: str, index: int) -> str:
@@ -71,11 +81,15 @@ class RepoIndex:
             raise UpdateRejectedError("too_large", f"repository index of {len(data)} bytes exceeds "
                                       f"{_MAX_INDEX_BYTES}")
         try:
-            raw = json.loads(data)
-            return cls({str(n): FileEntry(int(e["length"]), int(e["chunk_size"]), int(e["chunks"]))
-                        for n, e in raw["files"].items()})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UpdateRejectedError("metadata_invalid", f"repository index is malformed: {e!r}") from e
+            raw = wire.mapping(wire.loads(data, what="repository index", max_bytes=_MAX_INDEX_BYTES), "index")
+            files = {}
+            for n, e in wire.mapping(raw.get("files"), "files").items():
+                where = f"files[{n[:64]!r}]"
+                e = wire.mapping(e, where)
+                files[n] = FileEntry(*(wire.integer(e.get(k), f"{where}.{k}") for k in ("length", "chunk_size", "chunks")))
+            return cls(files)
+        except ValueError as e:
+            raise UpdateRejectedError("metadata_invalid", f"repository index is malformed: {e}") from e
 
 
 def publish_files(transport: Transport, files: Mapping[str, bytes], *, index: Mapping[str, FileEntry],
@@ -114,10 +128,17 @@ class RepoReader:
     """
 
     def __init__(self, transport: Transport, *, timeout_s: float = 10.0,
-                 max_file_bytes: int = 64 << 20) -> None:
+                 max_file_bytes: int = 64 << 20, meta_timeout_s: float = 120.0,
+                 max_meta_bytes: int = 8 << 20) -> None:
+        """``timeout_s``: longest wait for the index or for the next chunk (progress);
+        ``meta_timeout_s`` and ``max_meta_bytes``: the whole of one :meth:`fetch`."""
+        if min(timeout_s, meta_timeout_s) <= 0 or min(max_file_bytes, max_meta_bytes) <= 0:
+            raise ValueError("timeouts and byte limits must be positive")
         self._t = transport
         self._timeout = timeout_s
         self._max_file = max_file_bytes
+        self._meta_timeout = meta_timeout_s
+        self._max_meta = max_meta_bytes
         self._index: RepoIndex | None = None
         self._index_error: Exception | None = None
         self._cv = threading.Condition()
@@ -193,11 +214,16 @@ class RepoReader:
         return e
 
     def fetch(self, name: str, *, max_length: int) -> bytes:
-        """A whole (small) file, e.g. metadata; at most ``max_length`` bytes are accepted."""
+        """A whole (small) file, e.g. metadata; at most ``max_length`` bytes (and the reader's
+        ``max_meta_bytes``) are accepted, and it must arrive within ``meta_timeout_s``."""
         entry = self.entry(name)
+        max_length = min(max_length, self._max_meta)
         if entry.length > max_length:
             raise UpdateRejectedError("too_large", f"{name} is announced with {entry.length} bytes, "
                                       f"at most {max_length} allowed")
+        if entry.chunks > 1 and entry.chunk_size < MIN_META_CHUNK:
+            raise UpdateRejectedError("metadata_invalid", f"{name} is announced in {entry.chunks} chunks of "
+                                      f"{entry.chunk_size} bytes; chunks under {MIN_META_CHUNK} bytes are refused")
         parts: dict[int, bytes] = {}
 
         def accept(i: int, data: bytes) -> None:
@@ -206,19 +232,23 @@ class RepoReader:
                                           f"{min(entry.length, max_length)} announced")
             parts[i] = data
 
-        self.fetch_chunks(name, range(entry.chunks), accept, max_chunk=entry.chunk_size)
+        self.fetch_chunks(name, range(entry.chunks), accept, max_chunk=entry.chunk_size,
+                          total_s=self._meta_timeout, max_received=self._max_meta)
         data = b"".join(parts[i] for i in range(entry.chunks))
         if len(data) != entry.length:
             raise TransportError(f"{name}: got {len(data)} bytes, index announced {entry.length}")
         return data
 
     def fetch_chunks(self, name: str, wanted: Iterable[int], accept: Callable[[int, bytes], None],
-                     *, max_chunk: int) -> None:
+                     *, max_chunk: int, total_s: float | None = None, max_received: int | None = None) -> None:
         """Receive each chunk in ``wanted`` once and hand it to ``accept``.
 
         ``accept`` verifies (and may persist) the chunk; its UpdateRejectedError aborts the
         fetch. Messages longer than ``max_chunk`` are refused before ``accept`` sees them.
-        Raises TransportError if chunks are still missing after the timeout.
+        Raises TransportError if chunks are still missing after the timeout (per chunk:
+        the wait for progress) or after ``total_s`` (the whole fetch, however much
+        progress); UpdateRejectedError once more than ``max_received`` bytes arrived
+        (duplicates included).
         """
         topics = {chunk_topic(name, i): i for i in wanted}
         if not topics:
@@ -234,19 +264,31 @@ class RepoReader:
                 # a reconnect in between must not ask the broker for it again.
                 self._t.unsubscribe([topic])
 
+        start = time.monotonic()
+        end = math.inf if total_s is None else start + total_s
+        received = 0
         self._t.subscribe(list(topics), deliver)
         missing = dict(topics)
         try:
-            deadline = time.monotonic() + self._timeout
+            deadline = min(start + self._timeout, end)
             while missing:
                 try:
                     topic, payload = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
+                    if deadline >= end:
+                        raise TransportError(
+                            f"{name}: not complete within {total_s} s, the bound of one metadata fetch "
+                            f"({len(missing)} of {len(topics)} chunks still missing; the index is unsigned "
+                            f"and cannot extend it)") from None
                     raise TransportError(
                         f"{name}: {len(missing)} of {len(topics)} chunks still missing after "
                         f"{self._timeout} s (first missing: {min(missing.values())})") from None
                 if not payload:
                     continue  # a retained chunk being deleted, not data (files are never empty)
+                received += len(payload)
+                if max_received is not None and received > max_received:
+                    raise UpdateRejectedError("too_large", f"{name}: more than {max_received} bytes received "
+                                              f"in one fetch (duplicates included)")
                 i = missing.pop(topic, None)
                 if i is None:
                     continue  # a duplicate after a reconnect: already have it
@@ -256,7 +298,8 @@ class RepoReader:
                     raise UpdateRejectedError("too_large", f"{name}: chunk {i} has {len(payload)} "
                                               f"bytes, at most {max_chunk} allowed")
                 accept(i, payload)
-                deadline = time.monotonic() + self._timeout  # progress: the timeout is per chunk
+                # progress: the timeout is per chunk, within the bound of the whole fetch
+                deadline = min(time.monotonic() + self._timeout, end)
         finally:
             if missing:
                 self._t.unsubscribe(list(missing))

@@ -101,8 +101,12 @@ class RolloutDriver:
         self.clock = clock
 
     def observations(self, plan: RolloutPlan) -> dict[str, DeviceObs]:
+        """What each device of the plan reports; one whose status cannot be read has failed
+        (``status_unreadable``): a device that stops making sense may be what the update broke."""
         st = {d: json.loads(s.encode()) for d, s in self.view.snapshot().items()}
-        return {d: observe(st.get(d), plan.adapter, plan.version) for d in plan.population}
+        unreadable = self.view.error_snapshot()
+        return {d: DeviceObs("failed", None, "status_unreadable") if d in unreadable
+                else observe(st.get(d), plan.adapter, plan.version) for d in plan.population}
 
     def step(self) -> tuple[RolloutPlan, RolloutState, dict[str, DeviceObs]]:
         """Decide once and act; returns the plan, the state now and what devices report."""
@@ -194,17 +198,20 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli_supp
     if store.exists():
         raise FileExistsError(f"rollout {store.name!r} already exists (fleet rollout status {repo.dir} {store.name})")
     population = {d: tuple(s.groups) for d, s in view.snapshot().items()}
+    unreadable = sorted(d for d in view.error_snapshot() if not only or d in only)
     if only:
         unknown = sorted(set(only) - set(population))
         if unknown:
-            raise LookupError(f"unknown devices {unknown}: no status on the broker")
+            raise LookupError(f"unknown devices {unknown}: no status on the broker" +
+                              (f" ({', '.join(unreadable)}: status unreadable)" if unreadable else ""))
         population = {d: g for d, g in population.items() if d in only}
     plan = RolloutPlan(name=store.name, adapter=adapter_name, version=repo.latest_version(adapter_name) + 1,
                        stages=stages, population=population, success_threshold=success_threshold,
                        abort_threshold=abort_threshold, min_wait_s=min_wait_s, label=f"r-{store.name}")
     now = time.time()
     state = RolloutState().log(now, f"created: {len(population)} devices, stages "
-                               f"{','.join(s.label for s in stages)}")
+                               f"{','.join(s.label for s in stages)}" +
+                               (f"; left out, status unreadable: {', '.join(unreadable)}" if unreadable else ""))
     state, [first] = decide(plan, state, {}, now)
     assert isinstance(first, Deploy)
     undo = DirUndo([repo.dir, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])

@@ -353,8 +353,10 @@ class MqttTransport(Transport):
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         with self._connected:
+            refused = not self._is_connected and (self._connect_error or "").startswith("refused")
             self._is_connected = False
-            self._connect_error = f"disconnected: {reason_code}"
+            if not refused:  # the broker closes the socket after a refusing CONNACK: keep why it refused
+                self._connect_error = f"disconnected: {reason_code}"
             self._connected.notify_all()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,

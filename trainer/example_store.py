@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from lorad.adapters.fsutil import disk_full, free_bytes
 from lorad.trainer._names import check_adapter_name
 from lorad.trainer.errors import BadTrainingDataError, StoreFullError, TrainingFailedError
 
@@ -45,6 +46,9 @@ __all__ = ["Example", "ExampleStore"]
 _log = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 1
+# Below this many free bytes an unreadable database is taken for a full disk (SQLite says
+# "disk I/O error" when it cannot create its write-ahead log).
+_MIN_FREE_BYTES = 1 << 20
 _INPUT_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
 # Numbers only: object/string arrays cannot be stored as raw bytes safely.
 _KINDS = "biuf"
@@ -312,7 +316,14 @@ class ExampleStore:
                 )
         except sqlite3.DatabaseError as e:
             db.close()
-            raise BadTrainingDataError(f"example store {self.path} is not a valid database: {e}") from e
+            free = free_bytes(self.path.parent)
+            if disk_full(e) or free < _MIN_FREE_BYTES:
+                raise TrainingFailedError(
+                    f"cannot open example store {self.path}: the filesystem is full ({free} bytes free); free space and "
+                    "restart the daemon to train again") from e
+            raise BadTrainingDataError(
+                f"example store {self.path} is not a valid database ({e}); move it aside to start an empty store "
+                "(its examples are lost; the privacy ledger keeps what was spent on them)") from e
         except BaseException:
             db.close()
             raise

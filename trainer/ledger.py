@@ -49,6 +49,10 @@ END_STATUSES: tuple[RunStatus, ...] = ("completed", "failed", "cancelled")
 #: C are placeholders (no steps); its ``mechanisms`` are what it charges.
 QUERY_STATUS = "query"
 
+#: How to recover from a damaged ledger (never by starting an empty one, which would hand
+#: the data its budget again; the daemon serves meanwhile, without training).
+_RECOVER = ("restore it from a backup and restart; until then training stays off and serving goes on (an empty "
+            "ledger would hand the data its whole budget again)")
 _FORMAT = "lorad-privacy-ledger"
 _VERSION = 1
 _RUN_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -310,11 +314,11 @@ class PrivacyLedger:
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadTrainingDataError(f"privacy ledger {self.path} is not valid JSON: {e}") from e
+            raise BadTrainingDataError(f"privacy ledger {self.path} is not valid JSON: {e}; {_RECOVER}") from e
         try:
             _validate(doc)
         except _Invalid as e:
-            raise BadTrainingDataError(f"privacy ledger {self.path} is corrupt: {e}") from None
+            raise BadTrainingDataError(f"privacy ledger {self.path} is corrupt: {e}; {_RECOVER}") from None
         return doc
 
     def _persist(self, doc: dict[str, Any], operation: str) -> None:

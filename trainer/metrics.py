@@ -1,7 +1,8 @@
 """Prometheus metrics of the trainer, read from the service at scrape time.
 
-ε spent comes from the privacy ledger itself and run/step counts from the service's
-counters, so the metrics cannot drift from what was charged or done. Like every metrics
+ε spent comes from the privacy ledger itself (never less than the stored versions record:
+trainer/released.py) and run/step counts from the service's counters, so the metrics
+cannot drift from what was charged or done. Like every metrics
 holder in lorad, :func:`register_trainer_metrics` takes the registry to register on.
 """
 
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .released import released_versions, trained_adapters, with_released
 
 if TYPE_CHECKING:
     from .service import TrainerService
@@ -59,14 +62,20 @@ class _TrainerCollector(Collector):
         remaining = GaugeMetricFamily("lorad_privacy_epsilon_remaining",
                                       "ε an adapter may still spend (its budget minus ε spent, at least 0).",
                                       labels=["adapter"])
+        missing = GaugeMetricFamily("lorad_privacy_ledger_missing_runs",
+                                    "Stored versions trained in runs the privacy ledger does not record (ledger lost "
+                                    "or replaced: ε spent is then what those versions record, at least).",
+                                    labels=["adapter"])
         try:
             spent_by: dict[str, float] = {}
-            for adapter in s.ledger.adapters():
-                state = s.ledger.state(adapter)
-                spent_by[adapter] = state.epsilon_spent
-                spent.add_metric([adapter], state.epsilon_spent)
-                if state.delta is not None:
-                    delta.add_metric([adapter], state.delta)
+            registry = s.adapters.registry
+            for adapter in sorted(set(s.ledger.adapters()) | set(trained_adapters(registry))):
+                state = with_released(s.ledger.state(adapter).to_dict(), released_versions(registry, adapter))
+                spent_by[adapter] = state["epsilon_spent"]
+                spent.add_metric([adapter], state["epsilon_spent"])
+                missing.add_metric([adapter], len(state["ledger_missing_runs"]))
+                if state["delta"] is not None:
+                    delta.add_metric([adapter], state["delta"])
             # Only adapters whose existence is public: a series for a name that merely has
             # examples would publish that it has (TrainerService.public_adapters).
             for adapter in s.public_adapters():
@@ -81,6 +90,7 @@ class _TrainerCollector(Collector):
         yield budget
         yield remaining
         yield delta
+        yield missing
 
     def describe(self) -> Iterable[Metric]:
         return []

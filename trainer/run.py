@@ -36,6 +36,7 @@ Pause and cancel are ``threading.Event`` s checked between steps (:class:`RunCon
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from lorad.adapters.fsutil import atomic_write_bytes
+from lorad.adapters.fsutil import atomic_write_bytes, free_bytes
 from lorad.adapters.lora import LoraAdapter
 from lorad.adapters.service import AdapterService
 
@@ -78,6 +79,8 @@ Phase = Literal["starting", "training", "paused", "validating", "done"]
 _RUN_FILE = "run.json"
 _CHECKPOINT = "checkpoint"
 _EPSILON_EVERY_S = 10.0  # ε so far is recomputed at most this often (PLD takes ~1 s)
+# Room a run keeps free beyond its own files: the ledger, run.json and SQLite's journal.
+_SPACE_SLACK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -192,13 +195,36 @@ class TrainerEnv:
 
 
 def last_trained_example(state_dir: Path, adapter: str) -> int | None:
-    """Highest example id the adapter's last completed run could sample (None: never)."""
+    """Highest example id the adapter's last completed run could sample (None: never, or
+    its record is damaged: then every example counts as new, with a warning)."""
+    path = state_dir / "adapters" / f"{adapter}.json"
     try:
-        doc = json.loads((state_dir / "adapters" / f"{adapter}.json").read_text())
-    except (OSError, ValueError):
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    value = doc.get("last_example_id") if isinstance(doc, dict) else None
-    return value if isinstance(value, int) else None
+    except (OSError, ValueError) as e:
+        _warn_damaged(path, str(e))
+        return None
+    value = doc.get("last_example_id") if isinstance(doc, dict) else "?"
+    if value is not None and not isinstance(value, int):
+        _warn_damaged(path, "expected an object with an integer or null last_example_id")
+        return None
+    return value
+
+
+_warned: set[tuple[Path, int, int]] = set()
+
+
+def _warn_damaged(path: Path, why: str) -> None:
+    """Warn once per damaged content of a trainer state file (read at every scheduler check)."""
+    try:
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (path, 0, -1)
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning("%s is damaged (%s); treated as absent", path, why)
 
 
 def _gate_calls(plan: RunPlan, config: AdapterTrainingConfig) -> int:
@@ -235,7 +261,10 @@ def pending_release(state_dir: Path, ledger: PrivacyLedger, adapter: str) -> boo
     directory = state_dir / "runs" / adapter
     try:
         doc = json.loads((directory / _RUN_FILE).read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        _warn_damaged(directory / _RUN_FILE, str(e))
         return False
     run_id = doc.get("run_id") if isinstance(doc, dict) else None
     return (directory / _CHECKPOINT).is_file() and any(
@@ -306,7 +335,9 @@ class TrainingRun:
         self._check_ledger_knows_trained_versions(ledger_runs)
         # Everything that needs no private data is checked before anything is charged:
         # the artifacts build, the loss output fits, the gate can score (model_setup.py).
-        preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts", backend=self._backend())
+        artifacts = preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts",
+                              backend=self._backend())
+        self._check_space(artifacts.noise_size)
         train, _ = self._split()
         state = self.env.ledger.state(self.adapter)
         # The mechanism is planned from a private estimate of n (a Gaussian count query,
@@ -337,6 +368,19 @@ class TrainingRun:
         self._write_run_file(plan, last_example=max(train, default=None))
         return self.run_id
 
+    def _check_space(self, parameters: int) -> None:
+        """Refuse, before anything is charged, a run the disk cannot hold: its checkpoints
+        (parameters and two AdamW moments, written beside the previous one) and its result
+        (the adapter in the registry and, if rejected, aside), with room to spare. A run
+        that ran out of space at its checkpoint used to fail after its ε was charged."""
+        need = 8 * 4 * parameters + _SPACE_SLACK_BYTES
+        free = free_bytes(self.env.state_dir)
+        if free < need:
+            raise TrainingFailedError(
+                f"not started: the state directory's filesystem has {free} bytes free and a run of this adapter needs "
+                f"about {need} for its checkpoints and result; free space and start it again. Nothing was charged"
+            ) from OSError(errno.ENOSPC, "no space left for a training run")
+
     def _check_time(self, plan: RunPlan, estimate: float, ledger_delta: float | None) -> None:
         """Don't start (and charge) an automatic run that would not finish in its time
         window: its duration is estimated from the step time measured in the adapter's
@@ -366,6 +410,9 @@ class TrainingRun:
         version this trainer installed records its run id, so such a ledger shows.
         """
         registry = self.env.service.registry
+        # A damaged adapter (AdapterDamagedError) is repaired before it is trained: the gate
+        # compares with its current version. Refused here, before anything is charged.
+        registry.current_version(self.adapter)
         known = {int(r["run_id"]) for r in ledger_runs}
         for version in registry.versions(self.adapter):
             meta = registry.get(self.adapter, version).meta
@@ -411,25 +458,33 @@ class TrainingRun:
                              "lower the adapter's rank or raise model.rank")
 
     def _read_run_file(self) -> dict[str, Any]:
-        """The run's local state; {} only if there is none.
+        """The run's local state; {} if there is none.
 
-        An unreadable or corrupt file is an error, not "no state": begin() deletes the local
-        state of a run it does not recognise, and that may be a paid-for checkpoint.
+        A damaged file (not JSON, not an object with an integer run_id) counts as none, with
+        a warning: begin() then restarts an interrupted run at step 0 under the charge the
+        ledger already holds, or plans a new run (a completed run not yet released stays
+        charged and is not released). The ledger alone decides what is charged, so nothing
+        is ever charged less; one damaged file stops neither the trainer nor other adapters.
+        A read the disk refuses is still an error (nothing is deleted on it).
         """
         path = self._dir / _RUN_FILE
         try:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
+        except (ValueError, IsADirectoryError) as e:
+            doc, why = None, str(e)
+        except OSError as e:
             raise BadTrainingDataError(
                 f"adapter {self.adapter!r}: cannot read the run state {path}: {e}; nothing was deleted. "
                 f"Repair or remove {self._dir} (removing it restarts an interrupted run at step 0)") from e
+        else:
+            why = "expected an object with an integer run_id"
         if not (isinstance(doc, dict) and isinstance(doc.get("run_id"), int)):
-            raise BadTrainingDataError(
-                f"adapter {self.adapter!r}: the run state {path} is corrupt (expected an object with an "
-                f"integer run_id); nothing was deleted. Repair or remove {self._dir} (removing it restarts "
-                f"an interrupted run at step 0)")
+            _log.warning("adapter %r: the run state %s is damaged (%s); treated as absent: an interrupted run "
+                         "restarts at step 0 under the charge the ledger holds, a trained run not yet released "
+                         "is not released", self.adapter, path, why)
+            return {}
         return doc
 
     def _write_run_file(self, plan: RunPlan, *, last_example: int | None) -> None:

@@ -43,6 +43,7 @@ from .ledger import PrivacyLedger, PrivacyState, run_charges
 from .model_setup import loss_output, pad_length
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
+from .released import released_versions, trained_adapters, with_released
 from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example, pending_release
 from .scheduler import TrainingConflictError, TrainingScheduler
 from .start_test import StartTests
@@ -299,7 +300,10 @@ class TrainerService:
 
         ``private=False`` (unauthenticated callers) leaves out what the mechanisms do not
         cover: each run's start and end times and the energy it took (a run's duration
-        follows its Poisson batch sizes, so the data)."""
+        follows its Poisson batch sizes, so the data).
+
+        Never less than the stored versions record (trainer/released.py): a ledger that
+        lost runs shows in ``ledger_missing_runs`` and ``ledger_warning``."""
         check_adapter_name(adapter)
         ledger_state = self.ledger.state(adapter)
         state = ledger_state.to_dict()
@@ -307,6 +311,7 @@ class TrainerService:
         state["configured_budget_epsilon"] = c.target_epsilon
         state["neighbouring"] = NEIGHBOURING
         state.update(self._guarantee(ledger_state))
+        state = with_released(state, released_versions(self.adapters.registry, adapter))
         state["noise"] = "secure" if getattr(self.env.noise, "secure", False) else "seeded (testing only)"
         if not private:
             state["runs"] = [{k: v for k, v in r.items() if k not in _PRIVATE_RUN_KEYS} for r in state["runs"]]
@@ -335,7 +340,8 @@ class TrainerService:
         return result.to_dict()
 
     def privacy_states(self, *, private: bool = True) -> list[dict[str, Any]]:
-        return [self.privacy_state(a, private=private) for a in self.ledger.adapters()]
+        names = set(self.ledger.adapters()) | set(trained_adapters(self.adapters.registry))
+        return [self.privacy_state(a, private=private) for a in sorted(names)]
 
     def public_adapters(self) -> list[str]:
         """Adapters whose existence is public: configured, served, or charged in the ledger.

@@ -19,7 +19,7 @@ from .output import cell, table
 
 __all__ = ["register"]
 
-_COLUMNS = ("name", "version", "rank", "bytes", "cached", "pinned")
+_COLUMNS = ("name", "version", "rank", "bytes", "cached", "pinned", "state")
 _ACTIONS = {
     "load": "load the current version into the cache",
     "pin": "keep the adapter in the cache (loads it if needed)",

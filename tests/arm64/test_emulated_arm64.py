@@ -1,13 +1,16 @@
 """The aarch64 job: lorad installed with ``pip install .`` in an emulated arm64 Debian 12.
 
 ``.ci/setup`` builds the chroot once (qemu-user through binfmt_misc, debootstrap from
-Debian's archive) and later runs reuse it; ``.ci/arm64/job`` installs this checkout into
-a venv inside it and runs ``probe.py`` there against the installed ``lorad``. The same
-probe runs on the host, and the two architectures must agree to 1e-4.
+Debian's archive) and later runs reuse it; it also downloads, on the host, the aarch64
+wheels the job needs (``.ci/arm64/wheels``). ``.ci/arm64/job`` installs this checkout
+into a venv inside the chroot from those wheels alone, without network, and runs
+``probe.py`` there against the installed ``lorad``. The same probe runs on the host, and
+the two architectures must agree to 1e-4.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -28,6 +31,37 @@ def _last_json(stdout: str) -> dict[str, Any]:
     assert lines, f"the probe printed no JSON object:\n{stdout}"
     doc: dict[str, Any] = json.loads(lines[-1])
     return doc
+
+
+# Run in the chroot: no name resolves and no address outside the machine (151.101.0.223 is
+# one of pypi.org's) is reachable.
+_NETWORK_CHECK = """
+import json, socket
+out = {}
+try:
+    socket.getaddrinfo("pypi.org", 443)
+    out["dns"] = "resolved"
+except OSError as e:
+    out["dns"] = type(e).__name__
+try:
+    socket.create_connection(("151.101.0.223", 443), timeout=10).close()
+    out["connect"] = "connected"
+except OSError as e:
+    out["connect"] = e.errno
+print(json.dumps(out))
+"""
+
+
+def test_arm64_chroot_has_no_network() -> None:
+    """The job installs from the host's wheelhouse only: the chroot cannot reach PyPI."""
+    run = subprocess.run(
+        [str(REPO / ".ci/arm64/chroot"), "run", "/usr/bin/python3", "-c", _NETWORK_CHECK],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    out = _last_json(run.stdout)
+    assert out["dns"] != "resolved", out
+    assert out["connect"] == errno.ENETUNREACH, out
 
 
 def test_arm64_install_serves_and_trains_like_x86_64() -> None:

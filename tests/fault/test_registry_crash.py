@@ -120,11 +120,12 @@ def test_put_killed_at_each_step(tmp_path: Path, point: str, nth: int, new_is_cu
     assert_clean(tmp_path)
 
 
-@pytest.mark.parametrize(("point", "nth"), [("hwm", 1), ("file", 1), ("staged", 1), ("renamed", 1)])
+@pytest.mark.parametrize(("point", "nth"), [("hwm", 1), ("file", 1), ("file", 2), ("staged", 1)])
 def test_first_put_killed_leaves_no_adapter(tmp_path: Path, point: str, nth: int) -> None:
     AdapterRegistry(tmp_path)
     assert run_child(tmp_path, "put", "fresh", point, nth, i=1) == -signal.SIGKILL
 
+    assert not (tmp_path / "fresh").exists()  # not even an empty directory
     reg = AdapterRegistry(tmp_path)
     assert_clean(tmp_path)
     assert reg.names() == []
@@ -133,6 +134,19 @@ def test_first_put_killed_leaves_no_adapter(tmp_path: Path, point: str, nth: int
         reg.get("fresh")
     assert reg.put("fresh", files_of(2), meta={"i": 2}) == 2
     assert_readable(reg, "fresh", 2)
+
+
+@pytest.mark.parametrize("point", ["renamed", "current", "pruned"])
+def test_first_put_killed_after_its_rename_is_complete(tmp_path: Path, point: str) -> None:
+    """A new adapter appears by one rename, with its first version and its pointer."""
+    AdapterRegistry(tmp_path)
+    assert run_child(tmp_path, "put", "fresh", point, 1, i=1) == -signal.SIGKILL
+
+    reg = AdapterRegistry(tmp_path)
+    assert_clean(tmp_path)
+    assert reg.names() == ["fresh"]
+    assert reg.current_version("fresh") == 1
+    assert_readable(reg, "fresh", 1)
 
 
 def test_delete_killed_midway(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,9 @@ class RunningDaemon:
         return self.proc.returncode
 
 
+_SERVING = re.compile(r"lorad: serving model '[^']*' at (http://[0-9.:]+)")
+
+
 def start_daemon(state_dir: Path, *args: str, env: Mapping[str, str] | None = None) -> RunningDaemon:
     """Start ``lorad serve --port 0 --state-dir state_dir ARGS`` and wait until it serves."""
     state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,12 @@ def start_daemon(state_dir: Path, *args: str, env: Mapping[str, str] | None = No
             doc = json.loads(addr.read_text())
             if doc.get("pid") == proc.pid:
                 break
+        # On a full disk the address file cannot be written: the log (this process's own)
+        # names the URL too.
+        served = _SERVING.search(log.read_text(errors="replace"))
+        if served is not None:
+            doc = {"url": served.group(1), "pid": proc.pid}
+            break
         if proc.poll() is not None:
             raise RuntimeError(f"lorad exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         if time.monotonic() > deadline:
@@ -244,7 +254,5 @@ def batcher_counts(daemon: RunningDaemon) -> tuple[float, float]:
 
 def fleet_args(broker: Any) -> list[str]:
     """``loractl fleet`` broker arguments of the fleet user of a tests/conftest.py broker."""
-    return ["--broker", f"127.0.0.1:{broker.port}", "--ca", str(broker.ca), "--cert", str(broker.cert("fleet")),
-            "--key", str(broker.key("fleet")), "--username", "fleet",
-            "--password-file", str(broker.password_file("fleet"))]
+    return list(broker.fleet_args())  # the fleet listener, not the devices' ``broker.port``
 

@@ -118,7 +118,7 @@ def test_loractl_human_output(daemon: RunningDaemon) -> None:
     p = run_loractl("--state-dir", str(daemon.state_dir), "adapters", "list")
     assert p.returncode == 0
     header = p.stdout.splitlines()[0].split()
-    assert header == ["NAME", "VERSION", "RANK", "BYTES", "CACHED", "PINNED"]
+    assert header == ["NAME", "VERSION", "RANK", "BYTES", "CACHED", "PINNED", "STATE"]
     p = run_loractl("--state-dir", str(daemon.state_dir), "health")
     assert p.returncode == 0 and "ready yes" in p.stdout
 

@@ -170,7 +170,8 @@ def test_list_adapters_fields(daemon: RunningDaemon) -> None:
     listing = daemon.adapters()
     assert set(DEMO_ADAPTERS) <= set(listing)
     for a in listing.values():
-        assert set(a) == {"name", "version", "rank", "bytes", "cached", "pinned"}
+        assert set(a) == {"name", "version", "rank", "bytes", "cached", "pinned", "state"}
+        assert a["state"] == "ready"
         assert a["rank"] >= 1 and a["bytes"] > 0
 
 

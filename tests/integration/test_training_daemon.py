@@ -224,14 +224,21 @@ def test_train_privately_serve_refuse_over_budget_and_keep_the_ledger(lab: Lab) 
 
 
 def test_a_corrupt_ledger_is_refused_never_reset(tmp_path: Path) -> None:
-    """Resetting an unreadable ledger would give the data its whole budget again."""
+    """Resetting an unreadable ledger would give the data its whole budget again: training
+    stays off (and says why), serving goes on, and the file is left as it was."""
     ledger = tmp_path / "state" / "trainer" / "privacy-ledger.json"
     ledger.parent.mkdir(parents=True)
     ledger.write_text('{"format": "lorad-privacy-ledger", "version": 1, "next_run_id": 2, "adapters": {"a": {}}}\n')
     before = ledger.read_bytes()
-    with pytest.raises(RuntimeError) as e:
-        start_daemon(tmp_path / "state")
-    message = str(e.value)
-    assert "lorad exited with 1" in message and "cannot serve: privacy ledger" in message and "corrupt" in message
-    assert "Traceback" not in message
+    d = start_daemon(tmp_path / "state")
+    try:
+        assert d.request("GET", "/v2/health/ready").json()["training"]["disabled"] == "ledger_damaged"
+        r = d.request("GET", _path(ADAPTER, "privacy"))
+        assert r.status == 503 and "privacy ledger" in r.json()["error"] and "corrupt" in r.json()["error"], r.body
+        assert "restore it from a backup" in r.json()["error"]
+        assert d.request("POST", f"/v2/models/{MODEL}/infer", json_body={"inputs": [{
+            "name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}).status == 200
+        assert "Traceback" not in d.logs()
+    finally:
+        d.stop()
     assert ledger.read_bytes() == before

@@ -115,6 +115,12 @@ def test_broker_init_writes_a_fleet_broker(tmp_path: Path, capsys: pytest.Captur
         assert oct(layout.key(u).stat().st_mode & 0o777) == "0o600"
     conf = (d / "mosquitto.conf").read_text()
     assert "listener 18883 127.0.0.1" in conf and "require_certificate true" in conf
+    # devices on 18883 with their user name as client id; the fleet tool alone on 18884
+    devices_part, fleet_part = conf.split("listener 18883 127.0.0.1")[1].split("listener 18884 127.0.0.1")
+    assert "use_username_as_clientid true" in devices_part and "use_username_as_clientid" not in fleet_part
+    assert f"password_file {d.resolve()}/passwd\n" in devices_part and "fleet.passwd" in fleet_part
+    assert layout.fleet_port == 18884 and "127.0.0.1:18884" in layout.fleet_args()
+    assert (d / "fleet.passwd").read_text().startswith("fleet:") and "fleet:" not in (d / "passwd").read_text()
     acl = (d / "acl").read_text()
     assert "user kiosk-9\ntopic read lorad/v1/repo/#\ntopic read lorad/v1/all/offer\n" \
            "topic read lorad/v1/group/east/offer\ntopic read lorad/v1/group/lab/offer\n" in acl

@@ -89,9 +89,12 @@ def test_large_bodies_are_413_before_decoding(daemon: RunningDaemon) -> None:
 
 
 def test_deep_nesting_in_a_rollback_body_is_400(daemon: RunningDaemon) -> None:
-    body = b"[" * 100_000 + b"]" * 100_000
+    body = b"[" * 2000 + b"]" * 2000
     r = daemon.request("POST", f"/v2/models/{MODEL}/adapters/mirror/rollback", body=body, content_type="application/json")
-    assert r.status == 400 and '{"version": N}' in r.json()["error"]
+    assert r.status == 400 and '{"version": N}' in r.json()["error"] and "nested too deeply" in r.json()["error"]
+    body = b"[" * 100_000 + b"]" * 100_000  # past the 4096 bytes a rollback body may take: refused unread
+    r = daemon.request("POST", f"/v2/models/{MODEL}/adapters/mirror/rollback", body=body, content_type="application/json")
+    assert r.status == 413 and "exceeds the limit of 4096 bytes (fixed)" in r.json()["error"]
 
 
 def _multipart(part_headers: bytes, content: bytes = b"{}") -> tuple[bytes, str]:
@@ -157,12 +160,14 @@ def test_a_file_corrupted_on_disk_does_not_leak_its_path(daemon: RunningDaemon, 
     stored.write_bytes(stored.read_bytes()[:-8] + b"\xff" * 8)
     root = str(Path(daemon.state_dir).resolve())
     anonymous = daemon.request("POST", INFER, json_body=_body("rot"), token=None)
-    assert anonymous.status == 500
+    assert anonymous.status == 409  # damaged: refused, never served, never a 500
     assert root not in anonymous.body.decode() and "/" not in anonymous.json()["error"]
-    assert "daemon log" in anonymous.json()["error"]
+    assert "daemon log" in anonymous.json()["error"] and "is damaged" in anonymous.json()["error"]
     operator = daemon.request("POST", INFER, json_body=_body("rot"))
-    assert operator.status == 500 and "is corrupt" in operator.json()["error"]
+    assert operator.status == 409 and "is corrupt" in operator.json()["error"]
     assert "is corrupt" in daemon.logs()
+    listed = {a["name"]: a for a in daemon.request("GET", f"/v2/models/{MODEL}/adapters", token=None).json()}
+    assert listed["rot"]["state"] == "damaged" and "reason" not in listed["rot"]
 
 
 def _body(adapter: str) -> dict[str, object]:

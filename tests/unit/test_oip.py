@@ -173,7 +173,46 @@ def test_deep_nesting_is_a_400_not_a_crash() -> None:
     data: object = 0.5
     for _ in range(500):
         data = [data]
-    assert "data has 1 elements" in _error(_req(pixels={"data": data}))
+    assert "nested too deeply" in _error(_req(pixels={"data": data}))
+    # An already parsed document (the examples route's) is walked level by level, never recursively.
+    with pytest.raises(OIPError, match=r"input 'pixels': data is an array of 1 where shape \[2, 4\] needs an array of 2"):
+        decode_infer_request(_req(pixels={"data": data}), INPUTS, OUTPUTS)
+
+
+@pytest.mark.parametrize("depth", [65, 900, 1000, 5000])
+def test_json_nested_past_the_limit_is_refused_before_parsing(depth: int) -> None:
+    body = b'{"inputs": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    with pytest.raises(OIPError, match="nested too deeply: arrays and objects may nest at most 64 levels"):
+        decode_infer_request(body, INPUTS, OUTPUTS)
+
+
+def test_json_nested_to_the_limit_is_parsed() -> None:
+    body = b'{"inputs": ' + b"[" * 63 + b"]" * 63 + b', "id": "[[[[' + b"[" * 100 + b'"}'
+    with pytest.raises(OIPError, match=r"inputs\[0\] must be an object"):  # parsed: the structure is what is wrong
+        decode_infer_request(body, INPUTS, OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ([[0.5] * 4, [0.5] * 3], "data[1] is an array of 3 where shape [2, 4] needs an array of 4"),
+        ([[0.5] * 4, 0.5, 0.5, 0.5, 0.5], "data is an array of 5 where shape [2, 4] needs an array of 2"),
+        ([[0.5] * 4, [[0.5]] * 4], "is nested deeper than shape [2, 4] (element 4 (index [1, 0]) is an array)"),
+        ([[0.5] * 4, "x"], "data[1] is a string 'x' where shape [2, 4] needs an array of 4"),
+        ([[[0.5] * 2] * 2] * 2, "data[0] is an array of 2 where shape [2, 4] needs an array of 4"),
+    ],
+    ids=["short-row", "mixed-flat-and-nested", "too-deep", "string-row", "wrong-rank"],
+)
+def test_ragged_or_misnested_data_is_400_naming_tensor_and_position(data: object, fragment: str) -> None:
+    msg = _error(_req(pixels={"data": data}))
+    assert msg.startswith("input 'pixels': ") and fragment in msg, msg
+    assert "flat (row-major) or nested exactly as the shape" in msg
+
+
+def test_a_tensor_without_rows_is_400() -> None:
+    # OIP allows empty tensors; lorad answers requests of at least one row (documented in openapi.yaml).
+    msg = _error(_req(pixels={"shape": [0, 4], "data": []}))
+    assert "input 'pixels': shape [0, 4] has no elements; a request carries at least one row (every dimension >= 1, like [1, 4])" in msg
 
 
 def test_encode_response_round_trips_float32_exactly() -> None:

@@ -1,4 +1,5 @@
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -6,7 +7,15 @@ from safetensors.numpy import save
 
 from lorad.adapters.errors import InvalidAdapterError
 from lorad.adapters.lora import LoraAdapter, LoraWeights
-from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft, read_peft_dir, save_peft
+from lorad.adapters.peft_format import (
+    CONFIG_FILE,
+    MAX_HEADER_BYTES,
+    WEIGHTS_FILE,
+    dump_peft,
+    load_peft,
+    read_peft_dir,
+    save_peft,
+)
 
 
 def _adapter() -> LoraAdapter:
@@ -100,3 +109,54 @@ def test_truncated_and_bit_flipped_weights_are_refused() -> None:
 def test_missing_directory_file_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidAdapterError, match=r"adapter_model.safetensors does not exist"):
         read_peft_dir(tmp_path)
+
+
+def _raw(header: dict[str, object], data: bytes, *, declared: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if declared is None else declared) + text + data
+
+
+_A = "base_model.model.fc1.lora_A.weight"
+_B = "base_model.model.fc1.lora_B.weight"
+
+
+def _entry(begin: int, end: int, shape: list[int], dtype: str = "F32") -> dict[str, object]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_raw({}, b"", declared=MAX_HEADER_BYTES + 1), f"declares a header of {MAX_HEADER_BYTES + 1} bytes; lorad reads headers of at most"),
+        (_raw({}, b"", declared=2**64 - 1), "declares a header of 18446744073709551615 bytes"),
+        (_raw({_A: _entry(0, 48, [2, 6]), _B: _entry(48, 88, [5, 2])}, bytes(80)), "truncated or corrupt: tensor '" + _B + "' ends at byte 88"),
+        (_raw({_A: _entry(0, 48, [2, 6]), _B: _entry(40, 80, [5, 2])}, bytes(80)), "tensor '" + _B + r"' \(bytes 40..80\) overlaps tensor '" + _A),
+        (_raw({_A: _entry(0, 48, [2, 6]), _B: _entry(52, 92, [5, 2])}, bytes(92)), "bytes 48..52 after tensor '" + _A + "' belong to no tensor"),
+        (_raw({_A: _entry(4, 52, [2, 6]), _B: _entry(52, 92, [5, 2])}, bytes(92)), "bytes 0..4 at the start of the data belong to no tensor"),
+        (_raw({_A: _entry(0, 48, [2, 6]), _B: _entry(48, 88, [5, 2])}, bytes(96)), "8 bytes after the last tensor '" + _B + "' belong to no tensor"),
+        (_raw({_A: _entry(0, 44, [2, 6]), _B: _entry(44, 84, [5, 2])}, bytes(84)),
+         "tensor '" + _A + r"' of dtype F32 and shape \[2, 6\] needs 48 bytes, its data_offsets give 44"),
+        (_raw({_A: _entry(0, 48, [2, 6], "BF16")}, bytes(48)), "tensor '" + _A + "' has dtype bfloat16; allowed"),
+        (_raw({_A: _entry(0, 48, [2, -6])}, bytes(48)), r"has shape \[2, -6\]; a shape is a list of integers >= 0"),
+        (_raw({_A: _entry(48, 0, [2, 6])}, bytes(48)), r"has data_offsets \[48, 0\]; expected \[begin, end\]"),
+        (_raw({_A: {"dtype": "F32", "shape": [2, 6]}}, bytes(48)), "has data_offsets None"),
+        (_raw({_A: [1, 2]}, b""), "must be an object with dtype, shape and data_offsets"),
+        (_raw({"__metadata__": {"format": 1}}, b""), "'__metadata__' must map names to strings"),
+        (struct.pack("<Q", 2) + b"[]", "header must be a JSON object, got list"),
+        (struct.pack("<Q", 200) + b"[" * 100 + b"]" * 100, "header is nested too deeply: arrays and objects may nest at most 64 levels"),
+    ],
+    ids=["header-over-limit", "header-2^64", "offset-past-end", "overlap", "gap", "gap-at-start", "trailing-bytes",
+         "bytes-vs-shape", "dtype", "negative-dim", "reversed-offsets", "no-offsets", "entry-not-object", "metadata-values",
+         "header-not-object", "header-nesting"],
+)
+def test_safetensors_layout_is_checked_before_reading_tensors(raw: bytes, message: str) -> None:
+    files = {WEIGHTS_FILE: raw, CONFIG_FILE: json.dumps({"peft_type": "LORA", "r": 2}).encode()}
+    with pytest.raises(InvalidAdapterError, match=message):
+        load_peft(files)
+
+
+def test_a_well_formed_hand_made_file_loads() -> None:
+    raw = _raw({"__metadata__": {"format": "pt"}, _A: _entry(0, 48, [2, 6]), _B: _entry(48, 88, [5, 2])},
+               np.ones(22, np.float32).tobytes())
+    adapter = load_peft({WEIGHTS_FILE: raw, CONFIG_FILE: json.dumps({"peft_type": "LORA", "r": 2}).encode()})
+    assert adapter.weights["fc1.weight"].A.shape == (6, 2)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from lorad.adapters.errors import AdapterNotFoundError, AdapterStorageError
+from lorad.adapters.errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageError
 from lorad.adapters.registry import META_FILE, AdapterRegistry
 
 FILES = {"adapter_model.safetensors": b"\x00weights\xff" * 100, "adapter_config.json": b"{}"}
@@ -115,7 +117,7 @@ def test_size_limit_on_put_and_read(tmp_path: Path) -> None:
         reg.put("a", {"w.bin": b"x" * 101})
     reg.put("a", {"w.bin": b"x" * 100})
     (tmp_path / "a" / "1" / "w.bin").write_bytes(b"x" * 5000)  # grown on disk behind our back
-    with pytest.raises(AdapterStorageError, match="larger than the limit of 100 bytes"):
+    with pytest.raises(AdapterDamagedError, match=r"has 5000 bytes, lorad\.json records 100"):
         reg.read_file("a", 1, "w.bin")
 
 
@@ -150,22 +152,100 @@ def test_corrupt_pointer(tmp_path: Path, garbage: bytes) -> None:
     reg = AdapterRegistry(tmp_path)
     reg.put("a", FILES)
     (tmp_path / "a" / "current").write_bytes(garbage)
-    with pytest.raises(AdapterStorageError, match=r"is corrupt.*not a version number"):
+    with pytest.raises(AdapterDamagedError, match=r"is corrupt.*not a version number") as ei:
         reg.get("a")
-    with pytest.raises(AdapterStorageError):
+    assert (ei.value.name, ei.value.version, ei.value.sound_versions) == ("a", None, (1,))
+    with pytest.raises(AdapterDamagedError):
         reg.current_version("a")
-    with pytest.raises(AdapterStorageError):
-        reg.put("a", FILES)
+    assert reg.names() == ["a"]  # listed, as damaged
     reg.set_current("a", 1)  # the operator's repair
     assert reg.get("a").version == 1
+    (tmp_path / "a" / "current").write_bytes(garbage)
+    assert reg.put("a", FILES) == 2  # a new version repairs it too
+    assert reg.get("a").version == 2
 
 
 def test_pointer_to_missing_version(tmp_path: Path) -> None:
     reg = AdapterRegistry(tmp_path)
     reg.put("a", FILES)
     (tmp_path / "a" / "current").write_text("42\n")
-    with pytest.raises(AdapterStorageError, match=r"names version 42 but .* is missing"):
+    with pytest.raises(AdapterDamagedError, match=r"names version 42 but .* is missing") as ei:
         reg.get("a")
+    assert (ei.value.version, ei.value.sound_versions) == (42, (1,))
+    with pytest.raises(AdapterDamagedError):
+        reg.current_version("a")
+
+
+def test_pointer_through_a_symbolic_link_is_damage(tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    reg = AdapterRegistry(root)
+    reg.put("a", FILES)
+    pointer = root / "a" / "current"
+    pointer.unlink()
+    pointer.symlink_to("/etc/passwd")
+    with pytest.raises(AdapterDamagedError, match="is a symbolic link") as ei:
+        reg.get("a")
+    assert "/bin/" not in str(ei.value) and "passwd" not in str(ei.value)  # never read, let alone quoted
+    reg.set_current("a", 1)
+    assert not pointer.is_symlink() and reg.get("a").version == 1
+    version_dir = root / "a" / "1"
+    version_dir.rename(tmp_path / "elsewhere")
+    version_dir.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(AdapterDamagedError, match="is a symbolic link"):
+        reg.get("a")
+    reg.delete("a")  # removes the link, never what it points to
+    assert reg.names() == [] and (tmp_path / "elsewhere" / META_FILE).is_file()
+
+
+def test_missing_pointer_and_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reg = AdapterRegistry(tmp_path)
+    reg.put("a", FILES)
+    (tmp_path / "a" / "current").unlink()
+    with pytest.raises(AdapterDamagedError, match=r"current is missing; stored versions: \[1\]"):
+        reg.get("a")
+    (tmp_path / "empty").mkdir()  # what an older lorad left when killed creating an adapter
+    with caplog.at_level(logging.WARNING, logger="lorad.adapters.registry"):
+        reg = AdapterRegistry(tmp_path)
+    assert not (tmp_path / "empty").exists()
+    assert reg.names() == ["a"]
+    assert "adapter 'a' is damaged on disk" in caplog.text and "empty adapter directory" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["record-empty", "record-missing", "record-garbage", "version-deleted",
+                                    "weights-truncated", "weights-missing"])
+def test_one_damaged_adapter_leaves_the_others_alone(tmp_path: Path, damage: str) -> None:
+    reg = AdapterRegistry(tmp_path)
+    for i in (1, 2):
+        reg.put("keep", files_of(i))
+    reg.put("other", FILES)
+    v2 = tmp_path / "keep" / "2"
+    if damage == "record-empty":
+        (v2 / META_FILE).write_bytes(b"")
+    elif damage == "record-missing":
+        (v2 / META_FILE).unlink()
+    elif damage == "record-garbage":
+        (v2 / META_FILE).write_bytes((v2 / META_FILE).read_bytes()[:40])
+    elif damage == "version-deleted":
+        for f in v2.iterdir():
+            f.unlink()
+        v2.rmdir()
+    elif damage == "weights-truncated":
+        (v2 / "adapter_model.safetensors").write_bytes(b"weights")
+    else:
+        (v2 / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterDamagedError) as ei:
+        reg.get("keep")
+    assert (ei.value.version, ei.value.sound_versions) == (2, (1,))
+    assert "roll back to a sound stored version (1)" in str(ei.value)
+    with pytest.raises(AdapterDamagedError):
+        reg.read_file("keep", None, "adapter_config.json")
+    assert reg.names() == ["keep", "other"]
+    assert reg.read_file("other", None, "adapter_model.safetensors") == FILES["adapter_model.safetensors"]
+    if damage != "version-deleted":
+        with pytest.raises(AdapterDamagedError, match="version 2"):
+            reg.set_current("keep", 2)  # a rollback never goes to a damaged version
+    reg.set_current("keep", 1)
+    assert reg.read_file("keep", None, "adapter_model.safetensors") == files_of(1)["adapter_model.safetensors"]
 
 
 def test_corrupt_record(tmp_path: Path) -> None:
@@ -192,9 +272,18 @@ def test_sha256_mismatch_detected(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[5] ^= 0x01  # one flipped bit, same size
     path.write_bytes(bytes(data))
-    with pytest.raises(AdapterStorageError, match=r"sha256 .* does not match"):
+    with pytest.raises(AdapterDamagedError, match=r"sha256 .* does not match"):
         reg.read_file("a", 1, "adapter_model.safetensors")
-    assert reg.read_file("a", 1, "adapter_config.json") == b"{}"
+    # Remembered: the version is damaged (and listed so) until that file changes.
+    with pytest.raises(AdapterDamagedError, match=r"sha256 .* does not match"):
+        reg.get("a")
+    with pytest.raises(AdapterDamagedError):
+        reg.read_file("a", 1, "adapter_config.json")
+    data[5] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(1, 1))  # a changed file whatever the clock's resolution
+    assert reg.get("a").version == 1
+    assert reg.read_file("a", 1, "adapter_model.safetensors") == FILES["adapter_model.safetensors"]
 
 
 def test_os_errors_become_storage_errors(tmp_path: Path) -> None:
@@ -202,10 +291,9 @@ def test_os_errors_become_storage_errors(tmp_path: Path) -> None:
     reg.put("a", FILES)
     path = tmp_path / "a" / "1" / "adapter_config.json"
     path.unlink()
-    path.mkdir()  # reading a directory fails with an OSError
-    with pytest.raises(AdapterStorageError) as ei:
+    path.mkdir()  # not a file: the version is damaged
+    with pytest.raises(AdapterDamagedError, match="is not a regular file"):
         reg.read_file("a", 1, "adapter_config.json")
-    assert isinstance(ei.value.__cause__, OSError)
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
     with pytest.raises(AdapterStorageError, match="cannot open adapter registry") as ei:

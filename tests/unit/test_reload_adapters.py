@@ -42,3 +42,14 @@ def test_changed_versions_are_dropped_and_pins_kept(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, v2), rtol=1e-5, atol=1e-5)
     entries = {e.name: e for e in service.cache.entries()}
     assert entries["a"].pinned and entries["a"].version == 2 and "gone" not in entries and "b" in entries
+
+
+def test_a_cached_adapter_damaged_on_disk_is_dropped(tmp_path: Path) -> None:
+    model, _ = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=4)
+    service = AdapterService(engine, AdapterRegistry(tmp_path / "adapters"), cache_budget_bytes=1 << 20)
+    service.upload("a", dump_peft(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=1)))
+    service.pin("a")
+    (tmp_path / "adapters" / "a" / "current").write_bytes(b"garbage")
+    assert _refresh_adapters(service) == ["a"]
+    assert service.cache.entries() == []

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
+from lorad.adapters.composition import AdapterWeight
 from lorad.adapters.engine import InferenceEngine
-from lorad.adapters.errors import AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
+from lorad.adapters.errors import AdapterDamagedError, AdapterNotFoundError, BaseModelMismatchError, InvalidAdapterError
 from lorad.adapters.peft_format import WEIGHTS_FILE, dump_peft
-from lorad.adapters.registry import AdapterRegistry
-from lorad.adapters.service import AdapterService
+from lorad.adapters.registry import META_FILE, AdapterRegistry
+from lorad.adapters.service import AdapterService, DamagedAdapterInfo
 from tests.unit.lora_models import random_adapter, tiny_model, tiny_reference
 
 X = np.random.default_rng(7).normal(size=(2, 3, 6)).astype(np.float32)
@@ -194,3 +195,58 @@ def test_change_during_a_cache_miss_marks_the_load_stale(tmp_path: Path, change:
     result = service.infer({"x": X}, "a")
     assert result.version == new and service.info("a").cached
     np.testing.assert_allclose(result.outputs["y"], tiny_reference(w, X, new_adapter), rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_adapter_is_listed_never_served_and_repaired(
+        setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, w = setup
+    targets, fp = service.engine.targets, service.engine.fingerprint
+    v1, v2, good = (random_adapter(targets, fp, rank=2, seed=s) for s in (1, 2, 3))
+    service.upload("keep", dump_peft(v1))
+    service.upload("keep", dump_peft(v2))
+    service.upload("other", dump_peft(good))
+    service.pin("keep")  # a copy in memory from before the damage
+    pointer = service.registry.root / "keep" / "current"
+    pointer.write_bytes(b"garbage")
+
+    listed = {i.name: i for i in service.list_adapters()}
+    damaged = listed["keep"]
+    assert isinstance(damaged, DamagedAdapterInfo)
+    assert (damaged.state, damaged.version, damaged.versions) == ("damaged", None, (1, 2))
+    assert "not a version number" in damaged.reason
+    assert (listed["other"].state, listed["other"].version) == ("ready", 1)
+    assert service.inspect("keep")["state"] == "damaged"
+    # Never served, not even the copy cached before the damage was found.
+    with pytest.raises(AdapterDamagedError, match="roll back to a sound stored version"):
+        service.infer({"x": X}, "keep")
+    with pytest.raises(AdapterDamagedError):
+        service.infer({"x": X}, [AdapterWeight("keep", 1.0), AdapterWeight("other", 1.0)])
+    np.testing.assert_allclose(service.infer({"x": X}, "other").outputs["y"], tiny_reference(w, X, good),
+                               rtol=1e-5, atol=1e-5)
+
+    assert service.rollback("keep", 1).version == 1  # repair 1: a rollback
+    np.testing.assert_allclose(service.infer({"x": X}, "keep").outputs["y"], tiny_reference(w, X, v1),
+                               rtol=1e-5, atol=1e-5)
+    (service.registry.root / "keep" / "1" / META_FILE).write_bytes(b"{")
+    assert service.list_adapters()[0].state == "damaged"
+    with pytest.raises(AdapterDamagedError, match="version 1"):
+        service.rollback("keep", 1)
+    assert service.upload("keep", dump_peft(v2)).version == 3  # repair 2: a new version
+    assert [i.state for i in service.list_adapters()] == ["ready", "ready"]
+    pointer.write_text("99\n")
+    service.delete("keep")  # repair 3: gone
+    assert [i.name for i in service.list_adapters()] == ["other"]
+
+
+def test_a_file_that_hashes_wrong_is_found_on_load_and_listed(
+        setup: tuple[AdapterService, dict[str, np.ndarray]]) -> None:
+    service, _ = setup
+    service.upload("a", dump_peft(random_adapter(service.engine.targets, service.engine.fingerprint, rank=2)))
+    weights = service.registry.root / "a" / "1" / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # same size: only the sha256 tells
+    weights.write_bytes(bytes(data))
+    assert service.list_adapters()[0].state == "ready"  # listing hashes nothing
+    with pytest.raises(AdapterDamagedError, match="sha256"):
+        service.infer({"x": X}, "a")
+    assert service.list_adapters()[0].state == "damaged"

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ from lorad.daemon.config import ConfigError, build_config
 from lorad.daemon.ctl.client import ApiError, Client
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.training_api import add_training_routes
-from lorad.trainer.config import parse_trainer_section
+from lorad.trainer.config import TrainerConfig, parse_trainer_section
 from lorad.trainer.metrics import register_trainer_metrics
-from lorad.trainer.service import TrainerService
-from tests.unit.trainer_helpers import inputs, labelled_by, make_service, teacher
+from lorad.trainer.run import TrainingRun
+from lorad.trainer.service import LEDGER_FILE, TrainerService
+from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_service, teacher
 
 TOKEN = "t" * 32
 
@@ -55,10 +57,8 @@ class _Server:
         self.thread.join(10)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegistry]]:
-    service = make_service(tmp_path)
-    config = parse_trainer_section({
+def _config() -> TrainerConfig:
+    return parse_trainer_section({
         "testing": True, "noise": "seeded", "schedule": False, "isolate": False, "store": {"max_example_bytes": 20_000},
         "defaults": {"rank": 4, "alpha": 8, "noise_multiplier": 1.0, "batch_size": 8, "steps": 10,
                      "epochs": None, "target_epsilon": 100, "validation_margin": -100, "learning_rate": 0.01,
@@ -66,7 +66,18 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegist
                      "budget_fraction": 1.0},
         "adapters": {"tiny-budget": {"target_epsilon": 0.01}},
     })
-    trainer = TrainerService(config, adapters=service, state_dir=tmp_path, proc_root=tmp_path, sys_root=tmp_path)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegistry]]:
+    with _stack(tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def _stack(tmp_path: Path) -> Iterator[tuple[str, TrainerService, CollectorRegistry]]:
+    service = make_service(tmp_path)
+    trainer = TrainerService(_config(), adapters=service, state_dir=tmp_path, proc_root=tmp_path, sys_root=tmp_path)
     registry = CollectorRegistry()
     metrics = DaemonMetrics(registry)
     register_trainer_metrics(registry, trainer)
@@ -355,3 +366,38 @@ def test_the_fleet_hears_no_private_reason() -> None:
     with pytest.raises(TrainNowRefusedError) as e:
         _train_now_of(refuse)("alice")
     assert "99" not in str(e.value) and "private to the device" in str(e.value)
+
+
+def test_a_lost_ledger_never_reports_less_than_the_stored_versions(tmp_path: Path) -> None:
+    """The ledger file deleted after a run: the privacy API and the metrics still report at
+    least the ε the version that run installed records, and say the ledger lacks the run."""
+    service = make_service(tmp_path)
+    first = TrainerService(_config(), adapters=service, state_dir=tmp_path, proc_root=tmp_path, sys_root=tmp_path)
+    try:
+        x = inputs(40, seed=4)
+        fill_store(first.store, "alice", x, labelled_by(service, teacher(service), x))
+        run = TrainingRun(first.env, "alice", first.config.for_adapter("alice"))
+        run.begin()
+        assert run.execute().status == "accepted"
+        spent = first.privacy_state("alice")["epsilon_spent"]
+        assert spent > 0 and service.registry.get("alice").meta["epsilon_spent"] == spent
+    finally:
+        first.close()
+    (tmp_path / "trainer" / LEDGER_FILE).unlink()
+
+    with _stack(tmp_path) as (url, _, registry):
+        for token in (True, False):
+            state = _client(url, token).call("GET", "/v2/models/demo/adapters/alice/privacy")
+            assert state["runs"] == [] and state["epsilon_spent"] == pytest.approx(spent)
+            (missing,) = state["ledger_missing_runs"]
+            assert (missing["version"], missing["run_id"], missing["epsilon_spent"]) == (1, run.run_id, spent)
+            assert state["delta"] == missing["delta"] and state["delta"] is not None
+            assert f"it lacks run {run.run_id} (version 1)" in state["ledger_warning"]
+        assert [s["adapter"] for s in _client(url).call("GET", "/v2/models/demo/privacy")] == ["alice"]
+        value = registry.get_sample_value
+        assert value("lorad_privacy_epsilon_spent", {"adapter": "alice"}) == pytest.approx(spent)
+        assert value("lorad_privacy_epsilon_remaining", {"adapter": "alice"}) == pytest.approx(100 - spent)
+        assert value("lorad_privacy_ledger_missing_runs", {"adapter": "alice"}) == 1
+        with pytest.raises(ApiError) as e:  # and no new run starts
+            _client(url).call("POST", "/v2/models/demo/adapters/alice/train", auth=True)
+        assert e.value.status == 422 and "does not record" in e.value.message

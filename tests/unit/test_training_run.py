@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from lorad.adapters.engine import PreparedAdapter
+from lorad.adapters.errors import AdapterDamagedError
 from lorad.adapters.service import AdapterService
 from lorad.trainer.accountant import RunCharge, epsilon
 from lorad.trainer.errors import BadTrainingDataError, PrivacyBudgetExceededError
-from lorad.trainer.run import RunControl, RunProgress, TrainerEnv, TrainingRun
+from lorad.trainer.run import RunControl, RunProgress, TrainerEnv, TrainingRun, last_trained_example
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_env, make_service, run_config, teacher
 
 
@@ -221,8 +222,10 @@ def test_crash_after_checkpoint_resumes_from_it(env: TrainerEnv) -> None:
 
 
 @pytest.mark.parametrize("content", [b"{", b"\xff\xfe", b"[]", b'{"run_id": "1"}'])
-def test_unreadable_run_state_is_an_error_and_keeps_the_checkpoint(env: TrainerEnv, content: bytes) -> None:
-    """A corrupt run.json must not read as "no local state": that deletes a paid checkpoint."""
+def test_damaged_run_state_is_absent_and_never_lowers_the_charge(
+        env: TrainerEnv, content: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged run.json reads as "no local state", with a warning: the interrupted run
+    restarts at step 0 under the charge the ledger already holds (never charged again, never less)."""
     steps = [0]
 
     def on_step() -> None:
@@ -235,22 +238,19 @@ def test_unreadable_run_state_is_an_error_and_keeps_the_checkpoint(env: TrainerE
     with pytest.raises(_Crash):
         run.execute()
     run_dir = env.state_dir / "runs" / "alice"
-    saved = (run_dir / "run.json").read_bytes()
-    checkpoint = (run_dir / "checkpoint").read_bytes()
     (run_dir / "run.json").write_bytes(content)
-    with pytest.raises(BadTrainingDataError, match="run state") as exc:
-        TrainingRun(env, "alice", run_config()).begin()
-    assert str(run_dir / "run.json") in str(exc.value)
-    assert (run_dir / "checkpoint").read_bytes() == checkpoint  # nothing deleted
-    assert (run_dir / "run.json").read_bytes() == content
-    assert [r["status"] for r in env.ledger.state("alice").runs] == ["running"]
-
-    (run_dir / "run.json").write_bytes(saved)  # repaired: resumes from the checkpoint
+    charged = env.ledger.state("alice").epsilon_spent
     progress: list[RunProgress] = []
     again = TrainingRun(env, "alice", run_config(), on_progress=progress.append)
-    assert again.begin() == run_id
+    with caplog.at_level("WARNING", logger="lorad.trainer.run"):
+        assert again.begin() == run_id  # the same charged run, not a new one
+    assert f"{run_dir / 'run.json'} is damaged" in caplog.text
+    assert env.ledger.state("alice").epsilon_spent == charged
     assert again.execute().status == "accepted"
-    assert progress[0].steps_done == 5
+    assert progress[0].steps_done == 0  # its checkpoint went with the damaged state
+    record = _only_run(env)
+    assert (record["run_id"], record["status"], record["steps_charged"]) == (run_id, "completed", 12)
+    assert env.ledger.state("alice").epsilon_spent >= charged
 
 
 def test_crash_right_after_begin_resumes_the_same_charge(env: TrainerEnv) -> None:
@@ -263,37 +263,48 @@ def test_crash_right_after_begin_resumes_the_same_charge(env: TrainerEnv) -> Non
     assert (record["run_id"], record["steps_charged"]) == (run_id, 12)
 
 
-def test_crash_between_end_run_and_install_finishes_without_training(env: TrainerEnv) -> None:
-    class _CrashingInstall:
-        def __init__(self, real: AdapterService) -> None:
-            self.real = real
+class _CrashingInstall:
+    """The adapter service, but the daemon dies when the run installs its version."""
 
-        def __getattr__(self, name: str) -> object:
-            if name == "install":
-                raise _Crash()
-            return getattr(self.real, name)
+    def __init__(self, real: AdapterService) -> None:
+        self.real = real
 
+    def __getattr__(self, name: str) -> object:
+        if name == "install":
+            raise _Crash()
+        return getattr(self.real, name)
+
+
+def _trained_not_released(env: TrainerEnv) -> int:
     crashing = TrainerEnv(**{**env.__dict__, "service": _CrashingInstall(env.service)})  # type: ignore[arg-type]
     run = TrainingRun(crashing, "alice", run_config(validation_margin=-10.0))
     run_id = run.begin()
     with pytest.raises(_Crash):
         run.execute()
     assert _only_run(env)["status"] == "completed"
+    return run_id
 
-    run_file = env.state_dir / "runs" / "alice" / "run.json"
-    saved = run_file.read_bytes()
-    run_file.write_bytes(b"{")
-    with pytest.raises(BadTrainingDataError, match="run state"):
-        TrainingRun(env, "alice", run_config()).begin()
-    assert (run_file.parent / "checkpoint").is_file()  # the final, paid-for checkpoint is kept
-    run_file.write_bytes(saved)
 
+def test_crash_between_end_run_and_install_finishes_without_training(env: TrainerEnv) -> None:
+    run_id = _trained_not_released(env)
     steps = [0]
     finish = TrainingRun(env, "alice", run_config(), on_step=lambda: steps.__setitem__(0, steps[0] + 1))
     assert finish.begin() == run_id
     result = finish.execute()
     assert (result.status, steps[0]) == ("accepted", 0)
     assert len(env.ledger.state("alice").runs) == 1
+
+
+def test_damaged_state_of_a_trained_run_keeps_its_charge(env: TrainerEnv) -> None:
+    run_id = _trained_not_released(env)
+    (env.state_dir / "runs" / "alice" / "run.json").write_bytes(b"{")
+    charged = env.ledger.state("alice").epsilon_spent
+    new_run = TrainingRun(env, "alice", run_config())
+    assert new_run.begin() != run_id  # the trained run is not released; its charge stays
+    first, _ = env.ledger.state("alice").runs
+    assert (first["run_id"], first["status"], first["steps_charged"]) == (run_id, "completed", 12)
+    assert env.ledger.state("alice").epsilon_spent > charged
+    assert new_run.execute().status == "accepted"
 
 
 def test_rank_above_slot_rank_is_refused_before_charging(env: TrainerEnv) -> None:
@@ -367,3 +378,24 @@ def test_cancel_while_validating_releases_nothing_and_keeps_the_charge(env: Trai
     assert env.service.registry.current_version("alice") is None
     record = _only_run(env)
     assert (record["status"], record["steps_charged"]) == ("completed", 12)  # the charge stays
+
+
+def test_damaged_adapter_record_counts_every_example_as_new(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "adapters" / "alice.json"
+    path.parent.mkdir()
+    path.write_text('{"last_example_id": 7}')
+    assert last_trained_example(tmp_path, "alice") == 7
+    with caplog.at_level("WARNING", logger="lorad.trainer.run"):
+        for content in (b"{", b"[]", b'{"last_example_id": "7"}'):
+            path.write_bytes(content)
+            assert last_trained_example(tmp_path, "alice") is None
+            assert last_trained_example(tmp_path, "alice") is None  # read at every check: warned once
+    assert caplog.text.count(f"{path} is damaged") == 3
+
+
+def test_a_damaged_adapter_is_not_trained_or_charged(env: TrainerEnv) -> None:
+    env.service.install("alice", teacher(env.service))
+    (env.service.registry.root / "alice" / "current").write_bytes(b"garbage")
+    with pytest.raises(AdapterDamagedError, match="repair it"):
+        TrainingRun(env, "alice", run_config()).begin()
+    assert env.ledger.state("alice").runs == []

@@ -105,12 +105,21 @@ def digest_model(model: onnx.ModelProto) -> str:
 
 def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:
     """Digest of the target weights (names, shapes and values) an adapter is made for."""
+    targets = list(targets)
     inits = {i.name: i for i in model.graph.initializer}
+    # A quantised weight (MatMulNBits' packed B) is its codes plus the node's scales and zero
+    # points: hash the raw bytes of every initializer operand after the activation.
+    quantised = {t.weight: [name for name in node.input[1:] if name in inits]
+                 for _, node, t in target_nodes(model.graph, targets) if inits[t.weight].data_type != TensorProto.FLOAT}
     h = hashlib.sha256(b"lorad-fingerprint-v1\0")
     for t in sorted(targets, key=lambda t: t.weight):
-        array = np.ascontiguousarray(numpy_helper.to_array(inits[t.weight]), dtype="<f4")
         h.update(f"{t.weight}\0{t.in_features}x{t.out_features}\0{int(t.transposed)}\0".encode())
-        h.update(array.tobytes())
+        if t.weight in quantised:
+            h.update(f"{t.op}\0".encode())
+            for name in quantised[t.weight]:
+                h.update(f"{name}\0".encode() + numpy_helper.to_array(inits[name]).tobytes())
+        else:
+            h.update(np.ascontiguousarray(numpy_helper.to_array(inits[t.weight]), dtype="<f4").tobytes())
     return "sha256:" + h.hexdigest()
 
 

@@ -21,7 +21,10 @@ which weights ``model.targets`` selects (:meth:`ModulePaths.select`).
 
 A weight is "LoRA-able" when it is a 2-D float initializer that is the right operand of
 a MatMul or the B operand of a Gemm, directly or through a ``Transpose`` (perm ``[1, 0]``),
-which is how exporters that do not fold constants store ``x·Wᵀ``.
+which is how exporters that do not fold constants store ``x·Wᵀ``; or the packed uint8 ``B``
+initializer of a ``com.microsoft.MatMulNBits`` (a 4-bit base weight: ``y = x·dequant(B)ᵀ``,
+``K`` in and ``N`` out features from the node's attributes). LoRA's path reads the node's
+input and adds to its output, so a quantised weight takes it as a float one does.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ __all__ = [
 
 SOURCES = ("override", "name_scope", "node_name", "initializer", "bias")
 _LINEAR_OPS = ("MatMul", "Gemm")
+_NBITS = "MatMulNBits"
+_MS_DOMAIN = "com.microsoft"
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-_NODE_NAME = re.compile(r"^/(?P<path>[^/]+(?:/[^/]+)*)/(?:MatMul|Gemm)(?:_\d+)?$")
+_NODE_NAME = re.compile(r"^/(?P<path>[^/]+(?:/[^/]+)*)/(?:MatMulNBits|MatMul|Gemm)(?:_\d+)?$")
 _PARAM = re.compile(r"^(?P<module>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\.(?P<kind>weight|bias)$")
 _GLOB = re.compile(r"[*?\[]")
 
@@ -102,13 +107,18 @@ def _is_matrix(init: onnx.TensorProto) -> bool:
     return init.data_type == TensorProto.FLOAT and len(init.dims) == 2
 
 
+def _is_nbits(node: onnx.NodeProto) -> bool:
+    return node.op_type == _NBITS and node.domain == _MS_DOMAIN
+
+
 def linear_weight_resolver(graph: onnx.GraphProto) -> Callable[[onnx.NodeProto], tuple[str, bool] | None]:
-    """A function giving, for a MatMul/Gemm node, ``(weight, through_transpose)`` or None.
+    """A function giving, for a MatMul/Gemm/MatMulNBits node, ``(weight, through_transpose)`` or None.
 
     ``weight`` is the 2-D float initializer that is the node's second operand, directly
-    or through a ``Transpose`` with perm ``[1, 0]``.
+    or through a ``Transpose`` with perm ``[1, 0]``; for MatMulNBits, its packed ``B``.
     """
     matrices = {i.name for i in graph.initializer if _is_matrix(i)}
+    packed = {i.name for i in graph.initializer if i.data_type == TensorProto.UINT8}
     transposed: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "Transpose" and node.input and node.input[0] in matrices:
@@ -117,6 +127,8 @@ def linear_weight_resolver(graph: onnx.GraphProto) -> Callable[[onnx.NodeProto],
                 transposed[node.output[0]] = node.input[0]
 
     def resolve(node: onnx.NodeProto) -> tuple[str, bool] | None:
+        if _is_nbits(node):
+            return (node.input[1], False) if len(node.input) >= 3 and node.input[1] in packed else None
         if node.op_type not in _LINEAR_OPS or len(node.input) < 2:
             return None
         operand = node.input[1]
@@ -334,8 +346,13 @@ def _describe(
 ) -> LinearWeight:
     kinds = set()
     unsupported = ""
+    shape = tuple(int(d) for d in init.dims[:2])
     for node, via_transpose in nodes:
-        if node.op_type == "Gemm":
+        if _is_nbits(node):
+            # x·Wᵀ with W [N, K] stored quantised: [in, out] = [K, N] as LoRA sees it.
+            shape = (int(_attr(node, "K", 0)), int(_attr(node, "N", 0)))
+            kinds.add((_NBITS, False, 1.0))
+        elif node.op_type == "Gemm":
             if _attr(node, "transA", 0):
                 unsupported = "Gemm with transA=1 is not supported"
             kinds.add(("Gemm", bool(_attr(node, "transB", 0)) != via_transpose, float(_attr(node, "alpha", 1.0))))
@@ -347,7 +364,7 @@ def _describe(
     return LinearWeight(
         weight=init.name,
         op=op,
-        shape=(int(init.dims[0]), int(init.dims[1])),
+        shape=(shape[0], shape[1]),
         transposed=transposed,
         gemm_alpha=alpha,
         nodes=tuple(n.name for n, _ in nodes),

@@ -7,7 +7,9 @@ the effective settings (JSON; YAML with ``--print``, itself a valid config file)
 ``lorad config-schema`` prints the JSON Schema of the file; ``lorad inspect-model
 MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapters name
 them by; ``lorad import-model bert SRC OUT`` writes a Hugging Face BERT-family checkpoint
-as a LoRA-ready ONNX text model; ``lorad install-service`` installs the systemd unit,
+as a LoRA-ready ONNX text model, ``lorad import-model gguf SRC.gguf OUT`` a LLaMA-architecture
+GGUF file as a LoRA-ready ONNX decoder (4-bit MatMulNBits, KV cache, tokenizer inside);
+``lorad install-service`` installs the systemd unit,
 user, directories and default config outside Yocto; ``lorad --version``. Exit codes: 0 ok,
 1 the daemon failed at run time, 2 bad usage or configuration (the message names the key).
 """
@@ -72,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", type=Path, metavar="MODEL.onnx")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     imp = sub.add_parser(
-        "import-model", help="build a LoRA-ready ONNX model from a Hugging Face checkpoint (no torch needed)",
-        description="Write SRC_DIR (config.json, model.safetensors, tokenizer.json) as an ONNX encoder with mean "
-                    "pooling and normalised sentence embeddings; weights keep their Hugging Face module names.")
-    imp.add_argument("family", choices=["bert"], help="architecture family of the checkpoint")
-    imp.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
+        "import-model", help="build a LoRA-ready ONNX model from a Hugging Face checkpoint or a GGUF file (no torch needed)",
+        description="bert: write SRC_DIR (config.json, model.safetensors, tokenizer.json) as an ONNX encoder with mean "
+                    "pooling and normalised sentence embeddings. gguf: write a LLaMA-architecture SRC.gguf (llama.cpp's "
+                    "format; Q4_0/Q4_1 linears, Q8_0 embedding) as an ONNX decoder with a KV cache, 4-bit linears as "
+                    "MatMulNBits and the tokenizer inside (needs lorad[llm]). Weights keep their Hugging Face module names.")
+    imp.add_argument("family", choices=["bert", "gguf"], help="architecture family of the checkpoint")
+    imp.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model directory (bert) or .gguf file (gguf)")
     imp.add_argument("out", type=Path, metavar="OUT.onnx")
     inst = sub.add_parser(
         "install-service", help="install the systemd unit, service user, directories and default config",
@@ -124,7 +128,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "inspect-model":
         return _inspect_model(args.model, as_json=args.json)
     if args.command == "import-model":
-        return _import_model(args.src, args.out)
+        return _import_model(args.family, args.src, args.out)
     if args.command == "install-service":
         from lorad.daemon.install_service import InstallPlan, default_prefix, install_service
 
@@ -183,17 +187,24 @@ def _inspect_model(path: Path, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _import_model(src: Path, out: Path) -> int:
-    from lorad.adapters.bert_builder import import_bert_dir
+def _import_model(family: str, src: Path, out: Path) -> int:
     from lorad.adapters.fsutil import atomic_write_bytes
+    from lorad.adapters.module_paths import ModulePaths
 
     try:
-        model = import_bert_dir(src)
+        if family == "gguf":
+            from lorad.adapters.gguf_import import import_gguf
+
+            model = import_gguf(src)
+        else:
+            from lorad.adapters.bert_builder import import_bert_dir
+
+            model = import_bert_dir(src)
         atomic_write_bytes(out, model.SerializeToString())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an optional extra is not installed
         print(f"lorad: import-model: {e}", file=sys.stderr)
         return EXIT_USAGE
-    weights = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight"))
+    weights = sum(1 for w in ModulePaths.from_model(model).weights if w.module is not None)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {weights} LoRA-able linear weights named by module path)")
     return EXIT_OK
 

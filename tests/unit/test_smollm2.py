@@ -351,3 +351,29 @@ def test_import_and_inspect_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     rows = {r["module"]: r for r in report["weights"]}
     assert rows["model.layers.0.self_attn.q_proj"]["op"] == "MatMulNBits"
     assert report["config"] == "targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
+
+
+def test_perplexity_on_held_out_text_is_within_one_percent_of_llama_cpp(
+        session: ort.InferenceSession, cfg: LlamaConfig, model: onnx.ModelProto) -> None:
+    # tests/data/smollm2/llamacpp_reference.json (make_llamacpp_reference.py): llama.cpp's
+    # perplexity of heldout.txt, computed as llama-perplexity does: 512-token windows from an
+    # empty cache, the second half of each scored, log-softmax in float64.
+    ref = json.loads((Path(__file__).resolve().parents[1] / "data" / "smollm2" / "llamacpp_reference.json").read_text())
+    p = ref["perplexity"]
+    ids = np.asarray(ref["token_ids"], np.int64)
+    text = (Path(__file__).resolve().parents[1] / "data" / "smollm2" / "heldout.txt").read_text()
+    assert _tokenizer(model).encode(text).ids == ids.tolist()  # the same tokens llama.cpp scored
+    n_ctx, first = p["n_ctx"], p["first_scored_position"]
+    nll = 0.0
+    count = 0
+    for w in range(p["n_chunk"]):
+        window = ids[w * n_ctx:(w + 1) * n_ctx][None, :]
+        logits, _ = _run(session, cfg, window, np.ones_like(window))
+        scores = logits[0, first:n_ctx - 1].astype(np.float64)
+        log_z = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+        targets = window[0, first + 1:n_ctx]
+        nll += float(np.sum(log_z - scores[np.arange(len(targets)), targets]))
+        count += len(targets)
+    assert count == p["count"]
+    ours = float(np.exp(nll / count))
+    assert abs(ours / p["perplexity"] - 1) < 0.01, (ours, p["perplexity"])

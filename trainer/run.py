@@ -350,11 +350,7 @@ class TrainingRun:
         try:
             cfg.check_estimate(estimate)
         except ValueError:
-            self.env.ledger.charge_queries(
-                self.adapter, mechanisms=[("example_count", "sigma", cfg.count_noise)],
-                examples=max(round(estimate), 0), accountant=cfg.accountant,
-                delta=cfg.delta or state.delta or default_delta(max(estimate, 1.0)),
-                budget_epsilon=cfg.target_epsilon, clip_norm=cfg.clip_norm)
+            self._charge_count(estimate, state.delta or default_delta(max(estimate, 1.0)))
             raise
         plan = self.config.plan(estimate, prior=[c for r in state.runs for c in run_charges(r)],
                                 ledger_delta=state.delta, adapter=self.adapter)
@@ -367,6 +363,15 @@ class TrainingRun:
         self.plan = plan
         self._write_run_file(plan, last_example=max(train, default=None))
         return self.run_id
+
+    def _charge_count(self, estimate: float, delta: float) -> None:
+        """Charge the private count of a run refused on it (a ``query`` record): the
+        refusal was decided on that count, so the count was released."""
+        cfg = self.config
+        self.env.ledger.charge_queries(
+            self.adapter, mechanisms=[("example_count", "sigma", cfg.count_noise)], examples=max(round(estimate), 0),
+            accountant=cfg.accountant, delta=cfg.delta or delta, budget_epsilon=cfg.target_epsilon,
+            clip_norm=cfg.clip_norm)
 
     def _check_space(self, parameters: int) -> None:
         """Refuse, before anything is charged, a run the disk cannot hold: its checkpoints
@@ -393,11 +398,7 @@ class TrainingRun:
         seconds = plan.steps * measured * max(plan.expected_batch_size, 1.0) * self.control.slowdown
         if seconds <= left:
             return
-        cfg = self.config
-        self.env.ledger.charge_queries(
-            self.adapter, mechanisms=[("example_count", "sigma", cfg.count_noise)], examples=max(round(estimate), 0),
-            accountant=cfg.accountant, delta=cfg.delta or ledger_delta or plan.delta, budget_epsilon=cfg.target_epsilon,
-            clip_norm=cfg.clip_norm)
+        self._charge_count(estimate, ledger_delta or plan.delta)
         raise ValueError(
             f"the run would take about {seconds / 60:.0f} min ({plan.steps} steps at the step time measured in the last "
             f"run, ×{self.control.slowdown:.1f} for the load now) and {left / 60:.0f} min of the time window are left; "

@@ -26,6 +26,7 @@ from lorad.trainer.config import TrainerConfig, parse_trainer_section
 from lorad.trainer.metrics import register_trainer_metrics
 from lorad.trainer.run import TrainingRun
 from lorad.trainer.service import LEDGER_FILE, TrainerService
+from tests.integration.lorad_process import wait_until
 from tests.unit.trainer_helpers import fill_store, inputs, labelled_by, make_service, teacher
 
 TOKEN = "t" * 32
@@ -331,10 +332,8 @@ def test_run_details_are_behind_the_token(stack: tuple[str, TrainerService, Coll
     url, trainer, _ = stack
     _fill(url, trainer, "alice", 40)
     _client(url).call("POST", "/v2/models/demo/adapters/alice/train", auth=True)
-    deadline = time.monotonic() + 120
-    while (_client(url).call("GET", "/v2/models/demo/adapters/alice/train", auth=True)["state"] != "finished"
-           and time.monotonic() < deadline):
-        time.sleep(0.05)
+    wait_until(lambda: _client(url).call("GET", "/v2/models/demo/adapters/alice/train", auth=True)["state"]
+               == "finished", 120, "the run")
     anonymous, owner = _client(url, token=False), _client(url)
     path = "/v2/models/demo/adapters/alice/train"
     public = anonymous.call("GET", path)

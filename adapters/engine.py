@@ -29,7 +29,7 @@ from .lora import LoraAdapter
 from .lora_fused import make_fused_inference_graph
 from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
 from .module_paths import ModulePaths
-from .onnx_compat import for_runtime
+from .onnx_compat import for_runtime, set_quantized_compute
 
 __all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_LORA_MAGNITUDE"]
 
@@ -86,6 +86,12 @@ class PreparedAdapter:
     matrices: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     if arg.type not in _OIP_DATATYPES:
         raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which lorad cannot serve")
@@ -106,12 +112,15 @@ class InferenceEngine:
         device: str = "cpu",
         intra_op_threads: int = 0,
         allow_spinning: bool = True,
+        quantized_compute: str = "int8",
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"device {device!r} is not supported; allowed: {', '.join(DEVICES)}")
         if rank <= 0:
             raise ValueError(f"slot rank must be a positive integer, got {rank}")
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        if any(n.op_type == "MatMulNBits" for n in base.graph.node):
+            base = set_quantized_compute(_copy(base) if isinstance(model, onnx.ModelProto) else base, quantized_compute)
         self.base_model = for_runtime(base)
         #: The values integer inputs may hold (token ids within the vocabulary, 0/1 masks).
         self.input_domains = input_domains(base)

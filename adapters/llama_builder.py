@@ -4,19 +4,21 @@ No torch: the graph is written with :mod:`onnx.helper` from numpy arrays. It is 
 Face's ``LlamaForCausalLM`` computes (RMSNorm, rotary embeddings in the ``rotate_half`` layout,
 grouped-query attention, SwiGLU MLP, tied or separate LM head), in fp32 activations, with:
 
-* **4-bit linears as** ``com.microsoft.MatMulNBits`` (bits 4, block 32): ``y = x·Wᵀ`` where W
-  is dequantised per 32-value block as ``(code - zero_point)·scale``; the zero point may be a
-  float (GGUF Q4_1: ``d·q + m`` is ``(q - (-m/d))·d``). Float linears are plain ``MatMul``.
+* **4-bit linears as** ``com.microsoft.MatMulNBits`` (bits 4, block 32, int8 compute like
+  llama.cpp's): ``y = x·Wᵀ`` with W dequantised per 32-value block as ``(code - 8)·scale``;
+  GGUF Q4_1's ``d·q + m`` adds ``(m + 8d)`` times the block sums of ``x``, exactly (a float
+  zero point would say the same but runs 50x slower in ONNX Runtime). Float linears are
+  plain ``MatMul``.
 * **Every linear named by its Hugging Face module path**: the node is
   ``/model/layers.0/self_attn/q_proj/MatMulNBits`` as Optimum names its ``MatMul``s, and the
   packed weight ``model.layers.0.self_attn.q_proj.weight_Q4`` (ONNX Runtime's quantiser's
   spelling), so :mod:`lorad.adapters.module_paths` recovers ``model.layers.0.self_attn.q_proj``
   and PEFT adapters trained on the Hugging Face model load with no mapping.
 * **An 8-bit embedding table** (GGUF Q8_0: int8 codes, one scale per 32 values) kept 8-bit in
-  the file: ``Gather`` of the codes and scales, then ``Cast``·``Mul``. A tied LM head reads the
-  same table, dequantised by plain ops that ONNX Runtime folds into one fp32 constant when the
-  session is created (an 8-bit ``MatMulNBits`` would keep it 8-bit in memory: onnxruntime
-  1.32's CPU kernel runs it, 1.20.1's refuses ``bits=8``, and lorad supports 1.19 and later).
+  the file and in memory: ``Gather`` of the codes and scales, then ``Cast``·``Sub``·``Mul``. A
+  tied LM head reads the same table as an 8-bit ``MatMulNBits`` (zero point 128); runtimes
+  whose CPU kernel lacks 8 bits (before 1.21) get an fp32 head from
+  :func:`lorad.adapters.onnx_compat.for_runtime`.
 * **Plain ONNX ops elsewhere** (opset 17): RMSNorm as ``Pow``/``ReduceMean``/``Sqrt``/``Div``
   (ONNX Runtime fuses it into ``SimplifiedLayerNormalization``), RoPE as ``Cos``/``Sin`` of
   ``position_ids × inv_freq``, attention as ``MatMul``/``Softmax`` with GQA by broadcasting
@@ -66,6 +68,7 @@ BLOCK = 32
 #: Model metadata key: the decoder's shape as JSON (layers, heads, vocabulary, special tokens).
 LLM_CONFIG_KEY = "lorad.llm"
 _MS = "com.microsoft"
+_Q8_CODES, _Q8_SCALES = "model.embed_tokens.weight_Q8", "model.embed_tokens.weight_scales"
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class _Graph:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
+        self._sums: dict[str, str] = {}
         self._count = 0
 
     def init(self, name: str, value: np.ndarray) -> str:
@@ -240,6 +244,14 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain or None, **attrs))
         return names[0] if outputs == 1 else names
 
+    def block_sums(self, x: str, width: int) -> str:
+        """``x`` ``[..., width]`` summed per 32-value block: ``[..., width/32]`` (computed once per ``x``)."""
+        if x not in self._sums:
+            scope = x.rsplit("/", 1)[0] + "/block_sums"
+            blocks = self.op("Reshape", [x, self.i64(0, 0, width // BLOCK, BLOCK)], scope)
+            self._sums[x] = self.op("ReduceSum", [blocks, self.i64(-1)], scope, keepdims=0)
+        return self._sums[x]
+
     def i64(self, *values: int) -> str:
         return self.const("const_i64_" + "_".join(str(v).replace("-", "m") for v in values), np.array(values, np.int64))
 
@@ -252,16 +264,32 @@ def _scope(module: str) -> str:
 
 
 def _linear(g: _Graph, x: str, module: str, w: Linear) -> str:
-    """``x·Wᵀ`` of module ``module``; weights named ``{module}.weight_Q4`` (+ ``_scales``,
-    ``_zero_points``) for MatMulNBits, ``{module}.weight`` (``[in, out]``) for MatMul."""
+    """``x·Wᵀ`` of module ``module``; weights named ``{module}.weight_Q4`` (+ ``_scales``) for
+    MatMulNBits, ``{module}.weight`` (``[in, out]``) for MatMul.
+
+    A float zero point ``z`` (GGUF Q4_1) is not given to MatMulNBits: ONNX Runtime's CPU
+    kernel has no fast path for float zero points (it dequantises the whole matrix on every
+    call: 1.46 ms against 26 µs for a 576×1536 product at batch 1, onnxruntime 1.32). The
+    same product is computed exactly as ``(code - 8)·scale`` (MatMulNBits' default zero point)
+    plus a per-block offset ``(8 - z)·scale`` times the block sums of ``x``
+    (:meth:`_Graph.block_sums`, shared by the linears reading the same ``x``).
+    """
     scope = _scope(module)
     if isinstance(w, FloatLinear):
         weight = g.init(f"{module}.weight", np.asarray(w.weight, np.float32).T)
         return g.op("MatMul", [x, weight], scope)
     inputs = [x, g.init(f"{module}.weight_Q4", w.packed), g.init(f"{module}.weight_scales", w.scales)]
-    if w.zero_points is not None:
-        inputs.append(g.init(f"{module}.weight_zero_points", w.zero_points))
-    return g.op("MatMulNBits", inputs, scope, domain=_MS, K=w.in_features, N=w.out_features, bits=4, block_size=BLOCK)
+    # accuracy_level 4: activations are quantised to int8 per block inside the product, as
+    # llama.cpp does for its 4-bit kernels (q8_1); 2.7x faster at batch 1 than fp32 compute.
+    y = g.op("MatMulNBits", inputs, scope, domain=_MS, K=w.in_features, N=w.out_features, bits=4, block_size=BLOCK,
+             accuracy_level=4)
+    if w.zero_points is None:
+        return y
+    offsets = ((np.float32(8) - w.zero_points) * w.scales).T  # [blocks, out]
+    # [1, blocks, out]: three dimensions, so that the offsets' MatMul is not taken for a
+    # LoRA-able linear of its own (module_paths only looks at 2-D weights).
+    table = g.init(f"{module}.weight_block_offsets", np.ascontiguousarray(offsets[None], np.float32))
+    return g.op("Add", [y, g.op("MatMul", [g.block_sums(x, w.in_features), table], f"{scope}/block_offsets")], scope)
 
 
 def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
@@ -275,13 +303,14 @@ def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
 def _embed(g: _Graph, emb: Embedding, cfg: LlamaConfig) -> str:
     scope = "/model/embed_tokens"
     if isinstance(emb, QuantEmbedding):
-        # Stored by block ([vocab, blocks, 32] codes, [vocab, blocks, 1] scales) so that neither
-        # the gathered rows nor the tied head's dequantisation needs a reshape before the Mul.
-        vocab = cfg.vocab_size
-        codes = g.init("model.embed_tokens.weight_Q8", emb.codes.reshape(vocab, -1, BLOCK))
-        scales = g.init("model.embed_tokens.weight_scales", emb.scales.reshape(vocab, -1, 1))
+        # One table serves the embedding and the tied head: ``[vocab, blocks, 32]`` uint8 codes
+        # offset by 128 (MatMulNBits' 8-bit layout, default zero point 128) and
+        # ``[vocab, blocks]`` scales; row v is ``(code - 128)·scale``, exactly Q8_0's value.
+        codes = g.init(_Q8_CODES, (emb.codes.astype(np.int16) + 128).astype(np.uint8).reshape(cfg.vocab_size, -1, BLOCK))
+        scales = g.init(_Q8_SCALES, emb.scales)
         rows = g.op("Cast", [g.op("Gather", [codes, "input_ids"], scope)], scope, to=TensorProto.FLOAT)
-        rows = g.op("Mul", [rows, g.op("Gather", [scales, "input_ids"], scope)], scope)
+        rows = g.op("Sub", [rows, g.f32("const_128", 128.0)], scope)
+        rows = g.op("Mul", [rows, g.op("Unsqueeze", [g.op("Gather", [scales, "input_ids"], scope), g.i64(-1)], scope)], scope)
         return g.op("Reshape", [rows, g.i64(0, 0, cfg.hidden_size)], scope)
     table = g.init("model.embed_tokens.weight", np.asarray(emb, np.float32))
     return g.op("Gather", [table, "input_ids"], scope)
@@ -292,16 +321,12 @@ def _lm_head(g: _Graph, h: str, weights: LlamaWeights, cfg: LlamaConfig) -> str:
         return _linear(g, h, "lm_head", weights.lm_head)
     scope = "/lm_head"
     if isinstance(weights.embedding, QuantEmbedding):
-        # The tied head dequantises the 8-bit table with constant-only ops (Cast, Mul, Reshape):
-        # ORT folds them (and the Transpose) into one fp32 [hidden, vocab] matrix at session
-        # creation; the file keeps 8 bits. (Gemm with transB=1 would fold one step fewer but
-        # ran the head 20 times slower on ORT 1.32's CPU provider.)
-        codes = g.op("Cast", ["model.embed_tokens.weight_Q8"], scope, to=TensorProto.FLOAT)
-        table = g.op("Mul", [codes, "model.embed_tokens.weight_scales"], scope)
-        table = g.op("Reshape", [table, g.i64(cfg.vocab_size, cfg.hidden_size)], scope)
-    else:
-        table = "model.embed_tokens.weight"
-    return g.op("MatMul", [h, g.op("Transpose", [table], scope, perm=[1, 0])], scope)
+        # The tied head reads the 8-bit table as an 8-bit MatMulNBits (28 MB read per token
+        # instead of the 113 MB of an fp32 copy: the head is a third of a decode step's bytes).
+        # Runtimes without 8-bit MatMulNBits get the fp32 form (onnx_compat.for_runtime).
+        return g.op("MatMulNBits", [h, _Q8_CODES, _Q8_SCALES], scope, domain=_MS, K=cfg.hidden_size, N=cfg.vocab_size,
+                    bits=8, block_size=BLOCK, accuracy_level=4)
+    return g.op("MatMul", [h, g.op("Transpose", ["model.embed_tokens.weight"], scope, perm=[1, 0])], scope)
 
 
 def _rope_tables(g: _Graph, cfg: LlamaConfig) -> tuple[str, str]:

@@ -108,9 +108,15 @@ def fingerprint(model: onnx.ModelProto, targets: Iterable[LoraTarget]) -> str:
     targets = list(targets)
     inits = {i.name: i for i in model.graph.initializer}
     # A quantised weight (MatMulNBits' packed B) is its codes plus the node's scales and zero
-    # points: hash the raw bytes of every initializer operand after the activation.
-    quantised = {t.weight: [name for name in node.input[1:] if name in inits]
-                 for _, node, t in target_nodes(model.graph, targets) if inits[t.weight].data_type != TensorProto.FLOAT}
+    # points, and any tensor named after it as ONNX Runtime's quantiser names them
+    # (``{w}.weight_Q4`` → ``{w}.weight_*``: the block offsets of an imported Q4_1 matrix):
+    # hash the raw bytes of each.
+    quantised: dict[str, list[str]] = {}
+    for _, node, t in target_nodes(model.graph, targets):
+        if inits[t.weight].data_type != TensorProto.FLOAT:
+            stem = t.weight.rsplit("_", 1)[0] + "_"
+            named = [n for n in node.input[1:] if n in inits]
+            quantised[t.weight] = named + sorted(n for n in inits if n.startswith(stem) and n not in named)
     h = hashlib.sha256(b"lorad-fingerprint-v1\0")
     for t in sorted(targets, key=lambda t: t.weight):
         h.update(f"{t.weight}\0{t.in_features}x{t.out_features}\0{int(t.transposed)}\0".encode())

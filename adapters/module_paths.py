@@ -117,8 +117,11 @@ def linear_weight_resolver(graph: onnx.GraphProto) -> Callable[[onnx.NodeProto],
     ``weight`` is the 2-D float initializer that is the node's second operand, directly
     or through a ``Transpose`` with perm ``[1, 0]``; for MatMulNBits, its packed ``B``.
     """
+    # A table that a Gather also reads is a tied embedding, not a linear of its own: the tied
+    # LM head of an imported GGUF model reads its 8-bit embedding table (llama_builder.py).
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input}
     matrices = {i.name for i in graph.initializer if _is_matrix(i)}
-    packed = {i.name for i in graph.initializer if i.data_type == TensorProto.UINT8}
+    packed = {i.name for i in graph.initializer if i.data_type == TensorProto.UINT8 and i.name not in gathered}
     transposed: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "Transpose" and node.input and node.input[0] in matrices:

@@ -1,22 +1,120 @@
 """Keep ONNX files loadable by the ONNX Runtime versions lorad runs on.
 
 onnx >= 1.17 stamps new models with IR versions that ONNX Runtime 1.19 (the last
-release with the on-device training APIs on PyPI) rejects, so every model lorad writes or
+release with the on-device training APIs on PyPI) rejects, and ONNX Runtime's CPU kernel
+of ``MatMulNBits`` takes 8-bit weights only from 1.21 on, so every model lorad writes or
 derives goes through :func:`for_runtime`.
 """
 
 from __future__ import annotations
 
-import onnx
+import functools
 
-__all__ = ["MAX_IR_VERSION", "OPSET", "for_runtime"]
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["MAX_IR_VERSION", "OPSET", "QUANTIZED_COMPUTE", "for_runtime", "runtime_has_nbits8", "set_quantized_compute"]
 
 MAX_IR_VERSION = 9
 OPSET = 17
+_MS = "com.microsoft"
+
+#: How ``MatMulNBits`` products are computed (``model.quantized_compute``): ``int8`` quantises
+#: the activations per 32-value block inside the product (ONNX Runtime's accuracy level 4,
+#: what llama.cpp does for its 4- and 8-bit kernels: the fastest); ``fp32`` multiplies the
+#: dequantised weights by the fp32 activations, exactly (8-bit products become fp32 matrices).
+QUANTIZED_COMPUTE = ("int8", "fp32")
+_ACCURACY_LEVEL = {"int8": 4, "fp32": 0}
 
 
 def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Lower the IR version in place to one the runtime accepts, and return the model."""
+    """Lower the IR version in place to one the runtime accepts and, where the installed
+    runtime has no 8-bit ``MatMulNBits``, write such nodes as float ops; return the model."""
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
+    if any(_is_nbits8(n) for n in model.graph.node) and not runtime_has_nbits8():
+        _lower_nbits8(model.graph)
     return model
+
+
+def set_quantized_compute(model: onnx.ModelProto, compute: str) -> onnx.ModelProto:
+    """Set every ``MatMulNBits`` of ``model`` to ``compute`` (one of :data:`QUANTIZED_COMPUTE`), in place."""
+    if compute not in _ACCURACY_LEVEL:
+        raise ValueError(f"quantized compute {compute!r} is not one of {', '.join(QUANTIZED_COMPUTE)}")
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == _MS:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", _ACCURACY_LEVEL[compute])])
+    if compute == "fp32" and any(_is_nbits8(n) for n in model.graph.node):
+        # ONNX Runtime has no fast fp32 kernel for 8 bits (a 576×49152 head takes 125 ms).
+        _lower_nbits8(model.graph)
+    return model
+
+
+def _is_nbits8(node: onnx.NodeProto) -> bool:
+    return node.op_type == "MatMulNBits" and node.domain == _MS and _attr(node, "bits", 4) == 8
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(helper.get_attribute_value(a))
+    return default
+
+
+@functools.cache
+def runtime_has_nbits8() -> bool:
+    """Whether this ONNX Runtime's CPU provider runs ``MatMulNBits`` with ``bits=8`` (tried once)."""
+    import onnxruntime as ort
+
+    k = n = 32
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain=_MS, K=k, N=n, bits=8, block_size=32)
+    graph = helper.make_graph(
+        [node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(np.full((n, 1, 32), 129, np.uint8), "b"), numpy_helper.from_array(np.ones((n, 1), np.float32), "s")])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1)])
+    probe.ir_version = MAX_IR_VERSION
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the refusal is the answer, not an error to log
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        [y] = session.run(None, {"x": np.ones((1, k), np.float32)})
+    except Exception:  # ORT's own errors: "bits must be 4" and the like
+        return False
+    return bool(np.allclose(y, k))
+
+
+def _lower_nbits8(graph: onnx.GraphProto) -> None:
+    """Each 8-bit MatMulNBits as ``x · dequant(B)ᵀ`` in float ops over its constant operands
+    (ONNX Runtime folds them into one fp32 matrix when the session is created)."""
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if not _is_nbits8(node):
+            nodes.append(node)
+            continue
+        k, n, block = _attr(node, "K", 0), _attr(node, "N", 0), _attr(node, "block_size", 0)
+        p = node.name or node.output[0]
+
+        def const(suffix: str, value: np.ndarray, p: str = p) -> str:
+            graph.initializer.append(numpy_helper.from_array(value, f"{p}/{suffix}"))
+            return f"{p}/{suffix}"
+
+        if len(node.input) > 3 and node.input[3]:
+            raise ValueError(f"{p}: an 8-bit MatMulNBits with zero points cannot be run by this ONNX Runtime")
+        zero = const("zero_point", np.array(128, np.float32))
+        # Scales may be [N, blocks] or flat; view them per block before the product.
+        scales = helper.make_node("Reshape", [node.input[2], const("scales_view", np.array([n, k // block, 1], np.int64))],
+                                  [f"{p}/scales"], name=f"{p}/scales")
+        codes = helper.make_node("Cast", [node.input[1]], [f"{p}/codes"], name=f"{p}/codes", to=TensorProto.FLOAT)
+        centred = helper.make_node("Sub", [f"{p}/codes", zero], [f"{p}/centred"], name=f"{p}/centred")
+        values = helper.make_node("Mul", [f"{p}/centred", f"{p}/scales"], [f"{p}/values"], name=f"{p}/values")
+        matrix = helper.make_node("Reshape", [f"{p}/values", const("shape", np.array([n, k], np.int64))], [f"{p}/matrix"],
+                                  name=f"{p}/matrix")
+        weight_t = helper.make_node("Transpose", [f"{p}/matrix"], [f"{p}/matrix_t"], name=f"{p}/matrix_t", perm=[1, 0])
+        product = helper.make_node("MatMul", [node.input[0], f"{p}/matrix_t"], [node.output[0]], name=f"{p}/MatMul")
+        nodes += [scales, codes, centred, values, matrix, weight_t, product]
+    del graph.node[:]
+    graph.node.extend(nodes)

@@ -55,6 +55,7 @@ def open_engine(cfg: Config) -> InferenceEngine:
             weight_names=cfg.model.weight_names,
             device=cfg.model.device,
             intra_op_threads=cfg.model.intra_op_threads,
+            quantized_compute=cfg.model.quantized_compute,
         )
     except ValueError as e:  # the graph surgery: targets or weight_names that match nothing
         raise StartupError("model.targets", f"{list(cfg.model.targets)} do not fit model {str(path)!r}: {e}") from e

@@ -122,7 +122,8 @@ def test_lora_after_matmulnbits_equals_lora_on_the_dequantised_float_model() -> 
     quantised, dense = _tiny()
     model = build_llama(CFG, quantised)
     targets = ["q_proj", "v_proj", "down_proj"]
-    engine = InferenceEngine(model, targets=targets, rank=4)
+    # fp32 compute: the float reference's arithmetic (int8 compute rounds activations).
+    engine = InferenceEngine(model, targets=targets, rank=4, quantized_compute="fp32")
     assert {t.op for t in engine.targets} == {"MatMulNBits"} and len(engine.targets) == 6
     rng = np.random.default_rng(3)
     weights, merged = {}, {}
@@ -139,12 +140,12 @@ def test_lora_after_matmulnbits_equals_lora_on_the_dequantised_float_model() -> 
 
     float_linears = {name: FloatLinear(merged.get(name, values).astype(np.float32)) for name, values in dense.items()}
     reference = build_llama(CFG, LlamaWeights(quantised.embedding, float_linears, quantised.norms))
-    expected = InferenceEngine(reference, targets=["q_proj"], rank=4).run(_feeds(ids))["logits"]
+    expected = InferenceEngine(reference, targets=["q_proj"], rank=4, quantized_compute="fp32").run(_feeds(ids))["logits"]
     np.testing.assert_allclose(adapted, expected, atol=1e-4)
     assert np.abs(adapted - base).max() > 1e-2
 
     # The banked graph of mixed batches splices the same nodes: row 0 the adapter, row 1 the base.
-    banked = make_banked_inference_graph(model, engine.targets, rank=2, slots=2)
+    banked = make_banked_inference_graph(engine.base_model, engine.targets, rank=2, slots=2)
     feeds: dict[str, np.ndarray] = {**_feeds(np.concatenate([ids, ids])), SLOT_INPUT: np.array([1, 0])}
     for t in engine.targets:
         a_bank, b_bank = bank_input_names(t.weight)
@@ -167,7 +168,7 @@ def test_module_paths_and_fingerprint_of_quantised_weights() -> None:
     targets = find_targets(model, ["q_proj"])
     before = fingerprint(model, targets)
     assert before == fingerprint(build_llama(CFG, weights), find_targets(model, ["q_proj"]))
-    for suffix in ("weight_scales", "weight_zero_points", "weight_Q4"):
+    for suffix in ("weight_scales", "weight_block_offsets", "weight_Q4"):
         changed = onnx.ModelProto()
         changed.CopyFrom(model)
         init = next(i for i in changed.graph.initializer if i.name == f"model.layers.0.self_attn.q_proj.{suffix}")

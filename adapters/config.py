@@ -14,7 +14,7 @@ from pydantic import AfterValidator, Field
 
 from lorad.adapters.config_types import Allowed, ByteSize, ConfigModel, ConfigPath, Name, NonEmptyStr, StrTuple
 
-__all__ = ["ModelConfig", "CacheConfig", "Device"]
+__all__ = ["ModelConfig", "CacheConfig", "GenerationConfig", "Device"]
 
 Device = Literal["cpu", "cuda"]
 
@@ -75,3 +75,22 @@ class CacheConfig(ConfigModel):
 
     budget_bytes: ByteSize = Field(64 * 1024**2, gt=0, description="Bytes of adapter weights kept in memory; "
                                                                    "least recently used adapters go first.")
+
+
+class GenerationConfig(ConfigModel):
+    """Text generation of a decoder language model (``lorad import-model gguf``); unused for other models."""
+
+    config_key = "generation"
+
+    max_concurrent: int = Field(8, ge=1, le=1024, description="Generations running at once; they share each decode "
+                                                            "step (one forward for all, each with its own adapter). "
+                                                            "More get a 503.")
+    kv_cache_bytes: ByteSize = Field(64 * 1024**2, gt=0, description="KV cache budget shared by all generations: "
+                                     "each reserves prompt + max_tokens tokens (SmolLM2-135M: 46,080 bytes a token), "
+                                     "padded to the longest; a generation that does not fit now gets a 503.")
+    max_context: int = Field(2048, ge=2, description="Most tokens (prompt + max_tokens) one generation may have "
+                             "(at most the model's position limit); more is a 400.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that gives none.")
+    prefill_chunk_tokens: int = Field(128, ge=1, le=65536, description="Prompt tokens run per step of the generation "
+                                      "loop: a long prompt is prefilled in chunks between the decode steps of running "
+                                      "generations, so they do not stall for the whole prompt.")

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from .bert_builder import MAX_TOKENS_KEY, TOKENIZER_KEY
+from .decoder import CHAT_TEMPLATE_KEY
 from .llama_builder import BLOCK, FloatLinear, LlamaConfig, LlamaWeights, QuantEmbedding, QuantLinear, build_llama
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "q8_0_to_embedding",
 ]
 
-CHAT_TEMPLATE_KEY = "lorad.text.chat_template"
 
 # GGML type ids (ggml.h); named here so the module reads without the gguf package.
 _F32, _F16, _Q4_0, _Q4_1, _Q8_0 = 0, 1, 2, 3, 8

@@ -36,12 +36,13 @@ from lorad.adapters.service import AdapterService
 from lorad.daemon import auth
 from lorad.daemon.config import ADDR_FILE, Config
 from lorad.daemon.demo import demo_adapter_dirs
+from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.http_framing import ApiRunner
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source
-from lorad.daemon.preflight import StartupError, model_file, open_engine, text_front_end
+from lorad.daemon.preflight import StartupError, model_file, open_engine, open_generator, text_front_end
 from lorad.daemon.systemd import SystemdNotifier
 from lorad.daemon.training_api import TrainingDisabled, add_disabled_training_routes, add_training_routes
 from lorad.daemon.version import lorad_version
@@ -122,8 +123,14 @@ class Daemon:
         self._metrics = metrics
         power = self._start_power(metrics)
 
+        # A decoder language model batches in its generation loop (one decode step for every
+        # running generation); its /infer of token tensors runs one call per request.
+        generator = await loop.run_in_executor(executor, open_generator, cfg, engine)
+        if generator is not None:
+            self._stack.callback(generator.close)
+            metrics.watch_generator(generator.stats)
         batcher = None
-        if cfg.server.batching.enabled:
+        if cfg.server.batching.enabled and generator is None:
             batcher = await loop.run_in_executor(executor, functools.partial(
                 make_batcher, engine, slots=cfg.server.batching.slots, max_wait_us=cfg.server.batching.max_wait_us,
                 max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes,
@@ -169,6 +176,8 @@ class Daemon:
             queue_timeout_s=cfg.server.queue_timeout_s,
             training_disabled=lambda: self.training_disabled,
         ))
+        add_generate_routes(app, service, generator, executor, default_max_tokens=cfg.generation.default_max_tokens,
+                            model_version=engine.fingerprint.split(":", 1)[-1][:12])
         if trainer is not None:
             add_training_routes(app, trainer, protected, authenticated, executor=executor)
         elif self.training_disabled is not None:

@@ -26,7 +26,7 @@ import platformdirs
 import yaml
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
-from lorad.adapters.config import CacheConfig, ModelConfig
+from lorad.adapters.config import CacheConfig, GenerationConfig, ModelConfig
 from lorad.adapters.config_types import (
     ByteSize,
     ConfigError,
@@ -177,6 +177,8 @@ class Config(ConfigModel):
     server: ServerConfig = Field(default_factory=lambda: ServerConfig(), description="The HTTP API.")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(), description="The base model served.")
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig(), description="Adapters kept in memory.")
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(),
+                                         description="Text generation (decoder language models).")
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(), description="On-device DP training.")
     ota: OtaConfig = Field(default_factory=lambda: OtaConfig(), description="Signed adapter updates from the fleet over MQTT.")
     power: PowerConfig = Field(default_factory=lambda: PowerConfig(), description="Power and energy sampling.")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -177,6 +177,26 @@ class _BatcherCollector(Collector):
         return []
 
 
+class _GeneratorCollector(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        st = self._stats()
+        yield GaugeMetricFamily("lorad_generations_running", "Generations running or waiting for their prefill.",
+                                value=st["running"])
+        yield CounterMetricFamily("lorad_generated_tokens", "Tokens generated (all generations).", value=st["tokens"])
+        yield CounterMetricFamily("lorad_generation_steps", "Decode steps run; each serves every running generation "
+                                  "(tokens / steps = mean batch).", value=st["steps"])
+        yield GaugeMetricFamily("lorad_generation_kv_cache_reserved_bytes", "KV cache the running generations may "
+                                "reach (their reservations, padded to the longest).", value=st["reserved_bytes"])
+        yield GaugeMetricFamily("lorad_generation_kv_cache_budget_bytes", "generation.kv_cache_bytes.",
+                                value=st["budget_bytes"])
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class _AdapterLabels:
     """Hands out at most ``top_n`` adapter labels, for good; the rest share ``_other``."""
 
@@ -311,6 +331,10 @@ class DaemonMetrics:
     def watch_batcher(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Export the micro-batcher's (calls, requests), read at each scrape."""
         self.registry.register(_BatcherCollector(counts))
+
+    def watch_generator(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the generator's counts (:meth:`lorad.adapters.generation.Generator.stats`), read at each scrape."""
+        self.registry.register(_GeneratorCollector(stats))
 
     def set_backend(self, requested: str, active: str) -> None:
         self.backend.labels(requested=requested, active=active).set(1)

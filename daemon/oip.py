@@ -18,6 +18,7 @@ from lorad.adapters.bounded_json import JsonInputError, loads_bounded
 
 __all__ = [
     "OIPError",
+    "decode_adapter_parameters",
     "RequestTooLargeError",
     "NonFiniteOutputError",
     "TensorSpecLike",
@@ -144,7 +145,7 @@ def decode_infer_request(
     if request_id is not None and not isinstance(request_id, str):
         raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
 
-    adapter, composition = _decode_parameters(doc.get("parameters"))
+    adapter, composition = decode_adapter_parameters(doc.get("parameters"))
     arrays = _decode_inputs(doc.get("inputs"), inputs, allow_non_finite=allow_non_finite, max_rows=max_rows)
     wanted = _decode_outputs(doc.get("outputs"), outputs)
     return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted, composition=composition)
@@ -221,7 +222,7 @@ MAX_COMPOSITION = 8
 _COMPOSITION_FORM = '[{"name": "user-7", "weight": 1.0}, {"name": "site-east", "weight": 0.5}]'
 
 
-def _decode_parameters(params: object) -> tuple[str | None, tuple[tuple[str, float], ...]]:
+def decode_adapter_parameters(params: object) -> tuple[str | None, tuple[tuple[str, float], ...]]:
     if params is None:
         return None, ()
     if not isinstance(params, Mapping):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from tuf.api.metadata import Metadata, Root
 
+from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.generation import Generator
 from lorad.adapters.text_input import TextFrontEnd, TextSetupError
 from lorad.daemon.config import Config
 from lorad.daemon.demo import demo_model_path
@@ -26,7 +28,8 @@ from lorad.ota.errors import TransportError
 from lorad.ota.status import will_for
 from lorad.ota.transport import MqttTransport
 
-__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "read_ota_material", "check_training",
+__all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "decoder_spec", "open_generator",
+           "read_ota_material", "check_training",
            "check_startable"]
 
 
@@ -64,13 +67,38 @@ def open_engine(cfg: Config) -> InferenceEngine:
 
 
 def text_front_end(cfg: Config, engine: InferenceEngine) -> TextFrontEnd | None:
-    """The tokenizing step of a text model (``model.tokenizer`` etc. override what it declares); None otherwise."""
+    """The tokenizing step of a text model (``model.tokenizer`` etc. override what it declares); None otherwise.
+    A decoder language model has none: its text goes through /generate, its /infer takes token tensors."""
     m = cfg.model
+    if decoder_spec(cfg, engine) is not None:
+        return None
     try:
         return TextFrontEnd.from_model(engine.base_model, tokenizer=m.tokenizer, labels=m.labels,
                                        max_tokens=m.max_text_tokens)
     except TextSetupError as e:
         raise StartupError(e.key, f"{e.detail} (the text input of model {str(model_file(cfg))!r})") from e
+
+
+def decoder_spec(cfg: Config, engine: InferenceEngine) -> DecoderSpec | None:
+    """What the daemon generates text with, for a decoder language model; None for other models."""
+    try:
+        return DecoderSpec.from_model(engine.base_model)
+    except (ValueError, KeyError) as e:
+        raise StartupError("model.path", f"{str(model_file(cfg))!r} declares a decoder but not all of it: {e}") from e
+
+
+def open_generator(cfg: Config, engine: InferenceEngine) -> Generator | None:
+    """The generation loop of a decoder model (``generation:``), or None for other models."""
+    spec = decoder_spec(cfg, engine)
+    if spec is None:
+        return None
+    from tokenizers import Tokenizer
+
+    g = cfg.generation
+    return Generator(engine, spec, Tokenizer.from_str(spec.tokenizer_json), slots=g.max_concurrent,
+                     max_rows=g.max_concurrent, kv_cache_bytes=g.kv_cache_bytes,
+                     max_context=min(g.max_context, spec.max_positions), prefill_chunk=g.prefill_chunk_tokens,
+                     intra_op_threads=cfg.model.intra_op_threads)
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,10 @@ def check_startable(cfg: Config) -> None:
     run before its charge would refuse, without serving."""
     engine = open_engine(cfg)
     text = text_front_end(cfg, engine)
+    spec = decoder_spec(cfg, engine)
+    if spec is not None and cfg.generation.kv_cache_bytes < 2 * spec.kv_bytes_per_token:
+        raise StartupError("generation.kv_cache_bytes", f"{cfg.generation.kv_cache_bytes} bytes hold no generation: "
+                           f"this model needs {spec.kv_bytes_per_token} bytes per token")
     if cfg.trainer.enabled:
         check_training(cfg, engine, text)
     if cfg.ota.enabled:

@@ -1,0 +1,90 @@
+"""What lorad reads of a decoder language model: its shape, special tokens, tokenizer and chat template.
+
+A model written by :mod:`lorad.adapters.llama_builder` (``lorad import-model gguf``) declares
+itself in ``metadata_props``: the decoder's config as JSON under
+:data:`~lorad.adapters.llama_builder.LLM_CONFIG_KEY`, its ``tokenizer.json`` and its Jinja chat
+template. :meth:`DecoderSpec.from_model` gives None for any other model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from .bert_builder import TOKENIZER_KEY
+from .llama_builder import LLM_CONFIG_KEY, past_names, present_names
+
+__all__ = ["DecoderSpec", "CHAT_TEMPLATE_KEY", "ChatTemplateError"]
+
+CHAT_TEMPLATE_KEY = "lorad.text.chat_template"
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot render these messages (an HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder's shape (for its KV cache) and its text side."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    tokenizer_json: str
+    chat_template: str | None
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> DecoderSpec | None:
+        meta = {p.key: p.value for p in model.metadata_props}
+        raw = meta.get(LLM_CONFIG_KEY)
+        if raw is None:
+            return None
+        info: Mapping[str, Any] = json.loads(raw)
+        tokenizer = meta.get(TOKENIZER_KEY)
+        if tokenizer is None:
+            raise ValueError(f"decoder model declares {LLM_CONFIG_KEY} but no tokenizer ({TOKENIZER_KEY})")
+        eos = info.get("eos_token_id")
+        return cls(
+            layers=int(info["num_hidden_layers"]), kv_heads=int(info["num_key_value_heads"]), head_dim=int(info["head_dim"]),
+            vocab_size=int(info["vocab_size"]), max_positions=int(info["max_position_embeddings"]),
+            eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])),
+            bos_token_id=int(info["bos_token_id"]) if info.get("bos_token_id") is not None else None,
+            tokenizer_json=tokenizer, chat_template=meta.get(CHAT_TEMPLATE_KEY),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one sequence takes (fp32 keys and values, every layer)."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * 4
+
+    @property
+    def past_inputs(self) -> list[str]:
+        return [n for i in range(self.layers) for n in past_names(i)]
+
+    @property
+    def present_outputs(self) -> list[str]:
+        return [n for i in range(self.layers) for n in present_names(i)]
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], *, bos_token: str = "", eos_token: str = "") -> str:
+        """The prompt for ``messages`` ([{role, content}]) by the model's own chat template,
+        rendered in Jinja's sandbox (the template comes from the model file), with the
+        assistant's turn opened."""
+        if self.chat_template is None:
+            raise ChatTemplateError("this model declares no chat template; send the prompt as text without 'chat'")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.chat_template).render(messages=list(messages), add_generation_prompt=True,
+                                                              bos_token=bos_token, eos_token=eos_token)
+        except TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template failed: {e}") from e

@@ -157,6 +157,7 @@ class Generation:
     length: int = 0
     next_token: int = 0
     generated: int = 0
+    ended: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -234,8 +235,12 @@ class Generator:
     def reserved_bytes(self, extra: Sequence[int] = ()) -> int:
         """The cache the running and waiting generations (plus ``extra`` lengths) may reach."""
         with self._cv:
-            lengths = [g.final_length for g in (*self._rows, *self._waiting)] + list(extra)
+            lengths = [g.final_length for g in self._live()] + list(extra)
         return len(lengths) * max(lengths, default=0) * self.spec.kv_bytes_per_token
+
+    def _live(self) -> list[Generation]:
+        """Generations that have not ended (a row that ended stays until its step is over)."""
+        return [g for g in (*self._rows, *self._waiting) if not g.ended]
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         """Refuse (ValueError naming the field) a generation that could never run here."""
@@ -251,24 +256,26 @@ class Generator:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, prepared: PreparedAdapter | None,
                on_event: EventSink, release: contextlib.ExitStack) -> Generation:
-        """Start a generation; ``release`` is closed when it ends (the adapter's lease).
-        Raises :class:`KvCacheFullError` or :class:`OverloadedError` when it cannot start now."""
-        if not prompt:
-            raise ValueError("text_input is empty: a generation needs at least one prompt token")
-        self.check_length(len(prompt), params.max_tokens)
-        slot = self.banks.acquire(prepared)
-        if slot is None:
-            raise OverloadedError(f"all {self.banks.slots} adapter slots of running generations are in use; retry later")
-        release.callback(self.banks.release, slot)
-        gen = Generation(list(prompt), params, slot, on_event, release,
-                         np.random.default_rng(params.seed), TextStream(self.tokenizer, params.stop))
+        """Start a generation; ``release`` is closed when it ends (the adapter's lease), or at
+        once when it is refused: ValueError when it can never run here,
+        :class:`KvCacheFullError` or :class:`OverloadedError` when it cannot start now."""
         try:
+            if not prompt:
+                raise ValueError("text_input is empty: a generation needs at least one prompt token")
+            self.check_length(len(prompt), params.max_tokens)
+            slot = self.banks.acquire(prepared)
+            if slot is None:
+                raise OverloadedError(f"all {self.banks.slots} adapter slots of running generations are in use; retry later")
+            release.callback(self.banks.release, slot)
+            gen = Generation(list(prompt), params, slot, on_event, release,
+                             np.random.default_rng(params.seed), TextStream(self.tokenizer, params.stop))
             with self._cv:
                 if self._closed:
                     raise OverloadedError("the daemon is stopping")
-                if len(self._rows) + len(self._waiting) >= self.max_rows:
+                live = self._live()
+                if len(live) >= self.max_rows:
                     raise OverloadedError(f"{self.max_rows} generations are running (generation.max_concurrent); retry later")
-                lengths = [g.final_length for g in (*self._rows, *self._waiting)] + [gen.final_length]
+                lengths = [g.final_length for g in live] + [gen.final_length]
                 need = len(lengths) * max(lengths) * self.spec.kv_bytes_per_token
                 if need > self.kv_cache_bytes:
                     raise KvCacheFullError(
@@ -283,7 +290,7 @@ class Generator:
 
     def running(self) -> int:
         with self._cv:
-            return len(self._rows) + len(self._waiting)
+            return len(self._live())
 
     def stats(self) -> dict[str, int]:
         """Counts for /metrics: running, tokens, steps, reserved_bytes, budget_bytes."""
@@ -340,9 +347,7 @@ class Generator:
         gen.prefilled = stop
         if stop < len(gen.prompt):
             return
-        with self._cv:
-            self._waiting.remove(gen)
-        gen.length = stop
+        gen.length = stop  # it stays in _waiting (and its reservation counted) until it joins or ends
         if self._take(gen, out["logits"][0, -1]):
             self._join(gen)
         gen.past = None
@@ -364,6 +369,7 @@ class Generator:
         else:
             self._cache, self._mask = list(past), row_mask
         with self._cv:
+            self._waiting.remove(gen)
             self._rows.append(gen)
 
     def _decode(self) -> None:
@@ -407,16 +413,20 @@ class Generator:
         return True
 
     def _end(self, gen: Generation, reason: str | None) -> None:
+        """Free what ``gen`` holds (its reservation, slot and lease), then tell its client:
+        a client that hears "done" finds the room free (the row leaves the batch at the
+        end of the step)."""
+        with self._cv:
+            gen.ended = True
+            if gen in self._waiting:
+                self._waiting.remove(gen)
+        gen.release.close()
         if reason is not None:
             rest = gen.stream.finish() if reason != "cancelled" else ""
             if rest:
                 gen.on_event("text", rest)
             gen.on_event("done", {"finish_reason": reason, "prompt_tokens": len(gen.prompt),
                                   "completion_tokens": gen.generated})
-        with self._cv:
-            if gen in self._waiting:
-                self._waiting.remove(gen)
-        gen.release.close()
 
     def _drop_cancelled(self) -> None:
         with self._cv:

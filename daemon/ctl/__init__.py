@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from lorad.daemon.version import lorad_version
 
-from . import adapters, fleet, serving, training
+from . import adapters, fleet, generate, serving, training
 from .client import ApiError, ConnectError, UsageError
 from .context import Context, add_connection_arguments
 from .output import console_main, fail
@@ -29,6 +29,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     adapters.register,
     serving.register,
+    generate.register,
     training.register,
     fleet.register,
 ]

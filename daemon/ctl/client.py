@@ -6,9 +6,9 @@ import http.client
 import json
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 __all__ = ["Client", "ApiError", "ConnectError", "UsageError", "multipart_body", "quoted"]
@@ -114,6 +114,38 @@ class Client:
         except ValueError:
             doc = text
         return doc
+
+    def events(self, path: str, *, json_body: object) -> Iterator[dict[str, Any]]:
+        """POST ``json_body`` and yield each server-sent event's JSON as it arrives."""
+        conn = self._connection()
+        prefix = self._url.path.rstrip("/") if self._url is not None else ""
+        try:
+            try:
+                conn.request("POST", prefix + path, body=json.dumps(json_body).encode(),
+                             headers={"Accept": "text/event-stream", "Content-Type": "application/json"})
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                raise ConnectError(f"cannot talk to lorad at {self.where}: {e}") from e
+            if response.status >= 400:
+                text = response.read().decode("utf-8", "replace")
+                try:
+                    doc = json.loads(text)
+                except ValueError:
+                    doc = None
+                raise ApiError(response.status, str(doc.get("error") if isinstance(doc, dict) else text or response.reason))
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException) as e:
+                    raise ConnectError(f"the stream from lorad at {self.where} broke: {e}") from e
+                if not line:
+                    return
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if isinstance(event, dict):
+                        yield event
+        finally:
+            conn.close()
 
     def fetch(self, path: str, *, accept: str, auth: bool = False) -> tuple[dict[str, str], bytes]:
         """A GET whose answer is not JSON: (response headers, body)."""

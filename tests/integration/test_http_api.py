@@ -15,6 +15,7 @@ from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.training_api import add_training_routes
@@ -78,6 +79,8 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         executor=None,  # type: ignore[arg-type]  # no request is served here
         max_request_bytes=1024, ready=lambda: True,
     ))
+    add_generate_routes(app, service, None, None,  # type: ignore[arg-type]  # no request is served here
+                        default_max_tokens=1, model_version="x")
     trainer = TrainerService(parse_trainer_section({"enabled": True}), adapters=service, state_dir=tmp_path)
     try:
         add_training_routes(app, trainer, protected, authenticated)

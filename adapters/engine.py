@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +26,12 @@ import onnxruntime as ort
 
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
 from .input_domains import input_domains
+from .llama_builder import LLM_CONFIG_KEY
 from .lora import LoraAdapter
-from .lora_fused import make_fused_inference_graph
+from .lora_fused import FusedLayout, make_fused_inference_graph
 from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
 from .module_paths import ModulePaths
-from .onnx_compat import for_runtime, set_quantized_compute
+from .onnx_compat import for_runtime, open_session, set_quantized_compute
 
 __all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_LORA_MAGNITUDE"]
 
@@ -52,6 +54,13 @@ _OIP_DATATYPES = {
     "tensor(int8)": ("INT8", np.int8),
     "tensor(uint8)": ("UINT8", np.uint8),
     "tensor(bool)": ("BOOL", np.bool_),
+}
+
+
+_ONNX_TYPE_NAMES = {
+    onnx.TensorProto.FLOAT: "float", onnx.TensorProto.DOUBLE: "double", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
 }
 
 
@@ -92,11 +101,19 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _spec(arg: ort.NodeArg) -> TensorSpec:
-    if arg.type not in _OIP_DATATYPES:
-        raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which lorad cannot serve")
-    shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
-    return TensorSpec(arg.name, _OIP_DATATYPES[arg.type][0], shape)
+def _graph_specs(graph: onnx.GraphProto, which: str) -> Iterator[TensorSpec]:
+    """The graph's inputs (initializers excluded) or outputs, as ONNX Runtime lists them."""
+    inits = {i.name for i in graph.initializer}
+    for v in graph.input if which == "input" else graph.output:
+        if v.name in inits:
+            continue
+        elem = v.type.tensor_type.elem_type
+        kind = f"tensor({_ONNX_TYPE_NAMES.get(elem, str(elem))})"
+        if kind not in _OIP_DATATYPES:
+            raise ValueError(f"tensor {v.name!r} has type {kind}, which lorad cannot serve")
+        dims = v.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+        yield TensorSpec(v.name, _OIP_DATATYPES[kind][0], shape)
 
 
 class InferenceEngine:
@@ -133,30 +150,55 @@ class InferenceEngine:
         self.active_device = self._pick_device(device)
         self._ort_device = "cuda" if self.active_device == "cuda" else "cpu"
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
-        # after one 8k-token call), while without it the memory goes back (with
-        # malloc_trim, daemon/memory.py); measured no slower on MiniLM or the demo MLP.
-        options.enable_cpu_mem_arena = False
-        if not allow_spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The fused form (shared A products, adds folded into bias adds and Gemms): the
-        # same arithmetic as lora_graph.make_inference_graph with fewer kernels.
-        graph, self._layout = make_fused_inference_graph(base, self.targets, rank=rank)
-        providers = [DEVICES[self.active_device]] + (["CPUExecutionProvider"] if self.active_device != "cpu" else [])
-        try:
-            self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
-        except Exception as e:  # ORT raises its own untyped errors for invalid graphs
-            raise AdapterStorageError(f"ONNX Runtime could not load the base model: {e}") from e
-
+        self._threads, self._allow_spinning = intra_op_threads, allow_spinning
+        self.providers = [DEVICES[self.active_device]] + (["CPUExecutionProvider"] if self.active_device != "cpu" else [])
+        graph, self._layout = self._fused_graph()
+        self._graph: onnx.ModelProto | None = graph
         lora_names = set(self._layout.input_names)
-        self.inputs = [_spec(a) for a in self.session.get_inputs() if a.name not in lora_names]
-        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self.inputs = [s for s in _graph_specs(graph.graph, "input") if s.name not in lora_names]
+        self.outputs = list(_graph_specs(graph.graph, "output"))
         self._output_names = [o.name for o in self.outputs]
         self._by_weight = {t.weight: t for t in self.targets}
         self._zero_feeds = self._device_feeds(self._layout.feeds({}))
+        self._session: ort.InferenceSession | None = None
+        self._session_lock = threading.Lock()
+        if LLM_CONFIG_KEY in {p.key for p in base.metadata_props}:
+            # A decoder language model generates in its own session (lorad.adapters.generation):
+            # this one opens at the first /infer, not to hold a second copy of the weights.
+            self._graph = None
+        else:
+            self._open_session()
+
+    def _fused_graph(self) -> tuple[onnx.ModelProto, FusedLayout]:
+        # The fused form (shared A products, adds folded into bias adds and Gemms): the
+        # same arithmetic as lora_graph.make_inference_graph with fewer kernels.
+        return make_fused_inference_graph(self.base_model, self.targets, rank=self.rank)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ONNX Runtime session over the fused inference graph."""
+        return self._session if self._session is not None else self._open_session()
+
+    def _open_session(self) -> ort.InferenceSession:
+        with self._session_lock:
+            if self._session is not None:
+                return self._session
+            graph = self._graph if self._graph is not None else self._fused_graph()[0]
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self._threads
+            # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
+            # after one 8k-token call), while without it the memory goes back (with
+            # malloc_trim, daemon/memory.py); measured no slower on MiniLM or the demo MLP.
+            options.enable_cpu_mem_arena = False
+            if not self._allow_spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                self._session = open_session(graph, options, self.providers)
+            except Exception as e:  # ORT raises its own untyped errors for invalid graphs
+                raise AdapterStorageError(f"ONNX Runtime could not load the base model: {e}") from e
+            self._graph = None  # ORT holds what it needs
+            return self._session
 
     @functools.cached_property
     def model_digest(self) -> str:

@@ -212,9 +212,8 @@ class Generator:
         self.kv_cache_bytes = kv_cache_bytes
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        providers = [p for p in engine.session.get_providers()]
         self.banks = AdapterBanks(last_position_graph(engine.base_model), engine.targets, rank=engine.rank, slots=slots,
-                                  providers=providers, intra_op_threads=intra_op_threads)
+                                  providers=engine.providers, intra_op_threads=intra_op_threads)
         self._empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
         self._presents = spec.present_outputs
         self._pasts = spec.past_inputs

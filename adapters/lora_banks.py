@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import AdapterStorageError
 from .lora_graph import LoraTarget, splice_after_targets
-from .onnx_compat import for_runtime
+from .onnx_compat import for_runtime, open_session
 
 __all__ = ["SLOT_INPUT", "bank_input_names", "make_banked_inference_graph", "AdapterBanks", "PreparedLike"]
 
@@ -156,7 +156,7 @@ class AdapterBanks:
         options.intra_op_num_threads = intra_op_threads
         options.enable_cpu_mem_arena = False  # as the engine's session (engine.py says why)
         try:
-            self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=list(providers))
+            self.session = open_session(graph, options, providers)
         except Exception as e:  # ORT raises its own untyped errors for invalid graphs
             raise AdapterStorageError(f"ONNX Runtime could not load the banked graph: {e}") from e
         self._banks: dict[str, np.ndarray] = {}

@@ -229,7 +229,7 @@ def make_batcher(
     slots = max(1, min(slots, cache_budget_bytes // max(slot_bytes, 1)))
     banks = AdapterBanks(
         engine.base_model, engine.targets, rank=engine.rank, slots=slots,
-        providers=engine.session.get_providers(), intra_op_threads=intra_op_threads,
+        providers=engine.providers, intra_op_threads=intra_op_threads,
     )
     _log.info("batching requests: up to %d rows, %d µs wait, %d adapter slots (%d bytes of banks)",
               max_rows, max_wait_us, slots, banks.nbytes)

@@ -83,3 +83,22 @@ def test_arm64_install_serves_and_trains_like_x86_64() -> None:
     # Each adapter changes the answer, so the comparison covers five distinct computations.
     for name in ("mirror", "plus-one", "invert", "plus-one-dp"):
         assert not np.allclose(h["logits"][name], h["logits"]["base"], atol=1e-2), name
+
+
+@pytest.mark.smollm2
+def test_arm64_imports_smollm2_and_generates_the_same_greedy_tokens_as_x86_64() -> None:
+    """``lorad import-model gguf`` and greedy generation, with and without a PEFT adapter, on
+    both machines (fp32 compute, see probe_llm.py): the same texts token for token."""
+    arm = subprocess.run(
+        [str(REPO / ".ci/arm64/chroot"), "run", "/src/.ci/arm64/job", "tests/arm64/probe_llm.py"],
+        capture_output=True, text=True, timeout=3300,
+    )
+    assert arm.returncode == 0, f"the arm64 LLM job failed ({arm.returncode}):\n{arm.stdout}\n{arm.stderr[-20000:]}"
+    host = subprocess.run([sys.executable, str(PROBE.with_name("probe_llm.py"))], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert host.returncode == 0, host.stderr
+    a, h = _last_json(arm.stdout), _last_json(host.stdout)
+    assert (a["machine"], a["exit_code"], h["exit_code"]) == ("aarch64", 0, 0)
+    assert a["texts"] == h["texts"]
+    changed = [p for p in ("The capital of France is", "def fibonacci(n):") if h["texts"][f"peft: {p}"] != h["texts"][f"base: {p}"]]
+    assert changed  # the adapter changes a text: the comparison covers the LoRA path

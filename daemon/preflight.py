@@ -170,7 +170,7 @@ def check_startable(cfg: Config) -> None:
     if spec is not None and cfg.generation.kv_cache_bytes < 2 * spec.kv_bytes_per_token:
         raise StartupError("generation.kv_cache_bytes", f"{cfg.generation.kv_cache_bytes} bytes hold no generation: "
                            f"this model needs {spec.kv_bytes_per_token} bytes per token")
-    if cfg.trainer.enabled:
+    if cfg.trainer.enabled and spec is None:  # a decoder's trainer is disabled at start, saying why
         check_training(cfg, engine, text)
     if cfg.ota.enabled:
         ota_transport(cfg.ota, read_ota_material(cfg.ota)).close()

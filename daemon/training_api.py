@@ -96,9 +96,10 @@ def add_training_routes(
 
 @dataclass(frozen=True)
 class TrainingDisabled:
-    """Why the trainer could not start (its state is damaged or the disk is full): the
-    daemon serves without it. ``kind`` is public (disk_full, ledger_damaged,
-    examples_damaged, state_unreadable); ``detail`` names files, for the token's holders."""
+    """Why the trainer could not start (its state is damaged, the disk is full, or the model
+    is one it cannot train): the daemon serves without it. ``kind`` is public (disk_full,
+    ledger_damaged, examples_damaged, state_unreadable, unsupported_model); ``detail``
+    names files, for the token's holders."""
 
     kind: str
     detail: str

@@ -52,11 +52,11 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
 
 
-def _config(path: Path, model: Path, **generation: Any) -> Path:
+def _config(path: Path, model: Path, *, trainer: bool = False, **generation: Any) -> Path:
     targets = json.loads((PEFT / "adapter_config.json").read_text())["target_modules"]
     doc = {"model": {"name": MODEL, "path": str(model), "targets": sorted(targets), "rank": 8,
                      "quantized_compute": "fp32"},
-           "generation": {"max_concurrent": 8, **generation}, "trainer": {"enabled": False}}
+           "generation": {"max_concurrent": 8, **generation}, "trainer": {"enabled": trainer}}
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -255,10 +255,16 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(daemon: RunningDaemon) -
 
 
 def test_kv_cache_budget_refuses_with_503_while_full_and_serves_after(model_file: Path, tmp_path: Path) -> None:
-    # Room for one generation of up to 200 tokens, not two.
+    # Room for one generation of up to 200 tokens, not two; the trainer on (the default).
     budget = 300 * KV_BYTES_PER_TOKEN
-    d = start_daemon(tmp_path / "state", "--config", str(_config(tmp_path / "lorad.yaml", model_file, kv_cache_bytes=budget)))
+    config = _config(tmp_path / "lorad.yaml", model_file, trainer=True, kv_cache_bytes=budget)
+    d = start_daemon(tmp_path / "state", "--config", str(config))
     try:
+        # This version trains no decoder adapters: it serves, and says so.
+        ready = d.request("GET", "/v2/health/ready").json()
+        assert ready["ready"] and ready["training"]["disabled"] == "unsupported_model"
+        assert "trainer.enabled" in ready["training"]["detail"]
+        assert 'lorad_training_disabled{reason="unsupported_model"} 1.0' in d.request("GET", "/metrics").body.decode()
         conn, response = _open_stream(d, "Count to a thousand: 1, 2, 3,", max_tokens=190)
         r = d.request("POST", f"/v2/models/{MODEL}/generate", json_body={"text_input": "Hello", "parameters": {"max_tokens": 190}})
         assert r.status == 503 and "generation.kv_cache_bytes" in r.json()["error"], r.body

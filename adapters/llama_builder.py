@@ -224,6 +224,8 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self._sums: dict[str, str] = {}
+        #: Input tensor → width of every linear of a decoder layer (for value_info).
+        self.linear_inputs: dict[str, int] = {}
         self._count = 0
 
     def init(self, name: str, value: np.ndarray) -> str:
@@ -275,6 +277,7 @@ def _linear(g: _Graph, x: str, module: str, w: Linear) -> str:
     (:meth:`_Graph.block_sums`, shared by the linears reading the same ``x``).
     """
     scope = _scope(module)
+    g.linear_inputs[x] = w.in_features
     if isinstance(w, FloatLinear):
         weight = g.init(f"{module}.weight", np.asarray(w.weight, np.float32).T)
         return g.op("MatMul", [x, weight], scope)
@@ -464,7 +467,11 @@ def build_llama(
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past_names(i)]
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", cfg.num_key_value_heads, "total_sequence",
                                                                          cfg.head_dim]) for n in present_names(i)]
-    graph = helper.make_graph(g.nodes, "llama", inputs, outputs, list(g.inits.values()))
+    # The linears' inputs are [batch, sequence, features]: said, so that derived graphs (the
+    # banked graph of mixed batches) need not reshape them.
+    value_info = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "sequence", width])
+                  for x, width in g.linear_inputs.items()]
+    graph = helper.make_graph(g.nodes, "llama", inputs, outputs, list(g.inits.values()), value_info=value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1)],
                               producer_name="lorad.llama_builder")
     info = {"architecture": "llama", **asdict(cfg), "head_dim": cfg.head_dim, **(llm_info or {})}

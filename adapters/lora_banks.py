@@ -74,14 +74,31 @@ def make_banked_inference_graph(
         head.append(helper.make_node("Gather", [b_bank, SLOT_INPUT], [b_rows], name=b_rows, axis=0))
         gathered[t.weight] = (a_rows, b_rows)
 
+    batch_major = _batch_major_inputs(graph)
     splice_after_targets(
-        graph, targets, lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix), head=head)
+        graph, targets,
+        lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix, node.input[0] in batch_major),
+        head=head)
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 
 
+def _batch_major_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Tensors declared ``[batch, M, features]`` in ``value_info`` with the batch dimension of the
+    graph's first input: a target reading one needs no ``[N, -1, in]`` view (a decoder's
+    linears; each view costs two Reshapes, a Shape and a Concat per target and token)."""
+    if not graph.input or not graph.input[0].type.tensor_type.shape.dim:
+        return set()
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not batch:
+        return set()
+    return {v.name for v in graph.value_info
+            if len(v.type.tensor_type.shape.dim) == 3 and v.type.tensor_type.shape.dim[0].dim_param == batch}
+
+
 def _banked_path(
-    graph: onnx.GraphProto, node: onnx.NodeProto, target: LoraTarget, rows: tuple[str, str], prefix: str
+    graph: onnx.GraphProto, node: onnx.NodeProto, target: LoraTarget, rows: tuple[str, str], prefix: str,
+    batch_major: bool,
 ) -> list[onnx.NodeProto]:
     """Nodes making ``node``'s output ``base + (x·A[slot])·B[slot]`` row by row."""
     nodes: list[onnx.NodeProto] = []
@@ -99,12 +116,15 @@ def _banked_path(
     out = node.output[0]
     base_out = f"{prefix}/base"
     node.output[0] = base_out
-    inner = const("inner", np.array([-1, target.in_features], np.int64))
-    view = add("Concat", ["lora_bank/rows", inner], "view", axis=0)
-    x = add("Reshape", [node.input[0], view], "x_rows")  # [N, M, in]
+    x = node.input[0]
+    if not batch_major:
+        inner = const("inner", np.array([-1, target.in_features], np.int64))
+        view = add("Concat", ["lora_bank/rows", inner], "view", axis=0)
+        x = add("Reshape", [x, view], "x_rows")  # [N, M, in]
     xa = add("MatMul", [x, rows[0]], "xA")  # [N, M, r]
     delta = add("MatMul", [xa, rows[1]], "xAB")  # [N, M, out]
-    delta = add("Reshape", [delta, add("Shape", [base_out], "base_shape")], "xAB_view")
+    if not batch_major:
+        delta = add("Reshape", [delta, add("Shape", [base_out], "base_shape")], "xAB_view")
     if target.gemm_alpha != 1.0:
         delta = add("Mul", [delta, const("gemm_alpha", np.array(target.gemm_alpha, np.float32))], "xAB_alpha")
     nodes.append(helper.make_node("Add", [base_out, delta], [out], name=f"{prefix}/add"))

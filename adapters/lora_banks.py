@@ -188,6 +188,7 @@ class AdapterBanks:
         self._lock = threading.Lock()
         self._table: OrderedDict[int, _Slot] = OrderedDict((i, _Slot()) for i in range(1, slots + 1))
         self._output_names = [o.name for o in self.session.get_outputs()]
+        self._local = threading.local()
 
     @property
     def nbytes(self) -> int:
@@ -236,15 +237,26 @@ class AdapterBanks:
         with self._lock:
             return {i: s.refs for i, s in self._table.items() if s.refs}
 
+    def _binding(self) -> Any:
+        """This thread's IO binding, with the banks bound once: the bank arrays are written in
+        place, never replaced (a decoder with 210 targets: 420 binds, 0.9 ms, saved per call)."""
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name, bank in self._banks.items():
+                binding.bind_cpu_input(name, bank)
+            self._local.binding = binding
+        return binding
+
     def run(self, inputs: Mapping[str, np.ndarray], slots: np.ndarray) -> dict[str, np.ndarray]:
         """One call over a mixed batch: ``slots[n]`` is row n's slot (from :meth:`acquire`)."""
-        binding = self.session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_cpu_input(SLOT_INPUT, np.ascontiguousarray(slots, dtype=np.int64))
-        for name, bank in self._banks.items():
-            binding.bind_cpu_input(name, bank)
-        for name in self._output_names:
+        binding = self._binding()
+        # Kept referenced until the call returns: the binding points into these arrays.
+        feeds = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+        feeds[SLOT_INPUT] = np.ascontiguousarray(slots, dtype=np.int64)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name in self._output_names:  # each call: a bound output would be taken as preallocated
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))

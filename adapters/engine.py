@@ -16,9 +16,10 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -38,6 +39,7 @@ __all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_L
 log = logging.getLogger(__name__)
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_T = TypeVar("_T")
 
 #: Largest |entry| of A and of scale·B that an adapter may have. Trained LoRA matrices stay
 #: far below 1 (PEFT starts B at 0); entries this large only come from a broken or hostile
@@ -89,10 +91,29 @@ class PreparedAdapter:
     rank: int
     nbytes: int
     adapter: LoraAdapter = field(repr=False)
-    feeds: Mapping[str, ort.OrtValue] = field(repr=False)
+    #: The engine session's inputs for this adapter, made by the engine once, when first read.
+    make_feeds: Callable[[], Mapping[str, ort.OrtValue]] = field(repr=False)
     #: Per target weight: (A [in, slot rank], scale·B [slot rank, out]), zero-padded; what
     #: the banks of mixed batches copy into a slot.
     matrices: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
+
+    @property
+    def feeds(self) -> Mapping[str, ort.OrtValue]:
+        return self.make_feeds()
+
+
+def _once(make: Callable[[], _T]) -> Callable[[], _T]:
+    """``make()`` computed at the first call, under a lock, and kept."""
+    lock = threading.Lock()
+    box: list[_T] = []
+
+    def get() -> _T:
+        with lock:
+            if not box:
+                box.append(make())
+            return box[0]
+
+    return get
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -261,11 +282,22 @@ class InferenceEngine:
             a[:, : adapter.rank] = w.A
             b[: adapter.rank, :] = w.B * np.float32(adapter.scale)
             matrices[weight] = (a, b)
-        arrays = self._layout.feeds(matrices)
-        feeds = self._device_feeds(arrays)
-        # Bytes held: the per-target matrices plus the grouped inputs built from them.
-        held = {id(m): m.nbytes for pair in matrices.values() for m in pair} | {id(a): a.nbytes for a in arrays.values()}
-        return PreparedAdapter(name, version, adapter.rank, sum(held.values()), adapter, feeds, matrices)
+        held = {id(m): m.nbytes for pair in matrices.values() for m in pair}
+
+        def feeds() -> dict[str, ort.OrtValue]:
+            arrays = self._layout.feeds(matrices)
+            return self._device_feeds(arrays)
+
+        if self._graph is None and self._session is None:
+            # A decoder generates through the banks, which read the matrices: the engine
+            # session's grouped inputs (about twice the matrices) are made if /infer asks.
+            make_feeds = _once(feeds)
+        else:
+            arrays = self._layout.feeds(matrices)
+            ready = self._device_feeds(arrays)
+            held |= {id(a): a.nbytes for a in arrays.values()}  # the grouped inputs too
+            make_feeds = lambda: ready  # noqa: E731
+        return PreparedAdapter(name, version, adapter.rank, sum(held.values()), adapter, make_feeds, matrices)
 
     def run(self, inputs: Mapping[str, np.ndarray], adapter: PreparedAdapter | None = None) -> dict[str, np.ndarray]:
         """Run one request; ``inputs`` are already checked against :attr:`inputs`."""

@@ -205,8 +205,11 @@ class Generator:
         max_context: int,
         prefill_chunk: int = 128,
         intra_op_threads: int = 0,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
+        #: Called when the last running generation ended (the daemon returns freed memory).
+        self._on_idle = on_idle
         self.tokenizer = tokenizer
         self.max_rows = max_rows
         self.kv_cache_bytes = kv_cache_bytes
@@ -445,6 +448,8 @@ class Generator:
             self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache, self._mask = [], np.zeros((0, 0), np.int64)
+            if self._on_idle is not None:
+                self._on_idle()
             return
         index = np.asarray(keep)
         mask = self._mask[index]

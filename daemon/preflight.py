@@ -23,6 +23,7 @@ from lorad.adapters.generation import Generator
 from lorad.adapters.text_input import TextFrontEnd, TextSetupError
 from lorad.daemon.config import Config
 from lorad.daemon.demo import demo_model_path
+from lorad.daemon.memory import trim_now
 from lorad.ota.config import OtaConfig
 from lorad.ota.errors import TransportError
 from lorad.ota.status import will_for
@@ -98,7 +99,7 @@ def open_generator(cfg: Config, engine: InferenceEngine) -> Generator | None:
     return Generator(engine, spec, Tokenizer.from_str(spec.tokenizer_json), slots=g.max_concurrent,
                      max_rows=g.max_concurrent, kv_cache_bytes=g.kv_cache_bytes,
                      max_context=min(g.max_context, spec.max_positions), prefill_chunk=g.prefill_chunk_tokens,
-                     intra_op_threads=cfg.model.intra_op_threads)
+                     intra_op_threads=cfg.model.intra_op_threads, on_idle=trim_now)
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,8 @@ class Daemon:
             await _start_unix_site(runner, cfg.server.unix_socket, cfg.server.unix_socket_mode)
             self._stack.callback(_unlink, cfg.server.unix_socket)
 
+        # Before anyone hears of the address: the model's start-up copies are freed by now.
+        await loop.run_in_executor(executor, trim_now)
         self.addresses = BoundAddresses(url=url, unix_socket=unix_path)
         addr_file = cfg.state_dir / ADDR_FILE
         addr_doc = {"url": url, "unix_socket": unix_path, "pid": os.getpid(), "model": cfg.model.name}
@@ -207,7 +209,6 @@ class Daemon:
             _log.error("could not write %s (%s); loractl needs --url %s", addr_file, e, url)
         self._stack.callback(_unlink, addr_file)
 
-        await loop.run_in_executor(executor, trim_now)
         self._ready = True
         metrics.ready.set(1)
         self._stack.callback(self._not_ready, metrics)

@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorad.daemon.metrics import DaemonMetrics
 from lorad.ota.metrics import UPDATE_RESULTS, OtaMetrics
 from tests.integration.lorad_process import REPO, RunningDaemon, start_daemon
 
@@ -64,6 +65,14 @@ def _ota_text() -> str:
     return generate_latest(registry).decode()
 
 
+def _generation_text() -> str:
+    """The generation loop's families, as a daemon serving a decoder language model registers them."""
+    disable_created_metrics()
+    m = DaemonMetrics(CollectorRegistry())
+    m.watch_generator(lambda: {"running": 1, "tokens": 2, "steps": 1, "reserved_bytes": 3, "budget_bytes": 4})
+    return "".join(line + "\n" for line in m.render().decode().splitlines() if "generat" in line)
+
+
 def _readme_table() -> dict[str, tuple[str, set[str]]]:
     text = (REPO / "README.md").read_text()
     section = text[text.index("### Metrics"):text.index("### Power and energy")]
@@ -85,7 +94,8 @@ def test_promtool_check_metrics_on_real_output(observed: tuple[RunningDaemon, st
 
 def test_readme_lists_every_family_with_its_type_and_labels(observed: tuple[RunningDaemon, str]) -> None:
     _, text = observed
-    exposed = {k: v for k, v in {**_families(text), **_families(_ota_text())}.items() if k.startswith("lorad_")}
+    exposed = {k: v for k, v in {**_families(text), **_families(_ota_text()), **_families(_generation_text())}.items()
+               if k.startswith("lorad_")}
     # with OTA disabled and nothing trained, a few families have no samples in this run
     # but are declared (TYPE line) all the same: compare names and types of all, labels
     # where there are samples

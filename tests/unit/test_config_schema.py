@@ -61,8 +61,8 @@ def test_config_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[s
     schema = json.loads(capsys.readouterr().out)
     assert schema["$schema"].endswith("2020-12/schema")
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"state_dir", "log_level", "server", "model", "cache", "trainer", "ota",
-                                         "power", "metrics"}
+    assert set(schema["properties"]) == {"state_dir", "log_level", "server", "model", "cache", "generation", "trainer",
+                                         "ota", "power", "metrics"}
     limits = schema["$defs"]["OtaLimits"]["properties"]
     assert {"type": "null"} in limits["max_raw_bytes"]["anyOf"]
 

@@ -28,7 +28,6 @@ import pytest
 import yaml
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
-from tokenizers import Tokenizer
 
 from lorad.adapters.bert_builder import TOKENIZER_KEY
 from lorad.adapters.llama_builder import past_names, present_names
@@ -106,6 +105,8 @@ class _Reference:
     """Greedy decoding written independently of lorad's loop: a plain session, batch 1."""
 
     def __init__(self, model_file: Path) -> None:
+        from tokenizers import Tokenizer  # not at the top: the ort-training venv collects this module without it
+
         model = set_quantized_compute(onnx.load(str(model_file)), "fp32")
         self.tokenizer = Tokenizer.from_str({p.key: p.value for p in model.metadata_props}[TOKENIZER_KEY])
         self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

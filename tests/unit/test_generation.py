@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from lorad.adapters.bert_builder import TOKENIZER_KEY
 from lorad.adapters.decoder import DecoderSpec
@@ -25,7 +24,10 @@ EOS = CFG.vocab_size - 1
 VOCAB = [f"w{i}" for i in range(CFG.vocab_size)]
 
 
-def _tokenizer() -> Tokenizer:
+def _tokenizer() -> Any:
+    # Imported here: the ort-training venv collects this module without the tokenizers package.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces

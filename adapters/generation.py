@@ -41,13 +41,10 @@ from .errors import OverloadedError
 from .lora_banks import AdapterBanks
 
 __all__ = ["SamplingParams", "Generator", "Generation", "KvCacheFullError", "TextStream", "sample", "Suggestion",
-           "last_position_graph", "FINISH_REASONS"]
+           "last_position_graph"]
 
 _log = logging.getLogger(__name__)
 
-#: Why a generation ended: ``stop`` (an end-of-sequence token or a stop string), ``length``
-#: (max_tokens or the context), ``cancelled`` (the client left).
-FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 class KvCacheFullError(OverloadedError):
@@ -136,6 +133,8 @@ class Suggestion:
 
 #: Events a generation reports (called from the generator's thread): ("text", str),
 #: ("done", {"finish_reason", "prompt_tokens", "completion_tokens"}) or ("error", Exception).
+#: ``finish_reason``: ``stop`` (an end-of-sequence token or a stop string), ``length``
+#: (max_tokens or the context), ``cancelled`` (the client left, or the daemon stopped).
 EventSink = Callable[[str, Any], None]
 
 

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from lorad.trainer.autodiff import Emitter, UnsupportedNodeError, backward, graph_constants, infer_tensor_infos
 
@@ -226,3 +227,78 @@ def test_data_only_branches_get_no_gradient() -> None:
     grads = backward(forward.graph, e, {"y": "seed.y"}, ["a"], differentiate_sources=True)
     assert set(grads) == {"y", "a"}
     assert not any(node.op_type == "MatMul" for node in e.nodes)
+
+
+# -- com.microsoft.MatMulNBits: the frozen quantised weight of an imported GGUF model ---------
+
+class MatMulNBits(OpRun):
+    """MatMulNBits in float64 for ONNX's reference evaluator (which finds it by class name), from the op's definition."""
+
+    op_domain = "com.microsoft"
+
+    def _run(self, x, b, scales, zero_points=None, K=None, N=None, bits=None, block_size=None, accuracy_level=None):  # type: ignore[no-untyped-def]
+        rows = b.reshape(N, K // block_size, -1)
+        if bits == 4:
+            codes = np.stack([rows & 0x0F, rows >> 4], axis=-1).reshape(N, K // block_size, block_size)
+        else:
+            codes = rows
+        zero = (8.0 if bits == 4 else 128.0) if zero_points is None else zero_points.reshape(N, -1, 1)
+        w = ((codes.astype(np.float64) - zero) * scales.reshape(N, -1, 1)).reshape(N, K)
+        return (x @ w.T,)
+
+
+def _nbits_model(bits: int, float_zero_point: bool, dtype: type) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = MatMulNBits(x)·c over K = 64 (two blocks of 32), N = 5: the input's gradient flows through."""
+    rng = np.random.default_rng(bits * 10 + float_zero_point)
+    k, nn, block = 64, 5, 32
+    packed = rng.integers(0, 256, (nn, k // block, block * bits // 8), dtype=np.uint8)
+    consts = {"b": packed, "scales": rng.uniform(0.01, 0.1, (nn, k // block)).astype(np.float32)}
+    inputs = ["x", "b", "scales"]
+    if float_zero_point:
+        consts["zp"] = rng.uniform(0, 15, (nn, k // block)).astype(np.float32)
+        inputs.append("zp")
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [helper.make_node("MatMulNBits", inputs, ["h"], name="nbits", domain="com.microsoft", K=k, N=nn, bits=bits,
+                              block_size=block), n("Mul", ["h", "c"])]
+    consts["c"] = rng.normal(size=(nn,)).astype(dtype)
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", elem, [2, 3, k])],
+                              [helper.make_tensor_value_info("y", elem, [2, 3, nn])],
+                              [numpy_helper.from_array(v, name) for name, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model, {"x": rng.normal(size=(2, 3, k))}
+
+
+@pytest.mark.parametrize(("bits", "float_zero_point"), [(4, False), (4, True), (8, False)])
+def test_matmulnbits_rule_matches_finite_differences_of_the_dequantised_weight(bits: int, float_zero_point: bool) -> None:
+    forward64, feeds = _nbits_model(bits, float_zero_point, np.float64)
+    rng = np.random.default_rng(bits)
+    seed = rng.normal(size=(2, 3, 5))
+    ref = ReferenceEvaluator(forward64, new_ops=[MatMulNBits])
+
+    def loss(x: np.ndarray) -> float:
+        return float(np.sum(ref.run(["y"], {"x": x})[0] * seed))
+
+    directions = [rng.normal(size=feeds["x"].shape) for _ in range(3)]
+    want = [(loss(feeds["x"] + 1e-6 * v) - loss(feeds["x"] - 1e-6 * v)) / 2e-6 for v in directions]
+
+    def gradient_model(dtype: type) -> onnx.ModelProto:
+        forward, _ = _nbits_model(bits, float_zero_point, dtype)
+        e = Emitter("grad", 17, infer_tensor_infos(forward), graph_constants(forward.graph))
+        grads = backward(forward.graph, e, {"y": "seed.y"}, ["x"], differentiate_sources=True)
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        graph = helper.make_graph(
+            [*forward.graph.node, *e.nodes, helper.make_node("Identity", [grads["x"]], ["grad.x"])], "nbits_grad",
+            [*forward.graph.input, helper.make_tensor_value_info("seed.y", elem, None)],
+            [helper.make_tensor_value_info("grad.x", elem, None)], [*forward.graph.initializer, *e.initializers])
+        model = helper.make_model(graph, opset_imports=list(forward.opset_import))
+        model.ir_version = 9
+        return model
+
+    grad64 = ReferenceEvaluator(gradient_model(np.float64), new_ops=[MatMulNBits]).run(
+        ["grad.x"], {"x": feeds["x"], "seed.y": seed})[0]
+    np.testing.assert_allclose([np.sum(grad64 * v) for v in directions], want, rtol=1e-6, atol=1e-6)
+    # ONNX Runtime runs the same backward graph (with its own MatMulNBits forward), in fp32.
+    session = ort.InferenceSession(gradient_model(np.float32).SerializeToString(), providers=["CPUExecutionProvider"])
+    grad32 = session.run(["grad.x"], {"x": feeds["x"].astype(np.float32), "seed.y": seed.astype(np.float32)})[0]
+    np.testing.assert_allclose(grad32, grad64, rtol=1e-4, atol=1e-4 * float(np.abs(grad64).max()))

@@ -52,17 +52,48 @@ def _info(type_proto: onnx.TypeProto) -> TensorInfo | None:
 
 
 def infer_tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    """Element type and shape of every tensor ONNX shape inference can type."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    """Element type and shape of every tensor ONNX shape inference can type.
+
+    ONNX's inference knows no ``com.microsoft`` op, so nothing past a ``MatMulNBits`` (an
+    imported GGUF model's every linear) would be typed: it runs on a stand-in where each
+    MatMulNBits is a ``MatMul`` by a ``[K, N]`` input (the same output type and shape), and
+    large initializers are inputs of their type and shape (no bytes copied).
+    """
+    inferred = onnx.shape_inference.infer_shapes(_shape_stand_in(model), strict_mode=False, data_prop=True)
     g = inferred.graph
     infos: dict[str, TensorInfo] = {}
     for vi in [*g.input, *g.value_info, *g.output]:
         info = _info(vi.type)
         if info is not None:
             infos[vi.name] = info
-    for init in g.initializer:
+    for init in model.graph.initializer:
         infos[init.name] = TensorInfo(init.data_type, tuple(int(d) for d in init.dims))
     return infos
+
+
+#: Initializers up to this size keep their values for inference (shape constants, axes).
+_SMALL_INIT_BYTES = 4096
+
+
+def _shape_stand_in(model: onnx.ModelProto) -> onnx.ModelProto:
+    g = model.graph
+    small = [i for i in g.initializer if len(i.raw_data) <= _SMALL_INIT_BYTES]
+    kept = {i.name for i in small}
+    inputs = list(g.input) + [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                              for i in g.initializer if i.name not in kept]
+    nodes = []
+    for node in g.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            weight = f"{node.name or node.output[0]}/stand_in_weight"
+            inputs.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, [attrs["K"], attrs["N"]]))
+            nodes.append(helper.make_node("MatMul", [node.input[0], weight], [node.output[0]], name=node.name))
+        else:
+            nodes.append(node)
+    graph = helper.make_graph(nodes, g.name, inputs, list(g.output), small, value_info=list(g.value_info))
+    stand_in = helper.make_model(graph, opset_imports=list(model.opset_import))
+    stand_in.ir_version = model.ir_version
+    return stand_in
 
 
 class Emitter:

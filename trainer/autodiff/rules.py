@@ -324,6 +324,51 @@ def _gemm(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: S
     return out
 
 
+def _matmul_nbits(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:
+    """``y = x·Wᵀ`` of ``com.microsoft.MatMulNBits`` (W ``[N, K]`` packed per block along K):
+    ``dx = g·W``. The weight is frozen, so only ``x`` gets a gradient.
+
+    W is dequantised inside the backward graph from the packed codes, node by node, as the
+    op defines it: ``(code - zero_point)·scale`` per block (4-bit codes two to a byte, the
+    even element in the low nibble; zero point 8, 128 for 8 bits, or a float per block).
+    Nothing here is an fp32 copy kept beside the model, provided the session that runs this
+    graph is made with ``disabled_optimizers=["ConstantFolding"]``: else ONNX Runtime folds
+    every dequantised weight into an fp32 initializer, a full fp32 copy of the base
+    (SmolLM2-135M: 424 MB). Unfolded, each W exists in fp32 only while its product runs
+    (SmolLM2's largest: 3.5 MB).
+    """
+    g = gouts[0]
+    assert g is not None
+    out: Grads = [None] * len(node.input)
+    if not need[0]:
+        return out
+    k, n = _int_attr(node, "K", 0), _int_attr(node, "N", 0)
+    bits, block = _int_attr(node, "bits", 4), _int_attr(node, "block_size", 0)
+    if bits not in (4, 8) or k <= 0 or n <= 0 or block <= 0 or k % block:
+        raise UnsupportedNodeError(node, f"MatMulNBits with bits={bits}, K={k}, N={n}, block_size={block}")
+    blocks = k // block
+    packed = e.op("Cast", [node.input[1]], to=onnx.TensorProto.INT32)
+    if bits == 4:
+        sixteen = e.const(np.asarray(16, np.int32))
+        low = e.unsqueeze(e.op("Mod", [packed, sixteen]), [-1])
+        high = e.unsqueeze(e.op("Div", [packed, sixteen]), [-1])
+        codes = e.op("Reshape", [e.op("Concat", [low, high], axis=-1), e.ints([n, blocks, block])])
+    else:
+        codes = e.op("Reshape", [packed, e.ints([n, blocks, block])])
+    values = e.op("CastLike", [codes, g])
+    zero_point = node.input[3] if len(node.input) > 3 and node.input[3] else ""
+    if zero_point:
+        if e.elem_type(zero_point) == onnx.TensorProto.UINT8:
+            raise UnsupportedNodeError(node, "MatMulNBits with packed uint8 zero points")
+        zero = e.op("Reshape", [e.op("CastLike", [zero_point, g]), e.ints([n, blocks, 1])])
+    else:
+        zero = e.scalar_like(8.0 if bits == 4 else 128.0, g)
+    scales = e.op("Reshape", [e.op("CastLike", [node.input[2], g]), e.ints([n, blocks, 1])])
+    weight = e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([n, k])])
+    out[0] = e.op("MatMul", [g, weight])
+    return out
+
+
 # -- shape and layout ----------------------------------------------------------------------
 
 def _reshape_back(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:
@@ -490,7 +535,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("", "Identity"): _identity, ("", "Dropout"): _identity, ("", "Cast"): _cast, ("", "CastLike"): _cast,
     ("", "Softmax"): _softmax, ("", "LogSoftmax"): _log_softmax,
     ("", "LayerNormalization"): _layer_norm,
-    ("", "MatMul"): _matmul, ("", "Gemm"): _gemm,
+    ("", "MatMul"): _matmul, ("", "Gemm"): _gemm, ("com.microsoft", "MatMulNBits"): _matmul_nbits,
     ("", "Reshape"): _reshape_back, ("", "Flatten"): _reshape_back, ("", "Squeeze"): _reshape_back,
     ("", "Unsqueeze"): _reshape_back, ("", "Transpose"): _transpose, ("", "Expand"): _expand,
     ("", "Concat"): _concat, ("", "Split"): _split, ("", "Slice"): _slice, ("", "Gather"): _gather,

@@ -54,7 +54,7 @@ __all__ = [
     "PARAMS_INPUT", "LEARNING_RATE_INPUT", "STEP_INPUT", "MOMENT1_INPUT", "MOMENT2_INPUT",
     "PARAMS_OUTPUT", "MOMENT1_OUTPUT", "MOMENT2_OUTPUT", "LOSS_OUTPUT", "GRAD_OUTPUT",
     "ADAMW_BETAS", "ADAMW_EPSILON", "PER_EXAMPLE", "PerExample", "StepGraphs", "build_step_graphs",
-    "per_example_flat", "CANARY_ROWS_INPUT", "EXAMPLE_WEIGHT_INPUT", "EXAMPLES_SUM_OUTPUT", "with_canary_rows",
+    "per_example_flat", "IGNORED_LABEL", "CANARY_ROWS_INPUT", "EXAMPLE_WEIGHT_INPUT", "EXAMPLES_SUM_OUTPUT", "with_canary_rows",
 ]
 
 PARAMS_INPUT = "train.params"
@@ -81,7 +81,11 @@ ADAMW_EPSILON = 1e-6
 _CLIP_EPSILON = 1e-6  # as Opacus and the ort-training graph: C/norm stays finite at norm 0
 _MIN_OPSET = 13  # axes as inputs (ReduceSum, Unsqueeze, Split)
 
-Loss = Literal["cross_entropy", "mse"]
+#: ``causal_lm``: next-token cross-entropy of a decoder's logits ``[N, T, vocab]`` against
+#: labels ``[N, T]`` (the next token at each position, -100 where nothing counts: padding,
+#: the last position), summed over the counted positions of each example.
+Loss = Literal["cross_entropy", "mse", "causal_lm"]
+IGNORED_LABEL = -100
 Optimizer = Literal["adamw", "sgd"]
 #: How per-example norms are found: by materialising each example's LoRA gradients, or
 #: by ghost norms (‖x_nᵀ·g_n‖² from the Gram matrices x_n·x_nᵀ and g_n·g_nᵀ, the clipped
@@ -225,7 +229,8 @@ def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _loss(e: Emitter, z: str, rank: int, loss: Loss, label_input: str) -> tuple[onnx.ValueInfoProto, str]:
-    """Summed loss and dL/dz. Cross-entropy: Σ_n -log softmax(z_n)[y_n], dL/dz = softmax - onehot."""
+    """Summed loss and dL/dz. Cross-entropy: Σ_n -log softmax(z_n)[y_n], dL/dz = softmax - onehot;
+    causal_lm the same at every counted position of every example."""
     if loss == "cross_entropy":
         if rank != 2:
             raise ValueError(f"cross_entropy needs logits [N, classes]; the output {z!r} has rank {rank}")
@@ -237,6 +242,21 @@ def _loss(e: Emitter, z: str, rank: int, loss: Loss, label_input: str) -> tuple[
         depth = e.op("Gather", [e.shape(z), e.ints([1])], axis=0)
         onehot = e.op("OneHot", [label_input, depth, e.const(np.asarray([0.0, 1.0], np.float32))], "onehot", axis=-1)
         g_z = e.op("Sub", [e.op("Exp", [log_p]), onehot], "loss_grad")
+    elif loss == "causal_lm":
+        if rank != 3:
+            raise ValueError(f"causal_lm needs logits [N, T, vocab]; the output {z!r} has rank {rank}")
+        dims = e.dims(z) or ("N", "T", None)
+        label = helper.make_tensor_value_info(label_input, TensorProto.INT64,
+                                              [d if d is not None else k for d, k in zip(dims[:2], ("N", "T"), strict=True)])
+        counted = e.op("Not", [e.op("Equal", [label_input, e.const(np.asarray(IGNORED_LABEL, np.int64))])], "counted")
+        safe = e.op("Where", [counted, label_input, e.const(np.asarray(0, np.int64))], "safe_labels")
+        weight = e.unsqueeze(e.op("Cast", [counted], to=TensorProto.FLOAT), [2])  # [N, T, 1]
+        log_p = e.op("LogSoftmax", [z], "log_probs", axis=2)
+        picked = e.op("GatherElements", [log_p, e.unsqueeze(safe, [2])], "picked", axis=2)
+        loss_sum = e.op("Neg", [e.reduce("ReduceSum", e.op("Mul", [picked, weight]), None, keepdims=False)])
+        depth = e.op("Gather", [e.shape(z), e.ints([2])], axis=0)
+        onehot = e.op("OneHot", [safe, depth, e.const(np.asarray([0.0, 1.0], np.float32))], "onehot", axis=-1)
+        g_z = e.op("Mul", [e.op("Sub", [e.op("Exp", [log_p]), onehot]), weight], "loss_grad")
     else:
         label = helper.make_tensor_value_info(label_input, TensorProto.FLOAT, list(e.dims(z) or []))
         diff = e.op("Sub", [z, label_input], "residual")

@@ -15,9 +15,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from lorad.adapters.llama_builder import build_llama, past_names, position_ids_from_mask
+from lorad.adapters.lora import LoraWeights
 from lorad.adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
 from lorad.adapters.onnx_compat import set_quantized_compute
 from lorad.trainer.autodiff import Emitter, backward, graph_constants, infer_tensor_infos
+from lorad.trainer.portable_graph import (
+    GRAD_OUTPUT,
+    IGNORED_LABEL,
+    LEARNING_RATE_INPUT,
+    LOSS_OUTPUT,
+    PARAMS_INPUT,
+    build_step_graphs,
+)
 from tests.unit.test_llama_builder import CFG, _tiny
 
 
@@ -70,3 +79,68 @@ def test_lora_gradients_through_a_4bit_decoder_match_finite_differences() -> Non
             fd = (loss({**lora, name: lora[name] + h * v}) - loss({**lora, name: lora[name] - h * v})) / (2 * h)
             analytic = float(np.sum(got[name].astype(np.float64) * v))
             assert abs(analytic - fd) <= 2e-2 * max(1.0, abs(fd)), (name, analytic, fd)
+
+
+def _lm_batch(rng: np.random.Generator, rows: int, length: int) -> dict[str, np.ndarray]:
+    """Left-padded token windows and their next-token labels (-100 where nothing counts)."""
+    ids = rng.integers(0, CFG.vocab_size, (rows, length))
+    mask = np.ones_like(ids)
+    for r in range(rows):
+        mask[r, : r % 3] = 0
+    labels = np.full_like(ids, IGNORED_LABEL)
+    counted = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    labels[:, :-1][counted] = ids[:, 1:][counted]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask, length),
+             "labels": labels}
+    for i in range(CFG.num_hidden_layers):
+        for name in past_names(i):
+            feeds[name] = np.zeros((rows, CFG.num_key_value_heads, 0, CFG.head_dim), np.float32)
+    return feeds
+
+
+def test_a_private_step_of_next_token_loss_clips_each_example_of_a_4bit_decoder() -> None:
+    """The portable DP step on a decoder with the causal LM loss: its clipped sum is
+    Σ_n min(1, C/‖G_n‖)·G_n with G_n each example's gradient alone, and the unclipped sum is
+    the gradient of the summed loss (finite differences of the eval graph)."""
+    weights, _ = _tiny(4)
+    base = set_quantized_compute(build_llama(CFG, weights), "fp32")
+    targets = find_targets(base, ["q_proj", "v_proj"])
+    rng = np.random.default_rng(1)
+    init = {t.weight: LoraWeights(rng.normal(0, 0.2, (t.in_features, 2)).astype(np.float32),
+                                  rng.normal(0, 0.2, (2, t.out_features)).astype(np.float32)) for t in targets}
+    trainable = [(name, shape) for t in targets
+                 for name, shape in zip(lora_input_names(t.weight), ((t.in_features, 2), (2, t.out_features)), strict=True)]
+    graphs = build_step_graphs(
+        base, targets, init=init, scale=2.0, trainable=trainable, output="logits", loss="causal_lm", label_input="labels",
+        private=True, optimizer="sgd", weight_decay=0.0, reserved_inputs=["labels", "clip", "noise", "scale"],
+        clip_norm_input="clip", noise_input="noise", grad_scale_input="scale")
+    options = ort.SessionOptions()
+    step = ort.InferenceSession(graphs.step.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["ConstantFolding"])
+    evaluate = ort.InferenceSession(graphs.eval.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    params = np.concatenate([init[t.weight].A.ravel().tolist() + init[t.weight].B.ravel().tolist() for t in targets])
+    params = params.astype(np.float32)
+    total = params.size
+
+    def gradient(batch: dict[str, np.ndarray], clip: float) -> np.ndarray:
+        feeds = {**batch, PARAMS_INPUT: params, "clip": np.array(clip, np.float32), "noise": np.zeros(total, np.float64),
+                 "scale": np.array(1.0, np.float32), LEARNING_RATE_INPUT: np.array(0.0, np.float32)}
+        return step.run([GRAD_OUTPUT], feeds)[0].astype(np.float64)
+
+    batch = _lm_batch(rng, 4, 9)
+    alone = [gradient({k: v[n:n + 1] for k, v in batch.items()}, 1e9) for n in range(4)]
+    norms = [float(np.linalg.norm(g)) for g in alone]
+    clip = float(np.median(norms))  # some examples clipped, some not
+    expected = sum(min(1.0, clip / (nrm + 1e-6)) * g for g, nrm in zip(alone, norms, strict=True))
+    np.testing.assert_allclose(gradient(batch, clip), expected, rtol=2e-4, atol=2e-5 * max(norms))
+    unclipped = gradient(batch, 1e9)
+    np.testing.assert_allclose(unclipped, sum(alone), rtol=2e-4, atol=2e-5 * max(norms))
+
+    def loss(p: np.ndarray) -> float:
+        return float(evaluate.run([LOSS_OUTPUT], {**batch, PARAMS_INPUT: p.astype(np.float32)})[0])
+
+    for _ in range(3):
+        v = rng.normal(size=total)
+        v /= np.linalg.norm(v)
+        fd = (loss(params + 1e-2 * v) - loss(params - 1e-2 * v)) / 2e-2
+        assert abs(float(unclipped @ v) - fd) <= 2e-2 * max(1.0, abs(fd)), (float(unclipped @ v), fd)

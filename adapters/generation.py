@@ -233,10 +233,13 @@ class Generator:
 
     # -- admission (request threads)
 
-    def reserved_bytes(self, extra: Sequence[int] = ()) -> int:
-        """The cache the running and waiting generations (plus ``extra`` lengths) may reach."""
+    def reserved_bytes(self) -> int:
+        """The cache the running and waiting generations may reach."""
         with self._cv:
-            lengths = [g.final_length for g in self._live()] + list(extra)
+            return self._padded_bytes([g.final_length for g in self._live()])
+
+    def _padded_bytes(self, lengths: Sequence[int]) -> int:
+        """Rows of these reserved lengths, each padded to the longest."""
         return len(lengths) * max(lengths, default=0) * self.spec.kv_bytes_per_token
 
     def _live(self) -> list[Generation]:
@@ -276,8 +279,7 @@ class Generator:
                 live = self._live()
                 if len(live) >= self.max_rows:
                     raise OverloadedError(f"{self.max_rows} generations are running (generation.max_concurrent); retry later")
-                lengths = [g.final_length for g in live] + [gen.final_length]
-                need = len(lengths) * max(lengths) * self.spec.kv_bytes_per_token
+                need = self._padded_bytes([g.final_length for g in live] + [gen.final_length])
                 if need > self.kv_cache_bytes:
                     raise KvCacheFullError(
                         f"the KV cache is full: running generations and this one may need {need} bytes, the budget is "

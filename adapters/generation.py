@@ -340,20 +340,25 @@ class Generator:
 
     def _prefill(self, gen: Generation) -> None:
         """One chunk of ``gen``'s prompt; when the prompt is done, its first token and its row."""
-        start = gen.prefilled
-        stop = min(len(gen.prompt), start + self.prefill_chunk)
-        ids = np.array([gen.prompt[start:stop]], np.int64)
-        past = gen.past if gen.past is not None else [self._empty] * len(self._pasts)
-        out = self.banks.run(self._feeds(ids, np.ones((1, stop), np.int64), np.arange(start, stop, dtype=np.int64)[None],
-                                         past), np.array([gen.slot]))
-        gen.past = [out[n] for n in self._presents]
+        stop = min(len(gen.prompt), gen.prefilled + self.prefill_chunk)
+        logits, gen.past = self._prefill_chunk(gen.prompt, gen.prefilled, stop, gen.past, gen.slot)
         gen.prefilled = stop
         if stop < len(gen.prompt):
             return
         gen.length = stop  # it stays in _waiting (and its reservation counted) until it joins or ends
-        if self._take(gen, out["logits"][0, -1]):
+        if self._take(gen, logits):
             self._join(gen)
         gen.past = None
+
+    def _prefill_chunk(self, prompt: Sequence[int], start: int, stop: int, past: list[np.ndarray] | None,
+                       slot: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Tokens ``start:stop`` of a prompt after its cache ``past`` (None: empty), batch of one:
+        (the last position's logits, the cache through ``stop``)."""
+        ids = np.array([prompt[start:stop]], np.int64)
+        out = self.banks.run(self._feeds(ids, np.ones((1, stop), np.int64), np.arange(start, stop, dtype=np.int64)[None],
+                                         past if past is not None else [self._empty] * len(self._pasts)),
+                             np.array([slot]))
+        return out["logits"][0, -1], [out[n] for n in self._presents]
 
     def _join(self, gen: Generation) -> None:
         assert gen.past is not None
@@ -487,13 +492,11 @@ class Generator:
         if slot is None:
             raise OverloadedError(f"all {self.banks.slots} adapter slots are in use; retry later")
         try:
-            past = [self._empty] * len(self._pasts)
+            past: list[np.ndarray] | None = None
             for start in range(0, len(prompt), self.prefill_chunk):
-                stop = min(len(prompt), start + self.prefill_chunk)
-                out = self.banks.run(self._feeds(np.array([prompt[start:stop]], np.int64), np.ones((1, stop), np.int64),
-                                                 np.arange(start, stop, dtype=np.int64)[None], past), np.array([slot]))
-                past = [out[n] for n in self._presents]
-            first = _log_softmax(out["logits"][0, -1])
+                last, past = self._prefill_chunk(prompt, start, min(len(prompt), start + self.prefill_chunk), past, slot)
+            assert past is not None
+            first = _log_softmax(last)
             first[~self._spells(required, "")] = -np.inf
             ranked = [int(t) for t in np.argsort(-first)[:4 * k] if np.isfinite(first[t])]
             rows, texts = [[t] for t in ranked], [self._pieces[t] for t in ranked]
@@ -550,7 +553,10 @@ class Generator:
 
     def _spells(self, required: str, done: str) -> np.ndarray:
         """Tokens that keep ``done + piece`` consistent with spelling ``required`` first."""
-        rest = required[len(done):]
+        return self._spelling(required[len(done):])
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one generator per daemon; rows of a call share prefixes
+    def _spelling(self, rest: str) -> np.ndarray:
         if not rest:
             return np.ones(self.spec.vocab_size, bool)
         return np.array([bool(p) and "\ufffd" not in p and (p.startswith(rest) or rest.startswith(p)) for p in self._pieces])

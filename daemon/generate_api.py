@@ -161,7 +161,6 @@ class _Handlers:
         prompt = self._prompt(generator, req)
         if not prompt:
             raise OIPError("text_input is empty after tokenizing; give at least one token of text")
-        generator.check_length(len(prompt), req.params.max_tokens)
         lease = contextlib.ExitStack()
         try:
             serving = lease.enter_context(self.service.serving(req.adapter))

@@ -168,9 +168,18 @@ def check_startable(cfg: Config) -> None:
     engine = open_engine(cfg)
     text = text_front_end(cfg, engine)
     spec = decoder_spec(cfg, engine)
-    if spec is not None and cfg.generation.kv_cache_bytes < 2 * spec.kv_bytes_per_token:
-        raise StartupError("generation.kv_cache_bytes", f"{cfg.generation.kv_cache_bytes} bytes hold no generation: "
-                           f"this model needs {spec.kv_bytes_per_token} bytes per token")
+    if spec is not None:
+        if cfg.generation.kv_cache_bytes < 2 * spec.kv_bytes_per_token:
+            raise StartupError("generation.kv_cache_bytes", f"{cfg.generation.kv_cache_bytes} bytes hold no generation: "
+                               f"this model needs {spec.kv_bytes_per_token} bytes per token")
+        # A decoder's engine session opens lazily: the generation session is where ONNX
+        # Runtime loads the model, so opening it is what checks that it can.
+        try:
+            generator = open_generator(cfg, engine)
+        except Exception as e:  # ORT's own errors for a graph it cannot load
+            raise StartupError("model.path", f"{str(model_file(cfg))!r} cannot be served: {type(e).__name__}: {e}") from e
+        if generator is not None:
+            generator.close()
     if cfg.trainer.enabled and spec is None:  # a decoder's trainer is disabled at start, saying why
         check_training(cfg, engine, text)
     if cfg.ota.enabled:

@@ -290,3 +290,12 @@ def test_loractl_generate_streams_and_suggests(daemon: RunningDaemon) -> None:
         assert loractl_main(["--url", daemon.url, "--model", MODEL, "generate", "-", "I would like a cup of ", "--suggest", "2"]) == 0
     assert out.getvalue().splitlines()[0].startswith("coffee\t")
     assert loractl_main(["--url", daemon.url, "--model", MODEL, "generate", "nobody", "x"]) == 1
+
+
+def test_check_config_opens_the_generation_session(model_file: Path, tmp_path: Path) -> None:
+    from lorad.daemon.cli import main as lorad_main
+
+    assert lorad_main(["check-config", str(_config(tmp_path / "lorad.yaml", model_file))]) == 0
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model_file.read_bytes()[: 1 << 20])  # a truncated file: ONNX cannot load it
+    assert lorad_main(["check-config", str(_config(tmp_path / "broken.yaml", broken))]) != 0

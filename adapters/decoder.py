@@ -13,12 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from .bert_builder import TOKENIZER_KEY
 from .llama_builder import LLM_CONFIG_KEY, past_names, present_names
 
-__all__ = ["DecoderSpec", "CHAT_TEMPLATE_KEY", "ChatTemplateError"]
+__all__ = ["DecoderSpec", "CHAT_TEMPLATE_KEY", "ChatTemplateError", "without_cache"]
 
 CHAT_TEMPLATE_KEY = "lorad.text.chat_template"
 
@@ -88,3 +90,53 @@ class DecoderSpec:
                                                               bos_token=bos_token, eos_token=eos_token)
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed: {e}") from e
+
+
+def without_cache(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as training and scoring see it: whole windows of ``input_ids`` and
+    ``attention_mask`` in, ``logits`` of every position out. The KV cache inputs become
+    empty tensors made in the graph, ``position_ids`` are computed from the mask as
+    :func:`~lorad.adapters.llama_builder.position_ids_from_mask` does (a right-padded
+    window's pad positions get positions past its text, which nothing counts), and the
+    ``present`` outputs are dropped (a copy; ``model`` is unchanged)."""
+    raw = {p.key: p.value for p in model.metadata_props}.get(LLM_CONFIG_KEY)
+    if raw is None:
+        raise ValueError(f"not a decoder language model (no {LLM_CONFIG_KEY} metadata)")
+    info = json.loads(raw)
+    layers, kv_heads, head_dim = (int(info[k]) for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
+    derived = onnx.ModelProto()
+    derived.CopyFrom(model)
+    graph = derived.graph
+    past = {n for i in range(layers) for n in past_names(i)}
+    kept = [i for i in graph.input if i.name not in past and i.name != "position_ids"]
+    del graph.input[:]
+    graph.input.extend(kept)
+    logits = [o for o in graph.output if o.name == "logits"]
+    del graph.output[:]
+    graph.output.extend(logits)
+    scope = "/lorad/without_cache"
+
+    def const(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, f"{scope}/{name}"))
+        return f"{scope}/{name}"
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{scope}/{out}"], name=f"{scope}/{out}", **attrs)
+
+    nodes = [
+        node("Shape", ["input_ids"], "batch", start=0, end=1),
+        node("Concat", [f"{scope}/batch", const("cache_tail", np.array([kv_heads, 0, head_dim], np.int64))],
+             "cache_shape", axis=0),
+        node("ConstantOfShape", [f"{scope}/cache_shape"], "empty_cache",
+             value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        node("CumSum", ["attention_mask", const("axis1", np.array(1, np.int64))], "count"),
+        node("Sub", [f"{scope}/count", const("one", np.array(1, np.int64))], "positions"),
+        node("Cast", ["attention_mask"], "attended", to=TensorProto.BOOL),
+    ]
+    nodes.append(helper.make_node("Where", [f"{scope}/attended", f"{scope}/positions", const("pad_position", np.array(1, np.int64))],
+                                  ["position_ids"], name=f"{scope}/position_ids"))
+    nodes += [helper.make_node("Identity", [f"{scope}/empty_cache"], [name], name=f"{scope}/{name}") for name in sorted(past)]
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *body])
+    return derived

@@ -330,12 +330,14 @@ class AdapterService:
         record = {"fingerprint_in_file": bool(adapter.base_fingerprint), "source": "upload", **(meta or {})}
         return self._store(name, {f: files[f] for f in _ADAPTER_FILES}, adapter, record)
 
-    def install(self, name: str, adapter: LoraAdapter, *, meta: Mapping[str, object] | None = None) -> AdapterInfo:
-        """Store an adapter made in-process (trainer, OTA) and swap it in if cached."""
+    def install(self, name: str, adapter: LoraAdapter, *, meta: Mapping[str, object] | None = None,
+                files: Mapping[str, bytes] | None = None) -> AdapterInfo:
+        """Store an adapter made in-process (trainer, OTA) and swap it in if cached;
+        ``files`` are stored beside its PEFT files (the trainer's privacy record)."""
         self.engine.check(adapter)
         if not adapter.base_fingerprint:
             raise InvalidAdapterError("an installed adapter must record the fingerprint of its base model")
-        return self._store(name, self.dump(adapter), adapter, {"source": "install", **(meta or {})})
+        return self._store(name, {**self.dump(adapter), **(files or {})}, adapter, {"source": "install", **(meta or {})})
 
     def _store(self, name: str, files: Mapping[str, bytes], adapter: LoraAdapter, meta: Mapping[str, object]) -> AdapterInfo:
         # What listing and inspecting report is recorded now, so they never re-read the files.

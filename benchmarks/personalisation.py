@@ -139,7 +139,7 @@ def _gate_accept_rate(config: Path, state: Path, user: str) -> float:
     from lorad.daemon.config import load_config
     from lorad.daemon.preflight import open_engine, text_front_end
     from lorad.trainer.example_store import ExampleStore
-    from lorad.trainer.model_setup import loss_output, pad_length
+    from lorad.trainer.model_setup import loss_output, pad_length, training_loss
     from lorad.trainer.noise import SeededNoise
     from lorad.trainer.validation import validate_candidate
 
@@ -164,7 +164,7 @@ def _gate_accept_rate(config: Path, state: Path, user: str) -> float:
         store.close()
     accepted = 0
     for seed in range(GATE_TRIALS):
-        gate = validate_candidate(service, user, candidate, holdout, metric=c.validation_metric, loss=c.loss,
+        gate = validate_candidate(service, user, candidate, holdout, metric=c.validation_metric, loss=training_loss(service, c),
                                   output=loss_output(service, c).name, margin=c.validation_margin,
                                   noise=SeededNoise(seed), noise_multiplier=c.gate_noise_multiplier,
                                   score_clip=c.gate_clip, pad_to=pad_length(service, c))

@@ -25,7 +25,6 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.engine import DEVICES
 from lorad.adapters.errors import AdapterDamagedError, AdapterError
 from lorad.adapters.fsutil import atomic_write_bytes, disk_full, free_bytes
@@ -251,13 +250,6 @@ class Daemon:
         trainer's files; a damaged ledger must stop training (an empty one would
         under-count ε), not inference."""
         cfg = self.config
-        if DecoderSpec.from_model(service.engine.base_model) is not None:
-            self.training_disabled = TrainingDisabled("unsupported_model", (
-                "this version trains no adapters of a decoder language model (it serves and generates with them); "
-                "set trainer.enabled: false"))
-            _log.warning("training is disabled, serving goes on: %s", self.training_disabled.detail,
-                         extra={"LORAD_TRAINING_DISABLED": "unsupported_model"})
-            return None
         free = free_bytes(cfg.state_dir)
         if free < _TRAINING_MIN_FREE_BYTES:
             self.training_disabled = TrainingDisabled("disk_full", (

@@ -150,7 +150,7 @@ class _StateCollector(Collector):
                                 value=free)
         disabled = GaugeMetricFamily("lorad_training_disabled",
                                      "1 when training is enabled but could not start, by why (disk_full, "
-                                     "ledger_damaged, examples_damaged, state_unreadable, unsupported_model); serving goes on.",
+                                     "ledger_damaged, examples_damaged, state_unreadable); serving goes on.",
                                      labels=["reason"])
         problem = self._disabled()
         if problem is not None:

@@ -180,7 +180,7 @@ def check_startable(cfg: Config) -> None:
             raise StartupError("model.path", f"{str(model_file(cfg))!r} cannot be served: {type(e).__name__}: {e}") from e
         if generator is not None:
             generator.close()
-    if cfg.trainer.enabled and spec is None:  # a decoder's trainer is disabled at start, saying why
+    if cfg.trainer.enabled:
         check_training(cfg, engine, text)
     if cfg.ota.enabled:
         ota_transport(cfg.ota, read_ota_material(cfg.ota)).close()

@@ -11,8 +11,9 @@ blocking work runs on the worker pool.
 
 - ``POST A/examples`` (auth) one labelled example: ``{"inputs": [OIP tensors], "label": L}``,
   or for a model that carries a tokenizer ``{"text": "...", "label": "label name" or class
-  number}`` (tokenized by the serving tokenizer); optional ``"user"``; body size-limited
-  while it streams in. 201 ``{"id", "adapter", "examples"}``.
+  number}`` (tokenized by the serving tokenizer), or for a language model ``{"text": "..."}``
+  alone (the text is the example: trainer/lm_examples.py); optional ``"user"``; body
+  size-limited while it streams in. 201 ``{"id", "adapter", "examples"}``.
 - ``GET A/examples`` (auth) the adapter's exact example count (private: the ledger shows
   only the noisy estimate the runs were planned from).
 - ``POST A/train`` (auth) start a manual run; 202 ``{"run_id", ...}``. 409 when the privacy
@@ -96,9 +97,9 @@ def add_training_routes(
 
 @dataclass(frozen=True)
 class TrainingDisabled:
-    """Why the trainer could not start (its state is damaged, the disk is full, or the model
-    is one it cannot train): the daemon serves without it. ``kind`` is public (disk_full,
-    ledger_damaged, examples_damaged, state_unreadable, unsupported_model); ``detail``
+    """Why the trainer could not start (its state is damaged or the disk is full): the
+    daemon serves without it. ``kind`` is public (disk_full, ledger_damaged,
+    examples_damaged, state_unreadable); ``detail``
     names files, for the token's holders."""
 
     kind: str
@@ -181,24 +182,32 @@ class _Handlers:
             doc = loads_bounded(body, what="request body")
         except JsonInputError as e:  # also "[[[[..." within max_example_bytes: refused before parsing
             raise HttpError(400, str(e)) from None
-        text_model = self.trainer.adapters.text is not None
-        form = "text" if text_model and isinstance(doc, Mapping) and "text" in doc else "inputs"
-        if not isinstance(doc, Mapping) or set(doc) - {form, "label", "user"} or not {form, "label"} <= set(doc):
-            text_form = ('{"text": "...", "label": label name or class number, "user": optional user id}, or '
-                         if text_model else "")
-            raise HttpError(
-                400, f'an example is a JSON object {text_form}{{"inputs": [Open Inference Protocol input tensors], '
-                '"label": ..., "user": optional user id} with nothing else; the label is a class number or a nested '
-                'list of numbers')
+        if self.trainer.language_model:
+            if not isinstance(doc, Mapping) or set(doc) - {"text", "user"} or "text" not in doc:
+                raise HttpError(400, 'an example of a language model is a JSON object {"text": "...", "user": optional '
+                                'user id} with nothing else (no label: the model learns to continue the text)')
+            form, required = "text", {"text"}
+        else:
+            text_model = self.trainer.takes_text
+            form = "text" if text_model and isinstance(doc, Mapping) and "text" in doc else "inputs"
+            required = {form, "label"}
+            if not isinstance(doc, Mapping) or set(doc) - {form, "label", "user"} or not required <= set(doc):
+                text_form = ('{"text": "...", "label": label name or class number, "user": optional user id}, or '
+                             if text_model else "")
+                raise HttpError(
+                    400, f'an example is a JSON object {text_form}{{"inputs": [Open Inference Protocol input tensors], '
+                    '"label": ..., "user": optional user id} with nothing else; the label is a class number or a '
+                    'nested list of numbers')
         user = doc.get("user")
         if user is not None and not isinstance(user, str):
             raise HttpError(400, f"'user' must be a string (1 to 128 printable characters), got {user!r}")
         if form == "text":
             if not isinstance(doc["text"], str):
                 raise HttpError(400, f"'text' must be a string, got {type(doc['text']).__name__}")
-            if isinstance(doc["label"], bool) or not isinstance(doc["label"], (str, int)):
-                raise HttpError(400, f"'label' must be a label name or a class number, got {doc['label']!r}")
-            return doc["text"], doc["label"], user
+            label = doc.get("label")
+            if "label" in required and (isinstance(label, bool) or not isinstance(label, (str, int))):
+                raise HttpError(400, f"'label' must be a label name or a class number, got {label!r}")
+            return doc["text"], label, user
         service = self.trainer.adapters
         request = oip.decode_infer_request({"inputs": doc["inputs"]}, service.model_inputs, service.model_outputs)
         label = doc["label"]

@@ -9,7 +9,11 @@ with the same trust as the payload. Where the fleet tool reads it from
     {"format": "lorad-privacy/1", "epsilon": 2.9, "delta": 1e-5, "accountant": "rdp",
      "sample_rate": 0.01, "noise_multiplier": 1.1, "steps": 1200, "unit": "example"}
 
-``unit`` is what one privacy unit is: ``example`` (per-example DP) or ``user``.
+``unit`` is what one privacy unit is: ``example`` (per-example DP) or ``user``. A version the
+device's trainer made also says what it was trained on, so the fleet can aggregate it:
+``examples`` (the private estimate of the count the run was planned from, never the exact
+count), ``example`` (what one example is, e.g. one submitted text of a language model) and
+``base_fingerprint`` (the base model it was trained against).
 """
 
 from __future__ import annotations
@@ -54,9 +58,14 @@ class PrivacyRecord:
     noise_multiplier: float
     steps: int
     unit: str = "example"
+    examples: float | None = None
+    example: str | None = None
+    base_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.examples is not None and not (math.isfinite(self.examples) and self.examples >= 0):
+            problems.append(f"examples {self.examples} (must be a finite number >= 0)")
         if not self.epsilon >= 0:
             problems.append(f"epsilon {self.epsilon} (must be >= 0)")
         if not 0 < self.delta < 1:
@@ -75,8 +84,8 @@ class PrivacyRecord:
             raise ValueError("invalid privacy record: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        """The file form (numbers as JSON numbers)."""
-        return {"format": PRIVACY_FORMAT, **asdict(self)}
+        """The file form (numbers as JSON numbers); fields not known are left out."""
+        return {"format": PRIVACY_FORMAT, **{k: v for k, v in asdict(self).items() if v is not None}}
 
     def to_signed(self) -> dict[str, Any]:
         """The form signed into target metadata: TUF's canonical JSON has no floats, so
@@ -92,9 +101,13 @@ class PrivacyRecord:
             steps = d["steps"]
             if isinstance(steps, bool) or not isinstance(steps, int):
                 raise TypeError(f"steps must be an integer, got {steps!r}")
+            texts = {k: d[k] for k in ("example", "base_fingerprint") if d.get(k) is not None}
+            if any(not isinstance(v, str) for v in texts.values()):
+                raise TypeError(f"example and base_fingerprint must be strings, got {texts}")
             return cls(epsilon=_num(d, "epsilon"), delta=_num(d, "delta"), accountant=str(d["accountant"]),
                        sample_rate=_num(d, "sample_rate"), noise_multiplier=_num(d, "noise_multiplier"),
-                       steps=steps, unit=str(d.get("unit", "example")))
+                       steps=steps, unit=str(d.get("unit", "example")),
+                       examples=_num(d, "examples") if d.get("examples") is not None else None, **texts)
         except KeyError as e:
             raise ValueError(f"privacy record lacks {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:

@@ -64,6 +64,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lorad.adapters.decoder import without_cache
 from lorad.adapters.fsutil import atomic_replace_dir
 from lorad.adapters.lora import LoraWeights, lora_scale
 from lorad.adapters.lora_graph import (
@@ -105,7 +106,7 @@ _FORMAT = "lorad-training-artifacts-v6"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
-_PORTABLE_FORMAT = "lorad-portable-step-v4"
+_PORTABLE_FORMAT = "lorad-portable-step-v5"
 
 #: The training backends (trainer/backends.py chooses one).
 Backend = Literal["portable", "ort-training"]
@@ -118,9 +119,9 @@ A_INITS: tuple[AInit, ...] = ("random", "principal")
 #: expected column norm of 1/√3 ≈ 0.58), so alpha and the learning rate keep their meaning.
 _PRINCIPAL_A_NORM = 0.6
 
-Loss = Literal["cross_entropy", "mse"]
+Loss = Literal["cross_entropy", "mse", "causal_lm"]
 Optimizer = Literal["adamw", "sgd"]
-_LABEL_INPUTS: dict[str, str] = {"cross_entropy": "labels", "mse": "target"}
+_LABEL_INPUTS: dict[str, str] = {"cross_entropy": "labels", "mse": "target", "causal_lm": "labels"}
 
 
 class OrtConventionError(RuntimeError):
@@ -201,6 +202,8 @@ class TrainingArtifacts:
     input_dtypes: tuple[str, ...]
     input_shapes: tuple[tuple[int | None, ...], ...]
     backend: Backend = "ort-training"
+    #: Whether the base's weights are packed (MatMulNBits): sessions keep them packed (trainer/portable.py).
+    quantized_base: bool = False
 
     @property
     def step_model(self) -> Path:
@@ -357,17 +360,22 @@ def _split_trainable(
 def _generate_portable(
     model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
 ) -> dict[str, Any]:
-    from .portable_graph import build_step_graphs
+    from .portable_graph import EXAMPLE_INDEX_INPUT, build_step_graphs
 
     init = _initial_lora(model, targets, config)
     trainable, frozen = _split_trainable(targets, config, init)
     label_input = _LABEL_INPUTS[config.loss]
     outputs = [o.name for o in model.graph.output]
     output = config.output or outputs[0]
+    base_fingerprint = fingerprint(model, targets)
+    if config.loss == "causal_lm":
+        # Whole windows in, the logits of every position out: no KV cache (adapters/decoder.py).
+        model = without_cache(model)
     graphs = build_step_graphs(
         model, targets, init=init, scale=config.scale, trainable=trainable, output=output, loss=config.loss,
         label_input=label_input, private=config.private, optimizer=config.optimizer,
-        weight_decay=config.weight_decay, reserved_inputs=[label_input, CLIP_NORM_INPUT, NOISE_INPUT, GRAD_SCALE_INPUT],
+        weight_decay=config.weight_decay,
+        reserved_inputs=[label_input, CLIP_NORM_INPUT, NOISE_INPUT, GRAD_SCALE_INPUT, EXAMPLE_INDEX_INPUT],
         clip_norm_input=CLIP_NORM_INPUT, noise_input=NOISE_INPUT, grad_scale_input=GRAD_SCALE_INPUT,
     )
     onnx.checker.check_model(graphs.step)
@@ -379,13 +387,16 @@ def _generate_portable(
     np.save(directory / "initial_parameters.npy", flat)
     frozen_values: dict[str, Any] = {name: values[name] for name in frozen}
     np.savez(directory / "frozen_parameters.npz", **frozen_values)
-    data_inputs = [*graphs.model_inputs, label_input]
+    # A language model's window rows carry their example's index (trainer/lm_examples.py).
+    index = [EXAMPLE_INDEX_INPUT] if config.loss == "causal_lm" else []
+    data_inputs = [*graphs.model_inputs, *index, label_input]
     return {
         "format": _PORTABLE_FORMAT,
         "backend": "portable",
         "config": dataclasses.asdict(config),
         "targets": [dataclasses.asdict(t) for t in targets],
-        "base_fingerprint": fingerprint(model, targets),
+        "base_fingerprint": base_fingerprint,
+        "quantized_base": any(n.op_type == "MatMulNBits" for n in model.graph.node),
         "trainable": [[name, list(shape)] for name, shape in trainable],
         "frozen": frozen,
         "data_inputs": data_inputs,
@@ -397,6 +408,8 @@ def _generate_portable(
 def _generate(
     model: onnx.ModelProto, config: ArtifactConfig, targets: Sequence[LoraTarget], directory: Path
 ) -> dict[str, Any]:
+    if config.loss == "causal_lm":
+        raise ValueError("the ort-training backend trains no language model (causal_lm); use trainer.backend: portable")
     ort_training = _load_ort_training()
     onnxblock, artifacts = ort_training.onnxblock, ort_training.artifacts
     init = _initial_lora(model, targets, config)
@@ -520,6 +533,7 @@ def _read_meta(directory: Path, config: ArtifactConfig) -> TrainingArtifacts:
         input_dtypes=tuple(meta["input_dtypes"]),
         input_shapes=tuple(tuple(shape) for shape in meta["input_shapes"]),
         backend=meta.get("backend", "ort-training"),
+        quantized_base=bool(meta.get("quantized_base", False)),
     )
 
 

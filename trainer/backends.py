@@ -86,17 +86,20 @@ def resolve_backend(requested: BackendChoice) -> Backend:
 def open_stepper(
     artifacts: TrainingArtifacts, *, learning_rate: float, dp: DPSettings | None, noise: GaussianNoise | None,
     expected_batch_size: float | None = None, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0,
-    resume_from: Path | None = None,
+    resume_from: Path | None = None, max_part_rows: int | None = None,
 ) -> Stepper:
     """The stepper of the backend the artifacts were built for. (The privacy audit opens
-    its portable stepper itself, with canaries: trainer/audit.py.)"""
+    its portable stepper itself, with canaries: trainer/audit.py.) ``max_part_rows``: the
+    portable stepper's parts (trainer/portable.py); the ort-training backend takes each
+    batch whole."""
     assert artifacts.backend in BACKENDS
     if artifacts.backend == "portable":
         from .portable import PortableStepper
 
         return PortableStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,
                                expected_batch_size=expected_batch_size, device=device,
-                               intra_op_threads=intra_op_threads, resume_from=resume_from)
+                               intra_op_threads=intra_op_threads, resume_from=resume_from,
+                               max_part_rows=max_part_rows)
     from .dp_step import DPStepper
 
     return DPStepper(artifacts, learning_rate=learning_rate, dp=dp, noise=noise,

@@ -216,7 +216,18 @@ class AdapterTrainingConfig(ConfigModel):
     learning_rate: float = Field(0.01, gt=0, description="Optimiser step size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser of the LoRA weights.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (needs optimizer: adamw).")
-    loss: Literal["cross_entropy", "mse"] = Field("cross_entropy", description="Training loss.")
+    loss: Literal["cross_entropy", "mse", "causal_lm"] | None = Field(
+        None, description="Training loss: cross_entropy, mse, or causal_lm (next-token loss of a language model's "
+                          "text); null: causal_lm for a decoder language model, else cross_entropy.")
+    window_tokens: int = Field(64, ge=2, le=8192, description="A language model trains on windows of this many "
+                               "tokens: each text is cut into them, the last one padded (trainer/lm_examples.py).")
+    max_text_tokens: int = Field(1024, ge=2, le=1_000_000, description="Longest text (in tokens) one example of a "
+                                 "language model may be; a longer one is refused, not split (one text is one "
+                                 "privacy unit).")
+    part_rows: int | None = Field(None, ge=1, description="Most rows (a language model's token windows) one forward "
+                                  "and backward pass of a training step takes; a larger batch runs in parts of whole "
+                                  "examples whose clipped gradients are summed: the same update in less memory. null: "
+                                  "2 for a language model, the whole batch for other models.")
     output: NonEmptyStr | None = Field(None, description="Model output the loss reads; null: the output named "
                                        "logits if the model has one, else the first output.")
     sampling_rate: float | None = Field(
@@ -228,7 +239,8 @@ class AdapterTrainingConfig(ConfigModel):
     epochs: float | None = Field(30.0, gt=0, description="Passes over the data per run (steps = ceil(epochs / q)); "
                                                         "exactly one of steps and epochs.")
     validation_metric: ValidationMetric = Field("loss", description="What the validation gate compares: loss, "
-                                                                    "or accuracy (needs loss: cross_entropy).")
+                                                                    "or accuracy (needs loss: cross_entropy "
+                                                                    "or causal_lm: top-1 next-token accuracy).")
     validation_margin: float = Field(0.0, description="The new version is installed only if its held-out score "
                                      "beats the current one's by more than this (mean per example, decided "
                                      "privately); negative: it may be that much worse.")
@@ -248,9 +260,9 @@ class AdapterTrainingConfig(ConfigModel):
             raise FieldProblem("steps", "give exactly one of steps and epochs (steps = ceil(epochs / q))")
         if self.weight_decay and self.optimizer != "adamw":
             raise FieldProblem("weight_decay", f"got {self.weight_decay}; weight decay needs optimizer: adamw")
-        if self.validation_metric == "accuracy" and self.loss != "cross_entropy":
+        if self.validation_metric == "accuracy" and self.loss == "mse":
             raise FieldProblem("validation_metric",
-                               "got 'accuracy'; accuracy needs loss: cross_entropy (use 'loss' with mse)")
+                               "got 'accuracy'; accuracy needs loss: cross_entropy or causal_lm (use 'loss' with mse)")
         return self
 
     @property

@@ -14,13 +14,16 @@ small *eval graph* (forward and summed loss). The step graph does, in this order
    activation gradients only;
 5. **per-example gradients**: for each target, with x, u = x·A and the output gradients
    g_y, g_u of example n, ``G_B[n] = u_nᵀ·g_y[n]`` and ``G_A[n] = x_nᵀ·g_u[n]`` as batched
-   products (non-private graphs sum over the batch in one product instead);
+   products (non-private graphs sum over the batch in one product instead); with the
+   ``causal_lm`` loss the rows are token windows and :data:`EXAMPLE_INDEX_INPUT` says whose:
+   a text's windows' gradients are summed into its one per-example gradient;
 6. **clip**: ``factor[n] = min(1, C / (‖G[n]‖ + 1e-6))`` over all LoRA parameters of
    example n; an example whose gradient is not finite gets factor 0 and its gradient is
    replaced by zeros before the sum, so it counts as a zero contribution;
-7. **accumulate** ``Σ_n factor[n]·G[n]``, **add noise** (the float64 input
-   :data:`NOISE_INPUT`, drawn on the host, added to the widened sum, rounded once) and
-   **scale** by :data:`GRAD_SCALE_INPUT`;
+7. **accumulate** ``Σ_n factor[n]·G[n]`` (out as :data:`PART_SUM_OUTPUT`), add the float64
+   :data:`CARRIED_SUM_INPUT` (the sum of the step's earlier parts, zero for a step taken
+   whole), **add noise** (the float64 input :data:`NOISE_INPUT`, drawn on the host, added
+   to the widened sum, rounded once) and **scale** by :data:`GRAD_SCALE_INPUT`;
 8. **update**: SGD, or AdamW with its moments as inputs and outputs, exactly as ONNX
    Runtime's training optimizer computes them.
 
@@ -55,6 +58,7 @@ __all__ = [
     "PARAMS_OUTPUT", "MOMENT1_OUTPUT", "MOMENT2_OUTPUT", "LOSS_OUTPUT", "GRAD_OUTPUT",
     "ADAMW_BETAS", "ADAMW_EPSILON", "PER_EXAMPLE", "PerExample", "StepGraphs", "build_step_graphs",
     "per_example_flat", "IGNORED_LABEL", "CANARY_ROWS_INPUT", "EXAMPLE_WEIGHT_INPUT", "EXAMPLES_SUM_OUTPUT", "with_canary_rows",
+    "EXAMPLE_INDEX_INPUT", "CARRIED_SUM_INPUT", "PART_SUM_OUTPUT",
 ]
 
 PARAMS_INPUT = "train.params"
@@ -67,6 +71,14 @@ MOMENT1_OUTPUT = "train.moment1.updated"
 MOMENT2_OUTPUT = "train.moment2.updated"
 LOSS_OUTPUT = "train.loss_sum"
 GRAD_OUTPUT = "train.gradient"  # what the optimizer consumed: clipped, noised, scaled
+# A step taken in parts (trainer/portable.py): the float64 sum of the earlier parts' clipped
+# gradients joins this part's before the noise, and each part's own sum (clipped, not noised
+# or scaled; plain for a non-private graph) comes out.
+CARRIED_SUM_INPUT = "train.carried_sum"
+PART_SUM_OUTPUT = "train.part_sum"
+# causal_lm: the example each window row belongs to (int64 [rows], 0-based, rows of an
+# example consecutive): an example is a whole text, clipped as one (trainer/lm_examples.py).
+EXAMPLE_INDEX_INPUT = "example_index"
 # The audit variant's (with_canary_rows): extra rows [M, P] of per-example gradients, laid
 # out as the flat parameter vector; a weight on the batch's own rows (1, or 0 to cancel an
 # empty batch's placeholder example while the extra rows still count); the clipped sum of
@@ -174,20 +186,29 @@ def build_step_graphs(
 
     # 5.-7. per-example gradients, clip, accumulate, noise, scale
     examples = [_per_target_factors(graph, t, grads, trainable_names) for t in targets]
+    windows = loss == "causal_lm"
     if private:
-        gradient = _private_gradient(e, examples, trainable_names, clip_norm_input, noise_input, grad_scale_input,
-                                     ghost=(per_example or PER_EXAMPLE) == "ghost")
+        ghost = (per_example or PER_EXAMPLE) == "ghost"
+        if ghost and windows:
+            raise ValueError("ghost norms take one row per example; causal_lm examples are groups of windows")
+        group = _window_membership(e) if windows else None
+        part = _private_gradient(e, examples, trainable_names, clip_norm_input, ghost=ghost, group=group)
+        gradient = _noise_and_scale(e, part, noise_input, grad_scale_input)
     else:
-        gradient = _summed_gradient(e, examples, trainable_names, grad_scale_input)
+        part = _summed_gradient(e, examples, trainable_names)
+        gradient = _noise_and_scale(e, part, None, grad_scale_input)
     e.nodes.append(helper.make_node("Identity", [gradient], [GRAD_OUTPUT], name="train/gradient"))
 
     # 8. update
     update_outputs = _update(e, optimizer, weight_decay)
 
-    inputs = [*[i for i in graph.input if i.name in model_inputs], label_vi,
+    rows = label_vi.type.tensor_type.shape.dim[0].dim_param or "N"
+    index_vi = [helper.make_tensor_value_info(EXAMPLE_INDEX_INPUT, TensorProto.INT64, [rows])] if windows else []
+    inputs = [*[i for i in graph.input if i.name in model_inputs], *index_vi, label_vi,
               helper.make_tensor_value_info(PARAMS_INPUT, TensorProto.FLOAT, [total]),
               helper.make_tensor_value_info(grad_scale_input, TensorProto.FLOAT, []),
-              helper.make_tensor_value_info(LEARNING_RATE_INPUT, TensorProto.FLOAT, [])]
+              helper.make_tensor_value_info(LEARNING_RATE_INPUT, TensorProto.FLOAT, []),
+              helper.make_tensor_value_info(CARRIED_SUM_INPUT, TensorProto.DOUBLE, [total])]
     if private:
         inputs += [helper.make_tensor_value_info(clip_norm_input, TensorProto.FLOAT, []),
                    helper.make_tensor_value_info(noise_input, TensorProto.DOUBLE, [total])]
@@ -197,12 +218,13 @@ def build_step_graphs(
                    helper.make_tensor_value_info(MOMENT2_INPUT, TensorProto.FLOAT, [total])]
     outs = [helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.FLOAT, []),
             helper.make_tensor_value_info(GRAD_OUTPUT, TensorProto.FLOAT, [total]),
+            helper.make_tensor_value_info(PART_SUM_OUTPUT, TensorProto.FLOAT, [total]),
             *[helper.make_tensor_value_info(name, TensorProto.FLOAT, [total]) for name in update_outputs]]
     step_graph = helper.make_graph(
         [*unpack, *graph.node, *loss_nodes, *e.nodes], f"{graph.name or 'model'}_lorad_step", inputs, outs,
         initializer=[*graph.initializer, *e.initializers],
     )
-    eval_inputs = [*[i for i in graph.input if i.name in model_inputs], label_vi,
+    eval_inputs = [*[i for i in graph.input if i.name in model_inputs], *index_vi, label_vi,
                    helper.make_tensor_value_info(PARAMS_INPUT, TensorProto.FLOAT, [total])]
     eval_graph = helper.make_graph(
         [*unpack, *graph.node, *loss_nodes], f"{graph.name or 'model'}_lorad_eval", eval_inputs,
@@ -297,8 +319,20 @@ def _input_rank(graph: onnx.GraphProto, b_name: str) -> int:
     return int(vi.type.tensor_type.shape.dim[0].dim_value)
 
 
-def _example_blocks(e: Emitter, f: _TargetFactors, trainable: Sequence[str]) -> list[tuple[str, str, int]]:
-    """(name, [N, numel] per-example gradient, numel) for the target's trainable tensors."""
+def _window_membership(e: Emitter) -> str:
+    """``[examples, rows]`` float32, 1 where the row is a window of the example: from
+    :data:`EXAMPLE_INDEX_INPUT`, so that an example's gradient is the sum of its windows'."""
+    count = e.op("Add", [e.op("ReduceMax", [EXAMPLE_INDEX_INPUT], keepdims=1), e.const(np.asarray([1], np.int64))])
+    examples = e.op("Range", [e.const(np.asarray(0, np.int64)), e.op("Squeeze", [count, e.ints([0])]),
+                              e.const(np.asarray(1, np.int64))])
+    member = e.op("Equal", [e.unsqueeze(examples, [1]), e.unsqueeze(EXAMPLE_INDEX_INPUT, [0])])
+    return e.op("Cast", [member], "example_windows", to=TensorProto.FLOAT)
+
+
+def _example_blocks(e: Emitter, f: _TargetFactors, trainable: Sequence[str],
+                    group: str | None = None) -> list[tuple[str, str, int]]:
+    """(name, [N, numel] per-example gradient, numel) for the target's trainable tensors;
+    with ``group`` (:func:`_window_membership`) the rows are windows, summed into their examples."""
     t = f.target
     a_name, b_name = lora_input_names(t.weight)
     rank = e.dims(f.u)[-1]  # type: ignore[index]
@@ -307,16 +341,20 @@ def _example_blocks(e: Emitter, f: _TargetFactors, trainable: Sequence[str]) -> 
     def rows(name: str, width: int) -> str:  # [N, tokens, width] whatever the layer's rank
         return e.op("Reshape", [name, e.ints([0, -1, width])])
 
+    def flat(name: str, product: str, numel: int) -> str:
+        if group is None:
+            return _named(e, "Reshape", [product, e.ints([0, numel])], per_example_flat(name))
+        per_window = e.op("Reshape", [product, e.ints([0, numel])], f"{name}/per_window")
+        return _named(e, "MatMul", [group, per_window], per_example_flat(name))
+
     out = []
     if a_name in trainable:
         ga = e.op("MatMul", [e.op("Transpose", [rows(f.x, t.in_features)], perm=[0, 2, 1]), rows(f.g_u, rank)],
                   f"{a_name}/per_example")
-        out.append((a_name, _named(e, "Reshape", [ga, e.ints([0, t.in_features * rank])], per_example_flat(a_name)),
-                    t.in_features * rank))
+        out.append((a_name, flat(a_name, ga, t.in_features * rank), t.in_features * rank))
     gb = e.op("MatMul", [e.op("Transpose", [rows(f.u, rank)], perm=[0, 2, 1]), rows(f.g_y, t.out_features)],
               f"{b_name}/per_example")
-    out.append((b_name, _named(e, "Reshape", [gb, e.ints([0, rank * t.out_features])], per_example_flat(b_name)),
-                rank * t.out_features))
+    out.append((b_name, flat(b_name, gb, rank * t.out_features), rank * t.out_features))
     return out
 
 
@@ -422,7 +460,8 @@ def _ordered(blocks: dict[str, str], trainable: Sequence[str]) -> list[str]:
 
 
 def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str],
-                      clip_norm: str, noise: str, grad_scale: str, *, ghost: bool) -> str:
+                      clip_norm: str, *, ghost: bool, group: str | None) -> str:
+    """Σ_n min(1, C/‖G[n]‖)·G[n], float32 [P]."""
     blocks: dict[str, str] = {}
     squares = []
     total = 0
@@ -431,7 +470,7 @@ def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: 
         total = sum(_numel(f, name) for f in factors for name in _names(f, trainable))
     else:
         for f in factors:
-            for name, flat, numel in _example_blocks(e, f, trainable):
+            for name, flat, numel in _example_blocks(e, f, trainable, group):
                 blocks[name] = flat
                 total += numel
                 squares.append(e.op("ReduceSumSquare", [flat], f"{name}/sq_norm", axes=[1], keepdims=0)
@@ -469,10 +508,17 @@ def _private_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: 
     bad = e.op("Greater", [e.reduce("ReduceSum", e.op("Cast", [e.op("Not", [finite])], to=TensorProto.FLOAT), None,
                                     keepdims=False), zero], "any_non_finite")
     joined = e.op("If", [bad], "clipped_sum_row", then_branch=branch(True), else_branch=branch(False))
-    clipped = e.op("Reshape", [joined, e.ints([-1])], "clipped_sum")
-    # Noise: widened sum + float64 noise, rounded once (see trainer/noise.py).
-    noised = e.op("Cast", [e.op("Add", [e.op("Cast", [clipped], to=TensorProto.DOUBLE), noise])], to=TensorProto.FLOAT)
-    return e.op("Mul", [noised, grad_scale], "scaled_gradient")
+    return e.op("Reshape", [joined, e.ints([-1])], "clipped_sum")
+
+
+def _noise_and_scale(e: Emitter, part: str, noise: str | None, grad_scale: str) -> str:
+    """This part's sum out as :data:`PART_SUM_OUTPUT`; the carried sum of earlier parts and
+    the noise added to it widened, rounded once (see trainer/noise.py), then scaled."""
+    e.nodes.append(helper.make_node("Identity", [part], [PART_SUM_OUTPUT], name="train/part_sum"))
+    total = e.op("Add", [e.op("Cast", [part], to=TensorProto.DOUBLE), CARRIED_SUM_INPUT], "carried")
+    if noise is not None:
+        total = e.op("Add", [total, noise], "noised")
+    return e.op("Mul", [e.op("Cast", [total], to=TensorProto.FLOAT), grad_scale], "scaled_gradient")
 
 
 def _names(f: _TargetFactors, trainable: Sequence[str]) -> list[str]:
@@ -537,7 +583,7 @@ def _ghost_sums(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequen
     return _ordered(blocks, trainable)
 
 
-def _summed_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str], grad_scale: str) -> str:
+def _summed_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: Sequence[str]) -> str:
     """Non-private: Σ_n G[n] as one product over all tokens of the batch per tensor."""
     blocks: dict[str, str] = {}
     for f in factors:
@@ -555,8 +601,7 @@ def _summed_gradient(e: Emitter, factors: Sequence[_TargetFactors], trainable: S
         gb = e.op("MatMul", [e.op("Transpose", [flat(f.u, rank)], perm=[1, 0]), flat(f.g_y, t.out_features)])
         blocks[b_name] = e.op("Reshape", [gb, e.ints([-1])])
     parts = _ordered(blocks, trainable)
-    joined = e.op("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
-    return e.op("Mul", [joined, grad_scale], "scaled_gradient")
+    return e.op("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
 
 
 def _update(e: Emitter, optimizer: Optimizer, weight_decay: float) -> list[str]:

@@ -53,6 +53,7 @@ import numpy as np
 from lorad.adapters.fsutil import atomic_write_bytes, free_bytes
 from lorad.adapters.lora import LoraAdapter
 from lorad.adapters.service import AdapterService
+from lorad.ota.privacy import PRIVACY_FILE, PrivacyRecord
 
 from .accountant import RunCharge, epsilon
 from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
@@ -63,7 +64,8 @@ from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
-from .model_setup import artifact_config_for, loss_output, pad_length, preflight, training_layouts
+from .lm_examples import collate_texts
+from .model_setup import artifact_config_for, loss_output, pad_length, part_rows, preflight, training_layouts
 from .stepper_process import StepperProcess
 from .validation import GATE_BATCH, keep_rejected, validate_candidate
 
@@ -192,6 +194,9 @@ class TrainerEnv:
     #: Cumulative joules the daemon attributes to training (its power sampler); a run's
     #: energy is the difference over the run. None: no power source, no figure.
     energy_joules: Callable[[], float] | None = None
+    #: The adapter's guarantee as its privacy state reports it (per example, or per user
+    #: with ``user_epsilon_spent``): what a trained version's privacy record states.
+    guarantee: Callable[[str], Mapping[str, Any]] | None = None
 
 
 def last_trained_example(state_dir: Path, adapter: str) -> int | None:
@@ -568,6 +573,7 @@ class TrainingRun:
                 artifacts, learning_rate=lr, dp=dp, noise_seed=None if secure else int(getattr(self.env.noise, "seed", 0)),
                 device=self.env.device, intra_op_threads=self.env.intra_op_threads, resume_from=resume,
                 niceness=self.env.niceness, idle_class=self.env.sched_idle,
+                max_part_rows=part_rows(self.env.service, self.config),
             )
         else:
             # Seeded (test) noise: a fresh stream from the seed, exactly as the child process
@@ -577,7 +583,8 @@ class TrainingRun:
             secure = getattr(self.env.noise, "secure", False)
             noise = self.env.noise if secure else SeededNoise(int(getattr(self.env.noise, "seed", 0)))
             stepper = open_stepper(artifacts, learning_rate=lr, dp=dp, noise=noise, device=self.env.device,
-                                   intra_op_threads=self.env.intra_op_threads, resume_from=resume)
+                                   intra_op_threads=self.env.intra_op_threads, resume_from=resume,
+                                   max_part_rows=part_rows(self.env.service, self.config))
         if stepper.steps > plan.steps:
             raise TrainingFailedError(f"checkpoint {checkpoint} is at step {stepper.steps}, beyond the "
                                       f"run's {plan.steps} planned steps")
@@ -603,9 +610,13 @@ class TrainingRun:
                 self._checkpoint(stepper)
                 return "interrupted"
             ids = self.env.store.sample_poisson(self.adapter, plan.q, rng, among=train_ids)
-            batch, skipped = collate(self.env.store.load(ids, skip_missing=True),
-                                     inputs_layout=layouts[:-1], label_layout=layouts[-1],
-                                     pad_to=pad_length(self.env.service, self.config))
+            sampled = self.env.store.load(ids, skip_missing=True)
+            if artifacts.config.loss == "causal_lm":
+                batch, skipped = collate_texts(sampled, window=self.config.window_tokens,
+                                               label_input=artifacts.label_input)
+            else:
+                batch, skipped = collate(sampled, inputs_layout=layouts[:-1], label_layout=layouts[-1],
+                                         pad_to=pad_length(self.env.service, self.config))
             skipped_total += skipped
             began = time.monotonic()
             stepper.step(batch)
@@ -676,6 +687,7 @@ class TrainingRun:
             output=self._artifact_config().output or loss_output(self.env.service, c).name, margin=c.validation_margin,
             noise=self.env.noise if gate_sigma else None, noise_multiplier=gate_sigma or 0.0,
             score_clip=c.gate_clip, pad_to=pad_length(self.env.service, c), calls=_gate_calls(plan, c),
+            window=c.window_tokens,
         )
         if self.control.cancelled:
             # Cancelled while validating: the charge stands (the run completed), nothing is served.
@@ -688,9 +700,11 @@ class TrainingRun:
                              f"cancelled before release; the trained version was kept aside in {where}", None, spent)
         version = None
         if gate.accepted:
+            record = self._privacy_record(plan, spent, candidate.base_fingerprint)
             meta = {"source": "trainer", "run_id": run_id, "epsilon_spent": spent, "delta": self._delta(),
-                    "accountant": plan.accountant, "validated_against": gate.baseline}
-            version = self.env.service.install(self.adapter, candidate, meta=meta).version
+                    "accountant": plan.accountant, "validated_against": gate.baseline, "privacy": record.to_dict()}
+            files = {PRIVACY_FILE: (json.dumps(record.to_dict(), indent=1) + "\n").encode()}
+            version = self.env.service.install(self.adapter, candidate, meta=meta, files=files).version
             # The extra fields become journald fields (LORAD_ADAPTER=...) under systemd.
             _log.info("adapter %r: run %d installed as version %d (%s; ε spent %.4g)", self.adapter, run_id, version,
                       gate.reason, spent, extra={"LORAD_ADAPTER": self.adapter, "LORAD_VERSION": version,
@@ -705,6 +719,20 @@ class TrainingRun:
         self._report(plan.steps, "done")
         return RunResult(self.adapter, run_id, "accepted" if gate.accepted else "rejected", plan.steps,
                          plan.steps, gate.reason, version, spent)
+
+    def _privacy_record(self, plan: RunPlan, spent: float, base_fingerprint: str) -> PrivacyRecord:
+        """What the version was trained on (ota/privacy.py's record, as a fleet update carries
+        it): the adapter's ε so far per its privacy unit, this run's mechanism, the private
+        count estimate, what one example is and the base model."""
+        guarantee = self.env.guarantee(self.adapter) if self.env.guarantee is not None else {}
+        per_user = guarantee.get("guarantee") == "per user"
+        example = ("one submitted text: all its token windows, clipped as one"
+                   if self._artifact_config().loss == "causal_lm" else "one labelled example")
+        return PrivacyRecord(
+            epsilon=float(guarantee["user_epsilon_spent"]) if per_user else spent, delta=self._delta(),
+            accountant=plan.accountant, sample_rate=plan.q, noise_multiplier=plan.sigma, steps=plan.steps,
+            unit="user" if per_user else "example", examples=float(plan.examples), example=example,
+            base_fingerprint=base_fingerprint)
 
     def _mark_trained(self) -> None:
         last = self._saved.get("last_example_id")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.service import AdapterService
 from lorad.adapters.text_input import TEXT_INPUT, TextInputError
 
@@ -40,7 +41,8 @@ from .config import TrainerConfig, check_noise_source, default_delta, make_noise
 from .errors import BadTrainingDataError, PrivacyBudgetExceededError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, PrivacyState, run_charges
-from .model_setup import loss_output, pad_length
+from .lm_examples import TextExamples
+from .model_setup import loss_output, pad_length, training_loss
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
 from .released import released_versions, trained_adapters, with_released
@@ -109,6 +111,8 @@ class TrainerService:
         check_noise_source(noise, config)
         self.stats = TrainerStats()
         self._closed = False
+        spec = DecoderSpec.from_model(adapters.engine.base_model)
+        self._texts = TextExamples(spec.tokenizer_json, vocab_size=spec.vocab_size) if spec is not None else None
         self._audit_lock = threading.Lock()
         s = config.store
         self.store = ExampleStore(self.dir / EXAMPLES_FILE, max_examples_per_adapter=s.max_examples_per_adapter,
@@ -134,7 +138,7 @@ class TrainerService:
             service=adapters, store=self.store, ledger=self.ledger, state_dir=self.dir, noise=noise, backend=backend,
             rng=rng or _rng_for(config), device=config.device, intra_op_threads=config.intra_op_threads,
             isolate=config.isolate, niceness=config.niceness, sched_idle=config.sched_idle,
-            energy_joules=energy_joules,
+            energy_joules=energy_joules, guarantee=lambda adapter: self._guarantee(self.ledger.state(adapter)),
         )
         self.policy = TrainingPolicy(config.policy, probe=SystemProbe(proc_root=proc_root, sys_root=sys_root),
                                      request_rate=request_rate, power_watts=power_watts)
@@ -169,14 +173,38 @@ class TrainerService:
 
     # -- examples ----------------------------------------------------------------------------
 
-    def add_text_example(self, adapter: str, text: str, label: str | int, *, user: str | None = None) -> int:
-        """Tokenize one text with the serving tokenizer, padded to the adapter's fixed
-        training length, and store it with its label (a label name or class number)."""
+    @property
+    def takes_text(self) -> bool:
+        """Whether examples may be text: a text classifier's (with a label) or a language model's."""
+        return self.adapters.text is not None or self._texts is not None
+
+    @property
+    def language_model(self) -> bool:
+        """Whether an example is a text alone (a decoder language model: trainer/lm_examples.py)."""
+        return self._texts is not None
+
+    def add_text_example(self, adapter: str, text: str, label: str | int | None = None, *,
+                         user: str | None = None) -> int:
+        """Store one text: a language model's example is the text itself (one privacy unit,
+        however many token windows it spans); a text classifier's is tokenized, padded to
+        the adapter's fixed training length, and stored with its label (a label name or
+        class number)."""
+        check_adapter_name(adapter)
+        if self._texts is not None:
+            if label is not None:
+                raise BadTrainingDataError("a language model learns from the text alone: send {\"text\": \"...\", "
+                                           "\"user\": optional user id} without a label")
+            self._check_user(user)
+            inputs, no_label = self._texts.encode(text, max_tokens=self.config.for_adapter(adapter).max_text_tokens)
+            return self.store.add(adapter, inputs, no_label, user=user,
+                                  max_per_user=self.config.store.max_examples_per_user)
         front = self.adapters.text
         if front is None:
             raise BadTrainingDataError("this model takes no text: send the example as {\"inputs\": [tensors], "
                                        "\"label\": ...}")
-        check_adapter_name(adapter)
+        if label is None:
+            raise BadTrainingDataError("a text example of this model needs its label: {\"text\": \"...\", "
+                                       "\"label\": label name or class number}")
         try:
             tensors = front.encode({TEXT_INPUT: np.array([text.encode()], dtype=object)},
                                    length=pad_length(self.adapters, self.config.for_adapter(adapter)))
@@ -189,12 +217,10 @@ class TrainerService:
                     *, user: str | None = None) -> int:
         """Check one labelled example against the model and store it; returns its id."""
         check_adapter_name(adapter)
-        if user is None and self.config.store.max_examples_per_user is not None:
-            # The guarantee is per user (privacy_state): an example of nobody in particular
-            # could be a user's k+1-th.
-            raise BadTrainingDataError(
-                "this example names no user; with trainer.store.max_examples_per_user set the guarantee is per user, "
-                "so every example must carry its user id (\"user\": \"...\", loractl examples add --user ID)")
+        if self._texts is not None:
+            raise BadTrainingDataError("a language model learns from text: send {\"text\": \"...\", \"user\": optional "
+                                       "user id} (loractl examples add ADAPTER --text or --file), not tensors")
+        self._check_user(user)
         rows, label_row = normalize_example(inputs, label, inputs_layout=engine_layouts(self.adapters.model_inputs),
                                             label_layout=self._label_layout(adapter),
                                             max_abs=self.config.store.max_abs_value)
@@ -203,6 +229,14 @@ class TrainerService:
         example_id = self.store.add(adapter, rows, label_row, user=user,
                                     max_per_user=self.config.store.max_examples_per_user)
         return example_id
+
+    def _check_user(self, user: str | None) -> None:
+        if user is None and self.config.store.max_examples_per_user is not None:
+            # The guarantee is per user (privacy_state): an example of nobody in particular
+            # could be a user's k+1-th.
+            raise BadTrainingDataError(
+                "this example names no user; with trainer.store.max_examples_per_user set the guarantee is per user, "
+                "so every example must carry its user id (\"user\": \"...\", loractl examples add --user ID)")
 
     def examples_count(self, adapter: str) -> int:
         check_adapter_name(adapter)
@@ -223,7 +257,7 @@ class TrainerService:
 
     def _label_layout(self, adapter: str) -> TensorLayout:
         c = self.config.for_adapter(adapter)
-        if c.loss == "cross_entropy":
+        if training_loss(self.adapters, c) == "cross_entropy":
             return TensorLayout("label", np.dtype(np.int64), (None,))
         out = self._output_spec(adapter)
         return TensorLayout("label", np.dtype(np.float32), tuple(None if d < 0 else d for d in out.shape))
@@ -244,7 +278,7 @@ class TrainerService:
                 raise BadTrainingDataError(f"input {name!r} holds {bad}; allowed: {domain.describe()}")
 
     def _check_label(self, adapter: str, label: np.ndarray) -> None:
-        if self.config.for_adapter(adapter).loss != "cross_entropy":
+        if training_loss(self.adapters, self.config.for_adapter(adapter)) != "cross_entropy":
             return
         classes = self._output_spec(adapter).shape[-1]
         if classes > 0 and not 0 <= int(label) < classes:

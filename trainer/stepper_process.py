@@ -51,11 +51,12 @@ class StepperProcess:
         resume_from: Path | None = None,
         niceness: int = 10,
         idle_class: bool = False,
+        max_part_rows: int | None = None,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         kwargs = dict(learning_rate=learning_rate, dp=dp, device=device, intra_op_threads=intra_op_threads,
-                      resume_from=resume_from)
+                      resume_from=resume_from, max_part_rows=max_part_rows)
         self._process = context.Process(
             target=_child_main, args=(child, artifacts, kwargs, noise_seed, niceness, idle_class),
             name="lorad-trainer-step", daemon=True,

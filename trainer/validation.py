@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +42,12 @@ from lorad.adapters.service import AdapterService
 from .batching import TensorLayout, collate, fits
 from .dp_step import GaussianNoise
 from .example_store import Example
+from .portable_graph import EXAMPLE_INDEX_INPUT
 
 __all__ = ["GATE_BATCH", "GateResult", "validate_candidate", "keep_rejected", "engine_layouts", "per_example_scores"]
 
 GATE_BATCH = 256
+GATE_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def validate_candidate(
     service: AdapterService, adapter_name: str, candidate: LoraAdapter, holdout: Sequence[Example],
     *, metric: str, loss: str, output: str, margin: float,
     noise: GaussianNoise | None, noise_multiplier: float, score_clip: float = 1.0, pad_to: int | None = None,
-    calls: int = 1,
+    calls: int = 1, window: int = 64,
 ) -> GateResult:
     """Score and decide (see the module docstring); ``noise=None`` only in tests and
     comparisons (a non-private decision).
@@ -91,30 +94,19 @@ def validate_candidate(
     examples is scored as one padded batch, so the number of calls the gate makes (seen in
     cache and batcher counters) does not depend on the examples' lengths; ``calls`` (a run
     passes a number planned from its public, noisy count) chunks them into that many
-    batches, more only when they would exceed 256 rows each."""
-    layouts = engine_layouts(service.model_inputs)
-    out_name = output
+    batches, more only when they would exceed 256 rows each. A language model's held-out
+    texts (``loss="causal_lm"``) are scored by their windows of ``window`` tokens, each text
+    by its mean next-token loss or top-1 accuracy."""
     version = service.registry.current_version(adapter_name)
     prepared = service.candidate(candidate, name=adapter_name)
-    base_scores: list[float] = []
-    cand_scores: list[float] = []
-    seen_version: int | None = None
-    # Examples that no longer fit the model are left out of both scores alike.
-    fitting = [ex for ex in holdout if fits(ex, layouts)]
-    size = max(1, math.ceil(len(fitting) / max(calls, math.ceil(len(fitting) / GATE_BATCH), 1)))
-    for start in range(0, len(fitting), size):
-        chunk = fitting[start : start + size]
-        _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
-        # Without pad_to, rows of different dynamic shapes cannot share a batch: one by one.
-        for group in ([chunk] if not skipped else [[ex] for ex in chunk]):
-            inputs, _ = collate(group, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
-            labels = [np.asarray(ex.label) for ex in group]
-            # Model tensors through the one inference path (batcher included), as serving runs them.
-            current = service.run(inputs, adapter_name if version is not None else None)
-            seen_version = current.version
-            new = service.run(inputs, prepared)
-            base_scores.extend(per_example_scores(current.outputs[out_name], labels, metric, loss))
-            cand_scores.extend(per_example_scores(new.outputs[out_name], labels, metric, loss))
+    current_adapter = adapter_name if version is not None else None
+    if loss == "causal_lm":
+        base_scores, cand_scores, seen_version = _text_scores(service, current_adapter, prepared, holdout, metric=metric,
+                                                              output=output, window=window, calls=calls)
+    else:
+        base_scores, cand_scores, seen_version = _tensor_scores(service, current_adapter, prepared, holdout,
+                                                                metric=metric, loss=loss, output=output, pad_to=pad_to,
+                                                                calls=calls)
     n = len(cand_scores)
     base = float(np.mean(base_scores)) if n else math.nan
     cand = float(np.mean(cand_scores)) if n else math.nan
@@ -135,6 +127,65 @@ def validate_candidate(
         baseline_score=base, candidate_score=cand, margin=margin, examples=n, noisy_sum=total,
         noise_multiplier=noise_multiplier if noise is not None else 0.0,
     )
+
+
+_Scores = tuple[list[float], list[float], int | None]
+
+
+def _tensor_scores(service: AdapterService, current: str | None, prepared: Any, holdout: Sequence[Example], *,
+                   metric: str, loss: str, output: str, pad_to: int | None, calls: int) -> _Scores:
+    layouts = engine_layouts(service.model_inputs)
+    base_scores: list[float] = []
+    cand_scores: list[float] = []
+    seen_version: int | None = None
+    # Examples that no longer fit the model are left out of both scores alike.
+    fitting = [ex for ex in holdout if fits(ex, layouts)]
+    size = max(1, math.ceil(len(fitting) / max(calls, math.ceil(len(fitting) / GATE_BATCH), 1)))
+    for start in range(0, len(fitting), size):
+        chunk = fitting[start : start + size]
+        _, skipped = collate(chunk, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
+        # Without pad_to, rows of different dynamic shapes cannot share a batch: one by one.
+        for group in ([chunk] if not skipped else [[ex] for ex in chunk]):
+            inputs, _ = collate(group, inputs_layout=layouts, label_layout=None, pad_to=pad_to)
+            labels = [np.asarray(ex.label) for ex in group]
+            # Model tensors through the one inference path (batcher included), as serving runs them.
+            now = service.run(inputs, current)
+            seen_version = now.version
+            new = service.run(inputs, prepared)
+            base_scores.extend(per_example_scores(now.outputs[output], labels, metric, loss))
+            cand_scores.extend(per_example_scores(new.outputs[output], labels, metric, loss))
+    return base_scores, cand_scores, seen_version
+
+
+def _text_scores(service: AdapterService, current: str | None, prepared: Any, holdout: Sequence[Example], *,
+                 metric: str, output: str, window: int, calls: int) -> _Scores:
+    """A language model's held-out texts, by their windows (trainer/lm_examples.py), in
+    ``calls`` batches, more only where a batch would pass GATE_WINDOWS windows (the
+    logits of a window are 64 × the vocabulary: 12 MB for SmolLM2)."""
+    from .lm_examples import collate_texts, lm_scores, serving_feeds
+
+    base_scores: list[float] = []
+    cand_scores: list[float] = []
+    seen_version: int | None = None
+    texts = list(holdout)
+    size = max(1, math.ceil(len(texts) / max(calls, 1)))
+    for start in range(0, len(texts), size):
+        batch, _ = collate_texts(texts[start : start + size], window=window, label_input="labels")
+        index, labels = batch[EXAMPLE_INDEX_INPUT], batch["labels"]
+        rows = len(index)
+        if not rows:
+            continue
+        part_base: list[np.ndarray] = []
+        part_cand: list[np.ndarray] = []
+        for lo in range(0, rows, GATE_WINDOWS):
+            feeds = serving_feeds({k: v[lo: lo + GATE_WINDOWS] for k, v in batch.items()}, service.model_inputs)
+            now = service.run(feeds, current)
+            seen_version = now.version
+            part_base.append(np.asarray(now.outputs[output]))
+            part_cand.append(service.run(feeds, prepared).outputs[output])
+        base_scores.extend(lm_scores(np.concatenate(part_base), labels, index, metric))
+        cand_scores.extend(lm_scores(np.concatenate(part_cand), labels, index, metric))
+    return base_scores, cand_scores, seen_version
 
 
 def per_example_scores(outputs: np.ndarray, labels: list[np.ndarray], metric: str, loss: str) -> list[float]:

@@ -50,15 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     group = sub.add_parser("examples", help="local training examples (stay on the device)")
     cmds = group.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
-    p = add_command(cmds, "add", _examples_add, help="store labelled examples for ADAPTER",
-                    description="One example from --text (a text model) or --input NAME=JSON (repeatable), with "
-                    "--label; or many from --file with one JSON object per line: "
-                    '{"text": "...", "label": "label name"} for a text model (the JSONL of examples/intents/data), '
-                    'or {"inputs": {NAME: nested list, ...}, "label": L}. Texts are tokenized by the daemon, '
-                    "with the tokenizer it serves with.")
+    p = add_command(cmds, "add", _examples_add, help="store training examples for ADAPTER",
+                    description="One example from --text (a text model, with --label; a language model's text "
+                    "alone) or --input NAME=JSON (repeatable) with --label; or many from --file with one JSON "
+                    'object per line: {"text": "...", "label": "label name"} for a text model (the JSONL of '
+                    'examples/intents/data), {"text": "...", "user": "id"} for a language model (the JSONL of '
+                    'examples/keyboard/data), or {"inputs": {NAME: nested list, ...}, "label": L}; a --file whose '
+                    "first line does not start with '{' is plain text, one language-model example per line. "
+                    "Texts are tokenized by the daemon, with the tokenizer it serves with.")
     p.add_argument("adapter")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", metavar="TEXT", help="the text of one example (a model that carries a tokenizer)")
+    src.add_argument("--text", metavar="TEXT", help="the text of one example (a model that carries a tokenizer, "
+                     "or a language model)")
     src.add_argument("--input", action="append", metavar="NAME=JSON", help="one input tensor of the example")
     src.add_argument("--file", type=Path, metavar="FILE", help="JSON lines, one example per line")
     p.add_argument("--label", metavar="LABEL", help="the label: with --text a label name (kitchen/light_off) or "
@@ -228,10 +231,9 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
             raise UsageError("--label goes with --text or --input; in --file each line carries its own label")
         examples = _read_lines(args.file)
     elif args.text is not None:
-        if args.label is None:
-            raise UsageError("--text needs --label")
-        label: object = int(args.label) if args.label.isdigit() else args.label
-        examples = [("--text", {"text": args.text, "label": label})]
+        # A text classifier needs --label, a language model takes none: the daemon says which.
+        label = {} if args.label is None else {"label": int(args.label) if args.label.isdigit() else args.label}
+        examples = [("--text", {"text": args.text, **label})]
     else:
         if args.label is None:
             raise UsageError("--input needs --label")
@@ -249,13 +251,14 @@ def _examples_add(args: argparse.Namespace, ctx: Context) -> int:
     bodies = []
     for where, ex in examples:
         if "text" in ex:
-            if not text_model:
-                raise UsageError(f"{prefix}{where}: this model takes no text (its inputs: {', '.join(specs)}); "
-                                 'give {"inputs": {NAME: nested list}, "label": L}')
-            bodies.append((where, {"text": ex["text"], "label": ex["label"], **user}))
+            if "label" in ex and not text_model:
+                raise UsageError(f"{prefix}{where}: this model takes no labelled text (its inputs: "
+                                 f"{', '.join(specs)}); give {{\"inputs\": {{NAME: nested list}}, \"label\": L}}, "
+                                 "or for a language model the text alone")
+            bodies.append((where, {**user, **ex}))
         else:
             bodies.append((where, {"inputs": _tensors(ex["inputs"], specs, prefix + where), "label": ex["label"],
-                                   **user}))
+                                   **user, **({"user": ex["user"]} if "user" in ex else {})}))
     last: object = None
     for added, (where, body) in enumerate(bodies):
         try:
@@ -295,21 +298,29 @@ def _json_arg(what: str, text: str) -> Any:
 
 
 def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """("line N", example) for every non-blank line; UsageError names the first bad line."""
+    """("line N", example) for every non-blank line; UsageError names the first bad line.
+    JSON lines, or plain text (one language-model example per line) when the first
+    non-blank line does not start with ``{``."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from e
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if numbered and not numbered[0][1].lstrip().startswith("{"):
+        return [(f"line {n}", {"text": line}) for n, line in numbered]
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, line in numbered:
         doc = _json_arg(f"{path}: line {n}", line)
         text_ok = isinstance(doc, dict) and isinstance(doc.get("text"), str)
-        if not isinstance(doc, dict) or not (text_ok or isinstance(doc.get("inputs"), dict)) or "label" not in doc:
-            raise UsageError(f'{path}: line {n}: expected {{"text": "...", "label": "label name"}} or '
+        labelled = isinstance(doc, dict) and "label" in doc
+        if not isinstance(doc, dict) or not (text_ok or (isinstance(doc.get("inputs"), dict) and labelled)):
+            raise UsageError(f'{path}: line {n}: expected {{"text": "...", "label": "label name"}}, '
+                             f'{{"text": "...", "user": "id"}} (a language model) or '
                              f'{{"inputs": {{NAME: nested list}}, "label": L}}')
-        doc = {k: v for k, v in doc.items() if k in ("text", "inputs", "label")}
+        user = doc.get("user")
+        if user is not None and not isinstance(user, str):
+            raise UsageError(f"{path}: line {n}: 'user' must be a string, got {user!r}")
+        doc = {k: v for k, v in doc.items() if k in ("text", "inputs", "label", "user")}
         out.append((f"line {n}", doc))
     if not out:
         raise UsageError(f"--file {str(path)!r}: no examples in it")

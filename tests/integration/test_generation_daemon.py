@@ -261,11 +261,8 @@ def test_kv_cache_budget_refuses_with_503_while_full_and_serves_after(model_file
     config = _config(tmp_path / "lorad.yaml", model_file, trainer=True, kv_cache_bytes=budget)
     d = start_daemon(tmp_path / "state", "--config", str(config))
     try:
-        # This version trains no decoder adapters: it serves, and says so.
         ready = d.request("GET", "/v2/health/ready").json()
-        assert ready["ready"] and ready["training"]["disabled"] == "unsupported_model"
-        assert "trainer.enabled" in ready["training"]["detail"]
-        assert 'lorad_training_disabled{reason="unsupported_model"} 1.0' in d.request("GET", "/metrics").body.decode()
+        assert ready["ready"] and "disabled" not in ready.get("training", {}), ready
         conn, response = _open_stream(d, "Count to a thousand: 1, 2, 3,", max_tokens=190)
         r = d.request("POST", f"/v2/models/{MODEL}/generate", json_body={"text_input": "Hello", "parameters": {"max_tokens": 190}})
         assert r.status == 503 and "generation.kv_cache_bytes" in r.json()["error"], r.body

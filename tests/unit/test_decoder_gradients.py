@@ -20,6 +20,8 @@ from lorad.adapters.lora_graph import find_targets, lora_input_names, make_infer
 from lorad.adapters.onnx_compat import set_quantized_compute
 from lorad.trainer.autodiff import Emitter, backward, graph_constants, infer_tensor_infos
 from lorad.trainer.portable_graph import (
+    CARRIED_SUM_INPUT,
+    EXAMPLE_INDEX_INPUT,
     GRAD_OUTPUT,
     IGNORED_LABEL,
     LEARNING_RATE_INPUT,
@@ -100,8 +102,9 @@ def _lm_batch(rng: np.random.Generator, rows: int, length: int) -> dict[str, np.
 
 def test_a_private_step_of_next_token_loss_clips_each_example_of_a_4bit_decoder() -> None:
     """The portable DP step on a decoder with the causal LM loss: its clipped sum is
-    Σ_n min(1, C/‖G_n‖)·G_n with G_n each example's gradient alone, and the unclipped sum is
-    the gradient of the summed loss (finite differences of the eval graph)."""
+    Σ_n min(1, C/‖G_n‖)·G_n with G_n each example's gradient alone (an example of two
+    windows clipped as one), and the unclipped sum is the gradient of the summed loss
+    (finite differences of the eval graph)."""
     weights, _ = _tiny(4)
     base = set_quantized_compute(build_llama(CFG, weights), "fp32")
     targets = find_targets(base, ["q_proj", "v_proj"])
@@ -124,11 +127,16 @@ def test_a_private_step_of_next_token_loss_clips_each_example_of_a_4bit_decoder(
 
     def gradient(batch: dict[str, np.ndarray], clip: float) -> np.ndarray:
         feeds = {**batch, PARAMS_INPUT: params, "clip": np.array(clip, np.float32), "noise": np.zeros(total, np.float64),
-                 "scale": np.array(1.0, np.float32), LEARNING_RATE_INPUT: np.array(0.0, np.float32)}
+                 "scale": np.array(1.0, np.float32), LEARNING_RATE_INPUT: np.array(0.0, np.float32),
+                 CARRIED_SUM_INPUT: np.zeros(total, np.float64)}
         return step.run([GRAD_OUTPUT], feeds)[0].astype(np.float64)
 
-    batch = _lm_batch(rng, 4, 9)
-    alone = [gradient({k: v[n:n + 1] for k, v in batch.items()}, 1e9) for n in range(4)]
+    batch = _lm_batch(rng, 6, 9)
+    # Six windows, four examples (texts): windows 1-2 and 4-5 are one text each.
+    batch[EXAMPLE_INDEX_INPUT] = np.array([0, 1, 1, 2, 3, 3])
+    rows_of = [[0], [1, 2], [3], [4, 5]]
+    alone = [gradient({**{k: v[r] for k, v in batch.items() if k != EXAMPLE_INDEX_INPUT},
+                       EXAMPLE_INDEX_INPUT: np.zeros(len(r), np.int64)}, 1e9) for r in rows_of]
     norms = [float(np.linalg.norm(g)) for g in alone]
     clip = float(np.median(norms))  # some examples clipped, some not
     expected = sum(min(1.0, clip / (nrm + 1e-6)) * g for g, nrm in zip(alone, norms, strict=True))

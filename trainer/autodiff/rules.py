@@ -324,18 +324,25 @@ def _gemm(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: S
     return out
 
 
+#: Most elements of a dequantised weight the backward of one MatMulNBits holds at once: a
+#: larger W (SmolLM2's tied head, 49,152 × 576) is dequantised and multiplied in slices of
+#: its N rows, so the head's backward needs 16 MB of fp32 at a time instead of 113 MB per
+#: intermediate.
+NBITS_SLICE_ELEMENTS = 4 << 20
+
+
 def _matmul_nbits(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None], need: Sequence[bool]) -> Grads:
     """``y = x·Wᵀ`` of ``com.microsoft.MatMulNBits`` (W ``[N, K]`` packed per block along K):
     ``dx = g·W``. The weight is frozen, so only ``x`` gets a gradient.
 
     W is dequantised inside the backward graph from the packed codes, node by node, as the
     op defines it: ``(code - zero_point)·scale`` per block (4-bit codes two to a byte, the
-    even element in the low nibble; zero point 8, 128 for 8 bits, or a float per block).
-    Nothing here is an fp32 copy kept beside the model, provided the session that runs this
-    graph is made with ``disabled_optimizers=["ConstantFolding"]``: else ONNX Runtime folds
-    every dequantised weight into an fp32 initializer, a full fp32 copy of the base
-    (SmolLM2-135M: 424 MB). Unfolded, each W exists in fp32 only while its product runs
-    (SmolLM2's largest: 3.5 MB).
+    even element in the low nibble; zero point 8, 128 for 8 bits, or a float per block),
+    the codes unpacked in uint8. A W of more than :data:`NBITS_SLICE_ELEMENTS` elements is
+    done in slices of its rows, ``dx = Σ_c g[..., c]·W[c, :]``. Nothing here is an fp32
+    copy kept beside the model, provided the session that runs this graph is made with
+    ``disabled_optimizers=["ConstantFolding"]``: else ONNX Runtime folds every dequantised
+    weight into an fp32 initializer, a full fp32 copy of the base (SmolLM2-135M: 424 MB).
     """
     g = gouts[0]
     assert g is not None
@@ -346,27 +353,43 @@ def _matmul_nbits(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None],
     bits, block = _int_attr(node, "bits", 4), _int_attr(node, "block_size", 0)
     if bits not in (4, 8) or k <= 0 or n <= 0 or block <= 0 or k % block:
         raise UnsupportedNodeError(node, f"MatMulNBits with bits={bits}, K={k}, N={n}, block_size={block}")
-    blocks = k // block
-    packed = e.op("Cast", [node.input[1]], to=onnx.TensorProto.INT32)
-    if bits == 4:
-        sixteen = e.const(np.asarray(16, np.int32))
-        low = e.unsqueeze(e.op("Mod", [packed, sixteen]), [-1])
-        high = e.unsqueeze(e.op("Div", [packed, sixteen]), [-1])
-        codes = e.op("Reshape", [e.op("Concat", [low, high], axis=-1), e.ints([n, blocks, block])])
-    else:
-        codes = e.op("Reshape", [packed, e.ints([n, blocks, block])])
-    values = e.op("CastLike", [codes, g])
     zero_point = node.input[3] if len(node.input) > 3 and node.input[3] else ""
-    if zero_point:
-        if e.elem_type(zero_point) == onnx.TensorProto.UINT8:
-            raise UnsupportedNodeError(node, "MatMulNBits with packed uint8 zero points")
-        zero = e.op("Reshape", [e.op("CastLike", [zero_point, g]), e.ints([n, blocks, 1])])
-    else:
-        zero = e.scalar_like(8.0 if bits == 4 else 128.0, g)
-    scales = e.op("Reshape", [e.op("CastLike", [node.input[2], g]), e.ints([n, blocks, 1])])
-    weight = e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([n, k])])
-    out[0] = e.op("MatMul", [g, weight])
+    if zero_point and e.elem_type(zero_point) == onnx.TensorProto.UINT8:
+        raise UnsupportedNodeError(node, "MatMulNBits with packed uint8 zero points")
+    blocks = k // block
+    rows = max(1, min(n, NBITS_SLICE_ELEMENTS // k))
+    products = []
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        weight = _dequantized_rows(e, node, zero_point, g, start, stop, n=n, k=k, bits=bits, blocks=blocks, block=block)
+        part = g if (start, stop) == (0, n) else e.op("Slice", [g, e.ints([start]), e.ints([stop]), e.ints([-1])])
+        products.append(e.op("MatMul", [part, weight]))
+    out[0] = products[0] if len(products) == 1 else e.op("Sum", products)
     return out
+
+
+def _dequantized_rows(e: Emitter, node: onnx.NodeProto, zero_point: str, like: str, start: int, stop: int, *,
+                      n: int, k: int, bits: int, blocks: int, block: int) -> str:
+    """Rows ``start:stop`` of MatMulNBits' W, ``[rows, K]`` in ``like``'s float type."""
+    count = stop - start
+
+    def rows_of(name: str) -> str:
+        return name if (start, stop) == (0, n) else e.op("Slice", [name, e.ints([start]), e.ints([stop]), e.ints([0])])
+
+    packed = rows_of(node.input[1])  # uint8 [rows, blocks, block·bits/8]
+    if bits == 4:
+        low = e.unsqueeze(e.op("Mod", [packed, e.const(np.asarray(16, np.uint8))]), [-1])
+        high = e.unsqueeze(e.op("BitShift", [packed, e.const(np.asarray(4, np.uint8))], direction="RIGHT"), [-1])
+        codes = e.op("Concat", [low, high], axis=-1)
+    else:
+        codes = packed
+    values = e.op("Reshape", [e.op("CastLike", [codes, like]), e.ints([count, blocks, block])])
+    if zero_point:
+        zero = e.op("Reshape", [e.op("CastLike", [rows_of(zero_point), like]), e.ints([count, blocks, 1])])
+    else:
+        zero = e.scalar_like(8.0 if bits == 4 else 128.0, like)
+    scales = e.op("Reshape", [e.op("CastLike", [rows_of(node.input[2]), like]), e.ints([count, blocks, 1])])
+    return e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([count, k])])
 
 
 # -- shape and layout ----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .llama_builder import LLM_CONFIG_KEY
 from .lora import LoraAdapter
 from .lora_fused import FusedLayout, make_fused_inference_graph
 from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
+from .memory import trim_now
 from .module_paths import ModulePaths
 from .onnx_compat import for_runtime, open_session, set_quantized_compute
 
@@ -183,7 +184,8 @@ class InferenceEngine:
         self._zero_feeds = self._device_feeds(self._layout.feeds({}))
         self._session: ort.InferenceSession | None = None
         self._session_lock = threading.Lock()
-        if LLM_CONFIG_KEY in {p.key for p in base.metadata_props}:
+        self._on_demand = LLM_CONFIG_KEY in {p.key for p in base.metadata_props}
+        if self._on_demand:
             # A decoder language model generates in its own session (lorad.adapters.generation):
             # this one opens at the first /infer, not to hold a second copy of the weights.
             self._graph = None
@@ -200,6 +202,15 @@ class InferenceEngine:
         """The ONNX Runtime session over the fused inference graph."""
         return self._session if self._session is not None else self._open_session()
 
+    def release_session(self) -> None:
+        """Close a decoder's on-demand session (opened by /infer or the trainer's validation
+        gate: SmolLM2, about 350 MB); its next use opens it again. Calls running on it finish.
+        Other models keep theirs: it is their serving path."""
+        if self._on_demand:
+            with self._session_lock:
+                self._session = None
+            trim_now()  # glibc would keep the freed pages
+
     def _open_session(self) -> ort.InferenceSession:
         with self._session_lock:
             if self._session is not None:
@@ -210,7 +221,7 @@ class InferenceEngine:
             options.intra_op_num_threads = self._threads
             # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
             # after one 8k-token call), while without it the memory goes back (with
-            # malloc_trim, daemon/memory.py); measured no slower on MiniLM or the demo MLP.
+            # malloc_trim, adapters/memory.py); measured no slower on MiniLM or the demo MLP.
             options.enable_cpu_mem_arena = False
             if not self._allow_spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")

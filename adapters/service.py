@@ -376,7 +376,9 @@ class AdapterService:
         files = {f: self.registry.read_file(name, stored.version, f) for f in _ADAPTER_FILES}
         adapter = self.parse(files)
         if stored.meta.get("source") != "upload":
-            files = self.dump(adapter)
+            # Stored beside the PEFT files: the trainer's privacy record (ota/privacy.py).
+            extra = {f: self.registry.read_file(name, stored.version, f) for f in stored.files if f not in _ADAPTER_FILES}
+            files = {**self.dump(adapter), **extra}
         return stored.version, files
 
     def delete(self, name: str) -> None:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from lorad.adapters.engine import DEVICES
 from lorad.adapters.errors import AdapterDamagedError, AdapterError
 from lorad.adapters.fsutil import atomic_write_bytes, disk_full, free_bytes
+from lorad.adapters.memory import trim_now
 from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import read_peft_dir
 from lorad.adapters.registry import AdapterRegistry
@@ -39,7 +40,6 @@ from lorad.daemon.demo import demo_adapter_dirs
 from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.http_framing import ApiRunner
-from lorad.daemon.memory import trim_now
 from lorad.daemon.metrics import DaemonMetrics
 from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source

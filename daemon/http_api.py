@@ -42,11 +42,11 @@ from lorad.adapters.errors import (
     RequestTooLargeError,
 )
 from lorad.adapters.fsutil import disk_full
+from lorad.adapters.memory import LARGE_BODY_BYTES, trim_after_large_request
 from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from lorad.adapters.service import AdapterService, Arrival, InferResult
 from lorad.daemon import auth, oip
 from lorad.daemon.http_framing import expect_within
-from lorad.daemon.memory import LARGE_BODY_BYTES, trim_after_large_request
 from lorad.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from lorad.daemon.version import lorad_version
 

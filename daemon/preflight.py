@@ -20,10 +20,10 @@ from tuf.api.metadata import Metadata, Root
 from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.generation import Generator
+from lorad.adapters.memory import trim_now
 from lorad.adapters.text_input import TextFrontEnd, TextSetupError
 from lorad.daemon.config import Config
 from lorad.daemon.demo import demo_model_path
-from lorad.daemon.memory import trim_now
 from lorad.ota.config import OtaConfig
 from lorad.ota.errors import TransportError
 from lorad.ota.status import will_for

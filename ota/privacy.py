@@ -66,6 +66,9 @@ class PrivacyRecord:
         problems = []
         if self.examples is not None and not (math.isfinite(self.examples) and self.examples >= 0):
             problems.append(f"examples {self.examples} (must be a finite number >= 0)")
+        for key in ("example", "base_fingerprint"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                problems.append(f"{key} {getattr(self, key)!r} (must be a string)")
         if not self.epsilon >= 0:
             problems.append(f"epsilon {self.epsilon} (must be >= 0)")
         if not 0 < self.delta < 1:

@@ -76,6 +76,7 @@ from lorad.adapters.lora_graph import (
     make_training_graph,
     per_example_name,
 )
+from lorad.adapters.memory import trim_now
 from lorad.adapters.onnx_compat import for_runtime
 
 from ._graph_prune import drop_unused
@@ -107,6 +108,7 @@ _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
 _PORTABLE_FORMAT = "lorad-portable-step-v5"
+_ISOLATE_BYTES = 64 << 20
 
 #: The training backends (trainer/backends.py chooses one).
 Backend = Literal["portable", "ort-training"]
@@ -239,7 +241,7 @@ class TrainingArtifacts:
 
 def build_artifacts(
     model: onnx.ModelProto, config: ArtifactConfig, *, cache_dir: Path, backend: Backend = "ort-training",
-    model_digest: str | None = None,
+    model_digest: str | None = None, isolate: bool = False,
 ) -> TrainingArtifacts:
     """Return the artifacts of ``backend`` for ``model`` and ``config``, generating them if not cached.
 
@@ -247,6 +249,11 @@ def build_artifacts(
     by the caller that loaded the model, else here), the configuration, the backend, the
     ORT version and lorad's artifact format; a new entry is written to a staging
     directory and renamed into place, so a crash never leaves a half-written entry.
+
+    ``isolate``: generate a model of more than 64 MiB in a child process (the daemon's
+    trainer asks for it). Generating holds several copies of the model at once (SmolLM2-135M:
+    a peak of about 1 GB, 0.5 GB of it kept by the allocator afterwards); in a child all of
+    it is returned when it exits. A small model is not worth the child's start.
     """
     import onnxruntime
 
@@ -274,8 +281,10 @@ def build_artifacts(
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
     try:
-        generate = _generate if backend == "ort-training" else _generate_portable
-        meta = generate(model, config, targets, staging)
+        if isolate and model.ByteSize() > _ISOLATE_BYTES:
+            meta = _generate_in_child(model, config, backend, staging)
+        else:
+            meta = _generate_entry(model, config, backend, targets, staging)
         (staging / _META).write_text(json.dumps(meta, sort_keys=True, indent=1))
         try:
             atomic_replace_dir(staging, final)
@@ -286,6 +295,50 @@ def build_artifacts(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _read_meta(final, config)
+
+
+def _generate_entry(model: onnx.ModelProto, config: ArtifactConfig, backend: Backend, targets: Sequence[LoraTarget],
+                    directory: Path) -> dict[str, Any]:
+    generate = _generate if backend == "ort-training" else _generate_portable
+    return generate(model, config, targets, directory)
+
+
+def _generate_in_child(model: onnx.ModelProto, config: ArtifactConfig, backend: Backend, directory: Path) -> dict[str, Any]:
+    """:func:`_generate_entry` in a spawned process that reads the model from a file in ``directory``."""
+    import multiprocessing
+
+    source = directory / ".base_model.onnx"
+    onnx.save(model, os.fspath(source))
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_generate, args=(send, os.fspath(source), config, backend, os.fspath(directory)),
+                            name="lorad-artifacts", daemon=True)
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:
+        outcome = ("error", False, f"the artifact builder process died (exit code {child.exitcode})")
+    finally:
+        child.join()
+        source.unlink(missing_ok=True)
+        trim_now()  # the model's serialised copy, freed: glibc would keep its pages
+    if outcome[0] == "error":
+        # What the callers tell apart: a model that cannot be trained (ValueError) from a failure.
+        raise (ValueError if outcome[1] else RuntimeError)(outcome[2])
+    meta: dict[str, Any] = outcome[1]
+    return meta
+
+
+def _child_generate(conn: Any, source: str, config: ArtifactConfig, backend: Backend, directory: str) -> None:
+    try:
+        model = onnx.load(source)
+        meta = _generate_entry(model, config, backend, find_targets(model, config.targets), Path(directory))
+        conn.send(("ok", meta))
+    except Exception as e:
+        conn.send(("error", isinstance(e, ValueError), str(e)))
+    finally:
+        conn.close()
 
 
 def _initial_lora(

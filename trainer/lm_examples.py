@@ -35,7 +35,8 @@ from .errors import BadTrainingDataError
 from .example_store import Example
 from .portable_graph import EXAMPLE_INDEX_INPUT, IGNORED_LABEL
 
-__all__ = ["TOKENS", "TextExamples", "windows_of", "collate_texts", "lm_scores", "serving_feeds"]
+__all__ = ["TOKENS", "TextExamples", "windows_of", "collate_texts", "window_scores", "example_scores", "lm_scores",
+           "serving_feeds"]
 
 #: The stored example's one tensor: the text's token ids (int32 [tokens]).
 TOKENS = "input_ids"
@@ -109,22 +110,41 @@ def collate_texts(examples: Sequence[Example], *, window: int, label_input: str)
             EXAMPLE_INDEX_INPUT: np.concatenate(index), label_input: np.concatenate(labels)}, skipped
 
 
+def window_scores(logits: Any, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per window row: the summed score of its scored positions (next-token loss, or top-1
+    hits for ``accuracy``) and how many there are; one row at a time, so that the float64
+    work holds one window's logits (64 × 49,152: 25 MB), not the batch's."""
+    logits = np.asarray(logits)
+    sums = np.zeros(len(labels))
+    counts = np.zeros(len(labels))
+    for r, (row, label) in enumerate(zip(logits, labels, strict=True)):
+        counted = label != IGNORED_LABEL
+        if not counted.any():
+            continue
+        scored, target = row[counted], label[counted]
+        if metric == "accuracy":
+            per_token = (scored.argmax(axis=-1) == target).astype(np.float64)
+        else:
+            wide = scored.astype(np.float64)
+            top = wide.max(axis=-1, keepdims=True)
+            log_z = np.log(np.exp(wide - top).sum(axis=-1)) + top[:, 0]
+            per_token = log_z - wide[np.arange(len(target)), target]
+        sums[r], counts[r] = per_token.sum(), counted.sum()
+    return sums, counts
+
+
+def example_scores(sums: np.ndarray, counts: np.ndarray, example_index: np.ndarray) -> list[float]:
+    """Per example: its windows' summed scores over their scored positions (a mean)."""
+    examples = int(example_index.max()) + 1 if example_index.size else 0
+    total = np.bincount(example_index, weights=sums, minlength=examples)
+    scored = np.bincount(example_index, weights=counts, minlength=examples)
+    return (total / np.maximum(scored, 1)).tolist()
+
+
 def lm_scores(logits: Any, labels: np.ndarray, example_index: np.ndarray, metric: str) -> list[float]:
     """Per example: the mean next-token loss over its scored positions (``loss``), or the
     share of them whose label the model ranks first (``accuracy``)."""
-    logits = np.asarray(logits)
-    counted = labels != IGNORED_LABEL
-    safe = np.where(counted, labels, 0)
-    if metric == "accuracy":
-        per_token = (logits.argmax(axis=-1) == safe).astype(np.float64)
-    else:
-        top = logits.max(axis=-1, keepdims=True).astype(np.float64)
-        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
-        per_token = log_z - np.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    examples = int(example_index.max()) + 1 if example_index.size else 0
-    sums = np.bincount(example_index, weights=(per_token * counted).sum(axis=1), minlength=examples)
-    counts = np.bincount(example_index, weights=counted.sum(axis=1), minlength=examples)
-    return (sums / np.maximum(counts, 1)).tolist()
+    return example_scores(*window_scores(logits, labels, metric), example_index)
 
 
 def serving_feeds(batch: Mapping[str, np.ndarray], specs: Sequence[Any]) -> dict[str, np.ndarray]:

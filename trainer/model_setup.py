@@ -9,7 +9,7 @@ One place decides, for an adapter's configuration on the model being served:
   examples are texts: trainer/lm_examples.py), else ``cross_entropy``;
 - the **padded length** of dynamic dimensions: ``trainer.pad_length``, else a text model's
   token limit, else 128 — a fixed length that does not depend on the data;
-- the **rows per pass** of a step (``trainer.part_rows``, else 4 windows for a language
+- the **rows per pass** of a step (``trainer.part_rows``, else 2 windows for a language
   model);
 - the training **artifacts** a run builds (:func:`artifact_config_for`).
 
@@ -134,7 +134,8 @@ def preflight(
     _check_loss_output(service, config, output)
     try:
         artifacts = build_artifacts(service.engine.base_model, artifact_config_for(service, config),
-                                    cache_dir=cache_dir, backend=backend, model_digest=service.engine.model_digest)
+                                    cache_dir=cache_dir, backend=backend, model_digest=service.engine.model_digest,
+                                    isolate=True)
     except ValueError as e:  # UnsupportedNodeError included: the message names the op or the target
         raise TrainingSetupError(_key_of(str(e)), f"the model cannot be trained with output {output.name!r}: {e}") from e
     if config.rank > service.engine.rank:
@@ -218,6 +219,8 @@ def _check_text_gate(service: AdapterService, config: AdapterTrainingConfig, out
     except Exception as e:  # ORT's own errors: e.g. more positions than the model has
         raise TrainingSetupError("trainer.window_tokens", f"the model cannot score a window of "
                                  f"{config.window_tokens} tokens: {e}") from e
+    finally:
+        service.engine.release_session()  # the decoder's on-demand session: a run opens it for its gate
     scores = lm_scores(logits, labels, np.zeros(1, np.int64), config.validation_metric)
     if len(scores) != 1 or not np.isfinite(scores[0]):
         raise TrainingSetupError("trainer.output", f"output {output.name!r} gives {scores} as the score of one "

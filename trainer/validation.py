@@ -47,7 +47,7 @@ from .portable_graph import EXAMPLE_INDEX_INPUT
 __all__ = ["GATE_BATCH", "GateResult", "validate_candidate", "keep_rejected", "engine_layouts", "per_example_scores"]
 
 GATE_BATCH = 256
-GATE_WINDOWS = 8
+GATE_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def _text_scores(service: AdapterService, current: str | None, prepared: Any, ho
     """A language model's held-out texts, by their windows (trainer/lm_examples.py), in
     ``calls`` batches, more only where a batch would pass GATE_WINDOWS windows (the
     logits of a window are 64 × the vocabulary: 12 MB for SmolLM2)."""
-    from .lm_examples import collate_texts, lm_scores, serving_feeds
+    from .lm_examples import collate_texts, example_scores, serving_feeds, window_scores
 
     base_scores: list[float] = []
     cand_scores: list[float] = []
@@ -172,19 +172,19 @@ def _text_scores(service: AdapterService, current: str | None, prepared: Any, ho
     for start in range(0, len(texts), size):
         batch, _ = collate_texts(texts[start : start + size], window=window, label_input="labels")
         index, labels = batch[EXAMPLE_INDEX_INPUT], batch["labels"]
-        rows = len(index)
-        if not rows:
-            continue
-        part_base: list[np.ndarray] = []
-        part_cand: list[np.ndarray] = []
-        for lo in range(0, rows, GATE_WINDOWS):
-            feeds = serving_feeds({k: v[lo: lo + GATE_WINDOWS] for k, v in batch.items()}, service.model_inputs)
+        sums = {"base": np.zeros(len(index)), "cand": np.zeros(len(index))}
+        counts = np.zeros(len(index))
+        # Each sub-batch is scored as it comes: its logits (8 × 64 × 49,152) are not kept.
+        for lo in range(0, len(index), GATE_WINDOWS):
+            rows = slice(lo, lo + GATE_WINDOWS)
+            feeds = serving_feeds({k: v[rows] for k, v in batch.items()}, service.model_inputs)
             now = service.run(feeds, current)
             seen_version = now.version
-            part_base.append(np.asarray(now.outputs[output]))
-            part_cand.append(service.run(feeds, prepared).outputs[output])
-        base_scores.extend(lm_scores(np.concatenate(part_base), labels, index, metric))
-        cand_scores.extend(lm_scores(np.concatenate(part_cand), labels, index, metric))
+            sums["base"][rows], counts[rows] = window_scores(now.outputs[output], labels[rows], metric)
+            del now
+            sums["cand"][rows], _ = window_scores(service.run(feeds, prepared).outputs[output], labels[rows], metric)
+        base_scores.extend(example_scores(sums["base"], counts, index))
+        cand_scores.extend(example_scores(sums["cand"], counts, index))
     return base_scores, cand_scores, seen_version
 
 

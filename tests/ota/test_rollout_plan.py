@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
+import math
+from typing import Any
 
 import pytest
 
@@ -107,3 +110,62 @@ def test_privacy_policy_names_the_precise_reason() -> None:
     assert PrivacyRecord.from_dict(rec.to_dict()) == rec
     with pytest.raises(ValueError, match="delta"):
         PrivacyRecord.from_dict({**rec.to_dict(), "delta": 2})
+
+
+_TRAINED: dict[str, Any] = dict(epsilon=2.9, delta=1e-5, accountant="rdp", sample_rate=0.16, noise_multiplier=1.1, steps=188,
+                unit="user")
+
+
+def test_privacy_record_says_what_a_version_was_trained_on_and_round_trips() -> None:
+    rec = PrivacyRecord(**_TRAINED, examples=412.37, example="one submitted text: all its token windows, clipped "
+                        "as one", base_fingerprint="sha256:0f1e")
+    doc = rec.to_dict()
+    assert (doc["examples"], doc["example"], doc["base_fingerprint"]) == (412.37, rec.example, "sha256:0f1e")
+    assert PrivacyRecord.from_dict(json.loads(json.dumps(doc))) == rec
+    signed = rec.to_signed()
+    # Canonical JSON has no floats: real numbers are decimal strings that parse back exactly.
+    assert signed["examples"] == "412.37" and signed["epsilon"] == "2.9" and signed["steps"] == 188
+    assert not any(isinstance(v, float) for v in signed.values())
+    assert (signed["example"], signed["base_fingerprint"]) == (rec.example, "sha256:0f1e")
+    assert PrivacyRecord.from_dict(signed) == rec
+    # A private count estimate of 0 is a count.
+    assert PrivacyRecord.from_dict(PrivacyRecord(**_TRAINED, examples=0.0).to_signed()).examples == 0.0
+
+
+def test_privacy_record_leaves_out_what_it_does_not_know() -> None:
+    rec = PrivacyRecord(**_TRAINED)
+    assert set(rec.to_dict()) == {"format", "epsilon", "delta", "accountant", "sample_rate", "noise_multiplier",
+                                  "steps", "unit"}
+    assert set(rec.to_signed()) == set(rec.to_dict())
+    assert (rec.examples, rec.example, rec.base_fingerprint) == (None, None, None)
+    # An older record, or one that names the fields without values, reads as not known.
+    assert PrivacyRecord.from_dict(rec.to_dict()) == rec
+    assert PrivacyRecord.from_dict({**rec.to_dict(), "examples": None, "example": None, "base_fingerprint": None}) == rec
+    only = PrivacyRecord(**_TRAINED, base_fingerprint="sha256:aa")
+    assert "examples" not in only.to_dict() and "example" not in only.to_signed()
+    assert PrivacyRecord.from_dict(only.to_signed()) == only
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"examples": -1}, "examples -1.0 (must be a finite number >= 0)"),
+    ({"examples": "-0.5"}, "examples -0.5"),
+    ({"examples": math.inf}, "examples must be a finite number"),
+    ({"examples": "inf"}, "examples must be a finite number"),
+    ({"examples": "nan"}, "examples must be a finite number"),
+    ({"examples": "many"}, "examples must be a finite number, got 'many'"),
+    ({"examples": True}, "examples must be a finite number"),
+    ({"example": 5}, "example and base_fingerprint must be strings"),
+    ({"base_fingerprint": ["sha256:aa"]}, "example and base_fingerprint must be strings"),
+])
+def test_a_malformed_training_field_is_refused_by_name(changes: dict[str, object], words: str) -> None:
+    doc = {**PrivacyRecord(**_TRAINED, examples=10.0, example="one text", base_fingerprint="sha256:aa").to_dict(),
+           **changes}
+    with pytest.raises(ValueError) as e:
+        PrivacyRecord.from_dict(doc)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("examples", [-1.0, math.inf, math.nan])
+def test_a_record_with_a_negative_or_non_finite_count_cannot_be_made(examples: float) -> None:
+    with pytest.raises(ValueError, match="invalid privacy record: examples"):
+        PrivacyRecord(**_TRAINED, examples=examples)

@@ -247,16 +247,21 @@ class MatMulNBits(OpRun):
         return (x @ w.T,)
 
 
-def _nbits_model(bits: int, float_zero_point: bool, dtype: type) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """y = MatMulNBits(x)·c over K = 64 (two blocks of 32), N = 5: the input's gradient flows through."""
+def _nbits_model(bits: int, float_zero_point: bool, dtype: type, *,
+                 flat_scales: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = MatMulNBits(x)·c over K = 64 (two blocks of 32), N = 5: the input's gradient flows through.
+    Scales and zero points are ``[N, blocks]``, or with ``flat_scales`` ``[N·blocks]`` (the
+    op's other layout, the one ONNX Runtime's own quantizer writes)."""
     rng = np.random.default_rng(bits * 10 + float_zero_point)
     k, nn, block = 64, 5, 32
     packed = rng.integers(0, 256, (nn, k // block, block * bits // 8), dtype=np.uint8)
-    consts = {"b": packed, "scales": rng.uniform(0.01, 0.1, (nn, k // block)).astype(np.float32)}
+    consts: dict[str, np.ndarray] = {"b": packed, "scales": rng.uniform(0.01, 0.1, (nn, k // block)).astype(np.float32)}
     inputs = ["x", "b", "scales"]
     if float_zero_point:
         consts["zp"] = rng.uniform(0, 15, (nn, k // block)).astype(np.float32)
         inputs.append("zp")
+    if flat_scales:
+        consts.update({name: consts[name].reshape(-1) for name in ("scales", "zp") if name in consts})
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes = [helper.make_node("MatMulNBits", inputs, ["h"], name="nbits", domain="com.microsoft", K=k, N=nn, bits=bits,
                               block_size=block), n("Mul", ["h", "c"])]
@@ -269,36 +274,88 @@ def _nbits_model(bits: int, float_zero_point: bool, dtype: type) -> tuple[onnx.M
     return model, {"x": rng.normal(size=(2, 3, k))}
 
 
-@pytest.mark.parametrize(("bits", "float_zero_point"), [(4, False), (4, True), (8, False)])
-def test_matmulnbits_rule_matches_finite_differences_of_the_dequantised_weight(bits: int, float_zero_point: bool) -> None:
-    forward64, feeds = _nbits_model(bits, float_zero_point, np.float64)
+def _first(outputs: Any) -> np.ndarray:
+    """The first output of a ReferenceEvaluator run (typed as a list or a dict)."""
+    return np.asarray(outputs[0])
+
+
+def _check_nbits_rule(bits: int, float_zero_point: bool, *, flat_scales: bool = False) -> int:
+    """The rule's input gradient against finite differences (float64, ONNX's reference
+    evaluator) and ONNX Runtime's float32 run of the same backward graph; returns how many
+    products the backward multiplies W's rows in."""
+    forward64, feeds = _nbits_model(bits, float_zero_point, np.float64, flat_scales=flat_scales)
     rng = np.random.default_rng(bits)
     seed = rng.normal(size=(2, 3, 5))
     ref = ReferenceEvaluator(forward64, new_ops=[MatMulNBits])
 
     def loss(x: np.ndarray) -> float:
-        return float(np.sum(ref.run(["y"], {"x": x})[0] * seed))
+        return float(np.sum(_first(ref.run(["y"], {"x": x})) * seed))
 
     directions = [rng.normal(size=feeds["x"].shape) for _ in range(3)]
     want = [(loss(feeds["x"] + 1e-6 * v) - loss(feeds["x"] - 1e-6 * v)) / 2e-6 for v in directions]
+    products = []
 
-    def gradient_model(dtype: type) -> onnx.ModelProto:
-        forward, _ = _nbits_model(bits, float_zero_point, dtype)
+    # ONNX Runtime's CPU MatMulNBits takes no float zero point with 8 bits: its run of the
+    # backward graph leaves the forward out (the rule reads the packed weight, not y).
+    ort_forward = not (bits == 8 and float_zero_point)
+
+    def gradient_model(dtype: type, with_forward: bool = True) -> onnx.ModelProto:
+        forward, _ = _nbits_model(bits, float_zero_point, dtype, flat_scales=flat_scales)
         e = Emitter("grad", 17, infer_tensor_infos(forward), graph_constants(forward.graph))
         grads = backward(forward.graph, e, {"y": "seed.y"}, ["x"], differentiate_sources=True)
+        products.append(sum(node.op_type == "MatMul" for node in e.nodes))
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         graph = helper.make_graph(
-            [*forward.graph.node, *e.nodes, helper.make_node("Identity", [grads["x"]], ["grad.x"])], "nbits_grad",
+            [*(forward.graph.node if with_forward else []), *e.nodes,
+             helper.make_node("Identity", [grads["x"]], ["grad.x"])], "nbits_grad",
             [*forward.graph.input, helper.make_tensor_value_info("seed.y", elem, None)],
             [helper.make_tensor_value_info("grad.x", elem, None)], [*forward.graph.initializer, *e.initializers])
         model = helper.make_model(graph, opset_imports=list(forward.opset_import))
         model.ir_version = 9
         return model
 
-    grad64 = ReferenceEvaluator(gradient_model(np.float64), new_ops=[MatMulNBits]).run(
-        ["grad.x"], {"x": feeds["x"], "seed.y": seed})[0]
+    grad64 = _first(ReferenceEvaluator(gradient_model(np.float64), new_ops=[MatMulNBits]).run(
+        ["grad.x"], {"x": feeds["x"], "seed.y": seed}))
     np.testing.assert_allclose([np.sum(grad64 * v) for v in directions], want, rtol=1e-6, atol=1e-6)
     # ONNX Runtime runs the same backward graph (with its own MatMulNBits forward), in fp32.
-    session = ort.InferenceSession(gradient_model(np.float32).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(gradient_model(np.float32, ort_forward).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
     grad32 = session.run(["grad.x"], {"x": feeds["x"].astype(np.float32), "seed.y": seed.astype(np.float32)})[0]
     np.testing.assert_allclose(grad32, grad64, rtol=1e-4, atol=1e-4 * float(np.abs(grad64).max()))
+    assert products[0] == products[1]
+    return products[0]
+
+
+NBITS_CASES = [(4, False), (4, True), (8, False), (8, True)]
+
+
+@pytest.mark.parametrize(("bits", "float_zero_point"), NBITS_CASES)
+def test_matmulnbits_rule_matches_finite_differences_of_the_dequantised_weight(bits: int, float_zero_point: bool) -> None:
+    assert _check_nbits_rule(bits, float_zero_point) == 1  # W (5 × 64) whole: one product
+
+
+@pytest.mark.parametrize(("slice_elements", "products"), [(128, 3), (64, 5), (1, 5)])
+@pytest.mark.parametrize(("bits", "float_zero_point"), NBITS_CASES)
+def test_matmulnbits_rule_in_row_slices_matches_the_reference(monkeypatch: pytest.MonkeyPatch, bits: int,
+                                                              float_zero_point: bool, slice_elements: int,
+                                                              products: int) -> None:
+    """A W of more than NBITS_SLICE_ELEMENTS elements is dequantised and multiplied in slices
+    of its N = 5 rows: 128 elements are 2 rows of K = 64 (slices of 2, 2 and a last partial 1);
+    64 or fewer elements, one row per slice."""
+    import lorad.trainer.autodiff.rules as rules
+
+    monkeypatch.setattr(rules, "NBITS_SLICE_ELEMENTS", slice_elements)
+    assert _check_nbits_rule(bits, float_zero_point) == products
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmulnbits_rule_takes_flat_scales(bits: int) -> None:
+    assert _check_nbits_rule(bits, False, flat_scales=True) == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmulnbits_rule_in_row_slices_takes_flat_scales(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
+    import lorad.trainer.autodiff.rules as rules
+
+    monkeypatch.setattr(rules, "NBITS_SLICE_ELEMENTS", 128)
+    assert _check_nbits_rule(bits, False, flat_scales=True) == 3

@@ -373,7 +373,10 @@ def _dequantized_rows(e: Emitter, node: onnx.NodeProto, zero_point: str, like: s
     """Rows ``start:stop`` of MatMulNBits' W, ``[rows, K]`` in ``like``'s float type."""
     count = stop - start
 
-    def rows_of(name: str) -> str:
+    def rows_of(name: str, shape: Sequence[int] | None = None) -> str:
+        """Rows start:stop of ``name``, first given ``shape`` (scales may be flat: [N·blocks])."""
+        if shape is not None:
+            name = e.op("Reshape", [name, e.ints(shape)])
         return name if (start, stop) == (0, n) else e.op("Slice", [name, e.ints([start]), e.ints([stop]), e.ints([0])])
 
     packed = rows_of(node.input[1])  # uint8 [rows, blocks, block·bits/8]
@@ -385,10 +388,10 @@ def _dequantized_rows(e: Emitter, node: onnx.NodeProto, zero_point: str, like: s
         codes = packed
     values = e.op("Reshape", [e.op("CastLike", [codes, like]), e.ints([count, blocks, block])])
     if zero_point:
-        zero = e.op("Reshape", [e.op("CastLike", [rows_of(zero_point), like]), e.ints([count, blocks, 1])])
+        zero = e.op("Reshape", [e.op("CastLike", [rows_of(zero_point, [n, blocks]), like]), e.ints([count, blocks, 1])])
     else:
         zero = e.scalar_like(8.0 if bits == 4 else 128.0, like)
-    scales = e.op("Reshape", [e.op("CastLike", [rows_of(node.input[2]), like]), e.ints([count, blocks, 1])])
+    scales = e.op("Reshape", [e.op("CastLike", [rows_of(node.input[2], [n, blocks]), like]), e.ints([count, blocks, 1])])
     return e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([count, k])])
 
 

@@ -52,8 +52,8 @@ import numpy as np
 
 from lorad.adapters.fsutil import atomic_write_bytes, free_bytes
 from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.privacy_record import PRIVACY_FILE, PrivacyRecord
 from lorad.adapters.service import AdapterService
-from lorad.ota.privacy import PRIVACY_FILE, PrivacyRecord
 
 from .accountant import RunCharge, epsilon
 from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts

@@ -138,7 +138,7 @@ WORDS = [f"w{i}" for i in range(CFG.vocab_size)]
 @pytest.fixture
 def lm_daemon(tmp_path: Path) -> Iterator[tuple[list[str], TrainerService]]:
     """The tiny LLaMA decoder with a one-word-per-token tokenizer (w0 … w49, w0 for unknown words)."""
-    tokenizers = pytest.importorskip("tokenizers")  # lorad[llm]; the ort-training venv lacks it
+    import tokenizers  # here, not at the top: the ort-training venv (which deselects this) lacks it
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     weights, _ = _tiny(1)

@@ -24,7 +24,6 @@ agreement is to fp32 rounding amplified by depth, not bit-exact.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -44,11 +43,10 @@ from lorad.trainer.portable_graph import (
     PARAMS_INPUT,
     build_step_graphs,
 )
-from tests.smollm2_files import gguf_path
+from tests.smollm2_files import DATA, gguf_path
 
 pytestmark = pytest.mark.smollm2
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2"
 REFERENCE = np.load(DATA / "dp_reference.npz")
 META = json.loads(str(REFERENCE["meta"]))
 _TENSOR_RTOL = 2e-4  # of each tensor's norm (module docstring)

@@ -130,7 +130,7 @@ def test_accuracy_is_the_share_of_scored_positions_ranked_first() -> None:
 
 
 def _tokenizer_json(words: int) -> str:
-    tokenizers = pytest.importorskip("tokenizers")  # lorad[llm]; the ort-training venv lacks it
+    import tokenizers  # here, not at the top: the ort-training venv (which deselects this) lacks it
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return str(tok.to_str())

@@ -28,7 +28,7 @@ from lorad.trainer.ledger import PrivacyLedger
 from lorad.trainer.noise import SecureNoise, SeededNoise
 from lorad.trainer.portable import PortableStepper
 from lorad.trainer.run import TrainerEnv
-from tests.unit.trainer_helpers import CLASSES, SEQ, D, make_env, make_service, run_config, tiny_model
+from tests.unit.trainer_helpers import CLASSES, SEQ, CanaryRows, D, make_env, make_service, run_config, tiny_model
 
 # -- the maths -------------------------------------------------------------------------------
 
@@ -78,18 +78,6 @@ def test_gaussian_mu_recovers_the_shift_and_its_lower_bound_covers_it() -> None:
 
 # -- the canaries go through the training graph's clip -----------------------------------------
 
-class _Rows:
-    """A canary feed (trainer/portable.py's CanaryFeed) with fixed rows; keeps what it sees."""
-
-    def __init__(self, rows: np.ndarray) -> None:
-        self._rows = rows
-        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def rows(self) -> np.ndarray:
-        return self._rows
-
-    def observe(self, released: np.ndarray, examples: np.ndarray) -> None:
-        self.seen.append((released, examples))
 
 
 class _NoNoise:
@@ -117,7 +105,7 @@ def test_canary_rows_are_clipped_with_the_examples(tiny_artifacts: TrainingArtif
     row = (0.4 * u / np.linalg.norm(u)).astype(np.float32)  # norm 4·0.1
     dp = DPSettings(noise_multiplier=0.0, clip_norm=clip_norm, expected_batch_size=8.0)
     plain = PortableStepper(tiny_artifacts, learning_rate=0.01, dp=dp, noise=_NoNoise())
-    feed = _Rows(row[None, :])
+    feed = CanaryRows(row[None, :])
     audited = PortableStepper(tiny_artifacts, learning_rate=0.01, dp=dp, noise=_NoNoise(), canaries=feed)
     try:
         batch = _batch(n)
@@ -142,9 +130,9 @@ def test_canary_rows_are_clipped_with_the_examples(tiny_artifacts: TrainingArtif
 def test_canary_rows_need_private_artifacts_and_the_right_shape(tiny_artifacts: TrainingArtifacts) -> None:
     dp = DPSettings(noise_multiplier=0.0, clip_norm=0.1, expected_batch_size=8.0)
     with pytest.raises(ValueError, match="private"):
-        PortableStepper(tiny_artifacts, learning_rate=0.01, dp=None, noise=None, canaries=_Rows(np.zeros((0, 1))))
+        PortableStepper(tiny_artifacts, learning_rate=0.01, dp=None, noise=None, canaries=CanaryRows(np.zeros((0, 1))))
     stepper = PortableStepper(tiny_artifacts, learning_rate=0.01, dp=dp, noise=_NoNoise(),
-                              canaries=_Rows(np.zeros((1, 3), np.float32)))
+                              canaries=CanaryRows(np.zeros((1, 3), np.float32)))
     try:
         with pytest.raises(ValueError, match="canary rows"):
             stepper.step(_batch(2))

@@ -29,7 +29,7 @@ from lorad.trainer.noise import SeededNoise
 from lorad.trainer.portable import PortableStepper, split_parts
 from lorad.trainer.portable_graph import EXAMPLE_INDEX_INPUT
 from tests.unit.test_llama_builder import CFG, _tiny
-from tests.unit.trainer_helpers import CLASSES, SEQ, D, tiny_model
+from tests.unit.trainer_helpers import CLASSES, SEQ, CanaryRows, D, tiny_model
 
 WINDOW = 4
 
@@ -182,18 +182,6 @@ def test_an_empty_batch_in_parts_is_the_scaled_noise_alone(cache: Path) -> None:
 # -- the privacy audit's canaries --------------------------------------------------------------
 
 
-class _Rows:
-    """A canary feed (trainer/portable.py's CanaryFeed) with fixed rows; keeps what it sees."""
-
-    def __init__(self, rows: np.ndarray) -> None:
-        self._rows = rows
-        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def rows(self) -> np.ndarray:
-        return self._rows
-
-    def observe(self, released: np.ndarray, examples: np.ndarray) -> None:
-        self.seen.append((released, examples))
 
 
 @pytest.mark.parametrize(("model", "part_rows"), [("decoder", 2), ("encoder", 3)])
@@ -205,7 +193,7 @@ def test_canaries_observe_the_examples_whole_clipped_sum_when_a_step_runs_in_par
     canaries = rng.normal(size=(2, size)).astype(np.float32)
     canaries *= (np.array([4.0, 0.1]) / np.linalg.norm(canaries, axis=1))[:, None]  # one clipped, one not (C = 1)
     dp = DPSettings(noise_multiplier=0.5, clip_norm=1.0, expected_batch_size=4.0)
-    feeds = {k: _Rows(canaries) for k in ("whole", "parts")}
+    feeds = {k: CanaryRows(canaries) for k in ("whole", "parts")}
     whole = PortableStepper(artifacts, learning_rate=0.05, dp=dp, noise=SeededNoise(2), canaries=feeds["whole"])
     parts = PortableStepper(artifacts, learning_rate=0.05, dp=dp, noise=SeededNoise(2), canaries=feeds["parts"],
                             max_part_rows=part_rows)

@@ -79,3 +79,17 @@ def run_config(**changes: Any) -> AdapterTrainingConfig:
     )
     settings.update(changes)
     return AdapterTrainingConfig(**settings)
+
+
+class CanaryRows:
+    """A canary feed (trainer/portable.py's CanaryFeed) with fixed rows; keeps what it sees."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self._rows = rows
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def rows(self) -> np.ndarray:
+        return self._rows
+
+    def observe(self, released: np.ndarray, examples: np.ndarray) -> None:
+        self.seen.append((released, examples))

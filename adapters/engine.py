@@ -34,6 +34,7 @@ from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
 from .memory import trim_now
 from .module_paths import ModulePaths
 from .onnx_compat import for_runtime, open_session, set_quantized_compute
+from .quantize import QUANTIZATION_KEY
 
 __all__ = ["TensorSpec", "PreparedAdapter", "InferenceEngine", "DEVICES", "MAX_LORA_MAGNITUDE"]
 
@@ -160,7 +161,9 @@ class InferenceEngine:
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         if any(n.op_type == "MatMulNBits" for n in base.graph.node):
             base = set_quantized_compute(_copy(base) if isinstance(model, onnx.ModelProto) else base, quantized_compute)
-        self.base_model = for_runtime(base)
+        # Unlowered: an 8-bit target must stay a MatMulNBits to be found and get its LoRA
+        # path; the derived graphs go through for_runtime with that path in place.
+        self.base_model = for_runtime(base, lower_nbits8=False)
         #: The values integer inputs may hold (token ids within the vocabulary, 0/1 masks).
         self.input_domains = input_domains(base)
         #: Module path of every LoRA-able weight: how PEFT names meet ONNX names.
@@ -252,8 +255,14 @@ class InferenceEngine:
     def check(self, adapter: LoraAdapter) -> None:
         """Refuse an adapter that was made for another model or does not fit its slots."""
         if adapter.base_fingerprint and adapter.base_fingerprint != self.fingerprint:
+            quantised = ""
+            if any(p.key == QUANTIZATION_KEY for p in self.base_model.metadata_props):
+                quantised = ("; this base is quantised (lorad quantize-model), a base of its own: an adapter lorad "
+                             "made for the fp32 model is bound to that model. Train again on this base, or bring "
+                             "the adapter as plain PEFT files (without lorad's base record)")
             raise BaseModelMismatchError(
                 f"adapter was made for base model {adapter.base_fingerprint}, this daemon serves {self.fingerprint}"
+                + quantised
             )
         if adapter.rank > self.rank:
             raise InvalidAdapterError(f"adapter rank {adapter.rank} exceeds the slot rank {self.rank} of this model")

@@ -179,8 +179,10 @@ def _fold(
     bias_add = _bias_add(out, consumers, inits, outputs)
     if bias_add is not None:
         bias = next(i for i in bias_add.input if i != out)
-        if ranks.get(node.input[0]) == 2 and len(inits[bias].dims) == 1:
-            # MatMul + Add(bias) on 2-D rows: the Gemm ORT would fuse, then the LoRA Gemm.
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and ranks.get(node.input[0]) == 2 \
+                and len(inits[bias].dims) == 1:
+            # MatMul + Add(bias) on 2-D rows: the Gemm ORT would fuse, then the LoRA Gemm
+            # (a quantised MatMulNBits stays itself: the bias joins the Sum below).
             removed.add(id(bias_add))
             base = f"{prefix}/base"
             node.op_type = "Gemm"

@@ -52,7 +52,9 @@ _NBITS = "MatMulNBits"
 _MS_DOMAIN = "com.microsoft"
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _NODE_NAME = re.compile(r"^/(?P<path>[^/]+(?:/[^/]+)*)/(?:MatMulNBits|MatMul|Gemm)(?:_\d+)?$")
-_PARAM = re.compile(r"^(?P<module>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\.(?P<kind>weight|bias)$")
+# A parameter name, possibly as lorad's quantiser left it: transposed to [in, out] (``.T``),
+# then packed by ONNX Runtime's (``_Q4``/``_Q8``), see adapters/quantize.py.
+_PARAM = re.compile(r"^(?P<module>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*?)\.(?P<kind>weight|bias)(?:\.T)?(?:_Q[248])?$")
 _GLOB = re.compile(r"[*?\[]")
 
 

@@ -33,13 +33,17 @@ QUANTIZED_COMPUTE = ("int8", "fp32")
 _ACCURACY_LEVEL = {"int8": 4, "fp32": 0}
 
 
-def for_runtime(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Lower the IR version in place to one the runtime accepts and, where the installed
-    runtime has no 8-bit ``MatMulNBits``, write such nodes as float ops; return the model."""
-    if model.ir_version > MAX_IR_VERSION:
+def for_runtime(model: onnx.ModelProto, *, lower_nbits8: bool = True) -> onnx.ModelProto:
+    """Lower the IR version in place to one the runtime accepts and (unless ``lower_nbits8``
+    is false: a base whose LoRA targets are still to be found) write as float ops each 8-bit
+    ``MatMulNBits`` the installed runtime has no kernel for, or none fast enough: fp32
+    compute (``accuracy_level`` 0 set by :func:`set_quantized_compute`); return the model."""
+    int4_tensors = any(i.data_type in (TensorProto.INT4, TensorProto.UINT4) for i in model.graph.initializer)
+    # Int4 tensors (a quantised embedding table) exist from IR version 10 on.
+    if model.ir_version > MAX_IR_VERSION and not int4_tensors:
         model.ir_version = MAX_IR_VERSION
-    if any(_is_nbits8(n) for n in model.graph.node) and not runtime_has_nbits8():
-        _lower_nbits8(model.graph)
+    if lower_nbits8 and any(_is_nbits8(n) for n in model.graph.node):
+        _lower_nbits8(model.graph, everywhere=not runtime_has_nbits8())
     return model
 
 
@@ -66,9 +70,8 @@ def set_quantized_compute(model: onnx.ModelProto, compute: str) -> onnx.ModelPro
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend([*kept, helper.make_attribute("accuracy_level", _ACCURACY_LEVEL[compute])])
-    if compute == "fp32" and any(_is_nbits8(n) for n in model.graph.node):
-        # ONNX Runtime has no fast fp32 kernel for 8 bits (a 576×49152 head takes 125 ms).
-        _lower_nbits8(model.graph)
+    # ONNX Runtime has no fast fp32 kernel for 8 bits (a 576×49152 head takes 125 ms): with
+    # fp32 compute, for_runtime writes 8-bit products as float ops, once LoRA is in place.
     return model
 
 
@@ -106,12 +109,14 @@ def runtime_has_nbits8() -> bool:
     return bool(np.allclose(y, k))
 
 
-def _lower_nbits8(graph: onnx.GraphProto) -> None:
-    """Each 8-bit MatMulNBits as ``x · dequant(B)ᵀ`` in float ops over its constant operands
-    (ONNX Runtime folds them into one fp32 matrix when the session is created)."""
+def _lower_nbits8(graph: onnx.GraphProto, *, everywhere: bool) -> None:
+    """Each 8-bit MatMulNBits set to fp32 compute (``accuracy_level`` 0 explicitly), or
+    ``everywhere``, as ``x · dequant(B)ᵀ`` in float ops over its constant operands (ONNX
+    Runtime folds them into one fp32 matrix when the session is created)."""
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        if not _is_nbits8(node):
+        fp32_compute = any(a.name == "accuracy_level" and a.i == 0 for a in node.attribute)
+        if not _is_nbits8(node) or not (everywhere or fp32_compute):
             nodes.append(node)
             continue
         k, n, block = _attr(node, "K", 0), _attr(node, "N", 0), _attr(node, "block_size", 0)
@@ -121,19 +126,31 @@ def _lower_nbits8(graph: onnx.GraphProto) -> None:
             graph.initializer.append(numpy_helper.from_array(value, f"{p}/{suffix}"))
             return f"{p}/{suffix}"
 
+        blocks = -(-k // block)  # K is padded to whole blocks in B
+        view = const("block_view", np.array([n, blocks, 1], np.int64))
+        lowered: list[onnx.NodeProto] = []
         if len(node.input) > 3 and node.input[3]:
-            raise ValueError(f"{p}: an 8-bit MatMulNBits with zero points cannot be run by this ONNX Runtime")
-        zero = const("zero_point", np.array(128, np.float32))
+            # uint8 zero points, one per block (ONNX Runtime's quantiser), or floats.
+            lowered += [helper.make_node("Cast", [node.input[3]], [f"{p}/zero_cast"], name=f"{p}/zero_cast",
+                                         to=TensorProto.FLOAT),
+                        helper.make_node("Reshape", [f"{p}/zero_cast", view], [f"{p}/zero"], name=f"{p}/zero")]
+            zero = f"{p}/zero"
+        else:
+            zero = const("zero_point", np.array(128, np.float32))
         # Scales may be [N, blocks] or flat; view them per block before the product.
-        scales = helper.make_node("Reshape", [node.input[2], const("scales_view", np.array([n, k // block, 1], np.int64))],
-                                  [f"{p}/scales"], name=f"{p}/scales")
-        codes = helper.make_node("Cast", [node.input[1]], [f"{p}/codes"], name=f"{p}/codes", to=TensorProto.FLOAT)
-        centred = helper.make_node("Sub", [f"{p}/codes", zero], [f"{p}/centred"], name=f"{p}/centred")
-        values = helper.make_node("Mul", [f"{p}/centred", f"{p}/scales"], [f"{p}/values"], name=f"{p}/values")
-        matrix = helper.make_node("Reshape", [f"{p}/values", const("shape", np.array([n, k], np.int64))], [f"{p}/matrix"],
-                                  name=f"{p}/matrix")
-        weight_t = helper.make_node("Transpose", [f"{p}/matrix"], [f"{p}/matrix_t"], name=f"{p}/matrix_t", perm=[1, 0])
-        product = helper.make_node("MatMul", [node.input[0], f"{p}/matrix_t"], [node.output[0]], name=f"{p}/MatMul")
-        nodes += [scales, codes, centred, values, matrix, weight_t, product]
+        lowered += [
+            helper.make_node("Reshape", [node.input[2], view], [f"{p}/scales"], name=f"{p}/scales"),
+            helper.make_node("Cast", [node.input[1]], [f"{p}/codes"], name=f"{p}/codes", to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{p}/codes", zero], [f"{p}/centred"], name=f"{p}/centred"),
+            helper.make_node("Mul", [f"{p}/centred", f"{p}/scales"], [f"{p}/values"], name=f"{p}/values"),
+            helper.make_node("Reshape", [f"{p}/values", const("shape", np.array([n, blocks * block], np.int64))],
+                             [f"{p}/padded"], name=f"{p}/padded"),
+            helper.make_node("Slice", [f"{p}/padded", const("start", np.array([0], np.int64)),
+                                       const("stop", np.array([k], np.int64)), const("axis", np.array([1], np.int64))],
+                             [f"{p}/matrix"], name=f"{p}/matrix"),
+            helper.make_node("Transpose", [f"{p}/matrix"], [f"{p}/matrix_t"], name=f"{p}/matrix_t", perm=[1, 0]),
+            helper.make_node("MatMul", [node.input[0], f"{p}/matrix_t"], [node.output[0]], name=f"{p}/MatMul"),
+        ]
+        nodes += lowered
     del graph.node[:]
     graph.node.extend(nodes)

@@ -9,7 +9,9 @@ MODEL.onnx`` lists the weights LoRA can target, with the module paths PEFT adapt
 them by; ``lorad import-model bert SRC OUT`` writes a Hugging Face BERT-family checkpoint
 as a LoRA-ready ONNX text model, ``lorad import-model gguf SRC.gguf OUT`` a LLaMA-architecture
 GGUF file as a LoRA-ready ONNX decoder (4-bit MatMulNBits, KV cache, tokenizer inside);
-``lorad install-service`` installs the systemd unit,
+``lorad quantize-model IN OUT --weights int8|int4`` writes the base with its linear weights
+(and, for int4, its embedding tables) quantised by ONNX Runtime's own quantiser, module paths
+and metadata kept; ``lorad install-service`` installs the systemd unit,
 user, directories and default config outside Yocto; ``lorad --version``. Exit codes: 0 ok,
 1 the daemon failed at run time, 2 bad usage or configuration (the message names the key).
 """
@@ -82,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("family", choices=["bert", "gguf"], help="architecture family of the checkpoint")
     imp.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model directory (bert) or .gguf file (gguf)")
     imp.add_argument("out", type=Path, metavar="OUT.onnx")
+    quant = sub.add_parser(
+        "quantize-model", help="write the base model with int8 or int4 weights (ONNX Runtime's quantiser; LoRA stays float)",
+        description="Quantise IN's MatMul/Gemm weights to 8 or 4 bits per weight (com.microsoft.MatMulNBits, a scale "
+                    "and zero point per block of input features) and, for int4, its embedding tables "
+                    "(GatherBlockQuantized), with onnxruntime.quantization's MatMulNBits quantiser (needs "
+                    "lorad[quantize]). Module paths, the tokenizer and labels are kept, so PEFT adapters load as on "
+                    "the fp32 model; LoRA paths are added in float when the model is served or trained. Adapters "
+                    "lorad made for the fp32 model are bound to it: train again on the quantised base.")
+    quant.add_argument("src", type=Path, metavar="IN.onnx")
+    quant.add_argument("out", type=Path, metavar="OUT.onnx")
+    # adapters/quantize.py's WEIGHT_TYPES and BLOCK_SIZES (not imported here: it pulls in onnx,
+    # 0.7 s on every command; tests/unit/test_quantize.py keeps the lists equal).
+    quant.add_argument("--weights", required=True, choices=["int8", "int4"], help="bits per base weight")
+    quant.add_argument("--block", type=int, choices=[32, 64, 128],
+                       help="input features per scale and zero point (default 128 for int8: faster, "
+                            "32 for int4: more accurate)")
+    quant.add_argument("--keep-embeddings", action="store_true",
+                       help="leave embedding tables in fp32 (int4 quantises them by default)")
     inst = sub.add_parser(
         "install-service", help="install the systemd unit, service user, directories and default config",
         description="Install lorad as a systemd service (Raspberry Pi OS, JetPack, Debian): the unit in "
@@ -129,6 +149,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _inspect_model(args.model, as_json=args.json)
     if args.command == "import-model":
         return _import_model(args.family, args.src, args.out)
+    if args.command == "quantize-model":
+        return _quantize_model(args.src, args.out, weights=args.weights, block=args.block,
+                               embeddings=not args.keep_embeddings)
     if args.command == "install-service":
         from lorad.daemon.install_service import InstallPlan, default_prefix, install_service
 
@@ -207,6 +230,36 @@ def _import_model(family: str, src: Path, out: Path) -> int:
     weights = sum(1 for w in ModulePaths.from_model(model).weights if w.module is not None)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {weights} LoRA-able linear weights named by module path)")
     return EXIT_OK
+
+
+def _quantize_model(src: Path, out: Path, *, weights: str, block: int | None, embeddings: bool) -> int:
+    import onnx
+
+    from lorad.adapters.fsutil import atomic_write_bytes
+    from lorad.adapters.quantize import describe, quantization_of, quantize_model
+
+    try:
+        model = onnx.load(str(src))
+    except FileNotFoundError:
+        print(f"lorad: quantize-model: {src}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # protobuf raises its own untyped errors for a file that is not ONNX
+        print(f"lorad: quantize-model: {src} is not an ONNX model: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        quantised = quantize_model(model, weights, block=block, embeddings=embeddings)
+        atomic_write_bytes(out, quantised.SerializeToString())
+    except (ValueError, OSError) as e:
+        print(f"lorad: quantize-model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    totals = describe(quantization_of(quantised))
+    parts = ", ".join(f"{t['weights']} {dtype} ({_size(t['bytes'])})" for dtype, t in sorted(totals.items()))
+    print(f"wrote {out}: {_size(src.stat().st_size)} -> {_size(out.stat().st_size)}; weights: {parts}")
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class ModelSection:
     targets: tuple[str, ...]
     rank: int
     weight_names: Mapping[str, str] = field(default_factory=dict)
+    #: ``model.quantized_compute``: how a quantised base computes, so probes match the device's.
+    quantized_compute: str = "int8"
 
 
 #: Reads the model section of a device config file; the daemon's CLI provides it (ota/
@@ -179,8 +181,10 @@ def _engine(section: ModelSection) -> Any:
     if not section.path.is_file():
         raise ValueError(f"base model {str(section.path)!r} does not exist")
     try:
+        # The device's engine as its config makes it: probes recorded with another
+        # quantized_compute would fail its health check.
         return InferenceEngine(section.path, targets=section.targets, rank=section.rank,
-                               weight_names=section.weight_names)
+                               weight_names=section.weight_names, quantized_compute=section.quantized_compute)
     except ValueError as e:  # targets or weight_names that do not fit the graph
         raise ValueError(f"model targets {list(section.targets)} do not fit {str(section.path)!r}: {e}") from e
     except AdapterError:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.intents_model import INTENTS, build_intents_model
 from lorad.adapters.peft_format import load_peft, read_peft_dir
@@ -54,6 +54,20 @@ class ModelCase:
     training: dict[str, Any] = field(default_factory=dict)
     #: Extra requirements of the case (pytest marks' names), e.g. the MiniLM weights.
     marks: tuple[str, ...] = field(default=())
+    #: For a model made at fixture time (a quantised base): ``(base, adapted)`` computed from
+    #: the ``model:`` section actually served, in place of ``base`` and ``adapted``.
+    references: Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None
+
+    #: The PEFT adapter as this case's user has it, given the scratch directory (a quantised
+    #: base takes no adapter lorad bound to another base; see :func:`_quantised`).
+    adapter_dir: Callable[[Path], Path] | None = None
+
+    def peft_for(self, tmp: Path) -> Path:
+        return self.adapter_dir(tmp) if self.adapter_dir is not None else self.peft_dir
+
+    def expected(self, section: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """What the base model and the model with ``peft_dir`` answer for ``inputs``."""
+        return self.references(section) if self.references is not None else (self.base, self.adapted)
 
 
 # ---------------------------------------------------------------- tensors models
@@ -157,7 +171,147 @@ def _minilm_case() -> ModelCase:
     )
 
 
-MODEL_CASES: list[ModelCase] = [
+# ---------------------------------------------------------------- quantised bases
+
+
+def _dequantised(model: onnx.ModelProto, node: onnx.NodeProto, feed: np.ndarray) -> np.ndarray:
+    """What ONNX Runtime's own kernel of one quantised ``node`` answers for ``feed``: the
+    dequantised weight, read through the op (identity rows for MatMulNBits, every row
+    index for GatherBlockQuantized)."""
+    import onnxruntime as ort
+
+    inits = {i.name: i for i in model.graph.initializer}
+    single = onnx.NodeProto()
+    single.CopyFrom(node)
+    single.input[0 if node.op_type == "MatMulNBits" else 1] = "feed"
+    single.output[0] = "out"
+    single.ClearField("metadata_props")
+    for a in list(single.attribute):
+        if a.name == "accuracy_level":
+            single.attribute.remove(a)  # fp32 compute: the exact dequantised product
+    elem = helper.np_dtype_to_tensor_dtype(feed.dtype)
+    graph = helper.make_graph([single], "dequantise", [helper.make_tensor_value_info("feed", elem, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [inits[n] for n in single.input if n in inits])
+    tiny = helper.make_model(graph, opset_imports=list(model.opset_import))
+    tiny.ir_version = model.ir_version
+    session = ort.InferenceSession(tiny.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["out"], {"feed": feed})[0])
+
+
+def _float_reference(quantised: onnx.ModelProto, fp32: onnx.ModelProto, peft_dir: Path | None) -> onnx.ModelProto:
+    """``quantised`` with every quantised weight replaced by its dequantised float value and,
+    with ``peft_dir``, the PEFT adapter's ``s·A·B`` merged into those weights: the model
+    a LoRA path on the quantised base must answer as. Weights are matched to the adapter
+    through the fp32 model's module paths (checked against torch by the fp32 cases) and the
+    output each linear computes."""
+    from lorad.adapters.module_paths import ModulePaths
+
+    deltas: dict[str, np.ndarray] = {}  # output of an fp32 linear -> s·A·B in x·W orientation
+    if peft_dir is not None:
+        paths = ModulePaths.from_model(fp32)
+        adapter = load_peft(read_peft_dir(peft_dir), weight_of=paths.weight_of)
+        by_name = {n.name: n for n in fp32.graph.node}
+        for weight, m in adapter.weights.items():
+            for node_name in paths.by_weight[weight].nodes:
+                deltas[by_name[node_name].output[0]] = adapter.scale * (m.A.astype(np.float64) @ m.B.astype(np.float64))
+    model = onnx.ModelProto()
+    model.CopyFrom(quantised)
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+            k = int(next(a.i for a in node.attribute if a.name == "K"))
+            w = _dequantised(quantised, node, np.eye(k, dtype=np.float32)).astype(np.float64)  # [in, out]
+            out = node.output[0]
+            w = w + deltas.get(out, deltas.get(out.removesuffix(".matmul"), 0.0))
+            name = f"{out}.dequantised"
+            graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+        elif node.domain == "com.microsoft" and node.op_type == "GatherBlockQuantized":
+            rows = next(int(i.dims[0]) for i in graph.initializer if i.name == node.input[0])
+            table = _dequantised(quantised, node, np.arange(rows, dtype=np.int64))
+            name = f"{node.output[0]}.dequantised"
+            graph.initializer.append(numpy_helper.from_array(table.astype(np.float32), name))
+            nodes.append(helper.make_node("Gather", [name, node.input[1]], list(node.output), name=node.name))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {name for n in nodes for name in n.input}
+    kept = [i for i in graph.initializer if i.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
+def _feeds(case: ModelCase, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The reference rows as the graph's input tensors (tokenised, for a text model)."""
+    from lorad.adapters.text_input import TextFrontEnd
+
+    arrays = {t["name"]: np.asarray(t["data"], object if t["datatype"] == "BYTES" else None).reshape(t["shape"])
+              for t in case.inputs}
+    front = TextFrontEnd.from_model(model)
+    if front is not None:
+        return front.encode({k: np.asarray([s.encode() for s in v], object) for k, v in arrays.items()})
+    types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    return {k: v.astype(types[k]) for k, v in arrays.items()}
+
+
+def _quantised(case: ModelCase, weights: str) -> ModelCase:
+    """``case`` on its base quantised by ``lorad quantize-model --weights WEIGHTS``, served with
+    ``quantized_compute: fp32`` so that what it answers is exactly the dequantised model's;
+    the references come from ONNX Runtime running that float model (see
+    :func:`_float_reference`), never from lorad's serving path."""
+    from lorad.adapters.quantize import quantize_model
+
+    def section(tmp: Path) -> dict[str, Any]:
+        inner = case.model_section(tmp)
+        fp32 = Path(inner.get("path") or demo_model_path())
+        out = tmp / f"{fp32.stem}-{weights}.onnx"
+        onnx.save(quantize_model(onnx.load(str(fp32)), weights), str(out))
+        return {**inner, "path": str(out), "quantized_compute": "fp32"}
+
+    def references(served: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        import onnxruntime as ort
+
+        quantised = onnx.load(served["path"])
+        fp32 = onnx.load(str(case.model_section(Path(served["path"]).parent).get("path") or demo_model_path()))
+        feeds = _feeds(case, quantised)
+        answers = []
+        for peft in (None, case.peft_dir):
+            session = ort.InferenceSession(_float_reference(quantised, fp32, peft).SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+            answers.append(np.asarray(session.run([case.output], feeds)[0], np.float64))
+        return answers[0], answers[1]
+
+    def adapter_dir(tmp: Path) -> Path:
+        """The case's PEFT files without lorad's record of the fp32 base (the demo adapters
+        have one): an adapter lorad made for one base is refused by another, quantised or not
+        (tests/integration/test_quantised_model.py), so a user brings it as plain PEFT files."""
+        from safetensors.numpy import load, save
+
+        from lorad.adapters.peft_format import FINGERPRINT_KEY, WEIGHTS_FILE
+
+        files = read_peft_dir(case.peft_dir)
+        raw = files[WEIGHTS_FILE]
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != FINGERPRINT_KEY}
+        if metadata == header.get("__metadata__", {}):
+            return case.peft_dir
+        out = tmp / "peft-plain"
+        out.mkdir(exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(save(load(data), metadata=metadata) if name == WEIGHTS_FILE else data)
+        return out
+
+    return ModelCase(id=f"{case.id}-{weights}", model_section=section, inputs=case.inputs, rows=case.rows,
+                     output=case.output, base=case.base, adapted=case.adapted, peft_dir=case.peft_dir,
+                     examples=case.examples, atol=case.atol, training=case.training, marks=case.marks,
+                     references=references, adapter_dir=adapter_dir)
+
+
+FP32_CASES: list[ModelCase] = [
     _demo_case(),
     _minilm_case(),
     _exported("torchscript-17", "encoder_torchscript_17.onnx", "encoder", "peft_encoder_head", ("input_ids", "attention_mask")),
@@ -167,3 +321,6 @@ MODEL_CASES: list[ModelCase] = [
     _exported("optimum-bert", "bert_optimum_17.onnx", "bert", "peft_bert", ("input_ids", "attention_mask", "token_type_ids")),
     _exported("gpt2-conv1d", "conv1d_torchscript_17.onnx", "conv1d", "peft_conv1d", ("input_ids", "attention_mask")),
 ]
+
+#: Every model on a base quantised to 8 and to 4 bits (adapters/quantize.py).
+MODEL_CASES: list[ModelCase] = [*FP32_CASES, *(_quantised(c, w) for c in FP32_CASES for w in ("int8", "int4"))]

@@ -39,6 +39,7 @@ def model_section(path: Path) -> ModelSection:
         targets=tuple(model.targets),
         rank=model.rank,
         weight_names=dict(model.weight_names),
+        quantized_compute=model.quantized_compute,
     )
 
 

@@ -5,8 +5,10 @@ Standard library and numpy only, so that it runs in the emulated arm64 chroot ag
 embedded demo model in a fresh state directory, sends one fixed batch to the base model
 and to each demo adapter, trains one adapter with DP-SGD on the portable backend (seeded
 noise and sampling, so that both machines draw the same batches and the same noise), and
-prints one JSON object: the logits per adapter. The test (`test_emulated_arm64.py`)
-compares the two architectures' objects.
+prints one JSON object: the logits per adapter. Then the same on the demo model quantised
+to int8 and to int4 (tests/data/quantised, made by ``lorad quantize-model``): the base
+model and a DP run trained through the quantised weights. The test
+(`test_emulated_arm64.py`) compares the two architectures' objects.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Any
 import numpy as np
 
 ADAPTERS = (None, "mirror", "plus-one", "invert")
+#: The quantised demo models (a base of their own: the demo adapters, made for the fp32
+#: model, are refused there, so only the base and a trained adapter are probed).
+QUANTISED = {q: Path(__file__).resolve().parents[1] / "data" / "quantised" / f"demo_{q}.onnx" for q in ("int8", "int4")}
 TRAINED = "plus-one-dp"
 N_EXAMPLES = 200
 # Seeded noise and sampling are a test-only mode (trainer.testing); the run is small
@@ -69,10 +74,12 @@ def _request(url: str, doc: dict[str, Any] | None = None, *, token: str | None =
         return json.loads(resp.read())
 
 
-def _start(lorad: str, state: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start(lorad: str, state: Path, model: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     log = open(state.parent / "lorad.log", "wb")  # noqa: SIM115 - the daemon child writes it while it runs
     config = state.parent / "lorad.yaml"
-    config.write_text(CONFIG)
+    # The demo's name, targets and slot rank, on the quantised file.
+    section = "" if model is None else f"model: {{name: demo, path: {model}, targets: [fc1, fc2, head], rank: 8}}\n"
+    config.write_text(section + CONFIG)
     proc = subprocess.Popen([lorad, "serve", "--config", str(config), "--port", "0", "--state-dir", str(state)],
                             stdout=log, stderr=subprocess.STDOUT)
     addr = state / "lorad.addr"
@@ -121,20 +128,28 @@ def _train(url: str, token: str) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-def main() -> None:
-    lorad = str(Path(sys.executable).parent / "lorad")
-    pixels = fixed_batch()
+def _probe(lorad: str, pixels: np.ndarray, model: Path | None, adapters: tuple[str | None, ...]) -> dict[str, Any]:
+    """Serve ``model`` (the embedded demo when None): logits of ``adapters``, then a DP run
+    and its version's logits; the daemon's exit code."""
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state"
-        proc, url = _start(lorad, state)
+        proc, url = _start(lorad, state, model)
         try:
-            logits = {adapter or "base": _logits(url, pixels, adapter) for adapter in ADAPTERS}
+            logits = {adapter or "base": _logits(url, pixels, adapter) for adapter in adapters}
             run = _train(url, (state / "api-token").read_text().strip())
             logits[TRAINED] = _logits(url, pixels, TRAINED)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)
-    print(json.dumps({"machine": os.uname().machine, "exit_code": code, "run": run, "logits": logits}))
+    return {"exit_code": code, "run": run, "logits": logits}
+
+
+def main() -> None:
+    lorad = str(Path(sys.executable).parent / "lorad")
+    pixels = fixed_batch()
+    out = _probe(lorad, pixels, None, ADAPTERS)
+    out["quantised"] = {q: _probe(lorad, pixels, path, (None,)) for q, path in QUANTISED.items()}
+    print(json.dumps({"machine": os.uname().machine, **out}))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,17 @@ def test_arm64_install_serves_and_trains_like_x86_64() -> None:
     # Each adapter changes the answer, so the comparison covers five distinct computations.
     for name in ("mirror", "plus-one", "invert", "plus-one-dp"):
         assert not np.allclose(h["logits"][name], h["logits"]["base"], atol=1e-2), name
+    # The demo quantised to int8 and int4 (int8 compute, the default): served, and a DP run
+    # trained through the quantised weights, alike on both machines.
+    assert set(a["quantised"]) == set(h["quantised"]) == {"int8", "int4"}
+    for q, hq in h["quantised"].items():
+        aq = a["quantised"][q]
+        assert aq["exit_code"] == hq["exit_code"] == 0
+        assert aq["run"]["status"] == hq["run"]["status"] == "accepted", (q, aq["run"], hq["run"])
+        for name in ("base", "plus-one-dp"):
+            np.testing.assert_allclose(aq["logits"][name], hq["logits"][name], atol=1e-4, err_msg=f"{q} {name}")
+        assert not np.allclose(hq["logits"]["plus-one-dp"], hq["logits"]["base"], atol=1e-2), q
+        assert not np.allclose(hq["logits"]["base"], h["logits"]["base"], atol=1e-3), q  # quantised: another base
 
 
 @pytest.mark.smollm2

@@ -337,8 +337,10 @@ def _matmul_nbits(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None],
 
     W is dequantised inside the backward graph from the packed codes, node by node, as the
     op defines it: ``(code - zero_point)·scale`` per block (4-bit codes two to a byte, the
-    even element in the low nibble; zero point 8, 128 for 8 bits, or a float per block),
-    the codes unpacked in uint8. A W of more than :data:`NBITS_SLICE_ELEMENTS` elements is
+    even element in the low nibble; zero point 8, 128 for 8 bits, a float per block, or
+    uint8 codes per block packed as the weights are: ONNX Runtime's quantiser writes those),
+    the codes unpacked in uint8. A K that is not a whole number of blocks is padded to one
+    in the packed weight; the padding is dropped after dequantising. A W of more than :data:`NBITS_SLICE_ELEMENTS` elements is
     done in slices of its rows, ``dx = Σ_c g[..., c]·W[c, :]``. Nothing here is an fp32
     copy kept beside the model, provided the session that runs this graph is made with
     ``disabled_optimizers=["ConstantFolding"]``: else ONNX Runtime folds every dequantised
@@ -351,12 +353,10 @@ def _matmul_nbits(e: Emitter, node: onnx.NodeProto, gouts: Sequence[str | None],
         return out
     k, n = _int_attr(node, "K", 0), _int_attr(node, "N", 0)
     bits, block = _int_attr(node, "bits", 4), _int_attr(node, "block_size", 0)
-    if bits not in (4, 8) or k <= 0 or n <= 0 or block <= 0 or k % block:
+    if bits not in (4, 8) or k <= 0 or n <= 0 or block <= 0:
         raise UnsupportedNodeError(node, f"MatMulNBits with bits={bits}, K={k}, N={n}, block_size={block}")
     zero_point = node.input[3] if len(node.input) > 3 and node.input[3] else ""
-    if zero_point and e.elem_type(zero_point) == onnx.TensorProto.UINT8:
-        raise UnsupportedNodeError(node, "MatMulNBits with packed uint8 zero points")
-    blocks = k // block
+    blocks = -(-k // block)
     rows = max(1, min(n, NBITS_SLICE_ELEMENTS // k))
     products = []
     for start in range(0, n, rows):
@@ -379,20 +379,29 @@ def _dequantized_rows(e: Emitter, node: onnx.NodeProto, zero_point: str, like: s
             name = e.op("Reshape", [name, e.ints(shape)])
         return name if (start, stop) == (0, n) else e.op("Slice", [name, e.ints([start]), e.ints([stop]), e.ints([0])])
 
-    packed = rows_of(node.input[1])  # uint8 [rows, blocks, block·bits/8]
-    if bits == 4:
+    def unpacked(packed: str) -> str:
+        """uint8 codes, two 4-bit ones per byte (low nibble first) split into a new last axis."""
+        if bits == 8:
+            return packed
         low = e.unsqueeze(e.op("Mod", [packed, e.const(np.asarray(16, np.uint8))]), [-1])
         high = e.unsqueeze(e.op("BitShift", [packed, e.const(np.asarray(4, np.uint8))], direction="RIGHT"), [-1])
-        codes = e.op("Concat", [low, high], axis=-1)
-    else:
-        codes = packed
+        return e.op("Concat", [low, high], axis=-1)
+
+    codes = unpacked(rows_of(node.input[1]))  # from uint8 [rows, blocks, block·bits/8]
     values = e.op("Reshape", [e.op("CastLike", [codes, like]), e.ints([count, blocks, block])])
-    if zero_point:
+    if zero_point and e.elem_type(zero_point) == onnx.TensorProto.UINT8:
+        # [N, ⌈blocks·bits/8⌉] bytes: unpack, then drop a 4-bit pad for an odd block count.
+        zero_codes = e.op("Reshape", [unpacked(rows_of(zero_point, [n, -1])), e.ints([count, -1])])
+        if bits == 4 and blocks % 2:
+            zero_codes = e.op("Slice", [zero_codes, e.ints([0]), e.ints([blocks]), e.ints([1])])
+        zero = e.op("Reshape", [e.op("CastLike", [zero_codes, like]), e.ints([count, blocks, 1])])
+    elif zero_point:
         zero = e.op("Reshape", [e.op("CastLike", [rows_of(zero_point, [n, blocks]), like]), e.ints([count, blocks, 1])])
     else:
         zero = e.scalar_like(8.0 if bits == 4 else 128.0, like)
     scales = e.op("Reshape", [e.op("CastLike", [rows_of(node.input[2], [n, blocks]), like]), e.ints([count, blocks, 1])])
-    return e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([count, k])])
+    weight = e.op("Reshape", [e.op("Mul", [e.op("Sub", [values, zero]), scales]), e.ints([count, blocks * block])])
+    return weight if blocks * block == k else e.op("Slice", [weight, e.ints([0]), e.ints([k]), e.ints([1])])
 
 
 # -- shape and layout ----------------------------------------------------------------------

@@ -6,9 +6,11 @@ embedded demo model in a fresh state directory, sends one fixed batch to the bas
 and to each demo adapter, trains one adapter with DP-SGD on the portable backend (seeded
 noise and sampling, so that both machines draw the same batches and the same noise), and
 prints one JSON object: the logits per adapter. Then the same on the demo model quantised
-to int8 and to int4 (tests/data/quantised, made by ``lorad quantize-model``): the base
-model and a DP run trained through the quantised weights. The test
-(`test_emulated_arm64.py`) compares the two architectures' objects.
+to int8 and to int4 (tests/data/quantised, made by ``lorad quantize-model``): with
+``quantized_compute: fp32`` (exact products, comparable to 1e-4) the base model and a DP run
+trained through the quantised weights; with ``int8`` (the default: activations quantised
+per block, where a last-bit difference between two CPUs can move a code by one) the base
+model. The test (`test_emulated_arm64.py`) compares the two architectures' objects.
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ def _request(url: str, doc: dict[str, Any] | None = None, *, token: str | None =
         return json.loads(resp.read())
 
 
-def _start(lorad: str, state: Path, model: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def _start(lorad: str, state: Path, model: Path | None = None,
+           compute: str = "int8") -> tuple[subprocess.Popen[bytes], str]:
     log = open(state.parent / "lorad.log", "wb")  # noqa: SIM115 - the daemon child writes it while it runs
     config = state.parent / "lorad.yaml"
     # The demo's name, targets and slot rank, on the quantised file.
-    section = "" if model is None else f"model: {{name: demo, path: {model}, targets: [fc1, fc2, head], rank: 8}}\n"
+    section = "" if model is None else (f"model: {{name: demo, path: {model}, targets: [fc1, fc2, head], rank: 8, "
+                                        f"quantized_compute: {compute}}}\n")
     config.write_text(section + CONFIG)
     proc = subprocess.Popen([lorad, "serve", "--config", str(config), "--port", "0", "--state-dir", str(state)],
                             stdout=log, stderr=subprocess.STDOUT)
@@ -128,16 +132,19 @@ def _train(url: str, token: str) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-def _probe(lorad: str, pixels: np.ndarray, model: Path | None, adapters: tuple[str | None, ...]) -> dict[str, Any]:
-    """Serve ``model`` (the embedded demo when None): logits of ``adapters``, then a DP run
-    and its version's logits; the daemon's exit code."""
+def _probe(lorad: str, pixels: np.ndarray, model: Path | None, adapters: tuple[str | None, ...], *,
+           compute: str = "int8", train: bool = True) -> dict[str, Any]:
+    """Serve ``model`` (the embedded demo when None): logits of ``adapters``, then (``train``)
+    a DP run and its version's logits; the daemon's exit code."""
+    run = None
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state"
-        proc, url = _start(lorad, state, model)
+        proc, url = _start(lorad, state, model, compute)
         try:
             logits = {adapter or "base": _logits(url, pixels, adapter) for adapter in adapters}
-            run = _train(url, (state / "api-token").read_text().strip())
-            logits[TRAINED] = _logits(url, pixels, TRAINED)
+            if train:
+                run = _train(url, (state / "api-token").read_text().strip())
+                logits[TRAINED] = _logits(url, pixels, TRAINED)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)
@@ -148,7 +155,9 @@ def main() -> None:
     lorad = str(Path(sys.executable).parent / "lorad")
     pixels = fixed_batch()
     out = _probe(lorad, pixels, None, ADAPTERS)
-    out["quantised"] = {q: _probe(lorad, pixels, path, (None,)) for q, path in QUANTISED.items()}
+    out["quantised"] = {q: _probe(lorad, pixels, path, (None,), compute="fp32") for q, path in QUANTISED.items()}
+    out["quantised_int8_compute"] = {q: _probe(lorad, pixels, path, (None,), train=False)["logits"]["base"]
+                                     for q, path in QUANTISED.items()}
     print(json.dumps({"machine": os.uname().machine, **out}))
 
 

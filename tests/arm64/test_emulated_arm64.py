@@ -83,8 +83,8 @@ def test_arm64_install_serves_and_trains_like_x86_64() -> None:
     # Each adapter changes the answer, so the comparison covers five distinct computations.
     for name in ("mirror", "plus-one", "invert", "plus-one-dp"):
         assert not np.allclose(h["logits"][name], h["logits"]["base"], atol=1e-2), name
-    # The demo quantised to int8 and int4 (int8 compute, the default): served, and a DP run
-    # trained through the quantised weights, alike on both machines.
+    # The demo quantised to int8 and int4, fp32 compute: served, and a DP run trained through
+    # the quantised weights, alike on both machines.
     assert set(a["quantised"]) == set(h["quantised"]) == {"int8", "int4"}
     for q, hq in h["quantised"].items():
         aq = a["quantised"][q]
@@ -94,6 +94,11 @@ def test_arm64_install_serves_and_trains_like_x86_64() -> None:
             np.testing.assert_allclose(aq["logits"][name], hq["logits"][name], atol=1e-4, err_msg=f"{q} {name}")
         assert not np.allclose(hq["logits"]["plus-one-dp"], hq["logits"]["base"], atol=1e-2), q
         assert not np.allclose(hq["logits"]["base"], h["logits"]["base"], atol=1e-3), q  # quantised: another base
+        # int8 compute (the default): activation codes may differ by one between the two
+        # CPUs (0.019 of logits up to 14 measured), the answer does not.
+        a8, h8 = np.asarray(a["quantised_int8_compute"][q]), np.asarray(h["quantised_int8_compute"][q])
+        np.testing.assert_allclose(a8, h8, atol=0.05, err_msg=f"{q} int8 compute")
+        assert (a8.reshape(4, -1).argmax(1) == h8.reshape(4, -1).argmax(1)).all(), q
 
 
 @pytest.mark.smollm2

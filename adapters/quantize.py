@@ -244,8 +244,10 @@ def _run_quantizer(model: onnx.ModelProto, bits: int, block: int, gather: bool) 
     import logging
 
     ops = ("MatMul", "Gather") if gather else ("MatMul",)
+    # accuracy_level 4: int8 compute, as model.quantized_compute's default (the daemon sets it
+    # per its config anyway); written into the file so that plain ONNX Runtime runs it fast too.
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits, op_types_to_quantize=ops,
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)), accuracy_level=4)
     quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quantizer_log.level
     quantizer_log.setLevel(logging.ERROR)  # it logs every node at INFO

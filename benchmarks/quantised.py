@@ -1,9 +1,9 @@
 """Quantised bases: fp32 vs int8 vs int4, on MiniLM (examples/intents) and the exported test encoders.
 
 Each base model is quantised with ``lorad.adapters.quantize.quantize_model`` (ONNX Runtime's
-MatMulNBits quantiser at its default block: 128 for int8, 32 for int4; int4 also quantises the
-embedding tables), and the three
-files of one model are compared in one process, on the same threads:
+MatMulNBits quantiser at its default block: 128 for int8, 32 for int4; int4 also quantises
+the embedding tables), and the three files of one model are compared in one process, on the
+same threads:
 
 - ``latency_ms_seq{32,128}_b{1,8}``: process CPU time of one ``InferenceEngine.run`` (the
   served graph, LoRA slots at zero; ``model.quantized_compute`` at its default, int8), the
@@ -34,6 +34,10 @@ The DP runs use seeded noise (``trainer.testing``; the same draws for the three 
 seed, so the comparison between bases is paired); ``--seeds N`` repeats them with noise
 seeds 0..N-1 and averages. Accuracies are fractions; drops are in percentage points.
 
+``dynamic_int8_minilm``: the int8 lorad does not use, ONNX Runtime's ``quantize_dynamic``,
+against fp32 and lorad's int8 as bare sessions: ``latency_ms_seq128_b1``,
+``speedup_vs_fp32`` and ``batch_drift`` (a row's embedding in a batch of 8 against alone).
+
 The last line is one JSON object: ``models.<m>.<q>.{latency_ms_seq32_b1, latency_ms_seq32_b8,
 latency_ms_seq128_b1, latency_ms_seq128_b8, bytes, rss_mb, vm_rss_mb, cos_to_fp32,
 cos_to_fp32_mean, max_positions, acc_base, acc_alice_peft, acc_alice_dp8,
@@ -50,6 +54,7 @@ drop is the worse of acc_alice_dp8's and acc_alice_peft's, the booleans computed
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -122,6 +127,46 @@ def _quantise(fp32: Path, out_dir: Path, stem: str) -> dict[str, Path]:
 def _peft_targets(adapter_dir: Path) -> tuple[list[str], int]:
     config = json.loads((adapter_dir / CONFIG_FILE).read_text())
     return list(config["target_modules"]), int(config["r"])
+
+
+# ---------------------------------------------------------------- the int8 lorad does not use
+
+
+def measure_dynamic_int8(fp32: Path, int8: Path, work: Path, *, threads: int, quick: bool) -> dict[str, Any]:
+    """Why int8 is MatMulNBits: MiniLM as bare ONNX Runtime sessions (no LoRA) at fp32, as
+    lorad's int8, and as ``onnxruntime.quantization.quantize_dynamic`` writes it (MatMulInteger,
+    per-channel weights, activations scaled per tensor): latency at seq 128 batch 1 (the three
+    interleaved as above) and ``batch_drift``, the largest difference between a row's
+    ``sentence_embedding`` computed in a batch of 8 and alone."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dynamic = work / "minilm-int8-dynamic.onnx"
+    quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, extra_options={"MatMulConstBOnly": True})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for k, p in (("fp32", fp32), ("int8", int8), ("int8_dynamic", dynamic))}
+    rng = np.random.default_rng(5)
+
+    def feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
+        return {"input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int64),
+                "attention_mask": np.ones((batch, seq), np.int64), "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+    one, eight = feeds(1, 128), feeds(8, 32)
+    medians = _cpu_medians({k: functools.partial(s.run, ["sentence_embedding"], one) for k, s in sessions.items()},
+                           rounds=2 if quick else 15, reps=1 if quick else 3, rng=rng)
+    drift = {}
+    for k, session in sessions.items():
+        batched = session.run(["sentence_embedding"], eight)[0]
+        alone = np.concatenate([session.run(["sentence_embedding"], {n: v[i:i + 1] for n, v in eight.items()})[0]
+                                for i in range(8)])
+        drift[k] = float(np.abs(batched - alone).max())
+    return {"latency_ms_seq128_b1": {k: round(v * 1e3, 3) for k, v in medians.items()},
+            "speedup_vs_fp32": {k: round(medians["fp32"] / v, 3) for k, v in medians.items()},
+            "batch_drift": drift}
 
 
 # ---------------------------------------------------------------- in-process: latency and logits
@@ -404,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": m, "latency_ms_seq128_b1": {q: figures[q]["latency_ms_seq128_b1"] for q in QUANTS},
                               "bytes": {q: figures[q]["bytes"] for q in QUANTS}}), flush=True)
 
+        dynamic = measure_dynamic_int8(plan["minilm"][0]["fp32"], plan["minilm"][0]["int8"], work,
+                                       threads=args.threads, quick=args.quick)
+        print(json.dumps({"dynamic_int8": dynamic}), flush=True)
+
         # The exported encoders through a daemon: RSS only (no task).
         for m in ENCODERS:
             paths, targets, rank = plan[m]
@@ -444,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             gains = [r["acc_alice_dp8"] - r["acc_alice_dp8_fp32_trained"] for r in runs[q]]
             fig["gain_train_on_quantised"] = None if q == "fp32" else _mean(gains)
 
-    out = {"models": models, "goals": goals(models["minilm"]), "threads": args.threads, "seeds": args.seeds,
+    out = {"models": models, "goals": goals(models["minilm"]), "dynamic_int8_minilm": dynamic,
+           "threads": args.threads, "seeds": args.seeds,
            "quick": args.quick, "machine": {"cores": os.cpu_count()},
            "loadavg": {"before": list(load_before), "after": list(os.getloadavg())}}
     print(json.dumps(out))

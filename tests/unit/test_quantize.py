@@ -120,7 +120,10 @@ def _quantised_linear(k: int, n: int, bits: int, block: int) -> onnx.ModelProto:
 
 def _dequantised_weight(model: onnx.ModelProto, k: int) -> np.ndarray:
     """W as ONNX Runtime's own MatMulNBits kernel (fp32 compute) multiplies by it: x = I."""
-    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    nbits = onnx.NodeProto()
+    nbits.CopyFrom(next(n for n in model.graph.node if n.op_type == "MatMulNBits"))
+    for a in [a for a in nbits.attribute if a.name == "accuracy_level"]:
+        nbits.attribute.remove(a)  # fp32 compute: the exact dequantised product
     single = helper.make_graph([nbits], "w", [helper.make_tensor_value_info(nbits.input[0], TensorProto.FLOAT, [k, k])],
                                [helper.make_tensor_value_info(nbits.output[0], TensorProto.FLOAT, None)],
                                [i for i in model.graph.initializer if i.name in nbits.input])

@@ -68,6 +68,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from benchmarks.load import LoadWatch
 from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.engine import InferenceEngine, PreparedAdapter
 from lorad.adapters.generation import Generator, SamplingParams
@@ -692,6 +693,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="the .onnx of `lorad import-model gguf` (default: import the GGUF)")
     parser.add_argument("--no-daemon", action="store_true", help="skip the daemon's RSS (peak_rss_mb)")
     args = parser.parse_args()
+    load = LoadWatch()
     with tempfile.TemporaryDirectory() as tmp:
         args.model_path = None
         if not args.no_daemon:
@@ -705,7 +707,7 @@ def main() -> None:
                 onnx.save(model, str(args.model_path))
                 del model
                 args.model = args.model_path
-        result = run(args)
+        result = load.seal(run(args))
     for key in ("decode_tok_s", "prefill_tok_s"):
         print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in result[key].items()))
     print(f"vs llama.cpp: decode {result['vs_llamacpp_decode']}, prefill {result['vs_llamacpp_prefill']}; "

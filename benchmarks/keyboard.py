@@ -68,6 +68,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from benchmarks.load import LoadWatch
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "keyboard" / "data" / "users"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -428,7 +430,8 @@ def main() -> None:
     parser.add_argument("--skip-daemon", action="store_true")
     parser.add_argument("--gguf", type=Path)
     args = parser.parse_args()
-    print(json.dumps(run(args)))
+    load = LoadWatch()
+    print(json.dumps(load.seal(run(args))))
 
 
 if __name__ == "__main__":

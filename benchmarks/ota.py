@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.load import LoadWatch
 from benchmarks.mosquitto import Broker, create_broker
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from benchmarks.timing import median_seconds
@@ -439,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="benchmarks.ota", description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke run)")
     args = p.parse_args(argv)
-    print(json.dumps(run(args.quick), sort_keys=True))
+    load = LoadWatch()
+    print(json.dumps(load.seal(run(args.quick)), sort_keys=True))
 
 
 if __name__ == "__main__":

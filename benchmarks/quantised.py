@@ -46,7 +46,8 @@ minilm, encoder_torchscript_17, bert_optimum_17 and q in fp32, int8, int4; ``goa
 issue's: ``int8_speedup_seq128_b1`` = MiniLM fp32 / int8 latency, ≥ 1.5 with
 ``int8_acc_drop_points`` ≤ 1; ``int4_bytes_ratio`` ≤ 0.2 with ``int4_acc_drop_points`` ≤ 2; a
 drop is the worse of acc_alice_dp8's and acc_alice_peft's, the booleans computed), ``threads``,
-``seeds``, ``quick`` and ``loadavg`` before and after.
+``seeds``, ``quick``, and ``loadavg`` and ``verdicts_withheld`` (benchmarks/load.py: the
+verdicts are null when the load was above 1.5 per core).
 
     .venv/bin/python -m benchmarks.quantised [--quick] [--seeds 1] [--threads 1]
 """
@@ -72,6 +73,7 @@ import onnx
 import yaml
 
 from benchmarks.intents_model import INTENTS, build_intents_model
+from benchmarks.load import LoadWatch
 from benchmarks.personalisation import Daemon, _accuracy, _jsonl, _train, _upload
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.input_domains import input_domains
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="DP runs per base, noise seeds 0..N-1 (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, engines and daemons (default 1)")
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()
+    load = LoadWatch()
     steps = 1 if args.quick else None
     models: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -495,9 +497,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"models": models, "goals": goals(models["minilm"]), "dynamic_int8_minilm": dynamic,
            "threads": args.threads, "seeds": args.seeds,
-           "quick": args.quick, "machine": {"cores": os.cpu_count()},
-           "loadavg": {"before": list(load_before), "after": list(os.getloadavg())}}
-    print(json.dumps(out))
+           "quick": args.quick, "machine": {"cores": os.cpu_count()}}
+    print(json.dumps(load.seal(out)))
     return 0
 
 

@@ -45,7 +45,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .module_paths import ModulePaths, linear_weight_resolver
 
-__all__ = ["BLOCK_SIZES", "DEFAULT_BLOCK", "QUANTIZATION_KEY", "WEIGHT_TYPES", "QuantizedWeight", "quantization_of", "quantize_model"]
+__all__ = ["BLOCK_SIZES", "DEFAULT_BLOCK", "QUANTIZATION_KEY", "WEIGHT_TYPES", "QuantizedWeight", "describe",
+           "quantization_of", "quantize_model"]
 
 #: ``--weights`` choices: the bits of each base weight.
 WEIGHT_TYPES = {"int8": 8, "int4": 4}
@@ -104,9 +105,6 @@ def quantize_model(model: onnx.ModelProto, weights: str, *, block: int | None = 
     record = {"weights": weights, "block": block, "embeddings": bool(gather_tables),
               "tool": "onnxruntime.quantization.matmul_nbits_quantizer (RTN, asymmetric)",
               "onnxruntime": _ort_version()}
-    kept = [p for p in quantized.metadata_props if p.key != QUANTIZATION_KEY]
-    del quantized.metadata_props[:]
-    quantized.metadata_props.extend(kept)
     quantized.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(record, sort_keys=True))
     return quantized
 

@@ -40,6 +40,7 @@ __all__ = [
     "dump_peft",
     "save_peft",
     "read_peft_dir",
+    "without_base_record",
 ]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -330,3 +331,15 @@ def read_peft_dir(directory: str | Path, *, max_bytes: int = 256 << 20) -> dict[
         except FileNotFoundError as e:
             raise InvalidAdapterError(f"{file} does not exist; a PEFT adapter directory has {WEIGHTS_FILE} and {CONFIG_FILE}") from e
     return files
+
+
+def without_base_record(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The PEFT files with lorad's base-model record (:data:`FINGERPRINT_KEY`) taken out of
+    the weights file's metadata, the tensors unchanged: an adapter as plain PEFT output,
+    which any base whose modules it fits accepts. The files as given when there is none."""
+    raw = files[WEIGHTS_FILE]
+    metadata = _read_header(raw)
+    if FINGERPRINT_KEY not in metadata:
+        return dict(files)
+    kept = {k: v for k, v in metadata.items() if k != FINGERPRINT_KEY}
+    return {**files, WEIGHTS_FILE: _save_safetensors(_load_safetensors(raw), metadata=kept or None)}

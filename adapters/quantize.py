@@ -21,8 +21,8 @@ this module only prepares the graph for it and restores what it drops:
 
 Why int8 is ``MatMulNBits`` with 8 bits rather than ``quantize_dynamic`` (``MatMulInteger``):
 dynamic quantisation scales the activations per tensor, over the whole batch, so one
-request's answer would depend on the other requests it is batched with (0.036 on MiniLM's
-embeddings, measured), and one example's per-example gradient on the others in its
+request's answer would depend on the other requests it is batched with (0.032 on MiniLM's
+embeddings, against 4.5e-8 for MatMulNBits: ``python -m benchmarks.quantised --only-bare``), and one example's per-example gradient on the others in its
 batch, which DP-SGD's sensitivity bound does not allow. ``MatMulNBits`` quantises the
 activations per row and block (``model.quantized_compute: int8``), so both stay per row.
 
@@ -53,8 +53,9 @@ WEIGHT_TYPES = {"int8": 8, "int4": 4}
 #: ``--block`` choices: input features per scale and zero point.
 BLOCK_SIZES = (32, 64, 128)
 #: The block when none is given: 8-bit codes lose little to a long block, and ONNX Runtime's
-#: int8 kernel runs faster with it (MiniLM, seq 128: 22.0 ms at 128 against 26.7 at 32, fp32
-#: 32.2; cosine to fp32 0.9986 and 0.9996); 4-bit codes need the short one.
+#: int8 kernel runs faster with it (MiniLM, seq 128 batch 1, bare sessions: 20.4 ms CPU at
+#: 128 against 24.5 at 32, fp32 29.4; cosine to fp32 0.9980 and 0.9992; ``python -m
+#: benchmarks.quantised --only-bare``); 4-bit codes need the short one.
 DEFAULT_BLOCK = {"int8": 128, "int4": 32}
 #: Model metadata key recording how a file was quantised.
 QUANTIZATION_KEY = "lorad.quantization"

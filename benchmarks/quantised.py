@@ -35,8 +35,9 @@ seed, so the comparison between bases is paired); ``--seeds N`` repeats them wit
 seeds 0..N-1 and averages. Accuracies are fractions; drops are in percentage points.
 
 ``dynamic_int8_minilm``: the int8 lorad does not use, ONNX Runtime's ``quantize_dynamic``,
-against fp32 and lorad's int8 as bare sessions: ``latency_ms_seq128_b1``,
-``speedup_vs_fp32`` and ``batch_drift`` (a row's embedding in a batch of 8 against alone).
+and lorad's int8 at block 32, against fp32 and lorad's int8 (block 128) as bare sessions:
+``latency_ms_seq128_b1``, ``speedup_vs_fp32``, ``cos_to_fp32`` and ``batch_drift`` (a row's
+embedding in a batch of 8 against alone). ``--only-bare`` measures this part alone.
 
 The last line is one JSON object: ``models.<m>.<q>.{latency_ms_seq32_b1, latency_ms_seq32_b8,
 latency_ms_seq128_b1, latency_ms_seq128_b8, bytes, rss_mb, vm_rss_mb, cos_to_fp32,
@@ -49,7 +50,7 @@ drop is the worse of acc_alice_dp8's and acc_alice_peft's, the booleans computed
 ``seeds``, ``quick``, and ``loadavg`` and ``verdicts_withheld`` (benchmarks/load.py: the
 verdicts are null when the load was above 1.5 per core).
 
-    .venv/bin/python -m benchmarks.quantised [--quick] [--seeds 1] [--threads 1]
+    .venv/bin/python -m benchmarks.quantised [--quick] [--seeds 1] [--threads 1] [--only-bare]
 """
 
 from __future__ import annotations
@@ -59,12 +60,10 @@ import functools
 import io
 import json
 import os
-import statistics
 import sys
 import tarfile
 import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +74,10 @@ import yaml
 from benchmarks.intents_model import INTENTS, build_intents_model
 from benchmarks.load import LoadWatch
 from benchmarks.personalisation import Daemon, _accuracy, _jsonl, _train, _upload
+from benchmarks.timing import cpu_medians
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.input_domains import input_domains
-from lorad.adapters.peft_format import CONFIG_FILE, FINGERPRINT_KEY, WEIGHTS_FILE, read_peft_dir
+from lorad.adapters.peft_format import CONFIG_FILE, read_peft_dir, without_base_record
 from lorad.adapters.quantize import quantize_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,14 +135,18 @@ def _peft_targets(adapter_dir: Path) -> tuple[list[str], int]:
 
 
 def measure_dynamic_int8(fp32: Path, int8: Path, work: Path, *, threads: int, quick: bool) -> dict[str, Any]:
-    """Why int8 is MatMulNBits: MiniLM as bare ONNX Runtime sessions (no LoRA) at fp32, as
-    lorad's int8, and as ``onnxruntime.quantization.quantize_dynamic`` writes it (MatMulInteger,
-    per-channel weights, activations scaled per tensor): latency at seq 128 batch 1 (the three
-    interleaved as above) and ``batch_drift``, the largest difference between a row's
-    ``sentence_embedding`` computed in a batch of 8 and alone."""
+    """Why int8 is MatMulNBits at block 128: MiniLM as bare ONNX Runtime sessions (no LoRA) at
+    fp32, as lorad's int8 (block 128, the default, and 32), and as
+    ``onnxruntime.quantization.quantize_dynamic`` writes it (MatMulInteger, per-channel
+    weights, activations scaled per tensor): latency at seq 128 batch 1 (interleaved as
+    above), ``cos_to_fp32`` (min over the batch of 8) and ``batch_drift``, the largest
+    difference between a row's ``sentence_embedding`` computed in a batch of 8 and alone."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # lorad's int8 at block 32 too: what the default block of 128 is chosen against.
+    block32 = work / "minilm-int8-block32.onnx"
+    onnx.save(quantize_model(onnx.load(str(fp32)), "int8", block=32), str(block32))
     dynamic = work / "minilm-int8-dynamic.onnx"
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                      per_channel=True, extra_options={"MatMulConstBOnly": True})
@@ -150,7 +154,7 @@ def measure_dynamic_int8(fp32: Path, int8: Path, work: Path, *, threads: int, qu
     options.intra_op_num_threads, options.log_severity_level = threads, 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for k, p in (("fp32", fp32), ("int8", int8), ("int8_dynamic", dynamic))}
+                for k, p in (("fp32", fp32), ("int8", int8), ("int8_block32", block32), ("int8_dynamic", dynamic))}
     rng = np.random.default_rng(5)
 
     def feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -158,17 +162,19 @@ def measure_dynamic_int8(fp32: Path, int8: Path, work: Path, *, threads: int, qu
                 "attention_mask": np.ones((batch, seq), np.int64), "token_type_ids": np.zeros((batch, seq), np.int64)}
 
     one, eight = feeds(1, 128), feeds(8, 32)
-    medians = _cpu_medians({k: functools.partial(s.run, ["sentence_embedding"], one) for k, s in sessions.items()},
-                           rounds=2 if quick else 15, reps=1 if quick else 3, rng=rng)
-    drift = {}
+    medians = cpu_medians({k: functools.partial(s.run, ["sentence_embedding"], one) for k, s in sessions.items()},
+                           rounds=2 if quick else 15, reps=1 if quick else 3, seed=5)
+    drift, cos = {}, {}
+    reference = sessions["fp32"].run(["sentence_embedding"], eight)[0]
     for k, session in sessions.items():
         batched = session.run(["sentence_embedding"], eight)[0]
+        cos[k] = round(float(_cosines(batched, reference).min()), 6)
         alone = np.concatenate([session.run(["sentence_embedding"], {n: v[i:i + 1] for n, v in eight.items()})[0]
                                 for i in range(8)])
         drift[k] = float(np.abs(batched - alone).max())
     return {"latency_ms_seq128_b1": {k: round(v * 1e3, 3) for k, v in medians.items()},
             "speedup_vs_fp32": {k: round(medians["fp32"] / v, 3) for k, v in medians.items()},
-            "batch_drift": drift}
+            "cos_to_fp32": cos, "batch_drift": drift}
 
 
 # ---------------------------------------------------------------- in-process: latency and logits
@@ -191,26 +197,6 @@ def _feeds(engine: InferenceEngine, batch: int, seq: int, seed: int) -> dict[str
     return feeds
 
 
-def _cpu_medians(calls: Mapping[str, Callable[[], object]], *, rounds: int, reps: int,
-                 rng: np.random.Generator, warmup: int = 2) -> dict[str, float]:
-    """Median over rounds of the mean process CPU seconds per call; every round calls the
-    functions in a new random order, so drift (caches, the other processes here, thermal)
-    falls on all of them alike and none always runs right after another."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    per_round: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)):
-            fn = calls[names[i]]
-            t0 = time.process_time()
-            for _ in range(reps):
-                fn()
-            per_round[names[i]].append((time.process_time() - t0) / reps)
-    return {k: statistics.median(v) for k, v in per_round.items()}
-
-
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return np.asarray((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
@@ -226,7 +212,6 @@ def measure_engines(paths: Mapping[str, Path], targets: list[str], rank: int, *,
     tiny = paths["fp32"].stat().st_size < (1 << 20)  # the test encoders: a call is ~0.1 ms, repeat it more
     rounds = 2 if quick else 15
     reps = (2 if quick else 20) if tiny else (1 if quick else 3)
-    rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Any]] = {q: {"max_positions": max_pos} for q in paths}
     shape_feeds = {}
     for seq, batch in SHAPES:
@@ -234,7 +219,7 @@ def measure_engines(paths: Mapping[str, Path], targets: list[str], rank: int, *,
         shape_feeds[(seq, batch)] = _feeds(engines["fp32"], batch, used, seed=seq * 10 + batch)
     calls = {f"{q}|{seq}|{batch}": (lambda e=e, f=f: e.run(f))
              for (seq, batch), f in shape_feeds.items() for q, e in engines.items()}
-    medians = _cpu_medians(calls, rounds=rounds, reps=reps, rng=rng)
+    medians = cpu_medians(calls, rounds=rounds, reps=reps, seed=seed)
     for key, seconds in medians.items():
         q, seq_text, batch_text = key.split("|")
         out[q][f"latency_ms_seq{seq_text}_b{batch_text}"] = round(seconds * 1e3, 4)
@@ -299,17 +284,6 @@ def _embeddings(daemon: Daemon, texts: list[str]) -> np.ndarray:
                   ["sentence_embedding"])["sentence_embedding"]
 
 
-def _plain_peft(files: Mapping[str, bytes]) -> dict[str, bytes]:
-    """The PEFT files without lorad's base-model record, as a user brings an adapter
-    trained elsewhere (lorad refuses one recorded for another base, by design)."""
-    from safetensors.numpy import load, save
-
-    raw = files[WEIGHTS_FILE]
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != FINGERPRINT_KEY}
-    return {**files, WEIGHTS_FILE: save(load(raw), metadata=metadata or None)}
-
-
 def _trained_files(daemon: Daemon, state: Path, result: Mapping[str, Any]) -> dict[str, bytes] | None:
     """The PEFT files of the adapter a run trained: the served version if the gate accepted
     it (``loractl adapters export``), else the candidate the gate kept aside."""
@@ -358,7 +332,7 @@ def minilm_daemon_run(work: Path, q: str, model: Path, *, seed: int, first: bool
             if files is not None:
                 fp32_trained = work / f"{USER}-dp8-fp32-seed{seed}"
                 fp32_trained.mkdir(exist_ok=True)
-                for name, data in _plain_peft(files).items():
+                for name, data in without_base_record(files).items():
                     (fp32_trained / name).write_bytes(data)
                 out["fp32_trained"] = fp32_trained
         if fp32_trained is not None:
@@ -426,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 latency rounds, DP runs of 1 step")
     parser.add_argument("--seeds", type=int, default=1, help="DP runs per base, noise seeds 0..N-1 (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, engines and daemons (default 1)")
+    parser.add_argument("--only-bare", action="store_true",
+                        help="only dynamic_int8_minilm (bare sessions: fp32, int8 at blocks 128 and 32, dynamic int8)")
     args = parser.parse_args(argv)
     load = LoadWatch()
     steps = 1 if args.quick else None
@@ -433,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lorad-quantised-") as tmp:
         work = Path(tmp)
+        if args.only_bare:
+            fp32 = build_intents_model(work / "build" / "intents.onnx")
+            onnx.save(quantize_model(onnx.load(str(fp32)), "int8"), str(work / "minilm-int8.onnx"))
+            bare = measure_dynamic_int8(fp32, work / "minilm-int8.onnx", work, threads=args.threads, quick=args.quick)
+            print(json.dumps(load.seal({"dynamic_int8_minilm": bare, "threads": args.threads})))
+            return 0
         intents = yaml.safe_load((INTENTS / "lorad.yaml").read_text())["model"]
         plan: dict[str, tuple[dict[str, Path], list[str], int]] = {
             "minilm": (_quantise(build_intents_model(work / "build" / "intents.onnx"), work, "minilm"),

@@ -1,12 +1,15 @@
-"""The one way the benchmarks time a call: warm up, then the median of many runs."""
+"""The one way the benchmarks time a call: warm up, then the median of many runs (wall
+time), or of interleaved rounds in process CPU time (:func:`cpu_medians`). Standard library
+only: the torch reference scripts import it in their own virtualenv."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["median_seconds", "best_medians"]
+__all__ = ["median_seconds", "best_medians", "cpu_medians"]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, *, warmup: int = 3) -> float:
@@ -30,3 +33,25 @@ def best_medians(fns: Mapping[str, Callable[[], object]], repeats: int, *, round
         for k, fn in fns.items():
             best[k] = min(best[k], median_seconds(fn, repeats, warmup=warmup))
     return best
+
+
+def cpu_medians(calls: Mapping[str, Callable[[], object]], *, rounds: int, reps: int, seed: int = 0,
+                warmup: int = 2) -> dict[str, float]:
+    """Median over ``rounds`` of the mean process CPU seconds per call of each function.
+    Every round calls the functions in a new random order, so drift (caches, the other
+    processes here, thermal) falls on all of them alike and none always runs right after
+    another; CPU time, as a preempted call's wall time would count another process's work."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    order = random.Random(seed)
+    per_round: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
+            t0 = time.process_time()
+            for _ in range(reps):
+                calls[name]()
+            per_round[name].append((time.process_time() - t0) / reps)
+    return {k: statistics.median(v) for k, v in per_round.items()}

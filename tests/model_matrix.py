@@ -174,7 +174,7 @@ def _minilm_case() -> ModelCase:
 # ---------------------------------------------------------------- quantised bases
 
 
-def _dequantised(model: onnx.ModelProto, node: onnx.NodeProto, feed: np.ndarray) -> np.ndarray:
+def dequantised_by_ort(model: onnx.ModelProto, node: onnx.NodeProto, feed: np.ndarray) -> np.ndarray:
     """What ONNX Runtime's own kernel of one quantised ``node`` answers for ``feed``: the
     dequantised weight, read through the op (identity rows for MatMulNBits, every row
     index for GatherBlockQuantized)."""
@@ -222,7 +222,7 @@ def _float_reference(quantised: onnx.ModelProto, fp32: onnx.ModelProto, peft_dir
     for node in graph.node:
         if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
             k = int(next(a.i for a in node.attribute if a.name == "K"))
-            w = _dequantised(quantised, node, np.eye(k, dtype=np.float32)).astype(np.float64)  # [in, out]
+            w = dequantised_by_ort(quantised, node, np.eye(k, dtype=np.float32)).astype(np.float64)  # [in, out]
             out = node.output[0]
             w = w + deltas.get(out, deltas.get(out.removesuffix(".matmul"), 0.0))
             name = f"{out}.dequantised"
@@ -230,7 +230,7 @@ def _float_reference(quantised: onnx.ModelProto, fp32: onnx.ModelProto, peft_dir
             nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
         elif node.domain == "com.microsoft" and node.op_type == "GatherBlockQuantized":
             rows = next(int(i.dims[0]) for i in graph.initializer if i.name == node.input[0])
-            table = _dequantised(quantised, node, np.arange(rows, dtype=np.int64))
+            table = dequantised_by_ort(quantised, node, np.arange(rows, dtype=np.int64))
             name = f"{node.output[0]}.dequantised"
             graph.initializer.append(numpy_helper.from_array(table.astype(np.float32), name))
             nodes.append(helper.make_node("Gather", [name, node.input[1]], list(node.output), name=node.name))
@@ -288,21 +288,17 @@ def _quantised(case: ModelCase, weights: str) -> ModelCase:
     def adapter_dir(tmp: Path) -> Path:
         """The case's PEFT files without lorad's record of the fp32 base (the demo adapters
         have one): an adapter lorad made for one base is refused by another, quantised or not
-        (tests/integration/test_quantised_model.py), so a user brings it as plain PEFT files."""
-        from safetensors.numpy import load, save
-
-        from lorad.adapters.peft_format import FINGERPRINT_KEY, WEIGHTS_FILE
+        (tests/unit/test_quantize.py), so a user brings it as plain PEFT files."""
+        from lorad.adapters.peft_format import without_base_record
 
         files = read_peft_dir(case.peft_dir)
-        raw = files[WEIGHTS_FILE]
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-        metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != FINGERPRINT_KEY}
-        if metadata == header.get("__metadata__", {}):
+        plain = without_base_record(files)
+        if plain == files:
             return case.peft_dir
         out = tmp / "peft-plain"
         out.mkdir(exist_ok=True)
-        for name, data in files.items():
-            (out / name).write_bytes(save(load(data), metadata=metadata) if name == WEIGHTS_FILE else data)
+        for name, data in plain.items():
+            (out / name).write_bytes(data)
         return out
 
     return ModelCase(id=f"{case.id}-{weights}", model_section=section, inputs=case.inputs, rows=case.rows,

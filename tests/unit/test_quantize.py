@@ -32,6 +32,7 @@ from lorad.daemon.cli import build_parser
 from lorad.daemon.cli import main as lorad_main
 from lorad.daemon.demo import demo_model_path
 from lorad.trainer.autodiff import Emitter, backward, graph_constants, infer_tensor_infos
+from tests.model_matrix import dequantised_by_ort
 
 EXPORTED = Path(__file__).resolve().parents[1] / "data" / "exported"
 FP32_MODELS = [demo_model_path(), *sorted(EXPORTED.glob("*.onnx"))]
@@ -118,28 +119,15 @@ def _quantised_linear(k: int, n: int, bits: int, block: int) -> onnx.ModelProto:
     return quantize_model(model, "int8" if bits == 8 else "int4", block=block)
 
 
-def _dequantised_weight(model: onnx.ModelProto, k: int) -> np.ndarray:
-    """W as ONNX Runtime's own MatMulNBits kernel (fp32 compute) multiplies by it: x = I."""
-    nbits = onnx.NodeProto()
-    nbits.CopyFrom(next(n for n in model.graph.node if n.op_type == "MatMulNBits"))
-    for a in [a for a in nbits.attribute if a.name == "accuracy_level"]:
-        nbits.attribute.remove(a)  # fp32 compute: the exact dequantised product
-    single = helper.make_graph([nbits], "w", [helper.make_tensor_value_info(nbits.input[0], TensorProto.FLOAT, [k, k])],
-                               [helper.make_tensor_value_info(nbits.output[0], TensorProto.FLOAT, None)],
-                               [i for i in model.graph.initializer if i.name in nbits.input])
-    tiny = helper.make_model(single, opset_imports=list(model.opset_import))
-    tiny.ir_version = 9
-    session = ort.InferenceSession(tiny.SerializeToString(), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {nbits.input[0]: np.eye(k, dtype=np.float32)})[0], np.float64)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("k", "block"), [(64, 32), (48, 32), (96, 64), (40, 128)])
 def test_gradient_through_ort_quantised_weights_matches_finite_differences_of_the_dequantised_graph(
         bits: int, k: int, block: int) -> None:
     n = 5
     model = _quantised_linear(k, n, bits, block)
-    w = _dequantised_weight(model, k)
+    # W as ONNX Runtime's own kernel (fp32 compute) multiplies by it: x = I.
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    w = dequantised_by_ort(model, nbits, np.eye(k, dtype=np.float32)).astype(np.float64)
     c = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "c")).astype(np.float64)
     rng = np.random.default_rng(bits + k)
     x, seed = rng.normal(size=(2, 3, k)), rng.normal(size=(2, 3, n))
@@ -181,7 +169,7 @@ def test_int8_compute_answers_each_row_as_alone() -> None:
 
 def test_an_adapter_lorad_made_for_the_fp32_base_is_refused_naming_the_way_out(tmp_path: Path) -> None:
     from lorad.adapters.errors import BaseModelMismatchError
-    from lorad.adapters.peft_format import load_peft, read_peft_dir
+    from lorad.adapters.peft_format import load_peft, read_peft_dir, without_base_record
     from lorad.daemon.demo import DEMO_TARGETS, demo_adapter_dirs
 
     quantised = quantize_model(onnx.load(str(demo_model_path())), "int4")
@@ -191,3 +179,7 @@ def test_an_adapter_lorad_made_for_the_fp32_base_is_refused_naming_the_way_out(t
     assert adapter.base_fingerprint  # lorad recorded the fp32 demo model in it
     with pytest.raises(BaseModelMismatchError, match=r"quantised.*Train again on this base"):
         engine.check(adapter)
+    # The way out the message names: the same tensors as plain PEFT files.
+    plain = load_peft(without_base_record(files), weight_of=engine.module_paths.weight_of)
+    assert not plain.base_fingerprint
+    engine.check(plain)

@@ -18,6 +18,7 @@ the daemon count events without this module importing prometheus.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -108,6 +109,8 @@ class AdapterCache(Generic[T]):
         self._on_event = on_event
         self._lock = threading.Lock()
         self._index: OrderedDict[str, _Entry[T]] = OrderedDict()  # least recently used first
+        #: The pinned entries of the index, so that admitting an item costs O(pins), not O(entries).
+        self._pinned: dict[str, _Entry[T]] = {}
         self._loading: dict[str, _Load] = {}
         self._bytes_used = 0
         self._hits = self._misses = self._evictions = self._loads = 0
@@ -117,11 +120,17 @@ class AdapterCache(Generic[T]):
     @contextmanager
     def lease(self, name: str) -> Iterator[T]:
         """Hold the current item of ``name`` for one request; loads it on a miss."""
-        entry = self._acquire(name, pin=False)
+        item, release = self.hold(name)
         try:
-            yield entry.item
+            yield item
         finally:
-            self._release(entry)
+            release()
+
+    def hold(self, name: str) -> tuple[T, Callable[[], None]]:
+        """:meth:`lease` for a request that ends in another thread (a batch): the item and the
+        function that ends the lease, to be called once."""
+        entry = self._acquire(name, pin=False)
+        return entry.item, functools.partial(self._release, entry)
 
     def put(self, item: T) -> None:
         """Hot swap: the next lease of ``item.name`` gets ``item``; running leases keep theirs."""
@@ -166,6 +175,7 @@ class AdapterCache(Generic[T]):
             entry = self._index.get(name)
             if entry is not None:
                 entry.pinned = False
+                self._pinned.pop(name, None)
                 self._shrink(events)
         self._emit(events)
 
@@ -202,6 +212,12 @@ class AdapterCache(Generic[T]):
     def contains(self, name: str) -> bool:
         with self._lock:
             return name in self._index
+
+    def entry(self, name: str) -> CacheEntryInfo | None:
+        """The cached entry of ``name``, None when it is not cached."""
+        with self._lock:
+            e = self._index.get(name)
+            return None if e is None else CacheEntryInfo(name, e.item.version, e.nbytes, e.pinned, e.leases)
 
     def entries(self) -> list[CacheEntryInfo]:
         """Cached entries, least recently used first."""
@@ -290,6 +306,7 @@ class AdapterCache(Generic[T]):
             if not entry.pinned:
                 self._check_fits(entry.item, entry.nbytes, exclude=entry)
                 entry.pinned = True
+                self._pinned[entry.item.name] = entry
         else:
             entry.leases += 1
         self._index.move_to_end(entry.item.name)
@@ -317,13 +334,15 @@ class AdapterCache(Generic[T]):
         if old is not None:
             self._drop(old)
         self._index[item.name] = entry
+        if entry.pinned:
+            self._pinned[item.name] = entry
         self._bytes_used += nbytes
         self._shrink(events, keep=entry)
         return entry
 
     def _check_fits(self, item: T, nbytes: int, *, exclude: _Entry[T] | None) -> None:
         """Refuse what cannot fit next to the pinned entries, which never leave."""
-        pinned = {n: e.nbytes for n, e in self._index.items() if e.pinned and e is not exclude}
+        pinned = {n: e.nbytes for n, e in self._pinned.items() if e is not exclude}
         free = self.budget_bytes - sum(pinned.values())
         if nbytes <= free:
             return
@@ -342,6 +361,8 @@ class AdapterCache(Generic[T]):
     def _drop(self, entry: _Entry[T]) -> None:
         """Take ``entry`` out of the index; its bytes go now or when its last lease ends."""
         del self._index[entry.item.name]
+        if self._pinned.get(entry.item.name) is entry:
+            del self._pinned[entry.item.name]
         entry.indexed = False
         if entry.leases == 0:
             self._bytes_used -= entry.nbytes
@@ -350,6 +371,8 @@ class AdapterCache(Generic[T]):
         self, events: list[tuple[CacheEvent, str]], *, keep: _Entry[T] | None = None
     ) -> None:
         """Evict idle entries, least recently used first, until within budget."""
+        if self._bytes_used <= self.budget_bytes:
+            return  # the common case, without a look at every entry
         for name, entry in list(self._index.items()):
             if self._bytes_used <= self.budget_bytes:
                 return

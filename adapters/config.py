@@ -75,6 +75,10 @@ class CacheConfig(ConfigModel):
 
     budget_bytes: ByteSize = Field(64 * 1024**2, gt=0, description="Bytes of adapter weights kept in memory; "
                                                                    "least recently used adapters go first.")
+    merged_bytes: ByteSize = Field(128 * 1024**2, ge=0, description="The merged fast path: the adapter that answers "
+                                   "most of the recent requests is folded into a copy of the target weights, served at "
+                                   "the base model's cost; the most that copy may take (fp32 target weights; MiniLM "
+                                   "needs 43 MB). 0: off. Not for quantised targets or decoders.")
 
 
 class GenerationConfig(ConfigModel):

@@ -1,10 +1,13 @@
-"""The inference engine: one ONNX Runtime session serves the base model and every adapter.
+"""The inference engine: ONNX Runtime sessions over one base model serve it and every adapter.
 
-The session runs the fused inference graph of :mod:`lorad.adapters.lora_fused`. An adapter is turned
-once into a :class:`PreparedAdapter` (checked against the base model, zero-padded to the
-slot rank, scale folded into B, copied to the device) so that switching adapters between
-requests costs no I/O and no conversion. Requests without an adapter feed zero matrices,
-which leaves the base model's outputs exactly unchanged.
+Two sessions, opened when first used: the base model's own graph, which answers every
+request without an adapter at the base model's cost, and the fused LoRA graph of
+:mod:`lorad.adapters.lora_fused`, which answers every adapter with it as session inputs.
+They share the tables only gathered from (a text model's embeddings), the largest
+initializers no kernel re-packs. An adapter is turned once into a :class:`PreparedAdapter`
+(checked against the base model, scale folded into B, laid out as the LoRA session's
+inputs, one copy of its numbers) so that switching adapters between requests costs no
+I/O and no conversion.
 
 CPU and CUDA share this code path: ``device`` selects the execution provider and where
 the adapter tensors live; the tests run it on CPU.
@@ -24,14 +27,16 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .errors import AdapterStorageError, BaseModelMismatchError, InvalidAdapterError
 from .input_domains import input_domains
 from .llama_builder import LLM_CONFIG_KEY
-from .lora import LoraAdapter
+from .lora import LoraAdapter, LoraWeights
 from .lora_fused import FusedLayout, make_fused_inference_graph
 from .lora_graph import LoraTarget, digest_model, find_targets, fingerprint
 from .memory import trim_now
+from .merged import MergedPath, merge_blocker, merged_model
 from .module_paths import ModulePaths
 from .onnx_compat import for_runtime, open_session, set_quantized_compute
 from .quantize import QUANTIZATION_KEY
@@ -153,17 +158,26 @@ class InferenceEngine:
         intra_op_threads: int = 0,
         allow_spinning: bool = True,
         quantized_compute: str = "int8",
+        merged_bytes: int = 0,
     ) -> None:
+        """``merged_bytes``: the most the merged copy of the target weights may take for the
+        merged fast path (:mod:`lorad.adapters.merged`); 0 turns it off."""
         if device not in DEVICES:
             raise ValueError(f"device {device!r} is not supported; allowed: {', '.join(DEVICES)}")
         if rank <= 0:
             raise ValueError(f"slot rank must be a positive integer, got {rank}")
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-        if any(n.op_type == "MatMulNBits" for n in base.graph.node):
+        ir_version = base.ir_version
+        quantised = any(n.op_type == "MatMulNBits" for n in base.graph.node)
+        if quantised:
             base = set_quantized_compute(_copy(base) if isinstance(model, onnx.ModelProto) else base, quantized_compute)
         # Unlowered: an 8-bit target must stay a MatMulNBits to be found and get its LoRA
         # path; the derived graphs go through for_runtime with that path in place.
         self.base_model = for_runtime(base, lower_nbits8=False)
+        #: The file the base session opens as it is (no copy written): the model given by
+        #: path and served unchanged.
+        self._base_file = str(model) if not isinstance(model, onnx.ModelProto) and not quantised \
+            and base.ir_version == ir_version else None
         #: The values integer inputs may hold (token ids within the vocabulary, 0/1 masks).
         self.input_domains = input_domains(base)
         #: Module path of every LoRA-able weight: how PEFT names meet ONNX names.
@@ -177,63 +191,108 @@ class InferenceEngine:
 
         self._threads, self._allow_spinning = intra_op_threads, allow_spinning
         self.providers = [DEVICES[self.active_device]] + (["CPUExecutionProvider"] if self.active_device != "cpu" else [])
-        graph, self._layout = self._fused_graph()
-        self._graph: onnx.ModelProto | None = graph
-        lora_names = set(self._layout.input_names)
-        self.inputs = [s for s in _graph_specs(graph.graph, "input") if s.name not in lora_names]
-        self.outputs = list(_graph_specs(graph.graph, "output"))
+        self.inputs = list(_graph_specs(self.base_model.graph, "input"))
+        self.outputs = list(_graph_specs(self.base_model.graph, "output"))
         self._output_names = [o.name for o in self.outputs]
         self._by_weight = {t.weight: t for t in self.targets}
-        self._zero_feeds = self._device_feeds(self._layout.feeds({}))
-        self._session: ort.InferenceSession | None = None
-        self._session_lock = threading.Lock()
+        #: Tables only gathered from (embeddings), shared by every session of this engine.
+        self._shared = _gather_tables(self.base_model)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._base_session: ort.InferenceSession | None = None
+        self._lora: tuple[ort.InferenceSession | None, FusedLayout] | None = None
         self._on_demand = LLM_CONFIG_KEY in {p.key for p in base.metadata_props}
-        if self._on_demand:
-            # A decoder language model generates in its own session (lorad.adapters.generation):
-            # this one opens at the first /infer, not to hold a second copy of the weights.
-            self._graph = None
+        #: The merged fast path, or None: then :attr:`merge_off` says why (off, not allowed for
+        #: this model, or over its budget).
+        self.merged: MergedPath | None = None
+        merged_need = sum(t.in_features * t.out_features * 4 for t in self.targets)
+        blocker = merge_blocker(self.base_model, self.targets) if merged_bytes else "cache.merged_bytes is 0"
+        if blocker is None and merged_need > merged_bytes:
+            blocker = f"the merged target weights would take {merged_need} bytes, over cache.merged_bytes {merged_bytes}"
+        if blocker is None and self._on_demand:
+            blocker = "a decoder language model generates in its own session"
+        self.merge_off: str | None = blocker
+        if blocker is None:
+            self.merged = MergedPath(self._merged_session)
         else:
-            self._open_session()
+            log.info("no merged fast path for this model: %s", blocker)
+        if not self._on_demand:
+            # A decoder language model generates in its own session (lorad.adapters.generation):
+            # these open at the first /infer, not to hold another copy of the weights.
+            self.base_session  # noqa: B018 - opened now: the daemon is ready when it serves
 
-    def _fused_graph(self) -> tuple[onnx.ModelProto, FusedLayout]:
-        # The fused form (shared A products, adds folded into bias adds and Gemms): the
-        # same arithmetic as lora_graph.make_inference_graph with fewer kernels.
-        return make_fused_inference_graph(self.base_model, self.targets, rank=self.rank)
+    @property
+    def base_session(self) -> ort.InferenceSession:
+        """The session over the base model's own graph: requests without an adapter."""
+        with self._lock:
+            if self._base_session is None:
+                graph: onnx.ModelProto | str = self.base_model
+                if self._base_file is not None:
+                    graph = self._base_file
+                elif any(n.op_type == "MatMulNBits" for n in self.base_model.graph.node):
+                    graph = for_runtime(_copy(self.base_model))  # 8-bit products as float ops where set so
+                self._base_session = self._new_session(graph, "base model")
+            return self._base_session
 
     @property
     def session(self) -> ort.InferenceSession:
-        """The ONNX Runtime session over the fused inference graph."""
-        return self._session if self._session is not None else self._open_session()
+        """The session over the fused LoRA graph: requests with an adapter."""
+        session = self._lora_parts(open_session=True)[0]
+        assert session is not None
+        return session
+
+    @property
+    def layout(self) -> FusedLayout:
+        """The LoRA session's adapter inputs (built with its graph, at the first adapter)."""
+        return self._lora_parts(open_session=False)[1]
+
+    def _lora_parts(self, *, open_session: bool) -> tuple[ort.InferenceSession | None, FusedLayout]:
+        with self._lock:
+            if self._lora is None or (open_session and self._lora[0] is None):
+                graph, layout = make_fused_inference_graph(self.base_model, self.targets, rank=self.rank)
+                # A decoder prepares adapters for its banks without the session (see prepare).
+                session = self._new_session(graph, "LoRA graph") if open_session or not self._on_demand else None
+                self._lora = (session, self._lora[1] if self._lora is not None else layout)
+            return self._lora
+
+    def session_options(self) -> ort.SessionOptions:
+        """Options of every session over this base model (the banks' too): its threads and
+        spinning, no CPU arena, the shared embedding tables."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self._threads
+        # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
+        # after one 8k-token call), while without it the memory goes back (with
+        # malloc_trim, adapters/memory.py); measured no slower on MiniLM or the demo MLP.
+        options.enable_cpu_mem_arena = False
+        if not self._allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, value in self._shared.items():
+            options.add_initializer(name, value)
+        return options
+
+    def _new_session(self, graph: onnx.ModelProto | str, what: str) -> ort.InferenceSession:
+        """A session over ``graph`` (a model, or the path of a file ORT reads as it is)."""
+        try:
+            if isinstance(graph, str):
+                return ort.InferenceSession(graph, self.session_options(), providers=self.providers)
+            return open_session(graph, self.session_options(), self.providers)
+        except Exception as e:  # ORT raises its own untyped errors for invalid graphs
+            raise AdapterStorageError(f"ONNX Runtime could not load the {what}: {e}") from e
+
+    def _merged_session(self, prepared: PreparedAdapter) -> ort.InferenceSession:
+        return self._new_session(merged_model(self.base_model, self.targets, prepared.matrices), "merged adapter")
 
     def release_session(self) -> None:
-        """Close a decoder's on-demand session (opened by /infer or the trainer's validation
-        gate: SmolLM2, about 350 MB); its next use opens it again. Calls running on it finish.
-        Other models keep theirs: it is their serving path."""
+        """Close a decoder's on-demand sessions (opened by /infer or the trainer's validation
+        gate: SmolLM2, about 350 MB each); their next use opens them again. Calls running on
+        them finish. Other models keep theirs: they are their serving path."""
         if self._on_demand:
-            with self._session_lock:
-                self._session = None
+            with self._lock:
+                self._base_session = None
+                if self._lora is not None:
+                    self._lora = (None, self._lora[1])
             trim_now()  # glibc would keep the freed pages
-
-    def _open_session(self) -> ort.InferenceSession:
-        with self._session_lock:
-            if self._session is not None:
-                return self._session
-            graph = self._graph if self._graph is not None else self._fused_graph()[0]
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = self._threads
-            # No CPU arena: ORT's arena keeps a large request's peak for good (MiniLM: +210 MB
-            # after one 8k-token call), while without it the memory goes back (with
-            # malloc_trim, adapters/memory.py); measured no slower on MiniLM or the demo MLP.
-            options.enable_cpu_mem_arena = False
-            if not self._allow_spinning:
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            try:
-                self._session = open_session(graph, options, self.providers)
-            except Exception as e:  # ORT raises its own untyped errors for invalid graphs
-                raise AdapterStorageError(f"ONNX Runtime could not load the base model: {e}") from e
-            self._graph = None  # ORT holds what it needs
-            return self._session
 
     @functools.cached_property
     def model_digest(self) -> str:
@@ -292,41 +351,83 @@ class InferenceEngine:
                 )
 
     def prepare(self, adapter: LoraAdapter, *, name: str, version: int) -> PreparedAdapter:
-        """Check, pad to the slot rank, fold the scale into B and place on the device."""
+        """Check, fold the scale into B, lay out as the LoRA session's inputs (zero-padded to
+        the slot rank) and place on the device. The prepared adapter holds one copy of the
+        numbers: its matrices, and the adapter it keeps for compositions, are views of the
+        session inputs (its ``adapter`` has scale 1, B scaled)."""
         self.check(adapter)
-        matrices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for weight, w in adapter.weights.items():
-            target = self._by_weight[weight]
-            a = np.zeros((target.in_features, self.rank), np.float32)
-            b = np.zeros((self.rank, target.out_features), np.float32)
-            a[:, : adapter.rank] = w.A
-            b[: adapter.rank, :] = w.B * np.float32(adapter.scale)
-            matrices[weight] = (a, b)
-        held = {id(m): m.nbytes for pair in matrices.values() for m in pair}
-
-        def feeds() -> dict[str, ort.OrtValue]:
-            arrays = self._layout.feeds(matrices)
-            return self._device_feeds(arrays)
-
-        if self._graph is None and self._session is None:
-            # A decoder generates through the banks, which read the matrices: the engine
-            # session's grouped inputs (about twice the matrices) are made if /infer asks.
-            make_feeds = _once(feeds)
-        else:
-            arrays = self._layout.feeds(matrices)
-            ready = self._device_feeds(arrays)
-            held |= {id(a): a.nbytes for a in arrays.values()}  # the grouped inputs too
-            make_feeds = lambda: ready  # noqa: E731
-        return PreparedAdapter(name, version, adapter.rank, sum(held.values()), adapter, make_feeds, matrices)
+        scale = np.float32(adapter.scale)
+        arrays, matrices = self.layout.place({w: (p.A, p.B * scale) for w, p in adapter.weights.items()})
+        r = adapter.rank
+        folded = LoraAdapter(r, float(r), {w: LoraWeights(a[:, :r], b[:r]) for w, (a, b) in matrices.items()},
+                             adapter.base_fingerprint, extra=adapter.extra)
+        held = {id(a): a.nbytes for a in arrays.values() if not _is_shared_zero(a)}
+        if self._ort_device == "cpu":
+            ready = self._device_feeds(arrays)  # OrtValues over these arrays: no copy
+            make_feeds: Callable[[], Mapping[str, ort.OrtValue]] = lambda: ready  # noqa: E731
+        else:  # a copy on the device, made when first read (a decoder generates from the banks)
+            make_feeds = _once(lambda: self._device_feeds(arrays))
+            held = {k: 2 * v for k, v in held.items()}
+        return PreparedAdapter(name, version, r, sum(held.values()), folded, make_feeds, matrices)
 
     def run(self, inputs: Mapping[str, np.ndarray], adapter: PreparedAdapter | None = None) -> dict[str, np.ndarray]:
         """Run one request; ``inputs`` are already checked against :attr:`inputs`."""
-        binding = self.session.io_binding()
+        names = self._output_names
+        if adapter is None:  # the base model's own session: nothing to bind but the request
+            return dict(zip(names, self.base_session.run(names, dict(inputs)), strict=True))
+        merged = self.merged.session_for(adapter) if self.merged is not None else None
+        if merged is not None:
+            return dict(zip(names, merged.run(names, dict(inputs)), strict=True))
+        binding = self._binding(adapter)
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name, value in (adapter.feeds if adapter is not None else self._zero_feeds).items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self._output_names:
+        for name in names:  # each call: a bound output would be taken as preallocated
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
+        outputs = dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+        binding.clear_binding_outputs()  # ORT's buffers: not kept until the next call
+        return outputs
+
+    def _binding(self, adapter: PreparedAdapter) -> ort.IOBinding:
+        """This thread's IO binding of the LoRA session with ``adapter``'s inputs bound: kept
+        while the thread serves the same adapter (binding MiniLM's 60 LoRA inputs costs
+        about 3% of its forward), rebound when it changes. A thread keeps its last
+        adapter's inputs referenced until it serves another."""
+        local = self._local
+        session = self.session
+        binding = getattr(local, "binding", None)
+        if binding is None or local.session is not session:
+            binding = local.binding = session.io_binding()
+            local.session, local.bound = session, None
+        if local.bound is not adapter:
+            for name, value in adapter.feeds.items():
+                binding.bind_ortvalue_input(name, value)
+            local.bound = adapter
+        return binding
+
+
+def _is_shared_zero(array: np.ndarray) -> bool:
+    """A zero input the layout shares between adapters (not this adapter's memory)."""
+    return not array.flags.writeable
+
+
+#: Smallest table worth sharing between sessions.
+_SHARED_MIN_BYTES = 1 << 16
+
+
+def _gather_tables(model: onnx.ModelProto) -> dict[str, ort.OrtValue]:
+    """Initializers that only ``Gather`` nodes read (a text model's embedding tables): ONNX
+    Runtime packs no copy of them for a kernel, so one array serves every session (the
+    weights of MatMul and Gemm each session packs for itself, and keeps no other copy)."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    tables = {}
+    for init in model.graph.initializer:
+        ops = readers.get(init.name, set())
+        if ops == {"Gather"} and not init.external_data:
+            array = numpy_helper.to_array(init)
+            if array.nbytes >= _SHARED_MIN_BYTES:
+                tables[init.name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+    return tables

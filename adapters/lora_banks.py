@@ -21,6 +21,7 @@ runs (:meth:`AdapterBanks.acquire` / :meth:`AdapterBanks.release`).
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -142,17 +143,21 @@ class _Slot:
     __slots__ = ("item", "refs")
 
     def __init__(self) -> None:
-        self.item: object | None = None
+        #: The prepared adapter it holds, weakly: an adapter the cache dropped is not kept
+        #: alive by the banks, and its slot is free for another.
+        self.item: weakref.ref[object] | None = None
         self.refs = 0
 
 
 class AdapterBanks:
     """Bank arrays, slot placement and the session over the banked graph.
 
-    ``slots`` adapter slots (plus slot 0, the zero slot). A slot keeps the prepared adapter
+    ``slots`` adapter slots (plus slot 0, the zero slot). A slot knows the prepared adapter
     it holds (by identity, so a new version or a composition never matches an old slot)
     and a count of the batches using it; free slots are reused least recently used first.
-    The banks take ``slots × slot_bytes`` bytes, allocated once.
+    The banks take ``slots × slot_bytes`` bytes, allocated once: at construction, or with
+    ``lazy`` when the first adapter is placed (the session too, at the first call), so a
+    daemon whose requests never mix pays for neither.
     """
 
     def __init__(
@@ -164,73 +169,114 @@ class AdapterBanks:
         slots: int,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 0,
+        options: Any = None,
+        lazy: bool = False,
     ) -> None:
+        """``options``: the session's ``SessionOptions`` (the engine's: its threads, shared
+        tables); None: ``intra_op_threads`` and lorad's defaults."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.slots = slots
         self.rank = rank
         self._targets = list(targets)
-        graph = make_banked_inference_graph(base_model, targets, rank=rank, slots=slots + 1)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        options.enable_cpu_mem_arena = False  # as the engine's session (engine.py says why)
-        try:
-            self.session = open_session(graph, options, providers)
-        except Exception as e:  # ORT raises its own untyped errors for invalid graphs
-            raise AdapterStorageError(f"ONNX Runtime could not load the banked graph: {e}") from e
+        self._base_model, self._providers, self._threads = base_model, list(providers), intra_op_threads
+        self._options = options
+        self._session: Any = None
         self._banks: dict[str, np.ndarray] = {}
-        for t in self._targets:
-            a_bank, b_bank = bank_input_names(t.weight)
-            self._banks[a_bank] = np.zeros((slots + 1, t.in_features, rank), np.float32)
-            self._banks[b_bank] = np.zeros((slots + 1, rank, t.out_features), np.float32)
-        self.slot_bytes = sum(b[0].nbytes for b in self._banks.values())
+        self.slot_bytes = sum(4 * rank * (t.in_features + t.out_features) for t in self._targets)
         self._lock = threading.Lock()
         self._table: OrderedDict[int, _Slot] = OrderedDict((i, _Slot()) for i in range(1, slots + 1))
-        self._output_names = [o.name for o in self.session.get_outputs()]
+        self._where: dict[int, int] = {}  # id(prepared adapter) → its slot, checked against the slot's weakref
         self._local = threading.local()
+        if not lazy:
+            with self._lock:
+                self._allocate()
+            self.session  # noqa: B018 - opened now
+
+    @property
+    def session(self) -> Any:
+        """The session over the banked graph (opened at the first call when ``lazy``)."""
+        with self._lock:
+            if self._session is None:
+                graph = make_banked_inference_graph(self._base_model, self._targets, rank=self.rank, slots=self.slots + 1)
+                options = self._options
+                if options is None:
+                    options = ort.SessionOptions()
+                    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                    options.intra_op_num_threads = self._threads
+                    options.enable_cpu_mem_arena = False  # as the engine's session (engine.py says why)
+                try:
+                    self._session = open_session(graph, options, self._providers)
+                except Exception as e:  # ORT raises its own untyped errors for invalid graphs
+                    raise AdapterStorageError(f"ONNX Runtime could not load the banked graph: {e}") from e
+                self._output_names = [o.name for o in self._session.get_outputs()]
+            return self._session
+
+    def _allocate(self) -> None:
+        if not self._banks:
+            for t in self._targets:
+                a_bank, b_bank = bank_input_names(t.weight)
+                self._banks[a_bank] = np.zeros((self.slots + 1, t.in_features, self.rank), np.float32)
+                self._banks[b_bank] = np.zeros((self.slots + 1, self.rank, t.out_features), np.float32)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the banks' session is open (a lazy one opens at the first mixed batch)."""
+        return self._session is not None
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the bank arrays (allocated or to be)."""
         return self.slot_bytes * (self.slots + 1)
 
     def acquire(self, prepared: PreparedLike | None) -> int | None:
         """The slot holding ``prepared`` (placing it if needed), counted as in use until
         :meth:`release`; 0 for the base model; None when every slot is in use."""
+        return self.acquire_all([prepared])[0]
+
+    def acquire_all(self, adapters: Sequence[PreparedLike | None]) -> list[int | None]:
+        """:meth:`acquire` of each, under one lock (a batch's rows)."""
+        with self._lock:
+            return [self._acquire(p) for p in adapters]
+
+    def _acquire(self, prepared: PreparedLike | None) -> int | None:
         if prepared is None:
             return 0
-        with self._lock:
-            free: int | None = None
-            for index, slot in self._table.items():
-                if slot.item is prepared:
-                    slot.refs += 1
-                    self._table.move_to_end(index)
-                    return index
-                if free is None and slot.refs == 0:
-                    free = index
-            if free is None:
-                return None
-            slot = self._table[free]
-            slot.refs = 1
-            slot.item = prepared
-            self._table.move_to_end(free)
-            # Written under the lock: no batch uses this slot (refs was 0), and no other
-            # thread can place into it meanwhile.
-            for t in self._targets:
-                a_bank, b_bank = bank_input_names(t.weight)
-                pair = prepared.matrices.get(t.weight)
-                if pair is None:  # the adapter leaves this target alone
-                    self._banks[a_bank][free] = 0
-                    self._banks[b_bank][free] = 0
-                else:
-                    self._banks[a_bank][free], self._banks[b_bank][free] = pair
-            return free
+        index = self._where.get(id(prepared))
+        if index is not None:
+            slot = self._table[index]
+            if slot.item is not None and slot.item() is prepared:
+                slot.refs += 1
+                self._table.move_to_end(index)
+                return index
+        free = next((i for i, s in self._table.items() if s.refs == 0), None)  # least recently used
+        if free is None:
+            return None
+        self._allocate()
+        slot = self._table[free]
+        self._where = {k: v for k, v in self._where.items() if v != free}  # one entry per slot at most
+        slot.refs = 1
+        slot.item = weakref.ref(prepared)
+        self._where[id(prepared)] = free
+        self._table.move_to_end(free)
+        # Written under the lock: no batch uses this slot (refs was 0), and no other
+        # thread can place into it meanwhile.
+        for t in self._targets:
+            a_bank, b_bank = bank_input_names(t.weight)
+            pair = prepared.matrices.get(t.weight)
+            if pair is None:  # the adapter leaves this target alone
+                self._banks[a_bank][free] = 0
+                self._banks[b_bank][free] = 0
+            else:
+                self._banks[a_bank][free], self._banks[b_bank][free] = pair
+        return free
 
-    def release(self, slot: int) -> None:
-        if slot == 0:
-            return
+    def release(self, *slots: int) -> None:
+        """End one use of each of ``slots`` (from :meth:`acquire`; 0 is never held)."""
         with self._lock:
-            self._table[slot].refs -= 1
+            for slot in slots:
+                if slot:
+                    self._table[slot].refs -= 1
 
     def in_use(self) -> dict[int, int]:
         """Slot → number of batches using it (for tests and inspection)."""
@@ -243,6 +289,8 @@ class AdapterBanks:
         binding = getattr(self._local, "binding", None)
         if binding is None:
             binding = self.session.io_binding()
+            with self._lock:
+                self._allocate()  # a batch of base-model rows only: slot 0's zeros
             for name, bank in self._banks.items():
                 binding.bind_cpu_input(name, bank)
             self._local.binding = binding

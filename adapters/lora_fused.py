@@ -1,40 +1,38 @@
-"""The single-adapter serving graph with as few extra kernels as the graph allows.
+"""The single-adapter serving graph: the LoRA arithmetic with ONNX Runtime's own fusions left intact.
 
-At batch 1 an ONNX Runtime CPU kernel costs a few microseconds whatever its size, so the
-LoRA overhead of the plain form (two MatMuls and an Add per target, see
-:func:`lorad.adapters.lora_graph.make_inference_graph`) is mostly kernel count. This form is
-the same arithmetic with fewer kernels:
+Per target weight ``W`` the graph adds ``(x·A)·B`` (scale folded into B) to ``x·W``; this
+form keeps that arithmetic and no more, and leaves the base model's nodes as ORT's
+optimiser expects them:
 
 * **shared A product**: targets whose linear nodes read the same input (q, k and v of an
-  attention block) get one ``x·[A_q | A_k | A_v]`` product; each target's B is fed
-  zero-padded to the group's rank, so ``(x·A_group)·B_t`` is exactly ``(x·A_t)·B_t``;
-* **fold into the bias add**: ``MatMul(x, W)`` followed by ``Add(·, bias)`` becomes
-  ``Sum(x·W, bias, delta)`` (one kernel instead of two adds); when x is 2-D the pair
-  becomes ``Gemm(x, W, bias)`` and the delta ``Gemm(x·A, B, C=that)`` — the fusion ORT
-  would have made of the base pair, kept, with the LoRA add inside the second Gemm;
+  attention block) get one ``x·[A_q | A_k | A_v]`` product, ``Split`` into each target's
+  ``x·A_t``; each B is its own ``[r, out]`` input, never zero-padded to the group;
+* **added before the bias**: ``MatMul(x, W)`` followed by ``Add(·, bias)`` becomes
+  ``Add(MatMul(x, W), (x·A)·B)`` then the same bias ``Add``, so ORT still fuses the bias
+  into what follows it (``BiasGelu``); when x is 2-D the pair becomes ``Gemm(x, W, bias)``
+  and the delta ``Gemm(x·A, B, C=that)`` — the fusion ORT would have made of the base pair,
+  kept, with the LoRA add inside the second Gemm;
 * **Gemm targets**: ``Gemm(x·A, B, C=Gemm(x, W, c), alpha)`` folds the add likewise.
 
 :class:`FusedLayout` says which session inputs the graph has and builds their values from
-each target's (A, scale·B) padded to the slot rank.
+each target's (A, scale·B) at the slot rank.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .lora_graph import LoraTarget, target_nodes, tensor_ranks
 from .onnx_compat import for_runtime
 
 __all__ = ["FusedLayout", "make_fused_inference_graph"]
-
-_LINEAR_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -50,36 +48,58 @@ class FusedLayout:
 
     rank: int
     groups: tuple[_Group, ...]
-    #: B input name → (weight, offset of its block in the group, group rank, out features)
-    b_inputs: Mapping[str, tuple[str, int, int, int]]
+    #: B input name → (target weight, out features)
+    b_inputs: Mapping[str, tuple[str, int]]
+    _zero_inputs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_names(self) -> list[str]:
         return [g.a_input for g in self.groups] + list(self.b_inputs)
 
-    def feeds(self, matrices: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Input arrays from per-target ``(A [in, r], B [r, out])`` at the slot rank r;
-        targets missing from ``matrices`` get zeros (the base model)."""
+    def place(
+        self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """The session inputs for one adapter, and each of its targets' (A, B) at the slot rank
+        as views of them (what the banks of mixed batches copy into a slot): one copy of the
+        adapter's numbers in all. ``pairs``: weight → (A [in, r'], scale·B [r', out]), r' ≤
+        the slot rank; targets not in ``pairs`` read zeros (the base model's answer)."""
         r = self.rank
-        out: dict[str, np.ndarray] = {}
+        feeds: dict[str, np.ndarray] = {}
+        views: dict[str, list[np.ndarray]] = {}
         for g in self.groups:
-            if len(g.weights) == 1 and g.weights[0] in matrices:  # no copy for a group of one
-                out[g.a_input] = matrices[g.weights[0]][0]
+            if not any(w in pairs for w in g.weights):
+                feeds[g.a_input] = self._zeros(g.in_features, r * len(g.weights))
                 continue
             a = np.zeros((g.in_features, r * len(g.weights)), np.float32)
             for i, w in enumerate(g.weights):
-                if w in matrices:
-                    a[:, i * r : (i + 1) * r] = matrices[w][0]
-            out[g.a_input] = a
-        for name, (w, offset, group_rank, out_features) in self.b_inputs.items():
-            if group_rank == r and w in matrices:
-                out[name] = matrices[w][1]
+                if w in pairs:
+                    block = pairs[w][0]
+                    a[:, i * r : i * r + block.shape[1]] = block
+                    views[w] = [a[:, i * r : (i + 1) * r]]
+            feeds[g.a_input] = a
+        for name, (w, out_features) in self.b_inputs.items():
+            if w not in pairs:
+                feeds[name] = self._zeros(r, out_features)
                 continue
-            b = np.zeros((group_rank, out_features), np.float32)
-            if w in matrices:
-                b[offset : offset + r] = matrices[w][1]
-            out[name] = b
-        return out
+            block = pairs[w][1]
+            b = block if block.shape[0] == r and block.dtype == np.float32 and block.flags.c_contiguous \
+                else np.zeros((r, out_features), np.float32)
+            if b is not block:
+                b[: block.shape[0]] = block
+            feeds[name] = b
+            views[w].append(b)
+        return feeds, {w: (v[0], v[1]) for w, v in views.items()}
+
+    def _zeros(self, rows: int, cols: int) -> np.ndarray:
+        """A zero input, one per shape for all adapters: read-only, which is how the
+        engine tells it from an adapter's own memory."""
+        key = (rows, cols)
+        zero = self._zero_inputs.get(key)
+        if zero is None:
+            zero = np.zeros(key, np.float32)
+            zero.flags.writeable = False
+            zero = self._zero_inputs.setdefault(key, zero)
+        return zero
 
 
 def make_fused_inference_graph(
@@ -99,6 +119,7 @@ def make_fused_inference_graph(
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
     # The nodes every derived graph splices (lora_graph.target_nodes): a weight read
     # directly or through a Transpose.
@@ -116,26 +137,35 @@ def make_fused_inference_graph(
         keyed[key].append(n)
 
     groups: list[_Group] = []
-    b_inputs: dict[str, tuple[str, int, int, int]] = {}
-    group_of: dict[int, tuple[str, str]] = {}  # id(node) → (xA tensor, B input)
-    first_of_group: dict[int, onnx.NodeProto] = {}
+    b_inputs: dict[str, tuple[str, int]] = {}
+    xa_of: dict[int, tuple[str, str]] = {}  # id(node) → (its x·A tensor, its B input)
+    before: dict[int, list[onnx.NodeProto]] = {}  # the A product (and Split) ahead of a group's first node
     existing = {i.name for i in graph.input} | set(inits)
     for k, nodes in enumerate(keyed.values()):
         weights = tuple(weight_of[id(n)] for n in nodes)
-        group_rank = rank * len(weights)
         a_input = f"lora.fused.{k}.A"
         xa = f"lora.fused/{k}/xA"
-        groups.append(_Group(a_input, weights, by_weight[weights[0]].in_features))
-        graph.input.append(helper.make_tensor_value_info(a_input, TensorProto.FLOAT, [by_weight[weights[0]].in_features, group_rank]))
+        in_features = by_weight[weights[0]].in_features
+        groups.append(_Group(a_input, weights, in_features))
+        graph.input.append(helper.make_tensor_value_info(a_input, TensorProto.FLOAT, [in_features, rank * len(weights)]))
+        product = [helper.make_node("MatMul", [nodes[0].input[0], a_input], [xa], name=xa)]
+        parts = [xa] if len(nodes) == 1 else [f"{xa}/{i}" for i in range(len(nodes))]
+        if len(nodes) > 1:
+            sizes = np.full(len(nodes), rank, np.int64)
+            if opset >= 13:
+                split = f"lora.fused/{k}/split"
+                graph.initializer.append(numpy_helper.from_array(sizes, split))
+                product.append(helper.make_node("Split", [xa, split], parts, name=f"{xa}/split", axis=-1))
+            else:
+                product.append(helper.make_node("Split", [xa], parts, name=f"{xa}/split", axis=-1, split=sizes.tolist()))
+        before[id(nodes[0])] = product
         for i, n in enumerate(nodes):
             w = weight_of[id(n)]
             b_input = f"lora.fused.{w}.B" if uses[w] == 1 else f"lora.fused.{k}.{w}.B"
             if b_input not in b_inputs:
-                b_inputs[b_input] = (w, i * rank, group_rank, by_weight[w].out_features)
-                graph.input.append(helper.make_tensor_value_info(
-                    b_input, TensorProto.FLOAT, [group_rank, by_weight[w].out_features]))
-            group_of[id(n)] = (xa, b_input)
-        first_of_group[id(nodes[0])] = helper.make_node("MatMul", [nodes[0].input[0], a_input], [xa], name=xa)
+                b_inputs[b_input] = (w, by_weight[w].out_features)
+                graph.input.append(helper.make_tensor_value_info(b_input, TensorProto.FLOAT, [rank, by_weight[w].out_features]))
+            xa_of[id(n)] = (parts[i], b_input)
     for name in (*(g.a_input for g in groups), *b_inputs):
         if name in existing:
             raise ValueError(f"model already has a tensor named {name!r}")
@@ -145,55 +175,47 @@ def make_fused_inference_graph(
     for index, node in enumerate(graph.node):
         if id(node) in removed:
             continue
-        if id(node) in first_of_group:
-            new_nodes.append(first_of_group[id(node)])
+        new_nodes.extend(before.get(id(node), ()))
         new_nodes.append(node)
-        if id(node) not in group_of:
+        if id(node) not in xa_of:
             continue
-        xa, b_input = group_of[id(node)]
+        xa, b_input = xa_of[id(node)]
         target = by_weight[weight_of[id(node)]]
         prefix = f"lora.fused/{index}/{target.weight}"
-        new_nodes.extend(_fold(node, target, xa, b_input, prefix, consumers, inits, outputs, ranks, removed))
+        new_nodes.extend(_delta(node, target, xa, b_input, prefix, consumers, inits, outputs, ranks, removed))
     del graph.node[:]
     graph.node.extend(new_nodes)
     onnx.checker.check_model(derived)
     return for_runtime(derived), FusedLayout(rank, tuple(groups), b_inputs)
 
 
-def _fold(
+def _delta(
     node: onnx.NodeProto, target: LoraTarget, xa: str, b_input: str, prefix: str,
     consumers: Mapping[str, list[onnx.NodeProto]], inits: Mapping[str, onnx.TensorProto],
     outputs: set[str], ranks: Mapping[str, int], removed: set[int],
 ) -> list[onnx.NodeProto]:
-    """The nodes after ``node`` that add ``(x·A)·B`` to its result, folded where possible."""
+    """The nodes after ``node`` that add ``(x·A)·B`` to its result."""
     out = node.output[0]
+    base = f"{prefix}/base"
 
     def gemm(inputs: list[str], output: str, **attrs: Any) -> onnx.NodeProto:
         return helper.make_node("Gemm", inputs, [output], name=output, **attrs)
 
     if node.op_type == "Gemm":
-        base = f"{prefix}/base"
         node.output[0] = base
         return [gemm([xa, b_input, base], out, alpha=target.gemm_alpha, beta=1.0)]
-
     bias_add = _bias_add(out, consumers, inits, outputs)
-    if bias_add is not None:
+    if bias_add is not None and node.op_type == "MatMul" and node.domain in ("", "ai.onnx") \
+            and ranks.get(node.input[0]) == 2:
         bias = next(i for i in bias_add.input if i != out)
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and ranks.get(node.input[0]) == 2 \
-                and len(inits[bias].dims) == 1:
-            # MatMul + Add(bias) on 2-D rows: the Gemm ORT would fuse, then the LoRA Gemm
-            # (a quantised MatMulNBits stays itself: the bias joins the Sum below).
+        if len(inits[bias].dims) == 1:
+            # MatMul + Add(bias) on 2-D rows: the Gemm ORT would fuse, then the LoRA Gemm.
             removed.add(id(bias_add))
-            base = f"{prefix}/base"
             node.op_type = "Gemm"
             node.output[0] = base
             node.input.append(bias)
             return [gemm([xa, b_input, base], bias_add.output[0], beta=1.0)]
-        delta = f"{prefix}/xAB"
-        bias_add.op_type = "Sum"
-        bias_add.input.append(delta)
-        return [helper.make_node("MatMul", [xa, b_input], [delta], name=delta)]
-    base = f"{prefix}/base"
+    # Added before any bias add, which stays as the base graph has it for ORT's fusions.
     node.output[0] = base
     delta = f"{prefix}/xAB"
     return [

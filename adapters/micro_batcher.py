@@ -1,11 +1,19 @@
 """The micro-batcher: concurrent infer requests, whatever their adapters, in one ORT call.
 
 Requests that arrive together are gathered for at most ``max_wait_us`` and up to
-``max_rows`` rows, concatenated along the batch dimension, run once over the banked
-graph of :mod:`lorad.adapters.lora_banks` (each row with its own adapter slot; base-model
-rows use the zero slot) and split back. A lone request does not wait: the batcher waits
-only while other requests are on their way (:meth:`MicroBatcher.expect`), and a batch of
-one runs on the engine's single-adapter graph.
+``max_rows`` rows, concatenated along the batch dimension, run once and split back. A
+batch whose requests mix adapters runs over the banked graph of
+:mod:`lorad.adapters.lora_banks` (each row with its own adapter slot; base-model rows use
+the zero slot), made at the first such batch; a batch of one adapter, or of none, runs on
+the engine's own session for it (base, merged or LoRA graph). A lone request does not
+wait: the batcher waits only while other requests are on their way
+(:meth:`MicroBatcher.expect`). Text requests batch when their token tensors have the same
+padded length: the text front end pads each to a length bucket.
+
+One thread hand-off per request: the caller posts it with a callback, the runner thread
+calls it once with the answer; the runner is woken for the first request of a batch and
+when the batch is complete, not for each request. None for a lone request of a model
+whose calls are shorter than :data:`INLINE_CALL_S`: it runs in the caller's thread.
 
 Each request keeps the lease on its adapter (taken before it is submitted) until its
 batch has run, and the batch holds the bank slots it uses, so neither a hot swap nor
@@ -20,30 +28,45 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .engine import InferenceEngine, PreparedAdapter
 from .lora_banks import AdapterBanks
 
-__all__ = ["MicroBatcher", "make_batcher"]
+__all__ = ["MicroBatcher", "make_batcher", "INLINE_CALL_S"]
+
+#: A lone request whose calls take at most this long runs in the caller's thread (an HTTP
+#: event loop, blocked that long): for a small model such as the demo MLP (40 µs) the
+#: thread hand-off costs more than the call. Longer calls always go to the runner thread.
+INLINE_CALL_S = 0.0005
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+#: What a request's answer is handed to, once, in the batcher's thread: (outputs, None) or (None, error).
+Deliver = Callable[[dict[str, np.ndarray] | None, BaseException | None], None]
+
+
+@dataclass(eq=False, slots=True)
 class _Item:
     inputs: Mapping[str, np.ndarray]
     prepared: PreparedAdapter | None
     rows: int
     signature: tuple[object, ...]
-    future: Future[dict[str, np.ndarray]] = field(default_factory=Future)
+    deliver: Deliver
+    done: bool = False
+
+    def answer(self, outputs: dict[str, np.ndarray] | None, error: BaseException | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.deliver(outputs, error)
 
 
 def _signature(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
     """Requests batch together when every input agrees beyond the batch dimension."""
-    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())
 
 
 def _split(outputs: Mapping[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
@@ -87,14 +110,22 @@ class MicroBatcher:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_us / 1e6
         self._clock = clock
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper, and never re-entered
         self._queue: deque[_Item] = deque()
+        self._queued_rows = 0  # of every signature: the runner looks closer when this reaches max_rows
         self._expected = 0
         self._closed = False
+        #: Wall seconds of a one-request call (a moving average; none measured yet: infinite).
+        self._call_s = float("inf")
         self.batches = 0  # ORT calls made (batches of one included), for the benchmark and tests
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="lorad-batcher", daemon=True)
         self._thread.start()
+
+    @property
+    def call_seconds(self) -> float:
+        """Wall seconds of a one-request call, averaged over the last few (inf: none yet)."""
+        return self._call_s
 
     def counts(self) -> tuple[int, int]:
         """(ORT calls made, requests answered) so far."""
@@ -112,24 +143,59 @@ class MicroBatcher:
         """An expected request will not be submitted (it failed before)."""
         with self._cond:
             self._expected -= 1
-            self._cond.notify_all()
+            if self._expected <= 0:
+                self._cond.notify()
 
     def submit(self, inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None, *,
                expected: bool = False) -> Future[dict[str, np.ndarray]]:
-        """Queue one request (its lease on ``prepared`` held by the caller until the future
-        is done); with ``expected``, it is the arrival of one earlier :meth:`expect`."""
-        rows = {int(a.shape[0]) for a in inputs.values() if a.ndim}
+        """:meth:`post` with a future for the answer."""
+        future: Future[dict[str, np.ndarray]] = Future()
+
+        def deliver(outputs: dict[str, np.ndarray] | None, error: BaseException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outputs)  # type: ignore[arg-type]
+
+        self.post(inputs, prepared, deliver, expected=expected)
+        return future
+
+    def post(self, inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None, deliver: Deliver, *,
+             expected: bool = False) -> None:
+        """Queue one request (its lease on ``prepared`` held by the caller until ``deliver``
+        has been called, once, in the batcher's thread); with ``expected``, it is the
+        arrival of one earlier :meth:`expect`.
+
+        The runner is woken only when it may act: the first request of a batch, the last
+        expected one, or a full batch; a burst of N requests costs two wake-ups, not N."""
+        shapes = [a.shape for a in inputs.values()]
+        rows = {int(shape[0]) for shape in shapes if shape}
         if len(rows) != 1:
             raise ValueError(f"inputs of one request must agree on the number of rows, got {sorted(rows)}")
-        item = _Item(inputs, prepared, rows.pop(), _signature(inputs))
+        item = _Item(inputs, prepared, rows.pop(), _signature(inputs), deliver)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             if expected:
                 self._expected = max(0, self._expected - 1)
-            self._queue.append(item)
-            self._cond.notify_all()
-        return item.future
+            # Alone (nothing queued, nothing on its way) and a call shorter than a thread
+            # hand-off is worth: run here, as a batch of one.
+            inline = not self._queue and self._expected == 0 and self._call_s <= INLINE_CALL_S
+            if inline:
+                self.batches += 1
+                self.batched_requests += 1
+            else:
+                first = not self._queue
+                self._queue.append(item)
+                self._queued_rows += item.rows
+                if first or self._expected == 0 or self._queued_rows >= self.max_rows:
+                    self._cond.notify()
+        if inline:
+            try:
+                self._run_one(item)
+            except BaseException as e:  # the answer is owed whatever happens
+                item.answer(None, e)
+                raise
 
     def close(self) -> None:
         """Stop after the queued requests; safe to call twice."""
@@ -158,6 +224,7 @@ class MicroBatcher:
             deadline = self._clock() + self.max_wait_s
             while (
                 self._expected > 0
+                and not self._closed
                 and self._rows_ready() < self.max_rows
                 and (left := deadline - self._clock()) > 0
             ):
@@ -169,25 +236,46 @@ class MicroBatcher:
         return sum(i.rows for i in self._queue if i.signature == first)
 
     def _take(self) -> list[tuple[_Item, int]]:
-        """Items of the first one's signature within max_rows that got a bank slot (lock held)."""
+        """Items of the first one's signature within max_rows, with the bank slot of each
+        (lock held). A batch whose requests all run with one adapter, or none, takes no
+        slot: it runs on the engine's own sessions (the base model's, the merged one or the
+        LoRA graph), and the banks are not even made until requests mix."""
         first = self._queue[0].signature
-        batch: list[tuple[_Item, int]] = []
+        chosen: list[_Item] = []
         rows = 0
         kept: deque[_Item] = deque()
-        while self._queue:
-            item = self._queue.popleft()
-            slot = None
-            if item.signature == first and (not batch or rows + item.rows <= self.max_rows):
-                slot = self.banks.acquire(item.prepared)
-            if slot is None:  # another shape, no room, or every slot busy: next batch
+        for item in self._queue:
+            if item.signature == first and (not chosen or rows + item.rows <= self.max_rows):
+                chosen.append(item)
+                rows += item.rows
+            else:  # another shape, or no room: next batch
                 kept.append(item)
-                continue
-            batch.append((item, slot))
-            rows += item.rows
+        batch: list[tuple[_Item, int]] = []
+        if all(i.prepared is chosen[0].prepared for i in chosen):  # one adapter (or none): the engine's own graph
+            batch.extend((i, 0) for i in chosen)
+        else:
+            for item, slot in zip(chosen, self.banks.acquire_all([i.prepared for i in chosen]), strict=True):
+                if slot is None:  # more adapters than slots: next batch
+                    kept.append(item)
+                    rows -= item.rows
+                else:
+                    batch.append((item, slot))
         self._queue = kept
-        if not batch:  # every slot is held by a request of this very queue: cannot happen
-            raise RuntimeError("no bank slot is free although no batch is running")
+        self._queued_rows -= rows
         return batch
+
+    def _run_one(self, item: _Item) -> None:
+        """One request on the engine, its time kept (an average of the last few) to decide
+        whether the next lone request runs in its caller's thread."""
+        t0 = time.perf_counter()
+        try:
+            outputs = self.engine.run(item.inputs, item.prepared)
+        except Exception as e:
+            item.answer(None, e)
+            return
+        elapsed = time.perf_counter() - t0
+        self._call_s = elapsed if self._call_s == float("inf") else 0.8 * self._call_s + 0.2 * elapsed
+        item.answer(outputs)
 
     def _run(self, batch: list[tuple[_Item, int]]) -> None:
         try:
@@ -195,41 +283,42 @@ class MicroBatcher:
                 self.batches += 1
                 self.batched_requests += len(batch)
             if len(batch) == 1:
-                item = batch[0][0]
-                item.future.set_result(self.engine.run(item.inputs, item.prepared))
+                self._run_one(batch[0][0])
                 return
-            names = list(batch[0][0].inputs)
-            inputs = {n: np.concatenate([i.inputs[n] for i, _ in batch]) for n in names}
-            slots = np.concatenate([np.full(i.rows, s, np.int64) for i, s in batch])
-            outputs = self.banks.run(inputs, slots)
-            parts = _split(outputs, [i.rows for i, _ in batch])
-            for (item, _), part in zip(batch, parts, strict=True):
-                item.future.set_result(part)
+            first = batch[0][0].inputs
+            inputs = {n: np.concatenate([i.inputs[n] for i, _ in batch]) for n in first}
+            if all(slot == 0 for _, slot in batch):  # one adapter or none (see _take)
+                outputs = self.engine.run(inputs, batch[0][0].prepared)
+            else:
+                slots = np.repeat(np.array([s for _, s in batch], np.int64), [i.rows for i, _ in batch])
+                outputs = self.banks.run(inputs, slots)
+            for (item, _), part in zip(batch, _split(outputs, [i.rows for i, _ in batch]), strict=True):
+                item.answer(part)
         except BaseException as e:  # every waiting request gets the error
             for item, _ in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+                item.answer(None, e)
             if not isinstance(e, Exception):
                 raise
         finally:
-            for _, slot in batch:
-                self.banks.release(slot)
+            self.banks.release(*(slot for _, slot in batch))
 
 
 def make_batcher(
     engine: InferenceEngine, *, slots: int, max_wait_us: int, max_rows: int, cache_budget_bytes: int,
-    intra_op_threads: int = 0,
 ) -> MicroBatcher:
     """Banks for ``engine``'s targets and a batcher over them.
 
     The banks hold ``slots`` adapters, fewer when that many would not fit the adapter
-    cache's byte budget (the banks copy what the cache holds).
+    cache's byte budget (the banks copy what the cache holds); their session runs as the
+    engine's (threads, spinning, shared tables).
     """
     slot_bytes = sum(4 * engine.rank * (t.in_features + t.out_features) for t in engine.targets)
     slots = max(1, min(slots, cache_budget_bytes // max(slot_bytes, 1)))
+    # Lazy: the banks and their session cost memory and start-up time (MiniLM: about 160 MB,
+    # 0.8 s) that only requests that mix adapters need.
     banks = AdapterBanks(
         engine.base_model, engine.targets, rank=engine.rank, slots=slots,
-        providers=engine.providers, intra_op_threads=intra_op_threads,
+        providers=engine.providers, options=engine.session_options(), lazy=True,
     )
     _log.info("batching requests: up to %d rows, %d µs wait, %d adapter slots (%d bytes of banks)",
               max_rows, max_wait_us, slots, banks.nbytes)

@@ -7,6 +7,8 @@ Layout::
     <root>/.hwm/<name>         highest version number ever handed out for <name>
     <root>/.staging/           versions being written; leftovers removed on open
     <root>/.trash/             directories being removed; leftovers removed on open
+    <root>/.index.json         the listing index (snapshot): derived, rebuilt when missing or damaged
+    <root>/.index.log          changes to it since that snapshot, one line each
 
 Why this shape: a version directory becomes visible only by one rename of a complete,
 fsynced directory, and the current version changes only by one atomic replace of the
@@ -30,6 +32,13 @@ sha256. Every read checks what it touches and raises :class:`AdapterDamagedError
 adapter, the reason and the sound versions a rollback can go to; the other adapters are not
 affected. A new version (put), a rollback to a sound version (set_current) or a delete
 repairs it.
+
+Listing (:meth:`AdapterRegistry.listing`) reads an index, not every adapter: per adapter,
+what a full check found and the stamps of the pointer and lorad.json it read, trusted only
+while two ``lstat`` calls find them unchanged; an adapter whose stamps moved (a change, a
+crash between a change and the index's update, damage done behind the daemon's back) is
+checked again, and a damaged one at every listing. :mod:`lorad.adapters.registry_index`
+says what that covers; the index is never the source of truth.
 """
 
 from __future__ import annotations
@@ -55,8 +64,23 @@ from typing import BinaryIO
 from lorad.adapters.errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageError
 from lorad.adapters.fsutil import atomic_replace_dir, atomic_write_bytes, fsync_dir
 from lorad.adapters.names import NAME_RULE
+from lorad.adapters.registry_index import (
+    INDEX_FILE,
+    JOURNAL_FILE,
+    IndexDamaged,
+    IndexedAdapter,
+    IndexEntry,
+    Stamp,
+    decode,
+    encode,
+    encode_change,
+    journal_header,
+    scalar_meta,
+    stamp_of,
+    too_young,
+)
 
-__all__ = ["AdapterRegistry", "StoredAdapter", "NAME_RULE", "FILE_NAME_RULE", "META_FILE"]
+__all__ = ["AdapterRegistry", "StoredAdapter", "IndexedAdapter", "NAME_RULE", "FILE_NAME_RULE", "META_FILE"]
 
 FILE_NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 META_FILE = "lorad.json"  # reserved: written by the registry into every version directory
@@ -67,6 +91,8 @@ _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 _FORMAT = 1
 _CHUNK = 1 << 20
 _MAX_SMALL_FILE = 1 << 20  # pointer, high-water mark and lorad.json are tiny
+_MAX_INDEX_FILE = 64 << 20  # about 300 bytes per adapter
+_MIN_COMPACT = 64  # journal lines before a new snapshot, or one per indexed adapter if more
 _POINTER = "current"
 
 _log = logging.getLogger(__name__)
@@ -75,9 +101,11 @@ _crash_points: Callable[[str], None] | None = None
 """Fault-injection seam, for tests/fault only; None in production.
 
 When set, it is called with the name of each step of the write protocol right after the
-step completed: "hwm", "file" (once per file staged), "staged", "renamed", "current",
-"trashed" (a directory moved to the trash, before it is removed) and "pruned"; for a new
-adapter "renamed" is the rename that moves it in whole, pointer included. The crash tests
+step completed: "hwm", "file" (once per file staged), "staged", "renamed", "current" (the
+pointer replaced, by put or set_current),
+"trashed" (a directory moved to the trash, before it is removed), "pruned" and "indexed"
+(the listing index written); for a new adapter "renamed" is the rename that moves it in
+whole, pointer included. The crash tests
 set it in a child process to SIGKILL itself after a chosen step.
 """
 
@@ -118,6 +146,10 @@ def _check_file_name(filename: str) -> None:
         )
 
 
+def _valid_file_name(filename: str) -> bool:
+    return bool(_FILE_NAME_RE.fullmatch(filename)) and ".." not in filename and filename != META_FILE
+
+
 def _check_version(version: int) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"bad version {version!r}: versions are integers >= 1")
@@ -144,6 +176,12 @@ class _Corrupt(Exception):
 def _read_small(path: Path) -> bytes:
     """A pointer, high-water mark or lorad.json: a regular file (never followed through a
     symbolic link) of at most ``_MAX_SMALL_FILE`` bytes. FileNotFoundError when absent."""
+    return _read_stamped(path)[0]
+
+
+def _read_stamped(path: Path, limit: int = _MAX_SMALL_FILE) -> tuple[bytes, Stamp]:
+    """:func:`_read_small`, with the file's stamp taken before reading (so a later change
+    always moves it: the index never pairs older stamps with newer content)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
@@ -151,12 +189,13 @@ def _read_small(path: Path) -> bytes:
             raise _Corrupt(f"{path} is a symbolic link; the registry writes regular files only") from None
         raise
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise _Corrupt(f"{path} is not a regular file")
-        data = f.read(_MAX_SMALL_FILE + 1)
-    if len(data) > _MAX_SMALL_FILE:
-        raise _Corrupt(f"{path} is corrupt: larger than {_MAX_SMALL_FILE} bytes")
-    return data
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _Corrupt(f"{path} is corrupt: larger than {limit} bytes")
+    return data, stamp_of(st)
 
 
 def _parse_number(path: Path, data: bytes) -> int:
@@ -191,11 +230,18 @@ class AdapterRegistry:
         #: Files whose sha256 did not match when read: path -> (size, mtime_ns, reason), so
         #: that listing shows them damaged until the file changes (listing hashes nothing).
         self._bad_digests: dict[Path, tuple[int, int, str]] = {}
+        #: The listing index: sound adapters only (a damaged one is checked at every listing).
+        self._index: dict[str, IndexEntry] = {}
+        #: The last scan of the root's names, and the root's stamp before it (None: scan again).
+        self._names: tuple[Stamp | None, list[str]] = (None, [])
+        #: The journal's header (None: no snapshot to log changes against) and its length.
+        self._journal_base: bytes | None = None
+        self._journal_lines = 0
         with _storage_errors(f"cannot open adapter registry at {self.root}"):
             for d in (self.root, self._staging, self._trash, self._hwm):
                 d.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()
-        self._log_damaged()
+            self._open_index()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -267,6 +313,8 @@ class AdapterRegistry:
             _step("current")
             self._prune(name, version, previous)
             _step("pruned")
+            self._forget(name)
+            _step("indexed")
             return version
 
     def set_current(self, name: str, version: int) -> None:
@@ -279,6 +327,8 @@ class AdapterRegistry:
                 raise AdapterNotFoundError(name, version, stored=self._version_dirs(name))
             self._read_record(name, version, vdir)  # a damaged version is refused (AdapterDamagedError)
             self._write_current(name, version)
+            _step("current")
+            self._forget(name)
 
     def delete(self, name: str) -> None:
         """Remove every version of ``name``; its version numbers stay used."""
@@ -288,6 +338,7 @@ class AdapterRegistry:
             if not adir.is_dir():
                 raise AdapterNotFoundError(name)
             self._remove_dir(adir)
+            self._forget(name)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -330,6 +381,7 @@ class AdapterRegistry:
                       f" recorded when version {stored.version} of {name!r} was stored")
             with self._lock, _storage_errors(f"cannot read adapter {name!r}"):
                 self._bad_digests[path] = (seen.st_size, seen.st_mtime_ns, reason)
+                self._index.pop(name, None)  # listing checks it again, and finds this
                 raise self._damaged(name, reason, stored.version)
         return data
 
@@ -350,7 +402,38 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         """Stored adapters, sorted: sound or damaged (:meth:`get` tells which)."""
         with self._lock, _storage_errors(f"cannot list {self.root}"):
-            return sorted(e.name for e in self.root.iterdir() if _NAME_RE.fullmatch(e.name) and e.is_dir())
+            return list(self._scan_names())
+
+    def listing(self) -> dict[str, IndexedAdapter | AdapterStorageError]:
+        """Every stored adapter, by name, sorted: what the index knows of its current
+        version, or why it cannot be served (:class:`AdapterDamagedError` as :meth:`get`
+        raises it; AdapterStorageError when its files cannot be read).
+
+        Reads the index and checks each entry with two ``lstat`` calls (pointer and
+        lorad.json); an adapter whose files changed since it was indexed is checked again
+        as :meth:`get` does. What ``get`` checks beyond those two files (each adapter
+        file's presence and size, a sha256 that did not match) is found on the read path,
+        which makes listing check that adapter again.
+        """
+        with self._lock, _storage_errors(f"cannot list {self.root}"):
+            names = self._scan_names()
+            for gone in self._index.keys() - set(names):
+                del self._index[gone]
+            with self._root_dir() as root_fd:
+                found = {name: self._lookup(name, root_fd) for name in names}
+            return {name: f for name, f in found.items() if f is not None}
+
+    def indexed(self, name: str) -> IndexedAdapter:
+        """One adapter as :meth:`listing` sees it; AdapterNotFoundError, or the
+        AdapterDamagedError :meth:`get` would raise."""
+        _check_name(name)
+        with self._lock, _storage_errors(f"cannot read adapter {name!r}"), self._root_dir() as root_fd:
+            found = self._lookup(name, root_fd)
+        if found is None:
+            raise AdapterNotFoundError(name)
+        if isinstance(found, AdapterStorageError):
+            raise found
+        return found
 
     # -- helpers (lock held) -------------------------------------------------------------
 
@@ -360,6 +443,7 @@ class AdapterRegistry:
         try:
             yield
         except _Corrupt as e:
+            self._index.pop(name, None)  # listing checks it again (e.g. a file truncated behind our back)
             raise self._damaged(name, str(e), e.version) from None
 
     def _damaged(self, name: str, reason: str, version: int | None) -> AdapterDamagedError:
@@ -372,29 +456,33 @@ class AdapterRegistry:
             sound.append(v)
         return AdapterDamagedError(name, reason, version=version, sound_versions=sound)
 
-    def _read_current(self, name: str) -> int | None:
-        path = self.root / name / _POINTER
-        try:
-            data = _read_small(path)
-        except FileNotFoundError:
-            return None
-        return _parse_number(path, data)
-
     def _current(self, name: str) -> tuple[int, Path] | None:
         """The current version and its directory; None when there is no such adapter."""
+        found = self._current_stamped(name)
+        return None if found is None else (found[0], found[1])
+
+    def _current_stamped(self, name: str) -> tuple[int, Path, Stamp] | None:
+        """:meth:`_current`, with the pointer's stamp."""
         adir = self.root / name
-        version = self._read_current(name)
-        if version is None:
+        path = adir / _POINTER
+        try:
+            data, pointer = _read_stamped(path)
+        except FileNotFoundError:
             stored = self._version_dirs(name)
             if stored:
-                raise _Corrupt(f"{adir / _POINTER} is missing; stored versions: {stored}")
+                raise _Corrupt(f"{path} is missing; stored versions: {stored}") from None
             return None
+        version = _parse_number(path, data)
         vdir = adir / str(version)
-        if vdir.is_symlink():
+        try:
+            st = os.lstat(vdir)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
             raise _Corrupt(f"{vdir} is a symbolic link; the registry writes directories only", version)
-        if not vdir.is_dir():
-            raise _Corrupt(f"{adir / _POINTER} names version {version} but {vdir} is missing", version)
-        return version, vdir
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise _Corrupt(f"{path} names version {version} but {vdir} is missing", version)
+        return version, vdir, pointer
 
     def _previous(self, name: str) -> int | None:
         """The version a put replaces; None when there is none or the pointer is damaged
@@ -456,9 +544,15 @@ class AdapterRegistry:
 
     def _read_record(self, name: str, version: int, vdir: Path) -> StoredAdapter:
         """The version's lorad.json, checked, with its files present at their recorded sizes."""
+        return self._load_record(name, version, vdir)[0]
+
+    def _load_record(self, name: str, version: int, vdir: Path
+                     ) -> tuple[StoredAdapter, Stamp, tuple[tuple[str, int | None], ...]]:
+        """:meth:`_read_record`, with lorad.json's stamp and each file's recorded size."""
         path = vdir / META_FILE
         try:
-            record = json.loads(_read_small(path))
+            data, stamp = _read_stamped(path)
+            record = json.loads(data)
         except FileNotFoundError:
             raise _Corrupt(f"{vdir} is corrupt: {META_FILE} is missing", version) from None
         except _Corrupt as e:
@@ -471,6 +565,7 @@ class AdapterRegistry:
         files = record["files"]
         for filename, entry in files.items():
             self._check_file(vdir / filename, entry.get("size"), version)
+        sizes = tuple((f, v["size"] if type(v.get("size")) is int else None) for f, v in sorted(files.items()))
         return StoredAdapter(
             name=name,
             version=version,
@@ -479,7 +574,7 @@ class AdapterRegistry:
             files=tuple(sorted(files)),
             sha256=MappingProxyType({f: v["sha256"] for f, v in files.items()}),
             created=float(record["created"]),
-        )
+        ), stamp, sizes
 
     def _check_file(self, path: Path, size: object, version: int) -> None:
         """Present, a regular file, of the recorded size, and not known to hash wrong."""
@@ -520,27 +615,162 @@ class AdapterRegistry:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-        for d in [self._hwm, *(e for e in self.root.iterdir() if _NAME_RE.fullmatch(e.name))]:
-            if d.is_dir():
-                for tmp in d.glob(".*.tmp"):
-                    tmp.unlink()
-        for adir in self.root.iterdir():
-            # An older lorad created the directory before its first version: killed between
-            # the two, it left the directory empty. Nothing was ever stored there.
-            if _NAME_RE.fullmatch(adir.name) and adir.is_dir() and not adir.is_symlink() and not any(adir.iterdir()):
-                adir.rmdir()
+        names = self._scan_names()  # one listing of each directory: this runs at every start
+        for d in [self.root, self._hwm, *(self.root / n for n in names)]:
+            with os.scandir(d) as entries:
+                found = [e.name for e in entries]
+            for tmp in found:
+                if tmp.startswith(".") and tmp.endswith(".tmp"):
+                    (d / tmp).unlink()
+            if all(n.startswith(".") and n.endswith(".tmp") for n in found) and d.parent == self.root and d.name in names and not d.is_symlink():
+                # An older lorad created the directory before its first version: killed between
+                # the two, it left the directory empty. Nothing was ever stored there.
+                d.rmdir()
                 fsync_dir(self.root)
-                _log.warning("removed %s: an empty adapter directory left by a creation that was interrupted", adir)
+                _log.warning("removed %s: an empty adapter directory left by a creation that was interrupted", d)
 
-    def _log_damaged(self) -> None:
-        """Say at start which adapters are damaged (they are listed so, and never served)."""
-        for name in self.names():
+    # -- the listing index (lock held) ---------------------------------------------------
+
+    def _scan_names(self) -> list[str]:
+        """The adapters' directories: the last scan while the root's stamp is unchanged
+        (and was not racy), else a new one."""
+        scanned_ns = time.time_ns()
+        st = os.stat(self.root)
+        root = stamp_of(st)
+        if root == self._names[0]:
+            return self._names[1]
+        with os.scandir(self.root) as entries:
+            names = sorted(e.name for e in entries if _NAME_RE.fullmatch(e.name) and e.is_dir())
+        self._names = (None if too_young(max(st.st_mtime_ns, st.st_ctime_ns), scanned_ns) else root, names)
+        return names
+
+    @contextmanager
+    def _root_dir(self) -> Iterator[int]:
+        """A descriptor of the root, for stats relative to it (shorter path walks)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _lookup(self, name: str, root_fd: int, *, files: bool = False) -> IndexedAdapter | AdapterStorageError | None:
+        """What the index says of ``name`` if it still holds (``files``: see
+        :meth:`IndexEntry.holds`), else a fresh check's answer; None when there is no such
+        adapter."""
+        entry = self._index.get(name)
+        if entry is not None and entry.holds(root_fd, files=files):
+            return entry.adapter
+        found = self._check_entry(name)
+        if isinstance(found, IndexEntry):
+            self._index[name] = found
+            return found.adapter
+        self._index.pop(name, None)
+        return found
+
+    def _check_entry(self, name: str) -> IndexEntry | AdapterStorageError | None:
+        """A full check of the current version of ``name``, as :meth:`get` makes it."""
+        checked_ns = time.time_ns()
+        try:
+            current = self._current_stamped(name)
+            if current is None:
+                return None
+            version, vdir, pointer = current
+            stored, record, files = self._load_record(name, version, vdir)
+        except _Corrupt as e:
             try:
-                self.get(name)
-            except AdapterNotFoundError:
-                continue
-            except AdapterStorageError as e:
-                _log.warning("%s", e)
+                return self._damaged(name, str(e), e.version)
+            except OSError as e2:
+                return AdapterStorageError(f"cannot read adapter {name!r}: {e2}")
+        except OSError as e:
+            return AdapterStorageError(f"cannot read adapter {name!r}: {e}")
+        adapter = IndexedAdapter(name, version, MappingProxyType(scalar_meta(stored.meta)), stored.created)
+        return IndexEntry(adapter, pointer, record, checked_ns, files)
+
+    def _forget(self, name: str) -> None:
+        """After a change of ``name``: drop its entry, in memory and in the journal. The
+        next listing checks it, as it would anyway: an entry of files just written is racy."""
+        self._index.pop(name, None)
+        self._log_change(name)
+
+    def _log_change(self, name: str) -> None:
+        """Append ``name``'s entry to the journal: O(1) per change, where a snapshot is
+        O(adapters). Not fsynced: the index is derived, a torn or lost append only makes an
+        entry stale, and a stale entry is checked again. A new snapshot once the journal
+        holds more lines than the index has entries."""
+        if self._journal_base is None or self._journal_lines >= max(_MIN_COMPACT, len(self._index)):
+            self._save_index()
+            return
+        line = encode_change(name, self._index.get(name))
+        path = self.root / JOURNAL_FILE
+        try:
+            if self._journal_lines == 0:
+                with open(path, "wb") as f:
+                    f.write(self._journal_base + line)
+            else:
+                with open(path, "ab") as f:
+                    f.write(line)
+        except OSError as e:
+            _log.warning("cannot write the listing index's journal %s: %s; the next start checks"
+                         " the adapters it missed", path, e)
+            self._journal_base = None  # the next change writes a snapshot instead
+            return
+        self._journal_lines += 1
+
+    def _save_index(self) -> None:
+        """Write a snapshot of the index atomically and start an empty journal. A failure
+        costs no data (the index is derived, a stale one is detected), so it is logged,
+        never raised into the change that ran."""
+        path = self.root / INDEX_FILE
+        snapshot = encode(self._index)
+        try:
+            atomic_write_bytes(path, snapshot)
+            (self.root / JOURNAL_FILE).unlink(missing_ok=True)
+        except OSError as e:
+            _log.warning("cannot write the listing index %s: %s; the next start rebuilds it", path, e)
+            self._journal_base = None
+            return
+        self._journal_base, self._journal_lines = journal_header(snapshot), 0
+
+    def _open_index(self) -> None:
+        """Load the index, check every adapter against it (a full check where it does not
+        hold) and log the damaged ones. What changed goes to the journal; a new snapshot
+        only when the old one (or its journal) could not be used or the journal would grow
+        too long, so that a start writes little and, most of the time, renames nothing."""
+        path = self.root / INDEX_FILE
+        loaded: dict[str, IndexEntry] = {}
+        rewrite = False
+        try:
+            snapshot = _read_stamped(path, _MAX_INDEX_FILE)[0]
+            try:
+                journal: bytes | None = _read_stamped(self.root / JOURNAL_FILE, _MAX_INDEX_FILE)[0]
+            except FileNotFoundError:
+                journal = None
+            loaded, lines, torn = decode(snapshot, journal, _NAME_RE.fullmatch, _valid_file_name)
+            self._journal_base, self._journal_lines = journal_header(snapshot), lines
+            rewrite = torn  # a torn append: start a clean journal
+        except FileNotFoundError:
+            rewrite = True
+        except (_Corrupt, IndexDamaged) as e:
+            _log.warning("the listing index %s is damaged (%s): rebuilt from the version directories", path, e)
+            rewrite = True
+        names = self._scan_names()
+        self._index = dict(loaded)
+        changed = sorted(loaded.keys() - set(names))
+        for gone in changed:
+            del self._index[gone]
+        with self._root_dir() as root_fd:
+            for name in names:
+                before = self._index.get(name)
+                found = self._lookup(name, root_fd, files=True)  # a start checks what get checks
+                if isinstance(found, AdapterStorageError):
+                    _log.warning("%s", found)
+                if self._index.get(name) is not before:
+                    changed.append(name)
+        if rewrite or self._journal_lines + len(changed) >= max(_MIN_COMPACT, len(self._index)):
+            self._save_index()
+        else:
+            for name in changed:
+                self._log_change(name)
 
 
 def _record_problem(record: object, name: str, version: int) -> str | None:

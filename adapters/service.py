@@ -36,17 +36,20 @@ from .errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageErr
 from .lora import LoraAdapter, lora_scale
 from .micro_batcher import MicroBatcher
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
-from .registry import AdapterRegistry, StoredAdapter
+from .registry import AdapterRegistry, IndexedAdapter, StoredAdapter
 from .request_cost import RequestCost, RequestLimits
 from .text_input import TextFrontEnd
 
-__all__ = ["AdapterInfo", "DamagedAdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService", "Arrival", "Target"]
+__all__ = ["AdapterInfo", "DamagedAdapterInfo", "AdapterUse", "InferResult", "Serving", "AdapterService", "Arrival", "Target", "Deliver"]
 
 #: What a request runs with: the base model (None), a stored adapter by name, a weighted
 #: composition, or an unstored candidate (the validation gate's).
 Target = str | Sequence[AdapterWeight] | PreparedAdapter | None
 
 _ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+
+#: What :meth:`AdapterService.post` hands a request's answer to, once: (result, None) or (None, error).
+Deliver = Callable[["InferResult | None", "BaseException | None"], None]
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,10 @@ class Arrival:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.unexpect()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _meta_int(meta: Mapping[str, object], key: str) -> int:
@@ -225,35 +232,63 @@ class AdapterService:
 
     def submit(self, tensors: Mapping[str, np.ndarray], adapter: Target = None, *,
                arrival: Arrival | None = None) -> Future[InferResult]:
-        """Run model tensors now (no batcher) or in the batcher's next batch.
+        """:meth:`post` with a future for the answer."""
+        result: Future[InferResult] = Future()
+
+        def deliver(answer: InferResult | None, error: BaseException | None) -> None:
+            if error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(answer)  # type: ignore[arg-type]
+
+        self.post(tensors, adapter, deliver, arrival=arrival)
+        return result
+
+    def post(self, tensors: Mapping[str, np.ndarray], adapter: Target, deliver: Deliver, *,
+             arrival: Arrival | None = None) -> None:
+        """Run model tensors now (no batcher: ``deliver`` is called before this returns) or in
+        the batcher's next batch (``deliver`` is called once, in the batcher's thread, with
+        the answer or the error); errors before that (no such adapter) are raised here.
 
         The lease on the adapter is held until the batch has run, in whichever thread
         finishes it, so a caller that stops waiting cannot end it early.
         """
+        serving, release = self._hold(adapter)
+        if self.batcher is None:
+            try:
+                outputs = self.engine.run(tensors, serving.prepared)
+            except Exception as e:
+                deliver(None, e)
+                return
+            finally:
+                release()
+            deliver(serving.result(outputs), None)
+            return
+
+        def answer(outputs: dict[str, np.ndarray] | None, error: BaseException | None) -> None:
+            release()
+            deliver(serving.result(outputs) if outputs is not None else None, error)
+
+        try:
+            self.batcher.post(tensors, serving.prepared, answer, expected=arrival.take() if arrival else False)
+        except BaseException:
+            release()
+            raise
+
+    def _hold(self, adapter: Target) -> tuple[Serving, Callable[[], None]]:
+        """:meth:`serving` for a request that ends in another thread: what it runs with and
+        the function that ends its leases (the common cases without a context manager)."""
+        if adapter is None:
+            return Serving(None, None, None), _nothing
+        if isinstance(adapter, str):
+            prepared, release = self.cache.hold(adapter)
+            return Serving(prepared, prepared.name, prepared.version), release
         held = ExitStack()
         try:
-            serving = held.enter_context(self.serving(adapter))
-            if self.batcher is None:
-                done: Future[InferResult] = Future()
-                done.set_result(serving.result(self.engine.run(tensors, serving.prepared)))
-                held.close()
-                return done
-            raw = self.batcher.submit(tensors, serving.prepared, expected=arrival.take() if arrival else False)
+            return held.enter_context(self.serving(adapter)), held.close
         except BaseException:
             held.close()
             raise
-        result: Future[InferResult] = Future()
-
-        def finish(f: Future[dict[str, np.ndarray]]) -> None:
-            held.close()
-            error = f.exception()
-            if error is not None:
-                result.set_exception(error)
-            else:
-                result.set_result(serving.result(f.result()))
-
-        raw.add_done_callback(finish)
-        return result
 
     def candidate(self, adapter: LoraAdapter, *, name: str) -> PreparedAdapter:
         """An unstored adapter ready to :meth:`run` (the validation gate's candidate)."""
@@ -416,14 +451,14 @@ class AdapterService:
         return version
 
     def info(self, name: str) -> AdapterInfo:
-        return self._info(self.registry.get(name), self._cache_entries())
+        """One adapter as listed (from the registry's index and this one cache entry)."""
+        return self._info(self.registry.indexed(name), self.cache.entry(name))
 
     def _cache_entries(self) -> dict[str, CacheEntryInfo]:
         return {e.name: e for e in self.cache.entries()}
 
     @staticmethod
-    def _info(stored: StoredAdapter, cache_entries: Mapping[str, CacheEntryInfo]) -> AdapterInfo:
-        cached = cache_entries.get(stored.name)
+    def _info(stored: StoredAdapter | IndexedAdapter, cached: CacheEntryInfo | None) -> AdapterInfo:
         return AdapterInfo(
             name=stored.name,
             version=stored.version,
@@ -434,16 +469,17 @@ class AdapterService:
         )
 
     def list_adapters(self) -> list[AdapterInfo | DamagedAdapterInfo]:
-        """Every stored adapter; one that fails its check on disk is listed as damaged."""
+        """Every stored adapter; one that fails its check on disk is listed as damaged.
+
+        Reads the registry's index (a few stats per adapter, no file read unless an adapter
+        changed) and the cache's entries once."""
         entries = self._cache_entries()
         infos: list[AdapterInfo | DamagedAdapterInfo] = []
-        for name in self.registry.names():
-            try:
-                infos.append(self._info(self.registry.get(name), entries))
-            except AdapterNotFoundError:
-                continue  # deleted while listing
-            except AdapterStorageError as e:  # this adapter only: the others list as they are
-                infos.append(self._damaged(name, e))
+        for name, found in self.registry.listing().items():
+            if isinstance(found, AdapterStorageError):  # this adapter only: the others list as they are
+                infos.append(self._damaged(name, found))
+            else:
+                infos.append(self._info(found, entries.get(name)))
         return infos
 
     def _damaged(self, name: str, e: AdapterStorageError) -> DamagedAdapterInfo:
@@ -459,7 +495,7 @@ class AdapterService:
             return asdict(self._damaged(name, e))
         meta = stored.meta
         alpha, use_rslora = meta.get("alpha"), bool(meta.get("use_rslora"))
-        info = self._info(stored, self._cache_entries())
+        info = self._info(stored, self.cache.entry(name))
         return {
             **info.__dict__,
             "versions": self.registry.versions(name),
@@ -470,4 +506,13 @@ class AdapterService:
             "base_fingerprint": self.engine.fingerprint,
             "created": stored.created,
             "meta": dict(meta),
+            "merge": self._merge_state(name, info.version),
         }
+
+    def _merge_state(self, name: str, version: int) -> dict[str, object]:
+        """Whether the merged fast path (adapters/merged.py) serves this version now; when
+        the path is off for this model, why."""
+        merged = self.engine.merged
+        if merged is None:
+            return {"enabled": False, "merged": False, "reason": self.engine.merge_off}
+        return {"enabled": True, "merged": merged.merged == (name, version)}

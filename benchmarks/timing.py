@@ -8,8 +8,9 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-__all__ = ["median_seconds", "best_medians", "cpu_medians"]
+__all__ = ["median_seconds", "best_medians", "cpu_medians", "interleaved", "Timing"]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, *, warmup: int = 3) -> float:
@@ -37,21 +38,39 @@ def best_medians(fns: Mapping[str, Callable[[], object]], repeats: int, *, round
 
 def cpu_medians(calls: Mapping[str, Callable[[], object]], *, rounds: int, reps: int, seed: int = 0,
                 warmup: int = 2) -> dict[str, float]:
-    """Median over ``rounds`` of the mean process CPU seconds per call of each function.
-    Every round calls the functions in a new random order, so drift (caches, the other
-    processes here, thermal) falls on all of them alike and none always runs right after
-    another; CPU time, as a preempted call's wall time would count another process's work."""
+    """Median over ``rounds`` of the mean process CPU seconds per call of each function
+    (:func:`interleaved`)."""
+    return {k: t.cpu for k, t in interleaved(calls, rounds=rounds, reps=reps, seed=seed, warmup=warmup).items()}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds per call: process CPU time, and wall time next to it."""
+
+    cpu: float
+    wall: float
+
+
+def interleaved(calls: Mapping[str, Callable[[], object]], *, rounds: int, reps: int, seed: int = 0,
+                warmup: int = 2) -> dict[str, Timing]:
+    """Median over ``rounds`` of the mean process CPU seconds (and wall seconds) per call of
+    each function. Every round calls the functions in a new random order, so drift (caches,
+    the other processes here, thermal) falls on all of them alike and none always runs
+    right after another. CPU time is the figure to compare: a preempted call's wall time
+    counts another process's work."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     order = random.Random(seed)
-    per_round: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    wall: dict[str, list[float]] = {k: [] for k in calls}
     names = list(calls)
     for _ in range(rounds):
         order.shuffle(names)
         for name in names:
-            t0 = time.process_time()
+            c0, w0 = time.process_time(), time.perf_counter()
             for _ in range(reps):
                 calls[name]()
-            per_round[name].append((time.process_time() - t0) / reps)
-    return {k: statistics.median(v) for k, v in per_round.items()}
+            cpu[name].append((time.process_time() - c0) / reps)
+            wall[name].append((time.perf_counter() - w0) / reps)
+    return {k: Timing(statistics.median(cpu[k]), statistics.median(wall[k])) for k in calls}

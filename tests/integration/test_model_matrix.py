@@ -8,6 +8,8 @@ Mosquitto of tests/conftest.py. The rows:
 - concurrent requests with different adapters (≥ 3 adapters, 16 clients) get exactly the
   answers of single requests, and share batched calls;
 - a per-request composition is the exact weighted sum of its adapters;
+- the adapter that dominates the requests is served merged into the weights, exactly, and a
+  new version of it answers from its first request;
 - an uploaded adapter exports byte-identical;
 - a DP training run on examples given as the user gives them (text for a text model) goes
   through the validation gate and its version serves;
@@ -33,6 +35,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from benchmarks.mosquitto import Broker
+from lorad.adapters.merged import WINDOW
 from lorad.adapters.peft_format import WEIGHTS_FILE, read_peft_dir
 from lorad.daemon.ctl import main as loractl_main
 from lorad.ota.cli import main as fleet_main
@@ -67,6 +70,11 @@ class Served:
         assert r.status == 200, r.body
         [out] = r.json()["outputs"]
         return np.asarray(out["data"], np.float64).reshape(out["shape"])
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        r = self.daemon.request("GET", f"{self.base}/adapters/{name}")
+        assert r.status == 200, r.body
+        return dict(r.json())
 
     def adapters(self) -> set[str]:
         r = self.daemon.request("GET", f"{self.base}/adapters")
@@ -187,6 +195,30 @@ def test_composition_is_the_exact_weighted_sum(served: Served) -> None:
     np.testing.assert_allclose(halves, served.expected_adapted, atol=case.atol)
     cancelled = served.infer(adapters=[{"name": "ref", "weight": 1.0}, {"name": "neg", "weight": 1.0}])
     np.testing.assert_allclose(cancelled, served.expected_base, atol=case.atol)
+
+
+def test_the_dominant_adapter_is_merged_and_a_new_version_serves_at_once(served: Served) -> None:
+    """One adapter answering most requests is served by a merged session (adapters/merged.py)
+    with what torch + peft answered; a new version of it answers from its first request;
+    a quantised base says why it never merges."""
+    case = served.case
+    for _ in range(WINDOW // 2 + 1):
+        served.infer("ref")
+    merge = served.inspect("ref")["merge"]
+    if merge["enabled"]:
+        wait_until(lambda: served.inspect("ref")["merge"]["merged"], 120, "the dominant adapter to be merged")
+    else:  # the merged path is off only where the model's targets cannot be merged exactly
+        assert "-int" in case.id and "quantised" in merge["reason"], merge
+    np.testing.assert_allclose(served.infer("ref"), served.expected_adapted, atol=case.atol)
+    files = read_peft_dir(served.peft_dir)
+    half = served.infer("half")
+    try:
+        served.upload("ref", _scaled_b(files, 0.5))  # hot swap while merged
+        np.testing.assert_allclose(served.infer("ref"), half, atol=BATCH_ATOL)
+        assert not served.inspect("ref")["merge"]["merged"]  # the merge was of the old version
+    finally:
+        served.upload("ref", files)
+    np.testing.assert_allclose(served.infer("ref"), served.expected_adapted, atol=case.atol)
 
 
 def test_an_upload_exports_byte_identical(served: Served) -> None:

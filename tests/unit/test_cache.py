@@ -410,6 +410,8 @@ def test_accounting_invariants(ops: list[tuple[str, str, int]]) -> None:
             pass
         entries = cache.entries()
         assert sum(e.nbytes for e in entries if e.pinned) <= 100
+        assert {n: e.item.version for n, e in cache._pinned.items()} == {e.name: e.version for e in entries if e.pinned}
+        assert all(cache.entry(e.name) == e for e in entries) and cache.entry("zz") is None
         indexed = {(e.name, e.version) for e in entries}
         detached = {(i.name, i.version): i.nbytes for _, i in held if (i.name, i.version) not in indexed}
         assert cache.stats.bytes_used == sum(e.nbytes for e in entries) + sum(detached.values())

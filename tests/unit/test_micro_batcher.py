@@ -1,8 +1,12 @@
 """lorad.adapters.micro_batcher: concurrent requests with different adapters in one call, each
-answered exactly as a call of its own would be."""
+answered exactly as a call of its own would be; requests of one adapter (or none) batch on
+the engine's own sessions, and the banks are made only when requests mix."""
 
 from __future__ import annotations
 
+import gc
+import threading
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora_banks import AdapterBanks
-from lorad.adapters.micro_batcher import MicroBatcher
+from lorad.adapters.micro_batcher import INLINE_CALL_S, MicroBatcher
 from tests.unit.lora_models import random_adapter, tiny_model
 
 RANK = 4
@@ -69,3 +73,71 @@ def test_an_error_reaches_every_request_of_the_batch(batcher: MicroBatcher) -> N
     batcher.unexpect()
     f = batcher.submit({"x": _x(1)}, None)  # a lone request does not wait for the long timeout
     assert f.result(timeout=30)["y"].shape == (6, 4)
+
+
+def test_one_adapter_or_none_runs_on_the_engine_and_the_banks_are_made_when_requests_mix() -> None:
+    model, _ = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=RANK)
+    banks = AdapterBanks(engine.base_model, engine.targets, rank=RANK, slots=2, lazy=True)
+    batcher = MicroBatcher(engine, banks, max_rows=64, max_wait_us=10_000_000)
+    try:
+        one = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=1), name="a", version=1)
+        other = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=2), name="b", version=1)
+        for adapter in (one, None):  # a batch of 3 requests with one adapter, then of 3 without
+            requests = [_x(s) for s in range(3)]
+            for _ in requests:
+                batcher.expect()
+            futures = [batcher.submit({"x": x}, adapter, expected=True) for x in requests]
+            for x, f in zip(requests, futures, strict=True):
+                np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": x}, adapter)["y"], rtol=1e-5, atol=1e-5)
+        assert batcher.counts() == (2, 6)
+        assert not banks.opened
+        for _ in range(2):
+            batcher.expect()
+        mixed = [batcher.submit({"x": _x(7)}, p, expected=True) for p in (one, other)]
+        for p, f in zip((one, other), mixed, strict=True):
+            np.testing.assert_allclose(f.result(timeout=30)["y"], engine.run({"x": _x(7)}, p)["y"], rtol=1e-5, atol=1e-5)
+        assert banks.opened  # for the mixed batch
+    finally:
+        batcher.close()
+
+
+def test_a_bank_slot_does_not_keep_a_dropped_adapter_alive() -> None:
+    """A slot knows its adapter weakly: what the cache let go is freed, and the slot reused."""
+    model, _ = tiny_model()
+    engine = InferenceEngine(model, targets=["fc*"], rank=RANK)
+    banks = AdapterBanks(engine.base_model, engine.targets, rank=RANK, slots=1)
+    first = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=1), name="a", version=1)
+    slot = banks.acquire(first)
+    assert slot == 1 and banks.acquire(first) == 1  # the same adapter finds its slot
+    banks.release(1, 1)
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+    second = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=2), name="a", version=2)
+    assert banks.acquire(second) == 1
+
+
+def test_a_lone_request_of_a_fast_model_runs_in_the_callers_thread(batcher: MicroBatcher) -> None:
+    """Once a call is known to be shorter than the hand-off is worth (INLINE_CALL_S), a request
+    with nothing queued or expected is answered before post returns, in the caller's thread;
+    one that others are expected with still goes to the runner."""
+    threads: list[int] = []
+
+    def deliver(outputs: object, error: BaseException | None) -> None:
+        assert error is None
+        threads.append(threading.get_ident())
+
+    batcher.submit({"x": _x(1)}, None).result(timeout=30)  # measured on the runner first
+    assert batcher.call_seconds <= INLINE_CALL_S  # the tiny model's call is that short
+    before = batcher.counts()
+    batcher.post({"x": _x(2)}, None, deliver)
+    assert threads == [threading.get_ident()]
+    assert batcher.counts() == (before[0] + 1, before[1] + 1)
+    batcher.expect()
+    batcher.expect()
+    future = batcher.submit({"x": _x(3)}, None, expected=True)  # another is on its way: queued
+    batcher.post({"x": _x(4)}, None, deliver, expected=True)
+    future.result(timeout=30)
+    assert len(threads) == 2 and threads[1] != threading.get_ident()

@@ -6,15 +6,18 @@ Reference values come from torch + sentence-transformers + peft, computed once b
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from lorad.adapters.bert_builder import ClassifierHead, import_bert_dir
 from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_fused import make_fused_inference_graph
 from lorad.adapters.lora_graph import find_targets
 from lorad.adapters.peft_format import load_peft, read_peft_dir
 from lorad.adapters.text_input import TextFrontEnd, TextInputError
@@ -143,3 +146,21 @@ def test_check_config_loads_the_tokenizer_and_names_the_text_key(tmp_path: Path,
     f.write_text("model:\n  labels: [x, y]\n")
     assert main(["check-config", str(f), "--state-dir", str(tmp_path / "state")]) == 2
     assert "model.labels: label names are given but the model declares no tokenizer" in capsys.readouterr().err
+
+
+def _optimised_ops(model: onnx.ModelProto, tmp: Path) -> collections.Counter[str]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp / "optimised.onnx")).graph.node)
+
+
+def test_ort_fuses_the_base_nodes_in_the_lora_graph(minilm: onnx.ModelProto, tmp_path: Path) -> None:
+    """The LoRA add comes before a bias add, not folded into it: ORT still makes its
+    BiasGelu (and every other fused kernel) of the base model's nodes."""
+    fused, _ = make_fused_inference_graph(minilm, find_targets(minilm, ["encoder.layer.*.weight"]), rank=8)
+    base_ops, fused_ops = _optimised_ops(minilm, tmp_path), _optimised_ops(fused, tmp_path)
+    kept = {op: n for op, n in base_ops.items() if op not in ("MatMul", "Add")}
+    assert kept["BiasGelu"] == 6  # what the test is about: one per layer to lose
+    assert {op: fused_ops[op] for op in kept} == kept

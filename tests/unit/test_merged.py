@@ -1,0 +1,81 @@
+"""adapters.merged: the adapter that dominates the recent requests is served by a session
+with its product folded into the target weights, and answers as the LoRA session does;
+a new version is served by the LoRA session at once; models whose targets cannot be
+merged exactly keep the LoRA session. Real ONNX Runtime sessions, no timing."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import onnx
+import pytest
+
+from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
+from lorad.adapters.engine import InferenceEngine
+from lorad.adapters.lora_graph import find_targets
+from lorad.adapters.merged import WINDOW, merge_blocker
+from lorad.daemon.demo import DEMO_TARGETS, demo_model_path
+from tests.unit.lora_models import random_adapter, tiny_model
+
+BUDGET = 64 << 20
+
+
+def _cases() -> dict[str, tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(0)
+    return {
+        # Gemm with transB and alpha (weights stored [out, in]); a flattened input
+        "tiny": (tiny_model()[0], ["fc*"], {"x": rng.normal(size=(2, 3, 6)).astype(np.float32)}),
+        "demo": (onnx.load(str(demo_model_path())), list(DEMO_TARGETS), {"pixels": rng.random((3, 64), dtype=np.float32)}),
+        # q/k/v sharing an input, MatMul + bias on 3-D rows
+        "encoder": (build_reference_encoder(), REFERENCE_TARGETS, {"x": rng.normal(size=(2, 16, 384)).astype(np.float32)}),
+    }
+
+
+@pytest.mark.parametrize("case", ["tiny", "demo", "encoder"])
+def test_the_dominant_adapter_is_merged_and_answers_as_its_lora_path(case: str) -> None:
+    model, patterns, feeds = _cases()[case]
+    engine = InferenceEngine(model, targets=patterns, rank=4, merged_bytes=BUDGET)
+    assert engine.merged is not None
+    v1 = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=3, seed=1), name="a", version=1)
+    other = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=4, seed=2), name="b", version=1)
+    lora = engine.run(feeds, v1)  # before any merge: the LoRA session
+    base = engine.run(feeds, None)
+    assert max(float(np.abs(lora[k] - base[k]).max()) for k in lora) > 1e-3  # the adapter moves the answer
+    for i in range(WINDOW):  # a dominates; b's few requests do not stop that
+        engine.run(feeds, other if i % 4 == 0 else v1)
+    engine.merged.wait()
+    assert engine.merged.merged == ("a", 1)
+    merged = engine.run(feeds, v1)
+    for k in lora:
+        np.testing.assert_allclose(merged[k], lora[k], rtol=1e-5, atol=1e-5)
+    # b still runs with its own adapter on the LoRA session; the base model on the base session
+    for k, want in engine.run(feeds, None).items():
+        np.testing.assert_array_equal(want, base[k])
+    assert not np.allclose(engine.run(feeds, other)[next(iter(lora))], merged[next(iter(lora))])
+
+    # A new version is another prepared adapter: served by the LoRA session from its first request.
+    v2 = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=4, seed=3), name="a", version=2)
+    fresh = engine.run(feeds, v2)
+    assert engine.merged.merged == ("a", 1)  # still version 1's, which v2 does not run on
+    assert not np.allclose(fresh[next(iter(lora))], merged[next(iter(lora))])
+    # When version 1 leaves (no cache entry, no request holds it), its merged session goes.
+    del v1, merged
+    gc.collect()
+    engine.run(feeds, v2)
+    assert engine.merged.merged is None
+
+
+def test_models_whose_targets_cannot_be_merged_exactly_keep_the_lora_session() -> None:
+    model, patterns, _ = _cases()["demo"]
+    targets = find_targets(model, patterns)
+    assert merge_blocker(model, targets) is None
+    # A tied table: a Gather reads a target weight too (its rows would change with the merge).
+    tied = onnx.ModelProto()
+    tied.CopyFrom(model)
+    weight = targets[0].weight
+    tied.graph.node.append(onnx.helper.make_node("Gather", [weight, "pixels"], ["unused"], name="tied"))
+    assert "also read by Gather node 'tied'" in (merge_blocker(tied, targets) or "")
+    # Over the budget, or 0: no merged path.
+    assert InferenceEngine(model, targets=patterns, rank=4, merged_bytes=16).merged is None
+    assert InferenceEngine(model, targets=patterns, rank=4).merged is None

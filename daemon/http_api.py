@@ -1,9 +1,16 @@
 """The HTTP API: Open Inference Protocol (KServe v2 REST) plus the adapter-management extension.
 
 Handlers are thin: they check the model name and authentication, hand the blocking work
-(JSON tensor decoding, ORT, disk) to the worker thread pool and map errors to statuses.
-Every error answers ``{"error": "..."}`` as OIP does. ``/v2/openapi.json`` serves
+(ORT, disk, large bodies) to the worker thread pool and map errors to statuses. Every
+error answers ``{"error": "..."}`` as OIP does. ``/v2/openapi.json`` serves
 ``daemon/openapi.yaml``, the one description of all routes.
+
+An infer request crosses threads once: with the micro-batcher, a small body is decoded
+(JSON or the binary tensor extension, daemon/oip.py), queued and its answer encoded in the
+event loop, and the batcher's thread runs the model; the loop hears of finished batches
+once per batch (:class:`_Completions`). Without the batcher, decoding, the model and
+encoding are one trip to the worker pool. A large body, an adapter that must be loaded
+from disk or a composition to build go to the worker pool before they are queued.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ import math
 import re
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -70,6 +78,7 @@ _CHUNK = 1 << 16
 _SMALL_BODY_BYTES = 4096
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_T = TypeVar("_T")
 
 
 class HttpError(Exception):
@@ -88,7 +97,7 @@ class ApiSettings:
     service: AdapterService
     metrics: DaemonMetrics
     token: str
-    #: Runs ORT, JSON tensor decoding and disk I/O off the event loop.
+    #: Runs ORT (without the batcher), large infer bodies and disk I/O off the event loop.
     executor: Executor
     max_request_bytes: int
     ready: Callable[[], bool]
@@ -109,12 +118,16 @@ class ApiSettings:
 
 
 _SETTINGS = web.AppKey("settings", ApiSettings)
+#: ``lorad_request_duration_seconds`` children by (endpoint, adapter kind): one dict lookup
+#: per request instead of prometheus_client's labels() (a lock and a key built each time).
+_DURATIONS = web.AppKey("durations", dict)
 
 
 def make_app(settings: ApiSettings) -> web.Application:
     """The aiohttp application with every route of the API."""
     app = web.Application(middlewares=[_errors_and_metrics], client_max_size=settings.max_request_bytes)
     app[_SETTINGS] = settings
+    app[_DURATIONS] = {}
     h = _Handlers(settings)
     m = "/v2/models/{model}"
     a = m + "/adapters/{adapter}"
@@ -220,7 +233,11 @@ async def _errors_and_metrics(request: web.Request, handler: _Handler) -> web.St
         response = json_response({"error": message}, status, headers)
     kind = request.get("adapter_kind", "none")
     seconds = time.perf_counter() - start
-    settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind).observe(seconds)
+    durations = request.app[_DURATIONS]
+    child = durations.get((endpoint, kind))
+    if child is None:
+        child = durations[endpoint, kind] = settings.metrics.request_seconds.labels(endpoint=endpoint, adapter_kind=kind)
+    child.observe(seconds)
     if kind != "none":  # an inference request that got as far as naming its adapter
         settings.metrics.observe_inference(adapter=request.get("adapter"), kind=kind, seconds=seconds,
                                            ok=response.status < 400)
@@ -265,6 +282,15 @@ def _via_unix_socket(request: web.Request) -> bool:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    """A decoded request and the model's tensors, not yet submitted."""
+
+    request: oip.InferRequest
+    adapter: str | list[AdapterWeight] | None
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class _Large:
     """A decoded request that takes more than one model call."""
 
@@ -272,6 +298,72 @@ class _Large:
     adapter: str | list[AdapterWeight] | None
     tensors: dict[str, np.ndarray]
 
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A decoded request in the batcher's queue."""
+
+    request: oip.InferRequest
+    future: Future[InferResult]
+
+
+#: A response body and its JSON header's length (None: the body is JSON alone).
+_Answer = tuple[bytes, int | None]
+#: Infer bodies up to this size are decoded and answered in the event loop when the batcher
+#: runs the model: tens of microseconds, less than a thread hand-off costs. Larger ones go to
+#: a worker thread, so that no request holds the loop for long (16 KiB of JSON numbers: about
+#: 0.3 ms).
+_INLINE_BODY_BYTES = 16 * 1024
+#: The same for a text model, whose strings are tokenized there too (4 KiB: about 1,000 tokens).
+_INLINE_TEXT_BYTES = 4 * 1024
+#: Responses of up to this many output elements are encoded in the event loop.
+_INLINE_OUTPUT_ELEMENTS = 4096
+
+
+def _small(result: InferResult) -> bool:
+    return sum(a.size for a in result.outputs.values()) <= _INLINE_OUTPUT_ELEMENTS
+
+
+class _Completions:
+    """Futures finished in another thread (the batcher's), handed to the event loop one
+    batch at a time: the first of a batch wakes the loop, the others join it, where
+    :func:`asyncio.wrap_future` wakes the loop once per future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._finished: list[tuple[asyncio.Future[Any], Future[Any]]] = []
+
+    def wait(self, future: Future[_T]) -> asyncio.Future[_T]:
+        """An asyncio future of ``future``'s outcome (cancelling it does not cancel ``future``)."""
+        waiter: asyncio.Future[_T] = self._loop.create_future()
+        future.add_done_callback(functools.partial(self._finish, waiter))
+        return waiter
+
+    def _finish(self, waiter: asyncio.Future[Any], future: Future[Any]) -> None:  # in the finishing thread
+        with self._lock:
+            self._finished.append((waiter, future))
+            first = len(self._finished) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: the daemon stops, nobody waits
+                pass
+
+    def _deliver(self) -> None:  # in the event loop
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for waiter, future in finished:
+            if waiter.cancelled():  # the client went away; the request's leases end with the batch
+                continue
+            if future.cancelled():
+                waiter.cancel()
+                continue
+            error = future.exception()
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
 
 
 class _Handlers:
@@ -282,6 +374,14 @@ class _Handlers:
         self._infer_limit = infer_body_limit(settings.service.engine.inputs, settings.max_batch_rows,
                                              settings.max_request_bytes)
         self._large: asyncio.Semaphore | None = None  # made in the event loop that serves
+        self._done: _Completions | None = None  # likewise
+        self._model_version = settings.model_version
+        self._inline_bytes = _INLINE_TEXT_BYTES if settings.service.text is not None else _INLINE_BODY_BYTES
+
+    def _completions(self) -> _Completions:
+        if self._done is None:
+            self._done = _Completions(asyncio.get_running_loop())
+        return self._done
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.s.executor, fn, *args)
@@ -338,24 +438,35 @@ class _Handlers:
     # -- inference
 
     async def infer(self, request: web.Request) -> web.Response:
+        """Decode, submit, answer: in the event loop for a small body when the batcher runs
+        the model (its thread is the one hand-off), in one worker trip otherwise."""
         self._model(request)
         limit, setting = self._infer_limit
         body = await read_body(request, limit, what="infer request", setting=setting)
-        # (adapter kind, adapter name), filled by the worker once decoded, so errors after that are labelled
+        header = request.headers.get(oip.HEADER_LENGTH)
+        # (adapter kind, adapter name), filled once decoded, so errors after that are labelled
         kind: list[tuple[str, str | None]] = []
         arrival = self.service.announce()  # a batch being gathered waits for this request
         large = False
         try:
-            done, pending = await self._run(self._infer, body, kind, arrival)
+            if self.service.batcher is not None and len(body) <= self._inline_bytes:
+                done, pending = None, self._infer_inline(body, header, kind, arrival)
+                if isinstance(pending, _Prepared):  # an adapter to load from disk, or a composition to build
+                    done, pending = await self._run(self._submit, pending, kind, arrival)
+            else:
+                done, pending = await self._run(self._infer, body, header, kind, arrival)
             if isinstance(pending, _Large):  # more than one model call: wait for its turn, then in chunks
                 large = True
                 arrival.close()
                 async with self._turn():
                     done = await self._run(self._run_large, pending, kind)
-            elif pending is not None:  # in the batcher's next batch: wait without holding a worker
-                req, future = pending
-                result = await asyncio.wrap_future(future)
-                done = await self._run(self._encode, req, result, kind)
+            elif isinstance(pending, _Submitted):  # in the batcher's next batch: wait without holding a worker
+                future = pending.future
+                result = future.result() if future.done() else await self._completions().wait(future)
+                if _small(result):
+                    done = self._encode(pending.request, result, kind)
+                else:
+                    done = await self._run(self._encode, pending.request, result, kind)
         finally:
             arrival.close()
             if kind:
@@ -363,37 +474,70 @@ class _Handlers:
             if large or len(body) >= LARGE_BODY_BYTES:
                 await self._run(trim_after_large_request, LARGE_BODY_BYTES if large else len(body))
         assert done is not None
-        return web.Response(body=done, content_type="application/json")
+        payload, json_length = done
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload, content_type="application/octet-stream",
+                            headers={oip.HEADER_LENGTH: str(json_length)})
 
     def _decode(
-        self, body: bytes, kind: list[tuple[str, str | None]]
+        self, body: bytes, header: str | None, kind: list[tuple[str, str | None]]
     ) -> tuple[oip.InferRequest, str | list[AdapterWeight] | None]:
-        req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs, max_rows=self.s.max_batch_rows)
+        req = oip.decode_infer_request(body, self.service.inputs, self.service.outputs, max_rows=self.s.max_batch_rows,
+                                       json_length=oip.header_length(header, len(body)))
         if req.composition:
             kind.append(("adapter", "+".join(n for n, _ in req.composition)))
             return req, [AdapterWeight(n, w) for n, w in req.composition]
         kind.append(("base" if req.adapter is None else "adapter", req.adapter))
         return req, req.adapter
 
-    def _infer(
-        self, body: bytes, kind: list[tuple[str, str | None]], arrival: Arrival
-    ) -> tuple[bytes | None, tuple[oip.InferRequest, Future[InferResult]] | _Large | None]:
-        """Decode, encode the model's tensors and submit, in one trip to the worker pool;
-        the response too when the answer is already there (no batcher, or a batch of one
-        that ran at once): (response, None), else (None, (request, future)). A request
-        over one model call is checked against its limit (413) and handed back to wait
-        for its turn: (None, _Large)."""
-        req, adapter = self._decode(body, kind)
+    def _prepare(self, body: bytes, header: str | None, kind: list[tuple[str, str | None]]) -> _Prepared:
+        """Decode the body and make the model's tensors (a text model tokenizes here); 413
+        for a request over its limit."""
+        req, adapter = self._decode(body, header, kind)
         tensors = self.service.encode(req.inputs)
         self.service.cost.check(tensors)
-        if self.service.cost.is_chunked(tensors):
-            return None, _Large(req, adapter, tensors)
-        future = self.service.submit(tensors, adapter, arrival=arrival)
-        if future.done():
-            return self._encode(req, future.result(), kind), None
-        return None, (req, future)
+        return _Prepared(req, adapter, tensors)
 
-    def _run_large(self, large: _Large, kind: list[tuple[str, str | None]]) -> bytes:
+    def _infer_inline(
+        self, body: bytes, header: str | None, kind: list[tuple[str, str | None]], arrival: Arrival
+    ) -> _Submitted | _Large | _Prepared:
+        """:meth:`_infer` in the event loop, for a small body with the batcher: nothing here
+        blocks (the batcher's submit queues). A request that needs disk or real work
+        before it is queued (an adapter not in the cache, a composition) comes back
+        decoded, for :meth:`_submit` in a worker thread."""
+        prepared = self._prepare(body, header, kind)
+        if self.service.cost.is_chunked(prepared.tensors):
+            return _Large(prepared.request, prepared.adapter, prepared.tensors)
+        adapter = prepared.adapter
+        # A cached adapter is leased without I/O. (Evicted between this check and the lease,
+        # it would load in the loop: a window of microseconds, and only under cache churn.)
+        if adapter is not None and not (isinstance(adapter, str) and self.service.cache.contains(adapter)):
+            return prepared
+        return _Submitted(prepared.request, self.service.submit(prepared.tensors, adapter, arrival=arrival))
+
+    def _infer(
+        self, body: bytes, header: str | None, kind: list[tuple[str, str | None]], arrival: Arrival
+    ) -> tuple[_Answer | None, _Submitted | _Large | None]:
+        """Decode, encode the model's tensors and submit, in one trip to the worker pool;
+        the response too when the answer is already there (no batcher, or a batch of one
+        that ran at once): (response, None), else (None, submitted). A request over one
+        model call is checked against its limit (413) and handed back to wait for its
+        turn: (None, _Large)."""
+        prepared = self._prepare(body, header, kind)
+        if self.service.cost.is_chunked(prepared.tensors):
+            return None, _Large(prepared.request, prepared.adapter, prepared.tensors)
+        return self._submit(prepared, kind, arrival)
+
+    def _submit(
+        self, prepared: _Prepared, kind: list[tuple[str, str | None]], arrival: Arrival
+    ) -> tuple[_Answer | None, _Submitted | None]:
+        future = self.service.submit(prepared.tensors, prepared.adapter, arrival=arrival)
+        if future.done():
+            return self._encode(prepared.request, future.result(), kind), None
+        return None, _Submitted(prepared.request, future)
+
+    def _run_large(self, large: _Large, kind: list[tuple[str, str | None]]) -> _Answer:
         return self._encode(large.request, self.service.run(large.tensors, large.adapter), kind)
 
     @contextlib.asynccontextmanager
@@ -414,23 +558,24 @@ class _Handlers:
         finally:
             self._large.release()
 
-    def _encode(self, req: oip.InferRequest, result: InferResult, kind: list[tuple[str, str | None]]) -> bytes:
+    def _encode(self, req: oip.InferRequest, result: InferResult, kind: list[tuple[str, str | None]]) -> _Answer:
+        """The response body, and its JSON header's length when binary outputs follow it."""
         result = self.service.decode(result)
         try:
-            doc = oip.encode_infer_response(
+            return oip.infer_response_body(
                 model_name=self.service.model_name,
-                model_version=self.s.model_version,
+                model_version=self._model_version,
                 request_id=req.id,
                 outputs=result.outputs,
                 wanted=req.outputs,
                 adapter=result.adapter,
                 adapter_version=result.version,
-                composition=[asdict(u) for u in result.composition],
+                composition=[asdict(u) for u in result.composition] if result.composition else (),
+                binary=req.binary_outputs,
             )
         except oip.NonFiniteOutputError:
             self.s.metrics.model_output_errors.labels(adapter_kind=kind[0][0]).inc()
             raise
-        return json.dumps(doc, allow_nan=False).encode()
 
     # -- adapters
 

@@ -20,7 +20,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import (
@@ -234,6 +234,8 @@ class DaemonMetrics:
         self._adapter_label = _AdapterLabels(top_adapters)
         self._busy_lock = threading.Lock()
         self._busy_s: dict[str, float] = {"base": 0.0, "adapter": 0.0}
+        # At most top_adapters + 2 labels, two outcomes each.
+        self._inference_children: dict[tuple[str, bool], tuple[Any, Any]] = {}
         self.build_info = Gauge(
             "lorad_build_info",
             "lorad's version, the onnxruntime version, the device requested (backend) and the execution provider serving (value 1).",
@@ -308,8 +310,15 @@ class DaemonMetrics:
     def observe_inference(self, *, adapter: str | None, kind: str | None, seconds: float, ok: bool) -> None:
         """One inference request answered: per-adapter series and the busy time energy is split by."""
         label = self._adapter_label(adapter, may_take_a_label=ok)
-        self.adapter_requests.labels(adapter=label, outcome="ok" if ok else "error").inc()
-        self.adapter_seconds.labels(adapter=label).observe(seconds)
+        # The labelled children, looked up once per (label, outcome): labels() takes a lock
+        # and builds its key on every call, a few microseconds of each request.
+        children = self._inference_children.get((label, ok))
+        if children is None:
+            children = self._inference_children[label, ok] = (
+                self.adapter_requests.labels(adapter=label, outcome="ok" if ok else "error"),
+                self.adapter_seconds.labels(adapter=label))
+        children[0].inc()
+        children[1].observe(seconds)
         if kind in self._busy_s:
             with self._busy_lock:
                 self._busy_s[kind] += seconds

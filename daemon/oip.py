@@ -1,18 +1,28 @@
-"""Open Inference Protocol (KServe v2 REST) JSON tensors: pure encode/decode functions.
+"""Open Inference Protocol (KServe v2 REST) tensors: pure encode/decode functions.
 
-No I/O here: bytes or parsed JSON in, numpy arrays or a JSON-ready dict out,
-:class:`OIPError` (an HTTP 400) naming exactly what was wrong otherwise.
+No I/O here: bytes or parsed JSON in, numpy arrays or a JSON-ready dict (or the response
+bytes) out, :class:`OIPError` (an HTTP 400) naming exactly what was wrong otherwise.
+
+Tensors travel as JSON ``data`` or with the binary tensor data extension (what
+``tritonclient`` sends with ``binary_data=True``): the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw bytes of every input whose
+``parameters.binary_data_size`` says how many, in the order of ``inputs``; little-endian,
+row-major, BOOL one byte each, BYTES as 4-byte little-endian lengths each followed by its
+bytes. Outputs asked for with ``parameters.binary_data: true`` (or every output, with the
+request's ``parameters.binary_data_output: true``) come back the same way.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import orjson
 
 from lorad.adapters.bounded_json import JsonInputError, loads_bounded
 
@@ -27,8 +37,14 @@ __all__ = [
     "datatype_of",
     "decode_infer_request",
     "encode_infer_response",
+    "infer_response_body",
+    "header_length",
+    "HEADER_LENGTH",
     "tensor_metadata",
 ]
+
+#: The HTTP header of the binary tensor data extension: the length of the JSON part.
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 #: OIP datatype → numpy dtype. BYTES (text for models that declare a tokenizer) travels
 #: as JSON strings and becomes a numpy object array of ``bytes``.
@@ -92,6 +108,8 @@ class InferRequest:
     outputs: tuple[str, ...] | None
     #: ``parameters.adapters``: (name, weight) terms of a per-request composition.
     composition: tuple[tuple[str, float], ...] = ()
+    #: Outputs to answer as raw bytes (binary tensor data extension).
+    binary_outputs: frozenset[str] = frozenset()
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -114,6 +132,7 @@ def decode_infer_request(
     *,
     allow_non_finite: bool = False,
     max_rows: int | None = None,
+    json_length: int | None = None,
 ) -> InferRequest:
     """Parse and check an infer request against the model's input and output specs.
 
@@ -127,28 +146,65 @@ def decode_infer_request(
     unless ``allow_non_finite`` says the model accepts them. More than ``max_rows`` rows
     (first dimension) is a :class:`RequestTooLargeError`, found from the shapes before
     any data is converted.
+
+    ``json_length`` (from :func:`header_length`) says the body is a binary one: its first
+    ``json_length`` bytes are the JSON header, the rest the raw bytes of the inputs that
+    give ``parameters.binary_data_size``; they must add up to exactly that rest.
     """
+    binary = None
+    if json_length is not None:
+        if not isinstance(body, (bytes, bytearray)):
+            raise TypeError("json_length needs the request body as bytes")
+        binary = _Binary(memoryview(body)[json_length:])
+        body = bytes(body[:json_length])
     if isinstance(body, (bytes, bytearray)):
         try:
             doc = loads_bounded(bytes(body), what="request body")
         except JsonInputError as e:  # invalid, not UTF-8, nested over MAX_JSON_DEPTH, unreadable number
-            raise OIPError(str(e)) from None
+            hint = ""
+            if json_length is None and "Extra data" in str(e):
+                hint = f"; a body of JSON followed by binary tensor data needs the {HEADER_LENGTH} header"
+            raise OIPError(f"{e}{hint}") from None
     else:
         doc = body
     if not isinstance(doc, Mapping):
         raise OIPError(f"request body must be a JSON object, got {_json_type(doc)}")
-    unknown = sorted(set(doc) - {"id", "inputs", "outputs", "parameters"})
-    if unknown:
+    if not doc.keys() <= _REQUEST_FIELDS and (unknown := sorted(set(doc) - _REQUEST_FIELDS)):
         raise OIPError(f"unknown request field {unknown[0]!r}; allowed: id, inputs, outputs, parameters")
 
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
 
-    adapter, composition = decode_adapter_parameters(doc.get("parameters"))
-    arrays = _decode_inputs(doc.get("inputs"), inputs, allow_non_finite=allow_non_finite, max_rows=max_rows)
-    wanted = _decode_outputs(doc.get("outputs"), outputs)
-    return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted, composition=composition)
+    params = doc.get("parameters")
+    adapter, composition = decode_adapter_parameters(params)
+    arrays = _decode_inputs(doc.get("inputs"), inputs, allow_non_finite=allow_non_finite, max_rows=max_rows,
+                            binary=binary)
+    if binary is not None:
+        binary.check_consumed()
+    all_binary = _flag(params.get("binary_data_output") if isinstance(params, Mapping) else None,
+                       "parameters.binary_data_output")
+    wanted, binary_outputs = _decode_outputs(doc.get("outputs"), outputs, all_binary=all_binary)
+    return InferRequest(inputs=arrays, adapter=adapter, id=request_id, outputs=wanted, composition=composition,
+                        binary_outputs=binary_outputs)
+
+
+def header_length(value: str | None, body_length: int) -> int | None:
+    """The JSON header's length from an ``Inference-Header-Content-Length`` value; None
+    without the header (the body is JSON alone). :class:`OIPError` for a value that is not
+    a length within the body."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise OIPError(f"{HEADER_LENGTH}: {value[:40]!r} is not a length in bytes (a non-negative integer)")
+    n = int(text)
+    if n > body_length:
+        raise OIPError(f"{HEADER_LENGTH} is {n} bytes but the whole request body is {body_length} bytes;"
+                       " it gives the length of the JSON header that starts the body")
+    if n == 0:
+        raise OIPError(f"{HEADER_LENGTH} is 0: the body must start with the JSON header of the request")
+    return n
 
 
 def encode_infer_response(
@@ -167,10 +223,73 @@ def encode_infer_response(
     :class:`NonFiniteOutputError` when an output holds NaN or infinity (JSON has no such
     numbers), naming the output, the element and the adapter that answered.
     """
+    doc, _ = _response(model_name=model_name, model_version=model_version, request_id=request_id, outputs=outputs,
+                       wanted=wanted, adapter=adapter, adapter_version=adapter_version, composition=composition,
+                       binary=(), lists=True)
+    return doc
+
+
+def infer_response_body(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Mapping[str, np.ndarray],
+    wanted: Sequence[str] | None,
+    adapter: str | None,
+    adapter_version: int | None,
+    composition: Sequence[Mapping[str, object]] = (),
+    binary: Collection[str] = (),
+) -> tuple[bytes, int | None]:
+    """An infer response as bytes, and the length of its JSON header when outputs named in
+    ``binary`` follow it as raw bytes (``Inference-Header-Content-Length``), else None.
+
+    The JSON is that of :func:`encode_infer_response`; a binary output carries
+    ``parameters.binary_data_size`` instead of ``data``. A binary output may hold NaN or
+    infinity (raw floats can); a JSON one raises :class:`NonFiniteOutputError`.
+    """
+    doc, raw = _response(model_name=model_name, model_version=model_version, request_id=request_id, outputs=outputs,
+                         wanted=wanted, adapter=adapter, adapter_version=adapter_version, composition=composition,
+                         binary=binary, lists=False)
+    try:
+        head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # an array orjson does not take as it is (byte order, layout)
+        for t in doc["outputs"]:  # type: ignore[attr-defined]
+            if isinstance(t.get("data"), np.ndarray):
+                t["data"] = t["data"].tolist()
+        head = orjson.dumps(doc)
+    if not raw:
+        return head, None
+    return b"".join([head, *raw]), len(head)
+
+
+def _response(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Mapping[str, np.ndarray],
+    wanted: Sequence[str] | None,
+    adapter: str | None,
+    adapter_version: int | None,
+    composition: Sequence[Mapping[str, object]],
+    binary: Collection[str],
+    lists: bool,
+) -> tuple[dict[str, object], list[bytes]]:
+    """The response's JSON object and the raw bytes of its binary outputs, in order.
+    ``lists``: JSON data as Python lists (else flat numpy arrays, for orjson)."""
     names = list(wanted) if wanted is not None else list(outputs)
     tensors = []
+    raw: list[bytes] = []
     for name in names:
         arr = np.asarray(outputs[name])
+        if name in binary:
+            datatype = datatype_of(arr)
+            chunk = _bytes_to_binary(arr) if datatype == "BYTES" else _raw(arr)
+            raw.append(chunk)
+            tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape),
+                            "parameters": {"binary_data_size": len(chunk)}})
+            continue
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(np.argmin(np.isfinite(arr).ravel()))
             if composition:
@@ -182,12 +301,14 @@ def encode_infer_response(
                 f" with {by}; JSON cannot carry non-finite numbers, so no response was sent"
             )
         datatype = datatype_of(arr)
-        tensors.append({
-            "name": name,
-            "datatype": datatype,
-            "shape": list(arr.shape),
-            "data": _bytes_to_json(arr) if datatype == "BYTES" else arr.ravel().tolist(),
-        })
+        data: object
+        if datatype == "BYTES":
+            data = _bytes_to_json(arr)
+        elif lists:
+            data = arr.ravel().tolist()
+        else:
+            data = np.ascontiguousarray(arr).ravel()
+        tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data})
     return {
         "model_name": model_name,
         "model_version": model_version,
@@ -197,7 +318,7 @@ def encode_infer_response(
             else {"adapter": adapter, "adapter_version": adapter_version}
         ),
         "outputs": tensors,
-    }
+    }, raw
 
 
 # ---------------------------------------------------------------- helpers
@@ -259,13 +380,25 @@ def _decode_composition(terms: object) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _decode_outputs(requested: object, specs: Sequence[TensorSpecLike]) -> tuple[str, ...] | None:
-    if requested is None:
-        return None
+def _flag(value: object, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise OIPError(f"{where!r} must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _decode_outputs(
+    requested: object, specs: Sequence[TensorSpecLike], *, all_binary: bool
+) -> tuple[tuple[str, ...] | None, frozenset[str]]:
+    """The outputs asked for (None: all), and those to answer as raw bytes."""
     allowed = [s.name for s in specs]
+    if requested is None:
+        return None, frozenset(allowed if all_binary else ())
     if not isinstance(requested, list) or not requested:
         raise OIPError(f"'outputs' must be a non-empty array of {{\"name\": ...}} objects, got {_json_type(requested)}")
     names: list[str] = []
+    binary: set[str] = set()
     for i, item in enumerate(requested):
         name = item.get("name") if isinstance(item, Mapping) else None
         if not isinstance(name, str):
@@ -275,11 +408,23 @@ def _decode_outputs(requested: object, specs: Sequence[TensorSpecLike]) -> tuple
         if name in names:
             raise OIPError(f"output {name!r} is requested twice")
         names.append(name)
-    return tuple(names)
+        params = item.get("parameters")
+        if params is None:
+            binary_data = None
+        elif not isinstance(params, Mapping):
+            raise OIPError(f"outputs[{i}].parameters must be an object, got {_json_type(params)}")
+        else:
+            if params.get("classification") is not None:
+                raise OIPError(f"outputs[{i}]: parameters.classification is not supported; ask for the output itself")
+            binary_data = params.get("binary_data")
+        if _flag(binary_data, f"outputs[{i}].parameters.binary_data") if binary_data is not None else all_binary:
+            binary.add(name)
+    return tuple(names), frozenset(binary)
 
 
 def _decode_inputs(
-    tensors: object, specs: Sequence[TensorSpecLike], *, allow_non_finite: bool, max_rows: int | None
+    tensors: object, specs: Sequence[TensorSpecLike], *, allow_non_finite: bool, max_rows: int | None,
+    binary: _Binary | None = None,
 ) -> dict[str, np.ndarray]:
     by_name = {s.name: s for s in specs}
     allowed = ", ".join(by_name)
@@ -297,7 +442,7 @@ def _decode_inputs(
             raise OIPError(f"unknown input {name!r}; the model's inputs are: {allowed}")
         if name in arrays:
             raise OIPError(f"input {name!r} is given twice")
-        arrays[name] = _decode_tensor(t, spec, allow_non_finite=allow_non_finite, max_rows=max_rows)
+        arrays[name] = _decode_tensor(t, spec, allow_non_finite=allow_non_finite, max_rows=max_rows, binary=binary)
     missing = [n for n in by_name if n not in arrays]
     if missing:
         raise OIPError(f"missing input {missing[0]!r}; the model's inputs are: {allowed}")
@@ -305,7 +450,8 @@ def _decode_inputs(
 
 
 def _decode_tensor(
-    t: Mapping[str, object], spec: TensorSpecLike, *, allow_non_finite: bool, max_rows: int | None
+    t: Mapping[str, object], spec: TensorSpecLike, *, allow_non_finite: bool, max_rows: int | None,
+    binary: _Binary | None = None,
 ) -> np.ndarray:
     name = spec.name
     datatype = t.get("datatype")
@@ -317,6 +463,14 @@ def _decode_tensor(
             f"input {name!r} has {shape[0]} rows; a request may carry at most {max_rows} (server.max_batch_rows)"
         )
     data = t.get("data")
+    size = _binary_size(name, t.get("parameters"))
+    if size is not None:
+        if data is not None:
+            raise OIPError(f"input {name!r} gives both 'data' and parameters.binary_data_size; send its data one way")
+        if binary is None:
+            raise OIPError(f"input {name!r} gives parameters.binary_data_size but the request has no {HEADER_LENGTH}"
+                           " header: a binary body needs it to say where its JSON header ends")
+        return _from_binary(name, binary.take(name, size), spec.datatype, shape, allow_non_finite=allow_non_finite)
     if data is None:
         raise OIPError(f"input {name!r}: 'data' is missing")
     dtype = DATATYPES.get(spec.datatype)
@@ -331,7 +485,13 @@ def _decode_tensor(
     return _to_array(name, flat, dtype, spec.datatype, shape, allow_non_finite=allow_non_finite).reshape(shape)
 
 
+_REQUEST_FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
+
+
 def _decode_shape(name: str, shape: object, spec_shape: Sequence[int]) -> list[int]:
+    if (isinstance(shape, list) and set(map(type, shape)) <= {int} and len(shape) == len(spec_shape)
+            and all(d >= 1 and (s < 0 or d == s) for d, s in zip(shape, spec_shape, strict=True))):
+        return shape  # the common case, checked at once; the errors below say what is wrong
     want = "[" + ", ".join("N" if d < 0 else str(d) for d in spec_shape) + "]"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise OIPError(f"input {name!r}: 'shape' must be an array of non-negative integers like {want}")
@@ -349,7 +509,7 @@ def _flatten(name: str, data: object, shape: Sequence[int]) -> list[object]:
     a nested one only when it follows ``shape`` exactly, level by level."""
     if not isinstance(data, list):
         return [data]
-    if not any(isinstance(item, list) for item in data):
+    if list not in set(map(type, data)):  # flat (in C: no Python loop per element)
         return data
     level: list[object] = [data]
     for depth, size in enumerate(shape):
@@ -392,18 +552,18 @@ _FLOAT64_MAX_INT = int(np.finfo(np.float64).max)
 def _to_array(
     name: str, flat: list[object], dtype: np.dtype, datatype: str, shape: Sequence[int], *, allow_non_finite: bool
 ) -> np.ndarray:
+    types = set(map(type, flat))  # bool is a type of its own: True is not taken for 1
     if dtype.kind == "b":
-        if not all(isinstance(v, bool) for v in flat):
+        if types - {bool}:
             raise OIPError(f"input {name!r}: {datatype} data must be true/false values")
         return np.array(flat, dtype=dtype)
-    for v in flat:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise OIPError(f"input {name!r}: {datatype} data must be numbers, found {v!r}")
+    if types - {int, float}:
+        _refuse_non_numbers(name, flat, datatype)
     if dtype.kind in "iu":
-        ints = [v for v in flat if isinstance(v, int)]
-        if len(ints) != len(flat):
+        if float in types:
             bad = next(v for v in flat if not isinstance(v, int))
             raise OIPError(f"input {name!r}: {datatype} data must be integers, found {bad!r}")
+        ints: list[int] = flat  # type: ignore[assignment]  # every element is an int (checked above)
         info = np.iinfo(dtype)
         if ints and (min(ints) < info.min or max(ints) > info.max):
             raise OIPError(f"input {name!r}: {datatype} data must lie in [{info.min}, {info.max}]")
@@ -415,6 +575,19 @@ def _to_array(
         raise OIPError(
             f"input {name!r}: element {_where(bad, shape)} is an integer too large for {datatype}"
         ) from None
+    return _to_floats(name, wide, dtype, datatype, shape, allow_non_finite=allow_non_finite)
+
+
+def _refuse_non_numbers(name: str, flat: list[object], datatype: str) -> None:
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise OIPError(f"input {name!r}: {datatype} data must be numbers, found {v!r}")
+
+
+def _to_floats(
+    name: str, wide: np.ndarray, dtype: np.dtype, datatype: str, shape: Sequence[int], *, allow_non_finite: bool
+) -> np.ndarray:
+    """float64 values as ``dtype``, refusing non-finite ones (unless allowed) and overflow."""
     finite = np.isfinite(wide)
     if not allow_non_finite and not finite.all():
         bad = int(np.argmin(finite))
@@ -444,3 +617,106 @@ def _where(flat_index: int, shape: Sequence[int]) -> str:
     """``17 (index [0, 17])``: a flat element position and its index in the tensor."""
     index = [int(i) for i in np.unravel_index(flat_index, tuple(shape))] if shape else []
     return f"{flat_index} (index {index})"
+
+
+# ---------------------------------------------------------------- binary tensor data
+
+
+class _Binary:
+    """The raw bytes after a binary body's JSON header, taken input by input."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, name: str, size: int) -> memoryview:
+        left = len(self.data) - self.offset
+        if size > left:
+            raise OIPError(f"input {name!r}: parameters.binary_data_size is {size} bytes but only {left} bytes of"
+                           f" binary data are left after the JSON header ({HEADER_LENGTH}) and the inputs before it")
+        part = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return part
+
+    def check_consumed(self) -> None:
+        extra = len(self.data) - self.offset
+        if extra:
+            raise OIPError(f"{extra} bytes follow the JSON header ({HEADER_LENGTH}) beyond the inputs'"
+                           f" parameters.binary_data_size, which add up to {self.offset}; the body must end there")
+
+
+def _binary_size(name: str, params: object) -> int | None:
+    if params is None:
+        return None
+    if not isinstance(params, Mapping):
+        raise OIPError(f"input {name!r}: 'parameters' must be an object, got {_json_type(params)}")
+    size = params.get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise OIPError(f"input {name!r}: parameters.binary_data_size must be a number of bytes (an integer >= 0),"
+                       f" got {size!r}"[:200])
+    return size
+
+
+def _from_binary(name: str, raw: memoryview, datatype: str, shape: Sequence[int], *, allow_non_finite: bool) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_from_binary(name, raw, count).reshape(shape)
+    dtype = DATATYPES[datatype].newbyteorder("<")
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise OIPError(f"input {name!r}: parameters.binary_data_size is {len(raw)} bytes but shape {list(shape)} of"
+                       f" {datatype} needs {expected} ({count} elements of {dtype.itemsize} bytes)")
+    arr = np.frombuffer(raw, dtype)
+    if dtype.kind == "b":
+        if count and int(arr.view(np.uint8).max()) > 1:
+            bad = int(np.argmax(arr.view(np.uint8) > 1))
+            raise OIPError(f"input {name!r}: element {_where(bad, shape)} is byte {int(arr.view(np.uint8)[bad])};"
+                           " BOOL data is one byte each, 0 or 1")
+    elif dtype.kind == "f" and not allow_non_finite:
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise OIPError(f"input {name!r}: element {_where(bad, shape)} is {_number(arr[bad])};"
+                           f" {datatype} data must be finite numbers")
+    if not dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+    return arr.reshape(shape)
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def _bytes_from_binary(name: str, raw: memoryview, count: int) -> np.ndarray:
+    """BYTES elements, each a 4-byte little-endian length and that many bytes."""
+    out = np.empty(count, dtype=object)
+    offset, end = 0, len(raw)
+    for i in range(count):
+        if end - offset < 4:
+            raise OIPError(f"input {name!r}: binary BYTES data ends before element {i} of {count}"
+                           " (each is a 4-byte little-endian length, then the bytes)")
+        (n,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if n > end - offset:
+            raise OIPError(f"input {name!r}: binary BYTES element {i} says {n} bytes but only {end - offset} are left"
+                           " in its parameters.binary_data_size")
+        out[i] = bytes(raw[offset : offset + n])
+        offset += n
+    if offset != end:
+        raise OIPError(f"input {name!r}: {end - offset} bytes are left after its {count} BYTES elements;"
+                       " parameters.binary_data_size must cover exactly the elements of its shape")
+    return out
+
+
+def _raw(arr: np.ndarray) -> bytes:
+    """A numeric (or BOOL) tensor's bytes: little-endian, row-major."""
+    return np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _bytes_to_binary(arr: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for v in arr.ravel():
+        b = bytes(v) if not isinstance(v, str) else v.encode()
+        parts += (_LENGTH.pack(len(b)), b)
+    return b"".join(parts)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lorad.adapters.bounded_json import MAX_JSON_DEPTH
 from lorad.adapters.peft_format import CONFIG_FILE, MAX_HEADER_BYTES, WEIGHTS_FILE
-from tests.integration.lorad_process import MODEL, DemoMath, RunningDaemon, digit_probe, start_daemon
+from tests.integration.lorad_process import MODEL, DemoMath, Response, RunningDaemon, digit_probe, start_daemon
 
 MAX_ROWS = 16
 ROW = 64  # the demo model's pixels per row
@@ -406,3 +406,96 @@ def test_property_malformed_configs_are_4xx_and_store_nothing(daemon: RunningDae
     r = daemon.upload("prop-config", {**files, CONFIG_FILE: config})
     _assert_4xx_json(r)
     assert daemon.adapters() == before
+
+
+# ---------------------------------------------------------------- binary tensor data extension
+
+
+def _binary_infer(daemon: RunningDaemon, head: object, raw: bytes, header: str | None) -> tuple[int, dict[str, str], bytes]:
+    """POST an infer body of JSON ``head`` and ``raw`` bytes, with ``header`` as its
+    Inference-Header-Content-Length ("len" for the JSON's true length)."""
+    head_bytes = json.dumps(head).encode() if not isinstance(head, bytes) else head
+    body = head_bytes + raw
+    extra = b""
+    if header is not None:
+        value = str(len(head_bytes)) if header == "len" else header
+        extra = f"Inference-Header-Content-Length: {value}\r\n".encode()
+    return _raw(daemon, _POST_INFER + f"Content-Length: {len(body)}\r\n".encode() + extra
+                + b"Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n" + body)
+
+
+def _pixels_head(size: object, shape: object = (1, ROW), **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(shape),  # type: ignore[call-overload]
+                        "parameters": {"binary_data_size": size}, **extra}]}
+
+
+_ROW_BYTES = struct.pack(f"<{ROW}f", *([0.5] * ROW))
+
+
+@pytest.mark.parametrize("head, raw, header, fragment", [
+    # the header's length is wrong: past the body, cutting the JSON, not a number, zero
+    (_pixels_head(4 * ROW), _ROW_BYTES, "100000", "but the whole request body is"),
+    (_pixels_head(4 * ROW), _ROW_BYTES, "20", "not valid JSON"),
+    (_pixels_head(4 * ROW), _ROW_BYTES, "-5", "is not a length in bytes"),
+    (_pixels_head(4 * ROW), _ROW_BYTES, "0x10", "is not a length in bytes"),
+    (_pixels_head(4 * ROW), _ROW_BYTES, "0", "must start with the JSON header"),
+    # sizes that do not match shape × datatype, or the bytes that follow
+    (_pixels_head(4 * ROW - 4), _ROW_BYTES[:-4], "len", f"shape [1, {ROW}] of FP32 needs {4 * ROW}"),
+    (_pixels_head(8 * ROW, (2, ROW)), _ROW_BYTES, "len", "only 256 bytes of binary data are left"),
+    (_pixels_head(4 * ROW), _ROW_BYTES + b"\0" * 3, "len", "3 bytes follow the JSON header"),
+    (_pixels_head(-1), _ROW_BYTES, "len", "binary_data_size must be a number of bytes"),
+    (_pixels_head("256"), _ROW_BYTES, "len", "binary_data_size must be a number of bytes"),
+    (_pixels_head(1 << 62), _ROW_BYTES, "len", "binary data are left"),
+    # binary_data_size on a JSON-only body, and the bytes without the header
+    (_pixels_head(4 * ROW), b"", None, "has no Inference-Header-Content-Length header"),
+    (_pixels_head(4 * ROW), _ROW_BYTES, None, "needs the Inference-Header-Content-Length header"),
+    (_pixels_head(4 * ROW, data=[0.5] * ROW), _ROW_BYTES, "len", "gives both 'data' and parameters.binary_data_size"),
+    # non-finite floats and too many rows are refused as in JSON
+    (_pixels_head(4 * ROW), struct.pack(f"<{ROW}f", *([0.5] * (ROW - 1) + [math.nan])), "len", "is NaN"),
+    (_pixels_head(4 * ROW * (MAX_ROWS + 1), (MAX_ROWS + 1, ROW)), _ROW_BYTES * (MAX_ROWS + 1), "len", "server.max_batch_rows"),
+    # outputs asked for in a way the extension does not have
+    ({**_pixels_head(4 * ROW), "parameters": {"binary_data_output": "yes"}}, _ROW_BYTES, "len", "must be true or false"),
+    ({**_pixels_head(4 * ROW), "outputs": [{"name": "logits", "parameters": {"classification": 2}}]}, _ROW_BYTES, "len",
+     "classification is not supported"),
+], ids=["past-body", "cuts-json", "negative", "hex", "zero", "size-short-of-shape", "size-past-data", "bytes-left-over",
+        "negative-size", "string-size", "huge-size", "size-without-header", "bytes-without-header", "data-and-size", "nan",
+        "too-many-rows", "output-flag-not-bool", "classification"])
+def test_malformed_binary_bodies_are_4xx_naming_what(daemon: RunningDaemon, head: object, raw: bytes, header: str | None,
+                                                     fragment: str) -> None:
+    status, headers, body = _binary_infer(daemon, head, raw, header)
+    assert 400 <= status < 500, (status, body[:300])
+    assert fragment in _json_error(status, headers, body), body
+
+
+def test_a_well_formed_binary_body_is_answered(daemon: RunningDaemon) -> None:
+    status, headers, body = _binary_infer(daemon, {**_pixels_head(4 * ROW), "parameters": {"binary_data_output": True}},
+                                          _ROW_BYTES, "len")
+    assert status == 200, body[:300]
+    n = int(headers["inference-header-content-length"])
+    doc = json.loads(body[:n])
+    assert sum(o["parameters"]["binary_data_size"] for o in doc["outputs"]) == len(body) - n == 2 * 10 * 4
+
+
+@_PROPERTY
+@given(head=st.binary(max_size=200), raw=st.binary(max_size=300), header=st.one_of(
+    st.none(), st.integers(-5, 600).map(str), st.text(max_size=6).filter(lambda s: "\r" not in s and "\n" not in s)))
+def test_property_arbitrary_binary_bodies_are_4xx(daemon: RunningDaemon, head: bytes, raw: bytes, header: str | None) -> None:
+    head_value = header.encode("latin-1", "replace").decode("latin-1") if header is not None else None
+    r = daemon.request("POST", INFER, body=head + raw, content_type="application/octet-stream") if head_value is None \
+        else _raw_request(daemon, head + raw, head_value)
+    _assert_4xx_json(r)
+
+
+def _raw_request(daemon: RunningDaemon, body: bytes, header: str) -> Any:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(daemon.url + INFER, data=body, method="POST",
+                                 headers={"Content-Type": "application/octet-stream",
+                                          "Inference-Header-Content-Length": header})
+    try:
+        with urllib.request.urlopen(req, timeout=_SOCKET_TIMEOUT_S) as r:
+            return Response(r.status, dict(r.headers), r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return Response(e.code, dict(e.headers), e.read())

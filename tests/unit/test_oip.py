@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from lorad.adapters.bounded_json import loads_bounded
 from lorad.daemon.oip import (
     NonFiniteOutputError,
     OIPError,
@@ -16,6 +18,8 @@ from lorad.daemon.oip import (
     datatype_of,
     decode_infer_request,
     encode_infer_response,
+    header_length,
+    infer_response_body,
 )
 
 
@@ -320,3 +324,217 @@ def test_non_finite_inputs_allowed_when_the_model_says_so() -> None:
     with pytest.raises(OIPError, match=r"element 0 \(index \[0, 0\]\) is NaN"):
         decode_infer_request(body, INPUTS, OUTPUTS)
     assert np.isnan(decode_infer_request(body, INPUTS, OUTPUTS, allow_non_finite=True).inputs["pixels"][0, 0])
+
+
+# ---------------------------------------------------------------- the binary tensor data extension
+
+
+def _binary_body(doc: Mapping[str, object], *raw: bytes) -> tuple[bytes, int]:
+    head = json.dumps(doc).encode()
+    return head + b"".join(raw), len(head)
+
+
+def _binary_req(pixels: np.ndarray, ids: np.ndarray, **pixel_params: object) -> tuple[bytes, int]:
+    p, i = pixels.astype("<f4").tobytes(), ids.astype("<i8").tobytes()
+    doc = {"inputs": [
+        {"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape),
+         "parameters": {"binary_data_size": len(p), **pixel_params}},
+        {"name": "ids", "datatype": "INT64", "shape": list(ids.shape), "parameters": {"binary_data_size": len(i)}},
+    ]}
+    return _binary_body(doc, p, i)
+
+
+def _binary_error(body: bytes, json_length: int | None, inputs: list[Spec] = INPUTS) -> str:
+    with pytest.raises(OIPError) as e:
+        decode_infer_request(body, inputs, OUTPUTS, json_length=json_length)
+    assert e.value.status == 400
+    return str(e.value)
+
+
+def test_binary_inputs_decode_exactly() -> None:
+    pixels = np.random.default_rng(1).random((2, 4), dtype=np.float32)
+    ids = np.arange(4, dtype=np.int64).reshape(2, 2) - 2
+    body, n = _binary_req(pixels, ids)
+    r = decode_infer_request(body, INPUTS, OUTPUTS, json_length=n)
+    assert r.inputs["pixels"].dtype == np.float32 and np.array_equal(r.inputs["pixels"], pixels)
+    assert r.inputs["ids"].dtype == np.int64 and np.array_equal(r.inputs["ids"], ids)
+    assert r.binary_outputs == frozenset()
+
+
+def test_binary_and_json_inputs_mix() -> None:
+    ids = np.array([[7, 8]], np.int64)
+    doc = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+                      {"name": "ids", "datatype": "INT64", "shape": [1, 2], "parameters": {"binary_data_size": 16}}]}
+    body, n = _binary_body(doc, ids.tobytes())
+    r = decode_infer_request(body, INPUTS, OUTPUTS, json_length=n)
+    assert r.inputs["pixels"].tolist() == [[1, 2, 3, 4]] and r.inputs["ids"].tolist() == [[7, 8]]
+
+
+def test_binary_bytes_and_bool_inputs() -> None:
+    specs = [Spec("text", "BYTES", (-1,)), Spec("flags", "BOOL", (-1, 2))]
+    words = [b"hello", b"", "gr\u00fc\u00dfe".encode()]
+    text = b"".join(len(w).to_bytes(4, "little") + w for w in words)
+    doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": len(text)}},
+                      {"name": "flags", "datatype": "BOOL", "shape": [3, 2], "parameters": {"binary_data_size": 6}}]}
+    body, n = _binary_body(doc, text, bytes([1, 0, 0, 1, 1, 1]))
+    r = decode_infer_request(body, specs, OUTPUTS, json_length=n)
+    assert r.inputs["text"].tolist() == words
+    assert r.inputs["flags"].tolist() == [[True, False], [False, True], [True, True]]
+    bad, n = _binary_body(doc, text, bytes([1, 0, 2, 1, 1, 1]))
+    assert "BOOL data is one byte each, 0 or 1" in _binary_error(bad, n, specs)
+
+
+@pytest.mark.parametrize("cut, fragment", [
+    (-4, "only 28 bytes of binary data are left"),  # the last input is short
+    (+4, "4 bytes follow the JSON header (Inference-Header-Content-Length) beyond the inputs'"),
+])
+def test_binary_data_that_does_not_add_up_is_400(cut: int, fragment: str) -> None:
+    body, n = _binary_req(np.zeros((2, 4), np.float32), np.zeros((2, 2), np.int64))
+    body = body[:cut] if cut < 0 else body + b"\0" * cut
+    assert fragment in _binary_error(body, n)
+
+
+def test_binary_size_not_matching_shape_and_datatype_is_400() -> None:
+    pixels = np.zeros((2, 4), np.float32)
+    p = pixels.tobytes()
+    doc = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 4], "parameters": {"binary_data_size": 24}},
+                      {"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}
+    body, n = _binary_body(doc, p[:24])
+    assert "binary_data_size is 24 bytes but shape [2, 4] of FP32 needs 32" in _binary_error(body, n)
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, "8", True, None])
+def test_binary_size_must_be_a_byte_count(size: object) -> None:
+    doc = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": size}},
+                      {"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}
+    body, n = _binary_body(doc, bytes(16))
+    if size is None:  # no size: a JSON tensor without data, and 16 bytes nobody claims
+        assert "'data' is missing" in _binary_error(body, n)
+    else:
+        assert "binary_data_size must be a number of bytes" in _binary_error(body, n)
+
+
+def test_binary_size_without_the_header_is_400() -> None:
+    body, n = _binary_req(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.int64))
+    assert "has no Inference-Header-Content-Length header" in _binary_error(body[:n], None)  # JSON alone
+    error = _binary_error(body, None)  # JSON and the bytes, without saying where the JSON ends
+    assert "not valid JSON" in error and "needs the Inference-Header-Content-Length header" in error
+
+
+def test_binary_size_and_data_together_is_400() -> None:
+    body, n = _binary_req(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.int64))
+    doc = json.loads(body[:n])
+    doc["inputs"][0]["data"] = [0, 0, 0, 0]
+    body2, n2 = _binary_body(doc, body[n:])
+    assert "gives both 'data' and parameters.binary_data_size" in _binary_error(body2, n2)
+
+
+def test_binary_non_finite_floats_are_400_naming_the_element() -> None:
+    pixels = np.zeros((1, 4), np.float32)
+    pixels[0, 2] = np.nan
+    body, n = _binary_req(pixels, np.zeros((1, 2), np.int64))
+    assert "input 'pixels': element 2 (index [0, 2]) is NaN" in _binary_error(body, n)
+
+
+@pytest.mark.parametrize("blob", [
+    b"\x05\x00\x00\x00abc",          # an element longer than what is left
+    b"\x01\x00\x00",                  # a length cut short
+    b"\x01\x00\x00\x00a\x00",          # a byte left after the elements
+])
+def test_binary_bytes_framing_errors_are_400(blob: bytes) -> None:
+    specs = [Spec("text", "BYTES", (-1,))]
+    doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}]}
+    body, n = _binary_body(doc, blob)
+    assert "input 'text': " in _binary_error(body, n, specs)
+
+
+@pytest.mark.parametrize("value, body_length, fragment", [
+    ("abc", 10, "is not a length in bytes"),
+    ("-3", 10, "is not a length in bytes"),
+    ("11", 10, "is 11 bytes but the whole request body is 10 bytes"),
+    ("0", 10, "must start with the JSON header"),
+    ("9" * 40, 10, "is not a length in bytes"),
+])
+def test_header_length_is_checked(value: str, body_length: int, fragment: str) -> None:
+    with pytest.raises(OIPError, match=re.escape(fragment)):
+        header_length(value, body_length)
+    assert header_length(None, 10) is None and header_length(" 7 ", 10) == 7
+
+
+def test_header_length_cutting_the_json_is_400() -> None:
+    body, n = _binary_req(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.int64))
+    assert "not valid JSON" in _binary_error(body, n - 3)
+
+
+def test_binary_outputs_are_chosen_per_output_or_for_all() -> None:
+    doc = {**_req(), "outputs": [{"name": "logits", "parameters": {"binary_data": True}}, {"name": "probabilities"}]}
+    r = decode_infer_request(json.dumps(doc).encode(), INPUTS, OUTPUTS)
+    assert r.binary_outputs == {"logits"} and r.outputs == ("logits", "probabilities")
+    doc = {**_req(), "parameters": {"binary_data_output": True}}
+    assert decode_infer_request(json.dumps(doc).encode(), INPUTS, OUTPUTS).binary_outputs == {"logits", "probabilities"}
+    # an output's own setting wins over the request's
+    doc = {**_req(), "parameters": {"binary_data_output": True},
+           "outputs": [{"name": "logits", "parameters": {"binary_data": False}}, {"name": "probabilities"}]}
+    assert decode_infer_request(json.dumps(doc).encode(), INPUTS, OUTPUTS).binary_outputs == {"probabilities"}
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({"parameters": {"binary_data_output": 1}}, "'parameters.binary_data_output' must be true or false"),
+    ({"outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]}, "outputs[0].parameters.binary_data"),
+    ({"outputs": [{"name": "logits", "parameters": []}]}, "outputs[0].parameters must be an object"),
+    ({"outputs": [{"name": "logits", "parameters": {"classification": 3}}]}, "classification is not supported"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "parameters": 5},
+                 {"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}, "'parameters' must be an object"),
+])
+def test_binary_parameters_are_checked(doc: dict[str, object], fragment: str) -> None:
+    assert fragment in _error({**_req(), **doc})
+
+
+def test_binary_response_body_round_trips() -> None:
+    logits = np.array([[0.1, -2.5, np.float32(1) / 3]], np.float32)
+    labels = np.array([b"light_on"], dtype=object)
+    body, n = infer_response_body(
+        model_name="m", model_version="1", request_id="r", outputs={"logits": logits, "label": labels},
+        wanted=None, adapter=None, adapter_version=None, binary={"logits", "label"})
+    assert n is not None
+    head = json.loads(body[:n])
+    by_name = {t["name"]: t for t in head["outputs"]}
+    assert "data" not in by_name["logits"] and by_name["logits"]["parameters"] == {"binary_data_size": 12}
+    assert np.array_equal(np.frombuffer(body[n : n + 12], "<f4").reshape(1, 3), logits)
+    assert body[n + 12 :] == (8).to_bytes(4, "little") + b"light_on"
+    assert by_name["label"]["parameters"] == {"binary_data_size": 12}
+
+
+def test_json_response_body_is_the_encoded_document() -> None:
+    outputs: dict[str, np.ndarray] = {"logits": np.array([[0.1, 1e-30, -3.4e38]], np.float32), "ids": np.array([[1, -2]], np.int64)}
+    kw = dict(model_name="m", model_version="1", request_id="r", outputs=outputs, wanted=None, adapter="a", adapter_version=2)
+    body, n = infer_response_body(**kw)  # type: ignore[arg-type]
+    assert n is None
+    doc = json.loads(body)
+    reference = encode_infer_response(**kw)  # type: ignore[arg-type]
+    assert doc["parameters"] == reference["parameters"] and doc["id"] == "r"
+    for got, want in zip(doc["outputs"], reference["outputs"], strict=True):  # type: ignore[call-overload]
+        assert got["shape"] == want["shape"] and got["datatype"] == want["datatype"]
+        dtype = outputs[got["name"]].dtype
+        assert np.array_equal(np.asarray(got["data"], dtype), np.asarray(want["data"], dtype))
+    with pytest.raises(NonFiniteOutputError):
+        infer_response_body(**{**kw, "outputs": {"logits": np.array([np.inf], np.float32)}})  # type: ignore[arg-type]
+    # a binary output may carry what JSON cannot
+    body, n = infer_response_body(**{**kw, "outputs": {"logits": np.array([np.inf], np.float32)}}, binary={"logits"})  # type: ignore[arg-type]
+    assert n is not None and np.isinf(np.frombuffer(body[n:], "<f4")).all()
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": 123456789012345678901234567890}', b'[NaN, Infinity]', b'"\\ud800"', b'[1e400]', b'{"a": 1.5, "b": [true, null]}',
+    '{"x": "\u00e9"}'.encode("utf-16"), b'[0.00012345678901234567, -99999999999999999999]',
+])
+def test_loads_bounded_reads_what_json_reads(raw: bytes) -> None:
+    """orjson reads first; what it refuses or would read otherwise goes to json, so the
+    document (or the error) is json's."""
+    def outcome(fn: object) -> object:
+        try:
+            return ("ok", repr(fn()))  # type: ignore[operator]
+        except ValueError as e:
+            return ("error", type(e).__name__)
+
+    assert outcome(lambda: loads_bounded(raw)) == outcome(lambda: json.loads(raw))

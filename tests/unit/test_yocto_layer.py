@@ -55,6 +55,7 @@ FROM_OTHER_LAYERS = {
     "python3-aiohttp", "python3-cryptography", "python3-numpy", "python3-paho-mqtt",
     "python3-platformdirs", "python3-prometheus-client", "python3-pyyaml",
     "python3-systemd", "python3-tqdm", "python3-pydantic", "python3-pydantic-core",
+    "python3-orjson",  # meta-python (a maturin build)
 }
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -34,6 +34,7 @@ LORAD_PYTHON_RDEPENDS = "\
     python3-numpy \
     python3-onnx \
     python3-onnxruntime \
+    python3-orjson \
     python3-paho-mqtt \
     python3-platformdirs \
     python3-prometheus-client \

@@ -17,10 +17,12 @@ import os
 import signal
 import socket
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -41,16 +43,15 @@ from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.http_framing import ApiRunner
 from lorad.daemon.metrics import DaemonMetrics
-from lorad.daemon.ota_wiring import start_ota
 from lorad.daemon.power import NoSource, PowerSampler, detect_source
 from lorad.daemon.preflight import StartupError, model_file, open_engine, open_generator, text_front_end
 from lorad.daemon.systemd import SystemdNotifier
-from lorad.daemon.training_api import TrainingDisabled, add_disabled_training_routes, add_training_routes
 from lorad.daemon.version import lorad_version
 from lorad.trainer.errors import TrainerError
-from lorad.trainer.metrics import register_trainer_metrics
-from lorad.trainer.policy import RateMeter
-from lorad.trainer.service import TrainerService
+
+if TYPE_CHECKING:  # imported where used: only a daemon with the trainer on loads them
+    from lorad.daemon.training_api import TrainingDisabled
+    from lorad.trainer.service import TrainerService
 
 __all__ = ["Daemon", "BoundAddresses", "StartupError", "run"]
 
@@ -134,8 +135,7 @@ class Daemon:
         if cfg.server.batching.enabled and generator is None:
             batcher = await loop.run_in_executor(executor, functools.partial(
                 make_batcher, engine, slots=cfg.server.batching.slots, max_wait_us=cfg.server.batching.max_wait_us,
-                max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes,
-                intra_op_threads=cfg.model.intra_op_threads))
+                max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes))
             self._stack.callback(batcher.close)
             metrics.watch_batcher(batcher.counts)
         registry = AdapterRegistry(cfg.state_dir / "adapters")
@@ -159,11 +159,14 @@ class Daemon:
         trainer = await self._start_trainer(service, metrics, executor, power) if cfg.trainer.enabled else None
         self._trainer = trainer
         metrics.watch_state(cfg.state_dir, training_disabled=lambda: self.training_disabled)
-        await start_ota(
-            cfg, service, self._stack, executor, metrics,
-            epsilon=_epsilon_of(trainer) if trainer is not None else None,
-            train_now=trainer.trigger if trainer is not None else None,
-        )
+        if cfg.ota.enabled:  # paho, tuf and cryptography load only for OTA
+            from lorad.daemon.ota_wiring import start_ota
+
+            await start_ota(
+                cfg, service, self._stack, executor, metrics,
+                epsilon=_epsilon_of(trainer) if trainer is not None else None,
+                train_now=trainer.trigger if trainer is not None else None,
+            )
 
         app = make_app(ApiSettings(
             service=service,
@@ -180,8 +183,12 @@ class Daemon:
         add_generate_routes(app, service, generator, executor, default_max_tokens=cfg.generation.default_max_tokens,
                             model_version=engine.fingerprint.split(":", 1)[-1][:12])
         if trainer is not None:
+            from lorad.daemon.training_api import add_training_routes
+
             add_training_routes(app, trainer, protected, authenticated, executor=executor)
         elif self.training_disabled is not None:
+            from lorad.daemon.training_api import add_disabled_training_routes
+
             add_disabled_training_routes(app, self.training_disabled, protected, authenticated)
         # ApiRunner: HTTP parser errors answer the API's JSON error too (daemon/http_framing.py).
         runner = ApiRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
@@ -216,6 +223,8 @@ class Daemon:
             status += f" ({engine.requested_device} requested but not available)"
         self._notifier.ready(status)
         self._stack.callback(self._notifier.stopping)
+        if trainer is not None and trainer.ledger.adapters():
+            self._warm_accounting()
         self._notifier.start_watchdog(self.is_ready)
         self._stack.push_async_callback(self._notifier.stop_watchdog)
         _log.info("%s", status)
@@ -239,6 +248,16 @@ class Daemon:
         _log.info("power: sampling %s every %g s", found.name, cfg.sample_interval_s)
         return sampler
 
+    def _warm_accounting(self) -> None:
+        """Import dp_accounting (about 1 s of CPU) in the background once serving: ε of the
+        runs already charged is asked for by /metrics, the privacy report and the OTA status,
+        and a serving thread should not pay that import. A fresh ledger needs none."""
+        from lorad.trainer.accountant import load_library
+
+        warm = threading.Thread(target=load_library, name="lorad-warm-accounting", daemon=True)
+        warm.start()
+        self._stack.callback(warm.join)
+
     def _training_active(self) -> bool:
         trainer = self._trainer
         return trainer is not None and trainer.scheduler.status()["current"] is not None
@@ -249,6 +268,11 @@ class Daemon:
         damaged or the disk is full: fail safe, not closed. Serving never depends on the
         trainer's files; a damaged ledger must stop training (an empty one would
         under-count ε), not inference."""
+        from lorad.daemon.training_api import TrainingDisabled
+        from lorad.trainer.metrics import register_trainer_metrics
+        from lorad.trainer.policy import RateMeter
+        from lorad.trainer.service import TrainerService
+
         cfg = self.config
         free = free_bytes(cfg.state_dir)
         if free < _TRAINING_MIN_FREE_BYTES:

@@ -26,8 +26,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from lorad.adapters.errors import AdapterError
 from lorad.daemon.auth import AuthError
 from lorad.daemon.config import Config, ConfigError, config_schema, load_config
@@ -48,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorad",
         description="Serve an ONNX base model with hot-swapped LoRA adapters (Open Inference Protocol over HTTP).",
     )
-    parser.add_argument("--version", action="version", version=f"lorad {lorad_version()} (onnxruntime {ort_version()})")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon until SIGTERM/SIGINT. Flags override the config file.")
@@ -116,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are looked up when asked for, not at every start (the
+    onnxruntime distribution's version scans the installed packages)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show the versions of lorad and onnxruntime and exit") -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"lorad {lorad_version()} (onnxruntime {ort_version()})")  # on stdout, as argparse's own
+        parser.exit()
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file named by ``args`` with the command-line flags applied on top."""
     path = getattr(args, "config", None) or getattr(args, "file", None)
@@ -181,6 +193,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"lorad: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
+        import yaml
+
         doc = effective_config(config)
         print(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).rstrip("\n") if args.print_yaml
               else json.dumps(doc, indent=2))

@@ -16,13 +16,11 @@ exactly like file values.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import platformdirs
 import yaml
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_serializer, model_validator
 
@@ -40,6 +38,7 @@ from lorad.adapters.config_types import (
     validate_value,
 )
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS
+from lorad.daemon.paths import ADDR_FILE, TOKEN_FILE, default_state_dir
 from lorad.daemon.power.config import PowerConfig
 from lorad.ota.config import OtaConfig
 from lorad.trainer.config import TrainerConfig
@@ -62,10 +61,6 @@ __all__ = [
     "ADDR_FILE",
 ]
 
-#: Default name of the API token file in the state directory.
-TOKEN_FILE = "api-token"
-#: Written to the state directory by a serving daemon: where loractl and tests find it.
-ADDR_FILE = "lorad.addr"
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SOCKET_MODES = (0o600, 0o660)
@@ -224,15 +219,6 @@ def _fold_bounds(node: object) -> None:
     elif isinstance(node, list):
         for value in node:
             _fold_bounds(value)
-
-
-def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$STATE_DIRECTORY`` under systemd (its first entry), else the per-user state dir."""
-    env = os.environ if environ is None else environ
-    sd = env.get("STATE_DIRECTORY", "")
-    if sd:
-        return Path(sd.split(":")[0])
-    return Path(platformdirs.user_state_dir("lorad", appauthor=False))
 
 
 def build_config(

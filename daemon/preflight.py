@@ -14,8 +14,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from tuf.api.metadata import Metadata, Root
+from typing import TYPE_CHECKING
 
 from lorad.adapters.decoder import DecoderSpec
 from lorad.adapters.engine import InferenceEngine
@@ -25,9 +24,9 @@ from lorad.adapters.text_input import TextFrontEnd, TextSetupError
 from lorad.daemon.config import Config
 from lorad.daemon.demo import demo_model_path
 from lorad.ota.config import OtaConfig
-from lorad.ota.errors import TransportError
-from lorad.ota.status import will_for
-from lorad.ota.transport import MqttTransport
+
+if TYPE_CHECKING:  # tuf, paho and cryptography load only when OTA is on (read_ota_material, ota_transport)
+    from lorad.ota.transport import MqttTransport
 
 __all__ = ["StartupError", "OtaMaterial", "model_file", "open_engine", "text_front_end", "decoder_spec", "open_generator",
            "read_ota_material", "check_training",
@@ -60,6 +59,7 @@ def open_engine(cfg: Config) -> InferenceEngine:
             device=cfg.model.device,
             intra_op_threads=cfg.model.intra_op_threads,
             quantized_compute=cfg.model.quantized_compute,
+            merged_bytes=cfg.cache.merged_bytes,
         )
     except ValueError as e:  # the graph surgery: targets or weight_names that match nothing
         raise StartupError("model.targets", f"{list(cfg.model.targets)} do not fit model {str(path)!r}: {e}") from e
@@ -112,6 +112,8 @@ class OtaMaterial:
 
 def read_ota_material(ota: OtaConfig) -> OtaMaterial:
     """Read and check the trusted root and the password file named by an enabled ``ota:``."""
+    from tuf.api.metadata import Metadata, Root
+
     if ota.trusted_root is None:
         raise StartupError("ota.trusted_root", "is required when ota.enabled is true")
     try:
@@ -132,6 +134,10 @@ def read_ota_material(ota: OtaConfig) -> OtaMaterial:
 
 def ota_transport(ota: OtaConfig, material: OtaMaterial) -> MqttTransport:
     """The device's MQTT transport (TLS material loaded, not yet connected)."""
+    from lorad.ota.errors import TransportError
+    from lorad.ota.status import will_for
+    from lorad.ota.transport import MqttTransport
+
     try:
         return MqttTransport(ota.mqtt_config(password=material.password, will=will_for(ota.device_id)))
     except TransportError as e:

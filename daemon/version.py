@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from lorad import __version__
 
 __all__ = ["lorad_version", "ort_version"]
@@ -15,6 +13,8 @@ def lorad_version() -> str:
 
 def ort_version() -> str:
     """The onnxruntime distribution's version, without importing it (loractl stays quick)."""
+    from importlib import metadata  # scans the installed distributions: only for --version
+
     for dist in ("onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime-gpu", "onnxruntime"):
         try:
             return metadata.version(dist)

@@ -36,7 +36,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorad.adapters.errors import AdapterError
 
@@ -59,10 +59,12 @@ from .cli_support import (
     table,
 )
 from .errors import OtaError, TransportError
-from .repository import FleetRepository, RepoSettings
-from .status import DeviceStatus, FleetView
-from .target import Audience
 from .undo import DirUndo
+
+if TYPE_CHECKING:  # imported where used: `loractl --help` and the commands that need neither start without them
+    from .repository import FleetRepository
+    from .status import DeviceStatus, FleetView
+    from .target import Audience
 
 __all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "ModelSection", "fleet_view", "table"]
 
@@ -87,6 +89,8 @@ def _audience_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
 
 
 def _audience(args: argparse.Namespace) -> Audience:
+    from .target import Audience
+
     return Audience(devices=tuple(args.device or ()), groups=tuple(args.group or ()), everyone=args.all)
 
 
@@ -140,6 +144,8 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Formatter) -> Non
 # --- commands ----------------------------------------------------------------------
 
 def _init(args: argparse.Namespace) -> dict[str, Any]:
+    from .repository import FleetRepository, RepoSettings
+
     d = RepoSettings.default()
     settings = RepoSettings(thresholds={**d.thresholds, **_role_map(args.threshold, "--threshold")},
                             key_counts={**d.key_counts, **_role_map(args.keys, "--keys")},

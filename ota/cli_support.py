@@ -13,24 +13,31 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from lorad.adapters.errors import AdapterError
-from lorad.adapters.lora import LoraAdapter
 
-from .files import RepoIndex, RepoReader
-from .repository import FleetRepository
-from .status import DeviceStatus, FleetView
-from .target import ProbeSet
-from .transport import MqttConfig, MqttTransport, Transport, barrier
+if TYPE_CHECKING:
+    # Imported where used: registering the fleet commands (every loractl start) and the
+    # commands that touch neither the broker nor an adapter load no numpy, tuf or paho.
+    from lorad.adapters.lora import LoraAdapter
+
+    from .config import MqttConfig
+    from .files import RepoIndex
+    from .repository import FleetRepository
+    from .status import DeviceStatus, FleetView
+    from .target import ProbeSet
+    from .transport import MqttTransport, Transport
 
 __all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_BROKER", "EXIT_HALTED", "EXIT_CODES", "CliError",
            "ModelSection", "ModelLoader", "FleetSession", "add_broker_args", "add_adapter_args", "connect_broker",
            "open_repo", "load_adapter", "fleet_view", "fmt_value", "table"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_HALTED = 0, 1, 2, 3, 4
+#: ``ProbeSet.atol`` and ``ProbeSet.rtol`` (lorad.ota.target), the defaults of ``--probe-atol``
+#: and ``--probe-rtol``; not imported here: that module loads numpy, safetensors and zstandard
+#: on every loractl start (tests/unit/test_startup_imports.py keeps the numbers equal).
+PROBE_ATOL, PROBE_RTOL = 1e-4, 1e-3
 EXIT_CODES: Mapping[int, str] = {
     EXIT_OK: "done", EXIT_REFUSED: "refused (verification, keys, repository, unknown device/adapter/key)",
     EXIT_USAGE: "bad or missing arguments or input files", EXIT_BROKER: "broker unreachable, refused or failed",
@@ -89,6 +96,8 @@ def _mqtt_config(args: argparse.Namespace) -> MqttConfig:
             raise ValueError(f"--{flag.replace('_', '-')} {f}: no such file")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    from .config import MqttConfig  # pydantic's too: only for the commands that reach the broker
+
     password = args.password_file.read_text().strip() if args.password_file else None
     if password is not None and args.username is None:
         raise ValueError("--password-file needs --username")
@@ -98,12 +107,16 @@ def _mqtt_config(args: argparse.Namespace) -> MqttConfig:
 
 
 def connect_broker(args: argparse.Namespace) -> MqttTransport:
+    from .transport import MqttTransport
+
     t = MqttTransport(_mqtt_config(args))
     t.connect()
     return t
 
 
 def open_repo(args: argparse.Namespace) -> FleetRepository:
+    from .repository import FleetRepository
+
     key_dirs = [*args.key_dir] if args.key_dir else None
     if key_dirs is not None:
         key_dirs.append(args.repo / "keys")
@@ -115,6 +128,8 @@ class FleetSession:
     before anything is signed; None when the broker holds none yet)."""
 
     def __init__(self, transport: Transport, *, timeout_s: float = 10.0) -> None:
+        from .files import RepoReader
+
         self.transport = transport
         try:
             self.index: RepoIndex | None = RepoReader(transport, timeout_s=timeout_s).index_if_any()
@@ -194,7 +209,13 @@ def _engine(section: ModelSection) -> Any:
 
 
 def load_adapter(args: argparse.Namespace) -> tuple[LoraAdapter, ProbeSet | None]:
+    import numpy as np
+
+    from lorad.adapters.lora import LoraAdapter
     from lorad.adapters.peft_format import load_peft, read_peft_dir
+
+    from .target import ProbeSet
+
     section = _model_section(args)
     try:
         files = read_peft_dir(args.adapter)
@@ -243,6 +264,9 @@ def fleet_view(transport: Transport, timeout_s: float,
                on_error: Callable[[str, str], None] | None = None) -> FleetView:
     """Every device's retained status, complete (the broker's answer awaited); statuses
     that cannot be read are in the view's ``errors``."""
+    from .status import FleetView
+    from .transport import barrier
+
     view = FleetView(transport, on_change=on_change, on_error=on_error)
     barrier(transport, timeout_s)
     return view
@@ -258,8 +282,8 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", help="LoRA target patterns of --base-model (default: all)")
     p.add_argument("--rank", type=int, help="slot rank of --base-model's LoRA graph (default 8)")
     p.add_argument("--base-fingerprint", help="base model fingerprint when --base-model is not given")
-    p.add_argument("--probe-atol", type=float, default=ProbeSet.atol, help="health-check absolute tolerance")
-    p.add_argument("--probe-rtol", type=float, default=ProbeSet.rtol, help="health-check relative tolerance")
+    p.add_argument("--probe-atol", type=float, default=PROBE_ATOL, help="health-check absolute tolerance")
+    p.add_argument("--probe-rtol", type=float, default=PROBE_RTOL, help="health-check relative tolerance")
     p.add_argument("--privacy-record", type=Path,
                    help="DP privacy record (default: lorad_privacy.json in --adapter, if present)")
     p.add_argument("--fp16", action="store_true", help="send tensors as fp16")

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
@@ -30,15 +30,20 @@ from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, MetaFile, Role, Roo
 from tuf.api.serialization.json import JSONSerializer
 
 from lorad.adapters.fsutil import atomic_write_bytes
-from lorad.adapters.lora import LoraAdapter
 
 from .commands import Command, command_topic, key_id, sign_command
 from .errors import UpdateRejectedError
 from .files import FileEntry, RepoIndex, chunk_topic, publish_files
 from .keys import ed25519_private_key, find_signers, generate_key, save_key
-from .privacy import PrivacyRecord
-from .target import Audience, ProbeSet, TargetSpec, decode_adapter, encode_target
 from .transport import TOPIC_ROOT, Transport
+
+if TYPE_CHECKING:
+    # The adapter payloads (numpy, safetensors, zstandard) load where a target is read or
+    # written: ``fleet init`` and ``fleet keys`` sign and read metadata only.
+    from lorad.adapters.lora import LoraAdapter
+
+    from .privacy import PrivacyRecord
+    from .target import Audience, ProbeSet, TargetSpec
 
 __all__ = ["COMMAND_KEYS_FIELD", "RepoSettings", "FleetRepository", "offer_topic", "meta_name"]
 
@@ -165,6 +170,8 @@ class FleetRepository:
     def targets(self) -> dict[str, TargetSpec]:
         """Current targets by path, as their signed spec. A malformed one (metadata edited
         by hand) is left out with a warning, so the others are still pushed and offered."""
+        from .target import TargetSpec
+
         t: Targets = self.load("targets").signed
         specs: dict[str, TargetSpec] = {}
         for p, tf in t.targets.items():
@@ -277,6 +284,8 @@ class FleetRepository:
         takes the full one. ``label`` replaces the audience's label in the target path
         (a rollout keeps one target whose audience grows stage by stage).
         """
+        from .target import decode_adapter, encode_target
+
         version = self.latest_version(name) + 1
         base = None
         if delta_from is not None:
@@ -300,6 +309,8 @@ class FleetRepository:
     def rollback(self, name: str, *, to_version: int, audience: Audience,
                  probes: ProbeSet | None = None, chunk_size: int = 8 * 1024) -> TargetSpec:
         """Publish a higher version of ``name`` whose adapter is that of ``to_version``."""
+        from .target import decode_adapter
+
         adapter = decode_adapter(self._canonical(name, to_version))
         return self.publish_adapter(name, adapter, audience=audience, probes=probes,
                                     chunk_size=chunk_size)
@@ -338,6 +349,8 @@ class FleetRepository:
     def retarget(self, prefix_label: str, adapter: str, audience: Audience | None) -> None:
         """Give the targets under ``adapters/<adapter>/<prefix_label>/`` a new audience
         (None: withdraw them); re-signs targets, snapshot and timestamp."""
+        from .target import TargetSpec
+
         prefix = f"adapters/{adapter}/{prefix_label}/"
         md = self._bump("targets")
         t: Targets = md.signed

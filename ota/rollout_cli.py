@@ -18,15 +18,12 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorad.adapters.fsutil import atomic_write_bytes
-from lorad.adapters.lora import LoraAdapter
 
 from . import cli_support
 from .errors import TransportError
-from .privacy import PrivacyRecord
-from .repository import FleetRepository
 from .rollout import (
     Deploy,
     DeviceObs,
@@ -41,9 +38,15 @@ from .rollout import (
     select,
     summary,
 )
-from .status import FleetView
-from .target import Audience, ProbeSet
 from .undo import DirUndo
+
+if TYPE_CHECKING:  # imported where used: registering `fleet rollout` must not load numpy, tuf or paho
+    from lorad.adapters.lora import LoraAdapter
+
+    from .privacy import PrivacyRecord
+    from .repository import FleetRepository
+    from .status import FleetView
+    from .target import ProbeSet
 
 __all__ = ["register_rollout", "RolloutStore", "RolloutDriver", "create_rollout"]
 
@@ -127,6 +130,8 @@ class RolloutDriver:
 
     def _act(self, plan: RolloutPlan, d: Deploy | RollBack) -> None:
         if isinstance(d, Deploy):
+            from .target import Audience
+
             self.repo.retarget(plan.label, plan.adapter, Audience(devices=d.devices))
             self.session.push(self.repo)
             return
@@ -214,6 +219,8 @@ def create_rollout(repo: FleetRepository, store: RolloutStore, session: cli_supp
                                (f"; left out, status unreadable: {', '.join(unreadable)}" if unreadable else ""))
     state, [first] = decide(plan, state, {}, now)
     assert isinstance(first, Deploy)
+    from .target import Audience
+
     undo = DirUndo([repo.dir, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
     try:
         spec = repo.publish_adapter(adapter_name, adapter, audience=Audience(devices=first.devices),

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,8 +26,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .config import MqttConfig
 from .errors import TransportError
+
+if TYPE_CHECKING:
+    # ota.config holds the pydantic ``ota:`` section too: the fleet tools that reach no broker
+    # (``fleet keys``) load neither it nor pydantic. ``MqttConfig`` is still importable from
+    # here (:func:`__getattr__`).
+    from .config import MqttConfig
 
 __all__ = ["TOPIC_ROOT", "Handler", "Transport", "MqttConfig", "MqttTransport", "topic_matches", "barrier"]
 
@@ -37,6 +43,14 @@ TOPIC_ROOT = "lorad/v1"
 Handler = Callable[[str, bytes], None]
 
 _log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> object:
+    if name == "MqttConfig":
+        from .config import MqttConfig
+
+        return MqttConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Bytes of an MQTT PUBLISH that are not payload, beyond the topic: fixed header (up to 5),
 # topic length (2), packet id (2), properties (message expiry 5 + length 4) with margin.

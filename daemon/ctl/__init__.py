@@ -3,7 +3,11 @@
 Commands come in groups; each group is a module with a ``register(subparsers)`` function
 that adds its commands with :func:`lorad.daemon.ctl.context.add_command` (which gives each the
 connection options and its handler ``(args, Context) -> exit code``). A new group
-(``train``, ``privacy``, ``fleet``) is one module and one entry in :data:`GROUPS`.
+(``train``, ``privacy``, ``fleet``) is one module and one entry in :data:`GROUPS`. The groups
+are imported when the parser is built, so ``lorad`` (which prints through
+:mod:`lorad.daemon.ctl.output`) does not load them; a group imports what its commands need
+(numpy, the fleet's TUF and MQTT code) in the handler, so that ``loractl --help`` and the
+commands that need none of it start quickly.
 
 Exit codes: 0 ok, 1 the server said no (its error is printed), 2 usage error,
 3 cannot connect.
@@ -12,11 +16,11 @@ Exit codes: 0 ok, 1 the server said no (its error is printed), 2 usage error,
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import importlib
+from collections.abc import Sequence
 
 from lorad.daemon.version import lorad_version
 
-from . import adapters, fleet, generate, serving, training
 from .client import ApiError, ConnectError, UsageError
 from .context import Context, add_connection_arguments
 from .output import console_main, fail
@@ -25,14 +29,8 @@ __all__ = ["main", "build_parser", "GROUPS", "EXIT_OK", "EXIT_REFUSED", "EXIT_US
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
-#: ``register(subparsers)`` of every command group, in help order.
-GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
-    adapters.register,
-    serving.register,
-    generate.register,
-    training.register,
-    fleet.register,
-]
+#: The command groups (modules of this package with a ``register(subparsers)``), in help order.
+GROUPS: tuple[str, ...] = ("adapters", "serving", "generate", "training", "fleet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loractl {lorad_version()}")
     add_connection_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in GROUPS:
-        register(sub)
+    for group in GROUPS:
+        importlib.import_module(f"{__name__}.{group}").register(sub)
     return parser
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from lorad.adapters.errors import InvalidAdapterError
 from lorad.adapters.fsutil import atomic_write_bytes, fsync_dir
-from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_dir
 
 from .client import UsageError, multipart_body, quoted
 from .context import Context, add_command
@@ -106,6 +105,8 @@ def _inspect(args: argparse.Namespace, ctx: Context) -> int:
 def _upload(args: argparse.Namespace, ctx: Context) -> int:
     if not args.directory.is_dir():
         raise UsageError(f"{str(args.directory)!r} is not a directory of PEFT adapter files")
+    from lorad.adapters.peft_format import read_peft_dir  # numpy and safetensors: for this command only
+
     try:
         files = read_peft_dir(args.directory)
     except InvalidAdapterError as e:
@@ -137,6 +138,8 @@ def _export(args: argparse.Namespace, ctx: Context) -> int:
 
 def _untar(body: bytes) -> dict[str, bytes]:
     """The two PEFT files of an export; anything else in the archive is refused, not written."""
+    from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+
     allowed = (WEIGHTS_FILE, CONFIG_FILE)
     files: dict[str, bytes] = {}
     try:

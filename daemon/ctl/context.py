@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.daemon.auth import AuthError, read_token
-from lorad.daemon.config import ADDR_FILE, TOKEN_FILE, default_state_dir
+from lorad.daemon.paths import ADDR_FILE, TOKEN_FILE, default_state_dir
 
 from .client import Client, UsageError
 from .output import Render, emit

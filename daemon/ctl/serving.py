@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from .client import ApiError, UsageError, quoted
 from .context import Context, add_command
 
@@ -35,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _request_from_inputs(args: argparse.Namespace, ctx: Context) -> dict[str, object]:
+    import numpy as np  # here, not at the top: loractl's other commands start without numpy
+
     meta = ctx.client.call("GET", f"/v2/models/{quoted(ctx.model)}")
     specs = {t["name"]: t for t in meta.get("inputs", [])} if isinstance(meta, dict) else {}
     tensors = []
@@ -81,6 +81,8 @@ def _infer(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _render_infer(d: object) -> str:
+    import numpy as np  # here, not at the top: loractl's other commands start without numpy
+
     if not isinstance(d, dict):
         return str(d)
     params = d.get("parameters") or {}

@@ -12,14 +12,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from .client import ApiError, ConnectError, UsageError, quoted
 from .context import Context, add_command
 from .output import number, table
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["register"]
 
@@ -116,7 +116,9 @@ def _follow(ctx: Context, path: str, run_id: object, poll: float, *, show_bar: b
             planned, done = status.get("planned_steps"), status.get("steps_done") or 0
             if show_bar and same_run and isinstance(planned, int):
                 if bar is None:
-                    bar = tqdm(total=planned, unit="step", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
+                    import tqdm as progress  # here: only a followed run shows a bar
+
+                    bar = progress.tqdm(total=planned, unit="step", desc=f"run {run_id}", file=sys.stderr, dynamic_ncols=True)
                 bar.update(max(0, int(done) - bar.n))
                 eps = status.get("epsilon")
                 waiting = status.get("waiting_for") or []
@@ -329,6 +331,7 @@ def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def _tensors(inputs: object, specs: dict[str, dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """OIP input tensors of one example (a batch dimension of 1 is added when missing)."""
+    import numpy as np  # here, not at the top: loractl's other commands start without numpy
     if not isinstance(inputs, dict):
         raise UsageError(f"{where}: inputs must map input names to nested lists")
     tensors = []

@@ -197,7 +197,7 @@ class InferenceEngine:
         self._by_weight = {t.weight: t for t in self.targets}
         #: Tables only gathered from (embeddings), shared by every session of this engine.
         self._shared = _gather_tables(self.base_model)
-        self._lock = threading.Lock()
+        self._base_lock, self._lora_lock = threading.Lock(), threading.Lock()
         self._local = threading.local()
         self._base_session: ort.InferenceSession | None = None
         self._lora: tuple[ort.InferenceSession | None, FusedLayout] | None = None
@@ -224,7 +224,10 @@ class InferenceEngine:
     @property
     def base_session(self) -> ort.InferenceSession:
         """The session over the base model's own graph: requests without an adapter."""
-        with self._lock:
+        session = self._base_session
+        if session is not None:
+            return session
+        with self._base_lock:
             if self._base_session is None:
                 graph: onnx.ModelProto | str = self.base_model
                 if self._base_file is not None:
@@ -247,7 +250,11 @@ class InferenceEngine:
         return self._lora_parts(open_session=False)[1]
 
     def _lora_parts(self, *, open_session: bool) -> tuple[ort.InferenceSession | None, FusedLayout]:
-        with self._lock:
+        parts = self._lora
+        if parts is not None and (parts[0] is not None or not open_session):
+            return parts
+        # Its own lock: base-model requests go on while the LoRA graph is built (MiniLM: ~1 s).
+        with self._lora_lock:
             if self._lora is None or (open_session and self._lora[0] is None):
                 graph, layout = make_fused_inference_graph(self.base_model, self.targets, rank=self.rank)
                 # A decoder prepares adapters for its banks without the session (see prepare).
@@ -288,8 +295,9 @@ class InferenceEngine:
         gate: SmolLM2, about 350 MB each); their next use opens them again. Calls running on
         them finish. Other models keep theirs: they are their serving path."""
         if self._on_demand:
-            with self._lock:
+            with self._base_lock:
                 self._base_session = None
+            with self._lora_lock:
                 if self._lora is not None:
                     self._lora = (None, self._lora[1])
             trim_now()  # glibc would keep the freed pages

@@ -75,33 +75,60 @@ def make_banked_inference_graph(
         head.append(helper.make_node("Gather", [b_bank, SLOT_INPUT], [b_rows], name=b_rows, axis=0))
         gathered[t.weight] = (a_rows, b_rows)
 
-    batch_major = _batch_major_inputs(graph)
+    batch_major = _batch_major_inputs(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     splice_after_targets(
         graph, targets,
-        lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix, node.input[0] in batch_major),
+        lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix, batch_major.get(node.input[0]),
+                                             opset),
         head=head)
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 
 
-def _batch_major_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Tensors declared ``[batch, M, features]`` in ``value_info`` with the batch dimension of the
-    graph's first input: a target reading one needs no ``[N, -1, in]`` view (a decoder's
-    linears; each view costs two Reshapes, a Shape and a Concat per target and token)."""
+def _batch_major_inputs(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensors ``[batch, M, features]`` (rank 3) or ``[batch, features]`` (rank 2) whose first
+    dimension is the batch dimension of the graph's first input, by ONNX shape inference
+    (over the graph without its weights' bytes) and the ``value_info`` an exporter declared:
+    tensor → rank. A target reading one needs no ``[N, -1, in]`` view (each costs two
+    Reshapes, a Shape and a Concat per target and call); a flattened ``[N·T, in]`` row
+    tensor has an unknown first dimension and keeps it."""
+    graph = model.graph
     if not graph.input or not graph.input[0].type.tensor_type.shape.dim:
-        return set()
+        return {}
     batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param
     if not batch:
-        return set()
-    return {v.name for v in graph.value_info
-            if len(v.type.tensor_type.shape.dim) == 3 and v.type.tensor_type.shape.dim[0].dim_param == batch}
+        return {}
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.output.extend(graph.output)
+    light.graph.value_info.extend(graph.value_info)
+    for init in graph.initializer:  # shapes are what inference needs; small constants (shapes, axes) as they are
+        if init.data_location != TensorProto.EXTERNAL and int(np.prod(init.dims)) <= 64:
+            light.graph.initializer.append(init)
+        else:
+            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph.value_info
+    except Exception:  # an op the checker does not know (contrib ops): the declared shapes only
+        inferred = graph.value_info
+    found: dict[str, int] = {}
+    for v in (*graph.input, *graph.value_info, *inferred):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) in (2, 3) and dims[0].dim_param == batch:
+            found[v.name] = len(dims)
+    return found
 
 
 def _banked_path(
     graph: onnx.GraphProto, node: onnx.NodeProto, target: LoraTarget, rows: tuple[str, str], prefix: str,
-    batch_major: bool,
+    batch_major: int | None, opset: int,
 ) -> list[onnx.NodeProto]:
-    """Nodes making ``node``'s output ``base + (x·A[slot])·B[slot]`` row by row."""
+    """Nodes making ``node``'s output ``base + (x·A[slot])·B[slot]`` row by row; ``batch_major``
+    is the rank of x when its first dimension is known to be the batch (else None)."""
     nodes: list[onnx.NodeProto] = []
 
     def add(op: str, inputs: list[str], suffix: str, **attrs: Any) -> str:
@@ -118,13 +145,22 @@ def _banked_path(
     base_out = f"{prefix}/base"
     node.output[0] = base_out
     x = node.input[0]
-    if not batch_major:
+    axes = const("axis1", np.array([1], np.int64)) if batch_major == 2 and opset >= 13 else None
+
+    def axis1(op: str, tensor: str, suffix: str) -> str:  # Unsqueeze/Squeeze of axis 1
+        return add(op, [tensor, axes], suffix) if axes is not None else add(op, [tensor], suffix, axes=[1])
+
+    if batch_major == 2:  # [N, in] → [N, 1, in]
+        x = axis1("Unsqueeze", x, "x_rows")
+    elif batch_major is None:
         inner = const("inner", np.array([-1, target.in_features], np.int64))
         view = add("Concat", ["lora_bank/rows", inner], "view", axis=0)
         x = add("Reshape", [x, view], "x_rows")  # [N, M, in]
     xa = add("MatMul", [x, rows[0]], "xA")  # [N, M, r]
     delta = add("MatMul", [xa, rows[1]], "xAB")  # [N, M, out]
-    if not batch_major:
+    if batch_major == 2:
+        delta = axis1("Squeeze", delta, "xAB_view")
+    elif batch_major is None:
         delta = add("Reshape", [delta, add("Shape", [base_out], "base_shape")], "xAB_view")
     if target.gemm_alpha != 1.0:
         delta = add("Mul", [delta, const("gemm_alpha", np.array(target.gemm_alpha, np.float32))], "xAB_alpha")

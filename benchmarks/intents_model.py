@@ -3,14 +3,17 @@ and the personalisation benchmark)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 INTENTS = REPO / "examples" / "intents"
+#: Where benchmarks keep what they build once (``LORAD_BENCH_CACHE``).
+CACHE = Path(os.environ.get("LORAD_BENCH_CACHE", Path.home() / ".cache" / "lorad-bench"))
 
-__all__ = ["INTENTS", "build_intents_model"]
+__all__ = ["INTENTS", "CACHE", "build_intents_model", "cached_intents_model"]
 
 
 def build_intents_model(out: Path) -> Path:
@@ -23,3 +26,8 @@ def build_intents_model(out: Path) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"examples/intents/build.py failed:\n{done.stderr}")
     return out
+
+
+def cached_intents_model() -> Path:
+    """The examples/intents model, built once into :data:`CACHE`."""
+    return build_intents_model(CACHE / "intents" / "intents.onnx")

@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.intents_model import INTENTS, REPO, build_intents_model
+from benchmarks.intents_model import INTENTS, REPO, cached_intents_model
 from benchmarks.load import LoadWatch
 
 __all__ = ["KINDS", "measure_ready", "measure_loractl", "main"]
@@ -58,7 +58,6 @@ KINDS = ("demo", "minilm")
 MAX_READY_VS_FLOOR = 2.0
 MAX_LORACTL_CPU_S = 0.5
 
-_CACHE = Path(os.environ.get("LORAD_BENCH_CACHE", Path.home() / ".cache" / "lorad-bench"))
 _READY_TIMEOUT_S = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -93,7 +92,7 @@ def model_file(kind: str) -> Path:
 
         return demo_model_path()
     if kind == "minilm":
-        return build_intents_model(_CACHE / "intents" / "intents.onnx")
+        return cached_intents_model()
     raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
 
 

@@ -190,9 +190,10 @@ def calibrate_sigma(
 def load_library() -> None:
     """Import dp_accounting now rather than at the first ε computation.
 
-    Its import starts helper threads (scipy's BLAS pool); done on a serving thread when
-    the first run is charged, they would be created at that thread's priority, in the
-    middle of serving. A trainer calls this once when it is built.
+    Its import (about 1 s of CPU: scipy) starts helper threads (scipy's BLAS pool); done
+    on a serving thread at the first ε asked for, it would stall that request. The daemon
+    calls this in a background thread once it serves, when the ledger already holds runs
+    (lorad.daemon.app); a fresh ledger's ε is 0 without it.
     """
     import dp_accounting  # noqa: F401
 

@@ -107,7 +107,7 @@ _FORMAT = "lorad-training-artifacts-v6"
 _META = "lorad_artifacts.json"
 _CLIP_EPSILON = 1e-6  # as Opacus: keeps C/norm finite for a zero gradient
 
-_PORTABLE_FORMAT = "lorad-portable-step-v5"
+_PORTABLE_FORMAT = "lorad-portable-step-v6"
 _ISOLATE_BYTES = 64 << 20
 
 #: The training backends (trainer/backends.py chooses one).

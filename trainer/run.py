@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -56,18 +56,17 @@ from lorad.adapters.privacy_record import PRIVACY_FILE, PrivacyRecord
 from lorad.adapters.service import AdapterService
 
 from .accountant import RunCharge, epsilon
-from .artifacts import ArtifactConfig, Backend, TrainingArtifacts, build_artifacts
-from .backends import open_stepper
 from .batching import collate
 from .config import AdapterTrainingConfig, RunPlan, default_delta
-from .dp_step import DPSettings, GaussianNoise, StepResult
 from .errors import BadTrainingDataError, TrainingFailedError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, run_charges
-from .lm_examples import collate_texts
-from .model_setup import artifact_config_for, loss_output, pad_length, part_rows, preflight, training_layouts
-from .stepper_process import StepperProcess
-from .validation import GATE_BATCH, keep_rejected, validate_candidate
+
+if TYPE_CHECKING:
+    # The machinery of a run (graphs, backends, the stepper process, the gate) is imported
+    # where a run uses it: a daemon that serves and collects examples starts without it.
+    from .artifacts import ArtifactConfig, Backend, TrainingArtifacts
+    from .dp_step import GaussianNoise, StepResult
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
@@ -236,6 +235,8 @@ def _gate_calls(plan: RunPlan, config: AdapterTrainingConfig) -> int:
     """How many batches the gate scores the held-out split in: from the run's public count
     (its held-out share, with half again for the split's and the count's spread), so that
     the calls it makes (public inference counters) do not follow the exact count."""
+    from .validation import GATE_BATCH
+
     expected = plan.examples * config.holdout_fraction / (1.0 - config.holdout_fraction)
     return max(1, math.ceil(1.5 * expected / GATE_BATCH))
 
@@ -312,6 +313,8 @@ class TrainingRun:
 
         Raises PrivacyBudgetExceededError (nothing charged) or ValueError (bad plan).
         """
+        from .model_setup import preflight
+
         ledger_runs = self.env.ledger.state(self.adapter).runs
         saved = self._read_run_file()
         running = [r for r in ledger_runs if r["status"] == "running"]
@@ -447,6 +450,9 @@ class TrainingRun:
         return self.env.store.split(self.adapter, c.holdout_fraction, c.split_seed)
 
     def _artifact_config(self) -> ArtifactConfig:
+        from .artifacts import ArtifactConfig
+        from .model_setup import artifact_config_for
+
         saved = self._saved.get("artifact_config")
         if isinstance(saved, dict):
             return ArtifactConfig(**{**saved, "targets": tuple(saved["targets"])})
@@ -550,6 +556,8 @@ class TrainingRun:
                              f"validation or install failed: {e}", None, self._spent())
 
     def _artifacts(self) -> TrainingArtifacts:
+        from .artifacts import build_artifacts
+
         engine = self.env.service.engine
         artifacts = build_artifacts(engine.base_model, self._artifact_config(), cache_dir=self.env.state_dir / "artifacts",
                                     backend=self._backend(), model_digest=engine.model_digest, isolate=True)
@@ -561,6 +569,11 @@ class TrainingRun:
         return artifacts
 
     def _stepper(self, artifacts: TrainingArtifacts, plan: RunPlan) -> _Stepper:
+        from .backends import open_stepper
+        from .dp_step import DPSettings
+        from .model_setup import part_rows
+        from .stepper_process import StepperProcess
+
         checkpoint = self._dir / _CHECKPOINT
         resume = checkpoint if checkpoint.is_file() else None
         lr = float(self._saved.get("learning_rate", self.config.learning_rate))
@@ -591,6 +604,9 @@ class TrainingRun:
         return stepper
 
     def _train(self, stepper: _Stepper, artifacts: TrainingArtifacts, plan: RunPlan) -> RunStatus | Literal["completed"]:
+        from .lm_examples import collate_texts
+        from .model_setup import pad_length, training_layouts
+
         assert self.run_id is not None
         layouts = training_layouts(artifacts)
         train_ids, _ = self._split()
@@ -671,6 +687,9 @@ class TrainingRun:
         return next((r for r in self.env.ledger.state(self.adapter).runs if r["run_id"] == self.run_id), {})
 
     def _release(self, stepper: _Stepper, plan: RunPlan) -> RunResult:
+        from .model_setup import loss_output, pad_length
+        from .validation import keep_rejected, validate_candidate
+
         assert self.run_id is not None
         run_id = self.run_id
         self._report(plan.steps, "validating", force_epsilon=True)

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +33,6 @@ from lorad.adapters.text_input import TEXT_INPUT, TextInputError
 from ._names import check_adapter_name
 from ._ort_training import TrainingUnavailableError
 from .accountant import AccountantName
-from .accountant import load_library as load_accounting_library
 from .artifacts import Backend
 from .backends import resolve_backend
 from .batching import TensorLayout, normalize_example
@@ -41,15 +40,15 @@ from .config import TrainerConfig, check_noise_source, default_delta, make_noise
 from .errors import BadTrainingDataError, PrivacyBudgetExceededError
 from .example_store import ExampleStore
 from .ledger import PrivacyLedger, PrivacyState, run_charges
-from .lm_examples import TextExamples
-from .model_setup import loss_output, pad_length, training_loss
 from .noise import NoiseSource
 from .policy import Decision, SystemProbe, TrainingPolicy
 from .released import released_versions, trained_adapters, with_released
 from .run import RunControl, RunProgress, RunResult, TrainerEnv, TrainingRun, last_trained_example, pending_release
 from .scheduler import TrainingConflictError, TrainingScheduler
 from .start_test import StartTests
-from .validation import engine_layouts
+
+if TYPE_CHECKING:  # a language model's examples only (imported where used: see __init__)
+    from .lm_examples import TextExamples
 
 __all__ = ["TrainerService", "TrainerStats", "TrainingUnavailableError", "EXAMPLES_FILE", "LEDGER_FILE"]
 
@@ -112,7 +111,11 @@ class TrainerService:
         self.stats = TrainerStats()
         self._closed = False
         spec = DecoderSpec.from_model(adapters.engine.base_model)
-        self._texts = TextExamples(spec.tokenizer_json, vocab_size=spec.vocab_size) if spec is not None else None
+        self._texts: TextExamples | None = None
+        if spec is not None:  # the token windows of a language model's texts (its graph helpers load with them)
+            from .lm_examples import TextExamples
+
+            self._texts = TextExamples(spec.tokenizer_json, vocab_size=spec.vocab_size)
         self._audit_lock = threading.Lock()
         s = config.store
         self.store = ExampleStore(self.dir / EXAMPLES_FILE, max_examples_per_adapter=s.max_examples_per_adapter,
@@ -122,7 +125,9 @@ class TrainerService:
         except BaseException:
             self.store.close()
             raise
-        load_accounting_library()
+        # dp_accounting (scipy: about 1 s of CPU) is imported at the first ε of a non-empty
+        # history, not here: a fresh device never needs it to serve. The daemon warms it in
+        # the background once it serves (lorad.daemon.app) when the ledger already holds runs.
         self.unavailable_reason: str | None = None
         backend: Backend = "portable"
         try:
@@ -189,6 +194,8 @@ class TrainerService:
         however many token windows it spans); a text classifier's is tokenized, padded to
         the adapter's fixed training length, and stored with its label (a label name or
         class number)."""
+        from .model_setup import pad_length
+
         check_adapter_name(adapter)
         if self._texts is not None:
             if label is not None:
@@ -216,6 +223,8 @@ class TrainerService:
     def add_example(self, adapter: str, inputs: Mapping[str, npt.ArrayLike], label: npt.ArrayLike,
                     *, user: str | None = None) -> int:
         """Check one labelled example against the model and store it; returns its id."""
+        from .validation import engine_layouts
+
         check_adapter_name(adapter)
         if self._texts is not None:
             raise BadTrainingDataError("a language model learns from text: send {\"text\": \"...\", \"user\": optional "
@@ -256,6 +265,8 @@ class TrainerService:
         return self.store.delete_adapter(adapter)
 
     def _label_layout(self, adapter: str) -> TensorLayout:
+        from .model_setup import training_loss
+
         c = self.config.for_adapter(adapter)
         if training_loss(self.adapters, c) == "cross_entropy":
             return TensorLayout("label", np.dtype(np.int64), (None,))
@@ -263,6 +274,8 @@ class TrainerService:
         return TensorLayout("label", np.dtype(np.float32), tuple(None if d < 0 else d for d in out.shape))
 
     def _output_spec(self, adapter: str) -> Any:
+        from .model_setup import loss_output
+
         return loss_output(self.adapters, self.config.for_adapter(adapter))
 
     def _check_domains(self, rows: Mapping[str, np.ndarray]) -> None:
@@ -278,6 +291,8 @@ class TrainerService:
                 raise BadTrainingDataError(f"input {name!r} holds {bad}; allowed: {domain.describe()}")
 
     def _check_label(self, adapter: str, label: np.ndarray) -> None:
+        from .model_setup import training_loss
+
         if training_loss(self.adapters, self.config.for_adapter(adapter)) != "cross_entropy":
             return
         classes = self._output_spec(adapter).shape[-1]

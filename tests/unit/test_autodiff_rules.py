@@ -8,6 +8,7 @@ graph in float64.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,18 @@ CASES = [
          {"a": (2, 3), "b": (2, 3)}, ["y"], positive=("b",)),
     Case("gelu_exact", [n("Gelu", ["a"])], {"a": (2, 5)}, ["y"], opset=20, fd_step=5e-3, rtol=2e-5),
     Case("gelu_tanh", [n("Gelu", ["a"], approximate="tanh")], {"a": (2, 5)}, ["y"], opset=20),
+    # exact GELU as torch exports Hugging Face BERT's: differentiated whole (autodiff/composite.py)
+    Case("gelu_decomposed_div", [n("Div", ["a", "r2"], "d"), n("Erf", ["d"], "e"), n("Add", ["e", "one"], "b"),
+                                 n("Mul", ["a", "b"], "m"), n("Mul", ["m", "half"])], {"a": (2, 5)}, ["y"],
+         {"r2": np.asarray(math.sqrt(2.0)), "one": np.asarray(1.0), "half": np.asarray(0.5)}, fd_step=5e-3, rtol=2e-5),
+    Case("gelu_decomposed_mul", [n("Mul", ["inv_r2", "a"], "d"), n("Erf", ["d"], "e"), n("Add", ["one", "e"], "b"),
+                                 n("Mul", ["b", "a"])], {"a": (3, 4)}, ["y"],
+         {"inv_r2": np.asarray(1.0 / math.sqrt(2.0)), "one": np.asarray(1.0)}, fd_step=5e-3, rtol=2e-5),
+    # its inner erf also read elsewhere: not taken whole, the op rules carry both paths
+    Case("gelu_decomposed_shared_inner", [n("Div", ["a", "r2"], "d"), n("Erf", ["d"], "e"),
+                                          n("Add", ["e", "one"], "b"), n("Mul", ["a", "b"], "y"),
+                                          n("Mul", ["e", "a"], "z")], {"a": (2, 5)}, ["y", "z"],
+         {"r2": np.asarray(math.sqrt(2.0)), "one": np.asarray(1.0)}, fd_step=5e-3, rtol=2e-5),
     Case("reshape", [n("Reshape", ["a", "shape"])], {"a": (2, 3, 4)}, ["y"], {"shape": i64(0, -1)}),
     Case("transpose", [n("Transpose", ["a"], perm=[2, 0, 1])], {"a": (2, 3, 4)}, ["y"]),
     Case("transpose_default", [n("Transpose", ["a"])], {"a": (2, 3, 4)}, ["y"]),
@@ -359,3 +372,14 @@ def test_matmulnbits_rule_in_row_slices_takes_flat_scales(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(rules, "NBITS_SLICE_ELEMENTS", 128)
     assert _check_nbits_rule(bits, False, flat_scales=True) == 3
+
+
+@pytest.mark.parametrize("name", ["gelu_decomposed_div", "gelu_decomposed_mul", "gelu_decomposed_shared_inner"])
+def test_decomposed_gelu_is_differentiated_whole_only_when_nothing_else_reads_inside(name: str) -> None:
+    """Taken whole, the backward of the exact GELU never differentiates its Div/Erf nodes
+    (no Div, no chain through erf's rule); with an inner tensor read elsewhere it must."""
+    case = next(c for c in CASES if c.name == name)
+    model, _ = _gradient_model(case, np.float32)
+    emitted = [node.op_type for node in model.graph.node[len(case.nodes):]]
+    whole = name != "gelu_decomposed_shared_inner"
+    assert ("Div" not in emitted and emitted.count("Exp") == 1) == whole, emitted

@@ -9,7 +9,9 @@ not differentiated either: their gradients are per example, which the step graph
 from the activations and output gradients this returns.
 
 Every node that lies on a gradient path needs a rule in :data:`rules.RULES`; the first
-one without is refused, naming the op and the node.
+one without is refused, naming the op and the node. Subgraphs that an exporter wrote out
+op by op (exact GELU) are differentiated as one function (:mod:`.composite`): their inner
+nodes are never visited.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .composite import find_composites
 from .emitter import Emitter, TensorInfo
 from .rules import ZERO_GRADIENT, rule_for
 
@@ -81,8 +84,16 @@ def backward(
         return grad
 
     stop = set() if differentiate_sources else set(sources)
+    composites = find_composites(graph, emitter.constants)
     for node in reversed(graph.node):
         if not any(out in parts for out in node.output):
+            continue
+        whole = composites.get(node.output[0]) if len(node.output) == 1 else None
+        if whole is not None:
+            g = total(whole.output)
+            assert g is not None
+            if whole.x in needed and whole.x not in stop:
+                parts.setdefault(whole.x, []).append(emitter.record(whole.gradient(emitter, g), whole.x))
             continue
         gouts = [total(out) if out in parts else None for out in node.output]
         want = [bool(i) and i in needed and i not in stop for i in node.input]

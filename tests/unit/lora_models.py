@@ -67,3 +67,18 @@ def random_adapter(
             for t in targets
         },
     )
+
+
+def serving_cases() -> dict[str, tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]]:
+    """Models whose LoRA paths differ in form, with their target patterns and inputs: ``tiny``
+    (Gemm with transB and alpha, weights stored [out, in]; a flattened input), ``demo`` (2-D
+    MatMul + bias) and ``encoder`` (q/k/v sharing an input; MatMul + bias on 3-D rows)."""
+    from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
+    from lorad.daemon.demo import DEMO_TARGETS, demo_model_path
+
+    rng = np.random.default_rng(0)
+    return {
+        "tiny": (tiny_model()[0], ["fc*"], {"x": rng.normal(size=(2, 3, 6)).astype(np.float32)}),
+        "demo": (onnx.load(str(demo_model_path())), list(DEMO_TARGETS), {"pixels": rng.random((3, 64), dtype=np.float32)}),
+        "encoder": (build_reference_encoder(), REFERENCE_TARGETS, {"x": rng.normal(size=(2, 16, 384)).astype(np.float32)}),
+    }

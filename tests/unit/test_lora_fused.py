@@ -14,19 +14,9 @@ import pytest
 from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from lorad.adapters.lora_fused import make_fused_inference_graph
 from lorad.adapters.lora_graph import find_targets, lora_input_names, make_inference_graph
-from lorad.daemon.demo import DEMO_TARGETS, demo_model_path
-from tests.unit.lora_models import tiny_model
+from tests.unit.lora_models import serving_cases
 
 RANK = 4
-
-
-def _cases() -> dict[str, tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]]:
-    rng = np.random.default_rng(0)
-    return {
-        "tiny": (tiny_model()[0], ["fc*"], {"x": rng.normal(size=(2, 3, 6)).astype(np.float32)}),
-        "demo": (onnx.load(str(demo_model_path())), list(DEMO_TARGETS), {"pixels": rng.random((3, 64), dtype=np.float32)}),
-        "encoder": (build_reference_encoder(), REFERENCE_TARGETS, {"x": rng.normal(size=(2, 16, 384)).astype(np.float32)}),
-    }
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -35,7 +25,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 @pytest.mark.parametrize("case", ["tiny", "demo", "encoder"])
 def test_fused_equals_plain_and_zero_equals_base(case: str) -> None:
-    model, patterns, feeds = _cases()[case]
+    model, patterns, feeds = serving_cases()[case]
     targets = find_targets(model, patterns)
     rng = np.random.default_rng(1)
     matrices = {

@@ -11,30 +11,17 @@ import numpy as np
 import onnx
 import pytest
 
-from benchmarks.reference_encoder import REFERENCE_TARGETS, build_reference_encoder
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora_graph import find_targets
 from lorad.adapters.merged import WINDOW, merge_blocker
-from lorad.daemon.demo import DEMO_TARGETS, demo_model_path
-from tests.unit.lora_models import random_adapter, tiny_model
+from tests.unit.lora_models import random_adapter, serving_cases
 
 BUDGET = 64 << 20
 
 
-def _cases() -> dict[str, tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]]:
-    rng = np.random.default_rng(0)
-    return {
-        # Gemm with transB and alpha (weights stored [out, in]); a flattened input
-        "tiny": (tiny_model()[0], ["fc*"], {"x": rng.normal(size=(2, 3, 6)).astype(np.float32)}),
-        "demo": (onnx.load(str(demo_model_path())), list(DEMO_TARGETS), {"pixels": rng.random((3, 64), dtype=np.float32)}),
-        # q/k/v sharing an input, MatMul + bias on 3-D rows
-        "encoder": (build_reference_encoder(), REFERENCE_TARGETS, {"x": rng.normal(size=(2, 16, 384)).astype(np.float32)}),
-    }
-
-
 @pytest.mark.parametrize("case", ["tiny", "demo", "encoder"])
 def test_the_dominant_adapter_is_merged_and_answers_as_its_lora_path(case: str) -> None:
-    model, patterns, feeds = _cases()[case]
+    model, patterns, feeds = serving_cases()[case]
     engine = InferenceEngine(model, targets=patterns, rank=4, merged_bytes=BUDGET)
     assert engine.merged is not None
     v1 = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=3, seed=1), name="a", version=1)
@@ -67,7 +54,7 @@ def test_the_dominant_adapter_is_merged_and_answers_as_its_lora_path(case: str) 
 
 
 def test_models_whose_targets_cannot_be_merged_exactly_keep_the_lora_session() -> None:
-    model, patterns, _ = _cases()["demo"]
+    model, patterns, _ = serving_cases()["demo"]
     targets = find_targets(model, patterns)
     assert merge_blocker(model, targets) is None
     # A tied table: a Gather reads a target weight too (its rows would change with the merge).

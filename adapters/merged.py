@@ -36,6 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from .lora_graph import LoraTarget, target_nodes
+from .module_paths import linear_weight_resolver
 
 __all__ = ["MergedPath", "merged_model", "merge_blocker"]
 
@@ -80,20 +81,35 @@ def merged_model(model: onnx.ModelProto, targets: Sequence[LoraTarget],
                  matrices: Any) -> onnx.ModelProto:
     """``model`` with each target weight ``W`` replaced by ``W + A·B`` (``matrices``: weight →
     (A [in, r], scale·B [r, out])), summed in float64, stored as W is (transposed or not)."""
-    by_weight = {t.weight: t for t in targets}
+    stored_transposed = _stored_transposed(model, targets)
     merged = onnx.ModelProto()
     merged.CopyFrom(model)
     for init in merged.graph.initializer:
         pair = matrices.get(init.name)
-        if pair is None or init.name not in by_weight:
+        if pair is None or init.name not in stored_transposed:
             continue
         a, b = pair
         delta = a.astype(np.float64) @ b.astype(np.float64)  # [in, out]
-        w = numpy_helper.to_array(init).astype(np.float64)
-        if w.shape != delta.shape:  # stored [out, in]: Gemm transB, or read through a Transpose
+        if stored_transposed[init.name]:  # stored [out, in]: Gemm transB, or read through a Transpose
             delta = delta.T
+        w = numpy_helper.to_array(init).astype(np.float64)
         init.CopyFrom(numpy_helper.from_array((w + delta).astype(np.float32), init.name))
     return merged
+
+
+def _stored_transposed(model: onnx.ModelProto, targets: Sequence[LoraTarget]) -> dict[str, bool]:
+    """Per target weight, whether it is stored ``[out, in]``: read by a Gemm with ``transB``,
+    or through a ``Transpose`` (TorchScript at opset 20), not both. From the graph, never
+    from the shapes: a square weight looks the same either way."""
+    resolve = linear_weight_resolver(model.graph)
+    found = target_nodes(model.graph, targets)
+    out: dict[str, bool] = {}
+    for _, node, target in found:
+        hit = resolve(node)
+        through_transpose = bool(hit and hit[1])
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        out[target.weight] = through_transpose != trans_b
+    return out
 
 
 class MergedPath:

@@ -12,8 +12,7 @@ padded length: the text front end pads each to a length bucket.
 
 One thread hand-off per request: the caller posts it with a callback, the runner thread
 calls it once with the answer; the runner is woken for the first request of a batch and
-when the batch is complete, not for each request. None for a lone request of a model
-whose calls are shorter than :data:`INLINE_CALL_S`: it runs in the caller's thread.
+when the batch is complete, not for each request.
 
 Each request keeps the lease on its adapter (taken before it is submitted) until its
 batch has run, and the batch holds the bank slots it uses, so neither a hot swap nor
@@ -35,12 +34,7 @@ import numpy as np
 from .engine import InferenceEngine, PreparedAdapter
 from .lora_banks import AdapterBanks
 
-__all__ = ["MicroBatcher", "make_batcher", "INLINE_CALL_S"]
-
-#: A lone request whose calls take at most this long runs in the caller's thread (an HTTP
-#: event loop, blocked that long): for a small model such as the demo MLP (40 µs) the
-#: thread hand-off costs more than the call. Longer calls always go to the runner thread.
-INLINE_CALL_S = 0.0005
+__all__ = ["MicroBatcher", "make_batcher"]
 
 _log = logging.getLogger(__name__)
 
@@ -115,17 +109,10 @@ class MicroBatcher:
         self._queued_rows = 0  # of every signature: the runner looks closer when this reaches max_rows
         self._expected = 0
         self._closed = False
-        #: Wall seconds of a one-request call (a moving average; none measured yet: infinite).
-        self._call_s = float("inf")
         self.batches = 0  # ORT calls made (batches of one included), for the benchmark and tests
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="lorad-batcher", daemon=True)
         self._thread.start()
-
-    @property
-    def call_seconds(self) -> float:
-        """Wall seconds of a one-request call, averaged over the last few (inf: none yet)."""
-        return self._call_s
 
     def counts(self) -> tuple[int, int]:
         """(ORT calls made, requests answered) so far."""
@@ -178,24 +165,11 @@ class MicroBatcher:
                 raise RuntimeError("the batcher is closed")
             if expected:
                 self._expected = max(0, self._expected - 1)
-            # Alone (nothing queued, nothing on its way) and a call shorter than a thread
-            # hand-off is worth: run here, as a batch of one.
-            inline = not self._queue and self._expected == 0 and self._call_s <= INLINE_CALL_S
-            if inline:
-                self.batches += 1
-                self.batched_requests += 1
-            else:
-                first = not self._queue
-                self._queue.append(item)
-                self._queued_rows += item.rows
-                if first or self._expected == 0 or self._queued_rows >= self.max_rows:
-                    self._cond.notify()
-        if inline:
-            try:
-                self._run_one(item)
-            except BaseException as e:  # the answer is owed whatever happens
-                item.answer(None, e)
-                raise
+            first = not self._queue
+            self._queue.append(item)
+            self._queued_rows += item.rows
+            if first or self._expected == 0 or self._queued_rows >= self.max_rows:
+                self._cond.notify()
 
     def close(self) -> None:
         """Stop after the queued requests; safe to call twice."""
@@ -264,26 +238,14 @@ class MicroBatcher:
         self._queued_rows -= rows
         return batch
 
-    def _run_one(self, item: _Item) -> None:
-        """One request on the engine, its time kept (an average of the last few) to decide
-        whether the next lone request runs in its caller's thread."""
-        t0 = time.perf_counter()
-        try:
-            outputs = self.engine.run(item.inputs, item.prepared)
-        except Exception as e:
-            item.answer(None, e)
-            return
-        elapsed = time.perf_counter() - t0
-        self._call_s = elapsed if self._call_s == float("inf") else 0.8 * self._call_s + 0.2 * elapsed
-        item.answer(outputs)
-
     def _run(self, batch: list[tuple[_Item, int]]) -> None:
         try:
             with self._cond:
                 self.batches += 1
                 self.batched_requests += len(batch)
             if len(batch) == 1:
-                self._run_one(batch[0][0])
+                item = batch[0][0]
+                item.answer(self.engine.run(item.inputs, item.prepared))
                 return
             first = batch[0][0].inputs
             inputs = {n: np.concatenate([i.inputs[n] for i, _ in batch]) for n in first}

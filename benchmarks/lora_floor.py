@@ -71,10 +71,19 @@ def measure_lora_overhead(
             services[kind] = service
         daemon = services["daemon"]
         warm = next(iter(feeds.values()))
-        for _ in range(40):  # one adapter dominates: the daemon merges it
+        for _ in range(5):  # the daemon engine's LoRA session opened before the RSS is read
+            daemon.run(warm, "a0")
+        gc.collect()
+        trim_now()
+        before = _rss()
+        for _ in range(35):  # one adapter dominates (more than half of the last 64): it is merged
             daemon.run(warm, "a0")
         assert daemon.engine.merged is not None, "the merged fast path is off for this model"
         daemon.engine.merged.wait()
+        gc.collect()
+        trim_now()
+        out["merged_session_rss_mb"] = round((_rss() - before) / 1e6, 1)  # what the merged path costs in memory
+        out["merged_target_bytes_mb"] = round(sum(t.in_features * t.out_features * 4 for t in daemon.engine.targets) / 1e6, 1)
         out["merged_adapter"] = daemon.engine.merged.merged is not None
         for b, x in feeds.items():
             t = interleaved({

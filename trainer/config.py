@@ -382,8 +382,7 @@ class TrainerConfig(ConfigModel):
     isolate: bool = Field(True, description="Run the DP-SGD steps in a child process (ORT's training call holds "
                                             "the GIL for a whole step, which would stall serving).")
     sched_idle: bool = Field(True, description="Also put training in SCHED_IDLE (Linux): it runs only on CPU time "
-                                               "serving does not want, and its step process stays on one core (the "
-                                               "last of several), so serving keeps the other cores' caches warm.")
+                                               "serving does not want.")
     check_interval_s: float = Field(60.0, ge=0.1, description="Seconds between the scheduler's policy checks.")
     store: StoreConfig = Field(default_factory=lambda: StoreConfig(), description="The local example store.")
     policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig(), description="When automatic runs may start.")

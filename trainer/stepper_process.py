@@ -9,13 +9,6 @@ whole (nice applies to the child's threads, which inherit it), and this proxy fo
 the few calls a run makes over a pipe: batches go in (a few hundred KB per step), step
 results, checkpoints and the exported adapter come back.
 
-With ``idle_class`` the child also stays on one core, the last of those it may use
-(:func:`_keep_to_one_core`). Measured through a real daemon on 2 cores (examples/intents,
-``python -m benchmarks.training_load``, 10 requests/s, training and paused windows
-interleaved, 50 steps at the defaults' batch): serving's p99 / p50 during training were
-1.27 / 1.31x of paused free to move, 1.00 / 0.99x and 1.23 / 0.89x pinned (one run each,
-outside load 1-3); pinned, a step on a shared machine waits longer for its core.
-
 The child is started with ``spawn`` (never ``fork``: the daemon has threads and ORT
 sessions a forked child must not inherit). Its noise source is made in the child —
 ``SecureNoise`` with its own kernel-random key, or, in test mode only, ``SeededNoise``
@@ -134,7 +127,6 @@ def _child_main(conn: multiprocessing.connection.Connection, artifacts: Training
     if idle_class:
         # SCHED_IDLE: runs only on CPU time no normal thread wants; serving wakeups preempt it.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        _keep_to_one_core()
     from .backends import open_stepper
     from .noise import NoiseSource, SecureNoise, SeededNoise
 
@@ -168,17 +160,6 @@ def _child_main(conn: multiprocessing.connection.Connection, artifacts: Training
             conn.send(("ok", value))
         except Exception as e:
             _answer_error(conn, e)
-
-
-def _keep_to_one_core() -> None:
-    """Pin this process (threads it starts later inherit it) to the last core it may use,
-    when it may use several: a step streams hundreds of MB through the caches, and a
-    training process free to move follows serving's threads from core to core (a serving
-    wake-up preempts it, the balancer moves it to the core serving just left), so serving
-    finds every core's cache cold. Pinned, serving keeps the other cores' caches."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) > 1:
-        os.sched_setaffinity(0, {cores[-1]})
 
 
 def _answer_error(conn: multiprocessing.connection.Connection, e: Exception) -> None:

@@ -66,3 +66,25 @@ def test_models_whose_targets_cannot_be_merged_exactly_keep_the_lora_session() -
     # Over the budget, or 0: no merged path.
     assert InferenceEngine(model, targets=patterns, rank=4, merged_bytes=16).merged is None
     assert InferenceEngine(model, targets=patterns, rank=4).merged is None
+
+
+def test_a_square_weight_read_through_a_transpose_is_merged_in_its_stored_orientation() -> None:
+    """TorchScript at opset 20 reads W [out, in] through a Transpose; q/k/v are square, so
+    the orientation must come from the graph, not from the shapes."""
+    from tests.model_matrix import EXPORTED
+
+    model = onnx.load(str(EXPORTED / "encoder_torchscript_20.onnx"))
+    assert any(n.op_type == "Transpose" for n in model.graph.node)
+    ref = np.load(EXPORTED / "reference.npz")
+    feeds = {n: ref[f"encoder.{n}"].astype(np.int64) for n in ("input_ids", "attention_mask")}
+    engine = InferenceEngine(model, targets=["q_proj", "v_proj", "up", "head"], rank=4, merged_bytes=BUDGET)
+    square = [t for t in engine.targets if t.in_features == t.out_features]
+    assert square and engine.merged is not None
+    prepared = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=4, seed=5), name="a", version=1)
+    lora = engine.run(feeds, prepared)
+    for _ in range(WINDOW):
+        engine.run(feeds, prepared)
+    engine.merged.wait()
+    assert engine.merged.merged == ("a", 1)
+    for k, want in lora.items():
+        np.testing.assert_allclose(engine.run(feeds, prepared)[k], want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,6 @@ the engine's own sessions, and the banks are made only when requests mix."""
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ import pytest
 
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora_banks import AdapterBanks
-from lorad.adapters.micro_batcher import INLINE_CALL_S, MicroBatcher
+from lorad.adapters.micro_batcher import MicroBatcher
 from tests.unit.lora_models import random_adapter, tiny_model
 
 RANK = 4
@@ -117,27 +116,3 @@ def test_a_bank_slot_does_not_keep_a_dropped_adapter_alive() -> None:
     assert gone() is None
     second = engine.prepare(random_adapter(engine.targets, engine.fingerprint, rank=2, seed=2), name="a", version=2)
     assert banks.acquire(second) == 1
-
-
-def test_a_lone_request_of_a_fast_model_runs_in_the_callers_thread(batcher: MicroBatcher) -> None:
-    """Once a call is known to be shorter than the hand-off is worth (INLINE_CALL_S), a request
-    with nothing queued or expected is answered before post returns, in the caller's thread;
-    one that others are expected with still goes to the runner."""
-    threads: list[int] = []
-
-    def deliver(outputs: object, error: BaseException | None) -> None:
-        assert error is None
-        threads.append(threading.get_ident())
-
-    batcher.submit({"x": _x(1)}, None).result(timeout=30)  # measured on the runner first
-    assert batcher.call_seconds <= INLINE_CALL_S  # the tiny model's call is that short
-    before = batcher.counts()
-    batcher.post({"x": _x(2)}, None, deliver)
-    assert threads == [threading.get_ident()]
-    assert batcher.counts() == (before[0] + 1, before[1] + 1)
-    batcher.expect()
-    batcher.expect()
-    future = batcher.submit({"x": _x(3)}, None, expected=True)  # another is on its way: queued
-    batcher.post({"x": _x(4)}, None, deliver, expected=True)
-    future.result(timeout=30)
-    assert len(threads) == 2 and threads[1] != threading.get_ident()

@@ -54,7 +54,8 @@ class TimeRange:
         if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2):
             raise ValueError(f"install window {spec!r}: hours 00..24, minutes 00..59")
         try:
-            return cls(h1 * 60 + m1, h2 * 60 + m2, _days(m["days"]) if m["days"] else frozenset(range(7)))
+            # An end of 00:00 is the midnight that closes the day (22:00-00:00 is 22:00-24:00).
+            return cls(h1 * 60 + m1, h2 * 60 + m2 or 1440, _days(m["days"]) if m["days"] else frozenset(range(7)))
         except ValueError as e:
             raise ValueError(f"install window {spec!r}: {e}") from e
 

@@ -94,6 +94,10 @@ def test_install_window_ranges_and_next_opening() -> None:
     for bad in ("25:00-01:00", "01:00-01:00", "Funday 01:00-02:00", "1-2"):
         with pytest.raises(ValueError, match="install window"):
             InstallWindow.parse(bad)
+    # An end of 00:00 is the midnight that closes the day: 23:00-00:00 is the last hour.
+    late = InstallWindow.parse("23:00-00:00")
+    assert late.is_open(tue_noon.replace(hour=23, minute=59)) and not late.is_open(tue_noon.replace(hour=22, minute=59))
+    assert late.next_open(tue_noon) == tue_noon.replace(hour=23)
 
 
 def test_privacy_policy_names_the_precise_reason() -> None:

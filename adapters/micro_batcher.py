@@ -10,9 +10,13 @@ wait: the batcher waits only while other requests are on their way
 (:meth:`MicroBatcher.expect`). Text requests batch when their token tensors have the same
 padded length: the text front end pads each to a length bucket.
 
-One thread hand-off per request: the caller posts it with a callback, the runner thread
-calls it once with the answer; the runner is woken for the first request of a batch and
-when the batch is complete, not for each request.
+One thread hand-off per request at most: the caller posts it with a callback, the runner
+thread calls it once with the answer; the runner is woken for the first request of a batch
+and when the batch is complete, not for each request. The event loop posts through a
+:class:`PostWindow` instead: the requests decoded in one turn of the loop are handed over
+together at its end, and when recent batches ran faster than ``inline_us`` and the runner
+is idle they run there and then, with no hand-off at all (a small model's call costs less
+than waking a thread; a minimal server runs it in the loop too).
 
 Each request keeps the lease on its adapter (taken before it is submitted) until its
 batch has run, and the batch holds the bank slots it uses, so neither a hot swap nor
@@ -34,7 +38,7 @@ import numpy as np
 from .engine import InferenceEngine, PreparedAdapter
 from .lora_banks import AdapterBanks
 
-__all__ = ["MicroBatcher", "make_batcher"]
+__all__ = ["MicroBatcher", "PostWindow", "make_batcher"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,11 +60,6 @@ class _Item:
         if not self.done:
             self.done = True
             self.deliver(outputs, error)
-
-
-def _signature(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
-    """Requests batch together when every input agrees beyond the batch dimension."""
-    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())
 
 
 def _split(outputs: Mapping[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
@@ -95,6 +94,7 @@ class MicroBatcher:
         *,
         max_rows: int,
         max_wait_us: int,
+        inline_us: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_rows < 1:
@@ -103,7 +103,10 @@ class MicroBatcher:
         self.banks = banks
         self.max_rows = max_rows
         self.max_wait_s = max_wait_us / 1e6
+        self.inline_s = inline_us / 1e6
         self._clock = clock
+        self._row_s: float | None = None  # wall seconds per row of recent batches (moving average)
+        self._running = 0  # batches being run now, by the runner or a window's thread
         self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper, and never re-entered
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # of every signature: the runner looks closer when this reaches max_rows
@@ -155,11 +158,7 @@ class MicroBatcher:
 
         The runner is woken only when it may act: the first request of a batch, the last
         expected one, or a full batch; a burst of N requests costs two wake-ups, not N."""
-        shapes = [a.shape for a in inputs.values()]
-        rows = {int(shape[0]) for shape in shapes if shape}
-        if len(rows) != 1:
-            raise ValueError(f"inputs of one request must agree on the number of rows, got {sorted(rows)}")
-        item = _Item(inputs, prepared, rows.pop(), _signature(inputs), deliver)
+        item = _item(inputs, prepared, deliver)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -170,6 +169,45 @@ class MicroBatcher:
             self._queued_rows += item.rows
             if first or self._expected == 0 or self._queued_rows >= self.max_rows:
                 self._cond.notify()
+
+    def window(self, schedule: Callable[[Callable[[], None]], object]) -> PostWindow:
+        """A :class:`PostWindow` for one thread; ``schedule(flush)`` has ``flush`` called once
+        that thread's current turn ends (the event loop's ``call_soon``)."""
+        return PostWindow(self, schedule)
+
+    def _hand(self, items: list[_Item], expected: int) -> None:
+        """A window's requests: run now in this thread when the runner is idle and they would
+        run in ``inline_s`` (by the recent batches' time per row), and their banks are open
+        if they mix adapters; else queued for the runner with one wake-up."""
+        rows = sum(i.rows for i in items)
+        with self._cond:
+            if self._closed:
+                error = RuntimeError("the batcher is closed")
+                for item in items:
+                    item.answer(None, error)
+                return
+            self._expected = max(0, self._expected - expected)
+            inline = (
+                not self._queue and not self._running and self._row_s is not None
+                and self._row_s * rows <= self.inline_s
+                and (self.banks.opened or all(i.prepared is items[0].prepared for i in items))
+            )
+            if not inline:
+                self._queue.extend(items)
+                self._queued_rows += rows
+                self._cond.notify()
+                return
+        pending = deque(items)
+        while pending:
+            with self._cond:
+                batch, pending, _ = self._choose(pending)
+                if not batch:  # the runner's batch holds every bank slot: the rest is its to run
+                    self._queue.extend(pending)
+                    self._queued_rows += sum(i.rows for i in pending)
+                    self._cond.notify()
+                    return
+                self._running += 1
+            self._run(batch)
 
     def close(self) -> None:
         """Stop after the queued requests; safe to call twice."""
@@ -203,22 +241,32 @@ class MicroBatcher:
                 and (left := deadline - self._clock()) > 0
             ):
                 self._cond.wait(timeout=left)
-            return self._take()
+            while not (batch := self._take()):  # a window's inline batch holds every bank slot
+                self._cond.wait()
+            return batch
 
     def _rows_ready(self) -> int:
         first = self._queue[0].signature
         return sum(i.rows for i in self._queue if i.signature == first)
 
     def _take(self) -> list[tuple[_Item, int]]:
-        """Items of the first one's signature within max_rows, with the bank slot of each
-        (lock held). A batch whose requests all run with one adapter, or none, takes no
-        slot: it runs on the engine's own sessions (the base model's, the merged one or the
-        LoRA graph), and the banks are not even made until requests mix."""
-        first = self._queue[0].signature
+        """The queue's next batch (lock held); see :meth:`_choose`."""
+        batch, self._queue, rows = self._choose(self._queue)
+        self._queued_rows -= rows
+        self._running += bool(batch)
+        return batch
+
+    def _choose(self, queue: deque[_Item]) -> tuple[list[tuple[_Item, int]], deque[_Item], int]:
+        """Items of the first one's signature within max_rows, with the bank slot of each,
+        the items left and the rows taken (lock held). A batch whose requests all run with
+        one adapter, or none, takes no slot: it runs on the engine's own sessions (the base
+        model's, the merged one or the LoRA graph), and the banks are not even made until
+        requests mix."""
+        first = queue[0].signature
         chosen: list[_Item] = []
         rows = 0
         kept: deque[_Item] = deque()
-        for item in self._queue:
+        for item in queue:
             if item.signature == first and (not chosen or rows + item.rows <= self.max_rows):
                 chosen.append(item)
                 rows += item.rows
@@ -234,27 +282,33 @@ class MicroBatcher:
                     rows -= item.rows
                 else:
                     batch.append((item, slot))
-        self._queue = kept
-        self._queued_rows -= rows
-        return batch
+        return batch, kept, rows
 
     def _run(self, batch: list[tuple[_Item, int]]) -> None:
+        """Run one batch (counted in ``_running`` by whoever chose it) and answer its requests."""
+        start = time.perf_counter()
+        rows = 0
         try:
             with self._cond:
                 self.batches += 1
                 self.batched_requests += len(batch)
             if len(batch) == 1:
                 item = batch[0][0]
-                item.answer(self.engine.run(item.inputs, item.prepared))
+                rows = item.rows
+                outputs = self.engine.run(item.inputs, item.prepared)
+                self._timed(start, rows)
+                item.answer(outputs)
                 return
             first = batch[0][0].inputs
             inputs = {n: np.concatenate([i.inputs[n] for i, _ in batch]) for n in first}
-            if all(slot == 0 for _, slot in batch):  # one adapter or none (see _take)
+            counts = [i.rows for i, _ in batch]
+            rows = sum(counts)
+            if all(slot == 0 for _, slot in batch):  # one adapter or none (see _choose)
                 outputs = self.engine.run(inputs, batch[0][0].prepared)
             else:
-                slots = np.repeat(np.array([s for _, s in batch], np.int64), [i.rows for i, _ in batch])
-                outputs = self.banks.run(inputs, slots)
-            for (item, _), part in zip(batch, _split(outputs, [i.rows for i, _ in batch]), strict=True):
+                outputs = self.banks.run(inputs, np.repeat(np.array([s for _, s in batch], np.int64), counts))
+            self._timed(start, rows)
+            for (item, _), part in zip(batch, _split(outputs, counts), strict=True):
                 item.answer(part)
         except BaseException as e:  # every waiting request gets the error
             for item, _ in batch:
@@ -263,10 +317,68 @@ class MicroBatcher:
                 raise
         finally:
             self.banks.release(*(slot for _, slot in batch))
+            with self._cond:
+                self._running -= 1
+                if self._queue:  # a batch that found no free slot waits for these
+                    self._cond.notify()
+
+    def _timed(self, start: float, rows: int) -> None:
+        """Fold a batch's time per row into the moving average that decides what runs inline."""
+        per_row = (time.perf_counter() - start) / max(rows, 1)
+        self._row_s = per_row if self._row_s is None else 0.8 * self._row_s + 0.2 * per_row
+
+
+class PostWindow:
+    """Requests posted from one thread (the event loop's) during one turn of it, handed to
+    the batcher together when the turn ends: one lock and at most one wake-up for all of
+    them, and no hand-off at all when they run inline (:meth:`MicroBatcher._hand`).
+
+    Not thread-safe: one window per posting thread.
+    """
+
+    def __init__(self, batcher: MicroBatcher, schedule: Callable[[Callable[[], None]], object]) -> None:
+        self._batcher = batcher
+        self._schedule = schedule
+        self._items: list[_Item] = []
+        self._expected = 0
+
+    def post(self, inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None, deliver: Deliver, *,
+             expected: bool = False) -> None:
+        """As :meth:`MicroBatcher.post`; ``deliver`` may be called in this thread, in :meth:`flush`."""
+        self._items.append(_item(inputs, prepared, deliver))
+        self._expected += expected
+        if len(self._items) == 1:
+            self._schedule(self.flush)
+
+    def flush(self) -> None:
+        """Hand what was posted since the last flush to the batcher."""
+        items, self._items = self._items, []
+        expected, self._expected = self._expected, 0
+        if items:
+            self._batcher._hand(items, expected)
+
+
+def _item(inputs: Mapping[str, np.ndarray], prepared: PreparedAdapter | None, deliver: Deliver) -> _Item:
+    """A queued request; requests batch together when every input agrees beyond the batch
+    dimension (their signature). One pass: this runs for every request."""
+    rows = -1
+    signature = []
+    for name, a in inputs.items():
+        shape = a.shape
+        if shape and shape[0] != rows:
+            if rows >= 0:
+                raise ValueError("inputs of one request must agree on the number of rows, got "
+                                 f"{sorted({v.shape[0] for v in inputs.values() if v.shape})}")
+            rows = shape[0]
+        signature.append((name, a.dtype, shape[1:]))
+    if rows < 0:
+        raise ValueError("a request needs an input with a batch dimension, got only scalars")
+    return _Item(inputs, prepared, rows, tuple(signature), deliver)
 
 
 def make_batcher(
     engine: InferenceEngine, *, slots: int, max_wait_us: int, max_rows: int, cache_budget_bytes: int,
+    inline_us: int = 0,
 ) -> MicroBatcher:
     """Banks for ``engine``'s targets and a batcher over them.
 
@@ -284,4 +396,4 @@ def make_batcher(
     )
     _log.info("batching requests: up to %d rows, %d µs wait, %d adapter slots (%d bytes of banks)",
               max_rows, max_wait_us, slots, banks.nbytes)
-    return MicroBatcher(engine, banks, max_rows=max_rows, max_wait_us=max_wait_us)
+    return MicroBatcher(engine, banks, max_rows=max_rows, max_wait_us=max_wait_us, inline_us=inline_us)

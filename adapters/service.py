@@ -34,7 +34,7 @@ from .composition import AdapterWeight, compose
 from .engine import InferenceEngine, PreparedAdapter
 from .errors import AdapterDamagedError, AdapterNotFoundError, AdapterStorageError, InvalidAdapterError
 from .lora import LoraAdapter, lora_scale
-from .micro_batcher import MicroBatcher
+from .micro_batcher import MicroBatcher, PostWindow
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, dump_peft, load_peft
 from .registry import AdapterRegistry, IndexedAdapter, StoredAdapter
 from .request_cost import RequestCost, RequestLimits
@@ -245,10 +245,12 @@ class AdapterService:
         return result
 
     def post(self, tensors: Mapping[str, np.ndarray], adapter: Target, deliver: Deliver, *,
-             arrival: Arrival | None = None) -> None:
+             arrival: Arrival | None = None, window: PostWindow | None = None) -> None:
         """Run model tensors now (no batcher: ``deliver`` is called before this returns) or in
         the batcher's next batch (``deliver`` is called once, in the batcher's thread, with
         the answer or the error); errors before that (no such adapter) are raised here.
+        Through ``window`` (the batcher's, for this thread), the request is handed over when
+        the window is flushed, and may be answered then, in this thread.
 
         The lease on the adapter is held until the batch has run, in whichever thread
         finishes it, so a caller that stops waiting cannot end it early.
@@ -270,7 +272,8 @@ class AdapterService:
             deliver(serving.result(outputs) if outputs is not None else None, error)
 
         try:
-            self.batcher.post(tensors, serving.prepared, answer, expected=arrival.take() if arrival else False)
+            (window or self.batcher).post(tensors, serving.prepared, answer,
+                                          expected=arrival.take() if arrival else False)
         except BaseException:
             release()
             raise

@@ -4,9 +4,11 @@ Three ways to answer them, timed call by call in process CPU time (the batcher's
 included), sides interleaved in random order (:func:`benchmarks.timing.cpu_medians`):
 
 - ``per_call``: one engine call per request, each with its adapter (no batcher);
-- ``batched``: the daemon's path, every request announced (as the HTTP layer does when
-  they arrive), then posted to the micro-batcher, which runs them as one banked call and
-  hands each answer to its callback;
+- ``batched``: the daemon's path for requests decoded in the event loop: each posted
+  through the micro-batcher's window as the loop posts them, the window flushed as at the
+  end of the loop's turn; the batcher runs them as one
+  banked call (in this thread when the model is fast, ``inline_us``; in its runner's
+  otherwise) and hands each answer to its callback;
 - ``mixed_call`` / ``base_call``: the banked call alone for the N rows, and the base
   model's session over the same N rows: what mixing adapters into one batch costs.
 
@@ -29,21 +31,26 @@ from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import dump_peft
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
+from lorad.daemon.config import BatchingConfig
 
 __all__ = ["measure_bursts"]
 
 
 def measure_bursts(
     engine: InferenceEngine, feeds: Callable[[int], Mapping[str, np.ndarray]],
-    adapter: Callable[[int], LoraAdapter], *, n: int = 16, rounds: int = 15,
+    adapter: Callable[[int], LoraAdapter], *, n: int = 16, rounds: int = 15, inline_us: int | None = None,
 ) -> dict[str, float]:
     """CPU per burst of ``n`` one-row requests; ``feeds(i)`` is request i's inputs (one row),
-    ``adapter(i)`` its adapter."""
+    ``adapter(i)`` its adapter; ``inline_us`` as the daemon's ``server.batching.inline_us``
+    (None: its default)."""
+    if inline_us is None:
+        inline_us = BatchingConfig().inline_us
     with tempfile.TemporaryDirectory() as tmp:
         registry = AdapterRegistry(Path(tmp) / "adapters")
         budget = 256 << 20
         direct = AdapterService(engine, registry, cache_budget_bytes=budget)
-        batcher = make_batcher(engine, slots=n, max_wait_us=50_000, max_rows=1024, cache_budget_bytes=budget)
+        batcher = make_batcher(engine, slots=n, max_wait_us=50_000, max_rows=1024, cache_budget_bytes=budget,
+                               inline_us=inline_us)
         batched = AdapterService(engine, registry, cache_budget_bytes=budget, batcher=batcher)
         try:
             names = [f"user-{i}" for i in range(n)]
@@ -66,9 +73,12 @@ def measure_bursts(
                 for r, name in zip(requests, names, strict=True):
                     direct.post(r, name, collect)  # no batcher: answered before it returns
 
+            turn_ends: list[Callable[[], None]] = []
+            window = batcher.window(turn_ends.append)  # the event loop's call_soon, here called by hand
+
             def burst() -> None:
-                # As the HTTP layer does: announced on arrival, posted once decoded, each
-                # answer handed to a callback (there, the event loop's); done when all are in.
+                # As the HTTP layer does: posted once decoded, each answer handed to a
+                # callback (there, the event loop's); done when all are in.
                 done = threading.Event()
                 answers.clear()
 
@@ -77,9 +87,9 @@ def measure_bursts(
                     if len(answers) == n:
                         done.set()
 
-                arrivals = [batched.announce() for _ in names]
-                for r, name, a in zip(requests, names, arrivals, strict=True):
-                    batched.post(r, name, deliver, arrival=a)
+                for r, name in zip(requests, names, strict=True):
+                    batched.post(r, name, deliver, window=window)
+                turn_ends.pop()()  # the turn ends: the window is handed over
                 done.wait()
 
             held = [batched.cache.lease(name) for name in names]

@@ -135,7 +135,8 @@ class Daemon:
         if cfg.server.batching.enabled and generator is None:
             batcher = await loop.run_in_executor(executor, functools.partial(
                 make_batcher, engine, slots=cfg.server.batching.slots, max_wait_us=cfg.server.batching.max_wait_us,
-                max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes))
+                max_rows=cfg.server.max_batch_rows, cache_budget_bytes=cfg.cache.budget_bytes,
+                inline_us=cfg.server.batching.inline_us))
             self._stack.callback(batcher.close)
             metrics.watch_batcher(batcher.counts)
         registry = AdapterRegistry(cfg.state_dir / "adapters")

@@ -100,6 +100,11 @@ class BatchingConfig(ConfigModel):
     max_wait_us: int = Field(500, ge=0, le=1_000_000, description="Longest a request waits for others to join "
                                                                   "its batch, microseconds (a lone request "
                                                                   "does not wait).")
+    inline_us: int = Field(300, ge=0, le=100_000, description="Requests decoded in one turn of the event loop run "
+                                                             "there, with no thread hand-off, when the batcher is "
+                                                             "idle and recent batches would take at most this long, "
+                                                             "microseconds (a small model); 0: always in the "
+                                                             "batcher's thread.")
     slots: int = Field(32, ge=1, le=4096, description="Adapter slots in the banks (besides the zero slot of the "
                                                       "base model); fewer when they would not fit "
                                                       "cache.budget_bytes.")

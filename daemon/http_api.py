@@ -51,6 +51,7 @@ from lorad.adapters.errors import (
 )
 from lorad.adapters.fsutil import disk_full
 from lorad.adapters.memory import LARGE_BODY_BYTES, trim_after_large_request
+from lorad.adapters.micro_batcher import PostWindow
 from lorad.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from lorad.adapters.service import AdapterService, Arrival, InferResult
 from lorad.daemon import auth, oip
@@ -304,7 +305,7 @@ class _Submitted:
     """A decoded request in the batcher's queue."""
 
     request: oip.InferRequest
-    future: Future[InferResult]
+    future: Future[InferResult] | asyncio.Future[InferResult]  # the latter when posted from the event loop
 
 
 #: A response body and its JSON header's length (None: the body is JSON alone).
@@ -325,24 +326,43 @@ def _small(result: InferResult) -> bool:
 
 
 class _Completions:
-    """Futures finished in another thread (the batcher's), handed to the event loop one
-    batch at a time: the first of a batch wakes the loop, the others join it, where
-    :func:`asyncio.wrap_future` wakes the loop once per future."""
+    """Answers finished in another thread (the batcher's) handed to the event loop one batch
+    at a time: the first of a batch wakes the loop, the others join it, where
+    :func:`asyncio.wrap_future` wakes the loop once per future. An answer given in the
+    loop's own thread (a batch run inline, :class:`~lorad.adapters.micro_batcher.PostWindow`)
+    is set at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made in the loop that serves
         self._lock = threading.Lock()
-        self._finished: list[tuple[asyncio.Future[Any], Future[Any]]] = []
+        self._finished: list[tuple[asyncio.Future[Any], Any, BaseException | None, bool]] = []
 
     def wait(self, future: Future[_T]) -> asyncio.Future[_T]:
         """An asyncio future of ``future``'s outcome (cancelling it does not cancel ``future``)."""
         waiter: asyncio.Future[_T] = self._loop.create_future()
-        future.add_done_callback(functools.partial(self._finish, waiter))
+
+        def done(f: Future[_T]) -> None:
+            if f.cancelled():
+                self._put(waiter, None, None, cancelled=True)
+            else:
+                error = f.exception()
+                self._put(waiter, None if error is not None else f.result(), error)
+
+        future.add_done_callback(done)
         return waiter
 
-    def _finish(self, waiter: asyncio.Future[Any], future: Future[Any]) -> None:  # in the finishing thread
+    def deliver(self, waiter: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+        """A batcher ``deliver`` callback that settles ``waiter``, from whichever thread."""
+        return functools.partial(self._put, waiter)
+
+    def _put(self, waiter: asyncio.Future[Any], result: Any, error: BaseException | None, *,
+             cancelled: bool = False) -> None:
+        if threading.get_ident() == self._loop_thread:
+            _settle(waiter, result, error, cancelled)
+            return
         with self._lock:
-            self._finished.append((waiter, future))
+            self._finished.append((waiter, result, error, cancelled))
             first = len(self._finished) == 1
         if first:
             try:
@@ -353,17 +373,19 @@ class _Completions:
     def _deliver(self) -> None:  # in the event loop
         with self._lock:
             finished, self._finished = self._finished, []
-        for waiter, future in finished:
-            if waiter.cancelled():  # the client went away; the request's leases end with the batch
-                continue
-            if future.cancelled():
-                waiter.cancel()
-                continue
-            error = future.exception()
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(future.result())
+        for waiter, result, error, cancelled in finished:
+            _settle(waiter, result, error, cancelled)
+
+
+def _settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None, cancelled: bool) -> None:
+    if waiter.done():  # cancelled: the client went away; the request's leases end with the batch
+        return
+    if cancelled:
+        waiter.cancel()
+    elif error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(result)
 
 
 class _Handlers:
@@ -375,6 +397,7 @@ class _Handlers:
                                              settings.max_request_bytes)
         self._large: asyncio.Semaphore | None = None  # made in the event loop that serves
         self._done: _Completions | None = None  # likewise
+        self._window: PostWindow | None = None  # likewise
         self._model_version = settings.model_version
         self._inline_bytes = _INLINE_TEXT_BYTES if settings.service.text is not None else _INLINE_BODY_BYTES
 
@@ -382,6 +405,12 @@ class _Handlers:
         if self._done is None:
             self._done = _Completions(asyncio.get_running_loop())
         return self._done
+
+    def _posting(self) -> PostWindow | None:
+        """The batcher's window for the event loop, flushed at the end of each turn of it."""
+        if self._window is None and self.service.batcher is not None:
+            self._window = self.service.batcher.window(asyncio.get_running_loop().call_soon)
+        return self._window
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.s.executor, fn, *args)
@@ -439,19 +468,25 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         """Decode, submit, answer: in the event loop for a small body when the batcher runs
-        the model (its thread is the one hand-off), in one worker trip otherwise."""
+        the model (its thread is the one hand-off, and there is none when the batch runs in
+        the loop, ``server.batching.inline_us``), in one worker trip otherwise."""
         self._model(request)
         limit, setting = self._infer_limit
         body = await read_body(request, limit, what="infer request", setting=setting)
         header = request.headers.get(oip.HEADER_LENGTH)
         # (adapter kind, adapter name), filled once decoded, so errors after that are labelled
         kind: list[tuple[str, str | None]] = []
-        arrival = self.service.announce()  # a batch being gathered waits for this request
+        # A request decoded in a worker thread is announced first, so that a batch being
+        # gathered waits for it; one decoded here is posted in the same step, to the loop's
+        # window, and needs no announcement.
+        inline = self.service.batcher is not None and len(body) <= self._inline_bytes
+        arrival = Arrival(None) if inline else self.service.announce()
         large = False
         try:
-            if self.service.batcher is not None and len(body) <= self._inline_bytes:
-                done, pending = None, self._infer_inline(body, header, kind, arrival)
+            if inline:
+                done, pending = None, self._infer_inline(body, header, kind)
                 if isinstance(pending, _Prepared):  # an adapter to load from disk, or a composition to build
+                    arrival = self.service.announce()
                     done, pending = await self._run(self._submit, pending, kind, arrival)
             else:
                 done, pending = await self._run(self._infer, body, header, kind, arrival)
@@ -462,7 +497,10 @@ class _Handlers:
                     done = await self._run(self._run_large, pending, kind)
             elif isinstance(pending, _Submitted):  # in the batcher's next batch: wait without holding a worker
                 future = pending.future
-                result = future.result() if future.done() else await self._completions().wait(future)
+                if isinstance(future, asyncio.Future):  # posted from the loop
+                    result = await future
+                else:
+                    result = future.result() if future.done() else await self._completions().wait(future)
                 if _small(result):
                     done = self._encode(pending.request, result, kind)
                 else:
@@ -500,7 +538,7 @@ class _Handlers:
         return _Prepared(req, adapter, tensors)
 
     def _infer_inline(
-        self, body: bytes, header: str | None, kind: list[tuple[str, str | None]], arrival: Arrival
+        self, body: bytes, header: str | None, kind: list[tuple[str, str | None]]
     ) -> _Submitted | _Large | _Prepared:
         """:meth:`_infer` in the event loop, for a small body with the batcher: nothing here
         blocks (the batcher's submit queues). A request that needs disk or real work
@@ -514,7 +552,9 @@ class _Handlers:
         # it would load in the loop: a window of microseconds, and only under cache churn.)
         if adapter is not None and not (isinstance(adapter, str) and self.service.cache.contains(adapter)):
             return prepared
-        return _Submitted(prepared.request, self.service.submit(prepared.tensors, adapter, arrival=arrival))
+        waiter: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self.service.post(prepared.tensors, adapter, self._completions().deliver(waiter), window=self._posting())
+        return _Submitted(prepared.request, waiter)
 
     def _infer(
         self, body: bytes, header: str | None, kind: list[tuple[str, str | None]], arrival: Arrival

@@ -14,9 +14,10 @@ request's ``parameters.binary_data_output: true``) come back the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
+import secrets
 import struct
-import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -263,6 +264,13 @@ def infer_response_body(
     return b"".join([head, *raw]), len(head)
 
 
+#: Ids of responses to requests that named none: unique within a daemon's run (a counter)
+#: and across runs (a random prefix per process), without the system call per request a
+#: uuid4 makes.
+_ID_PREFIX = secrets.token_hex(8)
+_ids = itertools.count(1)
+
+
 def _response(
     *,
     model_name: str,
@@ -312,7 +320,7 @@ def _response(
     return {
         "model_name": model_name,
         "model_version": model_version,
-        "id": request_id if request_id is not None else uuid.uuid4().hex,
+        "id": request_id if request_id is not None else f"{_ID_PREFIX}-{next(_ids)}",
         "parameters": (
             {"adapters": [dict(c) for c in composition]} if composition
             else {"adapter": adapter, "adapter_version": adapter_version}

@@ -104,7 +104,7 @@ def test_zero_budget_refused() -> None:
         ({"server": {"max_batch_rows": 0}}, "server.max_batch_rows", "got 0; expected an integer from 1"),
         ({"server": {"batching": {"max_wait_us": -1}}}, "server.batching.max_wait_us", "from 0 to 1000000"),
         ({"server": {"batching": {"enabled": "yes"}}}, "server.batching.enabled", "true or false"),
-        ({"server": {"batching": {"wait": 1}}}, "server.batching.wait", "allowed keys: enabled, max_wait_us, slots"),
+        ({"server": {"batching": {"wait": 1}}}, "server.batching.wait", "allowed keys: enabled, inline_us, max_wait_us, slots"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(doc: dict[str, object], key: str, fragment: str) -> None:

@@ -75,3 +75,32 @@ def test_a_cancelled_future_cancels_its_waiter() -> None:
             await waiter
 
     asyncio.run(main())
+
+
+def test_an_answer_given_in_the_loops_own_thread_is_set_at_once_without_a_wake_up() -> None:
+    async def main() -> tuple[list[Any], int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakes
+            wakes += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+        done = _Completions(loop)
+        waiters = [loop.create_future() for _ in range(3)]
+        done.deliver(waiters[0])(1, None)  # a batch run inline, in the loop
+        done.deliver(waiters[1])(None, ValueError("row 1"))
+        settled_at_once = [w.done() for w in waiters]
+        thread = threading.Thread(target=done.deliver(waiters[2]), args=(3, None))  # the batcher's thread
+        thread.start()
+        thread.join()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        return [settled_at_once, *results], wakes
+
+    (settled, first, second, third), wakes = asyncio.run(main())
+    assert settled == [True, True, False]
+    assert first == 1 and isinstance(second, ValueError) and third == 3
+    assert wakes == 1  # only the answer from the other thread woke the loop

@@ -243,6 +243,11 @@ def test_encode_base_model_and_generated_id() -> None:
     )
     assert doc["parameters"] == {"adapter": None, "adapter_version": None}
     assert isinstance(doc["id"], str) and doc["id"]
+    again = encode_infer_response(
+        model_name="demo", model_version="1", request_id=None, outputs={"logits": np.zeros((1, 3), np.float32)},
+        wanted=None, adapter=None, adapter_version=None,
+    )
+    assert again["id"] != doc["id"]  # each response its own
 
 
 def test_datatype_of() -> None:

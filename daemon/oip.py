@@ -567,6 +567,12 @@ def _to_array(
         return np.array(flat, dtype=dtype)
     if types - {int, float}:
         _refuse_non_numbers(name, flat, datatype)
+    if types == {float} and dtype.kind == "f":  # the common case: one conversion, one check
+        with np.errstate(over="ignore"):
+            arr = np.array(flat, dtype=dtype)
+        if np.isfinite(arr).all():
+            return arr
+        # a non-finite value or one beyond dtype's range: the checks below name it
     if dtype.kind in "iu":
         if float in types:
             bad = next(v for v in flat if not isinstance(v, int))

@@ -82,6 +82,8 @@ def make_banked_inference_graph(
         lambda node, t, prefix: _banked_path(graph, node, t, gathered[t.weight], prefix, batch_major.get(node.input[0]),
                                              opset),
         head=head)
+    if not any("lora_bank/rows" in n.input for n in graph.node):  # every target reads batch-major rows
+        graph.node.remove(next(n for n in graph.node if n.name == "lora_bank/rows"))
     onnx.checker.check_model(derived)
     return for_runtime(derived)
 

@@ -1,5 +1,6 @@
 """daemon.http_api's hand-back of the batcher's finished futures to the event loop: every
-outcome arrives, and a batch finished together wakes the loop once."""
+outcome arrives, a batch finished together wakes the loop once, and an answer given in the
+loop's own thread (a batch run there) is set at once."""
 
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ import pytest
 from lorad.daemon.http_api import _Completions
 
 
+def _count_wakes(loop: asyncio.AbstractEventLoop) -> list[None]:
+    """Count the loop's wake-ups from other threads: one entry per call_soon_threadsafe."""
+    wakes: list[None] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        wakes.append(None)
+        return call_soon_threadsafe(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+    return wakes
+
+
 def test_a_batch_finished_together_wakes_the_loop_once_and_every_outcome_arrives() -> None:
     async def main() -> tuple[list[Any], int]:
         loop = asyncio.get_running_loop()
-        wakes = 0
-        call_soon_threadsafe = loop.call_soon_threadsafe
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal wakes
-            wakes += 1
-            return call_soon_threadsafe(*args, **kwargs)
-
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+        wakes = _count_wakes(loop)
         done = _Completions(loop)
         futures: list[Future[int]] = [Future() for _ in range(6)]
         waiters = [done.wait(f) for f in futures]
@@ -40,7 +46,7 @@ def test_a_batch_finished_together_wakes_the_loop_once_and_every_outcome_arrives
         thread.start()
         thread.join()
         results = await asyncio.gather(*waiters, return_exceptions=True)
-        return results, wakes
+        return results, len(wakes)
 
     results, wakes = asyncio.run(main())
     assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
@@ -80,15 +86,7 @@ def test_a_cancelled_future_cancels_its_waiter() -> None:
 def test_an_answer_given_in_the_loops_own_thread_is_set_at_once_without_a_wake_up() -> None:
     async def main() -> tuple[list[Any], int]:
         loop = asyncio.get_running_loop()
-        wakes = 0
-        call_soon_threadsafe = loop.call_soon_threadsafe
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal wakes
-            wakes += 1
-            return call_soon_threadsafe(*args, **kwargs)
-
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+        wakes = _count_wakes(loop)
         done = _Completions(loop)
         waiters = [loop.create_future() for _ in range(3)]
         done.deliver(waiters[0])(1, None)  # a batch run inline, in the loop
@@ -98,7 +96,7 @@ def test_an_answer_given_in_the_loops_own_thread_is_set_at_once_without_a_wake_u
         thread.start()
         thread.join()
         results = await asyncio.gather(*waiters, return_exceptions=True)
-        return [settled_at_once, *results], wakes
+        return [settled_at_once, *results], len(wakes)
 
     (settled, first, second, third), wakes = asyncio.run(main())
     assert settled == [True, True, False]

@@ -287,27 +287,24 @@ class MicroBatcher:
     def _run(self, batch: list[tuple[_Item, int]]) -> None:
         """Run one batch (counted in ``_running`` by whoever chose it) and answer its requests."""
         start = time.perf_counter()
-        rows = 0
         try:
             with self._cond:
                 self.batches += 1
                 self.batched_requests += len(batch)
             if len(batch) == 1:
                 item = batch[0][0]
-                rows = item.rows
                 outputs = self.engine.run(item.inputs, item.prepared)
-                self._timed(start, rows)
+                self._timed(start, item.rows)
                 item.answer(outputs)
                 return
             first = batch[0][0].inputs
             inputs = {n: np.concatenate([i.inputs[n] for i, _ in batch]) for n in first}
             counts = [i.rows for i, _ in batch]
-            rows = sum(counts)
             if all(slot == 0 for _, slot in batch):  # one adapter or none (see _choose)
                 outputs = self.engine.run(inputs, batch[0][0].prepared)
             else:
                 outputs = self.banks.run(inputs, np.repeat(np.array([s for _, s in batch], np.int64), counts))
-            self._timed(start, rows)
+            self._timed(start, sum(counts))
             for (item, _), part in zip(batch, _split(outputs, counts), strict=True):
                 item.answer(part)
         except BaseException as e:  # every waiting request gets the error
@@ -323,7 +320,8 @@ class MicroBatcher:
                     self._cond.notify()
 
     def _timed(self, start: float, rows: int) -> None:
-        """Fold a batch's time per row into the moving average that decides what runs inline."""
+        """Fold a batch's time per row into the moving average that decides what runs inline
+        (unlocked: the runner and a window's thread may both write it; either value will do)."""
         per_row = (time.perf_counter() - start) / max(rows, 1)
         self._row_s = per_row if self._row_s is None else 0.8 * self._row_s + 0.2 * per_row
 

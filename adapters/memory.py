@@ -5,6 +5,12 @@ few large requests the daemon's RSS would stay at its peak although nothing is i
 ``malloc_trim(0)`` returns the free pages of every arena; it costs about a millisecond,
 so the HTTP layer calls it only after requests whose bodies were large. On a C library
 without it (musl) this is a no-op.
+
+:func:`one_arena` makes every thread allocate from the main arena: in a thread's own
+arena, ONNX Runtime's large intermediate buffers (MiniLM: 16 × 128 tokens) came back as
+fresh pages at every call, 10,915 page faults and 7% more CPU per banked call in the
+batcher's thread than the same call made in the main thread; with one arena both
+fault none.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-__all__ = ["LARGE_BODY_BYTES", "trim_after_large_request", "trim_now"]
+__all__ = ["LARGE_BODY_BYTES", "one_arena", "trim_after_large_request", "trim_now"]
 
 #: Bodies at least this large are followed by a trim.
 LARGE_BODY_BYTES = 1 << 20
@@ -23,20 +29,39 @@ LARGE_BODY_BYTES = 1 << 20
 _log = logging.getLogger(__name__)
 
 
-def _load_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+#: glibc's mallopt parameter for the number of arenas (malloc.h).
+_M_ARENA_MAX = -8
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
     except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         _log.info("malloc_trim is not available; freed memory stays with the allocator")
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
+    trim.argtypes = [ctypes.c_size_t]  # type: ignore[attr-defined]
+    trim.restype = ctypes.c_int  # type: ignore[attr-defined]
     return trim
 
 
 _trim = _load_trim()
+
+
+def one_arena() -> bool:
+    """Have every thread allocate from glibc's main arena (see the module docstring); call
+    it before threads start. False where the C library has no such setting (musl)."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # type: ignore[attr-defined]
+    mallopt.restype = ctypes.c_int  # type: ignore[attr-defined]
+    return bool(mallopt(_M_ARENA_MAX, 1))
 _running = threading.Lock()
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from benchmarks.timing import cpu_medians
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.lora import LoraAdapter
+from lorad.adapters.memory import one_arena
 from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import dump_peft
 from lorad.adapters.registry import AdapterRegistry
@@ -45,6 +46,7 @@ def measure_bursts(
     (None: its default)."""
     if inline_us is None:
         inline_us = BatchingConfig().inline_us
+    one_arena()  # as the daemon's process: the batcher's thread allocates from the main arena
     with tempfile.TemporaryDirectory() as tmp:
         registry = AdapterRegistry(Path(tmp) / "adapters")
         budget = 256 << 20

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from lorad.adapters.engine import DEVICES
 from lorad.adapters.errors import AdapterDamagedError, AdapterError
 from lorad.adapters.fsutil import atomic_write_bytes, disk_full, free_bytes
-from lorad.adapters.memory import trim_now
+from lorad.adapters.memory import one_arena, trim_now
 from lorad.adapters.micro_batcher import make_batcher
 from lorad.adapters.peft_format import read_peft_dir
 from lorad.adapters.registry import AdapterRegistry
@@ -346,6 +346,7 @@ class Daemon:
 
 async def run(config: Config, *, announce: bool = True, reload_config: Callable[[], Config] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads (``reload_config``)."""
+    one_arena()  # before the worker, batcher and ONNX Runtime threads start
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hup = asyncio.Event()

@@ -16,7 +16,6 @@ fault none.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
@@ -35,7 +34,7 @@ _M_ARENA_MAX = -8
 
 def _libc_function(name: str) -> Callable[..., int] | None:
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+        return getattr(ctypes.CDLL(None), name)  # the process's own symbols: the C library's among them
     except (OSError, AttributeError, TypeError):
         return None
 

@@ -37,7 +37,6 @@ __all__ = [
     "DATATYPES",
     "datatype_of",
     "decode_infer_request",
-    "encode_infer_response",
     "infer_response_body",
     "header_length",
     "HEADER_LENGTH",
@@ -208,28 +207,6 @@ def header_length(value: str | None, body_length: int) -> int | None:
     return n
 
 
-def encode_infer_response(
-    *,
-    model_name: str,
-    model_version: str,
-    request_id: str | None,
-    outputs: Mapping[str, np.ndarray],
-    wanted: Sequence[str] | None,
-    adapter: str | None,
-    adapter_version: int | None,
-    composition: Sequence[Mapping[str, object]] = (),
-) -> dict[str, object]:
-    """The JSON object of an infer response; ``wanted`` selects and orders outputs.
-
-    :class:`NonFiniteOutputError` when an output holds NaN or infinity (JSON has no such
-    numbers), naming the output, the element and the adapter that answered.
-    """
-    doc, _ = _response(model_name=model_name, model_version=model_version, request_id=request_id, outputs=outputs,
-                       wanted=wanted, adapter=adapter, adapter_version=adapter_version, composition=composition,
-                       binary=(), lists=True)
-    return doc
-
-
 def infer_response_body(
     *,
     model_name: str,
@@ -245,13 +222,14 @@ def infer_response_body(
     """An infer response as bytes, and the length of its JSON header when outputs named in
     ``binary`` follow it as raw bytes (``Inference-Header-Content-Length``), else None.
 
-    The JSON is that of :func:`encode_infer_response`; a binary output carries
+    ``wanted`` selects and orders outputs. A binary output carries
     ``parameters.binary_data_size`` instead of ``data``. A binary output may hold NaN or
-    infinity (raw floats can); a JSON one raises :class:`NonFiniteOutputError`.
+    infinity (raw floats can); a JSON one raises :class:`NonFiniteOutputError`, naming the
+    output, the element and the adapter that answered (JSON has no such numbers).
     """
     doc, raw = _response(model_name=model_name, model_version=model_version, request_id=request_id, outputs=outputs,
                          wanted=wanted, adapter=adapter, adapter_version=adapter_version, composition=composition,
-                         binary=binary, lists=False)
+                         binary=binary)
     try:
         head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError:  # an array orjson does not take as it is (byte order, layout)
@@ -282,10 +260,9 @@ def _response(
     adapter_version: int | None,
     composition: Sequence[Mapping[str, object]],
     binary: Collection[str],
-    lists: bool,
 ) -> tuple[dict[str, object], list[bytes]]:
-    """The response's JSON object and the raw bytes of its binary outputs, in order.
-    ``lists``: JSON data as Python lists (else flat numpy arrays, for orjson)."""
+    """The response's JSON object (its data as flat numpy arrays, for orjson) and the raw
+    bytes of its binary outputs, in order."""
     names = list(wanted) if wanted is not None else list(outputs)
     tensors = []
     raw: list[bytes] = []
@@ -312,8 +289,6 @@ def _response(
         data: object
         if datatype == "BYTES":
             data = _bytes_to_json(arr)
-        elif lists:
-            data = arr.ravel().tolist()
         else:
             data = np.ascontiguousarray(arr).ravel()
         tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data})

@@ -5,10 +5,12 @@ Handlers are thin: they check the model name and authentication, hand the blocki
 error answers ``{"error": "..."}`` as OIP does. ``/v2/openapi.json`` serves
 ``daemon/openapi.yaml``, the one description of all routes.
 
-An infer request crosses threads once: with the micro-batcher, a small body is decoded
-(JSON or the binary tensor extension, daemon/oip.py), queued and its answer encoded in the
-event loop, and the batcher's thread runs the model; the loop hears of finished batches
-once per batch (:class:`_Completions`). Without the batcher, decoding, the model and
+An infer request crosses threads at most once: with the micro-batcher, a small body is
+decoded (JSON or the binary tensor extension, daemon/oip.py), posted to the batcher's
+window and its answer encoded in the event loop; at the end of the loop's turn the window
+hands its requests over together, and they run there in the loop when the model is fast
+(``server.batching.inline_us``), else in the batcher's thread, which hands finished
+batches back once per batch (:class:`_Completions`). Without the batcher, decoding, the model and
 encoding are one trip to the worker pool. A large body, an adapter that must be loaded
 from disk or a composition to build go to the worker pool before they are queued.
 """

@@ -132,8 +132,7 @@ class AdapterCache(Generic[T]):
         with self._lock:  # the common case, a hit, in one step: this runs for every request
             entry = self._index.get(name)
             if entry is not None:
-                entry.leases += 1
-                self._index.move_to_end(name)
+                self._take(entry, pin=False)
                 self._hits += 1
         if entry is None:
             entry = self._acquire(name, pin=False)

@@ -50,6 +50,7 @@ def _load_trim() -> Callable[[int], int] | None:
 
 
 _trim = _load_trim()
+_running = threading.Lock()
 
 
 def one_arena() -> bool:
@@ -61,7 +62,6 @@ def one_arena() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # type: ignore[attr-defined]
     mallopt.restype = ctypes.c_int  # type: ignore[attr-defined]
     return bool(mallopt(_M_ARENA_MAX, 1))
-_running = threading.Lock()
 
 
 def trim_after_large_request(body_bytes: int) -> None:

@@ -181,22 +181,19 @@ class MicroBatcher:
         if they mix adapters; else queued for the runner with one wake-up."""
         rows = sum(i.rows for i in items)
         with self._cond:
-            if self._closed:
-                error = RuntimeError("the batcher is closed")
-                for item in items:
-                    item.answer(None, error)
-                return
-            self._expected = max(0, self._expected - expected)
-            inline = (
-                not self._queue and not self._running and self._row_s is not None
-                and self._row_s * rows <= self.inline_s
-                and (self.banks.opened or all(i.prepared is items[0].prepared for i in items))
-            )
-            if not inline:
-                self._queue.extend(items)
-                self._queued_rows += rows
-                self._cond.notify()
-                return
+            closed = self._closed
+            if not closed:
+                self._expected = max(0, self._expected - expected)
+                if not self._runs_here(items, rows):
+                    self._queue.extend(items)
+                    self._queued_rows += rows
+                    self._cond.notify()
+                    return
+        if closed:  # answered outside the lock: a callback may post again
+            error = RuntimeError("the batcher is closed")
+            for item in items:
+                item.answer(None, error)
+            return
         pending = deque(items)
         while pending:
             with self._cond:
@@ -208,6 +205,14 @@ class MicroBatcher:
                     return
                 self._running += 1
             self._run(batch)
+
+    def _runs_here(self, items: list[_Item], rows: int) -> bool:
+        """Whether a window's requests run in its thread (lock held): see :meth:`_hand`."""
+        return (
+            not self._queue and not self._running and self._row_s is not None
+            and self._row_s * rows <= self.inline_s
+            and (self.banks.opened or all(i.prepared is items[0].prepared for i in items))
+        )
 
     def close(self) -> None:
         """Stop after the queued requests; safe to call twice."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 _SCRIPT = r"""
 import resource, sys, threading
 import numpy as np
@@ -55,7 +53,6 @@ def _faults(mode: str) -> int:
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_threads_onnx_runtime_calls_fault_in_fewer_pages_with_one_arena() -> None:
     own_arena, one = _faults("own"), _faults("one")
     # 10 calls with 12 MB intermediates: in the thread's own arena every page comes back

@@ -276,7 +276,7 @@ class AdapterTrainingConfig(ConfigModel):
 
     def plan(
         self, n: float, *, prior: Sequence[Charge] = (), ledger_delta: float | None = None,
-        adapter: str = "adapter",
+        adapter: str = "adapter", gate: bool = True,
     ) -> RunPlan:
         """Resolve q, steps, δ and σ for a run over (an estimate of) ``n`` training examples.
 
@@ -284,7 +284,8 @@ class AdapterTrainingConfig(ConfigModel):
         σ, δ and the update's scale 1/(q·n) all follow from it and are published).
         ``prior`` is what the ledger already charged at ``ledger_delta``; σ is calibrated
         so that the run (with its count and gate queries) spends ``budget_fraction`` of
-        what is left.
+        what is left. ``gate=False``: a run whose result is not validated here (a federated
+        round's update goes to the federation), so no gate query is planned or charged.
         """
         n = max(float(n), 1.0)
         if self.sampling_rate is not None:
@@ -299,7 +300,9 @@ class AdapterTrainingConfig(ConfigModel):
                 f"delta={delta:g} is not below 1/n = {1.0 / n:g} for about n={n:.0f} training examples; "
                 "a δ that large allows leaking one example outright. Lower delta or leave it unset"
             )
-        mechanisms = (("example_count", self.count_noise), ("validation_gate", self.gate_noise_multiplier))
+        mechanisms: tuple[tuple[str, float], ...] = (("example_count", self.count_noise),)
+        if gate:
+            mechanisms += (("validation_gate", self.gate_noise_multiplier),)
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier
         else:
@@ -335,13 +338,21 @@ class AdapterTrainingConfig(ConfigModel):
         changes by at most 1 when one example is added or removed (the start test's query)."""
         return min(n_train - self.min_train_examples, n_holdout - self.holdout_needed)
 
-    def check_estimate(self, n_train: float) -> None:
+    def check_estimate(self, n_train: float, *, holdout: bool = True) -> None:
         """Refuse a run whose private estimate of the training examples (a charged count)
         says too few to learn or to validate; the held-out count is estimated from it and
         ``holdout_fraction`` (the split is by hash). Never the exact counts: whether a
         run is refused is public (the ledger records the refused run's count)."""
-        holdout = n_train * self.holdout_fraction / (1.0 - self.holdout_fraction)
-        if n_train < self.min_train_examples or holdout < self.holdout_needed:
+        if not holdout:  # a federated round: nothing is validated here
+            if n_train < self.min_train_examples:
+                raise ValueError(
+                    f"too few examples for a federated round, by the private estimate of the count "
+                    f"(≈{max(n_train, 0):.0f}, noise std {self.count_noise:g}): a round needs at least "
+                    f"{self.min_train_examples} (federated.min_examples). The private count was charged (a query "
+                    "record in the ledger); nothing else was")
+            return
+        held_out = n_train * self.holdout_fraction / (1.0 - self.holdout_fraction)
+        if n_train < self.min_train_examples or held_out < self.holdout_needed:
             raise ValueError(
                 f"too few examples to train at ε={self.target_epsilon:g}, by the private estimate of the count "
                 f"(≈{max(n_train, 0):.0f} training examples, noise std {self.count_noise:g}): a run needs at least "

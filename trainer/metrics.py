@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["RESULTS", "register_trainer_metrics"]
 
 #: Every run result, so each series exists (at 0) from the first scrape.
-RESULTS = ("accepted", "rejected", "cancelled", "failed", "interrupted")
+RESULTS = ("accepted", "rejected", "delivered", "cancelled", "failed", "interrupted")
 
 _log = logging.getLogger(__name__)
 

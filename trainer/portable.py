@@ -73,7 +73,7 @@ from .portable_graph import (
     with_canary_rows,
 )
 
-__all__ = ["PortableStepper", "CanaryFeed", "execution_providers"]
+__all__ = ["PortableStepper", "CanaryFeed", "execution_providers", "write_checkpoint"]
 
 _CHECKPOINT_FORMAT = "lorad-portable-checkpoint-v1"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -292,21 +292,7 @@ class PortableStepper:
 
     def save_checkpoint(self, path: Path) -> None:
         """Write parameters, optimizer state and step count to ``path``, atomically."""
-        path = Path(path)
-        buffer = io.BytesIO()
-        np.savez(buffer, format=np.array(_CHECKPOINT_FORMAT), params=self._params, moment1=self._m,
-                 moment2=self._v, steps=np.array(self._steps, np.int64))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise TrainingFailedError(f"could not write the training checkpoint {path}: {e}") from e
+        write_checkpoint(path, self._params, self._m, self._v, self._steps)
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Current values of every LoRA tensor (trainable and frozen), by name."""
@@ -385,6 +371,27 @@ def _canary_rows(rows: np.ndarray, size: int) -> np.ndarray:
     if rows.ndim != 2 or rows.shape[1] != size or not np.all(np.isfinite(rows)):
         raise ValueError(f"canary rows must be finite float32 [M, {size}], got shape {list(rows.shape)}")
     return rows
+
+
+def write_checkpoint(path: Path, params: np.ndarray, moment1: np.ndarray, moment2: np.ndarray, steps: int) -> None:
+    """A checkpoint the stepper resumes from (``resume_from``), written atomically: the
+    flat parameter vector in the artifacts' trainable order, the optimiser moments and
+    the step count."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, format=np.array(_CHECKPOINT_FORMAT), params=params, moment1=moment1,
+             moment2=moment2, steps=np.array(steps, np.int64))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TrainingFailedError(f"could not write the training checkpoint {path}: {e}") from e
 
 
 def _load_checkpoint(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

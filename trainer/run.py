@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     # where a run uses it: a daemon that serves and collects examples starts without it.
     from .artifacts import ArtifactConfig, Backend, TrainingArtifacts
     from .dp_step import GaussianNoise, StepResult
+    from .federated import RoundStart
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
@@ -75,7 +76,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-RunStatus = Literal["accepted", "rejected", "cancelled", "failed", "interrupted"]
+#: ``delivered``: a federated round's update was handed to the federation (nothing installed here).
+RunStatus = Literal["accepted", "rejected", "delivered", "cancelled", "failed", "interrupted"]
 Phase = Literal["starting", "training", "paused", "validating", "done"]
 _RUN_FILE = "run.json"
 _CHECKPOINT = "checkpoint"
@@ -285,8 +287,14 @@ class TrainingRun:
         control: RunControl | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
         on_step: Callable[[], None] | None = None,
+        federated: RoundStart | None = None,
     ) -> None:
         self.env = env
+        #: A federated round (trainer/federated.py): starts from the federation's B, trains
+        #: on every local example, and hands its B out as :attr:`update` instead of validating
+        #: and installing it. Never resumed after a restart (the federation's round is gone).
+        self.federated = federated
+        self.update: LoraAdapter | None = None
         self.adapter = adapter
         self.config = config
         self.control = control or RunControl()
@@ -318,6 +326,16 @@ class TrainingRun:
         ledger_runs = self.env.ledger.state(self.adapter).runs
         saved = self._read_run_file()
         running = [r for r in ledger_runs if r["status"] == "running"]
+        if running and self.federated is not None:
+            # A round interrupted by a restart cannot resume (its federation round is over):
+            # it ends cancelled, charged for the progress recorded (nothing of it was released).
+            for record in running:
+                _log.warning("adapter %r: federated round run %d was interrupted; closed at step %d",
+                             self.adapter, record["run_id"], record["steps_done"])
+                self.env.ledger.end_run(int(record["run_id"]), steps_done=int(record["steps_done"]),
+                                        status="cancelled")
+            ledger_runs = self.env.ledger.state(self.adapter).runs
+            running = []
         if running:
             record = running[-1]
             self.run_id = int(record["run_id"])
@@ -345,6 +363,10 @@ class TrainingRun:
         # the artifacts build, the loss output fits, the gate can score (model_setup.py).
         artifacts = preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts",
                               backend=self._backend())
+        if self.federated is not None:
+            from .federated import check_start
+
+            check_start(artifacts, self.federated)
         self._check_space(artifacts.noise_size)
         train, _ = self._split()
         state = self.env.ledger.state(self.adapter)
@@ -356,12 +378,12 @@ class TrainingRun:
         cfg = self.config
         estimate = len(train) + float(self.env.noise.gaussian64(1, cfg.count_noise)[0])
         try:
-            cfg.check_estimate(estimate)
+            cfg.check_estimate(estimate, holdout=self.federated is None)
         except ValueError:
             self._charge_count(estimate, state.delta or default_delta(max(estimate, 1.0)))
             raise
         plan = self.config.plan(estimate, prior=[c for r in state.runs for c in run_charges(r)],
-                                ledger_delta=state.delta, adapter=self.adapter)
+                                ledger_delta=state.delta, adapter=self.adapter, gate=self.federated is None)
         self._check_time(plan, estimate, state.delta)
         self.run_id = self.env.ledger.begin_run(
             self.adapter, q=plan.q, sigma=plan.sigma, clip_norm=plan.clip_norm, planned_steps=plan.steps,
@@ -447,7 +469,9 @@ class TrainingRun:
 
     def _split(self) -> tuple[list[int], list[int]]:
         c = self.config
-        return self.env.store.split(self.adapter, c.holdout_fraction, c.split_seed)
+        train, holdout = self.env.store.split(self.adapter, c.holdout_fraction, c.split_seed)
+        # A federated round's update is not validated here: every example trains.
+        return (sorted(train + holdout), []) if self.federated is not None else (train, holdout)
 
     def _artifact_config(self) -> ArtifactConfig:
         from .artifacts import ArtifactConfig
@@ -575,6 +599,10 @@ class TrainingRun:
         from .stepper_process import StepperProcess
 
         checkpoint = self._dir / _CHECKPOINT
+        if self.federated is not None and not checkpoint.is_file():
+            from .federated import write_start_checkpoint
+
+            write_start_checkpoint(artifacts, self.federated, checkpoint)
         resume = checkpoint if checkpoint.is_file() else None
         lr = float(self._saved.get("learning_rate", self.config.learning_rate))
         dp = DPSettings(noise_multiplier=plan.sigma, clip_norm=plan.clip_norm,
@@ -695,6 +723,14 @@ class TrainingRun:
         self._report(plan.steps, "validating", force_epsilon=True)
         spent = self._spent()
         candidate = stepper.export_adapter(extra={"lorad_run_id": str(run_id)})
+        if self.federated is not None:
+            self.update = candidate
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._report(plan.steps, "done")
+            _log.info("adapter %r: federated round %d trained as run %d (ε spent %.4g); update handed out",
+                      self.adapter, self.federated.round, run_id, spent)
+            return RunResult(self.adapter, run_id, "delivered", plan.steps, plan.steps,
+                             f"federated round {self.federated.round}: update handed to the federation", None, spent)
         # The step session's memory goes back before the gate scores (SmolLM2: 0.8 GB).
         close = getattr(stepper, "close", None)
         if close is not None:

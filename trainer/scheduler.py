@@ -29,7 +29,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .policy import Decision, TrainingPolicy
@@ -68,6 +69,8 @@ class Job:
     manual: bool
     progress: RunProgress | None = None
     waiting: tuple[str, ...] = ()
+    #: How the run ended, for a caller that waits on it (a federated round's HTTP request).
+    finished: Future[RunResult] = field(default_factory=Future)
 
     def describe(self) -> dict[str, Any]:
         p = self.progress
@@ -158,6 +161,10 @@ class TrainingScheduler:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 _log.error("the training thread did not stop within %.0f s", timeout)
+        with self._cond:
+            for job in self._queue:  # begun, never executed: they resume at the next start
+                if not job.finished.done():
+                    job.finished.set_exception(RuntimeError("the trainer stopped before the run started"))
 
     # -- controls ----------------------------------------------------------------------------
 
@@ -170,6 +177,18 @@ class TrainingScheduler:
             self._cond.notify_all()
         assert job.run.run_id is not None
         return job.run.run_id
+
+    def submit(self, adapter: str, make_run: RunFactory) -> Job:
+        """Begin a run made by ``make_run`` (charging the ledger) and queue it behind the
+        manual ones; it is held between steps while the device is busy, as an automatic
+        run is. Wait on ``job.finished`` for its result (a federated round)."""
+        job = self._reserve_and_begin(adapter, manual=False, make_run=make_run)
+        with self._cond:
+            if self._stopping:
+                job.control.interrupt()
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
 
     def pause(self) -> None:
         """Hold the current run between steps and start no new one."""
@@ -231,7 +250,8 @@ class TrainingScheduler:
 
     # -- worker ------------------------------------------------------------------------------
 
-    def _reserve_and_begin(self, adapter: str, *, manual: bool, make_current: bool = False) -> Job:
+    def _reserve_and_begin(self, adapter: str, *, manual: bool, make_current: bool = False,
+                           make_run: RunFactory | None = None) -> Job:
         """Begin a run outside the lock (planning may calibrate σ for seconds) while a
         reservation keeps a second begin of the same adapter, and so a second charge, out."""
         with self._cond:
@@ -245,7 +265,7 @@ class TrainingScheduler:
             self._reserved.add(adapter)
         job: Job | None = None
         try:
-            job = self._begin(adapter, manual=manual)
+            job = self._begin(adapter, manual=manual, make_run=make_run)
             return job
         finally:
             with self._cond:
@@ -255,7 +275,7 @@ class TrainingScheduler:
                         job.control.interrupt()
                     self._current = job
 
-    def _begin(self, adapter: str, *, manual: bool) -> Job:
+    def _begin(self, adapter: str, *, manual: bool, make_run: RunFactory | None = None) -> Job:
         # An automatic run must fit its time window (TrainingRun checks, before charging).
         control = RunControl(time_left_s=None if manual else self._policy.time_left_s(),
                              slowdown=self._policy.slowdown())
@@ -269,7 +289,7 @@ class TrainingScheduler:
             if holder:
                 self._hold_while_busy(holder[0])
 
-        run = self._make_run(adapter, control, progress, between_steps)
+        run = (make_run or self._make_run)(adapter, control, progress, between_steps)
         run.begin()  # may raise PrivacyBudgetExceededError / ValueError: nothing queued
         job = Job(adapter, run, control, manual)
         holder.append(job)
@@ -320,6 +340,7 @@ class TrainingScheduler:
                 self._current = None
                 self._last[job.adapter] = result
                 self._note_outcome(job.adapter, result)
+            job.finished.set_result(result)
 
     def _note_outcome(self, adapter: str, result: RunResult) -> None:
         """Back off after a failed run; any other ending clears it (lock held)."""

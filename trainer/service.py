@@ -19,7 +19,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +101,12 @@ class TrainerService:
         proc_root: Path = Path("/proc"),
         sys_root: Path = Path("/sys"),
         rng: Callable[[], np.random.Generator] | None = None,
+        federated: Collection[str] = (),
     ) -> None:
         self.config = config
+        #: Adapters this device trains only in federated rounds (trainer/federated.py): no
+        #: automatic or resumed local run, no start test.
+        self.federated = frozenset(federated)
         self.adapters = adapters
         self.dir = Path(state_dir) / "trainer"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -437,7 +441,7 @@ class TrainerService:
         # Adapters configured for training or trained here before, whether or not they
         # have examples: which adapters get a start test (and its charge) must not depend
         # on the data. An adapter that is only served (the demo's, a fleet's) gets none.
-        return sorted(set(self.config.adapters) | set(self.ledger.adapters()))
+        return sorted((set(self.config.adapters) | set(self.ledger.adapters())) - self.federated)
 
     def _adapter_ready(self, adapter: str) -> Decision:
         """Budget left (public), then the adapter's private start test (start_test.py)."""
@@ -467,9 +471,10 @@ class TrainerService:
     def _interrupted(self) -> list[str]:
         """Adapters with a run to finish at start: charged and interrupted while training,
         or trained and paid for but stopped while validating (never released)."""
-        return [a for a in self.ledger.adapters()
-                if any(r["status"] == "running" for r in self.ledger.state(a).runs)
-                or pending_release(self.dir, self.ledger, a)]
+        # A federated round never resumes: the next round closes it (trainer/run.py).
+        return [a for a in self.ledger.adapters() if a not in self.federated
+                and (any(r["status"] == "running" for r in self.ledger.state(a).runs)
+                     or pending_release(self.dir, self.ledger, a))]
 
 
 def _user_epsilon(states: list[PrivacyState], k: int, delta: float | None, accountant: AccountantName) -> float:

@@ -12,7 +12,10 @@ JSON has no floats: ota/privacy.py checks it against the device's policy)::
 device's trainer made also says what it was trained on, so the fleet can aggregate it:
 ``examples`` (the private estimate of the count the run was planned from, never the exact
 count), ``example`` (what one example is, e.g. one submitted text of a language model) and
-``base_fingerprint`` (the base model it was trained against). Pure: parsing and checking.
+``base_fingerprint`` (the base model it was trained against). A federated round's aggregate
+(daemon/federated/server_app.py) is per ``user`` (one device's whole data, its update clipped
+to ``clip_norm``), ``steps`` the rounds composed, and says how many ``clients`` were summed
+and the ``local_epsilon`` each spent on its device in the round. Pure: parsing and checking.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class PrivacyRecord:
     examples: float | None = None
     example: str | None = None
     base_fingerprint: str | None = None
+    #: A federated aggregate: the updates summed, their clip norm, each client's local ε.
+    clients: int | None = None
+    clip_norm: float | None = None
+    local_epsilon: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +83,13 @@ class PrivacyRecord:
             problems.append(f"noise_multiplier {self.noise_multiplier} (must be > 0)")
         if self.steps < 1:
             problems.append(f"steps {self.steps} (must be >= 1)")
+        if self.clients is not None and (isinstance(self.clients, bool) or not isinstance(self.clients, int)
+                                         or self.clients < 1):
+            problems.append(f"clients {self.clients!r} (must be an integer >= 1)")
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            problems.append(f"clip_norm {self.clip_norm} (must be > 0)")
+        if self.local_epsilon is not None and not all(math.isfinite(e) and e >= 0 for e in self.local_epsilon):
+            problems.append(f"local_epsilon {self.local_epsilon} (finite numbers >= 0)")
         if self.unit not in _UNITS:
             problems.append(f"unit {self.unit!r} (allowed {_UNITS})")
         if problems:
@@ -83,12 +97,18 @@ class PrivacyRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The file form (numbers as JSON numbers); fields not known are left out."""
-        return {"format": PRIVACY_FORMAT, **{k: v for k, v in asdict(self).items() if v is not None}}
+        out = {"format": PRIVACY_FORMAT, **{k: v for k, v in asdict(self).items() if v is not None}}
+        if self.local_epsilon is not None:
+            out["local_epsilon"] = list(self.local_epsilon)
+        return out
 
     def to_signed(self) -> dict[str, Any]:
         """The form signed into target metadata: TUF's canonical JSON has no floats, so
         real numbers are decimal strings (``repr``, exact round trip)."""
-        return {k: repr(v) if isinstance(v, float) else v for k, v in self.to_dict().items()}
+        def signed(v: Any) -> Any:
+            return repr(v) if isinstance(v, float) else [signed(x) for x in v] if isinstance(v, list) else v
+
+        return {k: signed(v) for k, v in self.to_dict().items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyRecord:
@@ -102,10 +122,18 @@ class PrivacyRecord:
             texts = {k: d[k] for k in ("example", "base_fingerprint") if d.get(k) is not None}
             if any(not isinstance(v, str) for v in texts.values()):
                 raise TypeError(f"example and base_fingerprint must be strings, got {texts}")
+            clients = d.get("clients")
+            if clients is not None and (isinstance(clients, bool) or not isinstance(clients, int)):
+                raise TypeError(f"clients must be an integer, got {clients!r}")
+            local = d.get("local_epsilon")
+            if local is not None and not isinstance(local, list):
+                raise TypeError(f"local_epsilon must be a list of numbers, got {local!r}")
             return cls(epsilon=_num(d, "epsilon"), delta=_num(d, "delta"), accountant=str(d["accountant"]),
                        sample_rate=_num(d, "sample_rate"), noise_multiplier=_num(d, "noise_multiplier"),
                        steps=steps, unit=str(d.get("unit", "example")),
-                       examples=_num(d, "examples") if d.get("examples") is not None else None, **texts)
+                       examples=_num(d, "examples") if d.get("examples") is not None else None,
+                       clients=clients, clip_norm=_num(d, "clip_norm") if d.get("clip_norm") is not None else None,
+                       local_epsilon=None if local is None else tuple(_num({"e": e}, "e") for e in local), **texts)
         except KeyError as e:
             raise ValueError(f"privacy record lacks {e.args[0]!r}") from e
         except (TypeError, AttributeError) as e:

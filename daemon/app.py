@@ -50,6 +50,7 @@ from lorad.daemon.version import lorad_version
 from lorad.trainer.errors import TrainerError
 
 if TYPE_CHECKING:  # imported where used: only a daemon with the trainer on loads them
+    from lorad.daemon.federated.supernode import SuperNodeProcess
     from lorad.daemon.training_api import TrainingDisabled
     from lorad.trainer.service import TrainerService
 
@@ -92,6 +93,8 @@ class Daemon:
         #: Why the trainer is not running although enabled (None: it runs, or is off).
         self.training_disabled: TrainingDisabled | None = None
         self._metrics: DaemonMetrics | None = None
+        #: The Flower SuperNode child (``federated:``), once started.
+        self.supernode: SuperNodeProcess | None = None
 
     def is_ready(self) -> bool:
         return self._ready
@@ -109,6 +112,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         _make_state_dir(cfg.state_dir)
         token = auth.ensure_token(cfg.server.token_file)
+        supernode_exe = None
+        if cfg.federated.enabled:  # Flower must be installed: say so before the model loads, not after
+            from lorad.daemon.federated.supernode import find_supernode
+
+            supernode_exe = find_supernode()
         self._notifier.status("loading the base model")
 
         executor = ThreadPoolExecutor(cfg.server.worker_threads, thread_name_prefix="lorad-worker")
@@ -191,6 +199,10 @@ class Daemon:
             from lorad.daemon.training_api import add_disabled_training_routes
 
             add_disabled_training_routes(app, self.training_disabled, protected, authenticated)
+        if cfg.federated.enabled and trainer is not None:  # routes go in before runner.setup() freezes the app
+            from lorad.daemon.federated.round_api import add_federated_routes
+
+            add_federated_routes(app, trainer, cfg.federated, protected)
         # ApiRunner: HTTP parser errors answer the API's JSON error too (daemon/http_framing.py).
         runner = ApiRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
@@ -215,6 +227,8 @@ class Daemon:
         except OSError as e:  # a full disk: serve anyway (loractl then needs --url)
             _log.error("could not write %s (%s); loractl needs --url %s", addr_file, e, url)
         self._stack.callback(_unlink, addr_file)
+        if cfg.federated.enabled:  # the SuperNode hands the daemon's URL to its ClientApps
+            self._start_supernode(metrics, trainer, url, supernode_exe)
 
         self._ready = True
         metrics.ready.set(1)
@@ -248,6 +262,30 @@ class Daemon:
         metrics.watch_power(sampler, limit_watts=cfg.limit_watts)
         _log.info("power: sampling %s every %g s", found.name, cfg.sample_interval_s)
         return sampler
+
+    def _start_supernode(self, metrics: DaemonMetrics, trainer: TrainerService | None, url: str,
+                         executable: Path | None) -> None:
+        """Join the federation: the Flower SuperNode child, stopped on the exit stack. A trainer
+        that could not start (:attr:`training_disabled`) keeps the device out, said once in
+        the log and as ``lorad_federated_supernode_up 0``."""
+        from lorad.daemon.federated.supernode import SuperNodeProcess
+
+        cfg = self.config
+        fed = cfg.federated
+        if trainer is None:
+            why = self.training_disabled.detail if self.training_disabled is not None else "the trainer is off"
+            _log.error("federated: not joining the federation at %s: training is disabled (%s)", fed.superlink, why)
+            metrics.watch_federated(up=lambda: False, restarts=lambda: 0)
+            return
+        if fed.insecure:
+            _log.warning("federated: connecting to the SuperLink %s over plain HTTP (federated.insecure: true): "
+                         "unencrypted, for tests and labs only", fed.superlink)
+        supernode = SuperNodeProcess(fed, daemon_url=url, token_file=cfg.server.token_file,
+                                     flwr_home=cfg.state_dir / "flower", executable=executable)
+        supernode.start()
+        self._stack.callback(supernode.stop)
+        self.supernode = supernode
+        metrics.watch_federated(up=lambda: supernode.running, restarts=lambda: supernode.restarts)
 
     def _warm_accounting(self) -> None:
         """Import dp_accounting (about 1 s of CPU) in the background once serving: ε of the
@@ -290,6 +328,8 @@ class Daemon:
                 power_watts=power.total_watts if power is not None else lambda: None,
                 energy_joules=power.training_joules if power is not None else None,
                 sys_root=cfg.power.sys_root,
+                # The federation's adapter trains in its rounds only (no local or resumed runs).
+                federated=(cfg.federated.adapter,) if cfg.federated.enabled else (),
             ))
         except (TrainerError, OSError, RuntimeError) as e:
             self.training_disabled = TrainingDisabled(_disabled_kind(e), str(e))

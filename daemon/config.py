@@ -2,7 +2,8 @@
 
 Each package owns the section of its part, a frozen pydantic model with defaults, units
 and descriptions: ``model:`` and ``cache:`` in :mod:`lorad.adapters.config`, ``trainer:`` in
-:mod:`lorad.trainer.config`, ``ota:`` in :mod:`lorad.ota.config`, ``power:`` in :mod:`lorad.daemon.power.config`.
+:mod:`lorad.trainer.config`, ``ota:`` in :mod:`lorad.ota.config`, ``power:`` in :mod:`lorad.daemon.power.config`,
+``federated:`` in :mod:`lorad.daemon.federated.config`.
 This module owns only what the process itself needs (``server:``, ``metrics:``,
 ``log_level``, ``state_dir``) and composes the
 sections into :class:`Config`. A new section is one model in its package and one field
@@ -30,6 +31,7 @@ from lorad.adapters.config_types import (
     ConfigError,
     ConfigModel,
     ConfigPath,
+    FieldProblem,
     NonEmptyStr,
     StatePath,
     got,
@@ -38,6 +40,7 @@ from lorad.adapters.config_types import (
     validate_value,
 )
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS
+from lorad.daemon.federated.config import FederatedConfig
 from lorad.daemon.paths import ADDR_FILE, TOKEN_FILE, default_state_dir
 from lorad.daemon.power.config import PowerConfig
 from lorad.ota.config import OtaConfig
@@ -50,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "CacheConfig",
     "PowerConfig",
+    "FederatedConfig",
     "MetricsConfig",
     "Config",
     "default_state_dir",
@@ -183,6 +187,8 @@ class Config(ConfigModel):
     ota: OtaConfig = Field(default_factory=lambda: OtaConfig(), description="Signed adapter updates from the fleet over MQTT.")
     power: PowerConfig = Field(default_factory=lambda: PowerConfig(), description="Power and energy sampling.")
     metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig(), description="What /metrics exports.")
+    federated: FederatedConfig = Field(default_factory=lambda: FederatedConfig(),
+                                       description="Federated learning on Flower: this device as a SuperNode.")
 
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +204,21 @@ class Config(ConfigModel):
             model = {"targets": list(DEMO_TARGETS), "rank": DEMO_RANK, **model}
             data = {**data, "model": model}
         return data
+
+    @model_validator(mode="after")
+    def _federated_needs_the_trainer(self) -> Config:
+        fed = self.federated
+        if not fed.enabled:
+            return self
+        if not self.trainer.enabled:
+            raise FieldProblem("federated.enabled", "got true with trainer.enabled false; a federated round is a "
+                               "local DP training run: set trainer.enabled: true, or federated.enabled: false")
+        budget = self.trainer.for_adapter(fed.adapter).target_epsilon
+        if fed.round_epsilon > budget:
+            raise FieldProblem("federated.round_epsilon", f"got {fed.round_epsilon:g}; expected a number > 0 and at "
+                               f"most {budget:g}, the whole privacy budget of adapter {fed.adapter!r} (its trainer "
+                               "target_epsilon)")
+        return self
 
 
 def config_schema() -> dict[str, Any]:

@@ -197,6 +197,23 @@ class _GeneratorCollector(Collector):
         return []
 
 
+class _FederatedCollector(Collector):
+    def __init__(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
+        self._up = up
+        self._restarts = restarts
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("lorad_federated_supernode_up",
+                                "1 while the Flower SuperNode child (federated:) runs, 0 while it is down or not started.",
+                                value=1 if self._up() else 0)
+        yield CounterMetricFamily("lorad_federated_supernode_restarts",
+                                  "Times the Flower SuperNode child was started again after it exited by itself.",
+                                  value=self._restarts())
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class _AdapterLabels:
     """Hands out at most ``top_n`` adapter labels, for good; the rest share ``_other``."""
 
@@ -344,6 +361,12 @@ class DaemonMetrics:
     def watch_generator(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the generator's counts (:meth:`lorad.adapters.generation.Generator.stats`), read at each scrape."""
         self.registry.register(_GeneratorCollector(stats))
+
+    def watch_federated(self, *, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
+        """Export the SuperNode child's state (``federated:``), read at each scrape: ``up()`` while
+        it runs, ``restarts()`` after it exited by itself (a daemon that could not start it
+        passes ``lambda: False`` and ``lambda: 0``)."""
+        self.registry.register(_FederatedCollector(up, restarts))
 
     def set_backend(self, requested: str, active: str) -> None:
         self.backend.labels(requested=requested, active=active).set(1)

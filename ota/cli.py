@@ -398,11 +398,30 @@ def _run(fn: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Name
         return 130, "interrupted"
 
 
-def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | None = None) -> None:
+def add_publish_args(p: argparse.ArgumentParser, *, adapter_dir: bool = True) -> None:
+    """What ``fleet publish`` takes: the adapter, its model, its audience, delta options."""
+    add_adapter_args(p, adapter_dir=adapter_dir)
+    _audience_args(p)
+    p.add_argument("--delta-from", type=int, help="send a delta against this published version")
+    p.add_argument("--delta-only", action="store_true",
+                   help="with --delta-from: do not also sign the full payload for devices lacking the base")
+
+
+def publish_dir(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """``fleet publish`` of the PEFT directory ``directory`` with the other options of ``args``."""
+    return _publish(argparse.Namespace(**{**vars(args), "adapter": directory, "privacy_record": None}))
+
+
+Leaf = Callable[..., argparse.ArgumentParser]
+
+
+def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | None = None,
+             extend: Callable[[Leaf], None] | None = None) -> None:
     """Add ``fleet`` and its subcommands to loractl's (or any) subparsers.
 
     ``model_loader`` reads a device config's model section for ``publish --config`` (and
-    ``rollout create --config``).
+    ``rollout create --config``). ``extend(leaf)`` adds more subcommands made the same way
+    (loractl's ``fleet federate``, which needs the daemon's Flower apps).
     """
     fleet = sub.add_parser("fleet", help="fleet OTA: root of trust, publish, keys, commands, status, rollouts",
                            description="Operate the fleet's signed adapter updates over MQTT. Exit codes: " +
@@ -433,11 +452,7 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
     p.add_argument("--expiry", action="append", metavar="ROLE=SECONDS", help="expiry period per role")
 
     p = leaf("publish", _publish, "sign and publish an adapter version", broker=True)
-    add_adapter_args(p)
-    _audience_args(p)
-    p.add_argument("--delta-from", type=int, help="send a delta against this published version")
-    p.add_argument("--delta-only", action="store_true",
-                   help="with --delta-from: do not also sign the full payload for devices lacking the base")
+    add_publish_args(p)
 
     p = leaf("rollback", _rollback, "roll an audience back: a higher version with an older adapter", broker=True)
     p.add_argument("--name", required=True)
@@ -487,6 +502,8 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
 
     from .rollout_cli import register_rollout
     register_rollout(fs, leaf, add_broker_args)
+    if extend is not None:
+        extend(leaf)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

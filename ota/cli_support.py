@@ -272,9 +272,11 @@ def fleet_view(transport: Transport, timeout_s: float,
     return view
 
 
-def add_adapter_args(p: argparse.ArgumentParser) -> None:
+def add_adapter_args(p: argparse.ArgumentParser, *, adapter_dir: bool = True) -> None:
+    """``adapter_dir=False``: the command finds the PEFT directories itself (fleet federate)."""
     p.add_argument("--name", required=True, help="adapter name on the devices")
-    p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
+    if adapter_dir:
+        p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
     p.add_argument("--config", type=Path, metavar="LORAD_YAML",
                    help="the devices' lorad.yaml: its model section (path, targets, rank, weight_names) gives "
                         "the base model, the PEFT name mapping and the fingerprint")

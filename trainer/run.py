@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     # where a run uses it: a daemon that serves and collects examples starts without it.
     from .artifacts import ArtifactConfig, Backend, TrainingArtifacts
     from .dp_step import GaussianNoise, StepResult
-    from .federated import RoundStart
+    from .federated_start import RoundStart
 
 __all__ = [
     "RunStatus", "RunProgress", "RunResult", "RunControl", "TrainerEnv", "TrainingRun",
@@ -364,7 +364,7 @@ class TrainingRun:
         artifacts = preflight(self.env.service, self.config, cache_dir=self.env.state_dir / "artifacts",
                               backend=self._backend())
         if self.federated is not None:
-            from .federated import check_start
+            from .federated_start import check_start
 
             check_start(artifacts, self.federated)
         self._check_space(artifacts.noise_size)
@@ -600,7 +600,7 @@ class TrainingRun:
 
         checkpoint = self._dir / _CHECKPOINT
         if self.federated is not None and not checkpoint.is_file():
-            from .federated import write_start_checkpoint
+            from .federated_start import write_start_checkpoint
 
             write_start_checkpoint(artifacts, self.federated, checkpoint)
         resume = checkpoint if checkpoint.is_file() else None

@@ -44,4 +44,6 @@ def model_section(path: Path) -> ModelSection:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    _register(sub, model_loader=model_section)
+    from lorad.daemon.ctl.federate import register_federate
+
+    _register(sub, model_loader=model_section, extend=register_federate)

@@ -62,7 +62,7 @@ def test_config_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[s
     assert schema["$schema"].endswith("2020-12/schema")
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {"state_dir", "log_level", "server", "model", "cache", "generation", "trainer",
-                                         "ota", "power", "metrics"}
+                                         "ota", "power", "metrics", "federated"}
     limits = schema["$defs"]["OtaLimits"]["properties"]
     assert {"type": "null"} in limits["max_raw_bytes"]["anyOf"]
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.common import (
     Context,
@@ -54,7 +55,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common import recorddict_compat as compat
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy

@@ -13,7 +13,10 @@ Mosquitto of tests/conftest.py. The rows:
 - an uploaded adapter exports byte-identical;
 - a DP training run on examples given as the user gives them (text for a text model) goes
   through the validation gate and its version serves;
-- a fleet publication installs over MQTT, passes its health check and serves.
+- a fleet publication installs over MQTT, passes its health check and serves;
+- a federated round (the daemon is a member of a real SuperLink's federation) trains from
+  the federation's B through the daemon's routes, hands back B only, charges the device at
+  most its round ε, installs nothing, and refuses a round of another A uncharged.
 
 A model added to MODEL_CASES enters every row with no new test code.
 """
@@ -38,7 +41,9 @@ from benchmarks.mosquitto import Broker
 from lorad.adapters.merged import WINDOW
 from lorad.adapters.peft_format import WEIGHTS_FILE, read_peft_dir
 from lorad.daemon.ctl import main as loractl_main
+from lorad.daemon.federated import wire
 from lorad.ota.cli import main as fleet_main
+from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import RunningDaemon, batcher_counts, fleet_args, start_daemon, wait_until
 from tests.model_matrix import MODEL_CASES, ModelCase
 
@@ -47,6 +52,8 @@ pytestmark = pytest.mark.slow
 CLIENTS = 16
 #: What single and batched calls of the same rows may differ by (another GEMM blocking).
 BATCH_ATOL = 1e-5
+#: The adapter each matrix daemon contributes to its federation (the federated row).
+FEDERATED = "fleet"
 
 
 @dataclass
@@ -109,7 +116,7 @@ def fleet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module",
                 params=[pytest.param(c, id=c.id, marks=[getattr(pytest.mark, m) for m in c.marks]) for c in MODEL_CASES])
-def served(request: pytest.FixtureRequest, broker: Broker, fleet_repo: Path,
+def served(request: pytest.FixtureRequest, broker: Broker, fleet_repo: Path, superlink: SuperLink,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     case: ModelCase = request.param
     tmp = tmp_path_factory.mktemp(case.id)
@@ -119,6 +126,9 @@ def served(request: pytest.FixtureRequest, broker: Broker, fleet_repo: Path,
         "model": {"name": case.id, **section},
         "trainer": {
             "enabled": True, "testing": True, "noise": "seeded", "noise_seed": 3, "schedule": False,
+            # A federated round obeys the device policy (tests/unit/test_federated_round.py); the
+            # suite's own load must not keep it from training here.
+            "policy": {"max_load_per_cpu": 1000.0, "max_requests_per_s": 1e6},
             # CI-sized: a few steps on a few examples; the gate's margin accepts any candidate
             # that is not far worse, so the row checks the path, not the learning (the
             # personalisation benchmark measures that).
@@ -132,6 +142,9 @@ def served(request: pytest.FixtureRequest, broker: Broker, fleet_repo: Path,
                            "cert_file": str(broker.cert("dev1")), "key_file": str(broker.key("dev1")),
                            "username": "dev1", "password_file": str(broker.password_file("dev1")), "timeout_s": 5},
                 "status_interval_s": 1},
+        # A member of a real federation (its SuperNode joins the module's SuperLink); the
+        # federated row drives its rounds through the daemon's /v2/federated routes.
+        "federated": superlink.federated_section(adapter=FEDERATED, round_epsilon=5.0, min_examples=8),
     }
     path = tmp / "lorad.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -250,6 +263,33 @@ def test_a_dp_run_on_user_examples_passes_the_gate_and_serves(served: Served) ->
     assert r.json()["parameters"] == {"adapter": "trained", "adapter_version": result["version"]}
     privacy = d.request("GET", f"{served.base}/adapters/trained/privacy").json()
     assert privacy["runs"][-1]["status"] == "completed"
+
+
+def test_a_federated_round_trains_from_the_federations_b_and_charges_the_device(served: Served) -> None:
+    d = served.daemon
+    for body in served.case.examples(np.random.default_rng(12), 16):
+        r = d.request("POST", f"{served.base}/adapters/{FEDERATED}/examples", json_body=body)
+        assert r.status == 201, r.body
+    info = d.request("GET", "/v2/federated").json()
+    assert info["ready"] and info["adapter"] == FEDERATED, info["reasons"]
+    start = {name: np.zeros(shape, np.float32) for name, shape in info["shapes"].items()}
+    # A round that does not fit (another A) is refused before anything is charged.
+    r = d.request("POST", "/v2/federated/round", json_body={
+        "round": 1, "a_digest": "sha256:" + "0" * 64, "b": wire.to_text(start)})
+    assert r.status == 422 and "is not this device's" in r.json()["error"], r.body
+    privacy = f"{served.base}/adapters/{FEDERATED}/privacy"
+    assert d.request("GET", privacy).json()["runs"] == []
+    r = d.request("POST", "/v2/federated/round", json_body={"round": 1, "a_digest": info["a_digest"],
+                                                             "b": wire.to_text(start)})
+    assert r.status == 200, r.body
+    doc = r.json()
+    trained = wire.from_text(doc["b"], what="b")
+    assert {k: list(v.shape) for k, v in trained.items()} == info["shapes"]
+    assert any(np.any(v != 0) for v in trained.values())
+    assert 0 < doc["epsilon_after"] - doc["epsilon_before"] <= 5.0 + 0.05
+    runs = d.request("GET", privacy).json()["runs"]
+    assert [r["status"] for r in runs] == ["completed"]
+    assert FEDERATED not in served.adapters()  # nothing installed: the update went to the federation
 
 
 def test_a_fleet_update_installs_passes_its_health_check_and_serves(served: Served, broker: Broker,

@@ -102,8 +102,9 @@ class FederatedConfig(ConfigModel):
         "fleet", description=f"The adapter this device trains in the federation's rounds ({NAME_ALLOWED}).")
     round_epsilon: float = Field(1.0, gt=0, description="Most of the adapter's own ε budget (its trainer "
                                                         "target_epsilon) one round may spend.")
-    min_examples: int = Field(20, ge=1, description="Local examples a round needs; with fewer the device declines "
-                                                    "the round (nothing is charged).")
+    min_examples: int = Field(20, ge=1, description="Fewest local examples a round trains on, by the private "
+                              "estimate of the count a run is planned from; a round refused on it is charged that "
+                              "count query only, as a local run is.")
     supernode_port: int = Field(0, ge=0, le=65535, description="Loopback port of the SuperNode's local Runtime API; "
                                                                "0: a free port chosen at start.")
     max_round_s: float = Field(3600.0, gt=0, description="Longest one round's local training may take, seconds.")

@@ -15,6 +15,8 @@ from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.registry import AdapterRegistry
 from lorad.adapters.service import AdapterService
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_adapter_dirs, demo_model_path
+from lorad.daemon.federated.config import FederatedConfig
+from lorad.daemon.federated.round_api import add_federated_routes
 from lorad.daemon.generate_api import add_generate_routes
 from lorad.daemon.http_api import ApiSettings, authenticated, make_app, protected
 from lorad.daemon.metrics import DaemonMetrics
@@ -81,9 +83,11 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     ))
     add_generate_routes(app, service, None, None,  # type: ignore[arg-type]  # no request is served here
                         default_max_tokens=1, model_version="x")
-    trainer = TrainerService(parse_trainer_section({"enabled": True}), adapters=service, state_dir=tmp_path)
+    trainer = TrainerService(parse_trainer_section({"enabled": True}), adapters=service, state_dir=tmp_path,
+                             federated=["fleet"])
     try:
         add_training_routes(app, trainer, protected, authenticated)
+        add_federated_routes(app, trainer, FederatedConfig(adapter="fleet"), protected)
     finally:
         trainer.close()  # never started: only its routes are looked at
     routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes() if isinstance(r.resource, web.Resource) and r.method != "HEAD"}

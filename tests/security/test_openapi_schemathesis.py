@@ -10,6 +10,7 @@ or a body to get wrong; the bearer token is sent, so protected routes are exerci
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import MODEL, RunningDaemon, start_daemon
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,11 +49,13 @@ def _cases() -> list[tuple[schemathesis.APIOperation, schemathesis.GenerationMod
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, superlink: SuperLink) -> Iterator[RunningDaemon]:
     root = tmp_path_factory.mktemp("lorad-schemathesis")
     config = root / "lorad.yaml"
-    # The scheduler stays off so that generated examples start no training run in the background.
-    config.write_text("server:\n  max_batch_rows: 16\ntrainer:\n  schedule: false\n")
+    # The scheduler stays off so that generated examples start no training run in the
+    # background; the device is a member of a real federation, so /v2/federated is served.
+    config.write_text(json.dumps({"server": {"max_batch_rows": 16}, "trainer": {"schedule": False},
+                                  "federated": superlink.federated_section()}))
     d = start_daemon(root / "state", "--config", str(config))
     yield d
     assert d.stop() == 0, d.logs()

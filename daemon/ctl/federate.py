@@ -77,11 +77,16 @@ def _connection(args: argparse.Namespace, home: Path) -> None:
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _run_config(args: argparse.Namespace, base_fingerprint: str) -> str:
+def _run_config(args: argparse.Namespace, base_fingerprint: str) -> dict[str, Any]:
+    """The run config of the options, checked as the ServerApp will check it (ValueError
+    naming the option): a bad setting fails here, not after the run was submitted."""
+    from lorad.daemon.federated.server_app import FederationSettings
+
     values: dict[str, Any] = {name.replace("_", "-"): kind(getattr(args, name)) for name, kind in _RUN_CONFIG.items()}
     values.update({"adapter": args.device_adapter or args.name, "out-dir": str(args.out.resolve()),
                    "base-fingerprint": base_fingerprint})
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+    FederationSettings.from_run_config(values)
+    return values
 
 
 def _base_fingerprint(args: argparse.Namespace) -> str:
@@ -110,8 +115,8 @@ def _federate(args: argparse.Namespace) -> dict[str, Any]:
         flwr = Path(found)
     if args.out.exists() and _rounds(args.out):
         raise FileExistsError(f"--out {args.out} already holds rounds of another federation; give an empty directory")
+    run_config = _run_config(args, _base_fingerprint(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _base_fingerprint(args)
     published: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lorad-federate-") as tmp:
         home, app = Path(tmp) / "flwr", Path(tmp) / "app"
@@ -121,7 +126,8 @@ def _federate(args: argparse.Namespace) -> dict[str, Any]:
         (app / "pyproject.toml").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
         _connection(args, home)
         overrides = Path(tmp) / "run-config.toml"
-        overrides.write_text(_run_config(args, fingerprint), encoding="utf-8")
+        overrides.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()),
+                             encoding="utf-8")
         env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
         # Flower's log goes to stderr: stdout stays this command's answer (--json).
         proc = subprocess.Popen([str(flwr), "run", str(app), "lorad", "--run-config", str(overrides), "--stream"],

@@ -125,3 +125,18 @@ def test_too_few_examples_by_the_private_count_ends_the_round_charging_only_the_
         assert len(runs) == 1 and runs[0]["status"] == "query"  # the count query only
     finally:
         trainer.close()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_trained_update_that_is_not_finite_never_leaves_the_device(tmp_path: Path) -> None:
+    """A diverging device (SGD at a learning rate beyond float32) trains and is
+    charged (the divergence shows only after the charge), but its update is refused on the
+    device instead of being sent to the federation."""
+    trainer = _trainer(tmp_path, optimizer="sgd", learning_rate=1e39)
+    try:
+        device = FederatedDevice(trainer, adapter=ADAPTER, round_epsilon=1.0, min_examples=10)
+        with pytest.raises(RoundRefused, match=r"the trained update: .* has non-finite values"):
+            device.train_round(_start(device))
+        assert [r["status"] for r in trainer.ledger.state(ADAPTER).runs] == ["completed"]
+    finally:
+        trainer.close()

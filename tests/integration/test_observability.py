@@ -73,6 +73,14 @@ def _generation_text() -> str:
     return "".join(line + "\n" for line in m.render().decode().splitlines() if "generat" in line)
 
 
+def _federated_text() -> str:
+    """The SuperNode's families, as a daemon with ``federated.enabled`` registers them."""
+    disable_created_metrics()
+    m = DaemonMetrics(CollectorRegistry())
+    m.watch_federated(up=lambda: True, restarts=lambda: 2)
+    return "".join(line + "\n" for line in m.render().decode().splitlines() if "federated" in line)
+
+
 def _readme_table() -> dict[str, tuple[str, set[str]]]:
     text = (REPO / "README.md").read_text()
     section = text[text.index("### Metrics"):text.index("### Power and energy")]
@@ -94,8 +102,8 @@ def test_promtool_check_metrics_on_real_output(observed: tuple[RunningDaemon, st
 
 def test_readme_lists_every_family_with_its_type_and_labels(observed: tuple[RunningDaemon, str]) -> None:
     _, text = observed
-    exposed = {k: v for k, v in {**_families(text), **_families(_ota_text()), **_families(_generation_text())}.items()
-               if k.startswith("lorad_")}
+    exposed = {k: v for k, v in {**_families(text), **_families(_ota_text()), **_families(_generation_text()),
+                                 **_families(_federated_text())}.items() if k.startswith("lorad_")}
     # with OTA disabled and nothing trained, a few families have no samples in this run
     # but are declared (TYPE line) all the same: compare names and types of all, labels
     # where there are samples

@@ -17,11 +17,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
 from lorad.daemon.ctl import main as loractl_main
+from lorad.daemon.federated import wire
 from lorad.ota.privacy import PRIVACY_FILE, PrivacyRecord
+from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import RunningDaemon, start_daemon, wait_until
 from tests.smollm2_files import write_model
 
@@ -30,10 +33,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
 MODEL = "smollm2"
 REPO = Path(__file__).resolve().parents[2]
 BOB = REPO / "examples" / "keyboard" / "data" / "users" / "bob"
+FEDERATED = "keyboard"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, superlink: SuperLink) -> Iterator[RunningDaemon]:
     tmp = tmp_path_factory.mktemp("lm-training")
     model = write_model(tmp / "smollm2.onnx")
     config = {
@@ -46,7 +50,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
             "defaults": {"min_train_examples": 16, "min_holdout_examples": 8, "holdout_fraction": 0.25,
                          "gate_noise_multiplier": 0.5, "validation_margin": 0.0, "steps": 12, "epochs": None,
                          "batch_size": 8, "target_epsilon": 200.0, "learning_rate": 0.02, "clip_norm": 1.0},
+            # The federation's adapter: two steps a round (the row checks the path).
+            "adapters": {FEDERATED: {"steps": 2}},
+            # A round obeys the device policy; the suite's own load must not keep it out.
+            "policy": {"max_load_per_cpu": 1000.0, "max_requests_per_s": 1e6},
         },
+        # The keyboard is the federation's classic: a member of a real SuperLink's federation.
+        "federated": superlink.federated_section(adapter=FEDERATED, round_epsilon=20.0, min_examples=8),
     }
     path = tmp / "lorad.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -128,3 +138,22 @@ def test_a_private_run_on_a_users_texts_passes_the_gate_and_generates(daemon: Ru
     with tarfile.open(fileobj=io.BytesIO(r.body)) as tar:
         exported = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
     assert PrivacyRecord.from_dict(json.loads(exported[PRIVACY_FILE])).to_dict() == record
+
+
+def test_a_federated_round_on_the_language_model_trains_b_from_the_federations_start(daemon: RunningDaemon) -> None:
+    for doc in [json.loads(line) for line in (BOB / "train.jsonl").read_text().splitlines()][:16]:
+        r = daemon.request("POST", f"/v2/models/{MODEL}/adapters/{FEDERATED}/examples",
+                           json_body={"text": doc["text"], "user": "bob"})
+        assert r.status == 201, r.body
+    info = daemon.request("GET", "/v2/federated").json()
+    assert info["ready"], info["reasons"]
+    start = {name: np.zeros(shape, np.float32) for name, shape in info["shapes"].items()}
+    r = daemon.request("POST", "/v2/federated/round", json_body={"round": 1, "a_digest": info["a_digest"],
+                                                                  "b": wire.to_text(start)})
+    assert r.status == 200, r.body
+    doc = r.json()
+    trained = wire.from_text(doc["b"], what="b")
+    assert set(trained) == set(info["shapes"]) and any(np.any(v != 0) for v in trained.values())
+    assert doc["steps"] == 2 and 0 < doc["epsilon_after"] - doc["epsilon_before"] <= 20.0 + 0.1
+    privacy = daemon.request("GET", f"/v2/models/{MODEL}/adapters/{FEDERATED}/privacy").json()
+    assert [run["status"] for run in privacy["runs"]] == ["completed"]

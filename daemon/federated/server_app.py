@@ -46,6 +46,7 @@ from typing import Any
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.common import (
+    ConfigRecord,
     Context,
     FitIns,
     FitRes,
@@ -78,6 +79,8 @@ _log = logging.getLogger("lorad.federated.server")
 
 #: What each published round's directory holds besides the PEFT files and the privacy record.
 ROUND_FILE = "federation.json"
+#: Devices asked for their properties at once (each question waits on the SuperLink).
+_PROBES_AT_ONCE = 64
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ def _probe(proxies: Mapping[str, ClientProxy], config: dict[str, Scalar], timeou
                 out[key] = value
         return out
 
-    with ThreadPoolExecutor(max(1, len(proxies))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(proxies), _PROBES_AT_ONCE))) as pool:
         return dict(zip(proxies, pool.map(ask, proxies.values()), strict=True))
 
 
@@ -353,66 +356,78 @@ def run_federation(grid: Grid, context: Context, defaults: Mapping[str, Any] | N
         thread.join()
 
 
+@dataclass
+class _Rounds:
+    """What the first round establishes for the rest: the federation, its noise and accountant."""
+
+    fed: _Federation
+    dp: _CentralDP
+    z: float
+    q: float
+    cfg: ConfigRecord
+
+
+def _begin(legacy: LegacyContext, strategy: _LoraFedAvg, settings: FederationSettings,
+           facts: Mapping[str, dict[str, Any] | str], proxies: Mapping[str, ClientProxy]) -> _Rounds:
+    """Establish the federation (base model, A, shapes) and its central noise; B starts at zero."""
+    fed = _establish(1, facts, settings, proxies)
+    zeros = [np.zeros(fed.shapes[name], np.float32) for name in sorted(fed.shapes)]
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(zeros), True)
+    z, q = central_noise_multiplier(settings, max(settings.min_clients, int(len(facts) * settings.fraction)))
+    dp = _CentralDP(strategy, noise_multiplier=z, clip_norm=settings.clip_norm, min_results=settings.min_clients)
+    legacy.strategy = dp
+    cfg = ConfigRecord()
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+    _log.info("federation: base model %s, %d B tensors, %s, clip norm %.4g", fed.fingerprint, len(fed.shapes),
+              f"central DP z={z:.4g} (q={q:.3g}, {settings.rounds} rounds, ε {settings.central_epsilon:g} at "
+              f"δ {settings.central_delta:g})" if z else "no central noise (central-epsilon 0)", settings.clip_norm)
+    return _Rounds(fed, dp, z, q, cfg)
+
+
 def _rounds(grid: Grid, legacy: LegacyContext, strategy: _LoraFedAvg, settings: FederationSettings, out: Path) -> None:
-    fed: _Federation | None = None
-    dp: _CentralDP | None = None
-    z = q = 0.0
-    cfg: Any = None
+    run: _Rounds | None = None
     secagg = SecAggPlusWorkflow(num_shares=settings.secagg_shares, reconstruction_threshold=settings.secagg_threshold,
                                 timeout=settings.round_timeout_s)
     for round_ in range(1, settings.rounds + 1):
         began = time.monotonic()
         proxies = dict(legacy.client_manager.all())
         facts = _probe(proxies, {}, settings.round_timeout_s, round_)
-        if fed is None:
-            fed = _establish(round_, facts, settings, proxies)
-            zeros = [np.zeros(fed.shapes[name], np.float32) for name in sorted(fed.shapes)]
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                ndarrays_to_parameters(zeros), True)
-            clients = max(settings.min_clients, int(len(facts) * settings.fraction))
-            z, q = central_noise_multiplier(settings, clients)
-            dp = _CentralDP(strategy, noise_multiplier=z, clip_norm=settings.clip_norm,
-                            min_results=settings.min_clients)
-            legacy.strategy = dp
-            _log.info("federation: base model %s, %d B tensors, central DP z=%.4g (q=%.3g, %d rounds, "
-                      "ε %.4g at δ %.2g), clip norm %.4g", fed.fingerprint, len(fed.shapes), z, q, settings.rounds,
-                      settings.central_epsilon, settings.central_delta, settings.clip_norm)
-            from flwr.common import ConfigRecord
-
-            cfg = ConfigRecord()
-            legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-        assert dp is not None and cfg is not None
+        run = run or _begin(legacy, strategy, settings, facts, proxies)
+        fed = run.fed
         eligible = _eligible(round_, facts, fed, settings)
         if len(eligible) < settings.min_clients:
             raise RuntimeError(f"round {round_}: {len(eligible)} eligible devices, fewer than min-clients "
                                f"{settings.min_clients}; the federation stops")
         strategy.eligible = set(eligible)
         strategy.fit_config = {"round": round_, "a_digest": fed.a_digest}
-        cfg[Key.CURRENT_ROUND] = round_
+        run.cfg[Key.CURRENT_ROUND] = round_
         secagg(grid, legacy)
-        if dp.last is None:
+        if run.dp.last is None:
             raise RuntimeError(f"round {round_}: no aggregate (see the log above); the federation stops")
-        params, summed = dp.last
-        names = sorted(fed.shapes)
-        b = wire.named(parameters_to_ndarrays(params), names, what="the aggregate")
+        params, summed = run.dp.last
+        b = wire.named(parameters_to_ndarrays(params), sorted(fed.shapes), what="the aggregate")
         check_update(b, fed.shapes, what=f"round {round_}'s aggregate")
+        # Each device's local ε for the round, from its ledger (asked again: SecAgg+ carries no metrics).
         after = _probe({n: proxies[n] for n in eligible}, {}, settings.round_timeout_s, round_)
         local = {n: float(i["epsilon_spent"]) - float(eligible[n]["epsilon_spent"])
                  for n, i in after.items() if isinstance(i, dict)}
-        spent = central_epsilon(z, q, round_, settings.central_delta)
+        local = {n: e for n, e in local.items() if e > 0}  # devices that trained this round
         # Without central noise (central-epsilon 0) there is no user-level guarantee to state.
-        record = None if not z else PrivacyRecord(
-            epsilon=spent, delta=settings.central_delta, accountant="rdp", sample_rate=q, noise_multiplier=z,
-            steps=round_, unit="user", example="one device's whole local data: its update, clipped",
-            base_fingerprint=fed.fingerprint, clients=summed, clip_norm=settings.clip_norm,
-            local_epsilon=tuple(sorted(round(e, 6) for e in local.values())))
+        spent = central_epsilon(run.z, run.q, round_, settings.central_delta) if run.z else None
+        record = None if spent is None else PrivacyRecord(
+            epsilon=spent, delta=settings.central_delta, accountant="rdp", sample_rate=run.q,
+            noise_multiplier=run.z, steps=round_, unit="user",
+            example="one device's whole local data: its update, clipped", base_fingerprint=fed.fingerprint,
+            clients=summed, clip_norm=settings.clip_norm, local_epsilon=tuple(sorted(round(e, 6) for e in local.values())))
         summary = {"round": round_, "rounds": settings.rounds, "clients": summed, "eligible": sorted(eligible),
-                   "central_epsilon": spent if z else None, "central_delta": settings.central_delta,
-                   "noise_multiplier": z, "sample_rate": q, "clip_norm": settings.clip_norm,
+                   "central_epsilon": spent, "central_delta": settings.central_delta,
+                   "noise_multiplier": run.z, "sample_rate": run.q, "clip_norm": settings.clip_norm,
                    "local_epsilon": {n: round(e, 6) for n, e in sorted(local.items())},
                    "adapter": settings.adapter, "round_s": time.monotonic() - began}
         where = _publish_round(out, round_, _adapter(fed, b, round_), record, summary)
-        _log.info("round %d: %d updates aggregated; central ε %.4g; written to %s", round_, summed, spent, where)
+        _log.info("round %d: %d updates aggregated; central ε %s; written to %s", round_, summed,
+                  "none (no central noise)" if spent is None else f"{spent:.4g}", where)
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:

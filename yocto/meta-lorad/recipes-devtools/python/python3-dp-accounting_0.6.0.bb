@@ -1,4 +1,7 @@
 SUMMARY = "Tools for tracking differential privacy budgets (RDP and PLD accountants)"
+DESCRIPTION = "Google's dp_accounting library: privacy accountants for differentially \
+private mechanisms (Renyi DP and privacy loss distributions). lorad computes the \
+epsilon its DP-SGD training has spent with it."
 HOMEPAGE = "https://github.com/google/differential-privacy/tree/main/python"
 LICENSE = "Apache-2.0"
 # The sdist ships no licence file; setup.py carries the Apache-2.0 header.

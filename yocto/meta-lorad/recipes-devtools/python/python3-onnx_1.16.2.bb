@@ -1,4 +1,7 @@
 SUMMARY = "Open Neural Network Exchange: model format, checker, shape inference and helpers"
+DESCRIPTION = "The onnx Python package: the ONNX protobuf model format, its checker, \
+shape inference and graph helpers. lorad builds and edits its inference and \
+training graphs with it."
 HOMEPAGE = "https://onnx.ai/"
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"

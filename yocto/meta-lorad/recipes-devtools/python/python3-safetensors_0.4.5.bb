@@ -1,4 +1,7 @@
 SUMMARY = "Simple, safe way to store and distribute tensors"
+DESCRIPTION = "Hugging Face's safetensors format for tensors, with its Rust core. \
+lorad reads and writes LoRA adapter weights (PEFT's adapter_model.safetensors) \
+with it."
 HOMEPAGE = "https://github.com/huggingface/safetensors"
 LICENSE = "Apache-2.0"
 # The sdist has no top-level licence file; the Rust crate's is the project's.

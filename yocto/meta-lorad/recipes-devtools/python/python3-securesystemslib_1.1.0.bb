@@ -1,4 +1,6 @@
 SUMMARY = "Cryptographic routines for Secure Systems Lab projects (TUF, in-toto)"
+DESCRIPTION = "Signing, verification and key handling shared by TUF and in-toto; \
+python-tuf verifies the signatures of lorad's adapter updates through it."
 HOMEPAGE = "https://github.com/secure-systems-lab/securesystemslib"
 LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=e9703d169911cdb29305f88411c78717"

@@ -1,4 +1,6 @@
 SUMMARY = "The Update Framework: metadata API and ngclient updater"
+DESCRIPTION = "python-tuf, the reference implementation of The Update Framework: \
+its metadata API and ngclient, with which lorad verifies signed adapter updates."
 HOMEPAGE = "https://theupdateframework.io/"
 LICENSE = "Apache-2.0 | MIT"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=8cc789b082b3d97e1ccc5261f8594d3f \
@@ -22,6 +24,6 @@ do_configure:prepend() {
 
 # tuf.ngclient imports its default urllib3 fetcher even when, as in lorad, the
 # caller supplies its own FetcherInterface.
-RDEPENDS:${PN} += "python3-securesystemslib python3-urllib3 python3-json python3-logging"
+RDEPENDS:${PN} += "python3-json python3-logging python3-securesystemslib python3-urllib3"
 
 BBCLASSEXTEND = "native"

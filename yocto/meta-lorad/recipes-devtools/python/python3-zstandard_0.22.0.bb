@@ -1,4 +1,6 @@
 SUMMARY = "Python bindings to the Zstandard (zstd) compression library"
+DESCRIPTION = "Python bindings to the Zstandard compression library, built with the \
+zstd sources bundled in the sdist. lorad compresses adapter update payloads with it."
 HOMEPAGE = "https://github.com/indygreg/python-zstandard"
 LICENSE = "BSD-3-Clause"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3ae87c50fd64b6f0942823686871e758"

@@ -7,21 +7,32 @@ HOMEPAGE = "https://github.com/lorad/lorad"
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
-# The lorad git repository to build. By default the one this layer sits in
+# "+git": bitbake appends the commit to the package version (PKGV).
+PV = "0.2.0+git"
+
+# The lorad git repository to build: by default the one this layer sits in
 # (yocto/meta-lorad/../..); point LORAD_SRC at another clone in local.conf.
-# Only committed work is built. For a release image pin SRCREV to a commit
-# instead of following the branch.
+# Only committed work is built.
 LORAD_SRC ??= "${@os.path.normpath(d.getVar('LORAD_LAYERDIR') + '/../..')}"
 LORAD_BRANCH ??= "main"
 SRC_URI = "git://${LORAD_SRC};protocol=file;branch=${LORAD_BRANCH} \
            file://lorad.service \
            file://lorad.yaml \
            "
-SRCREV ??= "${AUTOREV}"
-PV = "0.2.0+git"
-S = "${UNPACKDIR}/git"
+# The commit built, pinned so that parsing needs no repository access
+# (${AUTOREV} would make every parse ask the repository for its branch head)
+# and an image is reproducible. The release process sets it: when a version
+# is tagged, SRCREV becomes that tag's commit (`git rev-parse vX.Y.Z^{commit}`)
+# and PV its version, in the same change that bumps lorad.__version__.
+# Between releases it is the last commit that updated it. To build another
+# commit, set SRCREV:pn-lorad in local.conf (a hash, or "${AUTOREV}" to follow
+# LORAD_BRANCH while developing).
+SRCREV = "6d1b8c7aedfbf0a55cbbb3c24afd5629c870f037"
+S = "${WORKDIR}/git"
 
 inherit python_setuptools_build_meta systemd useradd
+
+FILES:${PN} += "${systemd_system_unitdir}/lorad.service"
 
 # Third-party Python distributions lorad imports, one per dependency in
 # pyproject.toml (tests/unit/test_yocto_layer.py keeps the two lists in step).
@@ -63,14 +74,13 @@ SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 do_install:append() {
     install -d ${D}${systemd_system_unitdir}
-    install -m 0644 ${UNPACKDIR}/lorad.service ${D}${systemd_system_unitdir}/lorad.service
+    install -m 0644 ${WORKDIR}/lorad.service ${D}${systemd_system_unitdir}/lorad.service
     sed -i -e 's#/usr/bin/lorad#${bindir}/lorad#' \
            -e 's#/etc/lorad/#${sysconfdir}/lorad/#' \
            ${D}${systemd_system_unitdir}/lorad.service
 
     install -d ${D}${sysconfdir}/lorad
-    install -m 0644 ${UNPACKDIR}/lorad.yaml ${D}${sysconfdir}/lorad/lorad.yaml
+    install -m 0644 ${WORKDIR}/lorad.yaml ${D}${sysconfdir}/lorad/lorad.yaml
 }
 
-FILES:${PN} += "${systemd_system_unitdir}/lorad.service"
 CONFFILES:${PN} = "${sysconfdir}/lorad/lorad.yaml"

@@ -1,4 +1,4 @@
-SUMMARY = "ONNX Runtime built from source (Python package), optionally with the on-device training APIs"
+SUMMARY = "ONNX Runtime built from source, with its Python bindings"
 DESCRIPTION = "ONNX Runtime inference engine with its Python bindings. lorad serves \
 with it and trains LoRA adapters with differential privacy on its portable backend, \
 which runs the whole DP-SGD step as an ordinary ONNX graph in an InferenceSession. \
@@ -7,6 +7,10 @@ for lorad's ort-training backend."
 HOMEPAGE = "https://onnxruntime.ai/"
 LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=0f7e3b1308cb5c00b372a6e78835732d"
+
+# onnxruntime-protoc-native: the protoc 21.12 of the build host (ONNX_CUSTOM_PROTOC_EXECUTABLE).
+DEPENDS = "onnxruntime-protoc-native python3 python3-numpy python3-numpy-native \
+           python3-setuptools-native python3-wheel-native"
 
 # Which source: the upstream commit whose cmake/deps.txt is files/deps.txt (the only
 # ONNX Runtime source tree that could be read while this recipe was written). It is
@@ -18,10 +22,12 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=0f7e3b1308cb5c00b372a6e78835732d"
 SRC_URI = "git://github.com/microsoft/onnxruntime.git;protocol=https;branch=main \
            file://deps.txt"
 SRCREV = "008eeb96a1e2e8d5c23519a81a837f52b54d384b"
-S = "${UNPACKDIR}/git"
+# The .inc adds a second git source with PACKAGECONFIG[cuda]: the version names this one.
+SRCREV_FORMAT = "default"
+S = "${WORKDIR}/git"
 
 # Every third-party archive ONNX Runtime's CMake would download (FetchContent), as
-# SRC_URI entries with deps.txt's SHA1: see the .inc and scripts/ort_deps_inc.py.
+# SRC_URI entries with their sha256 and deps.txt's SHA1: see the .inc and scripts/ort_deps_inc.py.
 require onnxruntime-deps.inc
 
 COMPATIBLE_HOST = "(x86_64|aarch64).*-linux"
@@ -29,9 +35,6 @@ COMPATIBLE_HOST = "(x86_64|aarch64).*-linux"
 # cmake: the cross toolchain file, cmake-native and ninja-native.
 # python_pep517: installs the wheel that build.py produces (do_install).
 inherit cmake python3native python3-dir python_pep517
-
-DEPENDS += "python3 python3-numpy python3-numpy-native \
-            python3-setuptools-native python3-wheel-native"
 
 # Offline configure. ONNX Runtime looks for each deps.txt URL under
 # onnxruntime_CMAKE_DEPS_MIRROR_DIR (the URL with https:// replaced by that directory)
@@ -49,7 +52,8 @@ do_compile[network] = "0"
 
 python do_ort_deps_mirror() {
     import os
-    unpacked = os.path.join(d.getVar("UNPACKDIR"), "ort-deps")
+    import subprocess
+    unpacked = os.path.join(d.getVar("WORKDIR"), "ort-deps")
     mirror = d.getVar("ORT_DEPS_MIRROR")
     bb.utils.remove(mirror, recurse=True)
     for name in d.getVar("ORT_DEPS").split():
@@ -59,6 +63,22 @@ python do_ort_deps_mirror() {
             bb.fatal("onnxruntime dependency %s: %s was not unpacked" % (name, src))
         bb.utils.mkdirhier(os.path.dirname(dst))
         os.symlink(src, dst)
+    # Entries fetched with git (only when their PACKAGECONFIG is on): the archive as
+    # GitHub makes it, `git archive` of the commit with US Pacific time stamps (a POSIX
+    # TZ rule, so no tzdata is needed). CMake checks it against deps.txt's SHA1, so a
+    # difference fails do_configure; it is checked here first for a clearer message.
+    for name in d.getVar("ORT_DEPS_FROM_GIT").split():
+        checkout = os.path.join(d.getVar("WORKDIR"), "ort-git", name)
+        if not os.path.isdir(checkout):
+            continue
+        dst = os.path.join(mirror, d.getVarFlag("ORT_DEP_MIRROR_PATH", name))
+        bb.utils.mkdirhier(os.path.dirname(dst))
+        env = dict(os.environ, TZ="PST8PDT,M3.2.0,M11.1.0")
+        subprocess.run(["git", "-C", checkout, "archive", "--format=zip",
+                        "--prefix=" + d.getVarFlag("ORT_DEP_GIT_PREFIX", name), "-o", dst,
+                        d.getVar("SRCREV_" + name)], env=env, check=True)
+        if bb.utils.sha1_file(dst) != d.getVarFlag("ORT_DEP_SHA1", name):
+            bb.fatal("onnxruntime dependency %s: the archive made from git differs from deps.txt's SHA1" % name)
 }
 addtask ort_deps_mirror after do_unpack before do_configure
 
@@ -81,7 +101,7 @@ PACKAGECONFIG[cuda] = ",,cuda-toolkit cudnn"
 # builds it. Not needed for DP training: lorad's portable backend runs on the plain
 # build.
 PACKAGECONFIG[training] = ",,"
-inherit ${@bb.utils.contains('PACKAGECONFIG', 'cuda', 'cuda', '', d)}
+inherit_defer ${@bb.utils.contains('PACKAGECONFIG', 'cuda', 'cuda', '', d)}
 
 ORT_CUDA_HOME = "${RECIPE_SYSROOT}/usr/local/cuda-${CUDA_VERSION}"
 ORT_CUDA_ARGS = "${@bb.utils.contains('PACKAGECONFIG', 'cuda', \
@@ -110,6 +130,7 @@ ORT_BUILD_ARGS = "\
         onnxruntime_CMAKE_DEPS_MIRROR_DIR=${ORT_DEPS_MIRROR} \
         FETCHCONTENT_TRY_FIND_PACKAGE_MODE=NEVER \
         FETCHCONTENT_UPDATES_DISCONNECTED=ON \
+        ONNX_CUSTOM_PROTOC_EXECUTABLE=${STAGING_BINDIR_NATIVE}/onnxruntime-protoc \
         Python_EXECUTABLE=${PYTHON} \
         Python_INCLUDE_DIR=${STAGING_INCDIR}/${PYTHON_DIR} \
         Python_NumPy_INCLUDE_DIR=${STAGING_LIBDIR}/${PYTHON_DIR}/site-packages/numpy/core/include \
@@ -119,7 +140,7 @@ ORT_BUILD_ARGS = "\
 # build.py runs CMake (--update) and then the build and the wheel (--build).
 do_configure() {
     # The SRC_URI entries are only right for the deps.txt they were made from.
-    if ! grep -v '^#' ${S}/cmake/deps.txt | cmp -s - ${UNPACKDIR}/deps.txt; then
+    if ! grep -v '^#' ${S}/cmake/deps.txt | cmp -s - ${WORKDIR}/deps.txt; then
         bbfatal "cmake/deps.txt of SRCREV ${SRCREV} differs from the layer's files/deps.txt: update it and run scripts/ort_deps_inc.py"
     fi
     ${PYTHON} ${S}/tools/ci_build/build.py ${ORT_BUILD_ARGS} --update
@@ -136,7 +157,7 @@ do_install() {
 }
 
 PACKAGES =+ "python3-${BPN}"
-FILES:python3-${BPN} = "${PYTHON_SITEPACKAGES_DIR}"
+FILES:python3-${BPN} += "${PYTHON_SITEPACKAGES_DIR}"
 # onnx: lorad builds its training graphs with it (and onnxruntime.training.artifacts
 # does, with PACKAGECONFIG[training]).
 RDEPENDS:python3-${BPN} += "python3-numpy python3-onnx"

@@ -205,6 +205,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     try:
         asyncio.run(run(config, reload_config=lambda: config_from_args(args)))
+    except ConfigError as e:  # a setting this machine cannot honour, found while starting (power.source)
+        _log.error("invalid configuration: %s", e)
+        if logging_to != "stderr":
+            print(f"lorad: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (AuthError, AdapterError, TrainerError, OSError, RuntimeError) as e:
         _log.error("cannot serve: %s", e)
         if logging_to != "stderr":

@@ -7,6 +7,12 @@ for the local systemd), a sysusers.d entry and the service user (through
 the default config (never replacing one that exists), and prints every step. ``--root``
 installs into another tree (an image being built, or a test's temporary directory);
 ``--dry-run`` prints the steps and changes nothing.
+
+The unit's sandbox hides ``/tmp`` and ``/var/tmp`` (``PrivateTmp=yes``) and ``/home``,
+``/root`` and ``/run/user`` (``ProtectHome=yes``) from the service: a prefix there, or a
+virtualenv whose Python (or its base installation, such as pyenv's under ``/root``)
+resolves there, could never start (exit 127). Such a prefix is refused before anything is
+written, naming the path and the setting that hides it (:func:`hidden_paths`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["InstallPlan", "default_prefix", "install_service", "render_unit", "systemd_version", "NOTIFY_RELOAD_SINCE"]
+__all__ = ["InstallPlan", "default_prefix", "install_service", "render_unit", "systemd_version", "hidden_paths",
+           "NOTIFY_RELOAD_SINCE"]
 
 #: systemd learnt Type=notify-reload in version 253.
 NOTIFY_RELOAD_SINCE = 253
@@ -80,6 +87,95 @@ def render_unit(*, user: str, exec_path: Path, systemd: int | None) -> str:
     return text
 
 
+#: What each sandbox setting hides from the service, when the unit sets it to one of the values.
+_HIDING: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("PrivateTmp", frozenset({"yes", "true", "on", "1"}), ("/tmp", "/var/tmp")),
+    ("ProtectHome", frozenset({"yes", "true", "on", "1", "tmpfs"}), ("/home", "/root", "/run/user")),
+)
+
+
+def _unit_settings(unit: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in unit.splitlines())
+            if not k.lstrip().startswith(("#", ";", "[")) and v}
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+def _link_chain(path: Path) -> list[Path]:
+    """``path`` and every path its symbolic links lead to (each hop absolute, in order)."""
+    chain = [Path(os.path.abspath(path))]
+    for _ in range(40):  # the kernel's own limit on nested links
+        cur = chain[-1]
+        # a link in a parent directory counts too: resolve the parent, then read this name
+        parent = Path(os.path.realpath(cur.parent))
+        if parent != cur.parent:
+            chain.append(parent / cur.name)
+            cur = chain[-1]
+        if not cur.is_symlink():
+            break
+        chain.append(Path(os.path.abspath(cur.parent / os.readlink(cur))))
+    return chain
+
+
+def _interpreter(script: Path) -> Path | None:
+    """The interpreter of a ``#!`` script (``/usr/bin/env`` lookups are left to PATH), or None."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").split()
+    if not parts or parts[0].endswith("/env"):
+        return None
+    return Path(parts[0])
+
+
+def _venv_home(prefix: Path) -> Path | None:
+    """The base installation a virtualenv's Python loads its standard library from."""
+    try:
+        for line in (prefix / "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                return Path(value.strip())
+    except OSError:
+        pass
+    return None
+
+
+def hidden_paths(unit: str, prefix: Path) -> list[str]:
+    """Why the service of ``unit`` could not run lorad from ``prefix``: for every path it
+    needs (``bin/lorad``, the Python it runs with, that Python's base installation) that
+    resolves under a tree the unit's sandbox hides, one sentence naming path and setting."""
+    settings = _unit_settings(unit)
+    exe = prefix / "bin" / "lorad"
+    needed: list[tuple[str, Path]] = [("lorad", exe)]
+    python = _interpreter(exe)
+    if python is not None:
+        needed.append(("its Python", python))
+    home = _venv_home(prefix)
+    if home is not None:
+        needed.append(("the base installation of its virtualenv (pyvenv.cfg home)", home))
+    problems: list[str] = []
+    for what, path in needed:
+        chain = _link_chain(path)
+        for setting, values, tops in _HIDING:
+            if settings.get(setting, "").lower() not in values:
+                continue
+            hit = next(((hop, top) for hop in chain for top in tops if _under(str(hop), top)), None)
+            if hit is None:
+                continue
+            hop, top = hit
+            via = "" if hop == chain[0] else f" (it resolves to {hop})"
+            problems.append(f"{what}, {chain[0]}{via}, is under {top}, which the unit hides from the service "
+                            f"({setting}={settings[setting]})")
+            break
+    return problems
+
+
 def install_service(plan: InstallPlan, *, say: Callable[[str], None] = print) -> int:
     """Carry out (or with ``dry_run`` only print) the installation; returns an exit code."""
     if not _USER_RE.match(plan.user):
@@ -88,10 +184,14 @@ def install_service(plan: InstallPlan, *, say: Callable[[str], None] = print) ->
     if not exec_path.is_file():
         raise ValueError(f"--prefix {str(plan.prefix)!r}: there is no {exec_path}; pass the prefix lorad is installed in "
                          "(the virtualenv's directory, e.g. /opt/lorad/.venv)")
-    if str(plan.prefix.resolve()).startswith(("/home/", "/root/")):
-        say(f"warning: {plan.prefix} is under /home or /root, which the unit hides (ProtectHome=yes); "
-            "install lorad under /opt or /usr/local for the service to start")
     version = plan.systemd if plan.systemd is not None else systemd_version()
+    unit = render_unit(user=plan.user, exec_path=exec_path, systemd=version)
+    hidden = hidden_paths(unit, plan.prefix)
+    if hidden:
+        raise ValueError(f"--prefix {str(plan.prefix)!r}: the service could not start lorad from there (exit 127): "
+                         + "; ".join(hidden) + ". Install lorad in a virtualenv under /opt or /usr/local, made "
+                         "with a Python outside /home, /root and /tmp (e.g. /usr/bin/python3 -m venv "
+                         "/opt/lorad/.venv)")
     root = plan.root
     unit_path = root / "etc/systemd/system/lorad.service"
     sysusers = root / "etc/sysusers.d/lorad.conf"
@@ -101,7 +201,6 @@ def install_service(plan: InstallPlan, *, say: Callable[[str], None] = print) ->
     act = not plan.dry_run
     prefix = "would " if plan.dry_run else ""
 
-    unit = render_unit(user=plan.user, exec_path=exec_path, systemd=version)
     reload_type = re.search(r"^Type=notify-reload$", unit, re.M) is not None
     kind = "Type=notify-reload" if reload_type else "Type=notify with ExecReload (systemd < 253)"
     say(f"{prefix}write {unit_path} ({kind}, ExecStart={exec_path}, User={plan.user})")

@@ -93,7 +93,8 @@ async def start_ota(
                        epsilon=None if epsilon is None else _epsilon_of(service, epsilon),
                        on_result=on_result, on_command=ota_metrics.on_command,
                        install_gate=install_gate(ota.policy, SystemProbe()))
-    ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received)
+    ota_metrics.watch(connected=lambda: transport.connected, fetched_bytes=lambda: client.reader.bytes_received,
+                      refusals=lambda: transport.refusals)
     stack.callback(_say_offline, client, transport)
     recovered = await loop.run_in_executor(executor, client.recover)
     if recovered is not None:
@@ -245,8 +246,5 @@ class _Supervisor:
                 self._try_start()
             elif time.monotonic() >= self._next_status:
                 self._next_status = time.monotonic() + self._cfg.status_interval_s
-                try:
-                    self._client.status.online()
-                except TransportError as e:
-                    _log.info("OTA: online flag not published: %s", e)
+                self._client.publish_online()  # a refusal is logged once and counted
                 self._client.publish_status()

@@ -171,6 +171,9 @@ def check_training(cfg: Config, engine: InferenceEngine, text: TextFrontEnd | No
 def check_startable(cfg: Config) -> None:
     """Everything :func:`open_engine`, :func:`text_front_end`, the OTA start and a training
     run before its charge would refuse, without serving."""
+    from lorad.daemon.power import detect_source
+
+    detect_source(cfg.power.source, sys_root=cfg.power.sys_root)  # ConfigError: a named source the machine lacks
     engine = open_engine(cfg)
     text = text_front_end(cfg, engine)
     spec = decoder_spec(cfg, engine)

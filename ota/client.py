@@ -9,6 +9,11 @@ they are fetched chunk by chunk into a :class:`lorad.ota.installer.ChunkStage`, 
 checked against the signed per-chunk digest as it arrives. Every refusal ends as an
 :class:`UpdateResult` with a reason code from :data:`lorad.ota.errors.REASONS`, kept in the
 device state and published in its status.
+
+The status says what the adapter service serves, read from it each time: after a signed
+rollback, a removal or a local change the device reports the local version served and
+the fleet version it was installed as, and the fleet version it was turned away from is
+held: neither it nor an older one is installed again (a newer one is).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +38,15 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from lorad.adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from lorad.adapters.fsutil import atomic_write_bytes
 
-from .commands import CommandExecutor, CommandSink, command_topic
+from .commands import Command, CommandExecutor, CommandSink, command_topic
 from .config import ClientConfig
 from .errors import OtaError, TransportError, UpdateRejectedError
-from .files import NotOnBroker, RepoReader
+from .files import INDEX_TOPIC, NotOnBroker, RepoReader
 from .installer import AdapterSink, ChunkStage, Installed, OtaState
 from .repository import COMMAND_KEYS_FIELD, offer_topic
 from .status import DeviceStatus, StatusReporter
 from .target import ProbeSet, TargetSpec, reconstruct
-from .transport import Transport
+from .transport import Handler, Transport
 
 __all__ = ["ClientConfig", "UpdateResult", "BrokerFetcher", "OtaClient"]
 
@@ -59,7 +64,8 @@ class UpdateResult:
     """Outcome of one adapter (or of the metadata refresh when ``adapter`` is None).
 
     ``result``: installed | up_to_date | skipped | deferred (verified, waits for the
-    install window or policy) | rejected | failed (channel) | recovered.
+    install window or policy) | rejected | failed (channel) | recovered | idle (the
+    broker holds no repository yet: nothing was ever published).
     """
 
     result: str
@@ -97,6 +103,44 @@ class BrokerFetcher(FetcherInterface):
         except NotOnBroker:
             raise tuf_exc.DownloadHTTPError(f"{name} is not on the broker", 404) from None
         return iter([data])
+
+
+class _NothingPublished(Exception):
+    """The broker acknowledged the subscription to the repository index and holds none,
+    and this device never saw a repository: the fleet has published nothing yet."""
+
+
+class _IndexWatch(Transport):
+    """The transport as the repository reader uses it, noting whether the broker has
+    acknowledged the subscription to the index (so an index that then does not come is
+    one the broker does not hold, not a channel that failed)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.index_subscribed = False
+
+    @property
+    def max_payload(self) -> int:
+        return self._inner.max_payload
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                expiry_s: int | None = None) -> None:
+        self._inner.publish(topic, payload, retain=retain, expiry_s=expiry_s)
+
+    def subscribe(self, topics: Sequence[str], handler: Handler) -> None:
+        if INDEX_TOPIC in topics:
+            self.index_subscribed = False
+        self._inner.subscribe(topics, handler)
+        if INDEX_TOPIC in topics:
+            self.index_subscribed = True
+
+    def unsubscribe(self, topics: Sequence[str]) -> None:
+        if INDEX_TOPIC in topics:
+            self.index_subscribed = False
+        self._inner.unsubscribe(topics)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def _classify(exc: BaseException) -> OtaError:
@@ -155,7 +199,8 @@ class OtaClient:
         self._meta_dir = self._dir / "metadata"
         self._meta_dir.mkdir(parents=True, exist_ok=True)
         self.state = OtaState(self._dir)
-        self.reader = RepoReader(transport, timeout_s=config.fetch_timeout_s,
+        self._index_watch = _IndexWatch(transport)
+        self.reader = RepoReader(self._index_watch, timeout_s=config.fetch_timeout_s,
                                  max_file_bytes=config.max_payload_bytes,
                                  meta_timeout_s=config.metadata_timeout_s,
                                  max_meta_bytes=config.max_metadata_bytes)
@@ -168,6 +213,8 @@ class OtaClient:
         self._inbox: queue.Queue[bytes] = queue.Queue()
         self.last_results: list[UpdateResult] = []
         self.commands: CommandExecutor | None = None
+        #: what could not be published (status, online flag) -> why, as last logged
+        self._unsaid: dict[str, str] = {}
 
     def attach_commands(self, sink: CommandSink, *,
                         train_now: Callable[[str | None], None] | None = None,
@@ -177,13 +224,40 @@ class OtaClient:
             device_id=self.config.device_id, sink=sink, keys=self.command_keys,
             last_seq=lambda: self.state.command_seq, save_seq=self.state.set_command_seq,
             train_now=train_now, on_result=self._command_done, clock=self._clock,
-            max_age_s=max_age_s)
+            max_age_s=max_age_s, after=self._after_command)
         return self.commands
+
+    def _after_command(self, cmd: Command) -> str:
+        """Record what the command left served (the status is built from it); say it."""
+        name = cmd.adapter or ""
+        with self._lock:
+            if self.state.pending is not None:
+                return ""  # an install was interrupted: the next cycle undoes it first
+            now = self._follow(name)
+            served = self._serving_version(name)
+            held = self.state.held(name)
+        if served is None:
+            what = f"{name} is not served"
+        else:
+            what = f"{name} serves local version {served}" + (
+                f" (fleet version {now.fleet_version})" if now is not None else " (not a fleet version)")
+        if held:
+            what += f"; fleet versions up to v{held} are held (not installed again)"
+        return what
 
     def _command_done(self, result: Mapping[str, Any]) -> None:
         if self._command_observer is not None:
             self._command_observer(result)
         self.publish_status()
+
+    def _follow(self, name: str) -> Installed | None:
+        """Bring the record of ``name`` in line with what the service serves now."""
+        try:
+            served = self._serving_version(name)
+        except Exception as e:  # a damaged registry entry: the record stays as it is
+            _log.warning("cannot tell which version of %r is served: %s", name, e)
+            return self.state.installed(name)
+        return self.state.follow(name, served)
 
     # --- trust ----------------------------------------------------------------------
 
@@ -220,7 +294,14 @@ class OtaClient:
         now = max(self._clock() - self.config.clock_slack_s, self.state.time_floor)
         self.state.set_time_floor(now)
         updater._trusted_set.reference_time = datetime.datetime.fromtimestamp(now, datetime.UTC)
-        self.reader.index(fresh=True)
+        try:
+            self.reader.index(fresh=True)
+        except TransportError as e:
+            # the broker answered the subscription and holds no index: unless this device
+            # saw a repository before (then the broker lost it: a failure), none was published
+            if self._index_watch.index_subscribed and not (self._meta_dir / "timestamp.json").exists():
+                raise _NothingPublished(str(e)) from e
+            raise
         try:
             updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
@@ -236,6 +317,9 @@ class OtaClient:
             self.retry_at = None
             # an install whose undo failed last cycle (the service erred) is undone first
             undone = self._undo_pending()
+            if self.state.pending is None:
+                for name in sorted(self.state.known()):  # what operators changed meanwhile
+                    self._follow(name)
             results = ([undone] if undone is not None else []) + self._update()
             self.last_results = results
             for r in results:
@@ -258,6 +342,8 @@ class OtaClient:
         except UpdateRejectedError as e:
             _log.warning("update refused: %s", e)
             return [self._result("rejected", err=e)]
+        except _NothingPublished as e:
+            return [self._result("idle", message=f"nothing published yet: the broker holds no repository ({e})")]
         except TransportError as e:
             return [self._result("failed", err=e)]
         chosen, others, invalid = self._addressed(updater)
@@ -320,6 +406,14 @@ class OtaClient:
                 return self._result("skipped", spec, UpdateRejectedError(
                     "older_version", f"{name} v{spec.version} offered, v{inst.fleet_version} installed"))
             return self._result("up_to_date", spec)
+        held = self.state.held(name)
+        if spec.version <= held:
+            # the operator turned this device away from v{held}: what it serves is their choice
+            serving = (f"local version {inst.local_version} (fleet v{inst.fleet_version})" if inst is not None
+                       else "no fleet version")
+            return self._result("up_to_date", spec, message=f"{name} v{spec.version} not installed: v{held} and "
+                                f"older are held by the operator's choice, {name} serves {serving}; "
+                                f"a version above v{held} will be installed")
         if spec.version <= self.state.refused(name):
             return self._result("skipped", spec, message=f"{name} v{spec.version} was refused before")
         dirname, _, base = path.rpartition("/")
@@ -484,27 +578,75 @@ class OtaClient:
 
     # --- status and offers ----------------------------------------------------------
 
+    def _served(self) -> dict[str, dict[str, Any]]:
+        """Every adapter OTA knows of that the service serves now, as the service says:
+        the local version, the fleet version it was installed as (None: not from the
+        fleet), and the fleet version held by an operator's choice."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in sorted(self.state.known()):
+            try:
+                info = self._sink.info(name)
+            except AdapterNotFoundError:
+                continue  # not served: nothing to report
+            except Exception as e:  # damaged on disk: reported by the service itself
+                _log.warning("status: cannot read %r from the adapter service: %s", name, e)
+                continue
+            inst = self.state.installed(name)
+            rec = inst if inst is not None and inst.local_version == info.version else \
+                self.state.installed_as(name, info.version)
+            entry: dict[str, Any] = {"version": info.version, "fleet_version": None if rec is None else rec.fleet_version}
+            if rec is not None and rec.epsilon is not None:
+                entry["privacy_epsilon"] = rec.epsilon
+            if rec is not None and rec.previous_local is not None:
+                entry["previous_local"] = rec.previous_local
+            held = self.state.held(name)
+            if held:
+                entry["held"] = held
+            pinned = getattr(info, "pinned", None)
+            if isinstance(pinned, bool):
+                entry["pinned"] = pinned
+            out[name] = entry
+        return out
+
     def device_status(self) -> DeviceStatus:
         return DeviceStatus(
             device_id=self.config.device_id, groups=self.config.groups,
-            adapters={n: {"version": i.local_version, "fleet_version": i.fleet_version,
-                          **({} if i.epsilon is None else {"privacy_epsilon": i.epsilon}),
-                          **({} if i.previous_local is None else {"previous_local": i.previous_local})}
-                      for n, i in self.state.all_installed().items()},
+            adapters=self._served(),
             last_update=self.state.last_result,
             epsilon=dict(self._epsilon()) if self._epsilon is not None else {},
             last_command=self.commands.last_result if self.commands is not None else None,
             at=self._clock(), refused=self.state.all_refused())
 
-    def publish_status(self) -> None:
+    def publish_status(self) -> bool:
+        """Publish the status (retained); False if it could not be, which is logged."""
+        return self._say("status", lambda: self.status.publish(self.device_status()))
+
+    def publish_online(self) -> bool:
+        """Publish the online flag (retained); False if it could not be, which is logged."""
+        return self._say("online flag", self.status.online)
+
+    def _say(self, what: str, publish: Callable[[], None]) -> bool:
+        # Each reason is logged once until a publish succeeds again: a broker whose ACL
+        # refuses this device's topics (counted in lorad_ota_broker_refusals_total) is
+        # said once, not at every status interval. The next cycle publishes again.
         try:
-            self.status.publish(self.device_status())
+            publish()
         except TransportError as e:
-            _log.warning("status not published: %s", e)  # the next cycle publishes again
+            if self._unsaid.get(what) != str(e):
+                self._unsaid[what] = str(e)
+                _log.warning("OTA: %s not published: %s", what, e)
+            return False
+        if self._unsaid.pop(what, None) is not None:
+            _log.info("OTA: %s published again", what)
+        return True
 
     def start(self) -> None:
-        """Announce ourselves, then run a cycle now and whenever an offer arrives."""
-        self.status.online()
+        """Announce ourselves, then run a cycle now and whenever an offer arrives.
+
+        Raises TransportError when the subscriptions cannot be made (call again later); a
+        refused online flag is logged and counted, and does not stop the updates."""
+        self.publish_online()
+        self.publish_status()  # known to the fleet (what it serves) before its first cycle ends
         topics = [offer_topic("all"), offer_topic("device", self.config.device_id),
                   *(offer_topic("group", g) for g in self.config.groups)]
         self._t.subscribe(topics, self._on_offer)

@@ -8,6 +8,9 @@ within ``max_age_s`` (and not in the future beyond a slack), and its sequence nu
 above every one seen before; the sequence number is persisted *before* the command runs,
 so neither a replay nor a crash in the middle lets a command run twice. The nonce makes
 two commands with equal fields distinct signatures. Verification is pure.
+
+Every command is logged on the device with its outcome (done, failed or rejected, and
+why), and its result says what the adapter serves afterwards.
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ class CommandSink(Protocol):
     def rollback(self, name: str, version: int) -> object: ...
 
 
+def _served(name: str, done: str, info: object) -> str:
+    """``"kws pinned; serving local version 3"`` from what the service answered."""
+    version = getattr(info, "version", None)
+    return f"{name} {done}" + (f"; serving local version {version}" if isinstance(version, int) else "")
+
+
 class CommandExecutor:
     """Verifies and runs the commands arriving on this device's command topic.
 
@@ -135,7 +144,11 @@ class CommandExecutor:
                  keys: Callable[[], Mapping[str, SSlibKey]], last_seq: Callable[[], int],
                  save_seq: Callable[[int], None], train_now: Callable[[str | None], None] | None = None,
                  on_result: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time, max_age_s: float = 300.0) -> None:
+                 clock: Callable[[], float] = time.time, max_age_s: float = 300.0,
+                 after: Callable[[Command], str] | None = None) -> None:
+        """``after(cmd)`` runs once a command on an adapter has run (or failed): the OTA
+        client records what the adapter serves now and says it, in the result's message."""
+        self._after = after
         self._device = device_id
         self._sink = sink
         self._keys = keys
@@ -156,16 +169,23 @@ class CommandExecutor:
         except CommandRejectedError as e:
             if e.reason == "command_replay" and self._is_last(raw):
                 return self.last_result or {}  # the retained copy of what we already ran
-            _log.warning("command refused: %s", e)
             result = {"result": "rejected", "reason": e.reason, "message": e.message, "at": self._clock()}
             return self._report(result)
         self._save_seq(cmd.seq)
         result = {"result": "done", "action": cmd.action, "adapter": cmd.adapter, "seq": cmd.seq,
                   "reason": None, "message": "", "at": self._clock()}
         try:
-            self._run(cmd)
+            result["message"] = self._run(cmd)
         except Exception as e:  # the service said no (unknown adapter, cache full, ...)
             result.update(result="failed", message=f"{type(e).__name__}: {e}")
+        if self._after is not None and cmd.adapter:
+            try:
+                now = self._after(cmd)
+            except Exception:  # the command ran: its result is reported all the same
+                _log.exception("recording what %r serves after command %d failed", cmd.adapter, cmd.seq)
+                now = ""
+            if now:
+                result["message"] = "; ".join(m for m in (result["message"], now) if m)
         return self._report(result)
 
     def _is_last(self, raw: bytes) -> bool:
@@ -174,27 +194,37 @@ class CommandExecutor:
         except (ValueError, KeyError, TypeError):
             return False
 
-    def _run(self, cmd: Command) -> None:
+    def _run(self, cmd: Command) -> str:
+        """Carry out ``cmd``; what it did, in words."""
         name = cmd.adapter or ""
         if cmd.action == "load":
-            self._sink.load(name)
-        elif cmd.action == "pin":
-            self._sink.pin(name)
-        elif cmd.action == "unpin":
-            self._sink.unpin(name)
-        elif cmd.action == "evict":
-            self._sink.evict(name)
-        elif cmd.action == "remove":  # a rollout's undo where no version was served before
+            return _served(name, "loaded", self._sink.load(name))
+        if cmd.action == "pin":
+            return _served(name, "pinned", self._sink.pin(name))
+        if cmd.action == "unpin":
+            return _served(name, "unpinned", self._sink.unpin(name))
+        if cmd.action == "evict":
+            return _served(name, "evicted", self._sink.evict(name))
+        if cmd.action == "remove":  # a rollout's undo where no version was served before
             self._sink.delete(name)
-        elif cmd.action == "rollback":
+            return f"{name} removed"
+        if cmd.action == "rollback":
             assert cmd.version is not None  # checked by Command
-            self._sink.rollback(name, cmd.version)
-        elif self._train_now is None:
+            return _served(name, "rolled back", self._sink.rollback(name, cmd.version))
+        if self._train_now is None:
             raise RuntimeError("this device has no trainer")
-        else:
-            self._train_now(cmd.adapter)
+        self._train_now(cmd.adapter)
+        return f"training run of {name} started" if name else "training run started"
 
     def _report(self, result: dict[str, Any]) -> dict[str, Any]:
+        what = " ".join(str(x) for x in (f"seq {result['seq']}" if result.get("seq") else None,
+                                         result.get("action"), result.get("adapter")) if x)
+        outcome = result["result"] + (f" ({result['reason']})" if result.get("reason") else "")
+        line = f"OTA command{' ' + what if what else ''}: {outcome}" + (f": {result['message']}" if result.get("message") else "")
+        if result["result"] == "done":
+            _log.info("%s", line)
+        else:
+            _log.warning("%s", line)
         self.last_result = result
         if self._on_result is not None:
             try:

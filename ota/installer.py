@@ -9,6 +9,10 @@
   version serving it, the canonical bytes (a later delta's base), versions refused for
   good, and the journal of an install in progress, so that a kill at any write is
   recovered from on the next start. Every write is atomic (temp, fsync, rename, fsync dir).
+  It also remembers which local version each fleet version was installed as, so that
+  when an operator makes the service serve another version (a signed rollback, a removal,
+  an upload) :meth:`OtaState.follow` records the truth: the version served, the fleet
+  version it is, and that the version turned away from is held (not installed again).
 """
 
 from __future__ import annotations
@@ -121,6 +125,16 @@ class Installed:
                    d.get("previous_local"))
 
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet_version": self.fleet_version, "local_version": self.local_version,
+                "adapter_sha256": self.adapter_sha256, "epsilon": self.epsilon,
+                "previous_local": self.previous_local}
+
+
+#: Local versions remembered per adapter (the fleet versions they were installed as).
+_HISTORY = 32
+
+
 class OtaState:
     """``state.json`` plus ``installed/<name>/<fleet_version>.bin`` under ``directory``."""
 
@@ -135,7 +149,7 @@ class OtaState:
     def _load(self) -> dict[str, Any]:
         empty: dict[str, Any] = {"format": self._VERSION, "adapters": {}, "refused": {},
                                  "pending": None, "time_floor": 0.0, "command_seq": 0,
-                                 "last_result": None}
+                                 "last_result": None, "history": {}, "held": {}}
         if not self._path.exists():
             return empty
         try:
@@ -165,6 +179,24 @@ class OtaState:
     def refused(self, name: str) -> int:
         """Highest fleet version of ``name`` refused for good (0 if none)."""
         return int(self._data["refused"].get(name, 0))
+
+    def held(self, name: str) -> int:
+        """Highest fleet version of ``name`` an operator turned away from (0 if none):
+        neither it nor an older one is installed again; a newer one is."""
+        return int(self._data["held"].get(name, 0))
+
+    def all_held(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._data["held"].items()}
+
+    def known(self) -> set[str]:
+        """Every adapter OTA installed, holds or remembers a version of."""
+        return set(self._data["adapters"]) | set(self._data["held"]) | set(self._data["history"])
+
+    def installed_as(self, name: str, local_version: int) -> Installed | None:
+        """The fleet version (and its record) that local version ``local_version`` of
+        ``name`` was installed as; None if OTA did not install it."""
+        d = self._data["history"].get(name, {}).get(str(local_version))
+        return None if d is None else Installed.from_dict(d)
 
     def canonical(self, name: str, fleet_version: int) -> bytes | None:
         p = self.dir / "installed" / name / f"{fleet_version}.bin"
@@ -200,11 +232,12 @@ class OtaState:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / f"{installed.fleet_version}.bin", canonical)
         old = self.installed(name)
-        self._data["adapters"][name] = {"fleet_version": installed.fleet_version,
-                                        "local_version": installed.local_version,
-                                        "adapter_sha256": installed.adapter_sha256,
-                                        "epsilon": installed.epsilon,
-                                        "previous_local": installed.previous_local}
+        self._data["adapters"][name] = installed.to_dict()
+        history = self._data["history"].setdefault(name, {})
+        history[str(installed.local_version)] = installed.to_dict()
+        for stale in sorted(history, key=int)[:-_HISTORY]:
+            del history[stale]
+        self._data["held"].pop(name, None)  # a newer version than any held one: the fleet's again
         self._data["pending"] = None
         self._save()
         if old is not None and old.fleet_version != installed.fleet_version:
@@ -213,6 +246,33 @@ class OtaState:
                 if p.stem not in (str(installed.fleet_version), str(old.fleet_version)):
                     p.unlink()
             fsync_dir(d)
+
+    def follow(self, name: str, served: int | None) -> Installed | None:
+        """Record that the service serves local version ``served`` of ``name`` (None:
+        nothing), whoever made it so; returns the record of what is served now (None when
+        it is not a fleet version).
+
+        When that is not the version OTA installed, the operator chose otherwise: the fleet
+        version installed is held (:meth:`held`). A local version OTA installed earlier is
+        recorded again as the fleet version it was installed as. An adapter served no more
+        has no stored version left, so what was remembered of its versions goes too.
+        """
+        inst = self.installed(name)
+        if inst is not None and inst.local_version == served:
+            return inst
+        now = None if served is None else self.installed_as(name, served)
+        if inst is None and now is None and (served is not None or name not in self._data["history"]):
+            return None  # nothing OTA knows of was or is served: nothing to record
+        if inst is not None:
+            self._data["held"][name] = max(self.held(name), inst.fleet_version)
+        if now is None:
+            self._data["adapters"].pop(name, None)
+        else:
+            self._data["adapters"][name] = now.to_dict()
+        if served is None:
+            self._data["history"].pop(name, None)
+        self._save()
+        return now
 
     def refuse(self, name: str, fleet_version: int) -> None:
         self._data["refused"][name] = max(self.refused(name), fleet_version)

@@ -1,8 +1,9 @@
 """Prometheus metrics of a device's OTA client, on a registry passed in.
 
 Results are counted as the client reports them (:class:`lorad.ota.client.OtaClient`'s
-``on_result``/``on_command`` observers); the connection state and the bytes fetched are
-read from the transport and the reader at each scrape, so they cannot drift from them.
+``on_result``/``on_command`` observers); the connection state, the bytes fetched and the
+broker's refusals are read from the transport and the reader at each scrape, so they
+cannot drift from them.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .client import UpdateResult
+from .transport import OPERATIONS
 
 __all__ = ["OtaMetrics", "UPDATE_RESULTS", "COMMAND_RESULTS"]
 
 #: Results of :class:`lorad.ota.client.UpdateResult` and of fleet commands.
-UPDATE_RESULTS = ("installed", "up_to_date", "skipped", "rejected", "failed", "recovered")
+UPDATE_RESULTS = ("installed", "up_to_date", "skipped", "deferred", "rejected", "failed", "recovered", "idle")
 COMMAND_RESULTS = ("done", "failed", "rejected")
 
 
 class _LiveCollector(Collector):
-    def __init__(self, connected: Callable[[], bool], fetched_bytes: Callable[[], int]) -> None:
+    def __init__(self, connected: Callable[[], bool], fetched_bytes: Callable[[], int],
+                 refusals: Callable[[], Mapping[str, int]] | None) -> None:
         self._connected = connected
         self._fetched = fetched_bytes
+        self._refusals = refusals
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("lorad_ota_connected",
@@ -35,6 +39,14 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("lorad_ota_fetched_bytes",
                                   "Bytes of repository files (metadata and adapter chunks) "
                                   "received from the broker.", value=self._fetched())
+        refused = CounterMetricFamily("lorad_ota_broker_refusals",
+                                      "Operations the broker refused (connect: password or listener, "
+                                      "publish and subscribe: its ACL or a quota), by operation.",
+                                      labels=["operation"])
+        counts = self._refusals() if self._refusals is not None else {}
+        for op in OPERATIONS:
+            refused.add_metric([op], counts.get(op, 0))
+        yield refused
 
     def describe(self) -> Iterable[Metric]:
         return []  # describing without collecting: nothing is read before the first scrape
@@ -47,7 +59,7 @@ class OtaMetrics:
         self.registry = registry
         self.updates = Counter(
             "lorad_ota_updates", "OTA update outcomes by result (installed, up_to_date, skipped, "
-            "rejected, failed, recovered) and reason code (empty when there is none).",
+            "deferred, rejected, failed, recovered, idle) and reason code (empty when there is none).",
             ["result", "reason"], registry=registry)
         # Every result exists at 0 from the first scrape (before any broker answered), so
         # increase() and alerts see the first failure.
@@ -65,9 +77,11 @@ class OtaMetrics:
             "lorad_ota_last_install_timestamp_seconds",
             "Unix time of the last adapter version installed over the air.", registry=registry)
 
-    def watch(self, *, connected: Callable[[], bool], fetched_bytes: Callable[[], int]) -> None:
-        """Export the connection state and bytes fetched, read at each scrape."""
-        self.registry.register(_LiveCollector(connected, fetched_bytes))
+    def watch(self, *, connected: Callable[[], bool], fetched_bytes: Callable[[], int],
+              refusals: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """Export the connection state, bytes fetched and the broker's refusals per
+        operation (:attr:`lorad.ota.transport.MqttTransport.refusals`), read at each scrape."""
+        self.registry.register(_LiveCollector(connected, fetched_bytes, refusals))
 
     def on_result(self, r: UpdateResult) -> None:
         self.updates.labels(result=r.result, reason=r.reason or "").inc()

@@ -45,8 +45,11 @@ def will_for(device_id: str) -> tuple[str, bytes]:
 @dataclass(frozen=True)
 class DeviceStatus:
     device_id: str
-    #: adapter name -> {"version": local registry version, "fleet_version": OTA version,
-    #: "privacy_epsilon": ε of its signed privacy record, "previous_local": served before OTA}
+    #: adapter name -> {"version": local registry version served now, "fleet_version": the OTA
+    #: version it was installed as (None: not one the fleet sent), "privacy_epsilon": ε of its
+    #: signed privacy record, "previous_local": served before that install, "held": fleet
+    #: version an operator turned the device away from (it and older ones are not installed
+    #: again), "pinned": held in the cache}
     adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: {"adapter", "version", "result", "reason", "message", "at"} of the last update
     last_update: Mapping[str, Any] | None = None
@@ -95,7 +98,8 @@ _INT, _NUM, _STR = (int,), (int, float), (str,)
 _OPT_INT, _OPT_STR = (int, type(None)), (str, type(None))
 #: what ``OtaClient.device_status`` writes per adapter (other fields: any scalar)
 _ADAPTER_FIELDS: Mapping[str, tuple[type, ...]] = {
-    "version": _INT, "fleet_version": _INT, "privacy_epsilon": _NUM, "previous_local": _OPT_INT}
+    "version": _INT, "fleet_version": _OPT_INT, "privacy_epsilon": _NUM, "previous_local": _OPT_INT,
+    "held": _INT, "pinned": (bool,)}
 #: an update result (``UpdateResult.to_dict``) or a command result (``CommandExecutor``)
 _RECORD_FIELDS: Mapping[str, tuple[type, ...]] = {
     "result": _STR, "adapter": _OPT_STR, "version": _OPT_INT, "reason": _OPT_STR, "message": _STR,

@@ -5,18 +5,27 @@ Everything above this module (repository files, status, commands, offers) speaks
 Every public method of a transport turns any failure into one :class:`TransportError`
 chained to its cause. Subscriptions are remembered and restored after a reconnect, so a
 broker restart costs only the messages that were in flight.
+
+Nothing the broker refuses passes silently: a CONNACK, PUBACK or SUBACK with a failure
+reason code (an ACL that denies the topic, a quota) raises :class:`BrokerRefusal`, which
+names the operation, the topic and the user, and is counted per operation
+(:attr:`MqttTransport.refusals`, exported as ``lorad_ota_broker_refusals_total``).
+Reconnects wait an exponential back-off with jitter (:class:`Backoff`), so a fleet that
+lost its broker does not come back all in the same second.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import random
 import socket
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
@@ -34,13 +43,19 @@ if TYPE_CHECKING:
     # here (:func:`__getattr__`).
     from .config import MqttConfig
 
-__all__ = ["TOPIC_ROOT", "Handler", "Transport", "MqttConfig", "MqttTransport", "topic_matches", "barrier"]
+__all__ = ["TOPIC_ROOT", "OPERATIONS", "Handler", "Transport", "MqttConfig", "MqttTransport", "Backoff",
+           "BrokerRefusal", "topic_matches", "barrier"]
 
 #: Every topic lorad uses lives under this prefix (versioned so the layout can change).
 TOPIC_ROOT = "lorad/v1"
 
 #: Called with (topic, payload) for every message that matches a subscription.
 Handler = Callable[[str, bytes], None]
+
+#: What a broker can refuse, the ``operation`` of :class:`BrokerRefusal` and of the counts.
+OPERATIONS = ("connect", "publish", "subscribe")
+#: MQTT v5 reason code "Not authorized" (CONNACK, PUBACK, SUBACK): the password or the ACL.
+_NOT_AUTHORIZED = 0x87
 
 _log = logging.getLogger(__name__)
 
@@ -64,19 +79,70 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return bool(mqtt.topic_matches_sub(topic_filter, topic))
 
 
+class BrokerRefusal(TransportError):
+    """The broker answered with a failure reason code: it refused ``operation`` (one of
+    :data:`OPERATIONS`) on ``topic`` (None for a connection) with ``reason``."""
+
+    def __init__(self, operation: str, topic: str | None, reason: str, message: str, *,
+                 not_authorized: bool) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.topic = topic
+        self.reason = reason
+        #: the broker's password file or ACL said no (reason code 0x87)
+        self.not_authorized = not_authorized
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before connection attempt ``n`` (0, 1, ...) after a failure.
+
+    Exponential with "equal jitter": the span doubles from ``initial_s`` up to ``max_s``
+    and the wait is drawn from its upper half, so it grows surely while devices that lost
+    the broker together spread their returns over half the span. A connection that
+    stayed up ``stable_s`` starts the count again.
+    """
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    stable_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s or self.stable_s < 0:
+            raise ValueError(f"need 0 < initial_s <= max_s and stable_s >= 0, got {self}")
+
+    def span(self, attempt: int) -> float:
+        """The upper bound of the wait before attempt ``attempt``."""
+        return min(self.max_s, self.initial_s * 2.0 ** min(max(attempt, 0), 64))
+
+    def delay(self, attempt: int, draw: Callable[[], float]) -> float:
+        """The wait before attempt ``attempt``; ``draw()`` is uniform in [0, 1)."""
+        span = self.span(attempt)
+        return span / 2 + draw() * span / 2
+
+
 def barrier(transport: Transport, timeout_s: float) -> None:
     """Return once the broker has delivered everything queued for us before this call.
 
     A broker sends the retained messages of a subscription right after its SUBACK, ahead
     of anything published later; so a message we publish to a topic of our own and get
     back marks the end of them (an answer, not a guess from a quiet interval). Raises
-    TransportError if the marker does not come back within ``timeout_s``.
+    TransportError if the marker does not come back within ``timeout_s``, at once if the
+    broker refuses it (a device's credentials: only the fleet user may write there).
     """
     topic = f"{TOPIC_ROOT}/fleet/sync/{uuid.uuid4().hex}"
     seen = threading.Event()
     transport.subscribe([topic], lambda t, p: seen.set())
     try:
-        transport.publish(topic, b"sync")
+        try:
+            transport.publish(topic, b"sync")
+        except BrokerRefusal as e:
+            if not e.not_authorized:
+                raise
+            raise BrokerRefusal(e.operation, e.topic, e.reason,
+                                f"{e}; the fleet tool waits for the broker's answer on {TOPIC_ROOT}/fleet/#, "
+                                "which only the fleet user may write (give the fleet's credentials, not a "
+                                "device's)", not_authorized=True) from e
         if not seen.wait(timeout_s):
             raise TransportError(f"the broker did not answer within {timeout_s} s "
                                  f"(slow or overloaded; try a larger --timeout)")
@@ -117,26 +183,61 @@ class Transport(abc.ABC):
         """Disconnect; safe to call twice."""
 
 
+class _Client(mqtt.Client):
+    """paho's client, waiting between connection attempts as lorad's transport says.
+
+    paho's loop thread calls ``_reconnect_wait`` before every new attempt (the first
+    connection's retries included); its own wait doubles a fixed delay, the same on every
+    device. pyproject pins paho-mqtt below 3, and
+    ``tests/ota/test_ota_transport.py::test_reconnects_wait_a_jittered_exponential_backoff``
+    fails if a release stops calling it.
+    """
+
+    def __init__(self, wait: Callable[[], None], client_id: str) -> None:
+        super().__init__(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+        self._lorad_wait = wait
+
+    def _reconnect_wait(self) -> None:
+        self._lorad_wait()
+
+
 class MqttTransport(Transport):
     """:class:`Transport` over paho-mqtt 2 (callback API 2), MQTT v5, QoS 1, mutual TLS.
 
-    paho's own loop thread reconnects with backoff; on every CONNACK the remembered
-    subscriptions are sent again (the session is clean, so the broker forgot them).
+    paho's own loop thread reconnects, waiting as ``backoff`` says between attempts;
+    on every CONNACK the remembered subscriptions are sent again (the session is clean,
+    so the broker forgot them). ``draw`` (uniform in [0, 1)) jitters the waits; each
+    transport has its own random source by default.
     """
 
-    def __init__(self, config: MqttConfig) -> None:
+    def __init__(self, config: MqttConfig, *, backoff: Backoff | None = None,
+                 draw: Callable[[], float] | None = None) -> None:
         self._config = config
+        self._backoff = backoff or Backoff()
+        self._draw = draw or random.Random().random
         self._lock = threading.Lock()
         self._connected = threading.Condition(self._lock)
         self._is_connected = False
         self._connect_error: str | None = None
+        self._connect_refusal: BrokerRefusal | None = None
         self._subs: dict[str, Handler] = {}
         self._acks: dict[int, list[ReasonCode] | None] = {}
         self._acked = threading.Condition(self._lock)
+        #: PUBACK reason codes by message id (paho's MQTTMessageInfo does not carry them)
+        self._pubacks: dict[int, ReasonCode] = {}
+        #: SUBACKs of the subscriptions restored after a reconnect: message id -> topics
+        self._restoring: dict[int, list[str]] = {}
+        self._refusals = dict.fromkeys(OPERATIONS, 0)
+        self._attempt = 0
+        self._tried = False  # a connection attempt started since the last wait
+        self._connected_at: float | None = None
+        self._closing = threading.Event()
+        #: the waits before connection attempts so far, seconds (newest last, at most 64)
+        self.reconnect_waits: list[float] = []
         self._broker_max_packet = 268_435_455  # MQTT's maximum when the broker sets none
         self._closed = False
-        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=config.client_id, protocol=mqtt.MQTTv5)
+        client = _Client(self._reconnect_wait, config.client_id)
         try:
             client.tls_set(ca_certs=str(config.ca_file), certfile=str(config.cert_file),
                            keyfile=str(config.key_file), cert_reqs=ssl.CERT_REQUIRED,
@@ -147,13 +248,14 @@ class MqttTransport(Transport):
             client.username_pw_set(config.username, config.password)
         if config.will is not None:
             client.will_set(config.will[0], config.will[1], qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
         client.on_socket_open = _no_delay
         self._client = client
 
@@ -209,15 +311,22 @@ class MqttTransport(Transport):
         with self._lock:
             return None if self._is_connected else self._connect_error
 
+    @property
+    def refusals(self) -> dict[str, int]:
+        """How many times the broker refused each of :data:`OPERATIONS` so far."""
+        with self._lock:
+            return dict(self._refusals)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         try:
-            self._client.disconnect()
+            self._client.disconnect()  # first: paho's loop then makes no new attempt
         except (OSError, ValueError):
             pass  # already gone: nothing left to tell the broker
+        self._closing.set()  # a wait between connection attempts ends now
         self._client.loop_stop()
 
     @property
@@ -262,6 +371,11 @@ class MqttTransport(Transport):
             except ValueError as e:
                 raise TransportError(f"publish to {topic!r} failed: {e}") from e
             if info.is_published():
+                with self._lock:
+                    # paho records the PUBACK's code before it marks the message published
+                    code = self._pubacks.pop(info.mid, None)
+                if code is not None and code.is_failure:
+                    raise self._refused("publish", topic, code)
                 return
             raise TransportError(f"publish to {topic!r} not acknowledged within "
                                  f"{self._config.timeout_s} s")
@@ -294,10 +408,10 @@ class MqttTransport(Transport):
             deadline = time.monotonic() + self._config.timeout_s
         with self._connected:
             while not self._is_connected:
-                if self._connect_error is not None and not self._is_connected:
-                    err = self._connect_error
-                    if err.startswith("refused"):
-                        raise TransportError(f"broker {self._config.host}:{self._config.port} {err}")
+                refusal = self._connect_refusal
+                if refusal is not None and (self._connect_error or "").startswith("refused"):
+                    raise BrokerRefusal(refusal.operation, None, refusal.reason, str(refusal),
+                                        not_authorized=refusal.not_authorized)
                 if self._closed:
                     raise TransportError("transport is closed")
                 left = deadline - time.monotonic()
@@ -333,18 +447,58 @@ class MqttTransport(Transport):
                 codes = self._acks.pop(mid, None)
             if codes is None:
                 return
-            refused = [t for t, c in zip(topics, codes, strict=True) if c.is_failure]
+            refused = [(t, c) for t, c in zip(topics, codes, strict=True) if c.is_failure]
             if refused:
-                raise TransportError(f"broker refused subscription to {refused} "
-                                     f"({next(str(c) for c in codes if c.is_failure)})")
+                for t, _ in refused:
+                    with self._lock:
+                        self._subs.pop(t, None)  # not restored after a reconnect either
+                raise self._refused("subscribe", refused[0][0], refused[0][1],
+                                    also=[t for t, _ in refused[1:]])
             return
+
+    def _refused(self, operation: str, topic: str | None, code: ReasonCode, *,
+                 also: Sequence[str] = ()) -> BrokerRefusal:
+        """Count a refusal and say it: the operation, the topic, the reason, the user."""
+        with self._lock:
+            self._refusals[operation] += 1
+        cfg = self._config
+        denied = code.value == _NOT_AUTHORIZED
+        what = {"connect": "the connection", "publish": f"the publish to {topic!r}",
+                "subscribe": f"the subscription to {topic!r}"}[operation]
+        if also:
+            what += f" (and to {list(also)})"
+        why = str(code)
+        if denied and operation == "publish":
+            why += f": its ACL does not let user {cfg.username!r} write this topic"
+        elif denied and operation == "subscribe":
+            why += f": its ACL does not let user {cfg.username!r} read this topic"
+        elif denied:
+            why += f": user {cfg.username!r} with this password is not admitted on this listener"
+        return BrokerRefusal(operation, topic, str(code),
+                             f"broker {cfg.host}:{cfg.port} refused {what}: {why}", not_authorized=denied)
+
+    def _reconnect_wait(self) -> None:
+        """Between connection attempts (paho's loop thread): the back-off, cut short by close."""
+        with self._lock:
+            if not self._tried:
+                return  # paho's second turn after a failed first connection: it has waited already
+            self._tried = False
+            wait = self._backoff.delay(self._attempt, self._draw)
+            self._attempt += 1
+            self.reconnect_waits = [*self.reconnect_waits[-63:], wait]
+        self._closing.wait(wait)
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
+            refusal = self._refused("connect", None, reason_code)
             with self._connected:
+                again = self._connect_refusal is not None and str(self._connect_refusal) == str(refusal)
                 self._connect_error = f"refused the connection: {reason_code}"
+                self._connect_refusal = refusal
                 self._connected.notify_all()
+            if not again:  # every attempt is counted; the same refusal is said once
+                _log.warning("%s", refusal)
             return
         with self._connected:
             max_packet = getattr(properties, "MaximumPacketSize", None)
@@ -352,12 +506,22 @@ class MqttTransport(Transport):
                 self._broker_max_packet = max_packet
             self._is_connected = True
             self._connect_error = None
+            self._connect_refusal = None
+            self._connected_at = time.monotonic()
             topics = list(self._subs)
             self._connected.notify_all()
         if topics:
-            # Restore the subscriptions the clean session dropped; the SUBACK is awaited by
-            # whoever subscribed first, so here it is fire-and-forget.
-            client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+            # Restore the subscriptions the clean session dropped. Whoever subscribed first
+            # has had its answer; this SUBACK is checked by _on_subscribe (a broker whose
+            # ACL changed meanwhile is logged and counted, not ignored).
+            rc, mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                with self._lock:
+                    self._restoring[mid] = topics
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: object) -> None:
+        with self._lock:
+            self._tried = True
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         with self._connected:
@@ -368,6 +532,9 @@ class MqttTransport(Transport):
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         with self._connected:
             refused = not self._is_connected and (self._connect_error or "").startswith("refused")
+            if self._connected_at is not None and time.monotonic() - self._connected_at >= self._backoff.stable_s:
+                self._attempt = 0  # it had settled: the next outage starts from the shortest wait
+            self._connected_at = None
             self._is_connected = False
             if not refused:  # the broker closes the socket after a refusing CONNACK: keep why it refused
                 self._connect_error = f"disconnected: {reason_code}"
@@ -376,8 +543,21 @@ class MqttTransport(Transport):
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         with self._acked:
-            self._acks[mid] = list(reason_codes)
-            self._acked.notify_all()
+            restored = self._restoring.pop(mid, None)
+            if restored is None:
+                self._acks[mid] = list(reason_codes)
+                self._acked.notify_all()
+        if restored is not None:
+            for t, code in zip(restored, reason_codes, strict=False):
+                if code.is_failure:
+                    with self._lock:
+                        self._subs.pop(t, None)
+                    _log.warning("%s (restoring it after a reconnect)", self._refused("subscribe", t, code))
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        with self._lock:
+            self._pubacks[mid] = reason_code
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: object, mid: int,
                         reason_codes: list[ReasonCode], properties: Properties | None) -> None:

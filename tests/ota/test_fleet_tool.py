@@ -148,7 +148,9 @@ def test_acls_confine_a_device_to_its_own_topics(mqtt: Broker) -> None:
     dev2.subscribe(["lorad/v1/device/dev2/offer"], lambda t, p: mine.set())
     fleet.publish("lorad/v1/device/dev2/offer", b"yours")
     assert mine.wait(10) and got == []
-    dev2.publish("lorad/v1/device/dev1/status", b"forged", retain=True)  # the broker drops it
+    from lorad.ota.errors import TransportError
+    with pytest.raises(TransportError, match="Not authorized"):  # the broker refuses it, and says so
+        dev2.publish("lorad/v1/device/dev1/status", b"forged", retain=True)
     seen: list[bytes] = []
     fleet.subscribe(["lorad/v1/device/dev1/status"], lambda t, p: seen.append(p))
     barrier(fleet, 10.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,6 +51,22 @@ def test_authentic_fresh_command_is_obeyed_once(setup: SimpleNamespace) -> None:
     # the same bytes again (a retained copy redelivered) change nothing
     setup.ex.handle(raw)
     assert setup.sink.calls == [("pin", "kws")]
+
+
+def test_every_command_is_logged_with_its_outcome(setup: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lorad.ota.commands")
+    pin = setup.repo.command("dev1", "pin", adapter="kws")
+    remove = setup.repo.command("dev1", "remove", adapter="kws")  # this sink cannot delete: it fails
+    for raw in (pin, remove, b"{not json"):
+        setup.ex.handle(raw)
+    seq = [json.loads(raw)["command"]["seq"] for raw in (pin, remove)]
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lorad.ota.commands"]
+    assert logged[:2] == [
+        ("INFO", f"OTA command seq {seq[0]} pin kws: done: kws pinned; kws is not served"),
+        ("WARNING", f"OTA command seq {seq[1]} remove kws: failed: AttributeError: delete; kws is not served")]
+    assert logged[2][0] == "WARNING" and logged[2][1].startswith("OTA command: rejected (command_invalid): "), logged
+    assert len(logged) == 3
+    assert setup.ex.last_result["message"].startswith("malformed command")
 
 
 def test_replayed_older_command_is_refused(setup: SimpleNamespace) -> None:

@@ -70,7 +70,8 @@ def test_a_device_cannot_take_over_another_devices_client_id(mqtt: Broker) -> No
     impostor = mqtt.connect("dev1", client_id="lorad-dev2")
     seen: list[str] = []
     fleet.subscribe(["lorad/v1/device/+/status"], lambda t, p: seen.append(t))
-    impostor.publish(status_topic("dev2"), b"forged", retain=True)
+    with pytest.raises(TransportError, match="Not authorized: its ACL does not let user 'dev1' write this topic"):
+        impostor.publish(status_topic("dev2"), b"forged", retain=True)
     impostor.publish(status_topic("dev1"), b"mine", retain=True)
     got_own = threading.Event()
     fleet.subscribe([status_topic("dev1")], lambda t, p: got_own.set())

@@ -5,16 +5,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
+import random
+import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from benchmarks.mosquitto import Broker
+from lorad.ota.cli import main as fleet_main
 from lorad.ota.errors import TransportError, UpdateRejectedError
 from lorad.ota.files import INDEX_TOPIC, RepoReader, chunk_topic, publish_files
-from lorad.ota.transport import MqttTransport
+from lorad.ota.transport import Backoff, BrokerRefusal, MqttTransport
 
 
 def test_publish_subscribe_over_mutual_tls(mqtt: Broker) -> None:
@@ -32,9 +38,97 @@ def test_publish_subscribe_over_mutual_tls(mqtt: Broker) -> None:
 
 def test_wrong_password_is_refused(mqtt: Broker) -> None:
     t = MqttTransport(mqtt.config("dev1", password="wrong", timeout_s=3))
-    with pytest.raises(TransportError, match=r"refused|not connected"):
+    with pytest.raises(BrokerRefusal, match=r"refused the connection: Not authorized: user 'dev1' with this "
+                                            r"password is not admitted"):
         t.connect()
     t.close()
+    assert t.refusals["connect"] >= 1
+
+
+def _device_args(mqtt: Broker, user: str) -> list[str]:
+    """``loractl fleet`` broker arguments with a device's credentials, on the devices' listener."""
+    return ["--broker", f"127.0.0.1:{mqtt.port}", "--ca", str(mqtt.ca), "--cert", str(mqtt.cert(user)),
+            "--key", str(mqtt.key(user)), "--username", user, "--password-file", str(mqtt.password_file(user))]
+
+
+@pytest.mark.parametrize("command", ["status", "push"])
+def test_the_fleet_tool_with_a_devices_credentials_fails_at_once_naming_the_acl(
+        mqtt: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """The broker admits dev1 but its ACL refuses the fleet tool's marker: said at once,
+    naming topic, user and the ACL, exit 3, instead of waiting out --timeout and advising
+    a larger one."""
+    argv = ["fleet", command]
+    if command == "push":
+        assert fleet_main(["fleet", "init", str(tmp_path / "fleet")]) == 0
+        argv.append(str(tmp_path / "fleet"))
+    capsys.readouterr()
+    started = time.monotonic()
+    rc = fleet_main([*argv, *_device_args(mqtt, "dev1"), "--timeout", "60"])
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "refused the publish to 'lorad/v1/fleet/sync/" in err, err
+    assert "Not authorized: its ACL does not let user 'dev1' write this topic" in err, err
+    assert "only the fleet user may write" in err and "larger --timeout" not in err, err
+    assert took < 30, f"took {took:.1f} s: the refusal was not noticed, the --timeout of 60 s ran out"
+
+
+def test_backoff_doubles_to_its_cap_and_jitters_within_the_upper_half() -> None:
+    b = Backoff(initial_s=1.0, max_s=60.0)
+    assert [b.span(n) for n in range(9)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    for n in range(12):
+        assert b.delay(n, lambda: 0.0) == b.span(n) / 2
+        assert b.span(n) / 2 <= b.delay(n, random.Random(n).random) < b.span(n)
+    # two devices that lost the broker together come back at different times
+    first, second = random.Random(1).random, random.Random(2).random
+    waits = [(b.delay(n, first), b.delay(n, second)) for n in range(8)]
+    assert all(a != c for a, c in waits)
+    with pytest.raises(ValueError, match="initial_s <= max_s"):
+        Backoff(initial_s=5.0, max_s=1.0)
+
+
+def test_reconnects_wait_a_jittered_exponential_backoff(broker: Broker) -> None:
+    """A real transport against an endpoint that takes each connection and drops it
+    (the broker unusable): the attempts arrive after waits that double up to the cap,
+    each drawn from the jittered upper half of its span."""
+    attempts: list[float] = []
+    enough = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(0.2)
+        stop = threading.Event()
+
+        def take() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                attempts.append(time.monotonic())
+                conn.close()
+                if len(attempts) >= 6:
+                    enough.set()
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        draws = iter([0.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0])
+        backoff = Backoff(initial_s=0.2, max_s=1.0)
+        t = MqttTransport(dataclasses.replace(broker.config("dev1"), port=server.getsockname()[1]),
+                          backoff=backoff, draw=lambda: next(draws))
+        try:
+            t.start()
+            assert enough.wait(30), attempts
+        finally:
+            t.close()
+            stop.set()
+            taker.join()
+    want = [0.1, 0.4, 0.6, 0.5, 1.0, 0.75]  # span 0.2, 0.4, 0.8, 1.0 (cap), ... with those draws
+    assert t.reconnect_waits[:5] == pytest.approx(want[:5])
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    for gap, wait in zip(gaps, want, strict=False):
+        assert wait - 0.02 <= gap < wait + 1.5, (gaps, want)
+    assert not t.connected and "cannot reach" in (t.last_error or "")
 
 
 def test_acl_device_cannot_read_other_group_or_write_repo(mqtt: Broker) -> None:
@@ -50,10 +144,13 @@ def test_acl_device_cannot_read_other_group_or_write_repo(mqtt: Broker) -> None:
     fleet.publish("lorad/v1/device/dev1/cmd", b"y")
     time.sleep(0.5)
     assert sorted(seen["dev1"]) == sorted(both) and seen["dev2"] == []
-    # a write outside its own status is dropped by the broker: the index stays the fleet's
+    # a write outside its own status is refused by the broker (and said so): the index stays the fleet's
     publish_files(fleet, {"a.json": b"{}"}, index={}, chunk_size=1024)
-    outsider.publish(INDEX_TOPIC, b'{"files": {}}', retain=True)
-    outsider.publish("lorad/v1/device/dev1/status", b"forged", retain=True)
+    for topic in (INDEX_TOPIC, "lorad/v1/device/dev1/status"):
+        with pytest.raises(BrokerRefusal, match=f"refused the publish to '{topic}': Not authorized: its ACL "
+                                                "does not let user 'dev2' write this topic"):
+            outsider.publish(topic, b"forged", retain=True)
+    assert outsider.refusals == {"connect": 0, "publish": 2, "subscribe": 0}
     spy: list[bytes] = []
     fleet.subscribe(["lorad/v1/device/dev1/status"], lambda t, p: spy.append(p))
     time.sleep(0.3)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lorad.adapters.config_types import ConfigError
 from lorad.daemon.power import NoSource, PowerSampler, RailSample, SourceError, detect_source
 from lorad.daemon.power.ina3221_hwmon import Ina3221Hwmon
 from lorad.daemon.power.ina3221_iio import Ina3221Iio
@@ -82,8 +83,12 @@ def test_pi4_has_no_power_source_and_says_why(tmp_path: Path) -> None:
     assert isinstance(got, NoSource)
     assert "not a Raspberry Pi 5" in got.reason and "RAPL" in got.reason
     # a firmware that answers but has no current channels: voltages only
-    got = detect_source("rpi5-pmic", sys_root=tmp_path, runner=lambda argv: "EXT5V_V volt(24)=5.09066000V\n")
+    got = detect_source(sys_root=tmp_path, runner=lambda argv: "EXT5V_V volt(24)=5.09066000V\n")
     assert isinstance(got, NoSource) and "voltages only" in got.reason
+    # asked for by name, that is a configuration error saying why
+    with pytest.raises(ConfigError, match=r"^power\.source: got 'rpi5-pmic', which this machine does not have "
+                                          r"\(.*voltages only\)"):
+        detect_source("rpi5-pmic", sys_root=tmp_path, runner=lambda argv: "EXT5V_V volt(24)=5.09066000V\n")
 
 
 def test_rapl_counter_wraps_into_a_monotonic_count(tmp_path: Path) -> None:
@@ -111,6 +116,25 @@ def test_no_source_at_all(tmp_path: Path) -> None:
     assert detect_source("none", sys_root=tmp_path) == NoSource("disabled by power.source: none")
     with pytest.raises(ValueError, match="allowed: auto, none"):
         detect_source("bogus", sys_root=tmp_path)
+
+
+def test_an_explicit_source_the_machine_lacks_is_a_config_error_naming_what_it_has(tmp_path: Path) -> None:
+    """power.source: rapl on a machine without RAPL stops the start (never a silent none);
+    the error names the key, why the source is not there and the sources the machine has."""
+    with pytest.raises(ConfigError) as e:
+        detect_source("rapl", sys_root=tmp_path, runner=_no_vcgencmd)
+    assert e.value.key == "power.source"
+    assert str(e.value) == (f"power.source: got 'rapl', which this machine does not have (no readable RAPL "
+                            f"powercap zone under {tmp_path}/class/powercap); this machine has no power source "
+                            "lorad can read; allowed: auto (the first present), none")
+    jetson = _tree(tmp_path, "orin-nano-jp5")
+    with pytest.raises(ConfigError, match=r"this machine has jetson-ina3221-hwmon; allowed: auto \(the first "
+                                          r"present\), none, jetson-ina3221-hwmon$"):
+        detect_source("rapl", sys_root=jetson, runner=_no_vcgencmd)
+    # named and present: that source; auto on the bare machine: none, and why
+    assert isinstance(detect_source("jetson-ina3221-hwmon", sys_root=jetson, runner=_no_vcgencmd), Ina3221Hwmon)
+    assert isinstance(detect_source("rapl", sys_root=_tree(tmp_path, "x86-rapl"), runner=_no_vcgencmd), Rapl)
+    assert isinstance(detect_source("auto", sys_root=tmp_path / "bare", runner=_no_vcgencmd), NoSource)
 
 
 # ---------------------------------------------------------------- sampler

@@ -13,15 +13,29 @@ is changed; a failure before the send puts the repository back byte for byte
 (:class:`lorad.ota.undo.DirUndo`). A send that fails half-way leaves the signed metadata in
 the repository and says so; the next ``fleet push`` sends it.
 
+Before anything slow or anything that changes the repository, a command checks what it
+can alone: the broker arguments, every ``--key-dir`` (a directory holding keys of this
+repository), that the private keys of every role it signs are there, and that the groups
+and devices of an audience exist (:func:`_known_audience`: the repository's record of the
+devices it has seen, ``members.json``, then the devices' retained statuses on the broker;
+``--allow-empty-audience`` signs for devices that have not reported yet). Only then does it
+load the base model (``--base-model``/``--config``, for the health probes) and sign.
+
 Exit codes (:data:`EXIT_CODES`):
 
 ====  ==========================================================================
 0     done
-1     refused: verification, keys, repository state, unknown device/adapter/key
+1     refused: verification, keys, repository state, unknown device/group/adapter/key
 2     usage: bad or missing arguments, a file that is not what it should be
 3     broker: cannot connect, not authorized, no answer in time, send failed
 4     rollout halted: the abort threshold was reached and the rollout rolled back
+5     rollout not done: ``rollout run`` stopped with the rollout paused, or still
+      running when ``--max-time`` passed
 ====  ==========================================================================
+
+With ``--json`` every outcome is one JSON object on stdout, errors included (usage errors
+too: :class:`lorad.ota.cli_support.JsonErrorParser`); a reader that closes the pipe early
+(``| head``) ends the command quietly.
 
 What devices report is their own word: a status that cannot be read (malformed, wrong
 types, nested too deep, another device's name) is shown for that device as an error row
@@ -33,7 +47,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,11 +65,14 @@ from .cli_support import (
     EXIT_USAGE,
     CliError,
     FleetSession,
+    JsonErrorParser,
     ModelLoader,
     ModelSection,
     add_adapter_args,
     add_broker_args,
+    check_broker_args,
     connect_broker,
+    error_document,
     fleet_view,
     load_adapter,
     open_repo,
@@ -62,9 +82,9 @@ from .errors import OtaError, TransportError
 from .undo import DirUndo
 
 if TYPE_CHECKING:  # imported where used: `loractl --help` and the commands that need neither start without them
+    from .audience import Audience
     from .repository import FleetRepository
     from .status import DeviceStatus, FleetView
-    from .target import Audience
 
 __all__ = ["register", "main", "EXIT_CODES", "CliError", "FleetSession", "ModelSection", "fleet_view", "table"]
 
@@ -85,33 +105,75 @@ def _audience_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--all", action="store_true", help="every device")
     g.add_argument("--group", action="append", help="a device group (repeatable)")
-    g.add_argument("--device", action="append", help="a device id (repeatable)")
+    g.add_argument("--device", action="append", help="a device id (repeatable, at most 100: more is a group)")
+    p.add_argument("--allow-empty-audience", action="store_true",
+                   help="sign for groups or devices no known device is or is in (devices that have not reported yet)")
 
 
 def _audience(args: argparse.Namespace) -> Audience:
-    from .target import Audience
+    from .audience import MAX_LISTED_DEVICES, Audience
 
-    return Audience(devices=tuple(args.device or ()), groups=tuple(args.group or ()), everyone=args.all)
+    devices = tuple(dict.fromkeys(args.device or ()))
+    if len(devices) > MAX_LISTED_DEVICES:
+        raise ValueError(f"--device given {len(devices)} times: at most {MAX_LISTED_DEVICES} devices are signed by "
+                         "name (each device downloads the list); publish to a --group, or roll out by percentage")
+    return Audience(devices=devices, groups=tuple(dict.fromkeys(args.group or ())), everyone=args.all)
+
+
+def _known_audience(args: argparse.Namespace, repo: FleetRepository, audience: Audience | None,
+                    session: FleetSession | None) -> dict[str, tuple[str, ...]] | None:
+    """Refuse (LookupError) an audience naming a group or device the fleet does not know.
+
+    What is known: the repository's record (``members.json``), then, when the command
+    reaches the broker and the record does not know a name, the devices' retained statuses.
+    Returns what the statuses said (recorded once the command succeeded), or None."""
+    if audience is None or audience.everyone or getattr(args, "allow_empty_audience", False):
+        return None
+    known = repo.known_members()
+    missing = repo.unknown_members(audience, known)
+    seen = None
+    if missing and session is not None:
+        view = fleet_view(session.transport, args.timeout)
+        seen = {d: tuple(st.groups) for d, st in view.snapshot().items()}
+        known = {**known, **seen}
+        missing = repo.unknown_members(audience, known)
+    if missing:
+        groups = sorted({g for gs in known.values() for g in gs})
+        where = ("the devices' statuses on the broker and the repository's record" if session is not None else
+                 "the repository's record (members.json: what the last commands that reached the broker saw)")
+        raise LookupError(f"unknown {', '.join(missing)}: no such device or group among the {len(known)} devices "
+                          f"known from {where} (their groups: {', '.join(groups) or 'none'}). Check the name, or "
+                          "give --allow-empty-audience to sign for devices that have not reported yet")
+    return seen
 
 
 def _signing(args: argparse.Namespace, change: Callable[[FleetRepository], dict[str, Any]],
-             *, key_dirs: Sequence[Path] = ()) -> dict[str, Any]:
-    """Reach the broker, apply ``change`` to the repository, send; undo it if it fails."""
-    repo = open_repo(args)
+             *, roles: Sequence[str], key_dirs: Sequence[Path] = (), new_key_dir: bool = False,
+             audience: Audience | None = None) -> dict[str, Any]:
+    """Check what can be checked alone, reach the broker, apply ``change`` to the
+    repository, send; undo the change if anything fails before the send."""
+    check_broker_args(args)
     chunk = getattr(args, "chunk_size", None)
     if chunk is not None and chunk < 256:
         raise ValueError(f"--chunk-size {chunk}: at least 256 bytes")
+    repo = open_repo(args, new_key_dir=new_key_dir)
+    repo.check_signing_keys(roles)
+    if args.no_push:
+        _known_audience(args, repo, audience, None)
     session = None if args.no_push else FleetSession.connect(args)
     try:
         if chunk is not None and session is not None and chunk > session.transport.max_payload:
             raise ValueError(f"--chunk-size {chunk} exceeds what the broker carries per message "
                              f"({session.transport.max_payload} bytes of payload)")
+        seen = _known_audience(args, repo, audience, session) if session is not None else None
         undo = DirUndo([repo.dir, *key_dirs, *repo.key_dirs], write_once=[repo.dir / "targets", repo.dir / "canonical"])
         try:
             out = change(repo)
         except BaseException:
             undo.restore()
             raise
+        if seen:
+            repo.record_members(seen)
         if session is None:
             return {**out, "pushed": False}
         try:
@@ -134,11 +196,15 @@ def _kv(data: Mapping[str, Any]) -> str:
 Formatter = Callable[[dict[str, Any]], str]
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Formatter) -> None:
-    if getattr(args, "json", False):
+def _emit(args: argparse.Namespace, data: dict[str, Any] | str, fmt: Formatter) -> None:
+    """``data`` as JSON (``--json``) or through ``fmt``; a string (an exposition format) as it is."""
+    if isinstance(data, str):
+        sys.stdout.write(data)
+    elif getattr(args, "json", False):
         print(json.dumps(data, sort_keys=True))
     else:
         print(fmt(data))
+    sys.stdout.flush()  # a closed pipe shows here, where _run lets it through
 
 
 # --- commands ----------------------------------------------------------------------
@@ -146,6 +212,8 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Formatter) -> Non
 def _init(args: argparse.Namespace) -> dict[str, Any]:
     from .repository import FleetRepository, RepoSettings
 
+    if args.key_dir and len(args.key_dir) > 1:
+        raise ValueError(f"--key-dir given {len(args.key_dir)} times: init writes every key into one directory")
     d = RepoSettings.default()
     settings = RepoSettings(thresholds={**d.thresholds, **_role_map(args.threshold, "--threshold")},
                             key_counts={**d.key_counts, **_role_map(args.keys, "--keys")},
@@ -154,16 +222,20 @@ def _init(args: argparse.Namespace) -> dict[str, Any]:
     return {"repository": str(repo.dir), "trusted_root": str(repo.dir / "metadata" / "1.root.json")}
 
 
+_SIGNS_TARGETS = ("targets", "snapshot", "timestamp")
+
+
 def _publish(args: argparse.Namespace) -> dict[str, Any]:
     from .privacy import read_privacy_record
-    adapter, probes = load_adapter(args)
-    privacy = read_privacy_record(args.adapter, args.privacy_record)
     audience = _audience(args)
 
     def change(repo: FleetRepository) -> dict[str, Any]:
         if args.delta_from is not None and not 1 <= args.delta_from <= repo.latest_version(args.name):
             raise LookupError(f"--delta-from {args.delta_from}: {args.name!r} has versions "
                               f"1..{repo.latest_version(args.name)} here")
+        # the model (for the health probes) loads once every cheap check has passed
+        adapter, probes = load_adapter(args)
+        privacy = read_privacy_record(args.adapter, args.privacy_record)
         spec = repo.publish_adapter(args.name, adapter, audience=audience, probes=probes,
                                     delta_from=args.delta_from, dtype="fp16" if args.fp16 else "fp32",
                                     compression=args.compress, chunk_size=args.chunk_size,
@@ -171,28 +243,33 @@ def _publish(args: argparse.Namespace) -> dict[str, Any]:
         return {"adapter": spec.adapter, "version": spec.version, "bytes": spec.length,
                 "encoding": spec.encoding, "audience": spec.audience.label,
                 "epsilon": None if privacy is None else privacy.epsilon}
-    return _signing(args, change)
+    return _signing(args, change, roles=_SIGNS_TARGETS, audience=audience)
 
 
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
+    audience = _audience(args)
+
     def change(repo: FleetRepository) -> dict[str, Any]:
         if args.name not in repo.published:
             raise LookupError(f"adapter {args.name!r} was never published here; published: "
                               f"{sorted(repo.published) or 'none'}")
-        spec = repo.rollback(args.name, to_version=args.to, audience=_audience(args))
+        spec = repo.rollback(args.name, to_version=args.to, audience=audience)
         return {"adapter": spec.adapter, "version": spec.version, "content_of": args.to}
-    return _signing(args, change)
+    return _signing(args, change, roles=_SIGNS_TARGETS, audience=audience)
+
+
+_SIGNS_ROOT = ("root", *_SIGNS_TARGETS)
 
 
 def _rotate(args: argparse.Namespace) -> dict[str, Any]:
-    kid = open_repo(args).resolve_keyid(args.role, args.keyid)
+    kid = open_repo(args, new_key_dir=True).resolve_keyid(args.role, args.keyid)
     extra = [args.key_dir[0]] if args.key_dir else []
 
     def change(repo: FleetRepository) -> dict[str, Any]:
         new = repo.rotate_key(args.role, kid, key_dir=args.key_dir[0] if args.key_dir else None)
         return {"role": args.role, "revoked": kid, "new_keyid": new,
                 "root_version": repo.load("root").signed.version}
-    return _signing(args, change, key_dirs=extra)
+    return _signing(args, change, roles=_SIGNS_ROOT, key_dirs=extra, new_key_dir=True)
 
 
 def _revoke(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,7 +278,12 @@ def _revoke(args: argparse.Namespace) -> dict[str, Any]:
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.revoke_key(args.role, kid)
         return {"role": args.role, "revoked": kid, "root_version": repo.load("root").signed.version}
-    return _signing(args, change)
+    return _signing(args, change, roles=_SIGNS_ROOT)
+
+
+#: what re-signing a role's expiry signs (the roles below it are signed again with it)
+_EXPIRY_SIGNS = {"root": _SIGNS_ROOT, "targets": _SIGNS_TARGETS, "snapshot": ("snapshot", "timestamp"),
+                 "timestamp": ("timestamp",)}
 
 
 def _expiry(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +293,7 @@ def _expiry(args: argparse.Namespace) -> dict[str, Any]:
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.set_expiry(args.role, args.seconds)
         return {"role": args.role, "expires": str(repo.load(args.role).signed.expires)}
-    return _signing(args, change)
+    return _signing(args, change, roles=_EXPIRY_SIGNS[args.role])
 
 
 def _keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,16 +317,18 @@ def _push_cmd(args: argparse.Namespace) -> dict[str, Any]:
     def change(repo: FleetRepository) -> dict[str, Any]:
         repo.refresh_timestamp()
         return {"timestamp_version": repo.load("timestamp").signed.version}
-    return _signing(args, change)
+    return _signing(args, change, roles=("timestamp",))
 
 
 def _command(args: argparse.Namespace) -> dict[str, Any]:
-    repo = open_repo(args)
     action = args.action.replace("-", "_")
     if action != "train_now" and not args.adapter:
         raise ValueError(f"{args.action} needs --adapter")
     if action == "rollback" and (args.version is None or args.version < 1):
         raise ValueError("rollback needs --version N (the device's local version to serve, >= 1)")
+    check_broker_args(args)
+    repo = open_repo(args)
+    repo.check_signing_keys(("command",))
     t = connect_broker(args)
     try:
         view = fleet_view(t, args.timeout)
@@ -307,19 +391,33 @@ def _status_table(d: dict[str, Any]) -> str:
 def _status(args: argparse.Namespace) -> dict[str, Any]:
     """Every device's status; one whose status cannot be read is an entry with ``error``
     (listed in ``unreadable``), and the command still exits 0."""
+    if args.watch is not None and args.watch <= 0:
+        raise ValueError(f"--watch must be > 0 seconds, got {args.watch:g}")
     t = connect_broker(args)
     try:
+        closed: list[BaseException] = []  # the reader went away (| head): stop watching
+
+        def say(line: dict[str, Any]) -> None:
+            if args.watch and not closed:
+                try:
+                    print(json.dumps(line, sort_keys=True), flush=True)
+                except BrokenPipeError as e:
+                    closed.append(e)
+
         def show(device: str, st: DeviceStatus | None, online: bool | None) -> None:
-            if args.watch:
-                line = {"device": device, "online": online} if st is None else json.loads(st.encode())
-                print(json.dumps(line, sort_keys=True), flush=True)
+            say({"device": device, "online": online} if st is None else json.loads(st.encode()))
 
         def show_error(device: str, why: str) -> None:
-            if args.watch:
-                print(json.dumps({"device": device, "error": why}, sort_keys=True), flush=True)
+            say({"device": device, "error": why})
         view = fleet_view(t, args.timeout, on_change=show, on_error=show_error)
         if args.watch:
-            view.wait_for(lambda v: False, args.watch)
+            until = time.monotonic() + args.watch
+            while not closed and time.monotonic() < until:
+                view.wait_for(lambda v: bool(closed), min(0.5, until - time.monotonic()))
+                if _reader_gone():  # between changes too: `| head -n 1` ends it at once
+                    closed.append(BrokenPipeError("stdout's reader went away"))
+            if closed:
+                raise closed[0]
         statuses, errors = view.snapshot(), view.error_snapshot()
         devices: dict[str, dict[str, Any]] = {
             d: {"online": view.online.get(d), **json.loads(s.encode())} for d, s in statuses.items()}
@@ -330,6 +428,17 @@ def _status(args: argparse.Namespace) -> dict[str, Any]:
         return {"devices": devices, "unreadable": sorted(errors)}
     finally:
         t.close()
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (POLLERR on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
 def _broker_init(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,35 +476,45 @@ def _broker_table(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _wrap(fn: Callable[[argparse.Namespace], dict[str, Any]], fmt: Formatter) -> Callable[[argparse.Namespace, Any], int]:
+Command = Callable[[argparse.Namespace], "dict[str, Any] | str"]
+
+
+def _wrap(fn: Command, fmt: Formatter) -> Callable[[argparse.Namespace, Any], int]:
     def handler(args: argparse.Namespace, ctx: Any = None) -> int:
-        code, msg = _run(fn, args, fmt)
+        code, msg, data = _run(fn, args, fmt)
         if msg and getattr(args, "json", False):
-            # the error document of every lorad command line (lorad.daemon.ctl.output.fail)
-            print(json.dumps({"error": msg, "exit_code": code, "status": None}, sort_keys=True))
+            print(error_document(msg, code, data))
         elif msg:
             print(f"loractl fleet: {msg}", file=sys.stderr)
         return code
     return handler
 
 
-def _run(fn: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace,
-         fmt: Formatter) -> tuple[int, str | None]:
+def _run(fn: Command, args: argparse.Namespace, fmt: Formatter) -> tuple[int, str | None, dict[str, Any] | None]:
+    """Exit code, error message and what ``--json`` shows with it. A closed stdout
+    (BrokenPipeError) goes through to the command line's main, which ends quietly."""
     try:
         _emit(args, fn(args), fmt)
-        return EXIT_OK, None
+        return EXIT_OK, None, None
     except CliError as e:
-        return e.code, str(e)
+        return e.code, str(e), e.data
     except TransportError as e:
-        return EXIT_BROKER, f"broker: {e}"
+        return EXIT_BROKER, f"broker: {e}", None
+    except BrokenPipeError:
+        raise
     except (OtaError, PermissionError, FileNotFoundError, FileExistsError, LookupError, RuntimeError) as e:
-        return EXIT_REFUSED, str(e)
+        return EXIT_REFUSED, str(e), None
     except (ValueError, AdapterError) as e:
-        return EXIT_USAGE, str(e)
+        return EXIT_USAGE, str(e), None
     except OSError as e:
-        return EXIT_REFUSED, f"{type(e).__name__}: {e}"
+        return EXIT_REFUSED, f"{type(e).__name__}: {e}", None
     except KeyboardInterrupt:
-        return 130, "interrupted"
+        return 130, "interrupted", None
+    except Exception as e:
+        # the metadata libraries' own errors (a repository edited by hand, a damaged key file)
+        if type(e).__module__.split(".")[0] in ("tuf", "securesystemslib", "cryptography"):
+            return EXIT_REFUSED, f"repository metadata or keys: {type(e).__name__}: {e}", None
+        raise
 
 
 def add_publish_args(p: argparse.ArgumentParser, *, adapter_dir: bool = True) -> None:
@@ -427,9 +546,12 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
                            description="Operate the fleet's signed adapter updates over MQTT. Exit codes: " +
                            "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
     fleet.set_defaults(model_loader=model_loader)
-    fs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
+    # JSON usage errors under `fleet` whatever parser class loractl's root is (with --json
+    # after the command; before `fleet`, the root parser must be a JsonErrorParser too)
+    fs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND",
+                              parser_class=JsonErrorParser)
 
-    def leaf(name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help: str, *,
+    def leaf(name: str, fn: Command, help: str, *,
              repo: bool = True, broker: bool = False, fmt: Formatter = _kv,
              parent: Any = fs, signs: bool = True) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
@@ -507,11 +629,21 @@ def register(sub: argparse._SubParsersAction, *, model_loader: ModelLoader | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loractl")
+    """``python -m lorad.ota.cli``: the fleet commands without the daemon's CLI."""
+    parser = JsonErrorParser(prog="loractl")
     parser.add_argument("--json", action="store_true", help="JSON output")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.handler(args, None))
+    try:
+        try:
+            args = parser.parse_args(argv)
+            return int(args.handler(args, None))
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (| head): quiet, and Python's own flush at exit too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

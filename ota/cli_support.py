@@ -9,11 +9,15 @@ it; neither imports the other's internals.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+import json
+import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from lorad.adapters.errors import AdapterError
 
@@ -29,27 +33,73 @@ if TYPE_CHECKING:
     from .target import ProbeSet
     from .transport import MqttTransport, Transport
 
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_BROKER", "EXIT_HALTED", "EXIT_CODES", "CliError",
-           "ModelSection", "ModelLoader", "FleetSession", "add_broker_args", "add_adapter_args", "connect_broker",
-           "open_repo", "load_adapter", "fleet_view", "fmt_value", "table"]
+__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "EXIT_BROKER", "EXIT_HALTED", "EXIT_NOT_DONE", "EXIT_CODES",
+           "CliError", "JsonErrorParser", "error_document", "ModelSection", "ModelLoader", "FleetSession",
+           "add_broker_args", "add_adapter_args", "check_broker_args", "connect_broker", "open_repo", "load_adapter",
+           "fleet_view", "fmt_value", "table"]
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_HALTED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_HALTED, EXIT_NOT_DONE = 0, 1, 2, 3, 4, 5
 #: ``ProbeSet.atol`` and ``ProbeSet.rtol`` (lorad.ota.target), the defaults of ``--probe-atol``
 #: and ``--probe-rtol``; not imported here: that module loads numpy, safetensors and zstandard
 #: on every loractl start (tests/unit/test_startup_imports.py keeps the numbers equal).
 PROBE_ATOL, PROBE_RTOL = 1e-4, 1e-3
 EXIT_CODES: Mapping[int, str] = {
-    EXIT_OK: "done", EXIT_REFUSED: "refused (verification, keys, repository, unknown device/adapter/key)",
+    EXIT_OK: "done", EXIT_REFUSED: "refused (verification, keys, repository, unknown device/group/adapter/key)",
     EXIT_USAGE: "bad or missing arguments or input files", EXIT_BROKER: "broker unreachable, refused or failed",
-    EXIT_HALTED: "rollout halted at its abort threshold"}
+    EXIT_HALTED: "rollout halted at its abort threshold",
+    EXIT_NOT_DONE: "rollout not done: paused, or still running at --max-time"}
 
 
 class CliError(Exception):
-    """A failure with its exit code and the message the operator sees."""
+    """A failure with its exit code and the message the operator sees (``data``: what
+    ``--json`` shows beside the error, e.g. the rollout's summary)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, *, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.data = dict(data or {})
+
+
+def error_document(message: str, code: int, data: Mapping[str, Any] | None = None) -> str:
+    """The error of every lorad command line in ``--json`` mode (``lorad.daemon.ctl.output.fail``),
+    with what the command has to say beside it."""
+    return json.dumps({**(data or {}), "error": message, "exit_code": code, "status": None}, sort_keys=True)
+
+
+class JsonErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are the JSON error document when ``--json`` was
+    given (anywhere before ``--``, on this parser's command line or its parent's), and the
+    usual usage text and message on stderr otherwise; the exit code is 2 either way."""
+
+    #: set while the outermost parser parses: whether its command line asked for JSON
+    _json: ClassVar[contextvars.ContextVar[bool]] = contextvars.ContextVar("lorad_json_errors", default=False)
+
+    @contextlib.contextmanager
+    def _asked(self, argv: list[str]) -> Iterator[None]:
+        wants = "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+        token = self._json.set(self._json.get() or wants)
+        try:
+            yield
+        finally:
+            self._json.reset(token)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        with self._asked(argv):
+            return super().parse_known_args(argv, namespace)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        with self._asked(argv):  # "unrecognized arguments" is reported here, after parse_known_args
+            return super().parse_args(argv, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if self._json.get():
+            print(error_document(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_USAGE))
+            self.exit(EXIT_USAGE)
+        super().error(message)
 
 
 @dataclass(frozen=True)
@@ -79,6 +129,13 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--password-file", type=Path, help="file holding the broker password")
     g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for the broker's answers (default 10)")
+
+
+def check_broker_args(args: argparse.Namespace) -> None:
+    """Usage error (ValueError) for any bad broker argument, before anything slow happens
+    (a model loaded, keys read); nothing when the command does not push (``--no-push``)."""
+    if not getattr(args, "no_push", False):
+        _mqtt_config(args)
 
 
 def _mqtt_config(args: argparse.Namespace) -> MqttConfig:
@@ -114,13 +171,31 @@ def connect_broker(args: argparse.Namespace) -> MqttTransport:
     return t
 
 
-def open_repo(args: argparse.Namespace) -> FleetRepository:
+def open_repo(args: argparse.Namespace, *, new_key_dir: bool = False) -> FleetRepository:
+    """The repository at ``args.repo``, signing with the keys in ``--key-dir`` (each must be
+    a directory holding private keys of this repository: a wrong one is an error, never
+    silently passed over for ``REPO/keys``) and in ``REPO/keys``. ``new_key_dir``: the first
+    ``--key-dir`` receives a new key (``rotate``) and may hold none yet."""
     from .repository import FleetRepository
 
-    key_dirs = [*args.key_dir] if args.key_dir else None
-    if key_dirs is not None:
-        key_dirs.append(args.repo / "keys")
-    return FleetRepository(args.repo, key_dirs=key_dirs)
+    repo = FleetRepository(args.repo)
+    given: list[Path] = [*(getattr(args, "key_dir", None) or ())]
+    for i, d in enumerate(given):
+        if not d.is_dir():
+            raise ValueError(f"--key-dir {d}: no such directory (name the directory, e.g. the mounted offline "
+                             "media, that holds the private keys)")
+        if new_key_dir and i == 0:
+            continue
+        if not repo.keys_in(d):
+            from .keys import key_files
+
+            others = len(key_files(d))
+            raise ValueError(f"--key-dir {d} holds no private key of the repository {args.repo} "
+                             f"({others} other key file(s)): name the directory that holds this repository's "
+                             "keys (`loractl fleet keys REPO` lists their ids; key files are <role>.<id>.key)")
+    if given:
+        repo.key_dirs = [*given, *([] if args.repo / "keys" in given else [args.repo / "keys"])]
+    return repo
 
 
 class FleetSession:

@@ -19,7 +19,7 @@ from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 from lorad.adapters.fsutil import atomic_write_bytes
 
 __all__ = ["generate_key", "save_key", "load_signer", "load_public_key", "find_signers",
-           "ed25519_private_key"]
+           "ed25519_private_key", "key_files"]
 
 
 def generate_key() -> CryptoSigner:
@@ -72,3 +72,10 @@ def find_signers(dirs: Iterable[Path], keyids: Iterable[str]) -> dict[str, Crypt
                     if signer.public_key.keyid == kid:
                         found[kid] = signer
     return found
+
+
+def key_files(directory: Path) -> dict[str, Path]:
+    """Short key id (from the file name ``<role>.<id8>.key``) -> private key file in ``directory``."""
+    if not directory.is_dir():
+        return {}
+    return {p.stem.rpartition(".")[2]: p for p in sorted(directory.glob("*.key"))}

@@ -6,10 +6,22 @@ roles (root, targets) can be kept on removable media and named only when needed.
 :meth:`FleetRepository.push` publishes what devices need as retained chunked messages
 (:mod:`lorad.ota.files`) plus expiring offers to the audiences of new targets.
 
-Targets name their audience in ``custom["lorad"]`` (:class:`lorad.ota.target.TargetSpec`);
-a newer target for the same adapter and audience replaces the older one. Versions of an
-adapter only grow: rolling a group back publishes a *higher* version whose payload is an
-older adapter, so a device never has to accept a lower version.
+Targets name their audience in ``custom["lorad"]`` (:class:`lorad.ota.target.TargetSpec`,
+:class:`lorad.ota.audience.Audience`); a newer target for the same adapter and audience
+replaces the older one, and a target for everyone removes every lower version of its
+adapter (no device would take those any more), so what a finished rollout signed does not
+stay behind. Versions of an adapter only grow: rolling a group back publishes a *higher*
+version whose payload is an older adapter, so a device never has to accept a lower version.
+
+Nothing is signed that devices would refuse: every metadata file is checked against the
+size python-tuf's client accepts (:data:`CLIENT_MAX_BYTES`) and refused with the entries
+that make it large (:class:`MetadataTooLargeError`); a role whose threshold of private keys
+is not in the key directories is refused naming the keys and the directories searched
+(:class:`SigningKeysMissingError`).
+
+The repository also keeps a record of the devices and groups the fleet has seen
+(``members.json``: from the devices' retained statuses, whenever a command read them), so a
+publish to a group no device has reported can be refused (:meth:`FleetRepository.record_members`).
 """
 
 from __future__ import annotations
@@ -26,36 +38,66 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, MetaFile, Role, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from lorad.adapters.fsutil import atomic_write_bytes
 
-from .commands import Command, command_topic, key_id, sign_command
+from .audience import Audience
 from .errors import UpdateRejectedError
-from .files import FileEntry, RepoIndex, chunk_topic, publish_files
-from .keys import ed25519_private_key, find_signers, generate_key, save_key
-from .transport import TOPIC_ROOT, Transport
+from .keys import ed25519_private_key, find_signers, generate_key, key_files, save_key
 
 if TYPE_CHECKING:
-    # The adapter payloads (numpy, safetensors, zstandard) load where a target is read or
-    # written: ``fleet init`` and ``fleet keys`` sign and read metadata only.
+    # The adapter payloads (numpy, safetensors, zstandard), the broker's client (paho) and
+    # the command signing (numpy through the bounded JSON reader) load where they are used:
+    # ``fleet init``, ``fleet keys`` and ``--no-push`` sign and read metadata only.
     from lorad.adapters.lora import LoraAdapter
 
+    from .files import FileEntry, RepoIndex
     from .privacy import PrivacyRecord
-    from .target import Audience, ProbeSet, TargetSpec
+    from .target import ProbeSet, TargetSpec
+    from .transport import Transport
 
-__all__ = ["COMMAND_KEYS_FIELD", "RepoSettings", "FleetRepository", "offer_topic", "meta_name"]
+__all__ = ["COMMAND_KEYS_FIELD", "CLIENT_MAX_BYTES", "RepoSettings", "FleetRepository", "MetadataTooLargeError",
+           "SigningKeysMissingError", "offer_topic", "meta_name"]
 
 _log = logging.getLogger(__name__)
 
 #: Root's extra field naming the fleet command keys (signed by root, rotated with it).
 COMMAND_KEYS_FIELD = "x-lorad-command-keys"
 _DAY = 86400
+#: The largest metadata file per role a device accepts: python-tuf's ``UpdaterConfig``
+#: defaults, which lorad's client uses (tests/ota/test_fleet_metadata.py keeps them equal;
+#: not imported here, ``tuf.ngclient`` loads the client's HTTP stack).
+CLIENT_MAX_BYTES: Mapping[str, int] = {"root": 512_000, "timestamp": 16_384, "snapshot": 2_000_000,
+                                       "targets": 5_000_000}
+#: How many of the largest targets a MetadataTooLargeError names.
+_NAMED_TARGETS = 3
+
+
+class MetadataTooLargeError(RuntimeError):
+    """Signed metadata would be larger than devices accept; nothing was written."""
+
+    def __init__(self, role: str, size: int, limit: int, largest: list[tuple[str, int, str]]) -> None:
+        self.role, self.size, self.limit, self.largest = role, size, limit, largest
+        named = "; ".join(f"{p}: {n:,} bytes ({why})" for p, n, why in largest)
+        super().__init__(
+            f"{role}.json would be {size:,} bytes, over the {limit:,} bytes a device accepts (python-tuf's "
+            f"{role}_max_length): every device would refuse every update, so nothing was signed."
+            + (f" Largest entries: {named}." if named else "")
+            + (" Sign audiences as groups or percentages (a rollout's hash buckets) instead of device lists, "
+               "and withdraw targets no device needs." if role == "targets" else ""))
+
+
+class SigningKeysMissingError(LookupError):
+    """A role's threshold of private keys is not in the key directories."""
 
 
 def offer_topic(audience_kind: str, name: str | None = None) -> str:
     """``lorad/v1/all/offer``, ``lorad/v1/group/<g>/offer`` or ``lorad/v1/device/<d>/offer``."""
+    from .transport import TOPIC_ROOT
+
     if audience_kind == "all":
         return f"{TOPIC_ROOT}/all/offer"
     if audience_kind not in ("group", "device") or not name:
@@ -206,6 +248,14 @@ class FleetRepository:
         raise LookupError(f"key id prefix {prefix!r} is ambiguous for role {role}: "
                           f"{', '.join(hits)}; give more characters")
 
+    def keys_in(self, directory: Path) -> list[str]:
+        """Ids of this repository's keys (every role's, the command keys) whose private key
+        file is in ``directory`` (by file name; loading checks it when it signs)."""
+        root: Root = self.load("root").signed
+        ids = set(self._command_keys(root)).union(*(root.roles[r].keyids for r in TOP_LEVEL_ROLE_NAMES))
+        short = [s for s in key_files(Path(directory)) if len(s) == 8]
+        return sorted(k for k in ids if any(k.startswith(s) for s in short))
+
     @property
     def published(self) -> dict[str, int]:
         """Adapter name -> latest version signed here."""
@@ -223,18 +273,52 @@ class FleetRepository:
         found = find_signers(self.key_dirs, keyids)
         return list(found.values())
 
+    def _where(self) -> str:
+        return ", ".join(str(d) for d in self.key_dirs)
+
+    def check_signing_keys(self, roles: Iterable[str]) -> None:
+        """SigningKeysMissingError naming every role of ``roles`` (top-level roles or
+        ``command``) whose threshold of private keys is not in the key directories: what a
+        command checks before it reaches the broker or loads a model."""
+        root: Root = self.load("root").signed
+        problems = []
+        for role in dict.fromkeys(roles):
+            if role == "command":
+                ids, threshold = set(self._command_keys(root)), 1
+            else:
+                ids, threshold = set(root.roles[role].keyids), root.roles[role].threshold
+            found = find_signers(self.key_dirs, ids)
+            if len(found) < threshold:
+                problems.append(f"role {role} needs {threshold} of its private keys "
+                                f"({', '.join(k[:8] for k in sorted(ids))}), {len(found)} found")
+        if problems:
+            raise SigningKeysMissingError(
+                f"cannot sign: {'; '.join(problems)} in {self._where()}. Name the directory that holds them "
+                "(the offline media of root and targets) with --key-dir")
+
     def _sign(self, md: Metadata[Any], role: str, roots: Iterable[Root]) -> None:
         roots = list(roots)
         md.signatures.clear()
         for s in self._signers(role, roots):
             md.sign(s, append=True)
         for r in roots:  # refuse to write metadata that no device would accept
-            r.verify_delegate(role, md.signed_bytes, md.signatures)
+            try:
+                r.verify_delegate(role, md.signed_bytes, md.signatures)
+            except UnsignedMetadataError as e:
+                threshold = r.roles[role].threshold
+                raise SigningKeysMissingError(
+                    f"cannot sign {role} (root version {r.version} requires {threshold} signature(s) of "
+                    f"{', '.join(k[:8] for k in sorted(r.roles[role].keyids))}): {len(md.signatures)} private "
+                    f"key(s) found in {self._where()}. Name the directory that holds them (the offline media "
+                    "of root and targets) with --key-dir") from e
 
     def _write_signed(self, md: Metadata[Any], role: str, *, extra_roots: Iterable[Root] = ()) -> None:
         roots = [md.signed] if role == "root" else [self.load("root").signed]
         self._sign(md, role, [*roots, *extra_roots])
         data = md.to_bytes(JSONSerializer(compact=True))
+        limit = CLIENT_MAX_BYTES.get(role)
+        if limit is not None and len(data) > limit:
+            raise MetadataTooLargeError(role, len(data), limit, _largest_targets(md.signed) if role == "targets" else [])
         mdir = self.dir / "metadata"
         if role != "timestamp":
             atomic_write_bytes(mdir / f"{md.signed.version}.{role}.json", data)
@@ -333,6 +417,7 @@ class FleetRepository:
         t: Targets = md.signed
         for old in [p for p in t.targets if p.startswith(prefix)]:
             del t.targets[old]
+        _prune(t, spec.adapter, spec.version if spec.audience.everyone else 0)
         entries = [(f"{prefix}{spec.version}.lorad", spec, payload)]
         if also is not None:
             entries.append((f"{prefix}{spec.version}.full.lorad", *also))
@@ -365,6 +450,8 @@ class FleetRepository:
             spec = TargetSpec.from_custom(tf.custom, length=tf.length, sha256=tf.hashes["sha256"])
             spec = dataclasses.replace(spec, audience=audience)
             tf.unrecognized_fields["custom"] = spec.to_custom()
+        if audience is not None and audience.everyone:
+            _prune(t, adapter, 0)
         self._write_signed(md, "targets")
         self._snapshot_and_timestamp()
 
@@ -447,6 +534,8 @@ class FleetRepository:
 
     def command_key(self) -> Ed25519PrivateKey:
         """The private key of a command key the current root trusts."""
+        from .commands import key_id
+
         trusted = self.command_keys()
         for d in self.key_dirs:
             for p in sorted(d.glob("command.*.key")):
@@ -458,6 +547,8 @@ class FleetRepository:
     def command(self, device: str, action: str, *, adapter: str | None = None,
                 version: int | None = None) -> bytes:
         """A signed command for ``device`` with the next sequence number."""
+        from .commands import Command, sign_command
+
         cmd = Command.new(device, action, seq=self.next_command_seq(), adapter=adapter, version=version)
         return sign_command(cmd, self.command_key())
 
@@ -465,6 +556,8 @@ class FleetRepository:
                      adapter: str | None = None, version: int | None = None,
                      expiry_s: int = 300) -> bytes:
         """Sign and publish (retained until it goes stale, for devices briefly offline)."""
+        from .commands import command_topic
+
         data = self.command(device, action, adapter=adapter, version=version)
         transport.publish(command_topic(device), data, retain=True, expiry_s=expiry_s)
         return data
@@ -496,6 +589,8 @@ class FleetRepository:
         again). Files no longer needed (older snapshots/targets than the previous ones,
         replaced payloads) are dropped from the index and their retained chunks cleared.
         """
+        from .files import RepoIndex, publish_files
+
         files = self.repo_files()
         old = dict(current.files) if current is not None else {}
         keep_prev: set[str] = set()
@@ -525,6 +620,8 @@ class FleetRepository:
 
     @staticmethod
     def _clear(transport: Transport, name: str, entry: FileEntry) -> None:
+        from .files import chunk_topic
+
         for i in range(entry.chunks):
             transport.publish(chunk_topic(name, i), b"", retain=True)
 
@@ -532,7 +629,9 @@ class FleetRepository:
         ts_version = self.load("timestamp").signed.version
         by_topic: dict[str, list[dict[str, Any]]] = {}
         for path, s in specs.items():
-            topics = ([offer_topic("all")] if s.audience.everyone else []) + \
+            # a bucket range is decided by each device: every device is told
+            everyone = s.audience.everyone or s.audience.buckets is not None
+            topics = ([offer_topic("all")] if everyone else []) + \
                      [offer_topic("group", g) for g in s.audience.groups] + \
                      [offer_topic("device", d) for d in s.audience.devices]
             for tp in topics:
@@ -541,3 +640,72 @@ class FleetRepository:
             transport.publish(tp, json.dumps({"timestamp_version": ts_version, "targets": items}).encode(),
                               retain=True, expiry_s=int(self._state["settings"]["offer_expiry_s"]))
 
+
+    # --- who the fleet is -----------------------------------------------------------
+
+    def known_members(self) -> dict[str, tuple[str, ...]]:
+        """Device -> groups, of every device whose status a command of this repository read."""
+        path = self.dir / "members.json"
+        if not path.is_file():
+            return {}
+        try:
+            doc = json.loads(path.read_bytes())
+            return {str(d): tuple(str(g) for g in gs) for d, gs in doc["devices"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RuntimeError(f"{path} is unreadable ({e!r}); delete it, the next command that reaches "
+                               "the broker records the fleet again") from e
+
+    def record_members(self, devices: Mapping[str, Iterable[str]]) -> None:
+        """Add what the devices' statuses say (device -> its groups) to ``members.json``."""
+        known = self.known_members()
+        merged = {**known, **{d: tuple(sorted(gs)) for d, gs in devices.items()}}
+        if merged != known:
+            atomic_write_bytes(self.dir / "members.json", json.dumps(
+                {"updated_at": self._clock().isoformat(), "devices": {d: list(g) for d, g in sorted(merged.items())}},
+                separators=(",", ":")).encode())
+
+    def unknown_members(self, audience: Audience, devices: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+        """The groups and devices ``audience`` names that no known device is or is in
+        (``devices``: what is known; default :meth:`known_members`)."""
+        known = self.known_members() if devices is None else devices
+        groups = {g for gs in known.values() for g in gs}
+        return ([f"group {g}" for g in audience.groups if g not in groups] +
+                [f"device {d}" for d in audience.devices if d not in known])
+
+
+def _custom(tf: TargetFile) -> Mapping[str, Any] | None:
+    custom = tf.unrecognized_fields.get("custom")
+    lorad = custom.get("lorad") if isinstance(custom, Mapping) else None
+    return lorad if isinstance(lorad, Mapping) else None
+
+
+def _prune(t: Targets, adapter: str, everyone_version: int) -> None:
+    """Drop the targets of ``adapter`` below the highest version of it signed for everyone
+    (``everyone_version`` included): a device takes the highest version addressed to it, so
+    no device takes those any more."""
+    floor = everyone_version
+    for tf in t.targets.values():
+        c = _custom(tf)
+        if c is not None and c.get("adapter") == adapter and isinstance(c.get("audience"), Mapping) \
+                and c["audience"].get("all") is True and isinstance(c.get("version"), int):
+            floor = max(floor, c["version"])
+    for path in [p for p, tf in t.targets.items()
+                 if (c := _custom(tf)) is not None and c.get("adapter") == adapter
+                 and isinstance(c.get("version"), int) and c["version"] < floor]:
+        del t.targets[path]
+
+
+def _largest_targets(t: Targets) -> list[tuple[str, int, str]]:
+    """The targets taking most bytes, with what makes each large."""
+    sizes = []
+    for path, tf in t.targets.items():
+        n = len(json.dumps(tf.to_dict(), separators=(",", ":")))
+        c = _custom(tf) or {}
+        try:
+            who = Audience.from_dict(c["audience"]).describe()
+        except (KeyError, TypeError, ValueError, AttributeError):
+            who = "audience unreadable"
+        chunks = c.get("chunks")
+        sizes.append((path, n, f"audience: {who}" + (f"; {len(chunks)} chunk digests"
+                                                       if isinstance(chunks, list) else "")))
+    return sorted(sizes, key=lambda x: -x[1])[:_NAMED_TARGETS]

@@ -3,8 +3,9 @@
 Pure functions over bytes: no I/O. A TUF target file is the *payload* (possibly a delta,
 possibly fp16, possibly compressed); its TUF ``length``/``hashes`` cover the payload as
 sent, and the ``custom["lorad"]`` part (:class:`TargetSpec`) records what the fleet
-signed about it: adapter name and version, the base model fingerprint, who it is for,
-the chunking with a sha256 per chunk (so each chunk is checked as it arrives), the
+signed about it: adapter name and version, the base model fingerprint, who it is for
+(:class:`lorad.ota.audience.Audience`: each device decides its own membership with
+``Audience.includes``), the chunking with a sha256 per chunk (so each chunk is checked as it arrives), the
 encoding, and the sha256 of the *reconstructed* adapter in its canonical form, which is
 checked before anything is installed.
 
@@ -21,7 +22,7 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +31,9 @@ import safetensors.numpy as st_numpy
 import zstandard
 
 from lorad.adapters.lora import LoraAdapter, LoraWeights
-from lorad.adapters.names import NAME_RULE, is_name
+from lorad.adapters.names import is_name
 
+from .audience import Audience
 from .errors import UpdateRejectedError
 from .privacy import PrivacyRecord
 
@@ -63,44 +65,6 @@ def _sha256(data: bytes) -> str:
 
 def _reject(reason: str, message: str) -> UpdateRejectedError:
     return UpdateRejectedError(reason, message)
-
-
-@dataclass(frozen=True)
-class Audience:
-    """Who a target is for: everyone, or named devices and/or groups."""
-
-    devices: tuple[str, ...] = ()
-    groups: tuple[str, ...] = ()
-    everyone: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.everyone and not self.devices and not self.groups:
-            raise ValueError("an audience needs everyone=True, devices or groups")
-        for n in (*self.devices, *self.groups):
-            if not is_name(n):
-                raise ValueError(f"device/group name {n!r} must match {NAME_RULE}")
-
-    def includes(self, device_id: str, groups: Sequence[str]) -> bool:
-        return self.everyone or device_id in self.devices or bool(set(groups) & set(self.groups))
-
-    @property
-    def label(self) -> str:
-        """Short tag used in target paths: ``all``, ``g-<group>``, ``d-<device>``, ``mixed``."""
-        if self.everyone:
-            return "all"
-        if len(self.groups) == 1 and not self.devices:
-            return f"g-{self.groups[0]}"
-        if len(self.devices) == 1 and not self.groups:
-            return f"d-{self.devices[0]}"
-        return "m-" + _sha256(json.dumps(self.to_dict(), sort_keys=True).encode())[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"all": self.everyone, "devices": sorted(self.devices), "groups": sorted(self.groups)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Audience:
-        return cls(devices=tuple(d.get("devices", ())), groups=tuple(d.get("groups", ())),
-                   everyone=bool(d.get("all", False)))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,11 @@ GROUPS: tuple[str, ...] = ("adapters", "serving", "generate", "training", "fleet
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from lorad.ota.cli_support import JsonErrorParser
+
+    # Usage errors of any subcommand are the JSON error document under --json (the child
+    # parsers inherit the class).
+    parser = JsonErrorParser(
         prog="loractl",
         description="Control a running lorad daemon: adapters, inference, health.",
         epilog="exit codes: 0 ok, 1 the server refused (its error is printed), 2 usage error, 3 cannot connect",

@@ -51,6 +51,9 @@ def test_every_failure_is_an_exit_code_and_leaves_the_repository_byte_identical(
     targets = FleetRepository(repo).load("root").signed.roles["targets"].keyids
     # 17 keys, 16 hex digits: two share a first digit
     ambiguous = next(k[0] for k in targets if sum(x[0] == k[0] for x in targets) > 1)
+    # a device of group east has reported: publishing to east gets as far as each mistake
+    from lorad.ota.status import DeviceStatus, StatusReporter
+    StatusReporter(mqtt.connect("dev1"), "dev1").publish(DeviceStatus(device_id="dev1", groups=("east",)))
     cases = {
         "missing broker arguments": (_publish(repo), 2, "--broker, --ca, --cert, --key missing"),
         "not an adapter": (["fleet", "publish", str(repo), "--name", "x", "--adapter", str(tmp_path / "notadapter"),
@@ -77,9 +80,6 @@ def test_every_failure_is_an_exit_code_and_leaves_the_repository_byte_identical(
         assert "Traceback" not in err
         assert _tree(repo) == before, what
     # a device that is known but serves no such adapter
-    dev = mqtt.connect("dev1")
-    from lorad.ota.status import DeviceStatus, StatusReporter
-    StatusReporter(dev, "dev1").publish(DeviceStatus(device_id="dev1", groups=("east",)))
     rc = main(["fleet", "command", str(repo), "dev1", "pin", "--adapter", "nope", *ok])
     assert rc == 1 and "unknown adapter 'nope'" in capsys.readouterr().err and _tree(repo) == before
 

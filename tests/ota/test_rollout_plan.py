@@ -9,9 +9,23 @@ from typing import Any
 
 import pytest
 
+from lorad.ota.audience import Audience
 from lorad.ota.errors import UpdateRejectedError
 from lorad.ota.privacy import PrivacyPolicy, PrivacyRecord
-from lorad.ota.rollout import Deploy, DeviceObs, RollBack, RolloutPlan, RolloutState, acted, decide, parse_stages, select
+from lorad.ota.rollout import (
+    Deploy,
+    DeviceObs,
+    RollBack,
+    RolloutPlan,
+    RolloutState,
+    acted,
+    counts,
+    decide,
+    observe,
+    parse_stages,
+    select,
+    stage_audience,
+)
 from lorad.ota.window import InstallWindow
 
 POP = {f"d{i:02d}": ("canary",) if i < 3 else ("main",) for i in range(20)}
@@ -42,7 +56,7 @@ def test_selection_is_deterministic_cumulative_and_depends_on_the_rollout() -> N
 def test_stages_advance_on_healthy_installs_and_halt_at_the_abort_threshold() -> None:
     p = _plan(min_wait_s=5.0)
     st, [d] = decide(p, RolloutState(), {}, now=0.0)
-    assert isinstance(d, Deploy) and d.devices == select(p, 0) and st.deployed == 0
+    assert isinstance(d, Deploy) and d.audience == stage_audience(p, 0) and st.deployed == 0
     # a crash before the deploy was confirmed: the same decision again, from the saved state
     saved = RolloutState.from_dict(st.to_dict())
     assert saved == st and decide(p, saved, {}, now=0.5) == (st, [d])
@@ -50,7 +64,7 @@ def test_stages_advance_on_healthy_installs_and_halt_at_the_abort_threshold() ->
     healthy = {dev: DeviceObs("healthy", 1) for dev in select(p, 0)}
     assert decide(p, st, healthy, now=1.0) == (st, [])  # healthy, but the soak time is not over
     st, [d] = decide(p, st, healthy, now=6.0)
-    assert isinstance(d, Deploy) and st.stage == 1 and len(d.devices) == 10
+    assert isinstance(d, Deploy) and st.stage == 1 and d.audience == stage_audience(p, 1) and len(select(p, 1)) == 10
     st = acted(st)
     # stage 2: 3 of 10 failed >= 25 %: halt, withdraw, send back those that installed
     obs = dict(healthy)
@@ -81,6 +95,110 @@ def test_last_stage_healthy_is_done_and_pause_stops_everything() -> None:
     assert decide(p, st, obs, now=1.0)[0].status == "done"
     paused = RolloutState(status="paused", deployed=0)
     assert decide(p, paused, {d: DeviceObs("failed") for d in POP}, now=1.0) == (paused, [])
+
+
+def _through(p: RolloutPlan, obs: dict[str, DeviceObs], *, until: float, step: float = 1.0) -> RolloutState:
+    """Decide and act every ``step`` seconds up to ``until`` (the devices' reports fixed)."""
+    st, now = RolloutState(), 0.0
+    while now <= until and st.status in ("running",):
+        st, _ = decide(p, st, obs, now)
+        st = acted(st)
+        now += step
+    return st
+
+
+def test_a_silent_device_times_out_and_is_left_out_or_counts_as_failed() -> None:
+    """Everyone but one device installs; that one never says anything. Without a timeout the
+    rollout waits forever at the default 100 % success share; with one, it is left out
+    (the rollout completes) or counts as failed (the rollout halts)."""
+    base = _plan(stages=parse_stages("50%,100%"), success_threshold=1.0, abort_threshold=0.05)
+    silent = select(base, 0)[0]
+    obs = {d: DeviceObs("healthy", 1) for d in POP if d != silent}
+    assert _through(base, obs, until=10_000).status == "running"  # stalled for good
+    st = _through(_plan(stages=base.stages, device_timeout_s=600.0), obs, until=10_000)
+    assert st.status == "done" and "1 silent past the device timeout left out" in st.history[-1][1]
+    assert "stage 1 healthy (9/9" in " | ".join(m for _, m in st.history)
+    st = _through(_plan(stages=base.stages, device_timeout_s=600.0, on_timeout="fail", abort_threshold=0.05),
+                  obs, until=10_000)
+    assert st.status == "aborted" and silent in st.reason and "1 silent past the device timeout" in st.reason
+    # a device's timeout runs from the stage that first targeted it, not the latest one
+    p = _plan(stages=base.stages, device_timeout_s=600.0)
+    st, _ = decide(p, RolloutState(), {}, now=0.0)
+    st = acted(st)
+    assert counts(p, st, {}, now=599.0)["timed_out"] == 0
+    c = counts(p, st, {}, now=600.0)
+    assert (c["timed_out"], c["counted"], c["executed"]) == (10, 0, 0)
+    # nobody healthy at all: never "done" on excluded devices alone
+    assert decide(p, st, {}, now=5000.0) == (st, [])
+
+
+def test_the_error_share_counts_only_once_enough_devices_have_reported() -> None:
+    p = _plan(stages=parse_stages("100%"), abort_threshold=0.2, min_executed=5)
+    st = acted(decide(p, RolloutState(), {}, now=0.0)[0])
+    first = list(POP)
+    one_failed = {first[0]: DeviceObs("failed", reason="health_check_failed")}
+    # 1 failed of 1 reported: 100 %, but fewer than 5 reported
+    assert decide(p, st, one_failed, now=1.0) == (st, [])
+    four_ok = {**one_failed, **{d: DeviceObs("healthy", 1) for d in first[1:5]}}
+    st2, [rb] = decide(p, st, four_ok, now=2.0)  # 1 of 5 reported = 20 %
+    assert st2.status == "aborted" and "1 of 5 devices that reported failed" in st2.reason
+    assert isinstance(rb, RollBack)
+    # without min_executed the share is of the devices targeted: 1 of 20 is 5 %
+    q = _plan(stages=parse_stages("100%"), abort_threshold=0.2)
+    st = acted(decide(q, RolloutState(), {}, now=0.0)[0])
+    assert decide(q, st, four_ok, now=2.0) == (st, [])
+
+
+def test_an_exponential_ramp_grows_by_its_factor_up_to_everyone() -> None:
+    assert [s.percent for s in parse_stages("1%x2")] == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert [s.label for s in parse_stages("canary,0.5%x10")] == ["group canary", "0.5%", "5%", "50%", "100%"]
+    for bad, why in (("1%x1", "factor must be > 1"), ("0%x2", "start"), ("5%,1%x2", "grow"),
+                     ("devices:", "no device")):
+        with pytest.raises(ValueError, match=why):
+            parse_stages(bad)
+    p = _plan(stages=parse_stages("10%x2"))
+    assert [len(select(p, i)) for i in range(len(p.stages))] == [2, 4, 8, 16, 20]
+    assert stage_audience(p, 4).everyone and stage_audience(p, 0).buckets is not None
+
+
+def test_named_canaries_are_signed_by_name_and_kept_small() -> None:
+    p = _plan(stages=parse_stages("devices:d05+d07,50%,100%"))
+    a = stage_audience(p, 0)
+    assert a.devices == ("d05", "d07") and a.buckets is None and select(p, 0) == ("d05", "d07")
+    assert {"d05", "d07"} <= set(select(p, 1))
+    with pytest.raises(ValueError, match="no status on the broker from nosuch"):
+        _plan(stages=parse_stages("devices:d01+nosuch"))
+    with pytest.raises(ValueError, match="at most 100"):
+        parse_stages("devices:" + "+".join(f"x{i}" for i in range(101)))
+    only = _plan(population={d: POP[d] for d in list(POP)[:4]}, restricted=True)
+    assert stage_audience(only, 2) == Audience(devices=tuple(sorted(list(POP)[:4])))
+
+
+def _status(**adapter: object) -> dict[str, object]:
+    return {"device_id": "d01", "adapters": {"a": {"version": 4, **adapter}}}
+
+
+@pytest.mark.parametrize("status, state", [
+    (_status(fleet_version=3), "healthy"),
+    (_status(fleet_version=3, health="ok"), "healthy"),
+    (_status(fleet_version=3, health="failed"), "failed"),
+    (_status(fleet_version=3, health="checking"), "pending"),
+    (_status(fleet_version=3, adapter_sha256="ab" * 32), "healthy"),
+    (_status(fleet_version=3, adapter_sha256="cd" * 32), "failed"),
+    (_status(fleet_version=2), "pending"),
+    (_status(fleet_version=4), "pending"),
+    ({"device_id": "d01", "adapters": {"b": {"version": 1, "fleet_version": 3}}}, "pending"),
+    ({**_status(fleet_version=3), "last_update": {"adapter": "a", "version": 3, "result": "rejected",
+                                                   "reason": "health_check_failed"}}, "failed"),
+    ({**_status(fleet_version=2), "refused": {"a": 3}}, "failed"),
+    (_status(fleet_version=None, held=3), "failed"),
+    (_status(fleet_version=None, held=2), "pending"),
+    (None, "pending"),
+])
+def test_a_device_is_healthy_only_when_it_reports_the_rollouts_target(status: Any, state: str) -> None:
+    """Adapter a, fleet version 3, adapter bytes ab..ab: the adapter, the version and the
+    health it reports (and the bytes, where it reports them) must all match."""
+    assert observe(status, "a", 3, adapter_sha256="ab" * 32).state == state
 
 
 def test_install_window_ranges_and_next_opening() -> None:

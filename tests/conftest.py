@@ -1,7 +1,7 @@
 """Fixtures every suite may use: a real Mosquitto (:mod:`benchmarks.mosquitto`: mutual TLS
 with generated certificates, a password file, ACLs and a ``max_packet_size``), one per
 test session on a free loopback port; ``broker.restart()`` stops and starts it on the
-same port. A real Flower SuperLink with TLS (:mod:`tests.federated.flower`), one per test
+same port. A real Flower SuperLink with TLS (:mod:`benchmarks.flower`), one per test
 module that asks for ``superlink``; a failed test's report carries its log.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+from benchmarks.flower import SuperLink, TlsFiles, make_tls
 from benchmarks.mosquitto import Broker, available, create_broker
-from tests.federated.flower import SuperLink, TlsFiles, make_tls
 
 MAX_PACKET = 16 * 1024  # small on purpose: payloads must be chunked to pass
 

@@ -1,1 +1,1 @@
-"""Federated learning on Flower: a real SuperLink (:mod:`tests.federated.flower`) and real daemons."""
+"""Federated learning on Flower: a real SuperLink (:mod:`benchmarks.flower`) and real daemons."""

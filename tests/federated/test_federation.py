@@ -34,12 +34,12 @@ import numpy as np
 import pytest
 import yaml
 
+from benchmarks.flower import SuperLink
 from benchmarks.mosquitto import Broker
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.peft_format import load_peft, read_peft_dir
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 from lorad.ota.cli import main as fleet_main
-from tests.federated.flower import SuperLink
 from tests.federated.test_supernode import _supernode_children
 from tests.integration.lorad_process import (
     MODEL,

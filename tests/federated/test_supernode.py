@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from benchmarks.flower import SuperLink
 from lorad.daemon.config import build_config
 from lorad.daemon.federated.supernode import (
     INSTALL_HINT,
@@ -29,7 +30,6 @@ from lorad.daemon.federated.supernode import (
     find_supernode,
     node_config_arg,
 )
-from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import RunningDaemon, start_daemon, wait_until
 
 pytestmark = pytest.mark.federated

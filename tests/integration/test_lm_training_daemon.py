@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
+from benchmarks.flower import SuperLink
 from lorad.daemon.ctl import main as loractl_main
 from lorad.daemon.federated import wire
 from lorad.ota.privacy import PRIVACY_FILE, PrivacyRecord
-from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import RunningDaemon, start_daemon, wait_until
 from tests.smollm2_files import write_model
 

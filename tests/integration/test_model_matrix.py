@@ -37,13 +37,13 @@ import yaml
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from benchmarks.flower import SuperLink
 from benchmarks.mosquitto import Broker
 from lorad.adapters.merged import WINDOW
 from lorad.adapters.peft_format import WEIGHTS_FILE, read_peft_dir
 from lorad.daemon.ctl import main as loractl_main
 from lorad.daemon.federated import wire
 from lorad.ota.cli import main as fleet_main
-from tests.federated.flower import SuperLink
 from tests.integration.lorad_process import RunningDaemon, batcher_counts, fleet_args, start_daemon, wait_until
 from tests.model_matrix import MODEL_CASES, ModelCase
 

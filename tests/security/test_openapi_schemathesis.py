@@ -24,7 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.federated.flower import SuperLink
+from benchmarks.flower import SuperLink
 from tests.integration.lorad_process import MODEL, RunningDaemon, start_daemon
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,11 +1,11 @@
-"""A real Flower SuperLink for tests: its TLS material, the process, and a CLI connection to it.
+"""A real Flower SuperLink for tests and benchmarks: its TLS material, the process, and a CLI connection to it.
 
 No mocks: :class:`SuperLink` runs ``flower-superlink`` (Flower 1.42: the Fleet, Control and
 Runtime APIs over HTTPS on one port) on a free loopback port, with its own ``FLWR_HOME``
 whose ``config.toml`` names the connection ``test`` (default), so that the ``flwr`` CLI
 (:meth:`SuperLink.flwr`) talks to it: :meth:`SuperLink.nodes` is ``flwr supernode list``.
 Its output goes to ``superlink.log`` in its directory, shown in every error raised here
-(and, through tests/federated/conftest.py, in the report of a failed test)::
+(and, through tests/conftest.py, in the report of a failed test)::
 
     tls = make_tls(tmp_path / "tls")
     with SuperLink(tmp_path / "superlink", tls=tls) as link:

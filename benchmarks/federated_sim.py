@@ -197,23 +197,12 @@ class ByteMeter:
         return reply
 
 
-class _Metered(ClientApp):
-    """``inner`` with ``mod`` around it (outermost: it sees what the secure aggregation mod sends)."""
-
-    def __init__(self, inner: ClientApp, mod: ByteMeter) -> None:
-        super().__init__()
-        self._inner = inner
-        self._mod = mod
-
-    def __call__(self, message: Message, context: Context) -> Message:
-        return self._mod(message, context, self._inner)
-
-
 def metered_client_app(factory: DeviceFactory, meter_dir: Path) -> ClientApp:
     """lorad's ClientApp (daemon/federated/client_app.py) for the simulated users, metered."""
     from lorad.daemon.federated.client_app import make_client_app
 
-    return _Metered(make_client_app(factory), ByteMeter(str(meter_dir)))
+    # Outermost: the meter sees what the secure aggregation mod sends.
+    return make_client_app(factory, outer_mods=[ByteMeter(str(meter_dir))])
 
 
 def read_meter(directory: Path) -> list[dict[str, Any]]:

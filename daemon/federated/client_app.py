@@ -26,7 +26,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ import numpy as np
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import Context, NDArrays, Scalar
 
 from lorad.trainer.errors import TrainerError
@@ -135,13 +136,14 @@ class _LoradClient(NumPyClient):
                                                    "epsilon_spent": outcome.epsilon_after}
 
 
-def make_client_app(device_for: Callable[[Context], Device]) -> ClientApp:
-    """The ClientApp with ``device_for(context)`` as each message's device."""
+def make_client_app(device_for: Callable[[Context], Device], *, outer_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp with ``device_for(context)`` as each message's device; ``outer_mods``
+    run outside secure aggregation (they see what leaves the device: a benchmark's meter)."""
 
     def client_fn(context: Context) -> Client:
         return _LoradClient(device_for(context)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod, fixedclipping_mod])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secaggplus_mod, fixedclipping_mod])
 
 
 #: The deployed app (the FAB's ``clientapp``): the daemon named in the SuperNode's node config.

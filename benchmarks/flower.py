@@ -113,19 +113,42 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _helpers_of(pid: int) -> list[int]:
-    """Processes started with ``--parent-pid PID`` (Flower's SuperExec and apps watch that parent)."""
+@dataclass(frozen=True)
+class Process:
+    """One live process as /proc shows it: its state, parent, process group and argv."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+    argv: tuple[bytes, ...]
+
+
+def processes() -> list[Process]:
+    """Every process /proc lists now (those that end while it is read are left out)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+            argv = tuple((entry / "cmdline").read_bytes().split(b"\0"))
         except OSError:
             continue
-        if any(a == b"--parent-pid" and b == str(pid).encode() for a, b in itertools.pairwise(argv)):
-            found.append(int(entry.name))
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        found.append(Process(int(entry.name), fields[0], int(fields[1]), int(fields[2]), argv))
     return found
+
+
+def supernode_children(pid: int) -> list[int]:
+    """Children of ``pid`` running flower-supernode (a lorad daemon's SuperNode)."""
+    return [p.pid for p in processes() if p.ppid == pid and any(b"flower-supernode" in a for a in p.argv)]
+
+
+def _helpers_of(pid: int) -> list[int]:
+    """Processes started with ``--parent-pid PID`` (Flower's SuperExec and apps watch that parent)."""
+    return [p.pid for p in processes()
+            if any(a == b"--parent-pid" and b == str(pid).encode() for a, b in itertools.pairwise(p.argv))]
 
 
 class SuperLink:

@@ -34,13 +34,12 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.flower import SuperLink
+from benchmarks.flower import SuperLink, supernode_children
 from benchmarks.mosquitto import Broker
 from lorad.adapters.engine import InferenceEngine
 from lorad.adapters.peft_format import load_peft, read_peft_dir
 from lorad.daemon.demo import DEMO_RANK, DEMO_TARGETS, demo_model_path
 from lorad.ota.cli import main as fleet_main
-from tests.federated.test_supernode import _supernode_children
 from tests.integration.lorad_process import (
     MODEL,
     RunningDaemon,
@@ -156,7 +155,7 @@ def test_two_rounds_with_secagg_a_dropout_and_refused_devices_then_installed_ove
                                                        and _ledger(dev3)[-1]["status"] == "running"),
                    600, "dev3's second round to start")
         assert proc.poll() is None, proc.communicate()[1][-6000:]
-        fleet["orphans"].extend(os.getpgid(pid) for pid in _supernode_children(dev3.proc.pid))
+        fleet["orphans"].extend(os.getpgid(pid) for pid in supernode_children(dev3.proc.pid))
         dev3.proc.kill()
         dev3.proc.wait()
         out, err = proc.communicate(timeout=900)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from benchmarks.flower import SuperLink
+from benchmarks.flower import SuperLink, processes, supernode_children
 from lorad.daemon.config import build_config
 from lorad.daemon.federated.supernode import (
     INSTALL_HINT,
@@ -37,34 +37,7 @@ pytestmark = pytest.mark.federated
 
 def _process_group(pgid: int) -> list[int]:
     """Live (not zombie) processes whose process group is ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def _supernode_children(pid: int) -> list[int]:
-    """Children of ``pid`` running flower-supernode."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"flower-supernode" in argv:
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if p.pgid == pgid and p.state != "Z"]
 
 
 def _metric(daemon: RunningDaemon, name: str) -> float:
@@ -89,7 +62,7 @@ def test_the_daemon_joins_restarts_its_supernode_and_leaves_nothing_behind(tmp_p
     before = {n["node-id"] for n in superlink.nodes()}
     daemon = _start(tmp_path, superlink)
     try:
-        [pid] = wait_until(lambda: _supernode_children(daemon.proc.pid), 30, "the daemon's flower-supernode child")
+        [pid] = wait_until(lambda: supernode_children(daemon.proc.pid), 30, "the daemon's flower-supernode child")
         nodes = wait_until(lambda: _new_online(superlink, before), 60, "the SuperNode online at the SuperLink")
         assert len(nodes) == 1, nodes
         assert _metric(daemon, "lorad_federated_supernode_up") == 1
@@ -101,7 +74,7 @@ def test_the_daemon_joins_restarts_its_supernode_and_leaves_nothing_behind(tmp_p
 
         # Killed from outside: logged with its code once, started again after the back-off, counted.
         os.kill(pid, signal.SIGKILL)
-        [again] = wait_until(lambda: [p for p in _supernode_children(daemon.proc.pid) if p != pid], 30,
+        [again] = wait_until(lambda: [p for p in supernode_children(daemon.proc.pid) if p != pid], 30,
                              "a new flower-supernode child")
         wait_until(lambda: _metric(daemon, "lorad_federated_supernode_restarts_total") == 1, 30, "the restart counted")
         assert _metric(daemon, "lorad_federated_supernode_up") == 1
@@ -193,7 +166,7 @@ def test_a_device_whose_trainer_cannot_start_stays_out_and_says_so(tmp_path: Pat
         assert daemon.request("GET", "/v2/health/ready").json()["training"]["disabled"] == "ledger_damaged"
         assert _metric(daemon, "lorad_federated_supernode_up") == 0
         assert _metric(daemon, "lorad_federated_supernode_restarts_total") == 0
-        assert _supernode_children(daemon.proc.pid) == []
+        assert supernode_children(daemon.proc.pid) == []
         assert f"federated: not joining the federation at {superlink.address}: training is disabled" in daemon.logs()
     finally:
         assert daemon.stop() == 0, daemon.logs()

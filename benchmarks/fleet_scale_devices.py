@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lorad.adapters.errors import AdapterNotFoundError
@@ -254,22 +253,9 @@ class _LightTransport(MqttTransport):
         self._client.on_socket_register_write = net.register_write
         self._client.on_socket_close = net.closed
 
-    def connect(self) -> None:
-        """As :meth:`MqttTransport.connect`, but the shared loop serves the socket."""
-        cfg = self._config
-        props = Properties(PacketTypes.CONNECT)
-        props.MaximumPacketSize = cfg.max_packet_size
-        props.SessionExpiryInterval = 0
-        try:
-            self._client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=True, properties=props)
-        except (OSError, ssl.SSLError, ValueError) as e:
-            raise TransportError(f"cannot connect to mqtts://{cfg.host}:{cfg.port}: {e}") from e
+    def _serve(self) -> None:
+        """The shared loop serves the socket, not a paho thread per device."""
         self._net.add(self._client)
-        try:
-            self._wait_connected()
-        except TransportError:
-            self.close()
-            raise
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, expiry_s: int | None = None) -> None:
         self.published += 1

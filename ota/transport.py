@@ -264,15 +264,12 @@ class MqttTransport(Transport):
     def connect(self) -> None:
         """Open the connection and wait for the broker's CONNACK."""
         cfg = self._config
-        props = Properties(PacketTypes.CONNECT)
-        props.MaximumPacketSize = cfg.max_packet_size
-        props.SessionExpiryInterval = 0
         try:
             self._client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s,
-                                 clean_start=True, properties=props)
+                                 clean_start=True, properties=self._connect_properties())
         except (OSError, ssl.SSLError, ValueError) as e:
             raise TransportError(f"cannot connect to mqtts://{cfg.host}:{cfg.port}: {e}") from e
-        self._client.loop_start()
+        self._serve()
         try:
             self._wait_connected()
         except TransportError:
@@ -287,14 +284,22 @@ class MqttTransport(Transport):
         operations raise TransportError and :attr:`connected` is False.
         """
         cfg = self._config
-        props = Properties(PacketTypes.CONNECT)
-        props.MaximumPacketSize = cfg.max_packet_size
-        props.SessionExpiryInterval = 0
         try:
             self._client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s,
-                                       clean_start=True, properties=props)
+                                       clean_start=True, properties=self._connect_properties())
         except ValueError as e:
             raise TransportError(f"cannot connect to mqtts://{cfg.host}:{cfg.port}: {e}") from e
+        self._serve()
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = self._config.max_packet_size
+        props.SessionExpiryInterval = 0
+        return props
+
+    def _serve(self) -> None:
+        """Serve the socket: paho's own loop thread (a simulation of many devices serves
+        them all from one loop instead: benchmarks/fleet_scale_devices.py)."""
         self._client.loop_start()
 
     def wait_connected(self, timeout_s: float) -> bool:
